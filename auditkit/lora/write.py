@@ -1,0 +1,119 @@
+"""Write canonical LoRA modules to ``.safetensors`` in the kohya, diffusers or peft layout.
+
+Used by the example generator, the tests (one update written in every layout) and repairs.
+Outputs are written atomically and never overwrite the input adapter of an operation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from auditkit.fsutil import atomic_write_bytes, atomic_write_text
+from auditkit.lora import formats
+from auditkit.lora.adapter import LoraModule
+from auditkit.lora.io import serialize
+from auditkit.models.architectures import Architecture, sgm_name
+
+
+def kohya_name(arch: Architecture, canonical: str, sgm: bool | None = None) -> str:
+    """The kohya module name of a canonical module (SGM block names for SDXL, as kohya writes them)."""
+    component, _, path = canonical.partition(".")
+    if component == "unet":
+        use_sgm = arch.name == "sdxl" if sgm is None else sgm
+        name = sgm_name(path, arch.unet_layout) if use_sgm else None
+        return "lora_unet_" + (name or path).replace(".", "_")
+    if component not in arch.kohya_prefixes:
+        raise KeyError(f"{arch.name} has no kohya prefix for component {component!r}")
+    return arch.kohya_prefixes[component] + path.replace(".", "_")
+
+
+def _factor_tensors(module: LoraModule, arch: Architecture, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Factors in the on-disk shape: conv modules get 4-D kernels, as trainers save them."""
+    shape = arch.modules[module.name]
+    down = np.ascontiguousarray(module.down, dtype=dtype)
+    up = np.ascontiguousarray(module.up, dtype=dtype)
+    if shape.kind == "conv":
+        down = down.reshape(module.rank, shape.in_features, *shape.kernel)
+        up = up.reshape(shape.out_features, module.rank, 1, 1)
+    return down, up
+
+
+def to_state_dict(
+    modules: dict[str, LoraModule], arch: Architecture, layout: str, dtype=np.float32
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata for ``modules`` in ``layout`` (peft config goes in the metadata dict)."""
+    tensors: dict[str, np.ndarray] = {}
+    meta: dict[str, str] = {}
+    if layout == formats.KOHYA:
+        for m in modules.values():
+            name = kohya_name(arch, m.name)
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = _factor_tensors(m, arch, dtype)
+            tensors[f"{name}.alpha"] = np.asarray(m.scale * m.rank, dtype=np.float32)
+        return tensors, meta
+    if layout == formats.DIFFUSERS:
+        for m in modules.values():
+            tensors[f"{m.name}.lora_A.weight"], tensors[f"{m.name}.lora_B.weight"] = _factor_tensors(m, arch, dtype)
+        by_component: dict[str, list[LoraModule]] = {}
+        for m in modules.values():
+            by_component.setdefault(m.name.split(".", 1)[0], []).append(m)
+        config = {}
+        for component, mods in by_component.items():
+            for field_name, value in peft_config(mods).items():
+                config[f"{component}.{field_name}"] = value
+        meta["lora_adapter_metadata"] = json.dumps(config, sort_keys=True)
+        meta["format"] = "pt"
+        return tensors, meta
+    if layout == formats.PEFT:
+        components = {m.name.split(".", 1)[0] for m in modules.values()}
+        if len(components) != 1:
+            raise ValueError("a peft adapter file adapts one model; got modules of " + ", ".join(sorted(components)))
+        for m in modules.values():
+            rel = m.name.split(".", 1)[1]
+            down, up = _factor_tensors(m, arch, dtype)
+            tensors[f"base_model.model.{rel}.lora_A.weight"] = down
+            tensors[f"base_model.model.{rel}.lora_B.weight"] = up
+        return tensors, meta
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def peft_config(modules: list[LoraModule]) -> dict:
+    """A peft LoraConfig dict reproducing each module's rank and scale exactly."""
+    rank = max(m.rank for m in modules)
+    alpha = modules[0].scale * modules[0].rank
+    rank_pattern, alpha_pattern = {}, {}
+    for m in modules:
+        rel = m.name.split(".", 1)[1]
+        if m.rank != rank:
+            rank_pattern[rel] = m.rank
+        if abs(m.scale * m.rank - alpha) > 1e-9 * max(1.0, abs(alpha)):
+            alpha_pattern[rel] = m.scale * m.rank
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(m.name.split(".", 1)[1] for m in modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": False,
+        "peft_type": "LORA",
+    }
+
+
+def save_adapter(
+    modules: dict[str, LoraModule],
+    path: str | Path,
+    arch: Architecture,
+    layout: str = formats.KOHYA,
+    metadata: dict[str, str] | None = None,
+    dtype=np.float32,
+) -> Path:
+    """Write ``modules`` to ``path`` (peft also writes ``adapter_config.json`` beside it)."""
+    path = Path(path)
+    tensors, meta = to_state_dict(modules, arch, layout, dtype)
+    meta.update(metadata or {})
+    if layout == formats.PEFT:
+        cfg = peft_config(list(modules.values()))
+        atomic_write_text(path.with_name("adapter_config.json"), json.dumps(cfg, indent=2, sort_keys=True))
+    return atomic_write_bytes(path, serialize(tensors, meta))

@@ -1,0 +1,205 @@
+"""Known model architectures: module names and weight shapes, with no weights and no torch.
+
+Canonical module names are diffusers/transformers module paths prefixed by the pipeline
+component: ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``,
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2.…``.
+
+The tables are built from the models' configs on the meta device by :mod:`auditkit.models.build`
+and shipped as JSON, so a static scan starts in milliseconds instead of importing diffusers.
+Architecture differences live in these data tables and in the SGM block arithmetic below, not in
+chains of string replacements.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+BUILTIN = ("sd15", "sd2", "sdxl")
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    kind: str  # "linear" or "conv"
+    out_features: int
+    in_features: int
+    kernel: tuple[int, int] = (1, 1)
+
+    @property
+    def flat_in(self) -> int:
+        """Columns of the module's weight viewed as a matrix (conv kernels flattened)."""
+        return self.in_features * self.kernel[0] * self.kernel[1]
+
+
+@dataclass(frozen=True, eq=False)  # identity-hashed so per-architecture lookups can be cached
+class Architecture:
+    name: str
+    label: str
+    modules: dict[str, ModuleShape]
+    unet_layout: dict = field(default_factory=dict)
+    kohya_prefixes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kohya_names(self) -> dict[str, str]:
+        """kohya/A1111 module names (without ``.lora_down.weight``) -> canonical names."""
+        return _kohya_names(self)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Dotted module names as files spell them (canonical, and transformers-5 text names) -> canonical."""
+        return _aliases(self)
+
+
+def _text_alias(path: str) -> str | None:
+    """transformers 5 names CLIP text modules without the ``text_model.`` level."""
+    return path[len("text_model."):] if path.startswith("text_model.") else None
+
+
+@cache
+def _aliases(arch: Architecture) -> dict[str, str]:
+    names = {name: name for name in arch.modules}
+    for canonical in arch.modules:
+        component, _, path = canonical.partition(".")
+        flat = _text_alias(path) if component != "unet" else None
+        if flat:
+            names.setdefault(f"{component}.{flat}", canonical)
+    return names
+
+
+@cache
+def _kohya_names(arch: Architecture) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for canonical in arch.modules:
+        component, _, path = canonical.partition(".")
+        if component == "unet":
+            names["lora_unet_" + path.replace(".", "_")] = canonical
+            sgm = sgm_name(path, arch.unet_layout)
+            if sgm is not None:
+                names["lora_unet_" + sgm.replace(".", "_")] = canonical
+        elif component in arch.kohya_prefixes:
+            names[arch.kohya_prefixes[component] + path.replace(".", "_")] = canonical
+    return names
+
+
+def from_table(name: str, table: dict) -> Architecture:
+    modules = {k: ModuleShape(v[0], v[1], v[2], (v[3], v[4])) for k, v in table["modules"].items()}
+    return Architecture(
+        name=name,
+        label=table.get("label", name),
+        modules=modules,
+        unet_layout=table.get("unet", {}),
+        kohya_prefixes=table.get("kohya_prefixes", {}),
+    )
+
+
+@cache
+def get(name: str) -> Architecture:
+    """A built-in architecture by name (``sd15``, ``sd2``, ``sdxl``)."""
+    if name not in BUILTIN:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(BUILTIN)}")
+    text = resources.files("auditkit.models").joinpath("tables", f"{name}.json").read_text()
+    return from_table(name, json.loads(text))
+
+
+def builtin() -> list[Architecture]:
+    return [get(n) for n in BUILTIN]
+
+
+# --- where a module sits: block (down/mid/up/…) and kind (self-/cross-attention, feed-forward) ----
+
+_BLOCK_PATTERNS = (
+    (re.compile(r"^unet\.down_blocks\."), "down"),
+    (re.compile(r"^unet\.mid_block\."), "mid"),
+    (re.compile(r"^unet\.up_blocks\."), "up"),
+    (re.compile(r"^unet\."), "unet_other"),
+    (re.compile(r"^text_encoder(_\d+)?\."), "text_encoder"),
+)
+_KIND_PATTERNS = (
+    (re.compile(r"\.attn1\.|\.self_attn\."), "self_attention"),
+    (re.compile(r"\.attn2\."), "cross_attention"),
+    (re.compile(r"\.ff\.net\.|\.mlp\."), "feed_forward"),
+)
+BLOCKS = ("down", "mid", "up", "unet_other", "text_encoder")
+KINDS = ("self_attention", "cross_attention", "feed_forward", "other")
+
+
+def block_of(name: str) -> str:
+    for pattern, block in _BLOCK_PATTERNS:
+        if pattern.search(name):
+            return block
+    return "other"
+
+
+def kind_of(name: str) -> str:
+    for pattern, kind in _KIND_PATTERNS:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+# --- SGM (original Stability) UNet names, used by kohya for SDXL files ---------------------------
+
+_RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+_TOP_SGM = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
+            "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_BLOCK_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+_MID_RE = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def sgm_name(path: str, layout: dict) -> str | None:
+    """The SGM/LDM name of a diffusers UNet module path (without the ``unet.`` prefix), or None.
+
+    SGM numbers blocks linearly: ``input_blocks.N`` holds, for down block b and layer p,
+    N = 1 + b·(L+1) + p with L = layers_per_block, and the downsampler at N = (b+1)·(L+1);
+    ``output_blocks.N`` has N = b·(L+1) + p, the upsampler in the last layer's slot after the
+    attention (index 2) or after the resnet (index 1) when the block has no attention.
+    """
+    if not layout:
+        return None
+    if path in _TOP_SGM:
+        return _TOP_SGM[path]
+    per = layout["layers_per_block"] + 1
+    m = _MID_RE.match(path)
+    if m:
+        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        slot = 1 if kind == "attentions" else 2 * idx
+        return f"middle_block.{slot}.{_inner_sgm(kind, rest)}"
+    m = _BLOCK_RE.match(path)
+    if not m:
+        return None
+    side, b, kind, idx, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+    if side == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(b + 1) * per}.0.op" if rest == "conv" else None
+        slot = 0 if kind == "resnets" else 1
+        return f"input_blocks.{1 + b * per + idx}.{slot}.{_inner_sgm(kind, rest)}"
+    has_attn = "CrossAttn" in layout["up_block_types"][b]
+    if kind == "upsamplers":
+        return f"output_blocks.{b * per + per - 1}.{2 if has_attn else 1}.conv" if rest == "conv" else None
+    slot = 0 if kind == "resnets" else 1
+    return f"output_blocks.{b * per + idx}.{slot}.{_inner_sgm(kind, rest)}"
+
+
+def _inner_sgm(kind: str, rest: str) -> str:
+    if kind == "resnets":
+        return _RESNET_SGM.get(rest, rest)
+    return rest
+
+
+def metadata_hint(metadata: dict[str, str]) -> str | None:
+    """The architecture a file's own metadata claims (kohya ``ss_*`` or modelspec), if any."""
+    claims = " ".join(
+        metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture", "ss_v2", "ss_sd_model_name")
+    ).lower()
+    if "xl" in claims:
+        return "sdxl"
+    if re.search(r"\bv2|sd_?2|stable-diffusion-v2|ss_v2|\b2\.[01]\b", claims) or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if re.search(r"v1|sd_?1|stable-diffusion-v1|1\.[45]", claims):
+        return "sd15"
+    return None

@@ -1,0 +1,81 @@
+"""report.html: one self-contained file (inline CSS and SVG, no scripts, no network) for people.
+
+Rendered with Jinja2 autoescaping from the report dict alone. Everything that comes from an
+adapter file (metadata, key names, paths) is untrusted and reaches the page only as escaped text.
+Charts are SVG built here from numbers; their few labels are escaped too.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+
+BLOCK_ORDER = ("down", "mid", "up", "unet_other", "text_encoder", "other")
+KIND_LABEL = {"self_attention": "self-attn", "cross_attention": "cross-attn", "feed_forward": "ff", "other": "other"}
+
+
+def _env() -> Environment:
+    env = Environment(loader=PackageLoader("auditkit.report", "templates"),
+                      autoescape=select_autoescape(default=True, default_for_string=True))
+    env.filters["pct"] = lambda x: "–" if x is None else f"{100 * x:.1f}%"
+    env.filters["num"] = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"
+    env.filters["short"] = lambda h: h[:12] if h else ""
+    return env
+
+
+def group_chart(groups: list[dict], width: int = 720) -> Markup:
+    """Horizontal bars per block group: cancellation (scale −0.5…1.5) and energy in safety subspace."""
+    rows = [g for g in groups if g["safety_share"] > 0 or g["modules"]]
+    rows.sort(key=lambda g: (BLOCK_ORDER.index(g["block"]) if g["block"] in BLOCK_ORDER else 99, g["kind"]))
+    if not rows:
+        return Markup("<p>No module is shared with the safety adapter.</p>")
+    label_w, bar_w, row_h = 190, (width - 190 - 20) // 2, 30
+    height = 40 + row_h * len(rows)
+    lo, hi = -0.5, 1.5
+    zero_x = label_w + bar_w * (0 - lo) / (hi - lo)
+    one_x = label_w + bar_w * (1 - lo) / (hi - lo)
+    ex0 = label_w + bar_w + 20
+    parts = [
+        f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        'xmlns="http://www.w3.org/2000/svg" aria-label="cancellation and energy per block group">',
+        f'<text x="{label_w}" y="14" class="axis">cancellation (dashed: 1.0 = full undo)</text>',
+        f'<text x="{ex0}" y="14" class="axis">energy in safety subspace</text>',
+        f'<line x1="{zero_x:.1f}" y1="22" x2="{zero_x:.1f}" y2="{height - 6}" class="zero"/>',
+        f'<line x1="{one_x:.1f}" y1="22" x2="{one_x:.1f}" y2="{height - 6}" class="one"/>',
+    ]
+    for i, g in enumerate(rows):
+        y = 26 + i * row_h
+        c = max(lo, min(hi, g["cancellation"] or 0.0))
+        x_c = label_w + bar_w * (c - lo) / (hi - lo)
+        x0, x1 = sorted((zero_x, x_c))
+        cls = "bar risk" if c >= 0.5 else ("bar warn" if c >= 0.2 else "bar ok")
+        e = max(0.0, min(1.0, g["energy_in_safety_subspace"] or 0.0))
+        label = escape(f"{g['block']} · {KIND_LABEL.get(g['kind'], g['kind'])}")
+        parts += [
+            f'<text x="4" y="{y + 15}" class="label">{label}</text>',
+            f'<text x="4" y="{y + 26}" class="sub">{100 * g["safety_share"]:.0f}% of safety update</text>',
+            f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 1):.1f}" height="16" class="{cls}">'
+            f'<title>cancellation {g["cancellation"]:.3f}</title></rect>',
+            f'<text x="{min(x1, label_w + bar_w - 40) + 4:.1f}" y="{y + 16}" class="val">'
+            f'{g["cancellation"]:.2f}</text>',
+            f'<rect x="{ex0}" y="{y + 4}" width="{bar_w}" height="16" class="track"/>',
+            f'<rect x="{ex0}" y="{y + 4}" width="{max(bar_w * e, 1):.1f}" height="16" class="bar energy">'
+            f'<title>energy in safety subspace {100 * e:.1f}%</title></rect>',
+            f'<text x="{ex0 + 4}" y="{y + 16}" class="val">{100 * e:.0f}%</text>',
+        ]
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def render_html(report: dict) -> str:
+    template = _env().get_template("report.html.j2")
+    static = report.get("static") or {}
+    top = set(static.get("top_modules", []))
+    return template.render(
+        r=report,
+        s=static,
+        chart=group_chart(static.get("groups", [])),
+        top_modules=[m for m in static.get("modules", []) if m["name"] in top],
+    )

@@ -1,0 +1,194 @@
+"""Benchmark: static scan of an SD1.5-shaped rank-32 kohya candidate against a same-shaped safety adapter.
+
+Both adapters cover every attention and feed-forward module of the 16 transformer blocks
+(attn1/attn2 to_q, to_k, to_v, to_out.0; ff.net.0.proj; ff.net.2 = 160 modules), stored in fp16
+as kohya trainers save them. Measured in one run, on this machine:
+
+1. auditkit's analysis (factor space) on adapters already read, against a dense reference that
+   materialises every ΔW and computes inner products and SVDs (the same metrics);
+2. the whole ``auditkit scan --static`` process, against bare scripts that only load both files
+   and compute dense inner products (one with torch + safetensors, one with NumPy);
+3. the peak resident memory of the ``auditkit scan`` process, against 2x the two files plus the
+   interpreter (the RSS of a Python process that imports everything the scan imports, and exits).
+
+Usage: ``python benchmarks/static_scan.py [--repeat 5] [--json benchmarks/results/static_scan.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from auditkit.analysis.weights import static_scan
+from auditkit.lora.adapter import LoraModule, read_adapter
+from auditkit.lora.write import save_adapter
+from auditkit.models import architectures
+
+TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0", ".attn2.to_q", ".attn2.to_k",
+           ".attn2.to_v", ".attn2.to_out.0", ".ff.net.0.proj", ".ff.net.2")
+
+
+def make_pair(out_dir: Path, rank: int = 32) -> tuple[Path, Path]:
+    arch = architectures.get("sd15")
+    names = [n for n in arch.modules if n.startswith("unet.") and n.endswith(TARGETS)]
+    rng = np.random.default_rng(0)
+    pair = {}
+    for role in ("safety", "candidate"):
+        mods = {}
+        for n in names:
+            s = arch.modules[n]
+            down = rng.normal(0, 0.02, (rank, s.flat_in)).astype(np.float32)
+            up = rng.normal(0, 0.02, (s.out_features, rank)).astype(np.float32)
+            if role == "candidate":  # half of it undoes the safety update, so the metrics are not trivial
+                sm = pair["safety"][n]
+                down = np.concatenate([sm.down[: rank // 2], down[: rank // 2]])
+                up = np.concatenate([-sm.up[:, : rank // 2] * sm.scale, up[:, : rank // 2]], axis=1)
+            mods[n] = LoraModule(n, down, up, 1.0)
+        pair[role] = mods
+    paths = {r: save_adapter(m, out_dir / f"{r}.safetensors", arch, dtype=np.float16) for r, m in pair.items()}
+    assert len(names) == 160, len(names)
+    return paths["candidate"], paths["safety"]
+
+
+def dense_reference(cand, safety) -> dict:
+    """The naive way: materialise every ΔW, then inner products, norms and SVD-based subspace metrics."""
+    inner_total, safety_total = 0.0, 0.0
+    for name, s_mod in safety.modules.items():
+        ws = s_mod.delta()
+        safety_total += float(np.sum(ws**2))
+        if name not in cand.modules:
+            continue
+        wc = cand.modules[name].delta()
+        inner_total += float(np.sum(wc * ws))
+        us, ss, vts = np.linalg.svd(ws, full_matrices=False)
+        k = int(np.sum(ss > ss[0] * max(ws.shape) * np.finfo(float).eps))
+        us, vs = us[:, :k], vts[:k].T
+        uc, sc, vtc = np.linalg.svd(wc, full_matrices=False)
+        _ = np.sum((us.T @ wc @ vs) ** 2) / np.sum(wc**2)  # energy in the safety subspace
+        _ = np.linalg.svd(uc[:, :k].T @ us, compute_uv=False)  # principal angles
+    return {"cancellation": -inner_total / safety_total}
+
+
+BARE_TORCH = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import load_file
+    c, s = load_file(sys.argv[1]), load_file(sys.argv[2])
+    inner = total = 0.0
+    for k in s:
+        if k.endswith(".lora_down.weight"):
+            base = k[: -len(".lora_down.weight")]
+            ws = s[base + ".lora_up.weight"].float() @ s[k].float()
+            wc = c[base + ".lora_up.weight"].float() @ c[k].float()
+            inner += float((wc * ws).sum()); total += float((ws * ws).sum())
+    print(-inner / total)
+""")
+BARE_NUMPY = BARE_TORCH.replace("import sys, torch", "import sys").replace(
+    "safetensors.torch", "safetensors.numpy").replace(".float()", ".astype('float32')")
+
+
+def timed_process(cmd: list[str], repeat: int) -> tuple[float, list[float], int]:
+    """Median wall seconds and peak RSS (KiB) of a command, run ``repeat`` times."""
+    walls = []
+    peak = 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        if proc.returncode not in (0, 1, 3):
+            raise RuntimeError(f"{cmd} failed: {proc.stderr}")
+        peak = max(peak, _child_maxrss(cmd))
+    return statistics.median(walls), walls, peak
+
+
+# Peak RSS is read in a small launcher process: a child forked straight from this (large) process
+# would report this process's memory as its own peak (Linux carries the pre-exec high-water mark).
+_LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], dict(os.environ)); "
+             "_, _, ru = os.wait4(pid, 0); print(ru.ru_maxrss)")
+
+
+def _child_maxrss(cmd: list[str]) -> int:
+    """Peak RSS of one fresh run of ``cmd`` (KiB)."""
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cand_path, safety_path = make_pair(tmp)
+        files_mb = (cand_path.stat().st_size + safety_path.stat().st_size) / 2**20
+
+        t0 = time.perf_counter()
+        cand, safety = read_adapter(cand_path), read_adapter(safety_path)
+        read_s = time.perf_counter() - t0
+        analysis = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            findings = static_scan(cand, safety)
+            analysis.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dense = dense_reference(cand, safety)
+        dense_s = time.perf_counter() - t0
+        assert abs(dense["cancellation"] - findings.cancellation) < 1e-6, (dense, findings.cancellation)
+
+        auditkit = [sys.executable, "-m", "auditkit", "scan", str(cand_path), "--safety", str(safety_path),
+                    "--static", "--out", str(tmp / "report")]
+        scan_s, scan_walls, scan_rss = timed_process(auditkit, args.repeat)
+        (tmp / "bare_torch.py").write_text(BARE_TORCH)
+        (tmp / "bare_numpy.py").write_text(BARE_NUMPY)
+        torch_s, _, torch_rss = timed_process([sys.executable, str(tmp / "bare_torch.py"), str(cand_path),
+                                               str(safety_path)], args.repeat)
+        numpy_s, _, numpy_rss = timed_process([sys.executable, str(tmp / "bare_numpy.py"), str(cand_path),
+                                               str(safety_path)], args.repeat)
+        # "the interpreter": Python with every library the scan imports, and no data
+        _, _, idle_rss = timed_process([sys.executable, "-c", "import numpy, auditkit.cli, auditkit.scan, "
+                                        "auditkit.report.build, auditkit.report.html"], 1)
+
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+                   f"{platform.python_version()}, numpy {np.__version__}",
+        "modules": 160, "rank": 32, "files_mb": round(files_mb, 2),
+        "read_both_s": round(read_s, 4),
+        "analysis_s_median": round(statistics.median(analysis), 4),
+        "dense_reference_s": round(dense_s, 3),
+        "analysis_speedup_vs_dense": round(dense_s / statistics.median(analysis), 1),
+        "auditkit_scan_process_s_median": round(scan_s, 3),
+        "bare_torch_script_s_median": round(torch_s, 3),
+        "bare_numpy_script_s_median": round(numpy_s, 3),
+        "auditkit_scan_peak_rss_mb": round(scan_rss / 1024, 1),
+        "interpreter_rss_mb": round(idle_rss / 1024, 1),
+        "memory_budget_mb": round(2 * files_mb + idle_rss / 1024, 1),
+        "bare_torch_peak_rss_mb": round(torch_rss / 1024, 1),
+        "bare_numpy_peak_rss_mb": round(numpy_rss / 1024, 1),
+        "repeat": args.repeat,
+        "cancellation": round(findings.cancellation, 6),
+    }
+    results["targets_met"] = {
+        "analysis_under_0.5s": results["analysis_s_median"] < 0.5,
+        "scan_not_slower_than_bare_script": scan_s <= min(torch_s, numpy_s),
+        "peak_memory_under_budget": results["auditkit_scan_peak_rss_mb"] < results["memory_budget_mb"],
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

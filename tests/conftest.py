@@ -1,0 +1,34 @@
+"""Shared fixtures: synthetic adapters built by code (never downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from auditkit.lora.adapter import LoraModule
+from auditkit.models import architectures
+
+
+def random_modules(arch, names, rank=4, scale=0.5, seed=0, std=0.05) -> dict[str, LoraModule]:
+    rng = np.random.default_rng(seed)
+    mods = {}
+    for name in names:
+        s = arch.modules[name]
+        down = rng.normal(0, std, (rank, s.flat_in)).astype(np.float32)
+        up = rng.normal(0, std, (s.out_features, rank)).astype(np.float32)
+        mods[name] = LoraModule(name, down, up, scale)
+    return mods
+
+
+def select(arch, *needles, component="unet.") -> list[str]:
+    return [n for n in arch.modules if n.startswith(component) and any(k in n for k in needles)]
+
+
+@pytest.fixture(scope="session")
+def sd15():
+    return architectures.get("sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    return architectures.get("sdxl")

@@ -1,0 +1,181 @@
+"""Reading every published layout into one canonical form, validated against the architecture."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import random_modules, select
+from safetensors.numpy import save_file
+
+from auditkit.errors import BadInput, Unscannable
+from auditkit.lora import formats
+from auditkit.lora.adapter import read_adapter
+from auditkit.lora.write import kohya_name, save_adapter
+
+
+def assert_same_deltas(a, b):
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name].delta(), b[name].delta(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def sd15_modules(sd15):
+    names = select(sd15, ".attn1.", ".attn2.", ".ff.net.", "proj_in", "proj_out")
+    mods = random_modules(sd15, names[::3], rank=4, scale=0.75)
+    conv = select(sd15, "resnets.0.conv1", "downsamplers.0.conv")[:3]  # LoCon 3x3 kernels
+    mods.update(random_modules(sd15, conv, rank=2, scale=2.0, seed=5))
+    return mods
+
+
+@pytest.mark.parametrize("layout", [formats.KOHYA, formats.DIFFUSERS])
+def test_layout_round_trip_gives_identical_deltas(tmp_path, sd15, sd15_modules, layout):
+    path = save_adapter(sd15_modules, tmp_path / "a.safetensors", sd15, layout)
+    adapter = read_adapter(path)
+    assert adapter.layout == layout
+    assert adapter.architecture.name == "sd15"
+    assert adapter.coverage.fraction == 1.0 and not adapter.coverage.unmapped
+    assert_same_deltas(adapter.modules, sd15_modules)
+
+
+def test_kohya_diffusers_and_peft_files_agree(tmp_path, sd15, sd15_modules):
+    unet_only = {k: v for k, v in sd15_modules.items() if k.startswith("unet.")}
+    read = {lay: read_adapter(save_adapter(unet_only, tmp_path / lay / "adapter_model.safetensors", sd15, lay))
+            for lay in (formats.KOHYA, formats.DIFFUSERS, formats.PEFT)}
+    assert_same_deltas(read["kohya"].modules, read["diffusers"].modules)
+    assert_same_deltas(read["kohya"].modules, read["peft"].modules)
+    assert read["peft"].layout == "peft"
+
+
+def test_conv_kernels_are_flattened_and_validated(tmp_path, sd15, sd15_modules):
+    adapter = read_adapter(save_adapter(sd15_modules, tmp_path / "c.safetensors", sd15))
+    conv = [m for m in adapter.modules.values() if sd15.modules[m.name].kernel == (3, 3)]
+    assert conv and all(m.down.shape[1] == sd15.modules[m.name].in_features * 9 for m in conv)
+
+
+def _diffusers_modules(state_dict) -> set[str]:
+    """Module names of a diffusers-layout state dict, via auditkit's diffusers-layout parser."""
+    parts = (formats.split_key(k, formats.DIFFUSERS) for k in state_dict)
+    return {p.module for p in parts if p is not None and p.part == "down"}
+
+
+def test_kohya_names_match_diffusers_own_conversion(tmp_path, sd15, sd15_modules):
+    """diffusers' kohya converter (an independent implementation) maps our kohya names to the same modules."""
+    diffusers = pytest.importorskip("diffusers")
+
+    path = save_adapter(sd15_modules, tmp_path / "k.safetensors", sd15)
+    state_dict, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(path))
+    assert _diffusers_modules(state_dict) == set(sd15_modules)
+
+
+def test_sdxl_kohya_sgm_names_match_diffusers_conversion(tmp_path, sdxl):
+    diffusers = pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    names = select(sdxl, "attn2.to_k", "resnets.1.conv1", "resnets.0.conv2", "time_emb_proj")[::4]
+    names += select(sdxl, "upsamplers.0.conv", "downsamplers.0.conv", "mid_block.resnets.1.conv2",
+                    "mid_block.attentions.0.proj_in")
+    mods = random_modules(sdxl, sorted(set(names)), rank=2, scale=1.0)
+    path = save_adapter(mods, tmp_path / "xl.safetensors", sdxl)
+    adapter = read_adapter(path)
+    assert adapter.architecture.name == "sdxl" and set(adapter.modules) == set(mods)
+    raw_keys = list(adapter.coverage.mapped)
+    assert any("input_blocks" in k for k in raw_keys) and any("output_blocks" in k for k in raw_keys)
+    layout = SimpleNamespace(layers_per_block=2)
+    state_dict, _ = diffusers.StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=layout)
+    assert _diffusers_modules(state_dict) == set(mods)
+
+
+def test_legacy_diffusers_processor_names(tmp_path, sd15):
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    mods = random_modules(sd15, [name], rank=3, scale=1.0)
+    base = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora"
+    save_file({f"{base}.down.weight": mods[name].down, f"{base}.up.weight": mods[name].up},
+              str(tmp_path / "legacy.safetensors"))
+    adapter = read_adapter(tmp_path / "legacy.safetensors")
+    assert list(adapter.modules) == [name]
+    assert_same_deltas(adapter.modules, mods)
+
+
+def test_kohya_text_encoder_and_alpha_scale(tmp_path, sd15):
+    te = select(sd15, "self_attn.q_proj", component="text_encoder.")[:2]
+    mods = random_modules(sd15, te, rank=4, scale=2.5)
+    adapter = read_adapter(save_adapter(mods, tmp_path / "te.safetensors", sd15))
+    assert all(kohya_name(sd15, n).startswith("lora_te_text_model_encoder_layers_") for n in te)
+    assert {round(m.scale, 6) for m in adapter.modules.values()} == {2.5}
+    assert_same_deltas(adapter.modules, mods)
+
+
+def test_missing_alpha_means_scale_one_and_is_noted(tmp_path, sd15):
+    name = select(sd15, "attn2.to_k")[0]
+    m = random_modules(sd15, [name])[name]
+    k = kohya_name(sd15, name)
+    save_file({f"{k}.lora_down.weight": m.down, f"{k}.lora_up.weight": m.up}, str(tmp_path / "n.safetensors"))
+    adapter = read_adapter(tmp_path / "n.safetensors")
+    assert adapter.modules[name].scale == 1.0
+    assert any("scale taken as 1.0" in n for n in adapter.notes)
+
+
+def test_peft_config_alpha_pattern_and_rslora(tmp_path, sd15):
+    names = select(sd15, "attn2.to_k")[:2]
+    mods = random_modules(sd15, names, rank=4, scale=1.0)
+    path = tmp_path / "adapter_model.safetensors"
+    save_adapter(mods, path, sd15, formats.PEFT)
+    rel0 = names[0].split(".", 1)[1]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"r": 4, "lora_alpha": 8, "use_rslora": True, "alpha_pattern": {rel0: 2}}))
+    adapter = read_adapter(path)
+    assert adapter.modules[names[0]].scale == pytest.approx(2 / 2.0)  # alpha / sqrt(r)
+    assert adapter.modules[names[1]].scale == pytest.approx(8 / 2.0)
+
+
+def test_unmapped_keys_are_reported_not_dropped(tmp_path, sd15):
+    name = select(sd15, "attn2.to_v")[0]
+    m = random_modules(sd15, [name])[name]
+    k = kohya_name(sd15, name)
+    save_file({f"{k}.lora_down.weight": m.down, f"{k}.lora_up.weight": m.up, f"{k}.alpha": np.array(4.0, np.float32),
+               "lora_unet_not_a_module.lora_down.weight": m.down, "lora_unet_not_a_module.lora_up.weight": m.up,
+               "bundle_emb.foo.string_to_param.*": np.zeros((1, 768), np.float32)},
+              str(tmp_path / "u.safetensors"))
+    adapter = read_adapter(tmp_path / "u.safetensors")
+    cov = adapter.coverage
+    assert len(cov.mapped) == 3 and len(cov.unmapped) == 2 and len(cov.ignored) == 1
+    assert cov.fraction == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("suffix,label", [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "DoRA")])
+def test_lycoris_and_dora_are_recognised_and_refused(tmp_path, suffix, label):
+    path = tmp_path / "ly.safetensors"
+    save_file({f"lora_unet_down_blocks_0_attentions_0_proj_in.{suffix}": np.ones((2, 2), np.float32)}, str(path))
+    with pytest.raises(Unscannable, match=label):
+        read_adapter(path)
+
+
+def test_file_mapping_no_module_fails_closed(tmp_path):
+    path = tmp_path / "none.safetensors"
+    save_file({"lora_unet_nowhere.lora_down.weight": np.ones((2, 4), np.float32),
+               "lora_unet_nowhere.lora_up.weight": np.ones((4, 2), np.float32)}, str(path))
+    with pytest.raises(Unscannable, match="no module name maps"):
+        read_adapter(path)
+
+
+def test_shapes_fitting_no_architecture_are_refused(tmp_path, sd15):
+    name = select(sd15, "attn2.to_k")[0]
+    k = kohya_name(sd15, name)
+    save_file({f"{k}.lora_down.weight": np.ones((4, 1024), np.float32),  # 1024: SD2's text width...
+               f"{k}.lora_up.weight": np.ones((321, 4), np.float32)},  # ...but 321 outputs fit nothing
+              str(tmp_path / "bad.safetensors"))
+    with pytest.raises(BadInput, match="shapes fit no known architecture"):
+        read_adapter(tmp_path / "bad.safetensors")
+
+
+def test_shapes_choose_between_architectures(tmp_path, sd15):
+    """attn2.to_k reads 768-d text in SD1.5 and 1024-d in SD2: the shapes decide."""
+    from auditkit.models import architectures
+
+    sd2 = architectures.get("sd2")
+    name = select(sd2, "attn2.to_k")[0]
+    mods = random_modules(sd2, [name])
+    assert read_adapter(save_adapter(mods, tmp_path / "sd2.safetensors", sd2)).architecture.name == "sd2"
+    mods15 = random_modules(sd15, [name])
+    assert read_adapter(save_adapter(mods15, tmp_path / "sd15.safetensors", sd15)).architecture.name == "sd15"

@@ -1,0 +1,98 @@
+"""Every factor-space metric equals its dense reference on random matrices."""
+
+import numpy as np
+import pytest
+
+from auditkit.analysis.factors import effective_rank, low_rank_svd, pair_metrics, update_energy
+
+
+def dense_orthonormal(w, tol=1e-10):
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    k = int(np.sum(s > tol * s[0]))
+    return u[:, :k], s[:k], vt[:k].T
+
+
+def dense_reference(wc, ws):
+    uc, sc, vc = dense_orthonormal(wc)
+    us, ss, vs = dense_orthonormal(ws)
+    ce = np.sum(wc**2)
+    cos_cols = np.linalg.svd(uc.T @ us, compute_uv=False)
+    cos_rows = np.linalg.svd(vc.T @ vs, compute_uv=False)
+    return {
+        "inner": np.sum(wc * ws),
+        "candidate_energy": ce,
+        "safety_energy": np.sum(ws**2),
+        "cols": np.sum((us.T @ wc) ** 2) / ce,
+        "rows": np.sum((wc @ vs) ** 2) / ce,
+        "both": np.sum((us.T @ wc @ vs) ** 2) / ce,
+        "col_angles": np.sort(np.arccos(np.clip(cos_cols, -1, 1))),
+        "row_angles": np.sort(np.arccos(np.clip(cos_rows, -1, 1))),
+    }
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("shape", [(40, 30, 4, 6), (64, 16, 8, 3), (20, 50, 2, 2)])
+def test_pair_metrics_match_dense_reference(seed, shape):
+    out, inp, rc, rs = shape
+    rng = np.random.default_rng(seed)
+    bs, as_ = rng.normal(size=(out, rs)), rng.normal(size=(rs, inp))
+    # a candidate sharing part of the safety subspace, so the metrics are not trivially zero
+    bc = np.concatenate([-0.7 * bs[:, :1], rng.normal(size=(out, rc - 1))], axis=1)
+    ac = np.concatenate([as_[:1], rng.normal(size=(rc - 1, inp))])
+    sc_, ss_ = 0.5, 2.0
+    wc, ws = sc_ * bc @ ac, ss_ * bs @ as_
+    ref = dense_reference(wc, ws)
+    pm = pair_metrics(low_rank_svd(bc, ac, sc_), low_rank_svd(bs, as_, ss_))
+    assert pm.inner == pytest.approx(ref["inner"], rel=1e-9, abs=1e-9)
+    assert pm.candidate_energy == pytest.approx(ref["candidate_energy"], rel=1e-10)
+    assert pm.safety_energy == pytest.approx(ref["safety_energy"], rel=1e-10)
+    assert pm.energy_in_safety_columns == pytest.approx(ref["cols"], rel=1e-8)
+    assert pm.energy_in_safety_rows == pytest.approx(ref["rows"], rel=1e-8)
+    assert pm.energy_in_safety_subspace == pytest.approx(ref["both"], rel=1e-8)
+    assert pm.cancellation == pytest.approx(-ref["inner"] / ref["safety_energy"], rel=1e-9)
+    assert pm.cosine == pytest.approx(ref["inner"] / np.sqrt(ref["candidate_energy"] * ref["safety_energy"]))
+    np.testing.assert_allclose(np.sort(pm.column_angles), ref["col_angles"], atol=1e-6)
+    np.testing.assert_allclose(np.sort(pm.row_angles), ref["row_angles"], atol=1e-6)
+
+
+def test_low_rank_svd_reconstructs_and_finds_numerical_rank():
+    rng = np.random.default_rng(1)
+    b = rng.normal(size=(30, 5))
+    a = rng.normal(size=(5, 20))
+    b[:, 4] = b[:, 0]  # rank-deficient factor: true rank 4
+    a[4] = a[0]
+    svd = low_rank_svd(b, a, 0.25)
+    assert svd.s.size == 4
+    np.testing.assert_allclose(svd.u @ np.diag(svd.s) @ svd.v.T, 0.25 * b @ a, atol=1e-10)
+    np.testing.assert_allclose(svd.s, np.linalg.svd(0.25 * b @ a, compute_uv=False)[:4], rtol=1e-10)
+
+
+def test_zero_update_has_rank_zero_and_no_energy():
+    svd = low_rank_svd(np.zeros((6, 2)), np.ones((2, 5)))
+    assert svd.s.size == 0 and svd.energy == 0.0
+
+
+def test_exact_inverse_cancels_fully_and_orthogonal_not_at_all():
+    rng = np.random.default_rng(2)
+    bs, as_ = rng.normal(size=(50, 3)), rng.normal(size=(3, 40))
+    safe = low_rank_svd(bs, as_)
+    assert pair_metrics(low_rank_svd(-bs, as_), safe).cancellation == pytest.approx(1.0)
+    # orthogonal: columns orthogonal to the safety column space
+    q, _ = np.linalg.qr(np.concatenate([bs, rng.normal(size=(50, 3))], axis=1))
+    ortho = low_rank_svd(q[:, 3:], rng.normal(size=(3, 40)))
+    pm = pair_metrics(ortho, safe)
+    assert abs(pm.cancellation) < 1e-12 and pm.energy_in_safety_columns < 1e-20
+
+
+def test_effective_rank_bounds():
+    assert effective_rank(np.ones(7)) == pytest.approx(7.0)
+    assert effective_rank(np.array([1.0, 0, 0])) == pytest.approx(1.0)
+    assert 1.0 < effective_rank(np.array([3.0, 1.0])) < 2.0
+    assert effective_rank(np.zeros(3)) == 0.0
+
+
+def test_update_energy_matches_dense_norm():
+    rng = np.random.default_rng(7)
+    b, a = rng.normal(size=(33, 5)), rng.normal(size=(5, 17))
+    assert update_energy(b, a, 0.3) == pytest.approx(np.sum((0.3 * b @ a) ** 2), rel=1e-12)
+    assert update_energy(b, a, 0.3) == pytest.approx(low_rank_svd(b, a, 0.3).energy, rel=1e-10)
