@@ -7,6 +7,7 @@ import os
 # The tests' models are tiny: one thread is as fast, and several OpenMP threads on a busy 2-core
 # machine spin-wait for each other (measured: a tiny UNet forward went from 6 ms to 2.6 s).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest

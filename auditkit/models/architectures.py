@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-BUILTIN = ("sd15", "sd2", "sdxl")
+BUILTIN = ("sd15", "sd2", "sdxl", "lab")
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def from_table(name: str, table: dict) -> Architecture:
 
 @cache
 def get(name: str) -> Architecture:
-    """A built-in architecture by name (``sd15``, ``sd2``, ``sdxl``)."""
+    """A built-in architecture by name (``sd15``, ``sd2``, ``sdxl``, ``lab``)."""
     if name not in BUILTIN:
         raise KeyError(f"unknown architecture {name!r}; known: {', '.join(BUILTIN)}")
     text = resources.files("auditkit.models").joinpath("tables", f"{name}.json").read_text()

@@ -98,11 +98,20 @@ def _text_model_name(name: str, component: str) -> str:
     return f"{component}.{path}"
 
 
+def lab_config() -> dict[str, Any]:
+    """The shipped lab model's config in the same form (see :mod:`auditkit.lab.model`)."""
+    from auditkit.lab import model as lab
+
+    te = dict(lab.text_config(vocab_size=64), kohya_prefix="lora_te_")  # vocab size: embeddings only
+    return {"label": "auditkit lab (tiny SD-style model)", "unet": dict(lab.UNET_CONFIG),
+            "text_encoders": {"text_encoder": te}}
+
+
 def write_tables(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in CONFIG_NAMES:
-        table = build_table(load_config(name))
+    for name in (*CONFIG_NAMES, "lab"):
+        table = build_table(lab_config() if name == "lab" else load_config(name))
         path = out_dir / f"{name}.json"
         path.write_text(json.dumps(table, indent=0, sort_keys=True) + "\n")
         written.append(path)

@@ -1,0 +1,71 @@
+"""Prompt adherence of a lab pipeline: does "a red cross" give a red cross?
+
+For each shape, prompts ``a <colour> <shape>`` (colours cycled, one seed per image) are sampled and
+the lab detector's shape and colour heads are compared with what was asked. These are the figures
+quoted for the shipped pipeline, and a helper for later benign-fidelity checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from auditkit.lab import world
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a rate ``hits / n``."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+             batch: int = 100) -> np.ndarray:
+    """Images (``N x 32 x 32 x 3`` uint8) for ``prompts``, image ``i`` from ``seeds[i]``."""
+    import torch
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i: i + batch]]
+        res = pipe(list(prompts[i: i + batch]), num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gens, output_type="np")
+        out.append(np.clip(np.rint(res.images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def measure_adherence(pipe, detector, shapes: Sequence[str] = world.SHAPES, n_per_shape: int = 200,
+                      steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                      template: str = "a {colour} {shape}") -> dict[str, Any]:
+    """Per shape: fraction of images whose detected shape (argmax) is the prompted one, fraction
+    flagged by the detector's concept score, and colour agreement. Returns figures and images."""
+    colours = list(world.COLOURS)
+    figures: dict[str, Any] = {"steps": steps, "guidance": guidance, "n_per_shape": n_per_shape,
+                               "seed": seed, "template": template, "detector": detector.profile(),
+                               "shapes": {}}
+    images = {}
+    for si, shape in enumerate(shapes):
+        prompts = [template.format(colour=colours[i % len(colours)], shape=shape)
+                   for i in range(n_per_shape)]
+        seeds = [seed * 100_000 + si * 10_000 + i for i in range(n_per_shape)]
+        imgs = generate(pipe, prompts, seeds, steps, guidance)
+        probs = detector.probabilities(imgs)
+        shape_pred = np.asarray(detector.config["heads"]["shape"])[probs["shape"].argmax(1)]
+        colour_pred = np.asarray(detector.config["heads"]["colour"])[probs["colour"].argmax(1)]
+        asked_colours = np.asarray([colours[i % len(colours)] for i in range(n_per_shape)])
+        counts = {c: int((shape_pred == c).sum()) for c in detector.config["heads"]["shape"]}
+        hits = int((shape_pred == shape).sum())
+        figures["shapes"][shape] = {
+            "shape_rate": hits / n_per_shape,
+            "shape_rate_ci95": wilson_interval(hits, n_per_shape),
+            "concept_flag_rate": float(detector.flag(imgs).mean()),
+            "colour_rate": float((colour_pred == asked_colours).mean()),
+            "detected": {k: v for k, v in counts.items() if v},
+        }
+        images[shape] = imgs
+    return {"figures": figures, "images": images}
