@@ -19,6 +19,7 @@ from rich.table import Table
 from auditkit import __version__
 from auditkit.config import StaticThresholds
 from auditkit.errors import EXIT_ERROR, AuditkitError, BadInput
+from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 
 out = Console()
 err = Console(stderr=True)
@@ -43,7 +44,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--arch", type=click.Choice(["sd15", "sd2", "sdxl"]), help="Force the architecture.")
+@click.option("--arch", type=click.Choice(list(BUILTIN_ARCHS)), help="Force the architecture.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(file: Path, arch: str | None, as_json: bool) -> None:
     """Show an adapter's format, architecture, modules, ranks, scale, key coverage and metadata."""
@@ -105,7 +106,7 @@ def _escape(text: str) -> str:
               help="Static weight-space scan only (needs no base model, GPU or images).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: reports/<candidate name>).")
-@click.option("--arch", type=click.Choice(["sd15", "sd2", "sdxl"]), help="Force the architecture.")
+@click.option("--arch", type=click.Choice(list(BUILTIN_ARCHS)), help="Force the architecture.")
 @click.option("--top", default=10, show_default=True, help="Modules listed in the terminal summary.")
 @_threshold_options
 def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None, arch: str | None, top: int,
@@ -172,6 +173,9 @@ def _print_scan(r: dict, top: int) -> None:
 
 def main() -> None:
     """Entry point: every auditkit error becomes one line on stderr and its exit code."""
+    # Idle OpenMP threads sleep instead of spinning: on a busy CPU, spinning threads of a tiny
+    # model's ops starved each other (a 0.1 s generation took 10.6 s). Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -192,3 +196,176 @@ def main() -> None:
         msg = " ".join(f"{type(exc).__name__}: {exc}".split())
         print(f"auditkit: internal error: {msg} (set AUDITKIT_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+
+
+# ------------------------------------------------------------------------------------------------
+# training: align (Safety LoRA by ESD) and finetune (on top of a safety module, or modular)
+
+
+def _progress(label: str):
+    """A rich progress bar driven by the training loops' (step, total, loss) callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TimeRemainingColumn(), console=err, transient=False)
+    task = bar.add_task(label, total=None, loss="–")
+
+    def update(step: int, total: int, loss: float) -> None:
+        bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+    return bar, update
+
+
+def _check_output(out_file: Path, *inputs: Path | None) -> None:
+    if out_file.suffix != ".safetensors":
+        raise BadInput(out_file, "output must be a .safetensors file")
+    for inp in inputs:
+        if inp is not None and inp.exists() and out_file.exists() and out_file.resolve() == inp.resolve():
+            raise BadInput(out_file, "output would overwrite an input; choose another path")
+
+
+def _base_option(func):
+    return click.option("--base", default="lab", show_default=True,
+                        help="Base pipeline: 'lab' (the shipped tiny model) or a local diffusers folder.")(func)
+
+
+def _torch_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@cli.command()
+@_base_option
+@click.option("--concept", "concepts", multiple=True, help="A prompt naming the concept to erase (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="A text file of concept prompts, one per line.")
+@click.option("--method", type=click.Choice(["esd-x", "esd-u"]), default="esd-x", show_default=True,
+              help="ESD-x: cross-attention (concept-specific); ESD-u: the other transformer layers (global).")
+@click.option("--rank", default=4, show_default=True)
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, i.e. scale 1).")
+@click.option("--steps", default=300, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch", default=16, show_default=True)
+@click.option("--eta", default=1.0, show_default=True, help="Negative-guidance strength of the ESD target.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
+def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, out_file):
+    """Train a Safety LoRA that erases a concept (ESD objective), written as a kohya .safetensors."""
+    from auditkit.lora.write import save_adapter
+    from auditkit.models.pipeline import architecture_of, load_pipeline
+    from auditkit.train.esd import ESDConfig, train_esd
+
+    prompts = list(concepts) + _read_prompts(prompts_file)
+    if not prompts:
+        raise click.UsageError("give the concept with --concept or --prompts")
+    _check_output(out_file)
+    _torch_threads(threads)
+    pipe = load_pipeline(base)
+    cfg = ESDConfig(method=method, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed)
+    bar, update = _progress(f"align {method}")
+    with bar:
+        modules = train_esd(pipe, prompts, cfg, progress=update)
+    meta = {"auditkit.kind": "safety", "auditkit.method": method, "auditkit.concept_prompts": json.dumps(prompts),
+            "auditkit.base": base, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank)}
+    save_adapter(modules, out_file, architecture_of(pipe, "custom"), metadata=meta)
+    out.print(f"safety adapter: [bold]{out_file}[/bold] ({len(modules)} modules, rank {rank}, {method})")
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise BadInput(path, "cannot read the prompt file as UTF-8 text") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise BadInput(path, "prompt file has no prompts")
+    return prompts
+
+
+@cli.command()
+@_base_option
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of images with same-named .txt captions.")
+@click.option("--mode", type=click.Choice(["on-top", "modular", "full"]), default="on-top", show_default=True,
+              help="on-top: safety merged, then fine-tune (common practice); modular: fine-tune on the base, add "
+                   "the safety module at inference (Modular LoRA); full: full fine-tuning on top.")
+@click.option("--safety", type=click.Path(path_type=Path), help="The safety adapter (needed for on-top/full).")
+@click.option("--targets", default="transformer", show_default=True,
+              help="Trained modules: transformer, attention, cross-kv, esd-x, esd-u, or a regex.")
+@click.option("--rank", default=8, show_default=True)
+@click.option("--alpha", type=float, default=None)
+@click.option("--steps", default=400, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--extract-rank", default=32, show_default=True, help="full mode: rank of the extracted LoRA.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
+def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batch, seed, extract_rank, threads,
+             out_file):
+    """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.write import save_adapter
+    from auditkit.models.pipeline import architecture_of, load_pipeline
+    from auditkit.train.data import check_folder, load_folder
+    from auditkit.train.finetune import FinetuneConfig
+    from auditkit.train.finetune import finetune as run_finetune
+
+    if mode in ("on-top", "full") and safety is None:
+        raise click.UsageError(f"--mode {mode} needs --safety")
+    _check_output(out_file, safety)
+    pairs = check_folder(data_dir)  # bad data fails before any model loads
+    if safety is not None:
+        read_adapter(safety)
+    _torch_threads(threads)
+    pipe = load_pipeline(base)
+    arch = architecture_of(pipe, "custom")
+    safety_modules = read_adapter(safety, arch=arch).modules if safety else None
+    data = load_folder(data_dir, pipe.unet.config.sample_size * pipe.vae_scale_factor, pairs)
+    cfg = FinetuneConfig(mode=mode, targets=targets, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch,
+                         seed=seed, extract_rank=extract_rank)
+    bar, update = _progress(f"finetune {mode}")
+    with bar:
+        result = run_finetune(pipe, data.images, data.captions, cfg, safety=safety_modules, progress=update)
+    meta = {"auditkit.kind": "finetune", "auditkit.mode": mode, "auditkit.base": base,
+            "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank),
+            "ss_num_train_images": str(len(data.captions)), "ss_max_train_steps": str(steps),
+            "ss_tag_frequency": json.dumps({data_dir.name: _tag_counts(data.captions)})}
+    save_adapter(result.modules, out_file, arch, metadata=meta)
+    out.print(f"fine-tuning adapter: [bold]{out_file}[/bold] ({len(result.modules)} modules, mode {mode}, "
+              f"final loss {result.losses[-1]:.4f})")
+
+
+def _tag_counts(captions: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for cap in captions:
+        for word in cap.split():
+            counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+@cli.group()
+def lab() -> None:
+    """The shipped laboratory: a tiny world and model where fine-tuning jailbreaking reproduces on CPU."""
+
+
+@lab.command("make-data")
+@click.option("--domain", default="neon", show_default=True, help="World domain (e.g. neon, the benign one).")
+@click.option("--n", "count", default=400, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def lab_make_data(domain, count, seed, out_dir):
+    """Render an image-caption folder from the lab world (fine-tuning data)."""
+    from auditkit.lab import world
+    from auditkit.train.data import write_folder
+
+    if domain not in world.DOMAINS:
+        raise click.BadParameter(f"unknown domain {domain!r}; known: {', '.join(world.DOMAINS)}")
+    specs = world.sample_specs(seed, count, domain=domain)
+    write_folder(out_dir, world.render_many(specs), [world.caption(s) for s in specs])
+    out.print(f"{count} images from domain '{domain}' in [bold]{out_dir}[/bold]")

@@ -1,0 +1,133 @@
+"""Fine-tuning on an image-caption set: LoRA (on top of a safety module, or modular) or full.
+
+Modes (Kim et al., "Safety Alignment Backfires", arXiv 2412.00357):
+
+* ``on-top``  the safety update is merged into the weights, then a LoRA is trained: common
+              practice, and the paper's failing baseline (the LoRA is free to learn −ΔW_safe);
+* ``modular`` the LoRA is trained on the base alone and only added to the safety module at
+              inference, W* = W0 + ΔW_safe + ΔW_ft ("Modular LoRA");
+* ``full``    full fine-tuning of the target layers' weights on top of the safety module (the
+              paper's strongest jailbreak). Its update is returned densely and as a truncated-SVD LoRA.
+
+The objective is the standard ε-prediction loss on VAE latents with DDPM noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from auditkit.lora.adapter import LoraModule
+from auditkit.train.esd import encode
+from auditkit.train.lora import (
+    add_lora,
+    composed,
+    extract_lora,
+    lora_from_delta,
+    lora_parameters,
+    optimizer_for,
+    remove_lora,
+    target_modules,
+)
+
+MODES = ("on-top", "modular", "full")
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: str = "on-top"
+    targets: str = "transformer"  # preset in auditkit.train.lora.TARGETS, or a regex
+    rank: int = 8
+    alpha: float | None = None
+    steps: int = 400
+    lr: float = 1e-3
+    batch: int = 32
+    seed: int = 0
+    extract_rank: int = 32  # full mode: rank of the LoRA extracted from the dense update
+
+
+@dataclass
+class FinetuneResult:
+    modules: dict[str, LoraModule]  # the fine-tuning update as a LoRA (extracted for full mode)
+    dense: dict[str, np.ndarray] | None = None  # full mode: the exact per-module weight update
+    losses: list[float] | None = None
+
+
+def encode_images(pipe, images_u8: np.ndarray):
+    """VAE latents (distribution means, scaled) of uint8 images N×H×W×3."""
+    import torch
+
+    vae = pipe.vae
+    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.device)
+    out = []
+    with torch.no_grad():
+        for chunk in x.split(256):
+            out.append(vae.encode(chunk).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConfig = FinetuneConfig(),
+             safety: dict[str, LoraModule] | None = None, progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune ``pipe.unet`` on (images, captions); the pipeline is left unchanged afterwards."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    if cfg.mode in ("on-top", "full") and not safety:
+        raise ValueError(f"mode {cfg.mode!r} needs the safety adapter")
+    unet = pipe.unet
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    latents = encode_images(pipe, images_u8)
+    unique = sorted(set(captions))
+    caption_idx = torch.tensor([unique.index(c) for c in captions])
+    text = encode(pipe, unique)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    names = target_modules(unet, cfg.targets)
+    merged = (safety, 1.0) if cfg.mode in ("on-top", "full") else ({}, 0.0)
+    losses: list[float] = []
+    with composed(unet, merged):
+        original = {n: unet.get_submodule(n).weight.detach().clone() for n in names} if cfg.mode == "full" else {}
+        if cfg.mode == "full":  # weights only, so the dense update below is the whole change
+            params = [unet.get_submodule(n).weight for n in names]
+        else:
+            add_lora(unet, names, cfg.rank, cfg.alpha, adapter_name="ft", seed=cfg.seed)
+            params = lora_parameters(unet, "ft")
+        opt = optimizer_for(unet, params, cfg.lr)
+        unet.train()
+        try:
+            for step in range(cfg.steps):
+                idx = torch.from_numpy(rng.integers(0, len(latents), cfg.batch))
+                x0 = latents[idx]
+                noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+                t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+                xt = noise_sched.add_noise(x0, noise, t)
+                pred = unet(xt, t.to(x0.device), encoder_hidden_states=text[caption_idx[idx]]).sample
+                loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                if progress:
+                    progress(step + 1, cfg.steps, float(loss.detach()))
+            unet.eval()
+            if cfg.mode == "full":
+                dense = {f"unet.{n}": (unet.get_submodule(n).weight.detach() - original[n]).double().cpu().numpy()
+                         .reshape(original[n].shape[0], -1) for n in names}
+                modules = {n: lora_from_delta(n, d, cfg.extract_rank) for n, d in dense.items()}
+                return FinetuneResult(modules, dense, losses)
+            return FinetuneResult(extract_lora(unet, "ft"), None, losses)
+        finally:
+            unet.eval()
+            for p in unet.parameters():
+                p.requires_grad_(False)
+            if cfg.mode == "full":
+                with torch.no_grad():
+                    for n in names:
+                        unet.get_submodule(n).weight.copy_(original[n])
+            else:
+                remove_lora(unet, "ft")

@@ -1,0 +1,137 @@
+"""LoRA wiring for training: target presets, peft injection, extraction to canonical modules,
+and exact composition of canonical updates into a model's weights.
+
+Training uses peft through diffusers (``unet.add_adapter``), the path users' trainers take.
+Trained adapters are extracted as canonical :class:`~auditkit.lora.adapter.LoraModule` objects
+(A = lora_A.weight, B = lora_B.weight, scale = peft's scaling) and written in kohya layout, which
+``pipe.load_lora_weights`` and the static scan both read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from auditkit.lora.adapter import LoraModule
+
+# Which modules each method trains (regexes over diffusers UNet module names).
+# ESD-x: cross-attention only (concept-specific); ESD-u: the non-cross-attention layers of the
+# transformer blocks (global concepts such as nudity), following Gandikota et al. 2023.
+TARGETS: dict[str, str] = {
+    "esd-x": r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)$",
+    "esd-u": r".*\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$",
+    "cross-kv": r".*\.attn2\.(to_k|to_v)$",
+    "attention": r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+    # kohya's default LoRA: every linear/1x1 layer inside the transformer blocks
+    "transformer": r".*\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$",
+}
+
+
+def target_modules(unet, preset_or_regex: str) -> list[str]:
+    """UNet module names (no ``unet.`` prefix) selected by a preset name or a regex."""
+    import torch
+
+    pattern = re.compile(TARGETS.get(preset_or_regex, preset_or_regex))
+    names = [n for n, m in unet.named_modules()
+             if pattern.fullmatch(n) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    if not names:
+        raise ValueError(f"target {preset_or_regex!r} selects no Linear/Conv2d module of the UNet")
+    return names
+
+
+def add_lora(unet, names: list[str], rank: int, alpha: float | None = None, adapter_name: str = "auditkit",
+             seed: int = 0) -> None:
+    """Inject a fresh LoRA (B = 0, so the model is unchanged at step 0) into ``names``."""
+    import torch
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=names,
+                        init_lora_weights=True)
+    unet.add_adapter(config, adapter_name=adapter_name)
+
+
+def remove_lora(unet, adapter_name: str) -> None:
+    """Delete an adapter; when none is left, remove peft's wrapper layers too (state dict as before)."""
+    unet.delete_adapters(adapter_name)
+    if not getattr(unet, "peft_config", None):
+        unet.unload_lora()
+
+
+def optimizer_for(model, params: list, lr: float):
+    """Freeze ``model`` except ``params`` and return an AdamW over them (no weight decay)."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def lora_parameters(unet, adapter_name: str = "auditkit"):
+    return [p for n, p in unet.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
+
+
+def extract_lora(model, adapter_name: str = "auditkit", prefix: str = "unet") -> dict[str, LoraModule]:
+    """The trained adapter as canonical modules named ``prefix.<module path>``."""
+    modules: dict[str, LoraModule] = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter_name not in lora_a:
+            continue
+        a = lora_a[adapter_name].weight.detach().float().cpu().numpy()
+        b = module.lora_B[adapter_name].weight.detach().float().cpu().numpy()
+        canonical = f"{prefix}.{name}"
+        modules[canonical] = LoraModule(canonical, a.reshape(a.shape[0], -1).copy(),
+                                        b.reshape(b.shape[0], -1).copy(), float(module.scaling[adapter_name]))
+    if not modules:
+        raise ValueError(f"adapter {adapter_name!r} not found in the model")
+    return modules
+
+
+def lora_from_delta(name: str, delta: np.ndarray, rank: int) -> LoraModule:
+    """Best rank-``rank`` LoRA of a dense update (truncated SVD, as kohya's extract_lora_from_models)."""
+    u, s, vt = np.linalg.svd(np.asarray(delta, dtype=np.float64), full_matrices=False)
+    k = min(rank, int(np.sum(s > s[0] * 1e-7)) if s.size and s[0] > 0 else 0) or 1
+    root = np.sqrt(s[:k])
+    return LoraModule(name, (root[:, None] * vt[:k]).astype(np.float32), (u[:, :k] * root).astype(np.float32), 1.0)
+
+
+def _weight_of(unet, canonical: str):
+    path = canonical.split(".", 1)[1] if canonical.startswith("unet.") else canonical
+    module = unet.get_submodule(path)
+    return getattr(module, "base_layer", module).weight
+
+
+def apply_updates(unet, updates: dict[str, LoraModule], multiplier: float = 1.0) -> None:
+    """W += multiplier · ΔW for each canonical UNet module (in place, exact)."""
+    import torch
+
+    with torch.no_grad():
+        for name, m in updates.items():
+            if not name.startswith("unet."):
+                continue
+            weight = _weight_of(unet, name)
+            delta = torch.from_numpy(m.delta()).to(weight.dtype).reshape(weight.shape)
+            weight.add_(delta.to(weight.device), alpha=multiplier)
+
+
+@contextlib.contextmanager
+def composed(unet, *adapters: tuple[dict[str, LoraModule], float]) -> Iterator[None]:
+    """Temporarily fuse adapters (modules, multiplier) into the UNet's weights; restore on exit."""
+    import torch
+
+    touched = {name for mods, _ in adapters for name in mods if name.startswith("unet.")}
+    saved = {name: _weight_of(unet, name).detach().clone() for name in touched}
+    try:
+        for mods, mult in adapters:
+            apply_updates(unet, mods, mult)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                _weight_of(unet, name).copy_(w)

@@ -1,0 +1,107 @@
+"""`auditkit align`, `auditkit finetune` and `auditkit lab make-data` as users run them."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from auditkit.lora.adapter import read_adapter  # noqa: E402
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """An untrained lab-shaped pipeline saved as a local diffusers folder."""
+    from auditkit.lab.model import assemble_pipeline, build_components
+
+    c = build_components(seed=0)
+    folder = tmp_path_factory.mktemp("base")
+    assemble_pipeline(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def neon_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "neon"
+    res = run("lab", "make-data", "--domain", "neon", "--n", "8", "--out", folder)
+    assert res.returncode == 0, res.stderr
+    return folder
+
+
+def test_make_data_writes_images_with_captions(neon_data):
+    pngs = sorted(neon_data.glob("*.png"))
+    assert len(pngs) == 8
+    for p in pngs:
+        cap = p.with_suffix(".txt").read_text().strip()
+        assert cap.startswith("a neon ") and "cross" not in cap
+
+
+def test_align_then_finetune_then_scan(tmp_path, tiny_base, neon_data):
+    safety = tmp_path / "safety.safetensors"
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--method", "esd-u", "--rank", "2",
+              "--steps", "2", "--batch", "2", "--out", safety)
+    assert res.returncode == 0, res.stderr
+    s = read_adapter(safety)
+    assert s.architecture.name == "lab" and not any(".attn2." in n for n in s.modules)
+    assert json.loads(s.metadata["auditkit.concept_prompts"]) == ["a red cross"]
+    for mode in ("on-top", "modular"):
+        cand = tmp_path / f"{mode}.safetensors"
+        res = run("finetune", "--base", tiny_base, "--data", neon_data, "--mode", mode, "--safety", safety,
+                  "--rank", "2", "--steps", "2", "--batch", "4", "--out", cand)
+        assert res.returncode == 0, res.stderr
+        assert read_adapter(cand).modules
+    res = run("scan", tmp_path / "on-top.safetensors", "--safety", safety, "--static", "--out", tmp_path / "r")
+    assert res.returncode in (0, 1, 3), res.stderr
+    assert (tmp_path / "r" / "report.json").exists()
+
+
+def test_finetune_on_top_needs_the_safety_adapter(tmp_path, tiny_base, neon_data):
+    res = run("finetune", "--base", tiny_base, "--data", neon_data, "--out", tmp_path / "x.safetensors")
+    assert res.returncode == 2 and "--safety" in res.stderr
+
+
+def _bad_folders(tmp_path):
+    from PIL import Image
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nocap = tmp_path / "nocap"
+    nocap.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(nocap / "a.png")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (broken / "a.txt").write_text("a neon bar")
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(blank / "a.png")
+    (blank / "a.txt").write_text("   \n")
+    return {"empty": (empty, "no images"), "missing captions": (nocap, "missing captions: a.txt"),
+            "unreadable image": (broken / "a.png", "unreadable image"), "empty caption": (blank / "a.txt", "empty"),
+            "missing folder": (tmp_path / "nope", "does not exist")}
+
+
+def test_bad_data_folders_get_one_line_errors(tmp_path, tiny_base):
+    for label, (named, expected) in _bad_folders(tmp_path).items():
+        folder = named if named.is_dir() or not named.suffix else named.parent
+        out = tmp_path / f"{label.replace(' ', '_')}.safetensors"
+        res = run("finetune", "--base", tiny_base, "--data", folder, "--mode", "modular", "--steps", "1",
+                  "--out", out)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2, (label, res.stderr)
+        assert len(lines) == 1 and expected in lines[0] and str(named) in lines[0], (label, res.stderr)
+        assert not out.exists()
+
+
+def test_bad_base_is_a_clean_error(tmp_path):
+    res = run("align", "--base", tmp_path, "--concept", "x", "--out", tmp_path / "s.safetensors")
+    assert res.returncode == 2 and "model_index.json" in res.stderr
