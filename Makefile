@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo demo-sd15 test test-fast lint bench clean
 
 # torch and torchvision are left for pip to resolve together (a CUDA build that also runs on CPU);
 # pinning a CPU-only torch breaks torchvision, diffusers and open_clip imports.
@@ -16,13 +16,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u.safetensors
+
+# The lab demo: benign fine-tuning on top of a shipped Safety LoRA, and the same fine-tuning done
+# modularly, each scanned against the safety adapter (about two minutes on 2 CPU cores).
 demo: install
+	$(VENV)/bin/auditkit lab make-data --domain neon --n 400 --out examples/neon
+	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode on-top --safety $(LAB_SAFETY) --out examples/on-top.safetensors
+	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode modular --out examples/modular.safetensors
+	-$(VENV)/bin/auditkit scan examples/on-top.safetensors --safety $(LAB_SAFETY) --static --out reports/demo-on-top
+	-$(VENV)/bin/auditkit scan examples/modular.safetensors --safety $(LAB_SAFETY) --static --out reports/demo-modular
+	@echo "reports: reports/demo-on-top/report.html reports/demo-modular/report.html"
+
+# SD1.5-shaped example adapters made by code: a candidate that undoes the safety adapter, one that does not.
+demo-sd15: install
 	$(PY) -m auditkit.examples examples
-	@echo "== scanning a candidate that undoes the safety adapter (expect RISK, exit 1)"
 	-$(VENV)/bin/auditkit scan examples/jailbreak.safetensors --safety examples/safety.safetensors --static --out reports/demo-jailbreak
-	@echo "== scanning a benign candidate (expect PASS, exit 0)"
 	$(VENV)/bin/auditkit scan examples/benign.safetensors --safety examples/safety.safetensors --static --out reports/demo-benign
-	@echo "reports: reports/demo-jailbreak/report.html reports/demo-benign/report.html"
 
 test: install
 	$(PY) -m pytest -q
