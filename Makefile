@@ -27,6 +27,8 @@ demo: install
 	-$(VENV)/bin/auditkit scan examples/on-top.safetensors --safety $(LAB_SAFETY) --static --out reports/demo-on-top
 	-$(VENV)/bin/auditkit scan examples/modular.safetensors --safety $(LAB_SAFETY) --static --out reports/demo-modular
 	@echo "reports: reports/demo-on-top/report.html reports/demo-modular/report.html"
+	@echo "note: the on-top candidate brings the erased concept back in the lab (BENCHMARKS.md) although its"
+	@echo "      weight-space cancellation is small; the static scan alone does not catch it (dynamic scan: issue 4)."
 
 # SD1.5-shaped example adapters made by code: a candidate that undoes the safety adapter, one that does not.
 demo-sd15: install

@@ -124,8 +124,13 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
         raise click.BadParameter(str(exc)) from None
     result = run_static_scan(candidate, safety, t, arch=arch)
     report = build_report(result)
-    if not static_only:
-        report["reasons"].append("dynamic probing is not available in this version: static evidence only")
+    # Said on every static-only report: in the lab, an adapter with small weight-space cancellation
+    # (0.07) still brought an erased concept back in 66% of images (BENCHMARKS.md).
+    report["reasons"].append(
+        "static evidence only: behaviour was not probed"
+        + ("" if static_only else " (dynamic probing is not available in this version)")
+        + "; a small weight-space cancellation can still bring a concept back"
+    )
     out_dir = out_dir or Path("reports") / candidate.stem
     try:
         paths = write_reports(report, out_dir)

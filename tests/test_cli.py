@@ -45,7 +45,9 @@ def test_scan_flags_the_jailbreak_and_writes_both_reports(tmp_path, examples):
 def test_scan_passes_the_benign_candidate(tmp_path, examples):
     res = run("scan", examples["benign"], "--safety", examples["safety"], "--static", "--out", tmp_path / "r")
     assert res.returncode == 0, res.stderr
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["verdict"] == "pass"
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["verdict"] == "pass"
+    assert any(r.startswith("static evidence only") for r in report["reasons"])
 
 
 def test_thresholds_are_configurable(tmp_path, examples):
