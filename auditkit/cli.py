@@ -374,3 +374,34 @@ def lab_make_data(domain, count, seed, out_dir):
     specs = world.sample_specs(seed, count, domain=domain)
     write_folder(out_dir, world.render_many(specs), [world.caption(s) for s in specs])
     out.print(f"{count} images from domain '{domain}' in [bold]{out_dir}[/bold]")
+
+
+@cli.group()
+def suites() -> None:
+    """Probe suites: versioned prompt sets (YAML) and prompt CSVs such as I2P's."""
+
+
+@suites.command("ls")
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=None,
+              help="A folder of suites (default: the shipped probes/).")
+def suites_ls(folder: Path | None) -> None:
+    """List the suites with their concept, detector, role and prompt counts."""
+    from auditkit.suites import list_suites
+
+    table = Table("suite", "version", "role", "concept / neutral", "detector", "prompts", "categories")
+    for s in list_suites(folder):
+        cats = ", ".join(f"{k or '–'}: {v}" for k, v in sorted(s.categories.items()))
+        table.add_row(s.name, str(s.version), s.role, f"{s.concept_word} / {s.neutral_word}", s.detector,
+                      str(len(s.prompts)), _escape(cats))
+    out.print(table)
+
+
+@suites.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def suites_validate(files: tuple[Path, ...]) -> None:
+    """Validate suite files (.yaml) or prompt CSVs; exit 2 at the first invalid one."""
+    from auditkit.suites import load_suite
+
+    for f in files:
+        s = load_suite(f)
+        out.print(f"ok  {_escape(str(f))}: suite '{_escape(s.name)}' v{s.version}, {len(s.prompts)} prompts")
