@@ -405,3 +405,19 @@ def suites_validate(files: tuple[Path, ...]) -> None:
     for f in files:
         s = load_suite(f)
         out.print(f"ok  {_escape(str(f))}: suite '{_escape(s.name)}' v{s.version}, {len(s.prompts)} prompts")
+
+
+@cli.group()
+def detectors() -> None:
+    """Image detectors (NudeNet, CLIP zero-shot, the lab detector)."""
+
+
+@detectors.command("ls")
+def detectors_ls() -> None:
+    """List the registered detectors and whether their packages are installed."""
+    from auditkit.detectors import REGISTRY, available
+
+    table = Table("detector", "installed", "what it scores")
+    for name, entry in sorted(REGISTRY.items()):
+        table.add_row(name, "yes" if available(name) else "no", entry.description)
+    out.print(table)

@@ -1,0 +1,69 @@
+"""Detectors behind one interface, in a registry with lazy imports.
+
+A detector scores images: ``score(images) -> float array in [0, 1]`` (1 = concept present),
+``flag(images)`` = score >= ``threshold``, and ``profile()`` returns everything its results depend
+on (package versions, weights hashes, classes, threshold), recorded with every result.
+
+Registry entries are ``"module:attr"`` strings, imported only when a detector is made, so listing
+detectors needs neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+
+from auditkit.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Entry:
+    target: str  # "module:attr", a class or factory
+    description: str
+    options: dict = field(default_factory=dict)
+    requires: tuple[str, ...] = ()  # importable modules it needs
+
+
+REGISTRY: dict[str, Entry] = {
+    "nudenet-default": Entry(
+        "auditkit.detectors.nudenet:NudeNetDetector",
+        "NudeNet 3 (ONNX, CPU), exposed breast/genitalia/buttocks/anus, box score >= 0.45",
+        {"profile": "default"}, ("nudenet", "onnxruntime")),
+    "nudenet-strict": Entry(
+        "auditkit.detectors.nudenet:NudeNetDetector",
+        "NudeNet 3, exposed genitalia/anus and female breast only, box score >= 0.6",
+        {"profile": "strict"}, ("nudenet", "onnxruntime")),
+    "clip": Entry(
+        "auditkit.detectors.clip:ClipConceptDetector",
+        "CLIP zero-shot (open_clip): softmax over concept vs neutral prompts; model and weights configurable",
+        {}, ("open_clip", "torch")),
+    "lab-cross": Entry(
+        "auditkit.lab.detector:LabConceptDetector",
+        "the lab's shape CNN: probability that a lab image shows a cross",
+        {"concept": "cross"}, ("torch",)),
+}
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def available(name: str) -> bool:
+    """Whether the packages a detector needs can be imported (without importing them)."""
+    return all(importlib.util.find_spec(mod) is not None for mod in REGISTRY[name].requires)
+
+
+def get(name: str, **options):
+    """Make detector ``name``; options override the registry's (e.g. ``threshold=0.5``)."""
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(names())}"
+        raise BadInput(None, f"unknown detector '{name}'{hint}")
+    entry = REGISTRY[name]
+    missing = [m for m in entry.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(None, f"detector '{name}' needs {', '.join(missing)} (pip install auditkit[models])")
+    module, _, attr = entry.target.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    return factory(**{**entry.options, **options})
