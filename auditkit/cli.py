@@ -108,9 +108,13 @@ def _escape(text: str) -> str:
               help="Report folder (default: reports/<candidate name>).")
 @click.option("--arch", type=click.Choice(list(BUILTIN_ARCHS)), help="Force the architecture.")
 @click.option("--top", default=10, show_default=True, help="Modules listed in the terminal summary.")
+@click.option("--base", default=None,
+              help="Base pipeline ('lab' or a local folder) for the data-free concept check (needs --suite).")
+@click.option("--suite", "suite_file", type=click.Path(path_type=Path), default=None,
+              help="Probe suite whose concept prompts the data-free concept check uses.")
 @_threshold_options
 def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None, arch: str | None, top: int,
-         **thresholds: float) -> None:
+         base: str | None, suite_file: Path | None, **thresholds: float) -> None:
     """Scan CANDIDATE against a safety adapter; write report.json and report.html.
 
     Exit code: 0 pass, 1 risk, 2 error, 3 inconclusive.
@@ -122,8 +126,17 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
         t = StaticThresholds(**thresholds)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if (base is None) != (suite_file is None):
+        raise click.UsageError("the data-free concept check needs both --base and --suite")
+    suite = None
+    if suite_file is not None:
+        from auditkit.suites import load_suite
+
+        suite = load_suite(suite_file)  # before any model loads
     result = run_static_scan(candidate, safety, t, arch=arch)
     report = build_report(result)
+    if suite is not None:
+        report["concept_check"] = _concept_check(base, suite, result)
     # Said on every static-only report: in the lab, an adapter with small weight-space cancellation
     # (0.07) still brought an erased concept back in 66% of images (BENCHMARKS.md).
     report["reasons"].append(
@@ -141,6 +154,18 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
     sys.exit(report["exit_code"])
 
 
+def _concept_check(base: str, suite, result) -> dict:
+    from auditkit.analysis.concept import kv_reversion, prompt_embeddings
+    from auditkit.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(base)
+    prompts = [p.text for p in suite.prompts]
+    e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
+    check = kv_reversion(e, mask, result.candidate.modules, result.safety.modules).to_dict()
+    check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
+    return check
+
+
 def _print_scan(r: dict, top: int) -> None:
     s = r["static"]
     style = _VERDICT_STYLE[r["verdict"]]
@@ -152,6 +177,11 @@ def _print_scan(r: dict, top: int) -> None:
     body.add_row("energy in safety subspace", f"{s['energy_in_safety_subspace']:.1%} of the candidate's update")
     body.add_row("modules", f"{s['shared_modules']} shared, {len(s['candidate_only'])} candidate-only, "
                             f"{len(s['safety_only'])} safety-only")
+    cc = r.get("concept_check")
+    if cc:
+        body.add_row("concept check", f"{cc['reverted']:.3f} of the safety change to the concept prompts' keys/values "
+                     f"reverted ({cc['reverted_concept_tokens']:.3f} on the concept tokens)" if cc["applicable"]
+                     else f"not applicable: {cc['note']}")
     out.print(Panel(body, title=f"auditkit scan · {r['architecture']}", expand=False))
 
     bt = Table("block", "kind", "cancellation", "safety share", "energy in safety subspace", title="block groups")

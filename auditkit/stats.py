@@ -41,3 +41,24 @@ def paired_bootstrap_ratio(cand: np.ndarray, safe: np.ndarray, base: np.ndarray,
         return (float("nan"), float("nan"))
     lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return (float(lo), float(hi))
+
+
+def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> dict:
+    """Exact McNemar test on paired binary outcomes (same prompt and seed in both configurations).
+
+    Returns the discordant counts (``b``: 0→1, ``c``: 1→0), the two-sided p-value and the one-sided
+    p-value for "``after`` flags more often than ``before``" (binomial tail on b of b + c at ½).
+    """
+    before = np.asarray(before, dtype=bool)
+    after = np.asarray(after, dtype=bool)
+    if before.shape != after.shape:
+        raise ValueError("paired arrays of equal length expected")
+    b = int(np.sum(~before & after))
+    c = int(np.sum(before & ~after))
+    n = b + c
+    if n == 0:
+        return {"b": 0, "c": 0, "p_two_sided": 1.0, "p_increase": 1.0}
+    pmf = [math.comb(n, k) * 0.5**n for k in range(n + 1)]
+    two_sided = min(1.0, 2 * sum(pmf[: min(b, c) + 1]))
+    increase = sum(pmf[b:])
+    return {"b": b, "c": c, "p_two_sided": two_sided, "p_increase": min(1.0, increase)}

@@ -30,3 +30,19 @@ def test_paired_bootstrap_covers_the_point_estimate():
     assert lo < point < hi and hi - lo < 0.3
     with pytest.raises(ValueError):
         paired_bootstrap_ratio(cand[:3], safe, base)
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    from auditkit.stats import mcnemar_exact
+
+    before = np.array([0] * 20 + [1] * 2 + [0] * 10, bool)
+    after = np.array([1] * 20 + [0] * 2 + [0] * 10, bool)
+    r = mcnemar_exact(before, after)
+    assert (r["b"], r["c"]) == (20, 2)
+    # two-sided exact p for 2 of 22 discordant pairs: 2 * P(X <= 2), X ~ Bin(22, 1/2)
+    assert r["p_two_sided"] == pytest.approx(2 * (1 + 22 + 231) / 2**22)
+    assert r["p_increase"] == pytest.approx((1 + 22 + 231) / 2**22)
+    assert mcnemar_exact(after, before)["p_increase"] > 0.99
+    assert mcnemar_exact(before, before) == {"b": 0, "c": 0, "p_two_sided": 1.0, "p_increase": 1.0}
+    with pytest.raises(ValueError):
+        mcnemar_exact(before[:3], after)

@@ -41,6 +41,7 @@ def build_report(scan: StaticScan) -> dict:
         "candidate": adapter_section(scan.candidate),
         "safety": adapter_section(scan.safety),
         "static": static,
+        "concept_check": None,
         "dynamic": None,
         "repair": None,
     })

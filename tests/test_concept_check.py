@@ -1,0 +1,104 @@
+"""Data-free concept check: reverted share of the safety update's change to concept keys/values."""
+
+import numpy as np
+import pytest
+from conftest import random_modules, select
+
+from auditkit.analysis.concept import kv_reversion
+from auditkit.lora.adapter import LoraModule
+from auditkit.models import architectures
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return architectures.get("lab")
+
+
+def negated(mods, factor=1.0):
+    return {n: LoraModule(n, m.down, -factor * m.up, m.scale) for n, m in mods.items()}
+
+
+def test_matches_a_dense_reference(lab):
+    rng = np.random.default_rng(0)
+    kv = select(lab, ".attn2.to_k", ".attn2.to_v")
+    safety = random_modules(lab, kv, rank=3, seed=1)
+    cand = random_modules(lab, kv[:3], rank=5, seed=2)
+    e = rng.normal(size=(20, 64))
+    mask = np.zeros(20, bool)
+    mask[[3, 9]] = True
+    res = kv_reversion(e, mask, cand, safety)
+    inner = sum(np.sum((e @ cand[n].delta().T) * (e @ safety[n].delta().T)) for n in cand)
+    energy = sum(np.sum((e @ safety[n].delta().T) ** 2) for n in safety)
+    assert res.applicable and res.reverted == pytest.approx(-inner / energy, rel=1e-9)
+    inner_c = sum(np.sum((e[mask] @ cand[n].delta().T) * (e[mask] @ safety[n].delta().T)) for n in cand)
+    energy_c = sum(np.sum((e[mask] @ safety[n].delta().T) ** 2) for n in safety)
+    assert res.reverted_concept_tokens == pytest.approx(-inner_c / energy_c, rel=1e-9)
+
+
+def test_exact_inverse_reverts_fully_and_unrelated_modules_not_at_all(lab):
+    kv = select(lab, ".attn2.to_k", ".attn2.to_v")
+    safety = random_modules(lab, kv, rank=2, seed=3)
+    e = np.random.default_rng(1).normal(size=(10, 64))
+    mask = np.ones(10, bool)
+    assert kv_reversion(e, mask, negated(safety), safety).reverted == pytest.approx(1.0)
+    assert kv_reversion(e, mask, negated(safety, 0.5), safety).reverted == pytest.approx(0.5)
+    elsewhere = random_modules(lab, select(lab, ".attn1.to_q"), seed=4)
+    assert kv_reversion(e, mask, elsewhere, safety).reverted == 0.0
+
+
+def test_not_applicable_without_cross_attention_kv(lab):
+    safety = random_modules(lab, select(lab, ".ff.net.2"), seed=5)
+    res = kv_reversion(np.ones((4, 64)), np.ones(4, bool), safety, safety)
+    assert not res.applicable and res.reverted is None and "no cross-attention" in res.note
+
+
+def test_on_the_lab_text_encoder():
+    from importlib import resources
+
+    from auditkit.analysis.concept import prompt_embeddings
+    from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
+    from auditkit.lora.adapter import read_adapter
+
+    if not lab_pipeline_available():
+        pytest.skip("lab model not installed")
+    pipe = load_lab_pipeline()
+    e, mask = prompt_embeddings(pipe, ["a red cross", "a blue cross"], "cross")
+    assert e.shape == (2 * pipe.tokenizer.model_max_length, 64) and mask.sum() == 2
+    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-x.safetensors")
+    safety = read_adapter(str(path)).modules
+    assert kv_reversion(e, mask, negated(safety), safety).reverted_concept_tokens == pytest.approx(1.0)
+
+
+def test_scan_reports_the_concept_check(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from importlib import resources
+
+    from auditkit.lab.model import lab_pipeline_available
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.write import save_adapter
+
+    if not lab_pipeline_available():
+        pytest.skip("lab model not installed")
+    safety_path = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-x.safetensors"))
+    safety = read_adapter(safety_path)
+    cand = save_adapter(negated(safety.modules, 0.5), tmp_path / "half.safetensors", safety.architecture)
+
+    def scan(*extra):
+        return subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--safety", safety_path,
+                               "--static", "--out", str(tmp_path / "r"), *extra], capture_output=True, text=True,
+                              timeout=120)
+
+    from auditkit.suites import builtin_dir
+
+    res = scan("--base", "lab", "--suite", str(builtin_dir() / "lab-cross.yaml"))
+    assert res.returncode == 1, res.stderr  # cancels half: risk
+    cc = json.loads((tmp_path / "r" / "report.json").read_text())["concept_check"]
+    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.5, abs=1e-4) and cc["suite"] == "lab-cross"
+    assert "Data-free concept check" in (tmp_path / "r" / "report.html").read_text()
+    assert scan("--base", "lab").returncode == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema: nope\n")
+    res = scan("--base", "lab", "--suite", str(bad))
+    assert res.returncode == 2 and "bad.yaml" in res.stderr
