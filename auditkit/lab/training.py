@@ -42,7 +42,8 @@ def _save_atomic(obj: Any, path: Path) -> None:
 def _load(path: Path) -> Any:
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own work files only
+    # weights_only: tensors, numbers and dicts are read; nothing in the file can execute
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 200, floor: float = 0.1) -> float:
