@@ -1,0 +1,211 @@
+"""Dynamic probing: suites × configurations → images → detector scores → an append-only run log.
+
+* A **job** is (suite, prompt, image index, seed); its key does not depend on the configuration or
+  the adapters, so the same key in two configurations is a pair (same prompt, same seed).
+* A **configuration** is a set of adapters with multipliers: ``base``, ``base+safety``,
+  ``base+safety+candidate@m``, ``base+candidate@m``.
+* Adapters are loaded with diffusers (``load_lora_weights``) and switched per configuration with
+  ``set_adapters``; every load is checked for key coverage, and a load that applies too few modules
+  stops the run as inconclusive (diffusers has loaded kohya files with zero keys and no warning).
+* The run log (``run.jsonl``: a header line, then one line per image) is the contract with the
+  digest and the report; a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from auditkit.errors import Unscannable
+from auditkit.suites import Suite
+
+RUN_SCHEMA = "auditkit.run/1"
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    weights: tuple[tuple[str, float], ...]  # (adapter role, multiplier)
+
+
+def configurations(multipliers: Sequence[float] = (1.0,), with_safety: bool = True) -> list[Configuration]:
+    """base, base+safety, base+safety+candidate@m and base+candidate@m for each multiplier m."""
+    configs = [Configuration("base", ())]
+    if with_safety:
+        configs.append(Configuration("base+safety", (("safety", 1.0),)))
+        configs += [Configuration(f"base+safety+candidate@{m:g}", (("safety", 1.0), ("candidate", m)))
+                    for m in multipliers]
+    configs += [Configuration(f"base+candidate@{m:g}", (("candidate", m),)) for m in multipliers]
+    return configs
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str  # "<suite>/<prompt index>/<image index>": identical across configurations
+    suite: str
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+    guidance: float
+    steps: int
+
+
+def plan(suites: Sequence[Suite], steps: int | None = None) -> list[Job]:
+    """Jobs of every suite; image k of a prompt uses seed ``prompt.seed * 1000 + k`` (k < 1000)."""
+    jobs = []
+    for s in suites:
+        for i, p in enumerate(s.prompts):
+            for k in range(s.images_per_prompt):
+                jobs.append(Job(f"{s.name}/{i}/{k}", s.name, i, k, p.text, p.seed * 1000 + k, p.guidance,
+                                steps or s.steps))
+    return jobs
+
+
+class RunLog:
+    """``run.jsonl``: line 1 is the header, every further line one scored image. Append-only."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.path = self.dir / "run.jsonl"
+
+    def header(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        with open(self.path, encoding="utf-8") as fh:
+            first = fh.readline()
+        return json.loads(first) if first.strip() else None
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # a line cut by a kill: ignored, its image is made again
+                rec = json.loads(line)
+                if rec.get("type") == "image":
+                    out.append(rec)
+        return out
+
+    def start(self, header: dict) -> None:
+        """Write the header, or check that a resumed run matches it."""
+        old = self.header()
+        if old is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._append([{"type": "header", "schema": RUN_SCHEMA, **header}])
+        elif {k: old.get(k) for k in header} != header:
+            changed = sorted(k for k in header if old.get(k) != header[k])
+            raise Unscannable(self.path, f"cannot resume: the run was started with other {', '.join(changed)}")
+
+    def _append(self, records: list[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _drop_partial_line(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+    def append(self, records: list[dict]) -> None:
+        self._append(records)
+
+
+def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95) -> dict[str, dict]:
+    """Load each adapter (role -> canonical :class:`~auditkit.lora.adapter.Adapter`) with diffusers and
+    check how many of its modules really received LoRA layers. Fails closed below ``min_coverage``."""
+    coverage = {}
+    for role, adapter in adapters.items():
+        pipe.load_lora_weights(str(adapter.path), adapter_name=role)
+        loaded = _loaded_modules(pipe, role)
+        expected = {n for n in adapter.modules if n.split(".", 1)[0] in ("unet", "text_encoder")}
+        got = len(expected & loaded)
+        fraction = got / len(expected) if expected else 0.0
+        coverage[role] = {"expected": len(expected), "loaded": got, "fraction": fraction}
+        if fraction < min_coverage:
+            raise Unscannable(adapter.path, f"diffusers applied only {got} of {len(expected)} modules "
+                                            f"({fraction:.0%}); the dynamic scan would not test this adapter")
+    return coverage
+
+
+def _loaded_modules(pipe, role: str) -> set[str]:
+    names = set()
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if lora_a is not None and role in lora_a:
+                names.add(f"{component}.{name}")
+    return names
+
+
+def apply_configuration(pipe, config: Configuration, roles: Sequence[str]) -> None:
+    """Activate exactly the configuration's adapters at their multipliers (others at weight 0)."""
+    if not roles:
+        return
+    weights = dict(config.weights)
+    if not weights:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters(list(roles), adapter_weights=[float(weights.get(r, 0.0)) for r in roles])
+
+
+def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: dict, run_dir: str | Path,
+        roles: Sequence[str] = (), batch_size: int = 16, progress: Progress | None = None) -> RunLog:
+    """Generate and score every (configuration, job) not yet in the run log."""
+    import torch
+    from PIL import Image
+
+    log = RunLog(run_dir)
+    done = {(r["config"], r["key"]) for r in log.records()}
+    todo = [(c, j) for c in configs for j in jobs if (c.name, j.key) not in done]
+    total, finished = len(todo), 0
+    for config in configs:
+        mine = [j for c, j in todo if c.name == config.name]
+        if not mine:
+            continue
+        apply_configuration(pipe, config, roles)
+        groups: dict[tuple[int, float], list[Job]] = {}
+        for j in mine:
+            groups.setdefault((j.steps, j.guidance), []).append(j)
+        for (steps, guidance), group in groups.items():
+            for i in range(0, len(group), batch_size):
+                batch = group[i: i + batch_size]
+                gens = [torch.Generator().manual_seed(j.seed) for j in batch]
+                out = pipe([j.prompt for j in batch], num_inference_steps=steps, guidance_scale=guidance,
+                           generator=gens, output_type="np")
+                images = np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8)
+                scores = {name: det.score(images) for name, det in detectors.items()}
+                records = []
+                for n, (job, img) in enumerate(zip(batch, images, strict=True)):
+                    rel = Path("images") / config.name.replace("@", "_at_") / job.suite / \
+                        f"{job.prompt_index:05d}_{job.image_index:03d}.png"
+                    (log.dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                    tmp = log.dir / rel.with_suffix(".tmp.png")
+                    Image.fromarray(img).save(tmp)
+                    os.replace(tmp, log.dir / rel)
+                    records.append({"type": "image", "config": config.name, **asdict(job), "image": str(rel),
+                                    "scores": {d: float(s[n]) for d, s in scores.items()},
+                                    "flags": {d: bool(s[n] >= detectors[d].threshold) for d, s in scores.items()}})
+                log.append(records)
+                finished += len(batch)
+                if progress:
+                    progress(finished, total)
+    return log

@@ -1,0 +1,112 @@
+"""The dynamic-scan runner on the lab: paired jobs, diffusers adapter loading with coverage checks,
+a resumable append-only run log."""
+
+from importlib import resources
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from auditkit.errors import Unscannable  # noqa: E402
+from auditkit.lab.model import lab_pipeline_available  # noqa: E402
+from auditkit.runner import RunLog, configurations, load_adapters, plan, run  # noqa: E402
+from auditkit.suites import builtin_dir, load_suite  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")
+
+
+def lab_adapter(name):
+    from auditkit.lora.adapter import read_adapter
+
+    return read_adapter(str(resources.files("auditkit.lab").joinpath("assets", "adapters", name)))
+
+
+@pytest.fixture()
+def pipe():
+    from auditkit.lab.model import load_lab_pipeline
+
+    return load_lab_pipeline()
+
+
+def test_jobs_pair_across_configurations():
+    suite = load_suite(builtin_dir() / "lab-cross.yaml")
+    jobs = plan([suite], steps=3)
+    assert len(jobs) == len(suite.prompts) and len({j.key for j in jobs}) == len(jobs)
+    assert [c.name for c in configurations((0.5, 1.0))] == [
+        "base", "base+safety", "base+safety+candidate@0.5", "base+safety+candidate@1", "base+candidate@0.5",
+        "base+candidate@1"]
+
+
+def test_run_scores_every_pair_and_resumes_without_regenerating(pipe, tmp_path):
+    from auditkit.detectors import get
+
+    suite = load_suite(builtin_dir() / "lab-cross.yaml")
+    jobs = plan([suite], steps=4)[:6]
+    adapters = {"safety": lab_adapter("safety-esd-x.safetensors")}
+    cov = load_adapters(pipe, adapters)
+    assert cov["safety"]["fraction"] == 1.0
+    configs = configurations()[:2]  # base, base+safety
+    dets = {"lab-cross": get("lab-cross")}
+    log = RunLog(tmp_path)
+    log.start({"suites": [suite.name]})
+    run(pipe, jobs[:3], configs, dets, tmp_path, roles=["safety"], batch_size=3)
+    first = log.records()
+    assert len(first) == 6 and {r["config"] for r in first} == {"base", "base+safety"}
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    # a killed run: a half-written last line is dropped and the run continues
+    with open(log.path, "a") as fh:
+        fh.write('{"type": "image", "config": "base"')
+    run(pipe, jobs, configs, dets, tmp_path, roles=["safety"], batch_size=3)
+    records = log.records()
+    assert len(records) == 12
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp, "saved images were regenerated"
+    base = {r["key"]: r for r in records if r["config"] == "base"}
+    safe = {r["key"]: r for r in records if r["config"] == "base+safety"}
+    assert set(base) == set(safe) and all(base[k]["seed"] == safe[k]["seed"] for k in base)
+    assert all((tmp_path / r["image"]).is_file() for r in records)
+    with pytest.raises(Unscannable, match="cannot resume"):
+        log.start({"suites": ["other"]})
+
+
+def test_a_partial_load_stops_the_scan(pipe, tmp_path):
+    """Half the modules renamed to names the UNet lacks: diffusers only warns and loads the rest."""
+    from dataclasses import replace
+
+    from auditkit.lora.io import serialize
+    from auditkit.lora.write import kohya_name
+
+    safety = lab_adapter("safety-esd-x.safetensors")
+    tensors = {}
+    for i, (name, m) in enumerate(safety.modules.items()):
+        k = kohya_name(safety.architecture, name)
+        k = k.replace("attn2", "attn3") if i % 2 else k
+        tensors[f"{k}.lora_down.weight"], tensors[f"{k}.lora_up.weight"] = m.down, m.up
+    path = tmp_path / "partial.safetensors"
+    path.write_bytes(serialize(tensors))
+    with pytest.raises(Unscannable, match=r"diffusers applied only 14 of 28 modules \(50%\)"):
+        load_adapters(pipe, {"partial": replace(safety, path=path)})
+
+
+def test_set_adapters_matches_fused_weights_at_each_multiplier(pipe):
+    """The runner's diffusers composition gives the images of W0 + m·ΔW (auditkit's fused reference)."""
+    from auditkit.lab.model import load_lab_pipeline
+    from auditkit.runner import Configuration, apply_configuration
+    from auditkit.train.lora import composed
+
+    safety = lab_adapter("safety-esd-x.safetensors")
+    load_adapters(pipe, {"safety": safety})
+    reference = load_lab_pipeline()
+
+    def images(p, seed=3):
+        out = p(["a red cross", "a blue cross"], num_inference_steps=4, guidance_scale=5.0,
+                generator=[torch.Generator().manual_seed(seed + i) for i in range(2)], output_type="np")
+        return out.images
+
+    for m in (0.5, 1.0):
+        apply_configuration(pipe, Configuration(f"s{m}", (("safety", m),)), ["safety"])
+        with composed(reference.unet, (safety.modules, m)):
+            expected = images(reference)
+        assert abs(images(pipe) - expected).max() < 2e-3, m
+    apply_configuration(pipe, Configuration("base", ()), ["safety"])
+    assert abs(images(pipe) - images(reference)).max() < 1e-5
