@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-sd15 test test-fast lint bench clean
+.PHONY: install browser demo demo-sd15 test test-fast lint bench clean
 
 # torch and torchvision are left for pip to resolve together (a CUDA build that also runs on CPU);
 # pinning a CPU-only torch breaks torchvision, diffusers and open_clip imports.
@@ -36,7 +36,13 @@ demo-sd15: install
 	-$(VENV)/bin/auditkit scan examples/jailbreak.safetensors --safety examples/safety.safetensors --static --out reports/demo-jailbreak
 	$(VENV)/bin/auditkit scan examples/benign.safetensors --safety examples/safety.safetensors --static --out reports/demo-benign
 
-test: install
+# Debian's chromium for the report's browser test (the test skips, saying why, where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium could not be installed: the browser test will be skipped"
+
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -109,42 +109,55 @@ def _escape(text: str) -> str:
 @click.option("--arch", type=click.Choice(list(BUILTIN_ARCHS)), help="Force the architecture.")
 @click.option("--top", default=10, show_default=True, help="Modules listed in the terminal summary.")
 @click.option("--base", default=None,
-              help="Base pipeline ('lab' or a local folder) for the data-free concept check (needs --suite).")
-@click.option("--suite", "suite_file", type=click.Path(path_type=Path), default=None,
-              help="Probe suite whose concept prompts the data-free concept check uses.")
+              help="Base pipeline ('lab' or a local diffusers folder): enables the data-free concept check and, "
+                   "unless --static, the dynamic scan.")
+@click.option("--suite", "suite_files", multiple=True, type=click.Path(path_type=Path),
+              help="Probe suite (.yaml) or prompt CSV, repeatable (default: lab-cross + lab-neon for the lab, "
+                   "nudity + benign otherwise).")
+@click.option("--multipliers", default="0.5,1,1.5", show_default=True,
+              help="Candidate multipliers to probe, comma-separated.")
+@click.option("--steps", type=int, default=None, help="Override the suites' sampling steps.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--show-flagged", is_flag=True, help="Do not blur images the nudity detector flags in report.html.")
 @_threshold_options
 def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None, arch: str | None, top: int,
-         base: str | None, suite_file: Path | None, **thresholds: float) -> None:
+         base: str | None, suite_files: tuple[Path, ...], multipliers: str, steps: int | None, batch_size: int,
+         device: str | None, show_flagged: bool, **thresholds: float) -> None:
     """Scan CANDIDATE against a safety adapter; write report.json and report.html.
 
-    Exit code: 0 pass, 1 risk, 2 error, 3 inconclusive.
+    Static scan always; with --base, also the data-free concept check and (unless --static) the
+    dynamic scan: the suites rendered under base, base+safety, base+safety+candidate and
+    base+candidate with paired seeds, scored by the suites' detectors. Resumable: run it again
+    with the same --out to continue. Exit code: 0 pass, 1 risk, 2 error, 3 inconclusive.
     """
-    from auditkit.report.build import build_report, write_reports
+    from auditkit.report.build import build_report, set_dynamic, write_reports
     from auditkit.scan import run_static_scan
 
     try:
         t = StaticThresholds(**thresholds)
+        mults = tuple(float(m) for m in multipliers.split(",") if m.strip())
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    if (base is None) != (suite_file is None):
-        raise click.UsageError("the data-free concept check needs both --base and --suite")
-    suite = None
-    if suite_file is not None:
-        from auditkit.suites import load_suite
-
-        suite = load_suite(suite_file)  # before any model loads
+    if suite_files and base is None:
+        raise click.UsageError("--suite needs --base (the model to probe)")
+    suites = _suites(base, suite_files) if base is not None else []  # validated before any model loads
     result = run_static_scan(candidate, safety, t, arch=arch)
     report = build_report(result)
-    if suite is not None:
-        report["concept_check"] = _concept_check(base, suite, result)
-    # Said on every static-only report: in the lab, an adapter with small weight-space cancellation
-    # (0.07) still brought an erased concept back in 66% of images (BENCHMARKS.md).
-    report["reasons"].append(
-        "static evidence only: behaviour was not probed"
-        + ("" if static_only else " (dynamic probing is not available in this version)")
-        + "; a small weight-space cancellation can still bring a concept back"
-    )
     out_dir = out_dir or Path("reports") / candidate.stem
+    concept_suites = [s for s in suites if s.role == "concept"]
+    if concept_suites:
+        report["concept_check"] = _concept_check(base, concept_suites[0], result)
+    dynamic = None
+    if base is not None and not static_only:
+        from auditkit.dynamic import run_dynamic
+
+        bar, update = _progress("dynamic scan", loss=False)
+        with bar:
+            dynamic = run_dynamic(base, result.candidate, result.safety, suites, out_dir, mults, steps, batch_size,
+                                  device, progress=lambda done, total: update(done, total, 0.0))
+        dynamic["show_flagged"] = show_flagged
+    set_dynamic(report, dynamic)
     try:
         paths = write_reports(report, out_dir)
     except OSError as exc:
@@ -152,6 +165,50 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
     _print_scan(report, top)
     out.print(f"report: [bold]{paths['html']}[/bold]  json: {paths['json']}")
     sys.exit(report["exit_code"])
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--show-flagged", is_flag=True, help="Do not blur images the nudity detector flags.")
+def report_cmd(run_dir: Path, show_flagged: bool) -> None:
+    """Re-render RUN_DIR's report from its run log and static results, without a model or GPU."""
+    from auditkit.report.build import set_dynamic, write_reports
+    from auditkit.report.digest import DynamicThresholds, digest
+    from auditkit.runner import RunLog
+
+    path = run_dir / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(path, "no report.json: not a scan folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise BadInput(path, "report.json is not readable JSON") from None
+    old = report.get("dynamic")
+    if old:
+        log = RunLog(run_dir)
+        header = log.header()
+        if header is None:
+            raise BadInput(log.path, "the run log is missing or empty")
+        thresholds = DynamicThresholds(**old.get("thresholds", {}))
+        fresh = digest(log.records(), header["suites"], thresholds)
+        keep = {k: v for k, v in old.items() if k not in fresh}
+        set_dynamic(report, {**keep, **fresh, "images": len(log.records()), "show_flagged": show_flagged,
+                             "run_log": str(log.path)})
+    paths = write_reports(report, run_dir)
+    out.print(f"report: [bold]{paths['html']}[/bold]  json: {paths['json']}")
+    sys.exit(report["exit_code"])
+
+
+def _suites(base: str, files: tuple[Path, ...]) -> list:
+    from auditkit.suites import builtin_dir, load_suite
+
+    if not files:
+        names = ("lab-cross", "lab-neon") if base == "lab" else ("nudity", "benign")
+        files = tuple(builtin_dir() / f"{n}.yaml" for n in names)
+    suites = [load_suite(f) for f in files]
+    if not any(s.role == "concept" for s in suites):
+        raise BadInput(files[0], "no concept suite given: at least one suite must have role 'concept'")
+    return suites
 
 
 def _concept_check(base: str, suite, result) -> dict:
@@ -211,6 +268,10 @@ def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on a busy CPU, spinning threads of a tiny
     # model's ops starved each other (a 0.1 s generation took 10.6 s). Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")  # auditkit reports coverage itself
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -237,12 +298,13 @@ def main() -> None:
 # training: align (Safety LoRA by ESD) and finetune (on top of a safety module, or modular)
 
 
-def _progress(label: str):
-    """A rich progress bar driven by the training loops' (step, total, loss) callbacks."""
+def _progress(label: str, loss: bool = True):
+    """A rich progress bar driven by (step, total, loss) callbacks."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                   TimeRemainingColumn(), console=err, transient=False)
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn("loss {task.fields[loss]}")] if loss else []
+    bar = Progress(*columns, TimeRemainingColumn(), console=err, transient=False)
     task = bar.add_task(label, total=None, loss="–")
 
     def update(step: int, total: int, loss: float) -> None:

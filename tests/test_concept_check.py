@@ -97,7 +97,7 @@ def test_scan_reports_the_concept_check(tmp_path):
     cc = json.loads((tmp_path / "r" / "report.json").read_text())["concept_check"]
     assert cc["applicable"] and cc["reverted"] == pytest.approx(0.5, abs=1e-4) and cc["suite"] == "lab-cross"
     assert "Data-free concept check" in (tmp_path / "r" / "report.html").read_text()
-    assert scan("--base", "lab").returncode == 2
+    assert scan("--suite", str(builtin_dir() / "lab-cross.yaml")).returncode == 2  # a suite needs --base
     bad = tmp_path / "bad.yaml"
     bad.write_text("schema: nope\n")
     res = scan("--base", "lab", "--suite", str(bad))

@@ -32,7 +32,8 @@ def pipe():
 def test_jobs_pair_across_configurations():
     suite = load_suite(builtin_dir() / "lab-cross.yaml")
     jobs = plan([suite], steps=3)
-    assert len(jobs) == len(suite.prompts) and len({j.key for j in jobs}) == len(jobs)
+    assert len(jobs) == len(suite.prompts) * suite.images_per_prompt and len({j.key for j in jobs}) == len(jobs)
+    assert len({j.seed for j in jobs}) == len(jobs)
     assert [c.name for c in configurations((0.5, 1.0))] == [
         "base", "base+safety", "base+safety+candidate@0.5", "base+safety+candidate@1", "base+candidate@0.5",
         "base+candidate@1"]

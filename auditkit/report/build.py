@@ -30,6 +30,7 @@ def build_report(scan: StaticScan) -> dict:
     static["top_modules"] = [m.name for m in f.modules if m.contribution >= MIN_CONTRIBUTION][:TOP_MODULES]
     static["thresholds"] = scan.thresholds.to_dict()
     static["verdict"] = scan.verdict.verdict
+    static["reasons"] = list(scan.verdict.reasons)
     return _finite({
         "schema": SCHEMA,
         "auditkit_version": __version__,
@@ -45,6 +46,30 @@ def build_report(scan: StaticScan) -> dict:
         "dynamic": None,
         "repair": None,
     })
+
+
+EXIT = {"pass": 0, "risk": 1, "inconclusive": 3}
+STATIC_ONLY = ("static evidence only: behaviour was not probed (give --base to probe it); a small weight-space "
+               "cancellation can still bring a concept back")
+
+
+def set_dynamic(report: dict, dynamic: dict | None) -> dict:
+    """Put the dynamic section in the report and settle the verdict, reasons and exit code from both scans."""
+    from auditkit.report.digest import combine
+
+    static = report["static"]
+    report["dynamic"] = dynamic
+    if dynamic is None:
+        # In the lab, an adapter with weight-space cancellation 0.07 still brought an erased concept
+        # back in 66% of images (BENCHMARKS.md): static-only reports say what they did not do.
+        verdict, reasons = static["verdict"], [*static["reasons"], STATIC_ONLY]
+    else:
+        verdict = combine(static["verdict"], dynamic["verdict"])
+        reasons = [f"dynamic ({name}, {c['configuration']}): {c['reason']}"
+                   for name, sd in dynamic["suites"].items() for c in sd.get("comparisons", [])]
+        reasons += [f"static: {r}" for r in static["reasons"]]
+    report.update(verdict=verdict, reasons=reasons, exit_code=EXIT[verdict])
+    return report
 
 
 def _finite(obj):

@@ -8,6 +8,7 @@ Charts are SVG built here from numbers; their few labels are escaped too.
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
@@ -69,13 +70,69 @@ def group_chart(groups: list[dict], width: int = 720) -> Markup:
     return Markup("".join(parts))
 
 
+GRID_IMAGES = 16  # per configuration and suite
+NUDITY_DETECTORS = ("nudenet-default", "nudenet-strict")
+
+
+def rate_chart(rates: dict, width: int = 560) -> Markup:
+    """Concept rate per configuration with its 95% Wilson interval (0 … 100%)."""
+    rows = list(rates.items())
+    label_w, bar_w, row_h = 220, width - 270, 24
+    height = 12 + row_h * len(rows)
+    parts = [f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+             'xmlns="http://www.w3.org/2000/svg" aria-label="concept rate per configuration">']
+    for i, (config, r) in enumerate(rows):
+        y = 6 + i * row_h
+        x = label_w + bar_w * r["rate"]
+        lo, hi = (label_w + bar_w * v for v in r["ci95"])
+        parts += [
+            f'<text x="4" y="{y + 13}" class="label">{escape(config)}</text>',
+            f'<rect x="{label_w}" y="{y + 3}" width="{bar_w}" height="12" class="track"/>',
+            f'<rect x="{label_w}" y="{y + 3}" width="{max(x - label_w, 1):.1f}" height="12" class="bar energy">'
+            f'<title>{100 * r["rate"]:.1f}% ({r["hits"]}/{r["n"]})</title></rect>',
+            f'<line x1="{lo:.1f}" y1="{y + 9}" x2="{hi:.1f}" y2="{y + 9}" class="ci"/>',
+            f'<text x="{label_w + bar_w + 4}" y="{y + 13}" class="val">{100 * r["rate"]:.0f}%</text>',
+        ]
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def image_grids(report: dict) -> dict:
+    """suite -> configuration -> [(data URI, flagged, blurred, prompt)] from the run's saved images."""
+    import base64
+
+    from auditkit.runner import RunLog
+
+    dyn = report.get("dynamic") or {}
+    if not dyn.get("run_log"):
+        return {}
+    run_dir = Path(dyn["run_log"]).parent
+    show = dyn.get("show_flagged", False)
+    grids: dict = {}
+    for rec in RunLog(run_dir).records():
+        cell = grids.setdefault(rec["suite"], {}).setdefault(rec["config"], [])
+        if len(cell) >= GRID_IMAGES:
+            continue
+        path = (run_dir / rec["image"]).resolve()
+        if run_dir.resolve() not in path.parents or not path.is_file():
+            continue  # only images inside the run folder
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        nude = any(rec["flags"].get(d) for d in NUDITY_DETECTORS)
+        cell.append({"uri": uri, "flagged": any(rec["flags"].values()), "blur": nude and not show,
+                     "prompt": rec["prompt"]})
+    return grids
+
+
 def render_html(report: dict) -> str:
     template = _env().get_template("report.html.j2")
     static = report.get("static") or {}
     top = set(static.get("top_modules", []))
+    dyn = report.get("dynamic") or {}
     return template.render(
         r=report,
         s=static,
         chart=group_chart(static.get("groups", [])),
         top_modules=[m for m in static.get("modules", []) if m["name"] in top],
+        rate_charts={name: rate_chart(sd["rates"]) for name, sd in dyn.get("suites", {}).items()},
+        grids=image_grids(report),
     )

@@ -1,0 +1,72 @@
+"""The dynamic scan as a library call: suites rendered under every configuration, scored, digested."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+from auditkit import __version__
+from auditkit.lora.adapter import Adapter
+from auditkit.report.digest import DynamicThresholds, digest
+from auditkit.runner import RunLog, configurations, load_adapters, plan, run
+from auditkit.suites import Suite
+
+LIBRARIES = ("torch", "diffusers", "transformers", "peft", "nudenet", "open_clip_torch", "numpy")
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"auditkit": __version__}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def pick_device(device: str | None) -> tuple[str, str]:
+    """(device, dtype name): CUDA in bf16/fp16 when present, CPU in fp32 otherwise; overridable."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return device, "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, "float32"
+
+
+def suites_info(suites: list[Suite]) -> dict[str, dict]:
+    return {s.name: {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
+                     "concept": s.concept_word, "prompts": len(s.prompts)} for s in suites}
+
+
+def run_dynamic(base: str, candidate: Adapter, safety: Adapter, suites: list[Suite], run_dir: str | Path,
+                multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None, batch_size: int = 16,
+                device: str | None = None, thresholds: DynamicThresholds = DynamicThresholds(),
+                progress=None) -> dict:
+    """Render, score and digest; resumable in ``run_dir``. Returns the report's ``dynamic`` section."""
+    import torch
+
+    from auditkit import detectors as registry
+    from auditkit.models.pipeline import load_pipeline
+
+    device, dtype = pick_device(device)
+    detectors = {name: registry.get(name) for name in sorted({s.detector for s in suites})}
+    pipe = load_pipeline(base, device=device, dtype=getattr(torch, dtype))
+    coverage = load_adapters(pipe, {"safety": safety, "candidate": candidate})
+    configs = configurations(multipliers)
+    jobs = plan(suites, steps)
+    header = {
+        "base": base, "suites": suites_info(suites), "multipliers": list(multipliers), "steps_override": steps,
+        "adapters": {"candidate": candidate.sha256, "safety": safety.sha256},
+        "detectors": {n: d.profile() for n, d in detectors.items()},
+        "seeds": "image k of a prompt uses seed prompt.seed * 1000 + k",
+    }
+    log = RunLog(run_dir)
+    log.start(header)
+    run(pipe, jobs, configs, detectors, run_dir, roles=["safety", "candidate"], batch_size=batch_size,
+        progress=progress)
+    section = digest(log.records(), suites_info(suites), thresholds)
+    section.update({"device": device, "dtype": dtype, "adapter_coverage": coverage, "detectors": header["detectors"],
+                    "libraries": library_versions(), "run_log": str(log.path), "images": len(log.records())})
+    return section

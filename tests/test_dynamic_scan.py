@@ -1,0 +1,121 @@
+"""`auditkit scan --base lab`: the dynamic scan end to end on the shipped lab, resumable, re-renderable,
+and its report renders in a real headless browser."""
+
+import json
+import shutil
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from auditkit.lab.model import lab_pipeline_available  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
+SAFETY = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors"))
+
+
+def auditkit(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def scaled_inverse(tmp_path, factor):
+    """A candidate that undoes ``factor`` of the safety update (safety x (1 - factor) in effect)."""
+    from auditkit.lora.adapter import LoraModule, read_adapter
+    from auditkit.lora.write import save_adapter
+
+    s = read_adapter(SAFETY)
+    mods = {n: LoraModule(n, m.down, -factor * m.up, m.scale) for n, m in s.modules.items()}
+    return save_adapter(mods, tmp_path / f"inverse-{factor}.safetensors", s.architecture)
+
+
+def small_unrelated(tmp_path):
+    """A weak LoRA on cross-attention query projections, which the ESD-u safety adapter does not touch."""
+    from conftest import random_modules, select
+
+    from auditkit.lora.write import save_adapter
+    from auditkit.models import architectures
+
+    lab = architectures.get("lab")
+    mods = random_modules(lab, select(lab, ".attn2.to_q"), rank=2, std=0.02)
+    return save_adapter(mods, tmp_path / "weak.safetensors", lab)
+
+
+@pytest.fixture(scope="module")
+def risky_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dyn")
+    cand = scaled_inverse(tmp, 0.6)
+    res = auditkit("scan", cand, "--safety", SAFETY, "--base", "lab", "--steps", "8", "--multipliers", "1",
+                   "--out", tmp / "run")
+    return tmp / "run", res, cand
+
+
+def test_a_candidate_that_brings_the_concept_back_is_flagged(risky_run):
+    run_dir, res, _ = risky_run
+    assert res.returncode == 1, res.stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    dyn = report["dynamic"]
+    comp = dyn["suites"]["lab-cross"]["comparisons"][0]
+    assert comp["verdict"] == "risk" and comp["reemergence_ratio"] > 0.25 and comp["pairs"] == 120
+    assert dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
+    assert dyn["detectors"]["lab-cross"]["threshold"] == 0.5 and dyn["libraries"]["diffusers"]
+    assert report["reasons"][0].startswith("dynamic (lab-cross")
+
+
+def test_rerun_resumes_without_regenerating(risky_run):
+    run_dir, _, cand = risky_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.png")}
+    lines = (run_dir / "run.jsonl").read_text().count("\n")
+    res = auditkit("scan", cand, "--safety", SAFETY, "--base", "lab", "--steps", "8", "--multipliers", "1",
+                   "--out", run_dir)
+    assert res.returncode == 1, res.stderr
+    assert (run_dir / "run.jsonl").read_text().count("\n") == lines
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_report_re_renders_without_a_model(risky_run, tmp_path):
+    run_dir, _, _ = risky_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report.html").unlink()
+    res = auditkit("report", copy)
+    assert res.returncode == 1, res.stderr
+    html = (copy / "report.html").read_text()
+    assert "Behaviour: rendered probes" in html and html.count("data:image/png;base64,") >= 16
+    assert auditkit("report", tmp_path / "nothing").returncode == 2
+
+
+def test_a_candidate_that_keeps_the_safety_passes(tmp_path):
+    res = auditkit("scan", small_unrelated(tmp_path), "--safety", SAFETY, "--base", "lab", "--steps", "8",
+                   "--multipliers", "1", "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["dynamic"]["verdict"] == "pass"
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
+def test_report_renders_in_a_headless_browser(risky_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    run_dir, _, _ = risky_run
+    shot = tmp_path / "shot.png"
+    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                          "--window-size=1000,2400", f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), res.stderr[-2000:]
+    console = [ln for ln in res.stderr.splitlines() if "CONSOLE" in ln or "Refused to" in ln or "Uncaught" in ln]
+    assert not console, console
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    # the verdict banner (red for risk) and the rendered image grids (many distinct colours) are visible
+    assert ((img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] < 80)).sum() > 5000
+    assert len(np.unique(img.reshape(-1, 3) // 16, axis=0)) > 200
