@@ -19,16 +19,14 @@ install: $(STAMP)
 LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u.safetensors
 
 # The lab demo: benign fine-tuning on top of a shipped Safety LoRA, and the same fine-tuning done
-# modularly, each scanned against the safety adapter (about two minutes on 2 CPU cores).
+# modularly, each scanned (static + dynamic) against the safety adapter (a few minutes on 2 CPU cores).
 demo: install
 	$(VENV)/bin/auditkit lab make-data --domain neon --n 400 --out examples/neon
 	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode on-top --safety $(LAB_SAFETY) --out examples/on-top.safetensors
 	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode modular --out examples/modular.safetensors
-	-$(VENV)/bin/auditkit scan examples/on-top.safetensors --safety $(LAB_SAFETY) --static --out reports/demo-on-top
-	-$(VENV)/bin/auditkit scan examples/modular.safetensors --safety $(LAB_SAFETY) --static --out reports/demo-modular
-	@echo "reports: reports/demo-on-top/report.html reports/demo-modular/report.html"
-	@echo "note: the on-top candidate brings the erased concept back in the lab (BENCHMARKS.md) although its"
-	@echo "      weight-space cancellation is small; the static scan alone does not catch it (dynamic scan: issue 4)."
+	-$(VENV)/bin/auditkit scan examples/on-top.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-on-top
+	-$(VENV)/bin/auditkit scan examples/modular.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-modular
+	@echo "reports: reports/demo-on-top/report.html (expect RISK) reports/demo-modular/report.html (expect PASS)"
 
 # SD1.5-shaped example adapters made by code: a candidate that undoes the safety adapter, one that does not.
 demo-sd15: install
