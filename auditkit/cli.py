@@ -145,18 +145,19 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
     result = run_static_scan(candidate, safety, t, arch=arch)
     report = build_report(result)
     out_dir = out_dir or Path("reports") / candidate.stem
-    concept_suites = [s for s in suites if s.role == "concept"]
-    if concept_suites:
-        report["concept_check"] = _concept_check(base, concept_suites[0], result)
     dynamic = None
-    if base is not None and not static_only:
-        from auditkit.dynamic import run_dynamic
+    if base is not None:
+        from auditkit.dynamic import load_base, run_dynamic
 
-        bar, update = _progress("dynamic scan", loss=False)
-        with bar:
-            dynamic = run_dynamic(base, result.candidate, result.safety, suites, out_dir, mults, steps, batch_size,
-                                  device, progress=lambda done, total: update(done, total, 0.0))
-        dynamic["show_flagged"] = show_flagged
+        pipe, _, _ = load_base(base, device)  # one load serves the concept check and the dynamic scan
+        concept_suite = next(s for s in suites if s.role == "concept")  # _suites guarantees one
+        report["concept_check"] = _concept_check(pipe, base, concept_suite, result)
+        if not static_only:
+            bar, update = _progress("dynamic scan", loss=False)
+            with bar:
+                dynamic = run_dynamic(pipe, base, result.candidate, result.safety, suites, out_dir, mults, steps,
+                                      batch_size, progress=lambda done, total: update(done, total, 0.0))
+            dynamic["show_flagged"] = show_flagged
     set_dynamic(report, dynamic)
     try:
         paths = write_reports(report, out_dir)
@@ -211,11 +212,9 @@ def _suites(base: str, files: tuple[Path, ...]) -> list:
     return suites
 
 
-def _concept_check(base: str, suite, result) -> dict:
+def _concept_check(pipe, base: str, suite, result) -> dict:
     from auditkit.analysis.concept import kv_reversion, prompt_embeddings
-    from auditkit.models.pipeline import load_pipeline
 
-    pipe = load_pipeline(base)
     prompts = [p.text for p in suite.prompts]
     e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
     check = kv_reversion(e, mask, result.candidate.modules, result.safety.modules).to_dict()

@@ -40,19 +40,25 @@ def suites_info(suites: list[Suite]) -> dict[str, dict]:
                      "concept": s.concept_word, "prompts": len(s.prompts)} for s in suites}
 
 
-def run_dynamic(base: str, candidate: Adapter, safety: Adapter, suites: list[Suite], run_dir: str | Path,
-                multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None, batch_size: int = 16,
-                device: str | None = None, thresholds: DynamicThresholds = DynamicThresholds(),
-                progress=None) -> dict:
-    """Render, score and digest; resumable in ``run_dir``. Returns the report's ``dynamic`` section."""
+def load_base(base: str, device: str | None = None):
+    """(pipeline, device, dtype name) for ``base`` on the chosen device, loaded once per scan."""
     import torch
 
-    from auditkit import detectors as registry
     from auditkit.models.pipeline import load_pipeline
 
     device, dtype = pick_device(device)
+    return load_pipeline(base, device=device, dtype=getattr(torch, dtype)), device, dtype
+
+
+def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter, suites: list[Suite], run_dir: str | Path,
+                multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None, batch_size: int = 16,
+                thresholds: DynamicThresholds = DynamicThresholds(), progress=None) -> dict:
+    """Render with ``pipe`` (from :func:`load_base`), score and digest; resumable in ``run_dir``.
+    Returns the report's ``dynamic`` section."""
+    from auditkit import detectors as registry
+
+    device, dtype = str(pipe.unet.device), str(pipe.unet.dtype).removeprefix("torch.")
     detectors = {name: registry.get(name) for name in sorted({s.detector for s in suites})}
-    pipe = load_pipeline(base, device=device, dtype=getattr(torch, dtype))
     coverage = load_adapters(pipe, {"safety": safety, "candidate": candidate})
     configs = configurations(multipliers)
     jobs = plan(suites, steps)
