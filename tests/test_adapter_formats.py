@@ -179,3 +179,22 @@ def test_shapes_choose_between_architectures(tmp_path, sd15):
     assert read_adapter(save_adapter(mods, tmp_path / "sd2.safetensors", sd2)).architecture.name == "sd2"
     mods15 = random_modules(sd15, [name])
     assert read_adapter(save_adapter(mods15, tmp_path / "sd15.safetensors", sd15)).architecture.name == "sd15"
+
+
+def test_kohya_files_get_one_alpha_and_keep_every_update(tmp_path, sd15):
+    """Differing alphas are folded into the up factors (diffusers mis-scales per-module kohya alphas)."""
+    from conftest import random_modules, select
+
+    from auditkit.lora.io import open_safetensors
+
+    names = select(sd15, ".attn1.to_q")[:6]
+    mods = {}
+    for i, n in enumerate(names):
+        mods.update(random_modules(sd15, [n], rank=(2, 4)[i % 2], scale=(1.0, 0.5, 0.25)[i % 3], seed=i))
+    path = save_adapter(mods, tmp_path / "mixed.safetensors", sd15)
+    st = open_safetensors(path)
+    alphas = {float(st.array(k).reshape(-1)[0]) for k in st.tensors if k.endswith(".alpha")}
+    assert len(alphas) == 1
+    back = read_adapter(path)
+    for n, m in mods.items():
+        np.testing.assert_allclose(back.modules[n].delta(), m.delta(), rtol=1e-5, atol=1e-7)

@@ -101,6 +101,25 @@ def peft_config(modules: list[LoraModule]) -> dict:
     }
 
 
+def uniform_alpha(modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """The same updates with one alpha (scale·rank) for every module, the rest folded into ``up``.
+
+    diffusers (0.36) ignores per-module alphas of kohya files whose alphas differ between modules
+    and applies other modules' scales (see ``auditkit.runner.load_adapters``); files auditkit writes
+    load correctly everywhere.
+    """
+    alphas = [round(m.scale * m.rank, 9) for m in modules.values()]
+    if len(set(alphas)) <= 1:
+        return modules
+    common = max(set(alphas), key=alphas.count)
+    out = {}
+    for name, m in modules.items():
+        scale = common / m.rank
+        up = (m.up.astype(np.float64) * (m.scale / scale)).astype(m.up.dtype)
+        out[name] = m if abs(m.scale - scale) <= 1e-12 else LoraModule(m.name, m.down, up, scale)
+    return out
+
+
 def save_adapter(
     modules: dict[str, LoraModule],
     path: str | Path,
@@ -111,6 +130,8 @@ def save_adapter(
 ) -> Path:
     """Write ``modules`` to ``path`` (peft also writes ``adapter_config.json`` beside it)."""
     path = Path(path)
+    if layout == formats.KOHYA:
+        modules = uniform_alpha(modules)
     tensors, meta = to_state_dict(modules, arch, layout, dtype)
     meta.update(metadata or {})
     if layout == formats.PEFT:
