@@ -106,3 +106,37 @@ def test_composition_fuses_exactly_and_restores(pipe):
     apply_updates(pipe.unet, mods, 1.0)
     apply_updates(pipe.unet, mods, -1.0)
     torch.testing.assert_close(pipe.unet.state_dict()[key], before[key], atol=1e-6, rtol=0)
+
+
+def test_interrupted_finetune_resumes_from_its_checkpoint_to_the_same_adapter(pipe, tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    captions = ["a red bar", "a blue tee"] * 3
+    cfg = FinetuneConfig(mode="modular", targets="cross-kv", rank=2, steps=6, batch=2, lr=1e-2)
+    straight = finetune(pipe, images, captions, cfg)
+
+    ckpt = tmp_path / "ft.ckpt.safetensors"
+
+    def stop_at_4(step, total, loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(pipe, images, captions, cfg, progress=stop_at_4, checkpoint=ckpt, checkpoint_every=3)
+    seen = []
+    resumed = finetune(pipe, images, captions, cfg, checkpoint=ckpt, checkpoint_every=3,
+                       progress=lambda s, n, loss: seen.append(s))
+    assert seen == [3, 4, 5, 6]  # continued after the checkpoint at step 3
+    assert resumed.losses[:3] == straight.losses[:3] and len(resumed.losses) == 6
+    for name, m in straight.modules.items():
+        np.testing.assert_allclose(resumed.modules[name].up, m.up, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(resumed.modules[name].down, m.down, rtol=1e-5, atol=1e-7)
+    # finished: a third run trains nothing and returns the same adapter
+    again = finetune(pipe, images, captions, cfg, checkpoint=ckpt, progress=lambda s, n, loss: seen.append(s))
+    assert seen[-1] == 6 and len(seen) == 5
+    np.testing.assert_allclose(again.modules[name].up, m.up, rtol=1e-5, atol=1e-7)
+    # other settings or data: refused, not silently mixed
+    from auditkit.errors import BadInput
+
+    with pytest.raises(BadInput, match="other settings"):
+        finetune(pipe, images, captions, FinetuneConfig(**{**cfg.__dict__, "lr": 1e-3}), checkpoint=ckpt)

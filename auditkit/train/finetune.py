@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -70,15 +71,24 @@ def encode_images(pipe, images_u8: np.ndarray):
 
 
 def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConfig = FinetuneConfig(),
-             safety: dict[str, LoraModule] | None = None, progress: Progress | None = None) -> FinetuneResult:
-    """Fine-tune ``pipe.unet`` on (images, captions); the pipeline is left unchanged afterwards."""
+             safety: dict[str, LoraModule] | None = None, progress: Progress | None = None,
+             checkpoint: str | Path | None = None, checkpoint_every: int = 50) -> FinetuneResult:
+    """Fine-tune ``pipe.unet`` on (images, captions); the pipeline is left unchanged afterwards.
+
+    With ``checkpoint`` (LoRA modes), the state is saved every ``checkpoint_every`` steps and at the end,
+    and a run that finds a checkpoint of the same settings and data continues from it.
+    """
     import torch
     from diffusers import DDPMScheduler
+
+    from auditkit.train import checkpoint as ckpt
 
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
     if cfg.mode in ("on-top", "full") and not safety:
         raise ValueError(f"mode {cfg.mode!r} needs the safety adapter")
+    if checkpoint is not None and cfg.mode == "full":
+        raise ValueError("checkpoints are supported for LoRA modes only")
     unet = pipe.unet
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -98,9 +108,17 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
             add_lora(unet, names, cfg.rank, cfg.alpha, adapter_name="ft", seed=cfg.seed)
             params = lora_parameters(unet, "ft")
         opt = optimizer_for(unet, params, cfg.lr)
+        start = 0
+        if checkpoint is not None:
+            fp = ckpt.fingerprint(cfg, images_u8, captions, safety if cfg.mode == "on-top" else None)
+            resumed = ckpt.restore(checkpoint, fp, params, opt, rng, gen)
+            if resumed is not None:
+                start, losses = resumed.step, resumed.losses
+                if progress:
+                    progress(start, cfg.steps, losses[-1] if losses else float("nan"))
         unet.train()
         try:
-            for step in range(cfg.steps):
+            for step in range(start, cfg.steps):
                 idx = torch.from_numpy(rng.integers(0, len(latents), cfg.batch))
                 x0 = latents[idx]
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -114,6 +132,8 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                 losses.append(float(loss.detach()))
                 if progress:
                     progress(step + 1, cfg.steps, float(loss.detach()))
+                if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+                    ckpt.save(checkpoint, step + 1, params, opt, rng, gen, losses, fp)
             unet.eval()
             if cfg.mode == "full":
                 dense = {f"unet.{n}": (unet.get_submodule(n).weight.detach() - original[n]).double().cpu().numpy()
