@@ -168,6 +168,130 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
     sys.exit(report["exit_code"])
 
 
+@cli.command()
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--safety", required=True, type=click.Path(path_type=Path), help="The safety adapter (Safety LoRA).")
+@click.option("--method", type=click.Choice(["modular", "sign-aware", "safelora"]), default=None,
+              help="modular: retrain on --data separately from the safety module (Modular LoRA); sign-aware: "
+                   "data-free removal of the part that cancels the safety update; safelora: data-free Safe LoRA "
+                   "projection. Default: modular with --data, sign-aware without.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of images with same-named .txt captions (the candidate's training domain).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: repairs/<candidate name>); run again to resume.")
+@click.option("--base", default=None,
+              help="Base pipeline ('lab' or a local diffusers folder): needed to retrain, and to verify behaviour.")
+@click.option("--suite", "suite_files", multiple=True, type=click.Path(path_type=Path),
+              help="Probe suites for the verification scans (default as in scan).")
+@click.option("--from-scan", type=click.Path(path_type=Path), default=None,
+              help="The candidate's earlier scan folder: re-scan with its suites, multipliers and steps, and reuse "
+                   "its images as 'before'.")
+@click.option("--multipliers", default="1", show_default=True, help="Candidate multipliers to probe.")
+@click.option("--steps", type=int, default=None, help="Override the suites' sampling steps.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--rank", type=int, default=None, help="modular: LoRA rank (default: the candidate's).")
+@click.option("--alpha", type=float, default=None, help="modular: LoRA alpha (default: the candidate's).")
+@click.option("--train-steps", type=int, default=None,
+              help="modular: training steps (default: ss_max_train_steps of the candidate, else 400).")
+@click.option("--lr", default=1e-3, show_default=True, help="modular: learning rate.")
+@click.option("--train-batch", default=32, show_default=True, help="modular: batch size.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threshold", default=0.5, show_default=True,
+              help="safelora: project modules whose similarity to the safety subspace is below this.")
+@click.option("--clip-model", default=None, help="Fidelity by CLIP image similarity: open_clip model name.")
+@click.option("--clip-weights", type=click.Path(path_type=Path), default=None,
+              help="Local .safetensors weights for --clip-model.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+def repair(candidate, safety, method, data_dir, out_dir, base, suite_files, from_scan, multipliers, steps, batch_size,
+           device, rank, alpha, train_steps, lr, train_batch, seed, threshold, clip_model, clip_weights, threads):
+    """Repair CANDIDATE so that it no longer undoes SAFETY, then prove it by re-scanning.
+
+    Writes an adapter pack (repaired adapter, safety adapter, combined single file, manifest) and a
+    report comparing candidate and repair: static cancellation, re-emergence ratio and fidelity on
+    the candidate's own domain. Exit code: the repaired adapter's verdict (0 pass, 1 risk, 3 inconclusive).
+    """
+    from auditkit.repair.run import RepairRequest, scan_settings
+    from auditkit.repair.run import repair as run_repair
+    from auditkit.train.data import check_folder
+
+    method = method or ("modular" if data_dir else "sign-aware")
+    if method == "modular" and data_dir is None:
+        raise click.UsageError("--method modular needs --data (use sign-aware or safelora without data)")
+    try:
+        mults = tuple(float(m) for m in multipliers.split(",") if m.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if from_scan is not None:
+        earlier = scan_settings(from_scan)
+        base = base or earlier["base"]
+        suite_files = suite_files or tuple(earlier["suites"])
+        mults, steps = earlier["multipliers"], steps or earlier["steps"]
+    if suite_files and base is None:
+        raise click.UsageError("--suite needs --base (the model to probe)")
+    if method == "modular" and base is None:
+        raise click.UsageError("--method modular needs --base (the model to retrain on)")
+    out_dir = out_dir or Path("repairs") / candidate.stem
+    for inp in (candidate, safety):
+        if out_dir.exists() and inp.exists() and out_dir.resolve() in inp.resolve().parents:
+            raise BadInput(out_dir, "the output folder holds an input adapter; choose another --out")
+    if data_dir is not None:
+        check_folder(data_dir)  # bad data fails before any model loads
+    suites = _suites(base, suite_files) if base is not None else []
+    clip = None
+    if clip_model:
+        from auditkit import detectors as registry
+
+        clip = registry.get("clip", model=clip_model, pretrained=str(clip_weights) if clip_weights else None)
+    _torch_threads(threads)
+    req = RepairRequest(candidate, safety, out_dir, method, data_dir, base, suites, mults, steps, batch_size, device,
+                        from_scan, threshold, {"rank": rank, "alpha": alpha, "steps": train_steps, "lr": lr,
+                                               "batch": train_batch, "seed": seed}, clip)
+    concept = None
+    if base is not None:
+        concept_suite = next(s for s in suites if s.role == "concept")
+
+        def concept(pipe, static):
+            return _concept_check(pipe, base, concept_suite, static)
+
+    report = run_repair(req, bars=lambda label: _progress(label, loss=label.startswith("retrain")),
+                        concept_check=concept)
+    _print_repair(report)
+    out.print(f"pack: [bold]{out_dir / 'pack'}[/bold]  report: [bold]{out_dir / 'report.html'}[/bold]")
+    sys.exit(report["exit_code"])
+
+
+def _print_repair(r: dict) -> None:
+    rp = r["repair"]
+    b, a = rp["before"], rp["after"]
+    t = Table("", "before (candidate)", "after (repaired)", title=f"auditkit repair · {rp['method']}")
+    style = _VERDICT_STYLE
+    t.add_row("verdict", f"[{style[b['verdict']]}]{b['verdict'].upper()}[/]",
+              f"[{style[a['verdict']]}]{a['verdict'].upper()}[/]")
+    t.add_row("static cancellation", f"{b['static_cancellation']:.3f}", f"{a['static_cancellation']:.3f}")
+    if b["concept_check"] is not None:
+        t.add_row("concept check", f"{b['concept_check']:.3f}", f"{a['concept_check']:.3f}")
+    for c in rp["comparisons"]:
+        cb, ca = c["before"], c["after"]
+        t.add_row(f"re-emergence {c['suite']} {c['configuration']}", _ratio(cb), _ratio(ca))
+    f = rp.get("fidelity") or {}
+    if f.get("pairs"):
+        extra = [f"pixel {f['pixel_similarity']:.1%}", f"PSNR {f['psnr_db']:.1f} dB"]
+        if "attributes_agree" in f:
+            extra.append(f"attributes agree {f['attributes_agree']:.0%}")
+        if "clip_cosine" in f:
+            extra.append(f"CLIP cosine {f['clip_cosine']:.3f}")
+        t.add_row(f"fidelity ({f['pairs']} pairs)", "", ", ".join(extra))
+    out.print(t)
+    for note in rp.get("notes", []):
+        out.print(f"[dim]note:[/dim] {_escape(note)}")
+
+
+def _ratio(c: dict) -> str:
+    lo, hi = (("–" if x is None else f"{x:.2f}") for x in c["reemergence_ci95"])
+    return f"{c['reemergence_ratio']:.2f} [{lo}, {hi}]"
+
+
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--show-flagged", is_flag=True, help="Do not blur images the nudity detector flags.")

@@ -64,22 +64,29 @@ class ClipConceptDetector:
                 "neutral_prompts": self.neutral_prompts, "threshold": self.threshold,
                 "score": "softmax mass on concept prompts"}
 
-    def score(self, images) -> np.ndarray:
+    def embed(self, images) -> np.ndarray:
+        """Unit-norm CLIP image embeddings (N × d), e.g. to compare two renderings of one prompt."""
         from PIL import Image
 
         torch = self._torch
-        n_concept = len(self.concept_prompts)
-        scores = []
+        out = []
         with torch.no_grad():
             for i in range(0, len(images), self.batch_size):
                 batch = [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images[i: i + self.batch_size]]
                 x = torch.stack([self._preprocess(im) for im in batch]).to(self.device)
                 feats = self._net.encode_image(x).float()
-                feats = feats / feats.norm(dim=-1, keepdim=True)
-                logits = self._net.logit_scale.exp().float() * feats @ self._text.T
-                probs = torch.softmax(logits, dim=-1)
-                scores.append(probs[:, :n_concept].sum(dim=-1).cpu().numpy())
-        return np.concatenate(scores).astype(float) if scores else np.zeros(0)
+                out.append((feats / feats.norm(dim=-1, keepdim=True)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self._text.shape[1]), np.float32)
+
+    def score(self, images) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros(0)
+        torch = self._torch
+        feats = torch.from_numpy(self.embed(images)).to(self.device)
+        with torch.no_grad():
+            logits = self._net.logit_scale.exp().float() * feats @ self._text.T
+            probs = torch.softmax(logits, dim=-1)
+        return probs[:, :len(self.concept_prompts)].sum(dim=-1).cpu().numpy().astype(float)
 
     def flag(self, images) -> np.ndarray:
         return self.score(images) >= self.threshold

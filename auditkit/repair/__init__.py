@@ -1,0 +1,1 @@
+"""Repairs: Modular-LoRA retraining, data-free projections, adapter packs and verification re-scans."""

@@ -1,0 +1,72 @@
+"""Fidelity of a repair: how close the repaired adapter's images stay to the original candidate's.
+
+Both scans render the same jobs (prompt, seed) under ``base+safety+candidate@m``; the candidate's
+own domain is every suite whose role is not ``concept``. Pairs of images with the same job key are
+compared from the two run folders (no model needed):
+
+* ``pixel``: 1 − mean |a − b| / 255 and PSNR (dB);
+* ``attributes`` (the lab): share of pairs whose detected shape, colour and style all agree;
+* ``clip``: mean cosine of CLIP image embeddings (when a CLIP model with local weights is given).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def pairs(before: list[dict], after: list[dict], config: str, suites: set[str]) -> list[tuple[dict, dict]]:
+    """Records of the same job (key) in ``config`` in both runs, for the given suites, in key order."""
+    a = {r["key"]: r for r in before if r["config"] == config and r["suite"] in suites}
+    b = {r["key"]: r for r in after if r["config"] == config and r["suite"] in suites}
+    return [(a[k], b[k]) for k in sorted(set(a) & set(b))]
+
+
+def load_images(run_dir: str | Path, records: list[dict]) -> np.ndarray:
+    from PIL import Image
+
+    run_dir = Path(run_dir)
+    out = []
+    for r in records:
+        with Image.open(run_dir / r["image"]) as im:
+            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def pixel_metrics(a: np.ndarray, b: np.ndarray) -> dict:
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    mse = np.mean(diff**2, axis=(1, 2, 3))
+    psnr = np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 100.0)
+    return {"pixel_similarity": float(1 - diff.mean() / 255), "psnr_db": float(np.mean(psnr))}
+
+
+def attribute_agreement(detector, a: np.ndarray, b: np.ndarray) -> dict:
+    pa, pb = detector.predict(a), detector.predict(b)
+    same = [x == y for x, y in zip(pa, pb, strict=True)]
+    heads = sorted(pa[0]) if pa else []
+    out = {"attributes_agree": float(np.mean(same)) if same else float("nan")}
+    for h in heads:
+        out[f"{h}_agrees"] = float(np.mean([x[h] == y[h] for x, y in zip(pa, pb, strict=True)]))
+    return out
+
+
+def clip_similarity(clip, a: np.ndarray, b: np.ndarray) -> dict:
+    ea, eb = clip.embed(a), clip.embed(b)
+    return {"clip_cosine": float(np.mean(np.sum(ea * eb, axis=1)))}
+
+
+def fidelity(before_dir: str | Path, before: list[dict], after_dir: str | Path, after: list[dict],
+             suites: set[str], config: str, lab_detector=None, clip=None) -> dict:
+    """Fidelity metrics over the domain suites' image pairs of ``config``."""
+    matched = pairs(before, after, config, suites)
+    if not matched:
+        return {"configuration": config, "pairs": 0, "suites": sorted(suites)}
+    a = load_images(before_dir, [x for x, _ in matched])
+    b = load_images(after_dir, [y for _, y in matched])
+    out = {"configuration": config, "pairs": len(matched), "suites": sorted(suites), **pixel_metrics(a, b)}
+    if lab_detector is not None:
+        out.update(attribute_agreement(lab_detector, a, b))
+    if clip is not None:
+        out.update(clip_similarity(clip, a, b))
+    return out

@@ -1,0 +1,92 @@
+"""Modular-LoRA repair with data: retrain the fine-tuning adapter on the base alone.
+
+Kim et al. ("Safety Alignment Backfires", arXiv 2412.00357): a LoRA trained on top of a safety
+module is free to learn −ΔW_safe; trained separately from it (the safety module frozen and never in
+the trained update or the forward pass) and added only at inference, W* = W0 + ΔW_safe + ΔW_ft,
+it is not. The retrained adapter copies the candidate's shape by default: its UNet modules, rank and
+alpha (read from the file and its kohya ``ss_`` metadata), and its training length when recorded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from auditkit.lora.adapter import Adapter
+
+DEFAULT_STEPS = 400
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    targets: str  # regex over UNet module paths (the candidate's own modules)
+    modules: int
+    rank: int
+    alpha: float
+    steps: int
+    lr: float = 1e-3
+    batch: int = 32
+    seed: int = 0
+    sources: dict = field(default_factory=dict)  # where each value came from
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def _float(meta: dict, key: str) -> float | None:
+    try:
+        return float(meta[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def settings_from(candidate: Adapter, rank: int | None = None, alpha: float | None = None,
+                  steps: int | None = None, lr: float = 1e-3, batch: int = 32, seed: int = 0) -> RetrainSettings:
+    """The candidate's own training shape, overridable value by value."""
+    unet = sorted(n.split(".", 1)[1] for n in candidate.modules if n.startswith("unet."))
+    if not unet:
+        raise ValueError("the candidate has no UNet modules to retrain")
+    notes = []
+    skipped = [n for n in candidate.modules if not n.startswith("unet.")]
+    if skipped:
+        notes.append(f"{len(skipped)} text-encoder modules of the candidate are not retrained and not kept "
+                     "(the repaired adapter changes the UNet only)")
+    meta = candidate.metadata
+    ranks = Counter(m.rank for m in candidate.modules.values() if m.name.startswith("unet."))
+    file_rank = ranks.most_common(1)[0][0]
+    sources = {}
+    if rank is None:
+        rank, sources["rank"] = file_rank, "candidate file (most common rank)"
+    else:
+        sources["rank"] = "option"
+    if alpha is None:
+        meta_alpha, meta_dim = _float(meta, "ss_network_alpha"), _float(meta, "ss_network_dim")
+        if meta_alpha is not None and meta_dim:
+            alpha, sources["alpha"] = meta_alpha * rank / meta_dim, "ss_network_alpha (scaled to the rank)"
+        else:
+            scales = Counter(round(m.scale, 6) for m in candidate.modules.values())
+            alpha, sources["alpha"] = scales.most_common(1)[0][0] * rank, "candidate file (scale × rank)"
+    else:
+        sources["alpha"] = "option"
+    if steps is None:
+        meta_steps = _float(meta, "ss_max_train_steps")
+        if meta_steps:
+            steps, sources["steps"] = int(meta_steps), "ss_max_train_steps"
+        else:
+            steps, sources["steps"] = DEFAULT_STEPS, f"default ({DEFAULT_STEPS}; the file does not record it)"
+    else:
+        sources["steps"] = "option"
+    targets = "(" + "|".join(re.escape(n) for n in unet) + ")"
+    return RetrainSettings(targets, len(unet), int(rank), float(alpha), int(steps), lr, batch, seed, sources,
+                           tuple(notes))
+
+
+def retrain(pipe, images, captions, settings: RetrainSettings, checkpoint=None, progress=None):
+    """Train the modular adapter (on the base alone); returns the finetune result."""
+    from auditkit.train.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(mode="modular", targets=settings.targets, rank=settings.rank, alpha=settings.alpha,
+                         steps=settings.steps, lr=settings.lr, batch=settings.batch, seed=settings.seed)
+    return finetune(pipe, images, captions, cfg, safety=None, progress=progress, checkpoint=checkpoint)

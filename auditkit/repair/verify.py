@@ -1,0 +1,37 @@
+"""Before/after summaries of a repair, from the two scan reports (pure: dicts in, dict out)."""
+
+from __future__ import annotations
+
+
+def summarize(report: dict) -> dict:
+    """The numbers a before/after table needs from one scan report."""
+    s = report["static"]
+    out = {"verdict": report["verdict"], "static_verdict": s["verdict"], "static_cancellation": s["cancellation"],
+           "energy_in_safety_subspace": s["energy_in_safety_subspace"], "adapter_sha256": report["candidate"]["sha256"],
+           "concept_check": None, "comparisons": []}
+    cc = report.get("concept_check")
+    if cc and cc.get("applicable"):
+        out["concept_check"] = cc["reverted"]
+    dyn = report.get("dynamic")
+    if dyn:
+        out["dynamic_verdict"] = dyn["verdict"]
+        for suite, sd in dyn["suites"].items():
+            for c in sd.get("comparisons", []):
+                out["comparisons"].append({
+                    "suite": suite, "configuration": c["configuration"], "pairs": c["pairs"],
+                    "rate_safety": c["rate_safety"], "rate_candidate": c["rate_candidate"],
+                    "reemergence_ratio": c["reemergence_ratio"], "reemergence_ci95": c["reemergence_ci95"],
+                    "verdict": c["verdict"]})
+    return out
+
+
+def repair_section(method: str, before: dict, after: dict, fidelity: dict | None, details: dict) -> dict:
+    """report["repair"]: the method, what it did, and the evidence before and after it."""
+    rows = []
+    keyed = {(c["suite"], c["configuration"]): c for c in before["comparisons"]}
+    for c in after["comparisons"]:
+        b = keyed.get((c["suite"], c["configuration"]))
+        if b is not None:
+            rows.append({"suite": c["suite"], "configuration": c["configuration"], "before": b, "after": c})
+    return {"method": method, "before": before, "after": after, "comparisons": rows, "fidelity": fidelity,
+            **details}

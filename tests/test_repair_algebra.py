@@ -1,0 +1,86 @@
+"""Repair algebra against dense references."""
+
+import numpy as np
+import pytest
+
+from auditkit.lora.adapter import LoraModule
+from auditkit.repair.algebra import concatenate, overall_cancellation, project
+
+
+def _mod(rng, name="m", out=24, inp=20, r=4, scale=0.5):
+    return LoraModule(name, rng.standard_normal((r, inp)).astype(np.float32),
+                      rng.standard_normal((out, r)).astype(np.float32), scale)
+
+
+def test_concatenation_is_the_sum_of_the_updates():
+    rng = np.random.default_rng(0)
+    safe = {"a": _mod(rng, "a", r=4, scale=0.25), "b": _mod(rng, "b", r=2, scale=2.0)}
+    ft = {"a": _mod(rng, "a", r=8, scale=1.0), "c": _mod(rng, "c", r=3, scale=0.125)}
+    both = concatenate((safe, 1.0), (ft, 0.75))
+    assert set(both) == {"a", "b", "c"}
+    assert both["a"].rank == 12 and both["a"].scale == 1.0
+    np.testing.assert_allclose(both["a"].delta(), safe["a"].delta() + 0.75 * ft["a"].delta(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(both["b"].delta(), safe["b"].delta(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(both["c"].delta(), 0.75 * ft["c"].delta(), rtol=1e-5, atol=1e-5)
+
+
+def _dense_sign_aware(dc, ds):
+    u, s, vt = np.linalg.svd(ds, full_matrices=False)
+    k = int(np.sum(s > s[0] * 1e-6))
+    u, vt = u[:, :k], vt[:k]
+    m = u.T @ dc @ vt.T
+    remove = m - np.diag(np.maximum(np.diag(m), 0))
+    return dc - u @ remove @ vt
+
+
+def test_sign_aware_projection_matches_dense_and_leaves_no_cancellation():
+    rng = np.random.default_rng(1)
+    safe = _mod(rng, r=4, scale=0.5)
+    # a candidate that undoes most of the safety update, plus its own work elsewhere
+    own = _mod(rng, r=6, scale=1.0)
+    cand = concatenate(({"m": own}, 1.0), ({"m": safe}, -0.8))["m"]
+    repaired, reports = project({"m": cand}, {"m": safe}, "sign-aware")
+    new = repaired["m"]
+    np.testing.assert_allclose(new.delta(), _dense_sign_aware(cand.delta(), safe.delta()), rtol=1e-4, atol=1e-4)
+    assert reports[0].cancellation_before == pytest.approx(0.8 - np.sum(own.delta() * safe.delta())
+                                                           / np.sum(safe.delta() ** 2), rel=1e-4)
+    assert reports[0].cancellation_after <= 1e-6
+    assert overall_cancellation(repaired, {"m": safe}) <= 1e-6
+    # what lies outside the safety subspace is kept exactly
+    u, s, vt = np.linalg.svd(safe.delta(), full_matrices=False)
+    pu, pv = u[:, :4] @ u[:, :4].T, vt[:4].T @ vt[:4]
+    np.testing.assert_allclose(new.delta() - pu @ new.delta() @ pv, cand.delta() - pu @ cand.delta() @ pv,
+                               atol=1e-4)
+
+
+def test_sign_aware_keeps_a_reinforcing_candidate_and_modules_outside_safety():
+    rng = np.random.default_rng(2)
+    safe = _mod(rng, r=3)
+    cand = LoraModule("m", safe.down.copy(), safe.up.copy(), safe.scale * 0.5)  # half the safety update again
+    other = _mod(rng, "other")
+    repaired, reports = project({"m": cand, "other": other}, {"m": safe}, "sign-aware")
+    np.testing.assert_allclose(repaired["m"].delta(), cand.delta(), atol=1e-4)
+    assert repaired["other"] is other
+    assert len(reports) == 1 and reports[0].cancellation_before == pytest.approx(-0.5, rel=1e-4)
+
+
+def test_safelora_projects_only_modules_below_the_threshold():
+    rng = np.random.default_rng(3)
+    safe = {"x": _mod(rng, "x", r=4), "y": _mod(rng, "y", r=4)}
+    aligned = LoraModule("x", safe["x"].down.copy(), -safe["x"].up.copy(), safe["x"].scale)  # exactly −ΔW_s
+    unrelated = _mod(rng, "y", r=4)
+    repaired, reports = project({"x": aligned, "y": unrelated}, safe, "safelora", threshold=0.5)
+    by = {r.name: r for r in reports}
+    assert by["x"].similarity == pytest.approx(1.0, abs=1e-6) and not by["x"].changed
+    # Safe LoRA keeps a module that lies in the alignment subspace, even one that cancels it exactly
+    assert by["x"].cancellation_after == pytest.approx(1.0, rel=1e-5)
+    assert by["y"].changed and by["y"].similarity < 0.5
+    u = np.linalg.svd(safe["y"].delta(), full_matrices=False)[0][:, :4]
+    dense = u @ u.T @ unrelated.delta()
+    np.testing.assert_allclose(repaired["y"].delta(), dense, atol=1e-4)
+    assert by["y"].similarity == pytest.approx(np.linalg.norm(dense) / np.linalg.norm(unrelated.delta()), rel=1e-5)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        project({}, {}, "magic")
