@@ -271,6 +271,8 @@ def _print_repair(r: dict) -> None:
     t.add_row("static cancellation", f"{b['static_cancellation']:.3f}", f"{a['static_cancellation']:.3f}")
     if b["concept_check"] is not None:
         t.add_row("concept check", f"{b['concept_check']:.3f}", f"{a['concept_check']:.3f}")
+    if b.get("noise_reversion") is not None:
+        t.add_row("noise reversion", f"{b['noise_reversion']:.3f}", f"{a['noise_reversion']:.3f}")
     for c in rp["comparisons"]:
         cb, ca = c["before"], c["after"]
         t.add_row(f"re-emergence {c['suite']} {c['configuration']}", _ratio(cb), _ratio(ca))
@@ -338,11 +340,14 @@ def _suites(base: str, files: tuple[Path, ...]) -> list:
 
 def _concept_check(pipe, base: str, suite, result) -> dict:
     from auditkit.analysis.concept import kv_reversion, prompt_embeddings
+    from auditkit.analysis.reversion import noise_reversion
 
     prompts = [p.text for p in suite.prompts]
     e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
     check = kv_reversion(e, mask, result.candidate.modules, result.safety.modules).to_dict()
     check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
+    check["noise_reversion"] = noise_reversion(pipe, prompts, result.candidate.modules,
+                                               result.safety.modules).to_dict()
     return check
 
 
@@ -362,6 +367,10 @@ def _print_scan(r: dict, top: int) -> None:
         body.add_row("concept check", f"{cc['reverted']:.3f} of the safety change to the concept prompts' keys/values "
                      f"reverted ({cc['reverted_concept_tokens']:.3f} on the concept tokens)" if cc["applicable"]
                      else f"not applicable: {cc['note']}")
+        nr = cc.get("noise_reversion")
+        if nr:
+            body.add_row("noise reversion", f"{nr['reverted']:.3f} of the safety module's change to the concept "
+                         f"prompts' noise predictions reverted ({nr['prompts']} prompts, {nr['steps']} steps)")
     out.print(Panel(body, title=f"auditkit scan · {r['architecture']}", expand=False))
 
     bt = Table("block", "kind", "cancellation", "safety share", "energy in safety subspace", title="block groups")

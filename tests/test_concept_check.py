@@ -102,3 +102,26 @@ def test_scan_reports_the_concept_check(tmp_path):
     bad.write_text("schema: nope\n")
     res = scan("--base", "lab", "--suite", str(bad))
     assert res.returncode == 2 and "bad.yaml" in res.stderr
+
+
+def test_noise_reversion_is_one_for_the_exact_inverse_and_zero_for_nothing():
+    pytest.importorskip("torch")
+    from auditkit.analysis.reversion import noise_reversion
+    from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
+    from auditkit.lora.adapter import read_adapter
+
+    if not lab_pipeline_available():
+        pytest.skip("lab model not installed")
+    pipe = load_lab_pipeline()
+    from importlib import resources
+
+    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")
+    safety = read_adapter(str(path)).modules
+    prompts = ["a red cross", "a blue cross", "a cross"]
+    full = noise_reversion(pipe, prompts, negated(safety), safety, steps=3)
+    assert full.reverted == pytest.approx(1.0, abs=1e-4) and len(full.per_step) == 3
+    assert full.relative_safety_change > 0.01
+    half = noise_reversion(pipe, prompts, negated(safety, 0.5), safety, steps=3)
+    assert 0.2 < half.reverted < 0.8
+    assert noise_reversion(pipe, prompts, {}, safety, steps=3).reverted == 0.0
+    assert noise_reversion(pipe, prompts, safety, safety, steps=3).reverted < 0  # reinforces the safety module

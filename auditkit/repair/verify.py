@@ -8,10 +8,12 @@ def summarize(report: dict) -> dict:
     s = report["static"]
     out = {"verdict": report["verdict"], "static_verdict": s["verdict"], "static_cancellation": s["cancellation"],
            "energy_in_safety_subspace": s["energy_in_safety_subspace"], "adapter_sha256": report["candidate"]["sha256"],
-           "concept_check": None, "comparisons": []}
+           "concept_check": None, "noise_reversion": None, "comparisons": []}
     cc = report.get("concept_check")
     if cc and cc.get("applicable"):
         out["concept_check"] = cc["reverted"]
+    if cc and cc.get("noise_reversion"):
+        out["noise_reversion"] = cc["noise_reversion"]["reverted"]
     dyn = report.get("dynamic")
     if dyn:
         out["dynamic_verdict"] = dyn["verdict"]
