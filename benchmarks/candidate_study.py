@@ -195,6 +195,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     detector = LabConceptDetector()
     names = args.only.split(",") if args.only else list(CANDIDATES)
+    from auditkit.analysis.reversion import noise_reversion
+    from auditkit.suites import builtin_dir, load_suite
+
+    cross_prompts = [p.text for p in load_suite(builtin_dir() / "lab-cross.yaml").prompts]
     (args.work / "candidates").mkdir(parents=True, exist_ok=True)
     prompts, seeds = truth_prompts()
     base_flags = detector.flag(generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120))
@@ -224,6 +228,9 @@ def main() -> None:
                                  safe_flags[spec[0]])
         print(f"[{name}] truth {row['truth']}; scanning", flush=True)
         row["scan"] = scan(cand, safeties[spec[0]][0], args.work / "scans" / name, args.threads)
+        # the scan's noise-prediction reversion, computed here for every candidate alike (same call, same prompts)
+        row["scan"]["noise_reversion"] = noise_reversion(pipe, cross_prompts, read_adapter(cand, arch="lab").modules,
+                                                         safeties[spec[0]][1]).reverted
         print(f"[{name}] scan {row['scan']}", flush=True)
         results["candidates"][name] = row
         atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
@@ -233,7 +240,7 @@ def main() -> None:
         "static_only": confusion(rows, "static_verdict"),
         "spearman_vs_true_ratio": {k: _spearman_where_defined(rows, k)
                                    for k in ("static_cancellation", "energy_in_safety_subspace", "concept_check",
-                                             "dynamic_ratio")},
+                                             "noise_reversion", "dynamic_ratio")},
     }
     atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     print(table(results))
@@ -241,12 +248,13 @@ def main() -> None:
 
 def table(results) -> str:
     lines = ["| candidate | safety | data | mode | targets | rank | steps | true ratio (95% CI) | truth | static c "
-             "| concept check | scan ratio | static-only verdict | scan verdict |", "|" + "---|" * 14]
+             "| concept check | noise reversion | scan ratio | static-only verdict | scan verdict |", "|" + "---|" * 15]
     for name, r in results["candidates"].items():
         s, t, c = r["spec"], r["truth"], r["scan"]
         lines.append(f"| {name} | {s['safety']} | {s['data']} | {s['mode']} | {s['targets']} | {s['rank'] or '32*'} "
                      f"| {s['steps']} | {t['ratio']:.2f} ({t['ci95'][0]:.2f}–{t['ci95'][1]:.2f}) | {t['label']} "
-                     f"| {c['static_cancellation']:.2f} | {_num(c['concept_check'])} | {c['dynamic_ratio']:.2f} "
+                     f"| {c['static_cancellation']:.2f} | {_num(c['concept_check'])} | {c['noise_reversion']:.2f} "
+                     f"| {c['dynamic_ratio']:.2f} "
                      f"| {c['static_verdict']} | {c['verdict']} |")
     sm = results["summary"]
     lines.append("")
