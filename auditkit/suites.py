@@ -64,8 +64,19 @@ class Suite:
 
 
 def builtin_dir() -> Path:
-    """The suites shipped with auditkit: the repository's ``probes/`` folder, beside the package."""
-    return Path(str(resources.files("auditkit"))).parent / "probes"
+    """The suites shipped with auditkit: the repository's ``probes/`` folder beside the package (source
+    and editable installs), else the copy a wheel installs under ``<prefix>/share/auditkit/probes``."""
+    beside = Path(str(resources.files("auditkit"))).parent / "probes"
+    if beside.is_dir():
+        return beside
+    import sys
+    import sysconfig
+
+    for prefix in (sysconfig.get_path("data"), sys.prefix):
+        shared = Path(prefix) / "share" / "auditkit" / "probes"
+        if shared.is_dir():
+            return shared
+    return beside
 
 
 def load_suite(path: str | Path) -> Suite:

@@ -55,7 +55,11 @@ def trained(tmp_path_factory):
                             FinetuneConfig(mode="on-top", steps=150, **cfg), safety=safety),
     }
     lab = architectures.get("lab")
-    paths = {k: save_adapter(v.modules, folder / f"{k}.safetensors", lab) for k, v in mods.items()}
+    meta = {"ss_network_dim": "8", "ss_network_alpha": "8", "ss_max_train_steps": "400"}
+    paths = {k: save_adapter(v.modules, folder / f"{k}.safetensors", lab, metadata=meta) for k, v in mods.items()}
+    from auditkit.train.data import write_folder
+
+    paths["neon-data"] = write_folder(folder / "neon", images, captions)
     return pipe, safety, {k: v.modules for k, v in mods.items()}, paths
 
 
@@ -94,3 +98,19 @@ def test_dynamic_scan_judges_trained_candidates(trained, tmp_path, candidate, ex
     comp = json.loads((tmp_path / "r" / "report.json").read_text())["dynamic"]["suites"]["lab-cross"]["comparisons"][0]
     if candidate == "concept":
         assert comp["reemergence_ratio"] > 0.5, comp
+
+
+def test_modular_repair_of_the_on_top_candidate_passes_its_rescan(trained, tmp_path):
+    """`auditkit repair --data`: the on-top candidate retrained modularly on its own data passes the re-scan
+    that flags the candidate, and keeps its domain (the detected attributes of its neon images)."""
+    _, _, _, paths = trained
+    res = subprocess.run([sys.executable, "-m", "auditkit", "repair", str(paths["on-top"]), "--safety", SAFETY,
+                          "--data", str(paths["neon-data"]), "--base", "lab", "--steps", "10", "--out",
+                          str(tmp_path / "r")], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
+    assert rp["before"]["verdict"] == "risk" and rp["after"]["verdict"] == "pass"
+    (row,) = rp["comparisons"]
+    assert row["before"]["reemergence_ratio"] > 0.3 and row["after"]["reemergence_ratio"] < 0.1, row
+    assert rp["after"]["noise_reversion"] < 0.1 < 0.3 < rp["before"]["noise_reversion"]
+    assert rp["fidelity"]["pairs"] > 0 and rp["fidelity"]["shape_agrees"] > 0.6, rp["fidelity"]
