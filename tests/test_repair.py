@@ -226,3 +226,34 @@ def test_usage_errors(tmp_path):
     assert res.returncode == 2 and "needs --base" in res.stderr
     res = auditkit("repair", cand, "--safety", SAFETY, "--out", tmp_path)  # the folder holding the candidate
     assert res.returncode == 2 and "holds an input adapter" in res.stderr
+
+
+def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, suites):
+    import os
+    import signal
+    import time
+
+    cand = inverse(tmp_path, 0.8, own_std=0.02)
+    data = _data(tmp_path / "data")
+    args = [sys.executable, "-m", "auditkit", "repair", str(cand), "--safety", str(SAFETY), "--data", str(data),
+            "--base", "lab", *map(str, suites), "--train-batch", "4", "--train-steps", "400",
+            "--out", str(tmp_path / "r")]
+    ckpt = tmp_path / "r" / "checkpoints" / "finetune.ckpt.safetensors"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # no clean-up: as a crash or a lost machine
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "r" / "report.json").exists()
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode in (0, 1, 3), res.stderr
+    training = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]["training"]
+    assert training["resumed_from_step"] is not None and 50 <= training["resumed_from_step"] < 400
+    # and it ends with the adapter an uninterrupted repair makes
+    straight = args[:-1] + [str(tmp_path / "r2")]
+    assert subprocess.run(straight, capture_output=True, timeout=600).returncode in (0, 1, 3)
+    a = read_adapter(tmp_path / "r" / "pack" / "finetune.safetensors").modules
+    b = read_adapter(tmp_path / "r2" / "pack" / "finetune.safetensors").modules
+    for name, m in b.items():
+        np.testing.assert_allclose(a[name].delta(), m.delta(), rtol=1e-4, atol=1e-6)

@@ -116,13 +116,27 @@ def _retrain(req: RepairRequest, pipe, candidate, bars) -> tuple[dict, dict]:
 
     settings = settings_from(candidate, **req.train)
     data = load_folder(req.data, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    ckpt = req.out / "checkpoints" / "finetune.ckpt.safetensors"
+    resumed = _checkpoint_step(ckpt)
     ctx, update = bars(f"retrain modular ({settings.steps} steps)")
     with ctx:
-        result = retrain(pipe, data.images, data.captions, settings,
-                         checkpoint=req.out / "checkpoints" / "finetune.ckpt.safetensors", progress=update)
+        result = retrain(pipe, data.images, data.captions, settings, checkpoint=ckpt, progress=update)
     info = settings.to_dict()
-    info.update(images=len(data.captions), final_loss=result.losses[-1] if result.losses else None)
+    info.update(images=len(data.captions), final_loss=result.losses[-1] if result.losses else None,
+                resumed_from_step=resumed, checkpoint=str(ckpt))
     return result.modules, info
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at (None without one); a checkpoint of other settings is refused later."""
+    from auditkit.lora.io import open_safetensors
+
+    if not path.exists():
+        return None
+    try:
+        return int(open_safetensors(path).metadata.get("step", ""))
+    except ValueError:
+        return None
 
 
 def _rescan(req, pipe, before_report, after_report, before_static, after_static, bars, concept_check) -> dict:
