@@ -222,6 +222,8 @@ def test_usage_errors(tmp_path):
     cand = inverse(tmp_path, 0.5)
     res = auditkit("repair", cand, "--safety", SAFETY, "--method", "modular")
     assert res.returncode == 2 and "needs --data" in res.stderr
+    res = auditkit("repair", cand, "--safety", SAFETY, "--method", "anchored", "--data", tmp_path)
+    assert res.returncode == 2 and "anchored needs --base" in res.stderr
     res = auditkit("repair", cand, "--safety", SAFETY, "--data", tmp_path)
     assert res.returncode == 2 and "needs --base" in res.stderr
     res = auditkit("repair", cand, "--safety", SAFETY, "--out", tmp_path)  # the folder holding the candidate
@@ -257,3 +259,14 @@ def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, suites):
     b = read_adapter(tmp_path / "r2" / "pack" / "finetune.safetensors").modules
     for name, m in b.items():
         np.testing.assert_allclose(a[name].delta(), m.delta(), rtol=1e-4, atol=1e-6)
+
+
+def test_anchored_repair_trains_on_top_pinned_to_the_concept_prompts(tmp_path, suites):
+    cand = inverse(tmp_path, 0.8, own_std=0.02)
+    data = _data(tmp_path / "data")
+    res = auditkit("repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", "--method", "anchored",
+                   *suites, "--train-batch", "4", "--out", tmp_path / "r")
+    assert res.returncode in (0, 1, 3), res.stderr
+    rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
+    assert rp["method"] == "anchored" and rp["training"]["anchor_prompts"] == 3  # the tiny concept suite
+    assert rp["comparisons"] and rp["fidelity"]["pairs"] == 6

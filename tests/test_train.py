@@ -138,5 +138,36 @@ def test_interrupted_finetune_resumes_from_its_checkpoint_to_the_same_adapter(pi
     # other settings or data: refused, not silently mixed
     from auditkit.errors import BadInput
 
+    before = unet_state(pipe)
     with pytest.raises(BadInput, match="other settings"):
         finetune(pipe, images, captions, FinetuneConfig(**{**cfg.__dict__, "lr": 1e-3}), checkpoint=ckpt)
+    assert_unchanged(pipe, before)  # the refused run left no adapter behind
+
+
+def test_anchored_finetune_keeps_the_safe_prediction_on_anchor_prompts(pipe):
+    from auditkit.train.esd import encode
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    captions = ["a red cross", "a blue cross"] * 4  # training data that teaches the anchored concept itself
+    names = target_modules(pipe.unet, "cross-kv")
+    safety = {f"unet.{n}": lora_from_delta(f"unet.{n}", rng.normal(0, 0.05, tuple(
+        pipe.unet.get_submodule(n).weight.shape)), 2) for n in names}
+    cfg = FinetuneConfig(mode="on-top", targets="transformer", rank=4, steps=12, batch=4, lr=3e-2, anchor_weight=20.0)
+    anchor = ["a red cross", "a blue cross"]
+    free = finetune(pipe, images, captions, cfg, safety=safety)
+    pinned = finetune(pipe, images, captions, cfg, safety=safety, anchor_prompts=anchor)
+    x = torch.randn((2, pipe.unet.config.in_channels, 4, 4), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    text = encode(pipe, anchor)
+
+    def drift(mods):
+        with torch.no_grad(), composed(pipe.unet, (safety, 1.0)):
+            safe = pipe.unet(x, t, encoder_hidden_states=text).sample
+            with composed(pipe.unet, (mods, 1.0)):
+                tuned = pipe.unet(x, t, encoder_hidden_states=text).sample
+        return float((tuned - safe).pow(2).mean())
+
+    assert drift(pinned.modules) < 0.5 * drift(free.modules)
+    with pytest.raises(ValueError, match="on-top"):
+        finetune(pipe, images, captions, FinetuneConfig(mode="modular", steps=1), anchor_prompts=anchor)

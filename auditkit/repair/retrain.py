@@ -83,10 +83,19 @@ def settings_from(candidate: Adapter, rank: int | None = None, alpha: float | No
                            tuple(notes))
 
 
-def retrain(pipe, images, captions, settings: RetrainSettings, checkpoint=None, progress=None):
-    """Train the modular adapter (on the base alone); returns the finetune result."""
+def retrain(pipe, images, captions, settings: RetrainSettings, checkpoint=None, progress=None,
+            safety=None, anchor_prompts=None):
+    """Train the repaired adapter; returns the finetune result.
+
+    Without ``anchor_prompts``: modular (on the base alone, the safety module never seen). With them
+    (and ``safety``): anchored — on top of the merged safety module, its predictions on the anchor
+    (concept) prompts pinned to the safe model's, so it can repair what the safety module damaged
+    in the candidate's domain without learning the concept back.
+    """
     from auditkit.train.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(mode="modular", targets=settings.targets, rank=settings.rank, alpha=settings.alpha,
+    mode = "on-top" if anchor_prompts else "modular"
+    cfg = FinetuneConfig(mode=mode, targets=settings.targets, rank=settings.rank, alpha=settings.alpha,
                          steps=settings.steps, lr=settings.lr, batch=settings.batch, seed=settings.seed)
-    return finetune(pipe, images, captions, cfg, safety=None, progress=progress, checkpoint=checkpoint)
+    return finetune(pipe, images, captions, cfg, safety=safety if anchor_prompts else None, progress=progress,
+                    checkpoint=checkpoint, anchor_prompts=anchor_prompts)

@@ -26,6 +26,9 @@ Bars = Callable[[str], tuple[contextlib.AbstractContextManager, Callable[[int, i
 DESCRIPTIONS = {
     "modular": "Modular LoRA (Kim et al. 2024): the fine-tuning adapter was retrained on the base model alone, the "
                "safety module frozen and outside the trained update, and is added to the safety module at inference.",
+    "anchored": "Anchored retraining (auditkit): the fine-tuning adapter was retrained on top of the merged safety "
+                "module with its predictions on the concept prompts pinned to the safe model's, so it could repair "
+                "what the safety module damaged in the candidate's domain but not learn the concept back.",
     "sign-aware": "Data-free sign-aware projection: in every module shared with the safety adapter, the part of the "
                   "candidate's update inside the safety update's subspace that does not reinforce it was removed.",
     "safelora": "Data-free Safe LoRA projection (Hsu et al. 2024): modules whose update lies mostly outside the safety "
@@ -53,6 +56,9 @@ class RepairRequest:
     static_thresholds: StaticThresholds = field(default_factory=StaticThresholds)
 
 
+RETRAINED = ("modular", "anchored")
+
+
 def _nothing(label):
     return contextlib.nullcontext(), lambda *a: None
 
@@ -70,15 +76,15 @@ def repair(req: RepairRequest, bars: Bars = _nothing, concept_check=None) -> dic
     candidate, safety = before_static.candidate, before_static.safety
     arch = safety.architecture
     pipe = None
-    if req.base is not None or req.method == "modular":
+    if req.base is not None or req.method in RETRAINED:
         from auditkit.dynamic import load_base
 
         pipe, _, _ = load_base(req.base or "lab", req.device)
     notes: list[str] = []
     details: dict = {"description": DESCRIPTIONS[req.method], "candidate": str(req.candidate),
                      "safety": str(req.safety)}
-    if req.method == "modular":
-        modules, settings = _retrain(req, pipe, candidate, bars)
+    if req.method in RETRAINED:
+        modules, settings = _retrain(req, pipe, candidate, safety, bars)
         notes += list(settings["notes"])
         details["training"] = settings
     else:
@@ -110,7 +116,7 @@ def repair(req: RepairRequest, bars: Bars = _nothing, concept_check=None) -> dic
     return after_report
 
 
-def _retrain(req: RepairRequest, pipe, candidate, bars) -> tuple[dict, dict]:
+def _retrain(req: RepairRequest, pipe, candidate, safety, bars) -> tuple[dict, dict]:
     from auditkit.repair.retrain import retrain, settings_from
     from auditkit.train.data import load_folder
 
@@ -118,10 +124,16 @@ def _retrain(req: RepairRequest, pipe, candidate, bars) -> tuple[dict, dict]:
     data = load_folder(req.data, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     ckpt = req.out / "checkpoints" / "finetune.ckpt.safetensors"
     resumed = _checkpoint_step(ckpt)
-    ctx, update = bars(f"retrain modular ({settings.steps} steps)")
+    anchor = None
+    if req.method == "anchored":
+        anchor = [p.text for s in req.suites if s.role == "concept" for p in s.prompts]
+    ctx, update = bars(f"retrain {req.method} ({settings.steps} steps)")
     with ctx:
-        result = retrain(pipe, data.images, data.captions, settings, checkpoint=ckpt, progress=update)
+        result = retrain(pipe, data.images, data.captions, settings, checkpoint=ckpt, progress=update,
+                         safety=safety.modules, anchor_prompts=anchor)
     info = settings.to_dict()
+    if anchor:
+        info["anchor_prompts"] = len(anchor)
     info.update(images=len(data.captions), final_loss=result.losses[-1] if result.losses else None,
                 resumed_from_step=resumed, checkpoint=str(ckpt))
     return result.modules, info

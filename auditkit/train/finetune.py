@@ -48,6 +48,7 @@ class FinetuneConfig:
     batch: int = 32
     seed: int = 0
     extract_rank: int = 32  # full mode: rank of the LoRA extracted from the dense update
+    anchor_weight: float = 1.0  # on-top with anchor prompts: weight of the anchor term
 
 
 @dataclass
@@ -72,11 +73,17 @@ def encode_images(pipe, images_u8: np.ndarray):
 
 def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConfig = FinetuneConfig(),
              safety: dict[str, LoraModule] | None = None, progress: Progress | None = None,
-             checkpoint: str | Path | None = None, checkpoint_every: int = 50) -> FinetuneResult:
+             checkpoint: str | Path | None = None, checkpoint_every: int = 50,
+             anchor_prompts: list[str] | None = None) -> FinetuneResult:
     """Fine-tune ``pipe.unet`` on (images, captions); the pipeline is left unchanged afterwards.
 
     With ``checkpoint`` (LoRA modes), the state is saved every ``checkpoint_every`` steps and at the end,
     and a run that finds a checkpoint of the same settings and data continues from it.
+
+    With ``anchor_prompts`` (on-top mode), each step also pins the model's prediction on those
+    prompts (the erased concept's) to the safe model's own, ``cfg.anchor_weight``·‖ε_θ(x_t, c) −
+    ε_safe(x_t, c)‖²: the LoRA may repair what the safety module damaged elsewhere but cannot
+    learn back the concept (an anchored fine-tune; auditkit's addition, not from the paper).
     """
     import torch
     from diffusers import DDPMScheduler
@@ -89,6 +96,8 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
         raise ValueError(f"mode {cfg.mode!r} needs the safety adapter")
     if checkpoint is not None and cfg.mode == "full":
         raise ValueError("checkpoints are supported for LoRA modes only")
+    if anchor_prompts and cfg.mode != "on-top":
+        raise ValueError("anchor prompts need mode 'on-top' (the safe model is the anchor)")
     unet = pipe.unet
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -96,6 +105,7 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
     unique = sorted(set(captions))
     caption_idx = torch.tensor([unique.index(c) for c in captions])
     text = encode(pipe, unique)
+    anchor = encode(pipe, list(anchor_prompts)) if anchor_prompts else None
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     names = target_modules(unet, cfg.targets)
     merged = (safety, 1.0) if cfg.mode in ("on-top", "full") else ({}, 0.0)
@@ -108,16 +118,17 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
             add_lora(unet, names, cfg.rank, cfg.alpha, adapter_name="ft", seed=cfg.seed)
             params = lora_parameters(unet, "ft")
         opt = optimizer_for(unet, params, cfg.lr)
-        start = 0
-        if checkpoint is not None:
-            fp = ckpt.fingerprint(cfg, images_u8, captions, safety if cfg.mode == "on-top" else None)
-            resumed = ckpt.restore(checkpoint, fp, params, opt, rng, gen)
-            if resumed is not None:
-                start, losses = resumed.step, resumed.losses
-                if progress:
-                    progress(start, cfg.steps, losses[-1] if losses else float("nan"))
-        unet.train()
-        try:
+        try:  # from here on, any exception (a refused checkpoint included) removes the adapter again
+            start = 0
+            if checkpoint is not None:
+                fp = ckpt.fingerprint({"config": cfg.__dict__, "anchor": list(anchor_prompts or [])}, images_u8,
+                                      captions, safety if cfg.mode == "on-top" else None)
+                resumed = ckpt.restore(checkpoint, fp, params, opt, rng, gen)
+                if resumed is not None:
+                    start, losses = resumed.step, resumed.losses
+                    if progress:
+                        progress(start, cfg.steps, losses[-1] if losses else float("nan"))
+            unet.train()
             for step in range(start, cfg.steps):
                 idx = torch.from_numpy(rng.integers(0, len(latents), cfg.batch))
                 x0 = latents[idx]
@@ -126,6 +137,8 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                 xt = noise_sched.add_noise(x0, noise, t)
                 pred = unet(xt, t.to(x0.device), encoder_hidden_states=text[caption_idx[idx]]).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+                if anchor is not None:
+                    loss = loss + cfg.anchor_weight * _anchor_loss(unet, anchor, xt, t.to(x0.device), rng)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -151,3 +164,19 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                         unet.get_submodule(n).weight.copy_(original[n])
             else:
                 remove_lora(unet, "ft")
+
+
+def _anchor_loss(unet, anchor, xt, t, rng):
+    """‖ε_θ(x_t, c) − ε_safe(x_t, c)‖² on anchor prompts c; ε_safe = the model with the trained LoRA disabled."""
+    import torch
+
+    idx = torch.from_numpy(np.asarray(rng.integers(0, len(anchor), len(xt))))
+    emb = anchor[idx]
+    unet.disable_adapters()
+    try:
+        with torch.no_grad():
+            target = unet(xt, t, encoder_hidden_states=emb).sample
+    finally:
+        unet.enable_adapters()
+    pred = unet(xt, t, encoder_hidden_states=emb).sample
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
