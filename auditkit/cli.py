@@ -5,6 +5,7 @@ Exit codes: 0 pass, 1 risk, 2 error or bad input, 3 inconclusive / nothing scann
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from rich.table import Table
 
 from auditkit import __version__
 from auditkit.config import StaticThresholds
+from auditkit.distributed import is_main_process
 from auditkit.errors import EXIT_ERROR, AuditkitError, BadInput
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 
@@ -130,6 +132,9 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
     dynamic scan: the suites rendered under base, base+safety, base+safety+candidate and
     base+candidate with paired seeds, scored by the suites' detectors. Resumable: run it again
     with the same --out to continue. Exit code: 0 pass, 1 risk, 2 error, 3 inconclusive.
+
+    Several GPUs: `accelerate launch --num_processes N -m auditkit scan ...` splits the probe
+    batches across N processes into one run (rank 0 writes the report and prints).
     """
     from auditkit.report.build import build_report, set_dynamic, write_reports
     from auditkit.scan import run_static_scan
@@ -147,18 +152,23 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
     out_dir = out_dir or Path("reports") / candidate.stem
     dynamic = None
     if base is not None:
+        from auditkit.distributed import Ranks, init
         from auditkit.dynamic import load_base, run_dynamic
 
-        pipe, _, _ = load_base(base, device)  # one load serves the concept check and the dynamic scan
+        ranks = Ranks() if static_only else init(device)  # under `accelerate launch`: this process's share
+        pipe, _, _ = load_base(base, device or ranks.device)  # one load serves the concept check and the scan
         concept_suite = next(s for s in suites if s.role == "concept")  # _suites guarantees one
         report["concept_check"] = _concept_check(pipe, base, concept_suite, result)
         if not static_only:
             bar, update = _progress("dynamic scan", loss=False)
-            with bar:
+            with bar if ranks.main else contextlib.nullcontext():
                 dynamic = run_dynamic(pipe, base, result.candidate, result.safety, suites, out_dir, mults, steps,
-                                      batch_size, progress=lambda done, total: update(done, total, 0.0))
+                                      batch_size, progress=(lambda done, total: update(done, total, 0.0))
+                                      if ranks.main else None, ranks=ranks)
             dynamic["show_flagged"] = show_flagged
     set_dynamic(report, dynamic)
+    if not is_main_process():
+        sys.exit(report["exit_code"])  # other ranks of a distributed launch: same verdict, rank 0 reports it
     try:
         paths = write_reports(report, out_dir)
     except OSError as exc:
@@ -171,10 +181,12 @@ def scan(candidate: Path, safety: Path, static_only: bool, out_dir: Path | None,
 @cli.command()
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--safety", required=True, type=click.Path(path_type=Path), help="The safety adapter (Safety LoRA).")
-@click.option("--method", type=click.Choice(["modular", "sign-aware", "safelora"]), default=None,
-              help="modular: retrain on --data separately from the safety module (Modular LoRA); sign-aware: "
-                   "data-free removal of the part that cancels the safety update; safelora: data-free Safe LoRA "
-                   "projection. Default: modular with --data, sign-aware without.")
+@click.option("--method", type=click.Choice(["modular", "anchored", "sign-aware", "safelora"]), default=None,
+              help="modular: retrain on --data separately from the safety module (Modular LoRA); anchored: retrain "
+                   "on --data on top of the safety module, pinned to it on the concept prompts (keeps more of the "
+                   "domain where the safety module damaged it); sign-aware: data-free removal of the part that "
+                   "cancels the safety update; safelora: data-free Safe LoRA projection. Default: modular with "
+                   "--data, sign-aware without.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Folder of images with same-named .txt captions (the candidate's training domain).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -216,8 +228,8 @@ def repair(candidate, safety, method, data_dir, out_dir, base, suite_files, from
     from auditkit.train.data import check_folder
 
     method = method or ("modular" if data_dir else "sign-aware")
-    if method == "modular" and data_dir is None:
-        raise click.UsageError("--method modular needs --data (use sign-aware or safelora without data)")
+    if method in ("modular", "anchored") and data_dir is None:
+        raise click.UsageError(f"--method {method} needs --data (use sign-aware or safelora without data)")
     try:
         mults = tuple(float(m) for m in multipliers.split(",") if m.strip())
     except ValueError as exc:
@@ -229,8 +241,8 @@ def repair(candidate, safety, method, data_dir, out_dir, base, suite_files, from
         mults, steps = earlier["multipliers"], steps or earlier["steps"]
     if suite_files and base is None:
         raise click.UsageError("--suite needs --base (the model to probe)")
-    if method == "modular" and base is None:
-        raise click.UsageError("--method modular needs --base (the model to retrain on)")
+    if method in ("modular", "anchored") and base is None:
+        raise click.UsageError(f"--method {method} needs --base (the model to retrain on)")
     out_dir = out_dir or Path("repairs") / candidate.stem
     for inp in (candidate, safety):
         if out_dir.exists() and inp.exists() and out_dir.resolve() in inp.resolve().parents:

@@ -6,6 +6,7 @@ from importlib import metadata
 from pathlib import Path
 
 from auditkit import __version__
+from auditkit.distributed import Ranks
 from auditkit.lora.adapter import Adapter
 from auditkit.report.digest import DynamicThresholds, digest
 from auditkit.runner import RunLog, configurations, load_adapters, plan, run
@@ -52,9 +53,10 @@ def load_base(base: str, device: str | None = None):
 
 def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter, suites: list[Suite], run_dir: str | Path,
                 multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None, batch_size: int = 16,
-                thresholds: DynamicThresholds = DynamicThresholds(), progress=None) -> dict:
+                thresholds: DynamicThresholds = DynamicThresholds(), progress=None, ranks: Ranks | None = None) -> dict:
     """Render with ``pipe`` (from :func:`load_base`), score and digest; resumable in ``run_dir``.
-    Returns the report's ``dynamic`` section."""
+    Returns the report's ``dynamic`` section. ``ranks``: this process's part of a distributed launch
+    (:func:`auditkit.distributed.init`); every rank returns the same section, of the merged run log."""
     from auditkit import detectors as registry
 
     device, dtype = str(pipe.unet.device), str(pipe.unet.dtype).removeprefix("torch.")
@@ -68,10 +70,14 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter, suites: li
         "detectors": {n: d.profile() for n, d in detectors.items()},
         "seeds": "image k of a prompt uses seed prompt.seed * 1000 + k",
     }
+    ranks = ranks or Ranks()
     log = RunLog(run_dir)
-    log.start(header)
+    if ranks.main and log.header() is None:
+        log.start(header)  # written once, before any rank renders
+    ranks.barrier()
+    log.start(header)  # every rank checks that a resumed run matches
     run(pipe, jobs, configs, detectors, run_dir, roles=["safety", "candidate"], batch_size=batch_size,
-        progress=progress)
+        progress=progress, ranks=ranks)
     section = digest(log.records(), suites_info(suites), thresholds)
     section.update({"device": device, "dtype": dtype, "adapter_coverage": coverage, "detectors": header["detectors"],
                     "libraries": library_versions(), "run_log": str(log.path), "images": len(log.records())})

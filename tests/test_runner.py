@@ -3,6 +3,7 @@ a resumable append-only run log."""
 
 from importlib import resources
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -147,3 +148,71 @@ def test_per_module_alphas_are_rendered_as_the_file_says(pipe, tmp_path):
         expected = images(reference)
     assert abs(images(pipe) - expected).max() < 2e-3
     pipe.unload_lora_weights()
+
+
+def test_fused_configurations_render_the_unfused_images_and_restore_the_base(pipe, tmp_path, monkeypatch):
+    """fuse=True (the default on CUDA): two adapters at different multipliers merged into the weights give the
+    unfused images, and the base configuration after a fused one renders with the base weights, bit for bit."""
+    from PIL import Image
+
+    from auditkit.detectors import get
+    from auditkit.runner import Configuration
+
+    suite = load_suite(builtin_dir() / "lab-cross.yaml")
+    jobs = plan([suite], steps=3)[:4]
+    load_adapters(pipe, {"safety": lab_adapter("safety-esd-u.safetensors"),
+                         "candidate": lab_adapter("safety-esd-x.safetensors")})
+    weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    configs = [Configuration("mix", (("safety", 1.0), ("candidate", -0.6))), Configuration("base", ()),
+               Configuration("cand", (("candidate", 1.5),))]
+    dets = {"lab-cross": get("lab-cross")}
+    merges, fuse_lora = [], pipe.fuse_lora
+
+    def spy(**kwargs):
+        fuse_lora(**kwargs)
+        merges.append((kwargs["adapter_names"], pipe.num_fused_loras))
+
+    monkeypatch.setattr(pipe, "fuse_lora", spy)
+
+    def rendered(fuse):
+        run_dir = tmp_path / f"fuse-{fuse}"
+        RunLog(run_dir).start({"fuse": fuse})
+        run(pipe, jobs, configs, dets, run_dir, roles=["safety", "candidate"], batch_size=4, fuse=fuse)
+        return {(r["config"], r["key"]): np.asarray(Image.open(run_dir / r["image"]), dtype=np.int16)
+                for r in RunLog(run_dir).records()}
+
+    fused, plain = rendered(True), rendered(False)
+    assert merges == [(["safety", "candidate"], 2), (["candidate"], 1)]  # once per adapter configuration
+    assert pipe.num_fused_loras == 0  # left unmerged
+    assert all(torch.equal(p, weights[n]) for n, p in pipe.unet.named_parameters())
+    assert fused.keys() == plain.keys() and len(fused) == 12
+    for k in fused:
+        assert np.abs(fused[k] - plain[k]).max() <= 1, k  # fp32: at most a rounding step of uint8
+        if k[0] == "base":
+            assert np.array_equal(fused[k], plain[k])
+    assert np.abs(fused[("mix", jobs[0].key)] - fused[("base", jobs[0].key)]).max() > 10  # the adapters do act
+
+
+def test_fused_weights_are_restored_exactly_in_bf16(tmp_path):
+    """In bf16, unfuse_lora alone does not give the weights back; the runner copies them back."""
+    from auditkit.lab.model import load_lab_pipeline
+    from auditkit.runner import Configuration, Fused
+
+    p = load_lab_pipeline(dtype=torch.bfloat16)
+    load_adapters(p, {"safety": lab_adapter("safety-esd-u.safetensors"),
+                      "candidate": lab_adapter("safety-esd-x.safetensors")})
+    before = {n: w.detach().clone() for n, w in p.unet.named_parameters()}
+    config = Configuration("mix", (("safety", 1.0), ("candidate", 0.5)))
+
+    def drift():
+        return max((w - before[n]).abs().max().item() for n, w in p.unet.named_parameters())
+
+    fused = Fused(p)
+    for _ in range(3):
+        fused.apply(config, ["safety", "candidate"])
+        assert drift() > 0
+        fused.restore()
+        assert drift() == 0
+    p.fuse_lora(adapter_names=["safety", "candidate"])
+    p.unfuse_lora()
+    assert drift() > 0  # diffusers' own round trip drifts (if this fails, the saved copy is no longer needed)

@@ -1,0 +1,119 @@
+"""Several processes, one run: probe batches split across ranks (``accelerate launch``), one run log.
+
+* Launched by ``accelerate launch --num_processes N -m auditkit scan ...`` (or any torchrun-style
+  launcher that sets ``WORLD_SIZE``/``RANK``): :func:`init` starts accelerate's ``PartialState``
+  (NCCL on GPUs, gloo on CPU), and every rank renders on its own device. Without GPUs, pass
+  ``--multi_gpu`` to get N processes: accelerate's ``--cpu`` starts a single process (unless MPI).
+* The work is the single-process run's list of batches (same configurations, same batches, same
+  order); rank ``r`` takes batches ``r, r + N, r + 2N, ...`` (:func:`shard`), so every image is
+  rendered in the very batch it would be in a one-process run and its record is the same.
+* Each rank appends its records to its own shard log ``run.rank<r>.jsonl`` (same format, no
+  header). After a barrier, rank 0 merges the shards into ``run.jsonl`` (:func:`merge_shards`:
+  deduplicated by (configuration, key), written atomically) and removes them. A killed run's shards
+  are merged when the run is started again, before the remaining work is split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from auditkit.errors import Unscannable
+from auditkit.fsutil import atomic_write_text
+
+T = TypeVar("T")
+SHARD_GLOB = "run.rank*.jsonl"
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a launch: rank, world size, device and a barrier (one process: 0, 1)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str | None = None
+    barrier: Callable[[], None] = field(default=_nothing, compare=False)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """True in a process started by a distributed launcher with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no distributed launch at all (read from the environment; starts nothing)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def init(device: str | None = None) -> Ranks:
+    """The process group of a distributed launch (``Ranks()`` when there is none).
+
+    On a machine without CUDA, or with ``device`` set to cpu, the ranks talk over gloo and render on
+    the CPU; otherwise each rank gets its own GPU (``cuda:<local rank>``) and NCCL.
+    """
+    if not launched():
+        return Ranks()
+    import torch
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    return Ranks(state.process_index, state.num_processes, str(state.device), state.wait_for_everyone)
+
+
+def shard(units: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank ``rank``'s share of ``units``: every ``world``-th one, starting at ``rank``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    return list(units[rank::world])
+
+
+def shard_name(rank: int) -> str:
+    return f"run.rank{rank}.jsonl"
+
+
+def _record_order(rec: dict) -> tuple:
+    return rec["config"], rec["suite"], rec["prompt_index"], rec["image_index"], rec["key"]
+
+
+def merge_shards(run_dir: str | Path) -> int:
+    """Fold every shard log of ``run_dir`` into its ``run.jsonl`` and remove the shards.
+
+    Records already in the run log keep their place; new ones (the first of each (configuration,
+    key)) follow, sorted by configuration, suite, prompt and image. The run log is rewritten
+    atomically before any shard is removed, so a kill at any point loses nothing. Returns the number
+    of records added.
+    """
+    from auditkit.runner import RunLog
+
+    log = RunLog(run_dir)
+    shards = sorted(log.dir.glob(SHARD_GLOB))
+    if not shards:
+        return 0
+    header = log.header()
+    if header is None:
+        raise Unscannable(shards[0], "a shard log without a run log (run.jsonl) to merge it into; remove it")
+    records = log.records()
+    seen = {(r["config"], r["key"]) for r in records}
+    new = {}
+    for path in shards:
+        for rec in RunLog(log.dir, path.name).records():
+            new.setdefault((rec["config"], rec["key"]), rec)
+    added = sorted((r for k, r in new.items() if k not in seen), key=_record_order)
+    lines = [json.dumps(r, sort_keys=True) + "\n" for r in [header, *records, *added]]
+    atomic_write_text(log.path, "".join(lines))
+    for path in shards:
+        path.unlink()
+    return len(added)
