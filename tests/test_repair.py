@@ -270,3 +270,14 @@ def test_anchored_repair_trains_on_top_pinned_to_the_concept_prompts(tmp_path, s
     rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
     assert rp["method"] == "anchored" and rp["training"]["anchor_prompts"] == 3  # the tiny concept suite
     assert rp["comparisons"] and rp["fidelity"]["pairs"] == 6
+
+
+def test_an_adapter_for_another_architecture_is_refused_before_training(tmp_path):
+    from auditkit.examples import write_examples
+
+    paths = write_examples(tmp_path / "sd15")
+    data = _data(tmp_path / "data", 2)
+    res = auditkit("repair", paths["jailbreak"], "--safety", paths["safety"], "--data", data, "--base", "lab",
+                   "--out", tmp_path / "r")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "another architecture than --base" in res.stderr

@@ -120,7 +120,15 @@ def _retrain(req: RepairRequest, pipe, candidate, safety, bars) -> tuple[dict, d
     from auditkit.repair.retrain import retrain, settings_from
     from auditkit.train.data import load_folder
 
-    settings = settings_from(candidate, **req.train)
+    try:
+        settings = settings_from(candidate, **req.train)
+    except ValueError as exc:
+        raise BadInput(req.candidate, str(exc)) from None
+    unet_modules = {n for n, _ in pipe.unet.named_modules()}
+    misfit = [n for n in candidate.modules if n.startswith("unet.") and n.split(".", 1)[1] not in unet_modules]
+    if misfit:
+        raise BadInput(req.candidate, f"{len(misfit)} of its modules are not in the base model's UNet (e.g. "
+                                      f"{misfit[0]}): the adapter is for another architecture than --base")
     data = load_folder(req.data, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     ckpt = req.out / "checkpoints" / "finetune.ckpt.safetensors"
     resumed = _checkpoint_step(ckpt)
