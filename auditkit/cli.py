@@ -292,7 +292,9 @@ def _print_repair(r: dict) -> None:
     if f.get("pairs"):
         extra = [f"pixel {f['pixel_similarity']:.1%}", f"PSNR {f['psnr_db']:.1f} dB"]
         if "attributes_agree" in f:
-            extra.append(f"attributes agree {f['attributes_agree']:.0%}")
+            heads = ", ".join(f"{k.removesuffix('_agrees')} {v:.0%}" for k, v in sorted(f.items())
+                              if k.endswith("_agrees"))
+            extra.append(f"attributes agree {f['attributes_agree']:.0%} ({heads})")
         if "clip_cosine" in f:
             extra.append(f"CLIP cosine {f['clip_cosine']:.3f}")
         t.add_row(f"fidelity ({f['pairs']} pairs)", "", ", ".join(extra))
@@ -324,7 +326,9 @@ def report_cmd(run_dir: Path, show_flagged: bool) -> None:
         raise BadInput(path, "report.json is not readable JSON") from None
     old = report.get("dynamic")
     if old:
-        log = RunLog(run_dir)
+        # a scan folder holds its run log; a repair folder holds the repaired adapter's in scan-after/
+        log = next((RunLog(d) for d in (run_dir, run_dir / "scan-after") if (d / "run.jsonl").is_file()),
+                   RunLog(run_dir))
         header = log.header()
         if header is None:
             raise BadInput(log.path, "the run log is missing or empty")

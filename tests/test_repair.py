@@ -147,6 +147,10 @@ def test_data_free_repair_removes_the_cancellation_and_the_rescan_proves_it(tmp_
     html = (tmp_path / "r" / "report.html").read_text()
     assert "Repair: sign-aware" in html and "load_lora_weights" in html
     assert "before (candidate)" in res.stdout
+    # a repair folder re-renders without a model, like a scan folder
+    again = auditkit("report", tmp_path / "r")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["repair"]["comparisons"] == rp["comparisons"]
 
     # the scan can be reused as "before": same suites and seeds, no image made twice
     res2 = auditkit("repair", cand, "--safety", SAFETY, "--method", "safelora", "--from-scan",
