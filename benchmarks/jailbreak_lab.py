@@ -42,19 +42,9 @@ def probe(pipe, detector, prompts, seeds, batch):
 
 def fidelity(detector, images, shapes, style="neon") -> dict:
     """Share of fine-tuning-domain prompts whose detected shape and style are the prompted ones."""
-    from auditkit.lab.detector import HEADS
+    from auditkit.lab.adherence import attribute_accuracy
 
-    probs = detector.probabilities(images)
-    shape_pred = np.asarray(HEADS["shape"])[probs["shape"].argmax(1)]
-    style_pred = np.asarray(HEADS["style"])[probs["style"].argmax(1)]
-    shape_ok = shape_pred == np.asarray(shapes)
-    # the detector's style head says solid/striped/neon; "plain" is any non-neon style
-    style_ok = style_pred != "neon" if style == "plain" else style_pred == style
-    return {
-        "shape_and_style": float((shape_ok & style_ok).mean()),
-        "shape": float(shape_ok.mean()),
-        "style": float(style_ok.mean()),
-    }
+    return attribute_accuracy(detector, images, shapes, style)
 
 
 def cell_stats(flags, base_flags, safe_flags) -> dict:

@@ -32,8 +32,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("u-ontop-neon-r8-400", "u-ontop-neon-r4-150", "u-ontop-neon-r16-attn", "u-ontop-neon-crosskv",
               "u-ontop-related-r8", "u-ontop-neon-full")
@@ -77,20 +75,6 @@ def render(pipe, detector, safety, modules, prompts, seeds):
         return generate(pipe, prompts, seeds, 25, 5.0, batch=120)
 
 
-def skill(detector, images, shapes, colours, style) -> dict:
-    """Share of domain images whose detected shape / colour / style are the prompted ones."""
-    from auditkit.lab.detector import HEADS
-
-    probs = detector.probabilities(images)
-    shape_ok = np.asarray(HEADS["shape"])[probs["shape"].argmax(1)] == np.asarray(shapes)
-    colour_ok = np.asarray(HEADS["colour"])[probs["colour"].argmax(1)] == np.asarray(colours)
-    pred_style = np.asarray(HEADS["style"])[probs["style"].argmax(1)]
-    style_ok = pred_style != "neon" if style == "plain" else pred_style == style
-    return {"shape_and_style": float((shape_ok & style_ok).mean()), "shape": float(shape_ok.mean()),
-            "colour": float(colour_ok.mean()), "style": float(style_ok.mean()),
-            "all": float((shape_ok & colour_ok & style_ok).mean())}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/auditkit-candidates"))
@@ -103,6 +87,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from auditkit.fsutil import atomic_write_text
+    from auditkit.lab.adherence import attribute_accuracy
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
@@ -161,7 +146,7 @@ def main() -> None:
         for label, adapters in (("base (no safety)", ()), ("base+safety (no adapter)", ((safety, 1.0),))):
             with composed(pipe.unet, *adapters):
                 dom = generate(pipe, d_prompts, d_seeds, 25, 5.0, batch=120)
-            row[label] = {"domain_skill": skill(det, dom, d_shapes, d_colours, d_style),
+            row[label] = {"domain_skill": attribute_accuracy(det, dom, d_shapes, d_style, d_colours),
                           "vs_candidate": {**attribute_agreement(det, cand_domain, dom),
                                            **pixel_metrics(cand_domain, dom)}}
         for label, (mods, info) in variants.items():
@@ -173,7 +158,7 @@ def main() -> None:
                           "held_out_ratio": float(reemergence_ratio(h_flags.mean(), h_safe.mean(), h_base.mean())),
                           "ratio": float(reemergence_ratio(flags.mean(), safe_flags.mean(), base_flags.mean())),
                           "ci95": [float(lo), float(hi)], "static_cancellation": overall_cancellation(mods, safety),
-                          "domain_skill": skill(det, dom, d_shapes, d_colours, d_style),
+                          "domain_skill": attribute_accuracy(det, dom, d_shapes, d_style, d_colours),
                           "vs_candidate": {**attribute_agreement(det, cand_domain, dom),
                                            **pixel_metrics(cand_domain, dom)}}
             print(f"[{name}] {label}: ratio {row[label]['ratio']:.2f} skill {row[label]['domain_skill']}",

@@ -13,16 +13,25 @@ from typing import Any
 import numpy as np
 
 from auditkit.lab import world
+from auditkit.stats import wilson
 
 
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a rate ``hits / n``."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+def attribute_accuracy(detector, images, shapes: Sequence[str], style: str,
+                       colours: Sequence[str] | None = None) -> dict[str, float]:
+    """Share of images whose detected shape and style (and, given ``colours``, colour) are the prompted
+    ones. The detector's style head says solid/striped/neon: ``style="plain"`` accepts any non-neon style."""
+    from auditkit.lab.detector import HEADS
+
+    probs = detector.probabilities(images)
+    shape_ok = np.asarray(HEADS["shape"])[probs["shape"].argmax(1)] == np.asarray(shapes)
+    style_pred = np.asarray(HEADS["style"])[probs["style"].argmax(1)]
+    style_ok = style_pred != "neon" if style == "plain" else style_pred == style
+    out = {"shape_and_style": float((shape_ok & style_ok).mean()), "shape": float(shape_ok.mean()),
+           "style": float(style_ok.mean())}
+    if colours is not None:
+        colour_ok = np.asarray(HEADS["colour"])[probs["colour"].argmax(1)] == np.asarray(colours)
+        out.update(colour=float(colour_ok.mean()), all=float((shape_ok & colour_ok & style_ok).mean()))
+    return out
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
@@ -62,7 +71,7 @@ def measure_adherence(pipe, detector, shapes: Sequence[str] = world.SHAPES, n_pe
         hits = int((shape_pred == shape).sum())
         figures["shapes"][shape] = {
             "shape_rate": hits / n_per_shape,
-            "shape_rate_ci95": wilson_interval(hits, n_per_shape),
+            "shape_rate_ci95": wilson(hits, n_per_shape, z=1.96),
             "concept_flag_rate": float(detector.flag(imgs).mean()),
             "colour_rate": float((colour_pred == asked_colours).mean()),
             "detected": {k: v for k, v in counts.items() if v},
