@@ -144,46 +144,32 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     coverage = {}
     for role, adapter in adapters.items():
         pipe.load_lora_weights(str(adapter.path), adapter_name=role)
-        loaded = _loaded_modules(pipe, role)
+        layers = _lora_layers(pipe, [role])
         expected = {n for n in adapter.modules if n.split(".", 1)[0] in ("unet", "text_encoder")}
-        got = len(expected & loaded)
+        got = len(expected & layers.keys())
         fraction = got / len(expected) if expected else 0.0
         if fraction < min_coverage:
             raise Unscannable(adapter.path, f"diffusers applied only {got} of {len(expected)} modules "
                                             f"({fraction:.0%}); the dynamic scan would not test this adapter")
-        corrected = _correct_scales(pipe, role, {n: adapter.modules[n] for n in expected & loaded})
+        corrected = _correct_scales(adapter, role, {n: layers[n] for n in expected & layers.keys()})
         coverage[role] = {"expected": len(expected), "loaded": got, "fraction": fraction,
                           "scales_corrected": corrected}
     return coverage
 
 
-def _correct_scales(pipe, role: str, modules: dict) -> int:
-    """Set peft's alpha and scaling of every loaded module to the file's scale; returns how many differed."""
+def _correct_scales(adapter, role: str, layers: dict) -> int:
+    """Set peft's alpha and scaling of every loaded layer to the file's scale; returns how many differed."""
     corrected = 0
-    for name, m in modules.items():
-        component, _, path = name.partition(".")
-        layer = getattr(pipe, component).get_submodule(path)
+    for name, layer in layers.items():
+        m = adapter.modules[name]
         rank = layer.lora_A[role].weight.shape[0]
         if rank != m.rank:
-            raise Unscannable(None, f"diffusers loaded {name} with rank {rank}, the file has rank {m.rank}")
+            raise Unscannable(adapter.path, f"diffusers loaded {name} with rank {rank}, the file has rank {m.rank}")
         if abs(layer.scaling[role] - m.scale) > 1e-6 * max(1.0, abs(m.scale)):
             layer.lora_alpha[role] = m.scale * rank
             layer.scaling[role] = m.scale
             corrected += 1
     return corrected
-
-
-def _loaded_modules(pipe, role: str) -> set[str]:
-    names = set()
-    for component in ("unet", "text_encoder"):
-        model = getattr(pipe, component, None)
-        if model is None:
-            continue
-        for name, module in model.named_modules():
-            lora_a = getattr(module, "lora_A", None)
-            if lora_a is not None and role in lora_a:
-                names.add(f"{component}.{name}")
-    return names
 
 
 def apply_configuration(pipe, config: Configuration, roles: Sequence[str]) -> None:
@@ -324,7 +310,7 @@ class Fused:
         weights = dict(config.weights)
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=[float(weights[r]) for r in names])
-        for layer in _lora_layers(self.pipe, names):
+        for layer in _lora_layers(self.pipe, names).values():
             if layer not in self.saved:
                 self.saved[layer] = layer.get_base_layer().weight.detach().clone()
         self.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
@@ -345,14 +331,15 @@ class Fused:
         self.merged = False
 
 
-def _lora_layers(pipe, roles: Sequence[str]) -> list:
-    layers = []
+def _lora_layers(pipe, roles: Sequence[str]) -> dict:
+    """Canonical name ("unet.<path>", …) -> layer, for every layer holding a LoRA of one of ``roles``."""
+    layers = {}
     for component in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
         if model is None:
             continue
-        for module in model.modules():
+        for name, module in model.named_modules():
             lora_a = getattr(module, "lora_A", None)
             if lora_a is not None and any(r in lora_a for r in roles):
-                layers.append(module)
+                layers[f"{component}.{name}"] = module
     return layers

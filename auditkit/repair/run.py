@@ -118,6 +118,7 @@ def repair(req: RepairRequest, bars: Bars = _nothing, concept_check=None) -> dic
 
 def _retrain(req: RepairRequest, pipe, candidate, safety, bars) -> tuple[dict, dict]:
     from auditkit.repair.retrain import retrain, settings_from
+    from auditkit.train.checkpoint import saved_step
     from auditkit.train.data import load_folder
 
     try:
@@ -131,7 +132,7 @@ def _retrain(req: RepairRequest, pipe, candidate, safety, bars) -> tuple[dict, d
                                       f"{misfit[0]}): the adapter is for another architecture than --base")
     data = load_folder(req.data, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     ckpt = req.out / "checkpoints" / "finetune.ckpt.safetensors"
-    resumed = _checkpoint_step(ckpt)
+    resumed = saved_step(ckpt)
     anchor = None
     if req.method == "anchored":
         anchor = [p.text for s in req.suites if s.role == "concept" for p in s.prompts]
@@ -145,18 +146,6 @@ def _retrain(req: RepairRequest, pipe, candidate, safety, bars) -> tuple[dict, d
     info.update(images=len(data.captions), final_loss=result.losses[-1] if result.losses else None,
                 resumed_from_step=resumed, checkpoint=str(ckpt))
     return result.modules, info
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint was saved at (None without one); a checkpoint of other settings is refused later."""
-    from auditkit.lora.io import open_safetensors
-
-    if not path.exists():
-        return None
-    try:
-        return int(open_safetensors(path).metadata.get("step", ""))
-    except ValueError:
-        return None
 
 
 def _rescan(req, pipe, before_report, after_report, before_static, after_static, bars, concept_check) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,10 @@ from auditkit.lora.io import open_safetensors, serialize
 SCHEMA = "auditkit.checkpoint/1"
 
 
-def fingerprint(config, images: np.ndarray, captions: list[str], frozen: dict | None = None) -> str:
-    """sha256 over the training settings, the data and any frozen (merged) modules."""
+def fingerprint(settings: dict, images: np.ndarray, captions: list[str], frozen: dict | None = None) -> str:
+    """sha256 over the training settings (JSON-able), the data and any frozen (merged) modules."""
     h = hashlib.sha256()
-    h.update(json.dumps(asdict(config) if is_dataclass(config) else config, sort_keys=True).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(np.ascontiguousarray(images).tobytes())
     h.update(json.dumps(captions).encode())
     for name in sorted(frozen or {}):
@@ -53,6 +53,16 @@ def save(path: str | Path, step: int, params: list, optimizer, rng: np.random.Ge
     meta = {"schema": SCHEMA, "step": str(step), "fingerprint": fp, "losses": json.dumps(losses),
             "rng.numpy": json.dumps(rng.bit_generator.state)}
     atomic_write_bytes(path, serialize(tensors, meta))
+
+
+def saved_step(path: str | Path) -> int | None:
+    """The step an auditkit checkpoint was saved at; None when there is none (or it is not one)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    st = open_safetensors(path)
+    step = st.metadata.get("step", "")
+    return int(step) if st.metadata.get("schema") == SCHEMA and step.isdigit() else None
 
 
 def restore(path: str | Path, fp: str, params: list, optimizer, rng: np.random.Generator, gen) -> State | None:
