@@ -8,25 +8,19 @@
   order); rank ``r`` takes batches ``r, r + N, r + 2N, ...`` (:func:`shard`), so every image is
   rendered in the very batch it would be in a one-process run and its record is the same.
 * Each rank appends its records to its own shard log ``run.rank<r>.jsonl`` (same format, no
-  header). After a barrier, rank 0 merges the shards into ``run.jsonl`` (:func:`merge_shards`:
+  header). After a barrier, rank 0 merges the shards into ``run.jsonl`` (:func:`auditkit.runlog.merge_shards`:
   deduplicated by (configuration, key), written atomically) and removes them. A killed run's shards
   are merged when the run is started again, before the remaining work is split.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
-from auditkit.errors import Unscannable
-from auditkit.fsutil import atomic_write_text
-
 T = TypeVar("T")
-SHARD_GLOB = "run.rank*.jsonl"
 
 
 def _nothing() -> None:
@@ -78,42 +72,3 @@ def shard(units: Sequence[T], rank: int, world: int) -> list[T]:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside a world of {world}")
     return list(units[rank::world])
-
-
-def shard_name(rank: int) -> str:
-    return f"run.rank{rank}.jsonl"
-
-
-def _record_order(rec: dict) -> tuple:
-    return rec["config"], rec["suite"], rec["prompt_index"], rec["image_index"], rec["key"]
-
-
-def merge_shards(run_dir: str | Path) -> int:
-    """Fold every shard log of ``run_dir`` into its ``run.jsonl`` and remove the shards.
-
-    Records already in the run log keep their place; new ones (the first of each (configuration,
-    key)) follow, sorted by configuration, suite, prompt and image. The run log is rewritten
-    atomically before any shard is removed, so a kill at any point loses nothing. Returns the number
-    of records added.
-    """
-    from auditkit.runner import RunLog
-
-    log = RunLog(run_dir)
-    shards = sorted(log.dir.glob(SHARD_GLOB))
-    if not shards:
-        return 0
-    header = log.header()
-    if header is None:
-        raise Unscannable(shards[0], "a shard log without a run log (run.jsonl) to merge it into; remove it")
-    records = log.records()
-    seen = {(r["config"], r["key"]) for r in records}
-    new = {}
-    for path in shards:
-        for rec in RunLog(log.dir, path.name).records():
-            new.setdefault((rec["config"], rec["key"]), rec)
-    added = sorted((r for k, r in new.items() if k not in seen), key=_record_order)
-    lines = [json.dumps(r, sort_keys=True) + "\n" for r in [header, *records, *added]]
-    atomic_write_text(log.path, "".join(lines))
-    for path in shards:
-        path.unlink()
-    return len(added)

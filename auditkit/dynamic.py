@@ -6,13 +6,15 @@ from importlib import metadata
 from pathlib import Path
 
 from auditkit import __version__
+from auditkit.config import DynamicThresholds
 from auditkit.distributed import Ranks
 from auditkit.lora.adapter import Adapter
-from auditkit.report.digest import DynamicThresholds, digest
-from auditkit.runner import RunLog, configurations, load_adapters, plan, run
+from auditkit.report.digest import digest
+from auditkit.runlog import RunLog
+from auditkit.runner import configurations, load_adapters, plan, run
 from auditkit.suites import Suite
 
-LIBRARIES = ("torch", "diffusers", "transformers", "peft", "nudenet", "open_clip_torch", "numpy")
+LIBRARIES = ("torch", "diffusers", "transformers", "peft", "nudenet", "open_clip_torch", "numpy", "scipy")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -38,7 +40,8 @@ def pick_device(device: str | None) -> tuple[str, str]:
 
 def suites_info(suites: list[Suite]) -> dict[str, dict]:
     return {s.name: {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
-                     "concept": s.concept_word, "prompts": len(s.prompts)} for s in suites}
+                     "concept": s.concept_word, "prompts": len(s.prompts),
+                     **({"sha256": s.sha256} if getattr(s, "sha256", None) else {})} for s in suites}
 
 
 def load_base(base: str, device: str | None = None):
@@ -51,22 +54,29 @@ def load_base(base: str, device: str | None = None):
     return load_pipeline(base, device=device, dtype=getattr(torch, dtype)), device, dtype
 
 
-def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter, suites: list[Suite], run_dir: str | Path,
-                multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None, batch_size: int = 16,
-                thresholds: DynamicThresholds = DynamicThresholds(), progress=None, ranks: Ranks | None = None) -> dict:
+def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, suites: list[Suite],
+                run_dir: str | Path, multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None,
+                batch_size: int = 16, thresholds: DynamicThresholds | None = None, progress=None,
+                ranks: Ranks | None = None) -> dict:
     """Render with ``pipe`` (from :func:`load_base`), score and digest; resumable in ``run_dir``.
+
+    With a safety module: base, base+safety, base+safety+candidate@m and base+candidate@m
+    (re-emergence); without one: base and base+candidate@m (amplification against the base).
     Returns the report's ``dynamic`` section. ``ranks``: this process's part of a distributed launch
-    (:func:`auditkit.distributed.init`); every rank returns the same section, of the merged run log."""
+    (:func:`auditkit.distributed.init`); every rank returns the same section, of the merged run log.
+    """
     from auditkit import detectors as registry
 
+    thresholds = thresholds or DynamicThresholds()
     device, dtype = str(pipe.unet.device), str(pipe.unet.dtype).removeprefix("torch.")
     detectors = {name: registry.get(name) for name in sorted({s.detector for s in suites})}
-    coverage = load_adapters(pipe, {"safety": safety, "candidate": candidate})
-    configs = configurations(multipliers)
+    adapters = {"safety": safety, "candidate": candidate} if safety is not None else {"candidate": candidate}
+    coverage = load_adapters(pipe, adapters)
+    configs = configurations(multipliers, with_safety=safety is not None)
     jobs = plan(suites, steps)
     header = {
         "base": base, "suites": suites_info(suites), "multipliers": list(multipliers), "steps_override": steps,
-        "adapters": {"candidate": candidate.sha256, "safety": safety.sha256},
+        "adapters": {role: a.sha256 for role, a in adapters.items()},
         "detectors": {n: d.profile() for n, d in detectors.items()},
         "seeds": "image k of a prompt uses seed prompt.seed * 1000 + k",
     }
@@ -76,8 +86,9 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter, suites: li
         log.start(header)  # written once, before any rank renders
     ranks.barrier()
     log.start(header)  # every rank checks that a resumed run matches
-    run(pipe, jobs, configs, detectors, run_dir, roles=["safety", "candidate"], batch_size=batch_size,
+    run(pipe, jobs, configs, detectors, run_dir, roles=list(adapters), batch_size=batch_size,
         progress=progress, ranks=ranks)
+    pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
     section = digest(log.records(), suites_info(suites), thresholds)
     section.update({"device": device, "dtype": dtype, "adapter_coverage": coverage, "detectors": header["detectors"],
                     "libraries": library_versions(), "run_log": str(log.path), "images": len(log.records())})

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from auditkit.distributed import Ranks, merge_shards, shard, shard_name
+from auditkit.distributed import Ranks, shard
 from auditkit.errors import Unscannable
+from auditkit.runlog import RunLog, merge_shards, shard_name
 from auditkit.suites import Suite
 
-RUN_SCHEMA = "auditkit.run/1"
 Progress = Callable[[int, int], None]
 
 
@@ -73,63 +72,6 @@ def plan(suites: Sequence[Suite], steps: int | None = None) -> list[Job]:
                 jobs.append(Job(f"{s.name}/{i}/{k}", s.name, i, k, p.text, p.seed * 1000 + k, p.guidance,
                                 steps or s.steps))
     return jobs
-
-
-class RunLog:
-    """``run.jsonl``: line 1 is the header, every further line one scored image. Append-only."""
-
-    def __init__(self, run_dir: str | Path, name: str = "run.jsonl"):
-        self.dir = Path(run_dir)
-        self.path = self.dir / name
-
-    def header(self) -> dict | None:
-        if not self.path.exists():
-            return None
-        with open(self.path, encoding="utf-8") as fh:
-            first = fh.readline()
-        return json.loads(first) if first.strip() else None
-
-    def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        out = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
-                    break  # a line cut by a kill: ignored, its image is made again
-                rec = json.loads(line)
-                if rec.get("type") == "image":
-                    out.append(rec)
-        return out
-
-    def start(self, header: dict) -> None:
-        """Write the header, or check that a resumed run matches it."""
-        old = self.header()
-        if old is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._append([{"type": "header", "schema": RUN_SCHEMA, **header}])
-        elif {k: old.get(k) for k in header} != header:
-            changed = sorted(k for k in header if old.get(k) != header[k])
-            raise Unscannable(self.path, f"cannot resume: the run was started with other {', '.join(changed)}")
-
-    def _append(self, records: list[dict]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._drop_partial_line()
-        with open(self.path, "a", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def _drop_partial_line(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-    def append(self, records: list[dict]) -> None:
-        self._append(records)
 
 
 def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95) -> dict[str, dict]:

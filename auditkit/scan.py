@@ -1,15 +1,39 @@
-"""`auditkit scan` as a library call: read, check, analyse, decide. No printing here."""
+"""``auditkit.scan``: the whole scan as one library call, configured by one :class:`ScanConfig`.
+
+The sequence (each stage once, forward only):
+
+1. resolve suites and detectors (everything invalid fails here, before a model loads);
+2. read the candidate (and the safety module) into canonical form; static rules when both are given;
+3. with a base: load it once; data-free checks (concept check, noise reversion) when a safety module
+   is given; the dynamic scan (re-emergence against the safety module, or amplification against the
+   base) unless ``static_only``;
+4. metadata evidence (training tags and trigger words naming a suite's concept);
+5. the verdict (:mod:`auditkit.verdict`) with the evidence it rests on; report.json + report.html.
+
+The CLI, ``repair``'s before/after scans and the benchmarks all call :func:`scan`.
+
+Example:
+    >>> from auditkit import ScanConfig, scan                                    # doctest: +SKIP
+    >>> result = scan(ScanConfig(candidate=Path("cand.safetensors"), safety=Path("safety.safetensors"),
+    ...                          base="lab", out=Path("reports/cand")))          # doctest: +SKIP
+    >>> result.verdict.verdict, result.verdict.evidence                          # doctest: +SKIP
+    ('risk', 'behavioural')
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from auditkit.analysis.verdict import Verdict, static_verdict
 from auditkit.analysis.weights import StaticFindings, static_scan
-from auditkit.config import StaticThresholds
+from auditkit.config import ScanConfig, StaticThresholds
 from auditkit.errors import BadInput, Unscannable
 from auditkit.lora.adapter import Adapter, read_adapter
+from auditkit.verdict import BEHAVIOURAL, DATA_FREE, METADATA, STATIC, Verdict, combine, static_verdict
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass
@@ -19,6 +43,23 @@ class StaticScan:
     findings: StaticFindings
     verdict: Verdict
     thresholds: StaticThresholds
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` found: the report (``report.json``'s content), the verdict and its evidence,
+    the static scan (None without a safety module) and where the report was written."""
+
+    config: ScanConfig
+    report: dict
+    verdict: Verdict
+    static: StaticScan | None
+    out: Path
+    paths: dict[str, Path]
+
+    @property
+    def exit_code(self) -> int:
+        return self.verdict.exit_code
 
 
 def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None) -> tuple[Adapter, Adapter]:
@@ -32,26 +73,146 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
         elif candidate.architecture.name in safety.architecture_candidates:
             safety = read_adapter(safety_path, arch=candidate.architecture)
         else:
-            raise BadInput(
-                candidate_path,
-                f"adapts {candidate.architecture.name} but the safety adapter {safety_path} adapts "
-                f"{safety.architecture.name}; they must target the same model",
-            )
+            raise BadInput(candidate_path, f"adapts {candidate.architecture.name} but the safety adapter {safety_path} "
+                                           f"adapts {safety.architecture.name}; they must target the same model")
     return candidate, safety
 
 
-def run_static_scan(
-    candidate_path: str | Path,
-    safety_path: str | Path,
-    thresholds: StaticThresholds = StaticThresholds(),
-    arch: str | None = None,
-) -> StaticScan:
+def run_static_scan(candidate_path: str | Path, safety_path: str | Path,
+                    thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None) -> StaticScan:
+    """Read both adapters and apply the static rules (factor space, no model, seconds)."""
     candidate, safety = read_pair(candidate_path, safety_path, arch)
     try:
         findings = static_scan(candidate, safety)
     except ValueError as exc:
         raise Unscannable(safety_path, str(exc)) from None
-    verdict = static_verdict(
-        findings, {"candidate": candidate.coverage.fraction, "safety": safety.coverage.fraction}, thresholds
-    )
+    verdict = static_verdict(findings, {"candidate": candidate.coverage.fraction,
+                                        "safety": safety.coverage.fraction}, thresholds)
     return StaticScan(candidate, safety, findings, verdict, thresholds)
+
+
+def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
+    """The configured suites (or the defaults for the base), with detector overrides applied."""
+    from auditkit.suites import builtin_dir, load_suites
+
+    base = base if base is not None else config.base
+    files = [Path(f) for f in config.suites]
+    if not files:
+        names = ("lab-cross", "lab-neon") if base == "lab" else ("nudity", "benign")
+        files = [builtin_dir() / f"{n}.yaml" for n in names]
+    suites = load_suites(files)
+    known = {s.name for s in suites}
+    for name, _ in config.detectors:
+        if name not in known:
+            raise BadInput(None, f"detectors: no suite named {name!r} (suites: {', '.join(sorted(known))})")
+    suites = [dataclasses.replace(s, detector=config.detector_for(s.name, s.detector)) for s in suites]
+    if not any(s.role == "concept" for s in suites):
+        raise BadInput(files[0], "no concept suite given: at least one suite must have role 'concept'")
+    from auditkit import detectors as registry
+
+    for s in suites:
+        registry.check_name(s.detector)
+    return suites
+
+
+def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> dict:
+    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion."""
+    from auditkit.analysis.concept import kv_reversion, prompt_embeddings
+    from auditkit.analysis.reversion import noise_reversion
+
+    prompts = [p.text for p in suite.prompts]
+    e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
+    check = kv_reversion(e, mask, candidate.modules, safety.modules).to_dict()
+    check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
+    check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.modules, safety.modules).to_dict()
+    return check
+
+
+def metadata_concepts(suites: list) -> dict[str, tuple[str, ...]]:
+    """Concept terms per concept suite (its concept word and listed terms)."""
+    return {s.name: (s.concept_word, *getattr(s, "concept_terms", ())) for s in suites if s.role == "concept"}
+
+
+def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
+         ranks=None) -> ScanResult:
+    """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
+
+    Args:
+        config: the resolved configuration (see :mod:`auditkit.configfile` for files and precedence).
+        progress: called with (stage, done, total) while images render.
+        pipeline: an already loaded base pipeline to reuse (repair scans twice with one load).
+        write: write the report files (False: only return them).
+        ranks: this process's share of a distributed launch (:func:`auditkit.distributed.init`).
+
+    Raises:
+        BadInput: a bad input (exit 2); Unscannable: nothing auditkit can analyse (exit 3).
+    """
+    from auditkit.analysis.metadata import concept_evidence
+    from auditkit.report.build import build_report, finish_report, write_reports
+    from auditkit.suites import builtin_dir, list_suites
+
+    if config.candidate is None:
+        raise BadInput(None, "no candidate adapter given")
+    # validated before any model loads; without a base, configured suites still name the concepts
+    # whose words the metadata evidence looks for
+    suites = resolve_suites(config) if config.base is not None or config.suites else []
+    static = None
+    if config.safety is not None:
+        static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch)
+        candidate, safety = static.candidate, static.safety
+    else:
+        candidate, safety = read_adapter(config.candidate, arch=config.arch), None
+    gathered = [METADATA]
+    report = build_report(candidate, safety, static, config)
+    dynamic = None
+    if config.base is not None:
+        pipe, ranks = _pipeline(config, pipeline, ranks)
+        concept_suite = next(s for s in suites if s.role == "concept")  # resolve_suites guarantees one
+        if safety is not None:
+            report["concept_check"] = concept_check(pipe, config.base, concept_suite, candidate, safety)
+            gathered.append(DATA_FREE)
+        if config.dynamic_enabled:
+            from auditkit.dynamic import run_dynamic
+
+            out = config.out or default_out(config.candidate)
+            dynamic = run_dynamic(pipe, config.base, candidate, safety, suites, out, config.multipliers, config.steps,
+                                  config.batch_size, config.dynamic, progress=_stage(progress, "dynamic scan"),
+                                  ranks=ranks)
+            dynamic["show_flagged"] = config.show_flagged
+            gathered.append(BEHAVIOURAL)
+    if static is not None:
+        gathered.append(STATIC)
+    concept_suites = suites or [s for s in list_suites(builtin_dir()) if s.role == "concept"]
+    report["metadata_evidence"] = concept_evidence(candidate.metadata, metadata_concepts(concept_suites))
+    order = (BEHAVIOURAL, DATA_FREE, STATIC, METADATA)
+    verdict = combine(static.verdict if static else None, dynamic, tuple(g for g in order if g in gathered))
+    finish_report(report, dynamic, verdict)
+    out = config.out or default_out(config.candidate)
+    paths = {}
+    if write and (ranks is None or ranks.main):
+        try:
+            paths = write_reports(report, out)
+        except OSError as exc:
+            raise BadInput(out, f"cannot write the report ({exc.strerror or exc})") from None
+    return ScanResult(config, report, verdict, static, Path(out), paths)
+
+
+def default_out(candidate: Path) -> Path:
+    return Path("reports") / Path(candidate).stem
+
+
+def _pipeline(config: ScanConfig, pipeline, ranks):
+    from auditkit.distributed import Ranks, init
+    from auditkit.dynamic import load_base
+
+    if ranks is None:
+        ranks = init(config.device) if config.dynamic_enabled else Ranks()
+    if pipeline is None:
+        pipeline, _, _ = load_base(config.base, config.device or ranks.device)
+    return pipeline, ranks
+
+
+def _stage(progress: Progress | None, stage: str):
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)

@@ -41,7 +41,8 @@ from auditkit.dynamic import library_versions
 from auditkit.lora.adapter import LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
 from auditkit.models import architectures
-from auditkit.runner import Configuration, Fused, Job, RunLog, apply_configuration, load_adapters, run
+from auditkit.runlog import RunLog
+from auditkit.runner import Configuration, Fused, Job, apply_configuration, load_adapters, run
 
 RESULTS = Path(__file__).parent / "results" / "gpu_throughput.json"
 ATTENTION = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",

@@ -31,6 +31,13 @@ def select(arch, *needles, component="unet.") -> list[str]:
     return [n for n in arch.modules if n.startswith(component) and any(k in n for k in needles)]
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_repository(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: the repository's auditkit.toml (the lab example) must
+    not configure the tests' scans, and nothing is written into the working tree."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def sd15():
     return architectures.get("sd15")

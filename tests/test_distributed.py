@@ -13,9 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from auditkit.distributed import Ranks, merge_shards, shard, shard_name
+from auditkit.distributed import Ranks, shard
+from auditkit.runlog import merge_shards, shard_name
 from auditkit.errors import Unscannable
-from auditkit.runner import Job, RunLog, batches, configurations
+from auditkit.runlog import RunLog
+from auditkit.runner import Job, batches, configurations
 
 # ------------------------------------------------------------------------------------------------
 # pure parts: shares, batches, merging
@@ -217,8 +219,10 @@ def test_accelerate_launch_two_processes_gives_the_single_process_run(tmp_path):
                          env=env, timeout=300)
     one = subprocess.run([sys.executable, *scan_args(tmp_path, tmp_path / "one")], capture_output=True, text=True,
                          env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]  # any rank's non-zero code fails the launch
+    # 6 image pairs are too few for a pass (inconclusive, exit 3); torchrun turns a rank's non-zero
+    # exit into 1, so the launch's code is 1 then, and report.json keeps the real verdict
+    assert one.returncode in (0, 3), one.stderr[-2000:]
+    assert two.returncode == (0 if one.returncode == 0 else 1), two.stdout[-2000:] + two.stderr[-3000:]
 
     def records(d):
         return {(r["config"], r["key"]): r for r in RunLog(tmp_path / d).records()}

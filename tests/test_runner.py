@@ -11,7 +11,8 @@ pytest.importorskip("diffusers")
 
 from auditkit.errors import Unscannable  # noqa: E402
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
-from auditkit.runner import RunLog, configurations, load_adapters, plan, run  # noqa: E402
+from auditkit.runlog import RunLog  # noqa: E402
+from auditkit.runner import configurations, load_adapters, plan, run  # noqa: E402
 from auditkit.suites import builtin_dir, load_suite  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")

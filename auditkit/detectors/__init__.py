@@ -54,12 +54,17 @@ def available(name: str) -> bool:
     return all(importlib.util.find_spec(mod) is not None for mod in REGISTRY[name].requires)
 
 
-def get(name: str, **options):
-    """Make detector ``name``; options override the registry's (e.g. ``threshold=0.5``)."""
+def check_name(name: str, path=None) -> None:
+    """Refuse an unknown detector name with a did-you-mean hint (nothing is imported)."""
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(names())}"
-        raise BadInput(None, f"unknown detector '{name}'{hint}")
+        raise BadInput(path, f"unknown detector '{name}'{hint}")
+
+
+def get(name: str, **options):
+    """Make detector ``name``; options override the registry's (e.g. ``threshold=0.5``)."""
+    check_name(name)
     entry = REGISTRY[name]
     missing = [m for m in entry.requires if importlib.util.find_spec(m) is None]
     if missing:

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,20 +101,18 @@ def safelora_module(cand: LoraModule, safe: LoraModule, threshold: float) -> tup
     return new, _report(cand.name, True, cand, new, safe, similarity)
 
 
-def project(candidate: dict[str, LoraModule], safety: dict[str, LoraModule], method: str = "sign-aware",
-            threshold: float = 0.5) -> tuple[dict[str, LoraModule], list[ModuleRepair]]:
-    """Repair every module the candidate shares with the safety adapter; the others are kept as they are."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+def project(candidate: dict[str, LoraModule], safety: dict[str, LoraModule],
+            repair_module: Callable[[LoraModule, LoraModule], tuple[LoraModule, ModuleRepair]] | None = None,
+            ) -> tuple[dict[str, LoraModule], list[ModuleRepair]]:
+    """Repair every module the candidate shares with the safety adapter with ``repair_module``
+    (default :func:`sign_aware_module`); the others are kept as they are."""
+    repair_module = repair_module or sign_aware_module
     out, reports = {}, []
     for name, cand in candidate.items():
         if name not in safety:
             out[name] = cand
             continue
-        if method == "sign-aware":
-            out[name], rep = sign_aware_module(cand, safety[name])
-        else:
-            out[name], rep = safelora_module(cand, safety[name], threshold)
+        out[name], rep = repair_module(cand, safety[name])
         reports.append(rep)
     return out, reports
 
@@ -124,5 +123,3 @@ def overall_cancellation(candidate: dict[str, LoraModule], safety: dict[str, Lor
     inner = sum(_inner(candidate[n], m) for n, m in safety.items() if n in candidate)
     return -inner / energy if energy > 0 else 0.0
 
-
-METHODS = ("sign-aware", "safelora")

@@ -1,4 +1,9 @@
-"""report.json: the stable, documented record of a scan (schema in docs/report-schema.md)."""
+"""report.json: the stable, documented record of a scan (schema in docs/report-schema.md).
+
+Built from the scan's results only (adapters, static findings, data-free checks, the dynamic
+section digested from the run log, the verdict); :func:`refresh` re-derives the dynamic section and
+the verdict from a folder's run log, which is what ``auditkit report`` does.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ import math
 from pathlib import Path
 
 from auditkit import __version__
+from auditkit.errors import BadInput
 from auditkit.fsutil import atomic_write_text
 from auditkit.lora.adapter import Adapter
 from auditkit.lora.metadata import summarize
-from auditkit.scan import StaticScan
 
-SCHEMA = "auditkit.report/1"
+SCHEMA = "auditkit.report/2"
 TOP_MODULES = 15
 MIN_CONTRIBUTION = 0.001  # a module adding under 0.1% to the overall cancellation is not worth listing
 
@@ -24,52 +29,81 @@ def adapter_section(adapter: Adapter) -> dict:
     return section
 
 
-def build_report(scan: StaticScan) -> dict:
+def static_section(scan) -> dict:
     f = scan.findings
     static = f.to_dict()
     static["top_modules"] = [m.name for m in f.modules if m.contribution >= MIN_CONTRIBUTION][:TOP_MODULES]
     static["thresholds"] = scan.thresholds.to_dict()
     static["verdict"] = scan.verdict.verdict
     static["reasons"] = list(scan.verdict.reasons)
-    return _finite({
+    return static
+
+
+def build_report(candidate: Adapter, safety: Adapter | None, static=None, config=None) -> dict:
+    """The report's skeleton; :func:`finish_report` adds the dynamic section and the verdict."""
+    return {
         "schema": SCHEMA,
         "auditkit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "verdict": scan.verdict.verdict,
-        "exit_code": scan.verdict.exit_code,
-        "reasons": scan.verdict.reasons,
-        "architecture": scan.safety.architecture.name,
-        "candidate": adapter_section(scan.candidate),
-        "safety": adapter_section(scan.safety),
-        "static": static,
+        "verdict": None, "exit_code": None, "reasons": [], "evidence": None,
+        "mode": config.mode if config is not None else ("static" if safety is not None else "metadata"),
+        "architecture": (safety or candidate).architecture.name,
+        "candidate": adapter_section(candidate),
+        "safety": adapter_section(safety) if safety is not None else None,
+        "base": config.base if config is not None else None,
+        "config": _finite(config.to_dict()) if config is not None else None,
+        "static": static_section(static) if static is not None else None,
         "concept_check": None,
+        "metadata_evidence": None,
         "dynamic": None,
         "repair": None,
-    })
+    }
 
 
-EXIT = {"pass": 0, "risk": 1, "inconclusive": 3}
-STATIC_ONLY = ("static evidence only: behaviour was not probed (give --base to probe it); a small weight-space "
-               "cancellation can still bring a concept back")
-
-
-def set_dynamic(report: dict, dynamic: dict | None) -> dict:
-    """Put the dynamic section in the report and settle the verdict, reasons and exit code from both scans."""
-    from auditkit.report.digest import combine
-
-    static = report["static"]
+def finish_report(report: dict, dynamic: dict | None, verdict) -> dict:
+    """Put the dynamic section and the verdict (:class:`auditkit.verdict.Verdict`) in the report."""
     report["dynamic"] = dynamic
-    if dynamic is None:
-        # In the lab, an adapter with weight-space cancellation 0.07 still brought an erased concept
-        # back in 66% of images (BENCHMARKS.md): static-only reports say what they did not do.
-        verdict, reasons = static["verdict"], [*static["reasons"], STATIC_ONLY]
-    else:
-        verdict = combine(static["verdict"], dynamic["verdict"])
-        reasons = [f"dynamic ({name}, {c['configuration']}): {c['reason']}"
-                   for name, sd in dynamic["suites"].items() for c in sd.get("comparisons", [])]
-        reasons += [f"static: {r}" for r in static["reasons"]]
-    report.update(verdict=verdict, reasons=reasons, exit_code=EXIT[verdict])
+    v = verdict.to_dict()
+    report.update(verdict=v["verdict"], exit_code=v["exit_code"], reasons=v["reasons"], evidence=v["evidence"])
+    report.update(_finite({k: report[k] for k in report}))
     return report
+
+
+def refresh(report: dict, run_dir: Path, show_flagged: bool = False) -> dict:
+    """Re-derive the dynamic section (from the folder's run log) and the verdict of a saved report."""
+    from auditkit.config import DynamicThresholds
+    from auditkit.report.digest import digest
+    from auditkit.runlog import RunLog
+    from auditkit.verdict import Verdict, combine
+
+    path = run_dir / "report.json"
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        raise BadInput(path, f"not an auditkit report of schema {SCHEMA}")
+    static = report.get("static")
+    evidence = report.get("evidence") or {}
+    gathered = evidence.get("gathered") if isinstance(evidence, dict) else None
+    try:
+        static_v = Verdict(str(static["verdict"]), [str(r) for r in static["reasons"]]) if static else None
+        gathered = tuple(str(g) for g in gathered)
+    except (KeyError, TypeError):
+        raise BadInput(path, "report.json's static or evidence fields are malformed") from None
+    dynamic = report.get("dynamic")
+    if dynamic:
+        # a scan folder holds its run log; a repair folder holds the repaired adapter's in scan-after/
+        log = next((RunLog(d) for d in (run_dir, run_dir / "scan-after") if (d / "run.jsonl").is_file()),
+                   RunLog(run_dir))
+        header = log.header()
+        if header is None:
+            raise BadInput(log.path, "the run log is missing or empty")
+        try:
+            thresholds = DynamicThresholds(**dynamic.get("thresholds", {}))
+        except (TypeError, ValueError) as exc:
+            raise BadInput(path, f"dynamic thresholds are malformed ({exc})") from None
+        fresh = digest(log.records(), header["suites"], thresholds)
+        keep = {k: v for k, v in dynamic.items() if k not in fresh}
+        dynamic = {**keep, **fresh, "images": len(log.records()), "show_flagged": show_flagged,
+                   "run_log": str(log.path)}
+    return finish_report(report, dynamic, combine(static_v, dynamic, gathered))
 
 
 def _finite(obj):
@@ -88,7 +122,7 @@ def write_reports(report: dict, out_dir: str | Path) -> dict[str, Path]:
     from auditkit.report.html import render_html
 
     out_dir = Path(out_dir)
-    text = json.dumps(report, indent=2, sort_keys=False, allow_nan=False)
+    text = json.dumps(_finite(report), indent=2, sort_keys=False, allow_nan=False)
     html = render_html(report)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(out_dir)

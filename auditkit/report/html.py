@@ -101,7 +101,7 @@ def image_grids(report: dict) -> dict:
     """suite -> configuration -> [(data URI, flagged, blurred, prompt)] from the run's saved images."""
     import base64
 
-    from auditkit.runner import RunLog
+    from auditkit.runlog import RunLog
 
     dyn = report.get("dynamic") or {}
     if not dyn.get("run_log"):
@@ -131,7 +131,7 @@ def render_html(report: dict) -> str:
     return template.render(
         r=report,
         s=static,
-        chart=group_chart(static.get("groups", [])),
+        chart=group_chart(static.get("groups", [])) if static else "",
         top_modules=[m for m in static.get("modules", []) if m["name"] in top],
         rate_charts={name: rate_chart(sd["rates"]) for name, sd in dyn.get("suites", {}).items()},
         grids=image_grids(report),

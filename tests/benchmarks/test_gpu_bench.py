@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_throughput.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_throughput.py"
 RESULTS = SCRIPT.parent / "results" / "gpu_throughput.json"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 

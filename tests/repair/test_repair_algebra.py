@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from auditkit.lora.adapter import LoraModule
-from auditkit.repair.algebra import concatenate, overall_cancellation, project
+from functools import partial
+
+from auditkit.repair.algebra import concatenate, overall_cancellation, project, safelora_module, sign_aware_module
 
 
 def _mod(rng, name="m", out=24, inp=20, r=4, scale=0.5):
@@ -39,7 +41,7 @@ def test_sign_aware_projection_matches_dense_and_leaves_no_cancellation():
     # a candidate that undoes most of the safety update, plus its own work elsewhere
     own = _mod(rng, r=6, scale=1.0)
     cand = concatenate(({"m": own}, 1.0), ({"m": safe}, -0.8))["m"]
-    repaired, reports = project({"m": cand}, {"m": safe}, "sign-aware")
+    repaired, reports = project({"m": cand}, {"m": safe}, sign_aware_module)
     new = repaired["m"]
     np.testing.assert_allclose(new.delta(), _dense_sign_aware(cand.delta(), safe.delta()), rtol=1e-4, atol=1e-4)
     assert reports[0].cancellation_before == pytest.approx(0.8 - np.sum(own.delta() * safe.delta())
@@ -58,7 +60,7 @@ def test_sign_aware_keeps_a_reinforcing_candidate_and_modules_outside_safety():
     safe = _mod(rng, r=3)
     cand = LoraModule("m", safe.down.copy(), safe.up.copy(), safe.scale * 0.5)  # half the safety update again
     other = _mod(rng, "other")
-    repaired, reports = project({"m": cand, "other": other}, {"m": safe}, "sign-aware")
+    repaired, reports = project({"m": cand, "other": other}, {"m": safe}, sign_aware_module)
     np.testing.assert_allclose(repaired["m"].delta(), cand.delta(), atol=1e-4)
     assert repaired["other"] is other
     assert len(reports) == 1 and reports[0].cancellation_before == pytest.approx(-0.5, rel=1e-4)
@@ -69,7 +71,7 @@ def test_safelora_projects_only_modules_below_the_threshold():
     safe = {"x": _mod(rng, "x", r=4), "y": _mod(rng, "y", r=4)}
     aligned = LoraModule("x", safe["x"].down.copy(), -safe["x"].up.copy(), safe["x"].scale)  # exactly −ΔW_s
     unrelated = _mod(rng, "y", r=4)
-    repaired, reports = project({"x": aligned, "y": unrelated}, safe, "safelora", threshold=0.5)
+    repaired, reports = project({"x": aligned, "y": unrelated}, safe, partial(safelora_module, threshold=0.5))
     by = {r.name: r for r in reports}
     assert by["x"].similarity == pytest.approx(1.0, abs=1e-6) and not by["x"].changed
     # Safe LoRA keeps a module that lies in the alignment subspace, even one that cancels it exactly
@@ -81,6 +83,10 @@ def test_safelora_projects_only_modules_below_the_threshold():
     assert by["y"].similarity == pytest.approx(np.linalg.norm(dense) / np.linalg.norm(unrelated.delta()), rel=1e-5)
 
 
-def test_unknown_method():
-    with pytest.raises(ValueError, match="method"):
-        project({}, {}, "magic")
+def test_every_registered_method_is_one_record():
+    from auditkit.repair.methods import METHODS
+
+    assert set(METHODS) == {"modular", "anchored", "sign-aware", "safelora"}
+    for name, m in METHODS.items():
+        assert m.name == name and m.description and m.summary and callable(m.run)
+    assert [n for n, m in METHODS.items() if m.needs_data] == ["modular", "anchored"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import random_modules, select
 
-from auditkit.analysis.verdict import INCONCLUSIVE, PASS, RISK, static_verdict
+from auditkit.verdict import CLEAR, INCONCLUSIVE, RISK, static_verdict
 from auditkit.analysis.weights import static_scan
 from auditkit.config import StaticThresholds
 from auditkit.lora.adapter import Adapter, Coverage, LoraModule
@@ -46,7 +46,7 @@ def test_orthogonal_candidate_scores_zero_and_passes(sd15, safety):
     cand = inverse_plus_orthogonal(safety, sd15, undo=0.0)
     f = static_scan(adapter(sd15, cand), adapter(sd15, safety))
     assert abs(f.cancellation) < 1e-9 and f.energy_in_safety_subspace < 1e-9
-    assert static_verdict(f, {"candidate": 1.0}).verdict == PASS
+    assert static_verdict(f, {"candidate": 1.0}).verdict == CLEAR
 
 
 def test_half_cancellation_is_risk_and_partial_is_inconclusive(sd15, safety):
@@ -60,7 +60,7 @@ def test_half_cancellation_is_risk_and_partial_is_inconclusive(sd15, safety):
 def test_reinforcing_candidate_has_negative_cancellation(sd15, safety):
     f = static_scan(adapter(sd15, inverse_plus_orthogonal(safety, sd15, -1.0)), adapter(sd15, safety))
     assert f.cancellation == pytest.approx(-1.0, abs=1e-9)
-    assert static_verdict(f, {}).verdict == PASS
+    assert static_verdict(f, {}).verdict == CLEAR
 
 
 def test_undoing_one_block_group_is_a_risk_even_when_overall_is_low(sd15, safety):

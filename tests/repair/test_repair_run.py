@@ -166,8 +166,10 @@ def test_data_free_repair_removes_the_cancellation_and_the_rescan_proves_it(tmp_
 def test_static_only_repair_without_a_base(tmp_path):
     cand = inverse(tmp_path, 0.7)
     res = auditkit("repair", cand, "--safety", SAFETY, "--out", tmp_path / "r")
-    assert res.returncode == 0, res.stderr
-    rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
+    assert res.returncode == 3, res.stderr  # static evidence only: the repair is not proven by behaviour
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    rp = report["repair"]
+    assert report["evidence"]["level"] == "static" and rp["after"]["static_cancellation"] < 0.01
     assert rp["comparisons"] == [] and rp["fidelity"] is None
     assert any("not probed" in n for n in rp["notes"])
     assert rp["before"]["static_cancellation"] == pytest.approx(0.7, abs=0.01)

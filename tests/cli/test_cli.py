@@ -42,12 +42,16 @@ def test_scan_flags_the_jailbreak_and_writes_both_reports(tmp_path, examples):
     assert "RISK" in html.upper() and "report.html" in res.stdout
 
 
-def test_scan_passes_the_benign_candidate(tmp_path, examples):
+def test_a_static_only_scan_never_passes(tmp_path, examples):
+    # issue 9: static PASS (exit 0) was given to adapters that bring the concept back in 26-97% of images
     res = run("scan", examples["benign"], "--safety", examples["safety"], "--static", "--out", tmp_path / "r")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 3, res.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["verdict"] == "pass"
-    assert any(r.startswith("static evidence only") for r in report["reasons"])
+    assert report["verdict"] == "inconclusive" and report["static"]["verdict"] == "clear"
+    assert report["evidence"] == {"level": "static", "gathered": ["static", "metadata"]}
+    assert any("no weight-space cancellation found" in r for r in report["reasons"])
+    assert any(r.startswith("behaviour not probed") for r in report["reasons"])
+    assert "what this scan rests on" in res.stdout and "--base" in res.stdout
 
 
 def test_thresholds_are_configurable(tmp_path, examples):

@@ -1,4 +1,5 @@
-"""Before/after summaries of a repair, from the two scan reports (pure: dicts in, dict out)."""
+"""The repair section of a report: before/after summaries from the two scan reports (pure: dicts in,
+dict out). The evidence itself is the two scans; this module only lays it side by side."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def summarize(report: dict) -> dict:
                     "suite": suite, "configuration": c["configuration"], "pairs": c["pairs"],
                     "rate_safety": c["rate_safety"], "rate_candidate": c["rate_candidate"],
                     "reemergence_ratio": c["reemergence_ratio"], "reemergence_ci95": c["reemergence_ci95"],
+                    "reemergence_upper": c.get("reemergence_upper"),
                     "verdict": c["verdict"]})
     return out
 

@@ -1,0 +1,68 @@
+"""Metadata evidence: training-caption tags and declared trigger words that name a suite's concept.
+
+kohya's ``ss_tag_frequency`` (dataset -> tag -> count) lists the tags of the training captions, and
+``modelspec.trigger_phrase`` the words a user is told to prompt with. A tag such as "nude" in an
+adapter audited against the nudity suite says the adapter was trained on that concept. It is
+evidence, never a pass: most files carry no such metadata, and metadata can lie.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+TRIGGER_FIELDS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words")
+
+
+def _pattern(terms: tuple[str, ...]) -> re.Pattern | None:
+    words = sorted({t.strip().lower() for t in terms if t.strip()}, key=len, reverse=True)
+    if not words:
+        return None
+    return re.compile(r"(?<![a-z0-9])(" + "|".join(re.escape(w) for w in words) + r")(s|es)?(?![a-z0-9])")
+
+
+def all_tags(metadata: dict[str, str]) -> dict[str, int]:
+    """Every training tag with its total count over datasets (empty when absent or malformed)."""
+    try:
+        data = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    counts: dict[str, int] = {}
+    if isinstance(data, dict):
+        for tags in data.values():
+            if isinstance(tags, dict):
+                for tag, n in tags.items():
+                    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
+                        key = " ".join(str(tag).split())[:200]
+                        counts[key] = counts.get(key, 0) + int(n)
+    return counts
+
+
+def declared_triggers(metadata: dict[str, str]) -> list[str]:
+    out = []
+    for key in TRIGGER_FIELDS:
+        value = metadata.get(key, "")
+        out += [w.strip()[:200] for w in re.split(r"[,\n]", value) if w.strip()]
+    return out
+
+
+def concept_evidence(metadata: dict[str, str], concepts: dict[str, tuple[str, ...]]) -> dict:
+    """Per suite (name -> concept terms): the training tags and trigger words that name its concept.
+
+    Example:
+        >>> ev = concept_evidence({"ss_tag_frequency": '{"d": {"nude": 3, "beach": 5}}'}, {"nudity": ("nude",)})
+        >>> ev["suites"]["nudity"]["tags"]
+        [{'tag': 'nude', 'count': 3}]
+    """
+    tags, triggers = all_tags(metadata), declared_triggers(metadata)
+    suites = {}
+    for name, terms in concepts.items():
+        pattern = _pattern(terms)
+        hits = [] if pattern is None else [{"tag": t, "count": n} for t, n in tags.items() if pattern.search(t.lower())]
+        hits.sort(key=lambda h: (-h["count"], h["tag"]))
+        trig = [] if pattern is None else [w for w in triggers if pattern.search(w.lower())]
+        suites[name] = {"terms": sorted(set(terms)), "tags": hits, "tag_count": sum(h["count"] for h in hits),
+                        "triggers": trig}
+    found = any(s["tags"] or s["triggers"] for s in suites.values())
+    return {"has_tag_frequency": bool(tags), "declared_triggers": triggers, "suites": suites, "found": found,
+            "note": "metadata evidence: what the file says about its training; it never makes a pass"}

@@ -1,0 +1,111 @@
+"""Looking at inputs without scanning: ``auditkit inspect`` (an adapter file), ``auditkit suites``
+(probe suites) and ``auditkit detectors``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.panel import Panel
+from rich.table import Table
+
+from auditkit.cli.common import escape, out
+from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
+
+
+@click.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--arch", type=click.Choice(list(BUILTIN_ARCHS)), help="Force the architecture.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(file: Path, arch: str | None, as_json: bool) -> None:
+    """Show an adapter's format, architecture, modules, ranks, scale, key coverage and metadata."""
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.metadata import summarize
+
+    adapter = read_adapter(file, arch=arch)
+    summary = adapter.summary()
+    summary["metadata"] = summarize(adapter.metadata)
+    summary["module_list"] = [
+        {"name": m.name, "rank": m.rank, "scale": m.scale, "shape": [m.up.shape[0], m.down.shape[1]]}
+        for m in adapter.modules.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    _print_inspect(summary)
+
+
+def _print_inspect(s: dict) -> None:
+    cov = s["coverage"]
+    t = Table.grid(padding=(0, 2))
+    t.add_row("file", s["path"])
+    t.add_row("sha256", s["sha256"])
+    t.add_row("format", s["format"])
+    t.add_row("architecture", f"{s['architecture']} ({s['architecture_label']})")
+    t.add_row("modules", ", ".join(f"{k}: {v}" for k, v in s["components"].items()))
+    t.add_row("ranks", ", ".join(map(str, s["ranks"])))
+    t.add_row("scales", ", ".join(f"{x:g}" for x in s["scales"][:8]) + (" …" if len(s["scales"]) > 8 else ""))
+    t.add_row("key coverage", f"{cov['mapped']} mapped, {cov['unmapped']} unmapped, {cov['ignored']} ignored "
+                              f"({cov['fraction']:.0%})")
+    out.print(Panel(t, title="adapter", expand=False))
+    for note in s["notes"]:
+        out.print(f"[dim]note:[/dim] {escape(note)}")
+    if cov["unmapped_keys"]:
+        out.print("[yellow]unmapped keys[/yellow] (first ones): " + escape(", ".join(cov["unmapped_keys"][:10])))
+    meta = s["metadata"]
+    if meta["fields"]:
+        mt = Table("metadata", "value", show_lines=False)
+        for k, v in meta["fields"].items():
+            mt.add_row(escape(k), escape(v[:200]))
+        out.print(mt)
+    if meta.get("training_tags"):
+        tags = ", ".join(f"{t['tag']} ({t['count']})" for t in meta["training_tags"][:20])
+        out.print("[bold]training tags[/bold]: " + escape(tags))
+
+
+@click.group()
+def suites() -> None:
+    """Probe suites: versioned prompt sets (YAML) and prompt CSVs such as I2P's."""
+
+
+@suites.command("ls")
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=None,
+              help="A folder of suites (default: the shipped probes/).")
+def suites_ls(folder: Path | None) -> None:
+    """List the suites with their concept, detector, role and prompt counts."""
+    from auditkit.suites import list_suites
+
+    table = Table("suite", "version", "role", "concept / neutral", "detector", "prompts", "categories")
+    for s in list_suites(folder):
+        cats = ", ".join(f"{k or '–'}: {v}" for k, v in sorted(s.categories.items()))
+        table.add_row(s.name, str(s.version), s.role, f"{s.concept_word} / {s.neutral_word}", s.detector,
+                      str(len(s.prompts)), escape(cats))
+    out.print(table)
+
+
+@suites.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def suites_validate(files: tuple[Path, ...]) -> None:
+    """Validate suite files (.yaml) or prompt CSVs; exit 2 at the first invalid one."""
+    from auditkit.suites import load_suite
+
+    for f in files:
+        s = load_suite(f)
+        out.print(f"ok  {escape(str(f))}: suite '{escape(s.name)}' v{s.version}, {len(s.prompts)} prompts")
+
+
+@click.group()
+def detectors() -> None:
+    """Image detectors (NudeNet, CLIP zero-shot, the lab detector)."""
+
+
+@detectors.command("ls")
+def detectors_ls() -> None:
+    """List the registered detectors and whether their packages are installed."""
+    from auditkit.detectors import REGISTRY, available
+
+    table = Table("detector", "installed", "what it scores")
+    for name, entry in sorted(REGISTRY.items()):
+        table.add_row(name, "yes" if available(name) else "no", entry.description)
+    out.print(table)

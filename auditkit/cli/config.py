@@ -1,0 +1,76 @@
+"""``auditkit init`` (write a project config) and ``auditkit config`` (what is in effect, and from where)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from auditkit.cli.common import escape, out
+from auditkit.cli.options import resolve, scan_options
+from auditkit.errors import BadInput
+
+
+@click.command()
+@click.option("--base", default=None, help="Base pipeline: 'lab' or a local diffusers folder.")
+@click.option("--safety", default=None, type=click.Path(path_type=Path), help="The safety module (.safetensors).")
+@click.option("--suite", "suites", multiple=True, type=click.Path(path_type=Path), help="Probe suite; repeatable.")
+@click.option("--device", default=None, help="torch device.")
+@click.option("--path", "target", type=click.Path(path_type=Path), default=Path("auditkit.toml"), show_default=True,
+              help="Where to write the config file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(base, safety, suites, device, target: Path, force: bool) -> None:
+    """Write a commented auditkit.toml: from the options, or by asking when on a terminal."""
+    from auditkit.config import ScanConfig
+    from auditkit.configfile import render
+    from auditkit.fsutil import atomic_write_text
+
+    if target.exists() and not force:
+        raise BadInput(target, "exists already (use --force to overwrite)")
+    if sys.stdin.isatty() and base is None and safety is None:
+        base = click.prompt("base model ('lab' or a diffusers folder; empty: none)", default="", show_default=False)
+        safety = click.prompt("safety module (.safetensors; empty: none)", default="", show_default=False)
+    values = {"base": base or None, "safety": Path(safety) if safety else None,
+              "suites": tuple(str(s) for s in suites), "device": device or None}
+    try:
+        config = ScanConfig(**values)
+    except ValueError as exc:
+        raise BadInput(target, str(exc)) from None
+    for label, path in (("safety", config.safety), *(("suite", Path(s)) for s in config.suites)):
+        if path is not None and not (target.parent / path).exists() and not path.exists():
+            out.print(f"[yellow]note:[/yellow] {label} {escape(str(path))} does not exist (yet)")
+    atomic_write_text(target, render(config))
+    out.print(f"config: [bold]{escape(str(target))}[/bold] (paths in it are relative to its folder)")
+
+
+@click.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@scan_options
+def config_cmd(as_json: bool, **params) -> None:
+    """Print the resolved scan configuration and where each value came from."""
+    import json
+
+    config, sources, path = resolve(params)
+    values = config.to_dict()
+    values.pop("candidate", None)
+    if as_json:
+        click.echo(json.dumps({"config_file": str(path) if path else None, "values": values,
+                               "sources": sources}, indent=2))
+        return
+    table = Table("setting", "value", "from", title=f"auditkit config · {escape(str(path) if path else 'no file')}")
+    for name, value in values.items():
+        if isinstance(value, dict) and name in ("static", "dynamic"):
+            for k, v in value.items():
+                table.add_row(f"{name}.{k}", escape(repr(v)), escape(sources.get(f"{name}.{k}", "default")))
+            continue
+        table.add_row(name, escape(repr(value)), escape(sources.get(name, "default")))
+    out.print(table)
+    mode = {"full": "full scan (static, data-free, dynamic)", "static": "static and data-free checks (no images)",
+            "amplification": "amplification against the base (no safety module)",
+            "metadata": "metadata and format only (no safety module, no base)"}[config.mode]
+    out.print(f"`auditkit scan FILE` here runs: [bold]{mode}[/bold]")
+
+
+

@@ -1,0 +1,93 @@
+"""Command-line options generated from :class:`auditkit.config.ScanConfig` and its thresholds.
+
+Every option defaults to None ("not given"), so the config file's value stands unless the command
+line sets one (see :func:`auditkit.configfile.resolve`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds
+from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
+
+FLAG_NAMES = {"static_only": "static", "suites": "suite", "detectors": "detector"}
+SKIP = ("candidate", "static", "dynamic")
+
+
+def _option_for(f: dataclasses.Field):
+    flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+    help_text = f.metadata["help"]
+    if f.name == "static_only":
+        return click.option(f"{flag}/--no-static", f.name, default=None, help=help_text)
+    if f.name == "show_flagged":
+        return click.option(f"{flag}/--blur-flagged", f.name, default=None, help=help_text)
+    if f.name == "suites":
+        return click.option(flag, f.name, multiple=True, type=click.Path(path_type=Path),
+                            help=help_text + "; repeatable")
+    if f.name == "detectors":
+        return click.option(flag, f.name, multiple=True, metavar="SUITE=DETECTOR", help=help_text + "; repeatable")
+    if f.name == "multipliers":
+        return click.option(flag, f.name, default=None, metavar="M,M,...", help=help_text + " (default 0.5,1,1.5)")
+    if f.name == "arch":
+        return click.option(flag, f.name, default=None, type=click.Choice(list(BUILTIN_ARCHS)), help=help_text)
+    if f.name in ("safety", "out"):
+        return click.option(flag, f.name, default=None, type=click.Path(path_type=Path), help=help_text)
+    if f.name in ("steps", "batch_size"):
+        return click.option(flag, f.name, default=None, type=int, help=help_text)
+    return click.option(flag, f.name, default=None, help=help_text)
+
+
+def scan_options(func):
+    """Decorate a command with one option per ScanConfig field and threshold, plus --config/--no-config."""
+    for group, cls in reversed((("static", StaticThresholds), ("dynamic", DynamicThresholds))):
+        for f in reversed(dataclasses.fields(cls)):
+            func = click.option("--" + f.name.replace("_", "-"), f"{group}__{f.name}", type=float, default=None,
+                                help=f"{f.metadata['help']} (default {f.default:g})")(func)
+    for f in reversed([f for f in dataclasses.fields(ScanConfig) if f.name not in SKIP]):
+        func = _option_for(f)(func)
+    func = click.option("--no-config", is_flag=True, help="Ignore auditkit.toml / [tool.auditkit].")(func)
+    func = click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+                        help="Config file (default: auditkit.toml or pyproject.toml's [tool.auditkit], "
+                             "found from the working directory upwards).")(func)
+    return func
+
+
+def overrides(params: dict) -> dict:
+    """The command line's ScanConfig values (None where not given), from the decorated params."""
+    from auditkit.cli.common import parse_multipliers
+
+    out = {}
+    for name, value in params.items():
+        name = name.replace("__", ".")  # thresholds: static__risk_ratio -> static.risk_ratio
+        if name == "multipliers":
+            value = parse_multipliers(value)
+        elif name == "detectors":
+            pairs = []
+            for item in value or ():
+                suite, sep, det = item.partition("=")
+                if not sep or not suite.strip() or not det.strip():
+                    raise click.BadParameter(f"{item!r} is not SUITE=DETECTOR", param_hint="--detector")
+                pairs.append((suite.strip(), det.strip()))
+            value = tuple(pairs) or None
+        elif name == "suites":
+            value = tuple(str(p) for p in value) or None
+        out[name] = value
+    return out
+
+
+def resolve(params: dict, candidate: Path | None = None):
+    """(ScanConfig, sources, config file) from a command's params (config file options popped)."""
+    from auditkit.configfile import COMMAND_LINE
+    from auditkit.configfile import resolve as resolve_config
+
+    config_file, no_config = params.pop("config_file", None), params.pop("no_config", False)
+    values = overrides(params)
+    values["candidate"] = candidate
+    config, sources, path = resolve_config(values, config_file=config_file, use_file=not no_config)
+    if candidate is not None:
+        sources["candidate"] = COMMAND_LINE
+    return config, sources, path

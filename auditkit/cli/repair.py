@@ -1,0 +1,129 @@
+"""``auditkit repair``: parse, call :func:`auditkit.repair.run.repair`, print before/after."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from auditkit.cli.common import VERDICT_STYLE, escape, out, progress_bar, torch_threads
+from auditkit.cli.options import resolve, scan_options
+from auditkit.errors import BadInput
+from auditkit.repair.methods import METHODS, default_method
+
+_METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+
+
+@click.command()
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
+              help=f"{_METHOD_HELP}. Default: modular with --data, sign-aware without.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of images with same-named .txt captions (the candidate's training domain).")
+@click.option("--from-scan", type=click.Path(path_type=Path), default=None,
+              help="The candidate's earlier scan folder: re-scan with its suites, multipliers and steps, and reuse "
+                   "its images as 'before'.")
+@click.option("--rank", type=int, default=None, help="retraining: LoRA rank (default: the candidate's).")
+@click.option("--alpha", type=float, default=None, help="retraining: LoRA alpha (default: the candidate's).")
+@click.option("--train-steps", type=int, default=None,
+              help="retraining: training steps (default: ss_max_train_steps of the candidate, else 400).")
+@click.option("--lr", default=1e-3, show_default=True, help="retraining: learning rate.")
+@click.option("--train-batch", default=32, show_default=True, help="retraining: batch size.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threshold", default=0.5, show_default=True,
+              help="safelora: project modules whose similarity to the safety subspace is below this.")
+@click.option("--clip-model", default=None, help="Fidelity by CLIP image similarity: open_clip model name.")
+@click.option("--clip-weights", type=click.Path(path_type=Path), default=None,
+              help="Local .safetensors weights for --clip-model.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@scan_options
+def repair(candidate, method, data_dir, from_scan, rank, alpha, train_steps, lr, train_batch, seed,
+           threshold, clip_model, clip_weights, threads, **params):
+    """Repair CANDIDATE so that it no longer undoes the safety module, then prove it by re-scanning.
+
+    Writes an adapter pack (repaired adapter, safety adapter, combined single file, manifest) and a
+    report comparing candidate and repair: static cancellation, re-emergence ratio and fidelity on
+    the candidate's own domain. The scan settings (--safety, --base, --suite, --multipliers, ...)
+    are those of `auditkit scan`, config file included (multipliers default to 1 here). --out is
+    the repair folder. Exit code: the repaired adapter's verdict (0 pass, 1 risk, 3 inconclusive).
+    """
+    from auditkit.repair.run import RepairRequest, scan_settings
+    from auditkit.repair.run import repair as run_repair
+    from auditkit.scan import resolve_suites
+    from auditkit.train.data import check_folder
+
+    method = method or default_method(data_dir is not None)
+    if METHODS[method].needs_data and data_dir is None:
+        raise click.UsageError(f"--method {method} needs --data (use sign-aware or safelora without data)")
+    repair_out = params.pop("out", None) or Path("repairs") / candidate.stem  # --out: the repair folder
+    params["out"] = None
+    if from_scan is not None:
+        earlier = scan_settings(from_scan)
+        params["base"] = params.get("base") or earlier["base"]
+        params["suites"] = params.get("suites") or earlier["suites"]
+        params["multipliers"] = ",".join(f"{m:g}" for m in earlier["multipliers"])
+        params["steps"] = params.get("steps") or earlier["steps"]
+    params["multipliers"] = params.get("multipliers") or "1"
+    config, _, _ = resolve(params, candidate)
+    if config.safety is None:
+        raise click.UsageError("repair needs a safety module (--safety or the config file)")
+    if METHODS[method].needs_data and config.base is None:
+        raise click.UsageError(f"--method {method} needs --base (the model to retrain on)")
+    for inp in (candidate, config.safety):
+        if repair_out.exists() and inp.exists() and repair_out.resolve() in inp.resolve().parents:
+            raise BadInput(repair_out, "the output folder holds an input adapter; choose another --out")
+    if data_dir is not None:
+        check_folder(data_dir)  # bad data fails before any model loads
+    suites = resolve_suites(config) if config.base is not None else []
+    clip = None
+    if clip_model:
+        from auditkit import detectors as registry
+
+        clip = registry.get("clip", model=clip_model, pretrained=str(clip_weights) if clip_weights else None)
+    torch_threads(threads)
+    req = RepairRequest(candidate, config.safety, repair_out, method, data_dir, config, suites, from_scan, threshold,
+                        {"rank": rank, "alpha": alpha, "steps": train_steps, "lr": lr, "batch": train_batch,
+                         "seed": seed}, clip)
+    report = run_repair(req, bars=lambda label: progress_bar(label, loss=label.startswith("retrain")))
+    print_repair(report)
+    out.print(f"pack: [bold]{repair_out / 'pack'}[/bold]  report: [bold]{repair_out / 'report.html'}[/bold]")
+    sys.exit(report["exit_code"])
+
+
+def print_repair(r: dict) -> None:
+    rp = r["repair"]
+    b, a = rp["before"], rp["after"]
+    t = Table("", "before (candidate)", "after (repaired)", title=f"auditkit repair · {rp['method']}")
+    style = VERDICT_STYLE
+    t.add_row("verdict", f"[{style[b['verdict']]}]{b['verdict'].upper()}[/]",
+              f"[{style[a['verdict']]}]{a['verdict'].upper()}[/]")
+    t.add_row("static cancellation", f"{b['static_cancellation']:.3f}", f"{a['static_cancellation']:.3f}")
+    if b["concept_check"] is not None:
+        t.add_row("concept check", f"{b['concept_check']:.3f}", f"{a['concept_check']:.3f}")
+    if b.get("noise_reversion") is not None:
+        t.add_row("noise reversion", f"{b['noise_reversion']:.3f}", f"{a['noise_reversion']:.3f}")
+    for c in rp["comparisons"]:
+        cb, ca = c["before"], c["after"]
+        t.add_row(f"re-emergence {c['suite']} {c['configuration']}", _ratio(cb), _ratio(ca))
+    f = rp.get("fidelity") or {}
+    if f.get("pairs"):
+        extra = [f"pixel {f['pixel_similarity']:.1%}", f"PSNR {f['psnr_db']:.1f} dB"]
+        if "attributes_agree" in f:
+            heads = ", ".join(f"{k.removesuffix('_agrees')} {v:.0%}" for k, v in sorted(f.items())
+                              if k.endswith("_agrees"))
+            extra.append(f"attributes agree {f['attributes_agree']:.0%} ({heads})")
+        if "clip_cosine" in f:
+            extra.append(f"CLIP cosine {f['clip_cosine']:.3f}")
+        t.add_row(f"fidelity ({f['pairs']} pairs)", "", ", ".join(extra))
+    out.print(t)
+    for note in rp.get("notes", []):
+        out.print(f"[dim]note:[/dim] {escape(note)}")
+
+
+def _ratio(c: dict) -> str:
+    upper = c.get("reemergence_upper")
+    hi = "–" if upper is None else f"{upper:.2f}"
+    ratio = "–" if c.get("reemergence_ratio") is None else f"{c['reemergence_ratio']:.2f}"
+    return f"{ratio} (upper bound {hi})"

@@ -1,0 +1,110 @@
+"""``auditkit align`` (a Safety LoRA by ESD) and ``auditkit finetune`` (on top of a safety module, or modular)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from auditkit.cli.common import base_option, check_output, out, progress_bar, read_prompts, torch_threads
+
+
+@click.command()
+@base_option
+@click.option("--concept", "concepts", multiple=True, help="A prompt naming the concept to erase (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="A text file of concept prompts, one per line.")
+@click.option("--method", type=click.Choice(["esd-x", "esd-u"]), default="esd-x", show_default=True,
+              help="ESD-x: cross-attention (concept-specific); ESD-u: the other transformer layers (global).")
+@click.option("--rank", default=4, show_default=True)
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, i.e. scale 1).")
+@click.option("--steps", default=300, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch", default=16, show_default=True)
+@click.option("--eta", default=1.0, show_default=True, help="Negative-guidance strength of the ESD target.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
+def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, out_file):
+    """Train a Safety LoRA that erases a concept (ESD objective), written as a kohya .safetensors."""
+    from auditkit.lora.write import save_adapter
+    from auditkit.models.pipeline import architecture_of, load_pipeline
+    from auditkit.train.esd import ESDConfig, train_esd
+
+    prompts = list(concepts) + read_prompts(prompts_file)
+    if not prompts:
+        raise click.UsageError("give the concept with --concept or --prompts")
+    check_output(out_file)
+    torch_threads(threads)
+    pipe = load_pipeline(base)
+    cfg = ESDConfig(method=method, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed)
+    bar, update = progress_bar(f"align {method}")
+    with bar:
+        modules = train_esd(pipe, prompts, cfg, progress=update)
+    meta = {"auditkit.kind": "safety", "auditkit.method": method, "auditkit.concept_prompts": json.dumps(prompts),
+            "auditkit.base": base, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank)}
+    save_adapter(modules, out_file, architecture_of(pipe, "custom"), metadata=meta)
+    out.print(f"safety adapter: [bold]{out_file}[/bold] ({len(modules)} modules, rank {rank}, {method})")
+
+
+@click.command()
+@base_option
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of images with same-named .txt captions.")
+@click.option("--mode", type=click.Choice(["on-top", "modular", "full"]), default="on-top", show_default=True,
+              help="on-top: safety merged, then fine-tune (common practice); modular: fine-tune on the base, add "
+                   "the safety module at inference (Modular LoRA); full: full fine-tuning on top.")
+@click.option("--safety", type=click.Path(path_type=Path), help="The safety adapter (needed for on-top/full).")
+@click.option("--targets", default="transformer", show_default=True,
+              help="Trained modules: transformer, attention, cross-kv, esd-x, esd-u, or a regex.")
+@click.option("--rank", default=8, show_default=True)
+@click.option("--alpha", type=float, default=None)
+@click.option("--steps", default=400, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--extract-rank", default=32, show_default=True, help="full mode: rank of the extracted LoRA.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
+def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batch, seed, extract_rank, threads,
+             out_file):
+    """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.write import save_adapter
+    from auditkit.models.pipeline import architecture_of, load_pipeline
+    from auditkit.train.data import check_folder, load_folder
+    from auditkit.train.finetune import FinetuneConfig
+    from auditkit.train.finetune import finetune as run_finetune
+
+    if mode in ("on-top", "full") and safety is None:
+        raise click.UsageError(f"--mode {mode} needs --safety")
+    check_output(out_file, safety)
+    pairs = check_folder(data_dir)  # bad data fails before any model loads
+    if safety is not None:
+        read_adapter(safety)
+    torch_threads(threads)
+    pipe = load_pipeline(base)
+    arch = architecture_of(pipe, "custom")
+    safety_modules = read_adapter(safety, arch=arch).modules if safety else None
+    data = load_folder(data_dir, pipe.unet.config.sample_size * pipe.vae_scale_factor, pairs)
+    cfg = FinetuneConfig(mode=mode, targets=targets, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch,
+                         seed=seed, extract_rank=extract_rank)
+    bar, update = progress_bar(f"finetune {mode}")
+    with bar:
+        result = run_finetune(pipe, data.images, data.captions, cfg, safety=safety_modules, progress=update)
+    meta = {"auditkit.kind": "finetune", "auditkit.mode": mode, "auditkit.base": base,
+            "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank),
+            "ss_num_train_images": str(len(data.captions)), "ss_max_train_steps": str(steps),
+            "ss_tag_frequency": json.dumps({data_dir.name: _tag_counts(data.captions)})}
+    save_adapter(result.modules, out_file, arch, metadata=meta)
+    out.print(f"fine-tuning adapter: [bold]{out_file}[/bold] ({len(result.modules)} modules, mode {mode}, "
+              f"final loss {result.losses[-1]:.4f})")
+
+
+def _tag_counts(captions: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for cap in captions:
+        for word in cap.split():
+            counts[word] = counts.get(word, 0) + 1
+    return counts

@@ -1,0 +1,225 @@
+"""Project configuration: ``auditkit.toml``, or ``[tool.auditkit]`` in ``pyproject.toml``.
+
+Discovery (as ruff and pytest do): from the working directory up to the filesystem root, the first
+folder holding ``auditkit.toml``, or a ``pyproject.toml`` with a ``[tool.auditkit]`` table, is the
+project; in one folder ``auditkit.toml`` wins. Precedence: built-in defaults < the config file <
+the command line. Relative paths in a config file are relative to the file's folder.
+
+Keys are :class:`auditkit.config.ScanConfig` fields (``candidate`` and ``out`` excepted: they
+belong to one scan), with the thresholds in ``[static]`` and ``[dynamic]`` tables and detector
+overrides in a ``[detectors]`` table (suite name = detector name). Unknown keys and wrong types are
+one-line errors naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds
+from auditkit.errors import BadInput
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_NAME = "auditkit.toml"
+MAX_CONFIG_BYTES = 1_000_000
+NOT_IN_FILE = ("candidate", "out")
+# How each ScanConfig field is read from TOML: a kind name checked by _convert.
+KINDS = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
+         "batch_size": "int", "device": "str", "static_only": "bool", "arch": "str", "detectors": "names",
+         "show_flagged": "bool", "static": StaticThresholds, "dynamic": DynamicThresholds}
+DEFAULT, COMMAND_LINE = "default", "command line"
+
+
+def find(start: str | Path | None = None) -> Path | None:
+    """The nearest config file from ``start`` (default: the working directory) upwards, or None."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        own = folder / CONFIG_NAME
+        if own.is_file():
+            return own
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and _has_tool_table(pyproject):
+            return pyproject
+    return None
+
+
+def _has_tool_table(path: Path) -> bool:
+    try:
+        return "auditkit" in _read_toml(path).get("tool", {})
+    except BadInput:
+        return False
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise BadInput(path, f"config file larger than {MAX_CONFIG_BYTES} bytes")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(path, "config file is not UTF-8 text") from None
+    except OSError as exc:
+        raise BadInput(path, f"cannot read the config file ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(path, f"not valid TOML ({' '.join(str(exc).split())})") from None
+
+
+def load(path: str | Path) -> dict:
+    """The ScanConfig field values a config file sets (validated, paths resolved)."""
+    path = Path(path)
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        data = data.get("tool", {}).get("auditkit")
+        if not isinstance(data, dict):
+            raise BadInput(path, "no [tool.auditkit] table")
+    prefix = "tool.auditkit." if path.name == "pyproject.toml" else ""
+    values = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        if name in NOT_IN_FILE:
+            raise BadInput(path, f"{prefix}{key}: set per scan on the command line, not in the config file")
+        if name not in KINDS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(KINDS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise BadInput(path, f"{prefix}{key}: unknown key{hint}")
+        values[name] = _convert(path, prefix + key, KINDS[name], raw)
+    return values
+
+
+def _convert(path: Path, key: str, kind, raw):
+    def bad(what: str):
+        return BadInput(path, f"{key}: {what}, got {type(raw).__name__} {raw!r}"[:300])
+
+    folder = path.parent
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        if not isinstance(raw, dict):
+            raise bad("must be a table")
+        known = {f.name for f in dataclasses.fields(kind)}
+        out = {}
+        for k, v in raw.items():
+            name = k.replace("-", "_")
+            if name not in known:
+                raise BadInput(path, f"{key}.{k}: unknown threshold (known: {', '.join(sorted(known))})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise BadInput(path, f"{key}.{k}: must be a number, got {v!r}"[:300])
+            out[name] = float(v)
+        return out
+    if kind == "str":
+        if not isinstance(raw, str) or not raw.strip():
+            raise bad("must be a non-empty string")
+        return raw
+    if kind == "base":
+        if not isinstance(raw, str) or not raw.strip():
+            raise bad("must be 'lab' or a folder")
+        return raw if raw == "lab" else str(folder / raw)
+    if kind == "path":
+        if not isinstance(raw, str) or not raw.strip():
+            raise bad("must be a path")
+        return folder / raw
+    if kind == "paths":
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x.strip() for x in raw):
+            raise bad("must be a list of paths")
+        return tuple(str(folder / x) for x in raw)
+    if kind == "numbers":
+        if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
+            raise bad("must be a list of numbers")
+        return tuple(float(x) for x in raw)
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise bad("must be an integer")
+        return raw
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise bad("must be true or false")
+        return raw
+    if kind == "names":
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise bad("must be a table of suite = detector names")
+        return tuple(sorted((str(k), v) for k, v in raw.items()))
+    raise AssertionError(kind)
+
+
+def resolve(overrides: dict, config_file: str | Path | None = None, use_file: bool = True,
+            start: str | Path | None = None) -> tuple[ScanConfig, dict[str, str], Path | None]:
+    """The ScanConfig from defaults, the config file (found, or ``config_file``) and ``overrides``
+    (command-line values; None = not given; thresholds as ``static.<name>``/``dynamic.<name>``).
+
+    Returns the config, where each value came from (field -> source) and the file used.
+    """
+    path = Path(config_file) if config_file is not None else (find(start) if use_file else None)
+    if config_file is not None and not path.is_file():
+        raise BadInput(path, "no such config file")
+    from_file = load(path) if path is not None else {}
+    sources: dict[str, str] = {}
+    values: dict = {}
+    thresholds: dict[str, dict] = {"static": {}, "dynamic": {}}
+    for name in (f.name for f in dataclasses.fields(ScanConfig)):
+        sources[name] = DEFAULT
+        if name in ("static", "dynamic"):
+            for k, v in from_file.get(name, {}).items():
+                thresholds[name][k] = v
+                sources[f"{name}.{k}"] = str(path)
+            continue
+        if name in from_file:
+            values[name], sources[name] = from_file[name], str(path)
+        if overrides.get(name) not in (None, ()):
+            values[name], sources[name] = overrides[name], COMMAND_LINE
+    for key, v in overrides.items():
+        if "." in key and v is not None:
+            group, name = key.split(".", 1)
+            thresholds[group][name], sources[key] = v, COMMAND_LINE
+    where = str(path) if path is not None else "the command line"
+    try:
+        values["static"] = StaticThresholds(**thresholds["static"])
+        values["dynamic"] = DynamicThresholds(**thresholds["dynamic"])
+        config = ScanConfig(**values)
+    except ValueError as exc:
+        raise BadInput(path if path is not None and not overrides else None,
+                       f"{exc} (settings from {where} and the command line)") from None
+    return config, sources, path
+
+
+def render(config: ScanConfig, comments: bool = True) -> str:
+    """A config file for ``config`` (every settable field, its help as a comment; unset ones commented out)."""
+    lines = ["# auditkit project configuration: `auditkit scan FILE` reads it from this folder and below.",
+             "# Command-line options override it; `auditkit config` shows what is in effect.", ""]
+    for f in dataclasses.fields(ScanConfig):
+        if f.name in NOT_IN_FILE or f.name in ("static", "dynamic", "detectors"):
+            continue
+        value = getattr(config, f.name)
+        if comments:
+            lines.append(f"# {f.metadata['help']}")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{f.name} = {_toml(value)}" if value is not None else f"{f.name} = "
+        lines.append(text if value is not None and value != default else "# " + (text if value is not None
+                                                                                  else f"{f.name} = ..."))
+    lines += ["", "[detectors]", "# suite name = detector name, e.g. nudity = \"nudenet-strict\""]
+    lines += [f"{k} = {_toml(v)}" for k, v in config.detectors]
+    for group, obj in (("static", config.static), ("dynamic", config.dynamic)):
+        lines += ["", f"[{group}]"]
+        for f in dataclasses.fields(obj):
+            if comments:
+                lines.append(f"# {f.metadata['help']}")
+            value = getattr(obj, f.name)
+            line = f"{f.name} = {_toml(value)}"
+            lines.append(line if value != f.default else "# " + line)
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string

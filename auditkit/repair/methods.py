@@ -1,0 +1,103 @@
+"""The repair methods: one record each (name, what it did, whether it needs data, how it runs).
+
+Adding a method is one record here (and its algorithm in its own module); the CLI's ``--method``
+choices, its help and the report's description are built from this registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from auditkit.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Outcome:
+    modules: dict  # the repaired adapter's canonical modules
+    details: dict  # what the method did, for the report's repair section
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class RepairMethod:
+    name: str
+    summary: str  # one line for --help
+    description: str  # what was done, for the report
+    needs_data: bool  # retrains on the candidate's domain (--data and --base needed)
+    run: Callable[..., Outcome]  # run(request, pipe, candidate, safety, bars) -> Outcome
+
+
+def _retrain(req, pipe, candidate, safety, bars, anchored: bool) -> Outcome:
+    from auditkit.repair.retrain import retrain, settings_from
+    from auditkit.train.checkpoint import saved_step
+    from auditkit.train.data import load_folder
+
+    try:
+        settings = settings_from(candidate, **req.train)
+    except ValueError as exc:
+        raise BadInput(req.candidate, str(exc)) from None
+    unet_modules = {n for n, _ in pipe.unet.named_modules()}
+    misfit = [n for n in candidate.modules if n.startswith("unet.") and n.split(".", 1)[1] not in unet_modules]
+    if misfit:
+        raise BadInput(req.candidate, f"{len(misfit)} of its modules are not in the base model's UNet (e.g. "
+                                      f"{misfit[0]}): the adapter is for another architecture than --base")
+    data = load_folder(req.data, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    ckpt = req.out / "checkpoints" / "finetune.ckpt.safetensors"
+    resumed = saved_step(ckpt)
+    anchor = [p.text for s in req.suites if s.role == "concept" for p in s.prompts] if anchored else None
+    method = "anchored" if anchored else "modular"
+    ctx, update = bars(f"retrain {method} ({settings.steps} steps)")
+    with ctx:
+        result = retrain(pipe, data.images, data.captions, settings, checkpoint=ckpt, progress=update,
+                         safety=safety.modules, anchor_prompts=anchor)
+    info = settings.to_dict()
+    if anchor:
+        info["anchor_prompts"] = len(anchor)
+    info.update(images=len(data.captions), final_loss=result.losses[-1] if result.losses else None,
+                resumed_from_step=resumed, checkpoint=str(ckpt))
+    return Outcome(result.modules, {"training": info}, list(settings.notes))
+
+
+def _projection(req, pipe, candidate, safety, bars, safelora: bool) -> Outcome:
+    from auditkit.repair.algebra import project, safelora_module, sign_aware_module
+
+    module_fn = partial(safelora_module, threshold=req.threshold) if safelora else sign_aware_module
+    modules, reports = project(candidate.modules, safety.modules, module_fn)
+    changed = [r for r in reports if r.changed]
+    details = {"projection": {"modules_shared": len(reports), "modules_changed": len(changed),
+                              "threshold": req.threshold if safelora else None,
+                              "modules": [r.to_dict() for r in reports]}}
+    notes = [] if changed else ["the projection changed no module: the repaired adapter equals the candidate"]
+    return Outcome(modules, details, notes)
+
+
+METHODS: dict[str, RepairMethod] = {m.name: m for m in (
+    RepairMethod(
+        "modular", "retrain on --data separately from the safety module (Modular LoRA)",
+        "Modular LoRA (Kim et al. 2024): the fine-tuning adapter was retrained on the base model alone, the "
+        "safety module frozen and outside the trained update, and is added to the safety module at inference.",
+        True, partial(_retrain, anchored=False)),
+    RepairMethod(
+        "anchored", "retrain on --data on top of the safety module, pinned to it on the concept prompts (keeps "
+                    "more of the domain where the safety module damaged it)",
+        "Anchored retraining (auditkit): the fine-tuning adapter was retrained on top of the merged safety "
+        "module with its predictions on the concept prompts pinned to the safe model's, so it could repair "
+        "what the safety module damaged in the candidate's domain but not learn the concept back.",
+        True, partial(_retrain, anchored=True)),
+    RepairMethod(
+        "sign-aware", "data-free removal of the part that cancels the safety update",
+        "Data-free sign-aware projection: in every module shared with the safety adapter, the part of the "
+        "candidate's update inside the safety update's subspace that does not reinforce it was removed.",
+        False, partial(_projection, safelora=False)),
+    RepairMethod(
+        "safelora", "data-free Safe LoRA projection",
+        "Data-free Safe LoRA projection (Hsu et al. 2024): modules whose update lies mostly outside the safety "
+        "update's column space were replaced by their projection onto it.",
+        False, partial(_projection, safelora=True)),
+)}
+
+
+def default_method(has_data: bool) -> str:
+    return "modular" if has_data else "sign-aware"

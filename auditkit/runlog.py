@@ -1,0 +1,143 @@
+"""The run log: ``run.jsonl``, the one contract between rendering, digest and report.
+
+Line 1 is the :class:`Header`; every further line one :class:`ImageRecord` (a scored image).
+The log is append-only: a killed run continues where it stopped, and ``auditkit report`` re-renders
+from it without a model. Processes of a distributed launch append to shard logs
+``run.rank<r>.jsonl`` (same records, no header) that :func:`merge_shards` folds into the run log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TypedDict
+
+from auditkit.errors import Unscannable
+from auditkit.fsutil import atomic_write_text
+
+RUN_SCHEMA = "auditkit.run/1"
+SHARD_GLOB = "run.rank*.jsonl"
+
+
+class Header(TypedDict, total=False):
+    """The first line: what the run is, so a resumed run can be checked against it."""
+
+    type: str  # "header"
+    schema: str  # RUN_SCHEMA
+    base: str
+    suites: dict[str, dict]  # name -> detector, role, version, path, concept, prompts
+    multipliers: list[float]
+    steps_override: int | None
+    adapters: dict[str, str]  # role -> SHA-256 of the file
+    detectors: dict[str, dict]  # name -> pinned profile
+    seeds: str
+
+
+class ImageRecord(TypedDict):
+    """One rendered and scored image. ``key`` is identical across configurations (the pairing)."""
+
+    type: str  # "image"
+    config: str  # configuration name, e.g. "base+safety+candidate@1"
+    key: str  # "<suite>/<prompt index>/<image index>"
+    suite: str
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+    guidance: float
+    steps: int
+    image: str  # path of the PNG, relative to the run folder
+    scores: dict[str, float]  # detector -> score in [0, 1]
+    flags: dict[str, bool]  # detector -> score >= the detector's threshold
+
+
+def shard_name(rank: int) -> str:
+    return f"run.rank{rank}.jsonl"
+
+
+class RunLog:
+    """``run.jsonl`` in ``run_dir`` (or a shard log named ``name``). Append-only."""
+
+    def __init__(self, run_dir: str | Path, name: str = "run.jsonl"):
+        self.dir = Path(run_dir)
+        self.path = self.dir / name
+
+    def header(self) -> Header | None:
+        if not self.path.exists():
+            return None
+        with open(self.path, encoding="utf-8") as fh:
+            first = fh.readline()
+        return json.loads(first) if first.strip() else None
+
+    def records(self) -> list[ImageRecord]:
+        if not self.path.exists():
+            return []
+        out = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # a line cut by a kill: ignored, its image is made again
+                rec = json.loads(line)
+                if rec.get("type") == "image":
+                    out.append(rec)
+        return out
+
+    def start(self, header: dict) -> None:
+        """Write the header, or check that a resumed run matches it."""
+        old = self.header()
+        if old is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.append([{"type": "header", "schema": RUN_SCHEMA, **header}])
+        elif {k: old.get(k) for k in header} != header:
+            changed = sorted(k for k in header if old.get(k) != header[k])
+            raise Unscannable(self.path, f"cannot resume: the run was started with other {', '.join(changed)}")
+
+    def append(self, records: list[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _drop_partial_line(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _record_order(rec: dict) -> tuple:
+    return rec["config"], rec["suite"], rec["prompt_index"], rec["image_index"], rec["key"]
+
+
+def merge_shards(run_dir: str | Path) -> int:
+    """Fold every shard log of ``run_dir`` into its ``run.jsonl`` and remove the shards.
+
+    Records already in the run log keep their place; new ones (the first of each (configuration,
+    key)) follow, sorted by configuration, suite, prompt and image. The run log is rewritten
+    atomically before any shard is removed, so a kill at any point loses nothing. Returns the number
+    of records added.
+    """
+    log = RunLog(run_dir)
+    shards = sorted(log.dir.glob(SHARD_GLOB))
+    if not shards:
+        return 0
+    header = log.header()
+    if header is None:
+        raise Unscannable(shards[0], "a shard log without a run log (run.jsonl) to merge it into; remove it")
+    records = log.records()
+    seen = {(r["config"], r["key"]) for r in records}
+    new = {}
+    for path in shards:
+        for rec in RunLog(log.dir, path.name).records():
+            new.setdefault((rec["config"], rec["key"]), rec)
+    added = sorted((r for k, r in new.items() if k not in seen), key=_record_order)
+    lines = [json.dumps(r, sort_keys=True) + "\n" for r in [header, *records, *added]]
+    atomic_write_text(log.path, "".join(lines))
+    for path in shards:
+        path.unlink()
+    return len(added)
