@@ -1,42 +1,90 @@
 """Probe suites: versioned, declarative prompt sets (YAML), plus prompt CSVs such as I2P's.
 
-A suite is data, never code: YAML is read with ``yaml.safe_load`` (tags such as ``!!python/object``
-are refused), and every field is validated with a one-line error naming the file and the field.
+A suite is data, never code, and is read as hostile input: YAML goes through a ``SafeLoader`` (tags such
+as ``!!python/object`` are refused) that also refuses aliases (``*name``: billion-laughs and merge-key
+bombs) and nesting deeper than ``MAX_YAML_DEPTH``; every field is type- and range-checked. Every problem
+is a one-line ``BadInput`` naming the file and the field, raised before any model loads.
 
 Suite schema (``schema: auditkit.suite/1``)::
 
-    name: lab-cross            # [a-z0-9-], unique
-    version: 1                 # bump when prompts or settings change
-    description: ...
+    name: lab-cross            # [a-z0-9][a-z0-9-]*, at most 64 characters, unique among the suites of a run
+    version: 1                 # integer in [1, MAX_VERSION]; bump when prompts or settings change
+    description: ...           # optional string, at most MAX_DESCRIPTION_CHARS
     concept: {word: cross, neutral: square}   # what the safety module suppresses, and a neutral counterpart
-    detector: lab-cross        # detector name (registry), with its pinned profile
+    detector: lab-cross        # a name in auditkit.detectors.REGISTRY, with its pinned profile
     role: concept              # concept (re-emergence) | control (false positives, fidelity)
     sampling: {steps: 25, guidance: 5.0, seed: 1000000, images_per_prompt: 1}
     prompts:
-      - text: a red cross
+      - text: a red cross      # at most MAX_PROMPT_CHARS; whitespace is normalised
         category: explicit     # optional free label
-        seed: 12               # optional: overrides the suite's seed for this prompt
+        seed: 12               # optional: overrides sampling.seed + the prompt's index
+        guidance: 7.5          # optional: overrides sampling.guidance
 
-Prompt CSVs need a ``prompt`` column; optional ``seed``/``sd_seed``, ``guidance``/``sd_guidance_scale``
-and ``category``/``categories`` columns (I2P's names are accepted as they are).
+Limits (module constants):
+
+- ``steps`` in [1, MAX_STEPS]; ``images_per_prompt`` in [1, MAX_IMAGES_PER_PROMPT];
+- seeds in [0, MAX_SEED]: image k of a prompt uses seed ``prompt.seed * 1000 + k`` (k < 1000), which must
+  stay below 2**53, so it is exact as a float or a JSON number and within ``torch.manual_seed``'s range;
+- ``guidance`` a finite number in [0, MAX_GUIDANCE] (NaN or a negative value would silently switch
+  classifier-free guidance off);
+- at most MAX_PROMPTS prompts and MAX_SUITE_IMAGES images (prompts x images_per_prompt) per suite;
+- texts are strings without control characters (NUL, escape sequences...); words, labels and the
+  detector name at most MAX_LABEL_CHARS;
+- files at most MAX_YAML_BYTES (YAML) or MAX_CSV_BYTES (CSV), checked before parsing; a YAML document
+  at most MAX_YAML_NODES values (scalars, lists and mappings), counted while parsing.
+
+Prompt CSVs (UTF-8, with or without a BOM) need a ``prompt`` column; optional ``seed``/``sd_seed``,
+``guidance``/``sd_guidance_scale`` and ``category``/``categories`` columns (I2P's names are accepted as
+they are). The same limits apply, with the line number in the message; NUL bytes and malformed quoting
+are refused.
+
+``Suite.path`` is the file's resolved absolute path and ``Suite.sha256`` the SHA-256 of its bytes, so a run
+log can tell a suite edited in place; ``load_suites`` loads several files at once, once per file, and
+refuses two files that define the same suite name.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
+import functools
+import hashlib
+import io
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from auditkit.detectors import REGISTRY
 from auditkit.errors import BadInput
 
 SCHEMA = "auditkit.suite/1"
 ROLES = ("concept", "control")
 MAX_PROMPT_CHARS = 2000
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+MAX_DESCRIPTION_CHARS = 2000
+MAX_LABEL_CHARS = 200  # concept word and neutral, detector name, category
+MAX_VERSION = 2**31 - 1
+MAX_STEPS = 1000
+MAX_IMAGES_PER_PROMPT = 1000  # image k of a prompt uses seed prompt.seed * 1000 + k, so k < 1000
+MAX_SEED = 2**53 // 1000 - 1  # MAX_SEED * 1000 + 999 < 2**53: every image seed is exact as a float / JSON number
+MAX_GUIDANCE = 100.0
+MAX_PROMPTS = 10_000
+MAX_SUITE_IMAGES = 100_000
+MAX_YAML_BYTES = 5 * 2**20
+MAX_CSV_BYTES = 16 * 2**20  # prompt tables (I2P: about 5,000 rows with many columns) are larger than suites
+MAX_YAML_DEPTH = 16  # a suite needs 4 (suite > prompts > prompt > text); deep nesting overflows the stack
+# PyYAML's pure-Python composer takes ~700 bytes and ~20 us per value: 5 MB of "{}," would take 1.8 GB and
+# a minute. A suite at MAX_PROMPTS needs at most 9 values per prompt (a mapping, 4 keys and 4 values).
+MAX_YAML_NODES = 10 * MAX_PROMPTS + 1000
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# Control characters other than tab and line breaks: NUL, terminal escape sequences, C1 controls.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _TOP_KEYS = {"schema", "name", "version", "description", "concept", "detector", "role", "sampling", "prompts"}
-_SAMPLING_KEYS = {"steps": int, "guidance": float, "seed": int, "images_per_prompt": int}
+_PROMPT_KEYS = {"text", "category", "seed", "guidance"}
+# sampling field: (type, minimum, maximum, default)
+_SAMPLING = {"steps": (int, 1, MAX_STEPS, 25), "guidance": (float, 0.0, MAX_GUIDANCE, 7.5),
+             "seed": (int, 0, MAX_SEED, 0), "images_per_prompt": (int, 1, MAX_IMAGES_PER_PROMPT, 1)}
 
 
 @dataclass(frozen=True)
@@ -59,8 +107,9 @@ class Suite:
     steps: int
     images_per_prompt: int
     prompts: tuple[Prompt, ...]
-    path: str = ""
+    path: str = ""  # resolved absolute path of the file
     categories: dict[str, int] = field(default_factory=dict)
+    sha256: str = ""  # SHA-256 of the file's bytes: tells a suite edited in place between runs
 
 
 def builtin_dir() -> Path:
@@ -79,90 +128,254 @@ def builtin_dir() -> Path:
     return beside
 
 
+# ---------------------------------------------------------------------------------------------- files
+
+
 def load_suite(path: str | Path) -> Suite:
     """Read and validate one suite file (``.yaml``/``.yml``) or prompt CSV (``.csv``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(path, "no such suite file")
+    path = _existing(path)
     if path.suffix.lower() == ".csv":
         return load_csv(path)
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise BadInput(path, "a suite is a .yaml/.yml file or a prompt .csv")
+    raw = _read(path, MAX_YAML_BYTES)
+    data = _parse_yaml(path, _decode(path, raw, "suite"))
+    return _validate(path, data, hashlib.sha256(raw).hexdigest())
+
+
+def load_suites(paths: Iterable[str | Path]) -> list[Suite]:
+    """Several suites, in order. A file named twice (relative and absolute, via ``..`` or a symlink) is loaded
+    once; two files defining the same suite name are refused, as the second's images would overwrite the
+    first's."""
+    suites: list[Suite] = []
+    seen_files: set[Path] = set()
+    by_name: dict[str, Suite] = {}
+    for given in paths:
+        resolved = Path(given).resolve()
+        if resolved in seen_files:
+            continue
+        seen_files.add(resolved)
+        suite = load_suite(given)
+        if suite.name in by_name:
+            raise BadInput(suite.path, f"suite name {suite.name!r} is also defined by {by_name[suite.name].path}")
+        by_name[suite.name] = suite
+        suites.append(suite)
+    return suites
+
+
+def list_suites(folder: str | Path | None = None) -> list[Suite]:
+    """Every suite in ``folder`` (default: the shipped ones), validated."""
+    folder = Path(folder) if folder is not None else builtin_dir()
+    return load_suites(sorted(p for p in folder.glob("*") if p.suffix.lower() in (".yaml", ".yml")))
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(path, "no such suite file")
+    return path.resolve()
+
+
+def _read(path: Path, limit: int) -> bytes:
+    """The file's bytes; reading stops past ``limit``, so a huge (or growing) file never fills memory."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise BadInput(path, f"cannot read the file ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise BadInput(path, f"file is larger than {limit // 2**20} MiB")
+    return raw
+
+
+def _decode(path: Path, raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # Excel and Notepad write a BOM
+    except UnicodeDecodeError:
+        raise BadInput(path, f"{what} is not UTF-8 text") from None
+
+
+# ----------------------------------------------------------------------------------------------- YAML
+
+
+class _Refused(Exception):
+    """A YAML construct refused while composing, before any Python object is built."""
+
+
+@functools.cache
+def _loader() -> type:
+    import yaml
+
+    class SuiteLoader(yaml.SafeLoader):
+        """Refuses aliases, deep nesting and too many values while composing. Counting aliases is not enough:
+        each merge key (``<<: [*a, *a]``) copies the merged pairs, so a few dozen can still grow exponentially."""
+
+        def __init__(self, stream: str):
+            super().__init__(stream)
+            self.depth = 0
+            self.nodes = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                line = self.peek_event().start_mark.line + 1
+                raise _Refused(f"YAML aliases (*name) are not accepted in a suite (line {line}); write the value out")
+            self.nodes += 1
+            if self.nodes > MAX_YAML_NODES:
+                raise _Refused(f"YAML document has more than {MAX_YAML_NODES} values")
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise _Refused(f"YAML nested deeper than {MAX_YAML_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return SuiteLoader
+
+
+def _parse_yaml(path: Path, text: str) -> object:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise BadInput(path, "suite is not UTF-8 text") from None
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise BadInput(path, str(exc)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise BadInput(path, f"not valid YAML{where} (only plain data is accepted, no tags)") from None
-    return _validate(path, data)
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # Values Python cannot build: integers over 4300 digits, impossible dates.
+        raise BadInput(path, f"not valid YAML ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
-def _validate(path: Path, data: object) -> Suite:
-    def need(cond: bool, what: str) -> None:
-        if not cond:
-            raise BadInput(path, what)
+# ------------------------------------------------------------------------------------------ validation
 
-    need(isinstance(data, dict), "suite must be a mapping")
+
+def _need(path: Path, cond: bool, problem: str) -> None:
+    if not cond:
+        raise BadInput(path, problem)
+
+
+def _show(keys: Iterable[object]) -> str:
+    """Unknown keys for a message, each cut short: they come from the file."""
+    return ", ".join(sorted(str(k)[:40] for k in keys))
+
+
+def _text(path: Path, value: object, what: str, limit: int, empty: bool = False) -> str:
+    """A string field: non-empty (unless ``empty``), at most ``limit`` characters, no control characters."""
+    kind = "a string" if empty else "a non-empty string"
+    _need(path, isinstance(value, str) and (empty or value.strip() != ""), f"{what} must be {kind}")
+    _need(path, len(value) <= limit, f"{what} is longer than {limit} characters")
+    _need(path, not _CONTROL.search(value), f"{what} contains a control character")
+    return value
+
+
+def _in_range(value: object, kind: type, lo: float, hi: float) -> bool:
+    """``value`` is a ``kind`` (an int also counts as a float) within [lo, hi]; NaN fails the comparison."""
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return False
+    return lo <= value <= hi
+
+
+def _range_text(kind: type, lo: float, hi: float) -> str:
+    if kind is float:
+        return f"a finite number in [{lo:g}, {hi:g}]"
+    return f"a non-negative integer <= {hi}" if lo == 0 else f"an integer in [{lo}, {hi}]"
+
+
+_SEED_TEXT = _range_text(int, 0, MAX_SEED)
+_GUIDANCE_TEXT = _range_text(float, 0.0, MAX_GUIDANCE)
+
+
+def _validate(path: Path, data: object, sha256: str = "") -> Suite:
+    _need(path, isinstance(data, dict), "suite must be a mapping")
     unknown = set(data) - _TOP_KEYS
-    need(not unknown, f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
-    need(data.get("schema") == SCHEMA, f"schema must be {SCHEMA!r}")
+    _need(path, not unknown, f"unknown field(s): {_show(unknown)}")
+    _need(path, data.get("schema") == SCHEMA, f"schema must be {SCHEMA!r}")
     name = data.get("name")
-    need(isinstance(name, str) and bool(_NAME.match(name)), "name must match [a-z0-9][a-z0-9-]*")
+    _need(path, isinstance(name, str) and bool(_NAME.fullmatch(name)), "name must match [a-z0-9][a-z0-9-]*")
     version = data.get("version")
-    need(isinstance(version, int) and not isinstance(version, bool) and version >= 1, "version must be an integer >= 1")
-    concept = data.get("concept")
-    need(isinstance(concept, dict) and isinstance(concept.get("word"), str) and isinstance(concept.get("neutral"), str),
-         "concept must have string fields 'word' and 'neutral'")
-    need(isinstance(data.get("detector"), str) and data["detector"] != "", "detector must be a detector name")
+    _need(path, _in_range(version, int, 1, MAX_VERSION), f"version must be {_range_text(int, 1, MAX_VERSION)}")
+    description = _text(path, data.get("description", ""), "description", MAX_DESCRIPTION_CHARS, empty=True)
+    word, neutral = _concept(path, data.get("concept"))
+    detector = _detector(path, data.get("detector"))
     role = data.get("role", "concept")
-    need(role in ROLES, f"role must be one of {', '.join(ROLES)}")
-    sampling = data.get("sampling") or {}
-    need(isinstance(sampling, dict), "sampling must be a mapping")
-    for key, value in sampling.items():
-        need(key in _SAMPLING_KEYS, f"unknown sampling field {key!r}")
-        kind = _SAMPLING_KEYS[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = number and (kind is float or isinstance(value, int))
-        need(ok and value >= 0, f"sampling.{key} must be a non-negative {kind.__name__}")
-    steps = int(sampling.get("steps", 25))
-    guidance = float(sampling.get("guidance", 7.5))
-    seed = int(sampling.get("seed", 0))
-    per_prompt = int(sampling.get("images_per_prompt", 1))
-    need(steps >= 1 and per_prompt >= 1, "sampling.steps and sampling.images_per_prompt must be >= 1")
-    raw = data.get("prompts")
-    need(isinstance(raw, list) and len(raw) > 0, "prompts must be a non-empty list")
-    prompts = []
-    for i, item in enumerate(raw):
-        entry = {"text": item} if isinstance(item, str) else item
-        need(isinstance(entry, dict), f"prompts[{i}] must be a string or a mapping")
-        extra = set(entry) - {"text", "category", "seed", "guidance"}
-        need(not extra, f"prompts[{i}] has unknown field(s): {', '.join(sorted(map(str, extra)))}")
-        text = entry.get("text")
-        need(isinstance(text, str) and text.strip() != "", f"prompts[{i}].text must be a non-empty string")
-        need(len(text) <= MAX_PROMPT_CHARS, f"prompts[{i}].text is longer than {MAX_PROMPT_CHARS} characters")
-        p_seed = entry.get("seed", seed + i)
-        need(isinstance(p_seed, int) and not isinstance(p_seed, bool) and p_seed >= 0,
-             f"prompts[{i}].seed must be a non-negative integer")
-        p_guid = entry.get("guidance", guidance)
-        need(isinstance(p_guid, (int, float)) and not isinstance(p_guid, bool),
-             f"prompts[{i}].guidance must be a number")
-        category = entry.get("category", "")
-        need(isinstance(category, str), f"prompts[{i}].category must be a string")
-        prompts.append(Prompt(" ".join(text.split()), p_seed, float(p_guid), category))
-    return _suite(path, name, version, str(data.get("description", "")), concept["word"], concept["neutral"],
-                  data["detector"], role, steps, per_prompt, prompts)
+    _need(path, isinstance(role, str) and role in ROLES, f"role must be one of {', '.join(ROLES)}")
+    sampling = _sampling(path, data.get("sampling"))
+    prompts = _prompts(path, data.get("prompts"), sampling)
+    return _suite(path, name, version, description, word, neutral, detector, role, sampling["steps"],
+                  sampling["images_per_prompt"], prompts, sha256)
 
 
-def _suite(path, name, version, description, word, neutral, detector, role, steps, per_prompt, prompts) -> Suite:
+def _concept(path: Path, concept: object) -> tuple[str, str]:
+    _need(path, isinstance(concept, dict) and isinstance(concept.get("word"), str)
+          and isinstance(concept.get("neutral"), str), "concept must have string fields 'word' and 'neutral'")
+    extra = set(concept) - {"word", "neutral"}
+    _need(path, not extra, f"concept has unknown field(s): {_show(extra)}")
+    return (_text(path, concept["word"], "concept.word", MAX_LABEL_CHARS),
+            _text(path, concept["neutral"], "concept.neutral", MAX_LABEL_CHARS))
+
+
+def _detector(path: Path, name: object) -> str:
+    """A registered detector name; checked here so a typo fails before the model loads, not after.
+    ``REGISTRY`` holds "module:attr" strings, so this imports no detector."""
+    name = _text(path, name, "detector", MAX_LABEL_CHARS)
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(REGISTRY))}"
+        raise BadInput(path, f"unknown detector '{name}'; {hint}")
+    return name
+
+
+def _sampling(path: Path, sampling: object) -> dict:
+    sampling = {} if sampling is None else sampling
+    _need(path, isinstance(sampling, dict), "sampling must be a mapping")
+    unknown = set(sampling) - set(_SAMPLING)
+    _need(path, not unknown, f"unknown sampling field(s): {_show(unknown)}")
+    values = {}
+    for key, (kind, lo, hi, default) in _SAMPLING.items():
+        value = sampling.get(key, default)
+        _need(path, _in_range(value, kind, lo, hi), f"sampling.{key} must be {_range_text(kind, lo, hi)}")
+        values[key] = kind(value)
+    return values
+
+
+def _prompts(path: Path, raw: object, sampling: dict) -> list[Prompt]:
+    _need(path, isinstance(raw, list) and len(raw) > 0, "prompts must be a non-empty list")
+    _need(path, len(raw) <= MAX_PROMPTS, f"more than {MAX_PROMPTS} prompts")
+    per_prompt = sampling["images_per_prompt"]
+    _need(path, len(raw) * per_prompt <= MAX_SUITE_IMAGES,
+          f"{len(raw)} prompts x {per_prompt} images per prompt is more than {MAX_SUITE_IMAGES} images")
+    return [_prompt(path, i, item, sampling) for i, item in enumerate(raw)]
+
+
+def _prompt(path: Path, i: int, item: object, sampling: dict) -> Prompt:
+    where = f"prompts[{i}]"
+    entry = {"text": item} if isinstance(item, str) else item
+    _need(path, isinstance(entry, dict), f"{where} must be a string or a mapping")
+    extra = set(entry) - _PROMPT_KEYS
+    _need(path, not extra, f"{where} has unknown field(s): {_show(extra)}")
+    text = _text(path, entry.get("text"), f"{where}.text", MAX_PROMPT_CHARS)
+    seed = entry.get("seed", sampling["seed"] + i)
+    default = "" if "seed" in entry else f" (it defaults to sampling.seed + {i})"
+    _need(path, _in_range(seed, int, 0, MAX_SEED), f"{where}.seed must be {_SEED_TEXT}{default}")
+    guidance = entry.get("guidance", sampling["guidance"])
+    _need(path, _in_range(guidance, float, 0.0, MAX_GUIDANCE), f"{where}.guidance must be {_GUIDANCE_TEXT}")
+    category = _text(path, entry.get("category", ""), f"{where}.category", MAX_LABEL_CHARS, empty=True)
+    return Prompt(" ".join(text.split()), seed, float(guidance), category)
+
+
+def _suite(path, name, version, description, word, neutral, detector, role, steps, per_prompt, prompts,
+           sha256: str = "") -> Suite:
     categories: dict[str, int] = {}
     for p in prompts:
         categories[p.category] = categories.get(p.category, 0) + 1
     return Suite(name, version, description, word, neutral, detector, role, steps, per_prompt, tuple(prompts),
-                 str(path), categories)
+                 str(path), categories, sha256)
+
+
+# ------------------------------------------------------------------------------------------------ CSV
 
 
 _CSV_COLUMNS = {"seed": ("seed", "sd_seed"), "guidance": ("guidance", "sd_guidance_scale"),
@@ -172,56 +385,93 @@ _CSV_COLUMNS = {"seed": ("seed", "sd_seed"), "guidance": ("guidance", "sd_guidan
 def load_csv(path: str | Path, detector: str = "nudenet-default", concept: str = "nudity",
              neutral: str = "clothing", steps: int = 25, guidance: float = 7.5, seed: int = 0) -> Suite:
     """A prompt CSV (e.g. a local copy of I2P) as a concept suite; seeds default to ``seed + row``."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                raise BadInput(path, "CSV needs a 'prompt' column")
-            cols = {k: next((c for c in names if c in reader.fieldnames), None) for k, names in _CSV_COLUMNS.items()}
-            prompts = []
-            for i, row in enumerate(reader):
-                line = i + 2
-                text = (row.get("prompt") or "").strip()
-                if not text:
-                    continue  # I2P has a few empty prompts; skipping them is what its users do
-                if len(text) > MAX_PROMPT_CHARS:
-                    raise BadInput(path, f"line {line}: prompt longer than {MAX_PROMPT_CHARS} characters")
-                p_seed = _number(path, line, row, cols["seed"], int, seed + i)
-                p_guid = _number(path, line, row, cols["guidance"], float, guidance)
-                category = (row.get(cols["category"]) or "").strip() if cols["category"] else ""
-                prompts.append(Prompt(" ".join(text.split()), p_seed, p_guid, category))
-    except UnicodeDecodeError:
-        raise BadInput(path, "CSV is not UTF-8 text") from None
-    except csv.Error as exc:
-        raise BadInput(path, f"malformed CSV ({exc})") from None
-    if not prompts:
-        raise BadInput(path, "CSV has no prompts")
+    path = _existing(path)
+    _check_csv_settings(path, detector, concept, neutral, steps, guidance, seed)
+    raw = _read(path, MAX_CSV_BYTES)
+    text = _decode(path, raw, "CSV")
+    if "\x00" in text:  # Python >= 3.11's csv module accepts NUL bytes silently
+        raise BadInput(path, f"CSV contains a NUL byte (line {text.count(chr(10), 0, text.index(chr(0))) + 1})")
+    prompts = _csv_prompts(path, text, seed, guidance)
+    _need(path, len(prompts) > 0, "CSV has no prompts")
     name = re.sub(r"[^a-z0-9-]+", "-", path.stem.lower()).strip("-")[:64] or "csv"
-    return _suite(path, name, 1, f"prompts from {path.name}", concept, neutral, detector, "concept", steps, 1, prompts)
+    return _suite(path, name, 1, f"prompts from {path.name}", concept, neutral, detector, "concept", steps, 1,
+                  prompts, hashlib.sha256(raw).hexdigest())
 
 
-def _number(path: Path, line: int, row: dict, column: str | None, kind, default):
-    if column is None or (row.get(column) or "").strip() == "":
-        return default
-    raw = row[column].strip()
+def _check_csv_settings(path: Path, detector: str, concept: str, neutral: str, steps: int, guidance: float,
+                        seed: int) -> None:
+    """The caller's settings for a CSV get the checks a YAML suite's fields get."""
+    _detector(path, detector)
+    _text(path, concept, "concept", MAX_LABEL_CHARS)
+    _text(path, neutral, "neutral", MAX_LABEL_CHARS)
+    for key, value in (("steps", steps), ("guidance", guidance), ("seed", seed)):
+        kind, lo, hi, _ = _SAMPLING[key]
+        _need(path, _in_range(value, kind, lo, hi), f"{key} must be {_range_text(kind, lo, hi)}")
+
+
+def _csv_prompts(path: Path, text: str, seed: int, guidance: float) -> list[Prompt]:
+    # strict: an unterminated quote or a stray one inside a field is an error, not silently merged rows.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
-        value = kind(float(raw)) if kind is int else kind(raw)
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise BadInput(path, "CSV needs a 'prompt' column")
+        cols = {k: next((c for c in names if c in reader.fieldnames), None) for k, names in _CSV_COLUMNS.items()}
+        prompts = []
+        for i, row in enumerate(reader):
+            prompt = _csv_prompt(path, reader.line_num, row, cols, seed + i, guidance)
+            if prompt is not None:
+                prompts.append(prompt)
+                _need(path, len(prompts) <= MAX_PROMPTS, f"more than {MAX_PROMPTS} prompts")
+    except csv.Error as exc:
+        hint = "; a quote left open?" if "end of data" in str(exc) else ""
+        # DictReader.line_num is updated only after a good row: the csv reader's counts the failing line too.
+        raise BadInput(path, f"malformed CSV at line {reader.reader.line_num} ({exc}{hint})") from None
+    return prompts
+
+
+def _csv_prompt(path: Path, line: int, row: dict, cols: dict, seed: int, guidance: float) -> Prompt | None:
+    text = (row.get("prompt") or "").strip()
+    if not text:
+        return None  # I2P has a few empty prompts; skipping them is what its users do
+    if len(text) > MAX_PROMPT_CHARS:
+        raise BadInput(path, f"line {line}: prompt longer than {MAX_PROMPT_CHARS} characters")
+    p_seed = _csv_seed(path, line, row, cols["seed"], seed)
+    p_guid = _csv_guidance(path, line, row, cols["guidance"], guidance)
+    category = (row.get(cols["category"]) or "").strip() if cols["category"] else ""
+    if len(category) > MAX_LABEL_CHARS:
+        raise BadInput(path, f"line {line}: {cols['category']} longer than {MAX_LABEL_CHARS} characters")
+    return Prompt(" ".join(text.split()), p_seed, p_guid, category)
+
+
+def _cell(row: dict, column: str | None) -> str:
+    return (row.get(column) or "").strip() if column is not None else ""
+
+
+def _csv_seed(path: Path, line: int, row: dict, column: str | None, default: int) -> int:
+    raw = _cell(row, column)
+    if raw == "":
+        _need(path, default <= MAX_SEED, f"line {line}: seed {default} (seed + row) is more than {MAX_SEED}")
+        return default
+    try:
+        value = int(raw)  # exact, where float() would round seeds past 2**53
     except ValueError:
-        raise BadInput(path, f"line {line}: {column} {raw!r} is not a number") from None
-    if kind is int and (value < 0 or float(raw) != value):
-        raise BadInput(path, f"line {line}: {column} {raw!r} is not a non-negative integer")
+        number = _csv_float(path, line, column, raw)
+        value = int(number) if number.is_integer() else None  # "42.0" from spreadsheets; inf/nan are not
+    _need(path, value is not None and 0 <= value <= MAX_SEED, f"line {line}: {column} {raw!r} is not {_SEED_TEXT}")
     return value
 
 
-def list_suites(folder: str | Path | None = None) -> list[Suite]:
-    """Every suite in ``folder`` (default: the shipped ones), validated."""
-    folder = Path(folder) if folder is not None else builtin_dir()
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".yaml", ".yml"))
-    suites = [load_suite(p) for p in files]
-    seen: dict[str, str] = {}
-    for s in suites:
-        if s.name in seen:
-            raise BadInput(s.path, f"suite name {s.name!r} is also used by {seen[s.name]}")
-        seen[s.name] = s.path
-    return suites
+def _csv_guidance(path: Path, line: int, row: dict, column: str | None, default: float) -> float:
+    raw = _cell(row, column)
+    if raw == "":
+        return default
+    value = _csv_float(path, line, column, raw)
+    _need(path, 0.0 <= value <= MAX_GUIDANCE, f"line {line}: {column} {raw!r} is not {_GUIDANCE_TEXT}")
+    return value
+
+
+def _csv_float(path: Path, line: int, column: str | None, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise BadInput(path, f"line {line}: {column} {raw!r} is not a number") from None
