@@ -1,10 +1,16 @@
-"""Atomic file output: a reader never sees a half-written report or adapter."""
+"""Atomic file output: a reader never sees a half-written report or adapter.
+
+:func:`check_writable` is called before long work (training), so that a bad output path fails in a
+second instead of after the work is done.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+from auditkit.errors import BadInput
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -33,3 +39,33 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(path: str | Path) -> Path:
+    """Raise :class:`BadInput` unless a file can be written at ``path`` by :func:`atomic_write_bytes`.
+
+    ``path`` must not be a folder, and its parent must be a writable folder or creatable (its nearest
+    existing ancestor is a writable folder). Nothing is left behind: no folder is created, and the
+    probe file that tests writability is removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(path, "output is an existing folder; give a file path")
+    ancestor = path.parent
+    while not ancestor.exists() and not ancestor.is_symlink():  # a dangling link ends the walk: refused below
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadInput(path, f"cannot write here: {ancestor} is not a folder")
+    _probe(path, ancestor)
+    return path
+
+
+def _probe(path: Path, folder: Path) -> None:
+    # os.access() says yes to root on a read-only mount and knows nothing of ACLs: really try.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".auditkit-probe.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise BadInput(path, f"cannot write here: the folder {folder} is not writable ({why})") from None
+    os.close(fd)
+    os.unlink(tmp)

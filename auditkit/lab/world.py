@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from auditkit.errors import BadInput
+
 SIZE = 32  # rendered image side in pixels
 SUPERSAMPLE = 4  # drawing resolution factor, for anti-aliasing
 
@@ -250,6 +252,8 @@ def sample_specs(
         >>> all(s.shape != "cross" for s in specs)
         True
     """
+    if n < 0:  # 0 is fine (an empty share of a data mix); a negative count is a caller's mistake
+        raise BadInput(None, f"the number of images must not be negative (got {n})")
     if isinstance(rng, (int, np.integer)):
         rng = np.random.default_rng(int(rng))
     if domain not in DOMAINS:
@@ -429,8 +433,9 @@ def render(spec: Spec) -> np.ndarray:
 
 
 def render_many(specs: Iterable[Spec]) -> np.ndarray:
-    """Stack of rendered images, ``N x SIZE x SIZE x 3`` ``uint8``."""
-    return np.stack([render(s) for s in specs])
+    """Stack of rendered images, ``N x SIZE x SIZE x 3`` ``uint8`` (N may be 0)."""
+    images = [render(s) for s in specs]
+    return np.stack(images) if images else np.zeros((0, SIZE, SIZE, 3), np.uint8)
 
 
 def grid(images: np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:

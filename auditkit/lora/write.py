@@ -7,10 +7,12 @@ Outputs are written atomically and never overwrite the input adapter of an opera
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
+from auditkit.errors import BadInput
 from auditkit.fsutil import atomic_write_bytes, atomic_write_text
 from auditkit.lora import formats
 from auditkit.lora.adapter import LoraModule
@@ -127,9 +129,17 @@ def save_adapter(
     layout: str = formats.KOHYA,
     metadata: dict[str, str] | None = None,
     dtype=np.float32,
+    require_trained: bool = False,
 ) -> Path:
-    """Write ``modules`` to ``path`` (peft also writes ``adapter_config.json`` beside it)."""
+    """Write ``modules`` to ``path`` (peft also writes ``adapter_config.json`` beside it).
+
+    With ``require_trained`` (trainers' outputs), :func:`check_trained` runs first and nothing is
+    written for a non-finite or all-zero adapter. Off by default: tests and examples write such
+    files on purpose, to check that the scanner refuses them.
+    """
     path = Path(path)
+    if require_trained:
+        check_trained(modules, path)
     if layout == formats.KOHYA:
         modules = uniform_alpha(modules)
     tensors, meta = to_state_dict(modules, arch, layout, dtype)
@@ -138,3 +148,27 @@ def save_adapter(
         cfg = peft_config(list(modules.values()))
         atomic_write_text(path.with_name("adapter_config.json"), json.dumps(cfg, indent=2, sort_keys=True))
     return atomic_write_bytes(path, serialize(tensors, meta))
+
+
+def check_trained(modules: dict[str, LoraModule], path: str | Path | None = None) -> None:
+    """Raise BadInput for an adapter not worth publishing: no modules, NaN/Inf factors or scales, or
+    every update zero (0 steps, alpha 0, or a training signal that never moved the zero-initialised B).
+    """
+    if not modules:
+        raise BadInput(path, "the adapter has no modules; nothing written")
+    for m in modules.values():
+        if not (math.isfinite(m.scale) and np.isfinite(m.down).all() and np.isfinite(m.up).all()):
+            raise BadInput(path, f"the adapter has non-finite (NaN/Inf) values in {m.name}; nothing written "
+                                 "(training diverged? try a lower lr)")
+    if not any(update_norm(m) > 0 for m in modules.values()):
+        raise BadInput(path, "every update of the adapter is zero (untrained); nothing written")
+
+
+def update_norm(module: LoraModule) -> float:
+    """‖scale · B · A‖_F from the r × r Gram matrices: the dense update is never formed."""
+    if module.scale == 0:
+        return 0.0
+    b = module.up.astype(np.float64)
+    a = module.down.astype(np.float64)
+    squared = float(np.sum((b.T @ b) * (a @ a.T)))  # trace(BᵀB · AAᵀ), both symmetric
+    return abs(module.scale) * math.sqrt(max(squared, 0.0))  # rounding can leave a tiny negative

@@ -1,12 +1,14 @@
 """Image-caption folders, the layout kohya and diffusers users know: ``img.png`` + ``img.txt``.
 
-Every problem (missing folder, no images, unreadable image, missing or empty caption) is a
-one-line :class:`~auditkit.errors.BadInput` naming the file. Images are decoded with Pillow only
-(no code in the data is ever executed).
+Every problem (missing folder, no images, unreadable or oversized image, missing, empty or overlong
+caption, a symlink that dangles or leads out of the folder) is a one-line
+:class:`~auditkit.errors.BadInput` naming the file. Images are decoded with Pillow only (no code in
+the data is ever executed), and only after their header's size has been checked.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,13 @@ import numpy as np
 from auditkit.errors import BadInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_PIXELS = 64_000_000  # refuse decompression bombs
+MAX_PIXELS = 64_000_000  # refuse decompression bombs: checked from the header, before any pixel is decoded
+# Captions land verbatim in the published adapter (ss_tag_frequency) and CLIP reads only 77 tokens: a longer
+# "caption" is a mistake or someone else's file, not a description of an image.
+MAX_CAPTION_CHARS = 1_000
+_MAX_CAPTION_BYTES = 4 * MAX_CAPTION_CHARS  # UTF-8 needs at most 4 bytes a character
+# Modes Pillow opens 16-bit greyscale PNGs in; convert("RGB") clips them at 255 (white).
+_WIDE_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass
@@ -29,44 +37,104 @@ def check_folder(folder: str | Path) -> list[tuple[Path, str]]:
     """Validate an image-caption folder without a model: every image decodes, every caption exists.
 
     Returns (image path, caption) pairs. Called before any model loads, so bad data fails fast.
+    Images and captions may be symlinks only to files inside the folder: a dataset must not pull
+    other files (whose text would be published in the adapter's metadata) into training.
     """
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.exists():
         raise BadInput(folder, "data folder does not exist")
     if not folder.is_dir():
         raise BadInput(folder, "data path is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise BadInput(folder, f"no images ({', '.join(IMAGE_SUFFIXES)}) in the data folder")
+    root = folder.resolve()
+    files = _image_files(folder, root)
+    for path in files:
+        _check_link(path.with_suffix(".txt"), root, "caption")
     missing = [p.with_suffix(".txt").name for p in files if not p.with_suffix(".txt").is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise BadInput(folder, f"missing captions: {', '.join(missing[:3])}{more} (each image needs a same-named .txt)")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     pairs = []
     for path in files:
-        try:
-            caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            raise BadInput(path.with_suffix(".txt"), "caption is not readable UTF-8 text") from None
-        if not caption:
-            raise BadInput(path.with_suffix(".txt"), "caption is empty")
+        caption = read_caption(path.with_suffix(".txt"))
         _decode(path)
-        pairs.append((path, " ".join(caption.split())))
+        pairs.append((path, caption))
     return pairs
+
+
+def _image_files(folder: Path, root: Path) -> list[Path]:
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in candidates:  # before the is_file() filter, which would skip a dangling link silently
+        _check_link(path, root, "image")
+    files = [p for p in candidates if p.is_file()]
+    if not files:
+        raise BadInput(folder, f"no images ({', '.join(IMAGE_SUFFIXES)}) in the data folder")
+    return files
+
+
+def _check_link(path: Path, root: Path, what: str) -> None:
+    """Refuse a symlink that dangles or resolves outside ``root`` (the resolved data folder)."""
+    if not path.is_symlink():
+        return
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing target, or a loop (RuntimeError before Python 3.13)
+        raise BadInput(path, f"{what} is a dangling symlink (its target does not exist)") from None
+    if not target.is_relative_to(root):
+        raise BadInput(path, f"{what} is a symlink to a file outside the data folder")
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text, whitespace-normalised; at most MAX_CAPTION_CHARS characters."""
+    too_long = f"caption is longer than {MAX_CAPTION_CHARS:,} characters"
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(_MAX_CAPTION_BYTES + 1)  # bounded: a huge file is never read whole
+    except OSError:
+        raise BadInput(path, "caption is not readable") from None
+    if len(raw) > _MAX_CAPTION_BYTES:
+        raise BadInput(path, too_long)
+    try:
+        caption = " ".join(raw.decode("utf-8-sig").split())  # -sig: a BOM is not part of the caption
+    except UnicodeDecodeError:
+        raise BadInput(path, "caption is not readable UTF-8 text") from None
+    if not caption:
+        raise BadInput(path, "caption is empty")
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise BadInput(path, too_long)
+    return caption
 
 
 def _decode(path: Path):
     from PIL import Image
 
+    limit = f"the {MAX_PIXELS // 1_000_000} Mpx limit"
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow's own warning is several lines; the size check below is ours and says it in one.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise BadInput(path, f"image is {w}×{h} ({w * h / 1e6:.0f} Mpx), over {limit}")
+                im.load()
+                return _to_rgb(im)
+    except BadInput:
+        raise
+    except Image.DecompressionBombError:  # over twice Pillow's limit: refused by Image.open itself
+        raise BadInput(path, f"image is over {limit} (decompression bomb?)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
         raise BadInput(path, f"unreadable image ({type(exc).__name__})") from None
+
+
+def _to_rgb(im):
+    """RGB copy of a decoded image; 16-bit greyscale is scaled 0..65535 → 0..255, not clipped."""
+    from PIL import Image
+
+    if im.mode not in _WIDE_GREY:
+        return im.convert("RGB")
+    grey = np.asarray(im).astype(np.int64).clip(0, 65535)
+    u8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # rounded
+    return Image.fromarray(np.repeat(u8[..., None], 3, axis=-1))
 
 
 def load_folder(folder: str | Path, size: int, pairs: list[tuple[Path, str]] | None = None) -> ImageCaptionSet:
@@ -92,6 +160,8 @@ def write_folder(folder: str | Path, images: np.ndarray, captions: list[str], pr
     """Write an image-caption folder (used by the lab to make fine-tuning data)."""
     from PIL import Image
 
+    if len(images) < 1:
+        raise BadInput(None, "no images to write: the count must be at least 1")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, (img, cap) in enumerate(zip(images, captions, strict=True)):

@@ -15,7 +15,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from auditkit.lora.adapter import LoraModule
-from auditkit.train.lora import add_lora, extract_lora, lora_parameters, optimizer_for, remove_lora, target_modules
+from auditkit.lora.write import check_trained
+from auditkit.train.lora import (
+    add_lora,
+    check_int,
+    check_lora_settings,
+    check_loss,
+    check_number,
+    check_targets,
+    extract_lora,
+    lora_parameters,
+    optimizer_for,
+    remove_lora,
+    target_modules,
+)
 
 Progress = Callable[[int, int, float], None]
 
@@ -33,6 +46,17 @@ class ESDConfig:
     guidance: float = 3.0  # guidance of the trajectory sampling
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise BadInput for a setting that would crash, train nothing or write NaN; needs no model."""
+        check_targets("method", self.method)
+        check_lora_settings(self.rank, self.alpha, self.steps, self.lr, self.batch, self.seed)
+        check_number("eta", self.eta)  # a negative eta is allowed: it strengthens the concept (a control)
+        check_int("ddim_steps", self.ddim_steps, 1)
+        check_number("guidance", self.guidance)
+
 
 def encode(pipe, prompts: Sequence[str]):
     """Text embeddings of ``prompts`` (no gradient; the text encoder stays frozen)."""
@@ -48,7 +72,8 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
               progress: Progress | None = None) -> dict[str, LoraModule]:
     """Train an ESD Safety LoRA on ``pipe.unet``; returns it as canonical modules.
 
-    The pipeline's UNet is left as it was (the adapter is removed after extraction).
+    The pipeline's UNet is left as it was (the adapter is removed after extraction). Raises BadInput
+    when training diverges or leaves the adapter all zero: no such adapter is ever returned.
     """
     import torch
     from diffusers import DDIMScheduler
@@ -88,12 +113,16 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
             unet.train()
             pred = unet(x, t, encoder_hidden_states=cond).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            loss_value = float(loss.detach())
+            check_loss(loss_value, step + 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if progress:
-                progress(step + 1, cfg.steps, float(loss.detach()))
-        return extract_lora(unet, "esd")
+                progress(step + 1, cfg.steps, loss_value)
+        modules = extract_lora(unet, "esd")
+        check_trained(modules)
+        return modules
     finally:
         unet.eval()
         remove_lora(unet, "esd")

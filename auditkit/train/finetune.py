@@ -20,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
+from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
+from auditkit.lora.write import check_trained
 from auditkit.train.esd import encode
 from auditkit.train.lora import (
     add_lora,
+    check_finite_parameters,
+    check_int,
+    check_lora_settings,
+    check_loss,
+    check_number,
+    check_targets,
     composed,
     extract_lora,
     lora_from_delta,
@@ -49,6 +57,20 @@ class FinetuneConfig:
     seed: int = 0
     extract_rank: int = 32  # full mode: rank of the LoRA extracted from the dense update
     anchor_weight: float = 1.0  # on-top with anchor prompts: weight of the anchor term
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise BadInput for a setting that would crash, train nothing or write NaN; needs no model."""
+        if self.mode not in MODES:
+            raise BadInput(None, f"mode must be one of {', '.join(MODES)} (got {self.mode!r})")
+        check_targets("targets", self.targets)
+        check_lora_settings(self.rank, self.alpha, self.steps, self.lr, self.batch, self.seed)
+        check_int("extract_rank", self.extract_rank, 1)
+        check_number("anchor_weight", self.anchor_weight)
+        if self.anchor_weight < 0:  # a negative weight would push the model away from the safe prediction
+            raise BadInput(None, f"anchor_weight must be ≥ 0 (got {self.anchor_weight!r})")
 
 
 @dataclass
@@ -84,6 +106,9 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
     prompts (the erased concept's) to the safe model's own, ``cfg.anchor_weight``·‖ε_θ(x_t, c) −
     ε_safe(x_t, c)‖²: the LoRA may repair what the safety module damaged elsewhere but cannot
     learn back the concept (an anchored fine-tune; auditkit's addition, not from the paper).
+
+    Raises BadInput when the targets select nothing (before any work), or when training diverges or
+    leaves the update all zero: no such adapter is ever returned.
     """
     import torch
     from diffusers import DDPMScheduler
@@ -98,7 +123,11 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
         raise ValueError("checkpoints are supported for LoRA modes only")
     if anchor_prompts and cfg.mode != "on-top":
         raise ValueError("anchor prompts need mode 'on-top' (the safe model is the anchor)")
+    if len(images_u8) == 0 or len(images_u8) != len(captions):
+        raise BadInput(None, f"need one caption per image and at least one image (got {len(images_u8)} images, "
+                             f"{len(captions)} captions)")
     unet = pipe.unet
+    names = target_modules(unet, cfg.targets)  # a regex that selects nothing fails before any work
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     latents = encode_images(pipe, images_u8)
@@ -107,7 +136,6 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
     text = encode(pipe, unique)
     anchor = encode(pipe, list(anchor_prompts)) if anchor_prompts else None
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    names = target_modules(unet, cfg.targets)
     merged = (safety, 1.0) if cfg.mode in ("on-top", "full") else ({}, 0.0)
     losses: list[float] = []
     with composed(unet, merged):
@@ -139,21 +167,26 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                 loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
                 if anchor is not None:
                     loss = loss + cfg.anchor_weight * _anchor_loss(unet, anchor, xt, t.to(x0.device), rng)
+                losses.append(float(loss.detach()))
+                check_loss(losses[-1], step + 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss.detach()))
                 if progress:
-                    progress(step + 1, cfg.steps, float(loss.detach()))
+                    progress(step + 1, cfg.steps, losses[-1])
                 if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
                     ckpt.save(checkpoint, step + 1, params, opt, rng, gen, losses, fp)
             unet.eval()
+            check_finite_parameters(params)  # before the SVD below, which fails on NaN
             if cfg.mode == "full":
                 dense = {f"unet.{n}": (unet.get_submodule(n).weight.detach() - original[n]).double().cpu().numpy()
                          .reshape(original[n].shape[0], -1) for n in names}
                 modules = {n: lora_from_delta(n, d, cfg.extract_rank) for n, d in dense.items()}
+                check_trained(modules)
                 return FinetuneResult(modules, dense, losses)
-            return FinetuneResult(extract_lora(unet, "ft"), None, losses)
+            modules = extract_lora(unet, "ft")
+            check_trained(modules)
+            return FinetuneResult(modules, None, losses)
         finally:
             unet.eval()
             for p in unet.parameters():

@@ -10,11 +10,14 @@ Trained adapters are extracted as canonical :class:`~auditkit.lora.adapter.LoraM
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import re
 from collections.abc import Iterator
 
 import numpy as np
 
+from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 
 # Which modules each method trains (regexes over diffusers UNet module names).
@@ -30,16 +33,78 @@ TARGETS: dict[str, str] = {
 }
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows above
+
+
+def check_targets(setting: str, preset_or_regex: str) -> None:
+    """Raise BadInput unless ``preset_or_regex`` is a preset of TARGETS or a valid regex."""
+    if not isinstance(preset_or_regex, str) or not preset_or_regex:
+        raise BadInput(None, f"{setting} must be a preset ({', '.join(TARGETS)}) or a regex (got {preset_or_regex!r})")
+    if preset_or_regex in TARGETS:
+        return
+    try:
+        re.compile(preset_or_regex)
+    except re.error as exc:
+        raise BadInput(None, f"{setting} {preset_or_regex!r} is neither a preset ({', '.join(TARGETS)}) "
+                             f"nor a valid regex ({exc})") from None
+
+
+def check_int(setting: str, value, minimum: int, maximum: int | None = None) -> None:
+    """Raise BadInput unless ``value`` is an integer in [minimum, maximum]."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    if not ok or (maximum is not None and value > maximum):
+        bound = f"≥ {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise BadInput(None, f"{setting} must be an integer {bound} (got {value!r})")
+
+
+def check_number(setting: str, value, positive: bool = False) -> None:
+    """Raise BadInput unless ``value`` is a finite number (and > 0 with ``positive``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        kind = "a finite number > 0" if positive else "a finite number"
+        raise BadInput(None, f"{setting} must be {kind} (got {value!r})")
+
+
+def check_lora_settings(rank, alpha, steps, lr, batch, seed) -> None:
+    """The settings every trainer shares; alpha None means "= rank"."""
+    check_int("rank", rank, 1)
+    if alpha is not None:
+        check_number("alpha", alpha, positive=True)  # alpha 0 scales the update to nothing
+    check_int("steps", steps, 1)
+    check_number("lr", lr, positive=True)
+    check_int("batch", batch, 1)
+    check_int("seed", seed, 0, MAX_SEED)
+
+
 def target_modules(unet, preset_or_regex: str) -> list[str]:
-    """UNet module names (no ``unet.`` prefix) selected by a preset name or a regex."""
+    """UNet module names (no ``unet.`` prefix) selected by a preset name or a regex.
+
+    Raises BadInput for an invalid regex or one that selects nothing: called before training starts.
+    """
     import torch
 
+    check_targets("target", preset_or_regex)
     pattern = re.compile(TARGETS.get(preset_or_regex, preset_or_regex))
     names = [n for n, m in unet.named_modules()
              if pattern.fullmatch(n) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     if not names:
-        raise ValueError(f"target {preset_or_regex!r} selects no Linear/Conv2d module of the UNet")
+        raise BadInput(None, f"target {preset_or_regex!r} selects no Linear/Conv2d module of the UNet")
     return names
+
+
+def check_loss(loss: float, step: int) -> None:
+    """Stop at the first non-finite loss: the next optimiser step would turn the adapter into NaN."""
+    if not math.isfinite(loss):
+        raise BadInput(None, f"training diverged at step {step} (loss {loss}); nothing written (try a lower lr)")
+
+
+def check_finite_parameters(params) -> None:
+    """Refuse trained parameters holding NaN/Inf (before an SVD or extraction turns them into a file)."""
+    import torch
+
+    for p in params:
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise BadInput(None, "training diverged: non-finite weights; nothing written (try a lower lr)")
 
 
 def add_lora(unet, names: list[str], rank: int, alpha: float | None = None, adapter_name: str = "auditkit",
