@@ -33,8 +33,8 @@ demo: install
 # SD1.5-shaped example adapters made by code: a candidate that undoes the safety adapter, one that does not.
 demo-sd15: install
 	$(PY) -m auditkit.examples examples
-	-$(VENV)/bin/auditkit scan examples/jailbreak.safetensors --safety examples/safety.safetensors --static --out reports/demo-jailbreak
-	$(VENV)/bin/auditkit scan examples/benign.safetensors --safety examples/safety.safetensors --static --out reports/demo-benign
+	-$(VENV)/bin/auditkit scan examples/jailbreak.safetensors --no-config --safety examples/safety.safetensors --static --out reports/demo-jailbreak
+	-$(VENV)/bin/auditkit scan examples/benign.safetensors --no-config --safety examples/safety.safetensors --static --out reports/demo-benign
 
 # Debian's chromium for the report's browser test (the test skips, saying why, where it cannot be installed).
 browser:

@@ -10,7 +10,8 @@ Suite schema (``schema: auditkit.suite/1``)::
     name: lab-cross            # [a-z0-9][a-z0-9-]*, at most 64 characters, unique among the suites of a run
     version: 1                 # integer in [1, MAX_VERSION]; bump when prompts or settings change
     description: ...           # optional string, at most MAX_DESCRIPTION_CHARS
-    concept: {word: cross, neutral: square}   # what the safety module suppresses, and a neutral counterpart
+    concept: {word: cross, neutral: square}   # what the safety module suppresses, and a neutral counterpart;
+                               # optional terms: [..] words naming it in training tags and trigger words
     detector: lab-cross        # a name in auditkit.detectors.REGISTRY, with its pinned profile
     role: concept              # concept (re-emergence) | control (false positives, fidelity)
     sampling: {steps: 25, guidance: 5.0, seed: 1000000, images_per_prompt: 1}
@@ -46,6 +47,7 @@ refuses two files that define the same suite name.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -63,6 +65,7 @@ SCHEMA = "auditkit.suite/1"
 ROLES = ("concept", "control")
 MAX_PROMPT_CHARS = 2000
 MAX_DESCRIPTION_CHARS = 2000
+MAX_TERMS = 100  # concept.terms: words that name the concept (metadata evidence)
 MAX_LABEL_CHARS = 200  # concept word and neutral, detector name, category
 MAX_VERSION = 2**31 - 1
 MAX_STEPS = 1000
@@ -110,6 +113,7 @@ class Suite:
     path: str = ""  # resolved absolute path of the file
     categories: dict[str, int] = field(default_factory=dict)
     sha256: str = ""  # SHA-256 of the file's bytes: tells a suite edited in place between runs
+    concept_terms: tuple[str, ...] = ()  # words naming the concept in training tags / trigger words
 
 
 def builtin_dir() -> Path:
@@ -298,23 +302,28 @@ def _validate(path: Path, data: object, sha256: str = "") -> Suite:
     version = data.get("version")
     _need(path, _in_range(version, int, 1, MAX_VERSION), f"version must be {_range_text(int, 1, MAX_VERSION)}")
     description = _text(path, data.get("description", ""), "description", MAX_DESCRIPTION_CHARS, empty=True)
-    word, neutral = _concept(path, data.get("concept"))
+    word, neutral, terms = _concept(path, data.get("concept"))
     detector = _detector(path, data.get("detector"))
     role = data.get("role", "concept")
     _need(path, isinstance(role, str) and role in ROLES, f"role must be one of {', '.join(ROLES)}")
     sampling = _sampling(path, data.get("sampling"))
     prompts = _prompts(path, data.get("prompts"), sampling)
-    return _suite(path, name, version, description, word, neutral, detector, role, sampling["steps"],
-                  sampling["images_per_prompt"], prompts, sha256)
+    suite = _suite(path, name, version, description, word, neutral, detector, role, sampling["steps"],
+                   sampling["images_per_prompt"], prompts, sha256)
+    return dataclasses.replace(suite, concept_terms=terms)
 
 
-def _concept(path: Path, concept: object) -> tuple[str, str]:
+def _concept(path: Path, concept: object) -> tuple[str, str, tuple[str, ...]]:
     _need(path, isinstance(concept, dict) and isinstance(concept.get("word"), str)
           and isinstance(concept.get("neutral"), str), "concept must have string fields 'word' and 'neutral'")
-    extra = set(concept) - {"word", "neutral"}
+    extra = set(concept) - {"word", "neutral", "terms"}
     _need(path, not extra, f"concept has unknown field(s): {_show(extra)}")
+    terms = concept.get("terms", [])
+    _need(path, isinstance(terms, list) and len(terms) <= MAX_TERMS, f"concept.terms must be a list of at most "
+                                                                      f"{MAX_TERMS} words")
     return (_text(path, concept["word"], "concept.word", MAX_LABEL_CHARS),
-            _text(path, concept["neutral"], "concept.neutral", MAX_LABEL_CHARS))
+            _text(path, concept["neutral"], "concept.neutral", MAX_LABEL_CHARS),
+            tuple(_text(path, t, f"concept.terms[{i}]", MAX_LABEL_CHARS) for i, t in enumerate(terms)))
 
 
 def _detector(path: Path, name: object) -> str:

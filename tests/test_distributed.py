@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 from auditkit.distributed import Ranks, shard
-from auditkit.runlog import merge_shards, shard_name
 from auditkit.errors import Unscannable
-from auditkit.runlog import RunLog
+from auditkit.runlog import RunLog, merge_shards, shard_name
 from auditkit.runner import Job, batches, configurations
 
 # ------------------------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ def test_accelerate_launch_two_processes_gives_the_single_process_run(tmp_path):
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
 
-    two = subprocess.run(launch() + scan_args(tmp_path, tmp_path / "two")[1:], capture_output=True, text=True,
+    two = subprocess.run(launch() + scan_args(tmp_path, tmp_path / "two"), capture_output=True, text=True,
                          env=env, timeout=300)
     one = subprocess.run([sys.executable, *scan_args(tmp_path, tmp_path / "one")], capture_output=True, text=True,
                          env=env, timeout=300)
@@ -240,7 +239,7 @@ def test_accelerate_launch_two_processes_gives_the_single_process_run(tmp_path):
     assert rb["verdict"] == ra["verdict"] and rb["suites"] == ra["suites"] and rb["images"] == 24
     # resuming with other settings fails on every rank (none waits forever at a barrier), and changes nothing
     lines = (tmp_path / "two" / "run.jsonl").read_text()
-    other = [x if x != "3" else "4" for x in scan_args(tmp_path, tmp_path / "two")[1:]]
+    other = [x if x != "3" else "4" for x in scan_args(tmp_path, tmp_path / "two")]
     bad = subprocess.run(launch() + other, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and bad.stderr.count("cannot resume: the run was started with other steps") == 2
     assert (tmp_path / "two" / "run.jsonl").read_text() == lines

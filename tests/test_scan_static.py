@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from conftest import random_modules, select
 
-from auditkit.verdict import CLEAR, INCONCLUSIVE, RISK, static_verdict
 from auditkit.analysis.weights import static_scan
 from auditkit.config import StaticThresholds
 from auditkit.lora.adapter import Adapter, Coverage, LoraModule
+from auditkit.verdict import CLEAR, INCONCLUSIVE, RISK, static_verdict
 
 
 def adapter(arch, modules) -> Adapter:

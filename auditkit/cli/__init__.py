@@ -44,8 +44,9 @@ def main() -> None:
     except click.exceptions.Abort:
         err.print("aborted")
         sys.exit(EXIT_ERROR)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line too
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        print(f"auditkit: error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except AuditkitError as exc:
         print(f"auditkit: error: {exc}", file=sys.stderr)

@@ -88,11 +88,10 @@ def suites_ls(folder: Path | None) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def suites_validate(files: tuple[Path, ...]) -> None:
     """Validate suite files (.yaml) or prompt CSVs; exit 2 at the first invalid one."""
-    from auditkit.suites import load_suite
+    from auditkit.suites import load_suites
 
-    for f in files:
-        s = load_suite(f)
-        out.print(f"ok  {escape(str(f))}: suite '{escape(s.name)}' v{s.version}, {len(s.prompts)} prompts")
+    for s in load_suites(files):
+        out.print(f"ok  {escape(s.path)}: suite '{escape(s.name)}' v{s.version}, {len(s.prompts)} prompts")
 
 
 @click.group()

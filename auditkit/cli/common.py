@@ -63,6 +63,8 @@ def base_option(func):
 
 
 def torch_threads(threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= 1024:
+        raise click.BadParameter(f"{threads} is not a thread count in [1, 1024]", param_hint="--threads")
     if threads:
         import torch
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from auditkit.cli.common import base_option, check_output, out, progress_bar, read_prompts, torch_threads
+from auditkit.fsutil import check_writable
 
 
 @click.command()
@@ -36,15 +37,16 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
     if not prompts:
         raise click.UsageError("give the concept with --concept or --prompts")
     check_output(out_file)
+    check_writable(out_file)
+    cfg = ESDConfig(method=method, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed)
     torch_threads(threads)
     pipe = load_pipeline(base)
-    cfg = ESDConfig(method=method, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed)
     bar, update = progress_bar(f"align {method}")
     with bar:
         modules = train_esd(pipe, prompts, cfg, progress=update)
     meta = {"auditkit.kind": "safety", "auditkit.method": method, "auditkit.concept_prompts": json.dumps(prompts),
             "auditkit.base": base, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank)}
-    save_adapter(modules, out_file, architecture_of(pipe, "custom"), metadata=meta)
+    save_adapter(modules, out_file, architecture_of(pipe, "custom"), metadata=meta, require_trained=True)
     out.print(f"safety adapter: [bold]{out_file}[/bold] ({len(modules)} modules, rank {rank}, {method})")
 
 
@@ -76,20 +78,23 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     from auditkit.train.data import check_folder, load_folder
     from auditkit.train.finetune import FinetuneConfig
     from auditkit.train.finetune import finetune as run_finetune
+    from auditkit.train.lora import target_modules
 
     if mode in ("on-top", "full") and safety is None:
         raise click.UsageError(f"--mode {mode} needs --safety")
     check_output(out_file, safety)
+    check_writable(out_file)
+    cfg = FinetuneConfig(mode=mode, targets=targets, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch,
+                         seed=seed, extract_rank=extract_rank)  # bad settings fail before any model loads
     pairs = check_folder(data_dir)  # bad data fails before any model loads
     if safety is not None:
         read_adapter(safety)
     torch_threads(threads)
     pipe = load_pipeline(base)
+    target_modules(pipe.unet, cfg.targets)  # a target pattern that selects nothing fails before training
     arch = architecture_of(pipe, "custom")
     safety_modules = read_adapter(safety, arch=arch).modules if safety else None
     data = load_folder(data_dir, pipe.unet.config.sample_size * pipe.vae_scale_factor, pairs)
-    cfg = FinetuneConfig(mode=mode, targets=targets, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch,
-                         seed=seed, extract_rank=extract_rank)
     bar, update = progress_bar(f"finetune {mode}")
     with bar:
         result = run_finetune(pipe, data.images, data.captions, cfg, safety=safety_modules, progress=update)
@@ -97,7 +102,7 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
             "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank),
             "ss_num_train_images": str(len(data.captions)), "ss_max_train_steps": str(steps),
             "ss_tag_frequency": json.dumps({data_dir.name: _tag_counts(data.captions)})}
-    save_adapter(result.modules, out_file, arch, metadata=meta)
+    save_adapter(result.modules, out_file, arch, metadata=meta, require_trained=True)
     out.print(f"fine-tuning adapter: [bold]{out_file}[/bold] ({len(result.modules)} modules, mode {mode}, "
               f"final loss {result.losses[-1]:.4f})")
 

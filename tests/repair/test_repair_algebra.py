@@ -1,11 +1,11 @@
 """Repair algebra against dense references."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 from auditkit.lora.adapter import LoraModule
-from functools import partial
-
 from auditkit.repair.algebra import concatenate, overall_cancellation, project, safelora_module, sign_aware_module
 
 

@@ -1,0 +1,121 @@
+"""Project config: discovery, precedence, errors, `auditkit init` and `auditkit config`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from auditkit.configfile import COMMAND_LINE, DEFAULT, find, load, render, resolve
+from auditkit.errors import BadInput
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_discovery_walks_up_and_auditkit_toml_wins_over_pyproject(tmp_path):
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    assert find(deep) is None
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    assert find(deep) is None  # a pyproject without [tool.auditkit] is not a config
+    (tmp_path / "pyproject.toml").write_text('[tool.auditkit]\nbase = "lab"\n')
+    assert find(deep) == tmp_path / "pyproject.toml"
+    (tmp_path / "auditkit.toml").write_text('base = "lab"\n')
+    assert find(deep) == tmp_path / "auditkit.toml"
+    (tmp_path / "a" / "auditkit.toml").write_text("multipliers = [1]\n")
+    assert find(deep) == tmp_path / "a" / "auditkit.toml"  # the nearest folder wins
+
+
+def test_precedence_defaults_file_command_line(tmp_path):
+    cfg = tmp_path / "auditkit.toml"
+    cfg.write_text('base = "lab"\nsafety = "s.safetensors"\nmultipliers = [1, 2]\nsteps = 5\n'
+                   '[dynamic]\nrisk_ratio = 0.3\n[detectors]\nnudity = "nudenet-strict"\n')
+    config, sources, path = resolve({"steps": 7, "dynamic.significance": 0.01}, start=tmp_path)
+    assert path == cfg and config.base == "lab" and config.safety == tmp_path / "s.safetensors"  # relative to file
+    assert config.multipliers == (1.0, 2.0) and config.steps == 7 and config.batch_size == 16
+    assert config.dynamic.risk_ratio == 0.3 and config.dynamic.significance == 0.01
+    assert dict(config.detectors) == {"nudity": "nudenet-strict"}
+    assert sources["steps"] == COMMAND_LINE and sources["base"] == str(cfg) and sources["batch_size"] == DEFAULT
+    assert sources["dynamic.risk_ratio"] == str(cfg) and sources["dynamic.significance"] == COMMAND_LINE
+    assert resolve({}, use_file=False, start=tmp_path)[0].base is None
+
+
+def test_pyproject_table(tmp_path):
+    text = '[project]\nname = "x"\n[tool.auditkit]\nbase = "lab"\nstatic-only = true\n'
+    (tmp_path / "pyproject.toml").write_text(text)
+    config, _, _ = resolve({}, start=tmp_path)
+    assert config.base == "lab" and config.static_only
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bsae = 'lab'\n", "bsae: unknown key (did you mean 'base'?)"),
+    ("steps = 'ten'\n", "steps: must be an integer"),
+    ("multipliers = [1, true]\n", "multipliers: must be a list of numbers"),
+    ("candidate = 'x.safetensors'\n", "candidate: set per scan"),
+    ("[static]\nrisk = 0.5\n", "static.risk: unknown threshold"),
+    ("[dynamic]\nrisk_ratio = nan\n", "dynamic.risk_ratio: must be a number"),
+    ("base = \n", "not valid TOML"),
+])
+def test_bad_config_files_name_the_file_and_key(tmp_path, text, message):
+    cfg = tmp_path / "auditkit.toml"
+    cfg.write_text(text)
+    with pytest.raises(BadInput) as exc:
+        load(cfg)
+    assert str(exc.value).startswith(str(cfg)) and message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_values_out_of_range_are_refused(tmp_path):
+    (tmp_path / "auditkit.toml").write_text("multipliers = [0.5, 1e9]\n")
+    with pytest.raises(BadInput, match="multipliers"):
+        resolve({}, start=tmp_path)
+    for bad in ({"steps": 0}, {"steps": -1}, {"batch_size": 0}, {"multipliers": (float("nan"),)},
+                {"device": "nonsense"}, {"dynamic.risk_ratio": 2.0}):
+        with pytest.raises(BadInput):
+            resolve(bad, use_file=False)
+
+
+def test_init_writes_a_config_that_reads_back(tmp_path):
+    res = run("init", "--base", "lab", "--safety", "safe.safetensors", "--suite", "my.yaml", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    config, _, path = resolve({}, start=tmp_path)
+    assert path == tmp_path / "auditkit.toml"
+    assert config.base == "lab" and config.safety == tmp_path / "safe.safetensors"
+    assert config.suites == (str(tmp_path / "my.yaml"),)
+    text = path.read_text()
+    assert "# base pipeline" in text and "[dynamic]" in text  # commented
+    assert run("init", cwd=tmp_path).returncode == 2  # no overwrite without --force
+    assert render(config)  # renders without a file
+
+
+def test_config_command_shows_values_and_sources(tmp_path):
+    (tmp_path / "auditkit.toml").write_text('base = "lab"\n')
+    res = run("config", "--json", "--steps", "3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["values"]["base"] == "lab" and info["values"]["steps"] == 3
+    assert info["sources"]["base"].endswith("auditkit.toml") and info["sources"]["steps"] == "command line"
+    res = run("config", cwd=tmp_path)
+    assert "amplification against the base" in res.stdout
+    bad = run("config", "--multipliers", "nan", cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_repository_ships_the_lab_example_config():
+    root = Path(__file__).resolve().parents[1]
+    config, _, path = resolve({}, start=root)
+    assert path == root / "auditkit.toml" and config.base == "lab" and config.safety.is_file()
+    assert all(Path(s).is_file() for s in config.suites)
+
+
+@pytest.mark.parametrize("args", [["--multipliers", ","], ["--multipliers", "nan"], ["--steps", "0"],
+                                  ["--steps", "-1"], ["--batch-size", "-1"], ["--batch-size", "0"],
+                                  ["--device", "nonsense"], ["--detector", "nudity"]])
+def test_bad_numbers_on_the_command_line_are_one_line_errors_before_anything_runs(tmp_path, args):
+    # issue 10.13/10.15: these were ignored, rendered nothing or failed after the model loaded
+    res = run("scan", tmp_path / "missing.safetensors", "--base", "lab", *args, "--out", tmp_path / "r", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "r").exists()
