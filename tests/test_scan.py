@@ -122,3 +122,18 @@ def test_amplification_against_a_base_with_the_safety_module_fused_in(tmp_path):
     assert comp["rate_candidate"] > comp["rate_base"] + 0.3, comp
     assert res.returncode == 1 and report["verdict"] == "risk" and report["evidence"]["level"] == "behavioural"
     assert "amplification" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_pipeline_folder_with_only_pickle_weights_is_refused_before_loading(tmp_path):
+    # issue 10.4: --base DIR loaded pickle .bin weights through torch.load
+    folder = tmp_path / "pipe"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    res = run("scan", ADAPTERS / "safety-esd-x.safetensors", "--base", folder, "--out", tmp_path / "r", cwd=tmp_path)
+    assert res.returncode == 2 and "pickle" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    from auditkit.errors import BadInput
+    from auditkit.models.pipeline import load_pipeline
+
+    with pytest.raises(BadInput, match="no .safetensors weights"):
+        load_pipeline(str(folder))

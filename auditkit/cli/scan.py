@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,8 +41,16 @@ def scan(candidate: Path, top: int, **params) -> None:
         raise click.UsageError("--suite needs a base model (--base or the config file): the suites are probed on it")
     main = is_main_process()
     bar, update = progress_bar("dynamic scan", loss=False)
-    with bar if (main and config.dynamic_enabled) else contextlib.nullcontext():
-        result = run_scan(config, progress=(lambda stage, done, total: update(done, total)) if main else None)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not bar.live.is_started:  # drawn once rendering starts: input errors print no empty bar
+            bar.start()
+        update(done, total)
+
+    try:
+        result = run_scan(config, progress=progress if main else None)
+    finally:
+        bar.stop()
     if not main:
         sys.exit(result.exit_code)  # other ranks of a distributed launch: same verdict, rank 0 reports it
     print_scan(result.report, top, config_path)

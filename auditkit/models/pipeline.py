@@ -35,10 +35,17 @@ def load_pipeline(base: str, device: str = "cpu", dtype=None):
     path = Path(base)
     if not (path / "model_index.json").is_file():
         raise BadInput(path, "not a diffusers pipeline folder (no model_index.json); use 'lab' or a local folder")
+    pickles = sorted(p.relative_to(path).as_posix() for p in path.glob("*/*") if p.suffix in (".bin", ".ckpt", ".pt"))
+    weights = list(path.glob("*/*.safetensors"))
+    if not weights:
+        found = f" (it holds {', '.join(pickles[:3])}: pickle files, which auditkit never loads)" if pickles else ""
+        raise BadInput(path, f"no .safetensors weights in the pipeline folder{found}; save it with "
+                             "save_pretrained(..., safe_serialization=True)")
     from diffusers import StableDiffusionPipeline
 
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
+        # use_safetensors: never fall back to pickle .bin weights (torch.load) for any component
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True,
                                                        safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as exc:
         raise BadInput(path, f"cannot load the pipeline ({' '.join(str(exc).split())[:200]})") from None
