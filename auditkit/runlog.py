@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TypedDict
 
-from auditkit.errors import Unscannable
+from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import atomic_write_text
 
 RUN_SCHEMA = "auditkit.run/1"
@@ -91,7 +91,7 @@ class RunLog:
             self.append([{"type": "header", "schema": RUN_SCHEMA, **header}])
         elif {k: old.get(k) for k in header} != header:
             changed = sorted(k for k in header if old.get(k) != header[k])
-            raise Unscannable(self.path, f"cannot resume: the run was started with other {', '.join(changed)}")
+            raise BadInput(self.path, f"cannot resume: the run was started with other {', '.join(changed)}")
 
     def append(self, records: list[dict]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

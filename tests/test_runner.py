@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from auditkit.errors import Unscannable  # noqa: E402
+from auditkit.errors import BadInput, Unscannable  # noqa: E402
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
 from auditkit.runlog import RunLog  # noqa: E402
 from auditkit.runner import configurations, load_adapters, plan, run  # noqa: E402
@@ -68,7 +68,7 @@ def test_run_scores_every_pair_and_resumes_without_regenerating(pipe, tmp_path):
     safe = {r["key"]: r for r in records if r["config"] == "base+safety"}
     assert set(base) == set(safe) and all(base[k]["seed"] == safe[k]["seed"] for k in base)
     assert all((tmp_path / r["image"]).is_file() for r in records)
-    with pytest.raises(Unscannable, match="cannot resume"):
+    with pytest.raises(BadInput, match="cannot resume"):  # a bad input (exit 2), not "inconclusive"
         log.start({"suites": ["other"]})
 
 
