@@ -181,8 +181,8 @@ def resolve(overrides: dict, config_file: str | Path | None = None, use_file: bo
         values["dynamic"] = DynamicThresholds(**thresholds["dynamic"])
         config = ScanConfig(**values)
     except ValueError as exc:
-        raise BadInput(path if path is not None and not overrides else None,
-                       f"{exc} (settings from {where} and the command line)") from None
+        # the value may come from the file or the command line: the message names both
+        raise BadInput(None, f"{exc} (settings from {where} and the command line)") from None
     return config, sources, path
 
 

@@ -40,8 +40,7 @@ def pick_device(device: str | None) -> tuple[str, str]:
 
 def suites_info(suites: list[Suite]) -> dict[str, dict]:
     return {s.name: {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
-                     "concept": s.concept_word, "prompts": len(s.prompts),
-                     **({"sha256": s.sha256} if getattr(s, "sha256", None) else {})} for s in suites}
+                     "concept": s.concept_word, "prompts": len(s.prompts), "sha256": s.sha256} for s in suites}
 
 
 def load_base(base: str, device: str | None = None):

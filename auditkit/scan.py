@@ -130,7 +130,7 @@ def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -
 
 def metadata_concepts(suites: list) -> dict[str, tuple[str, ...]]:
     """Concept terms per concept suite (its concept word and listed terms)."""
-    return {s.name: (s.concept_word, *getattr(s, "concept_terms", ())) for s in suites if s.role == "concept"}
+    return {s.name: (s.concept_word, *s.concept_terms) for s in suites if s.role == "concept"}
 
 
 def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
@@ -162,6 +162,7 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         candidate, safety = static.candidate, static.safety
     else:
         candidate, safety = read_adapter(config.candidate, arch=config.arch), None
+    out = config.out or default_out(config.candidate)
     gathered = [METADATA]
     report = build_report(candidate, safety, static, config)
     dynamic = None
@@ -174,7 +175,6 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic
 
-            out = config.out or default_out(config.candidate)
             dynamic = run_dynamic(pipe, config.base, candidate, safety, suites, out, config.multipliers, config.steps,
                                   config.batch_size, config.dynamic, progress=_stage(progress, "dynamic scan"),
                                   ranks=ranks)
@@ -187,7 +187,6 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     order = (BEHAVIOURAL, DATA_FREE, STATIC, METADATA)
     verdict = combine(static.verdict if static else None, dynamic, tuple(g for g in order if g in gathered))
     finish_report(report, dynamic, verdict)
-    out = config.out or default_out(config.candidate)
     paths = {}
     if write and (ranks is None or ranks.main):
         try:

@@ -49,7 +49,15 @@ import numpy as np
 from auditkit.analysis.weights import StaticFindings
 from auditkit.config import DynamicThresholds, StaticThresholds
 from auditkit.errors import EXIT_INCONCLUSIVE, EXIT_PASS, EXIT_RISK
-from auditkit.stats import mcnemar_exact, newcombe_paired, paired_counts, pairs_needed, ratio_bounds
+from auditkit.stats import (
+    holm,
+    mcnemar_exact,
+    newcombe_paired,
+    paired_bootstrap_ratio,
+    paired_counts,
+    pairs_needed,
+    ratio_bounds,
+)
 
 PASS, RISK, INCONCLUSIVE, CLEAR = "pass", "risk", "inconclusive", "clear"
 EXIT_CODES = {PASS: EXIT_PASS, RISK: EXIT_RISK, INCONCLUSIVE: EXIT_INCONCLUSIVE}
@@ -111,8 +119,6 @@ def static_verdict(findings: StaticFindings, coverages: dict[str, float],
 
 def reemergence_row(base: np.ndarray, safe: np.ndarray, cand: np.ndarray, t: DynamicThresholds) -> dict:
     """Statistics of one base / base+safety / base+safety+candidate comparison on paired flags."""
-    from auditkit.stats import paired_bootstrap_ratio
-
     b, s, x = (np.asarray(a, dtype=bool) for a in (base, safe, cand))
     rb = ratio_bounds(x, s, b, t.significance)
     lo, hi, undefined = paired_bootstrap_ratio(x, s, b)
@@ -145,8 +151,6 @@ def _arrays(cells: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def decide_rows(rows: list[dict], t: DynamicThresholds) -> list[dict]:
     """Give every comparison its verdict and reason (in place; also returned). Holm over the rows."""
-    from auditkit.stats import holm
-
     adjusted = holm([r["mcnemar"]["p_increase"] for r in rows]) if rows else []
     for row, p in zip(rows, adjusted, strict=True):
         row["p_adjusted"] = p

@@ -8,8 +8,9 @@ evidence, never a pass: most files carry no such metadata, and metadata can lie.
 
 from __future__ import annotations
 
-import json
 import re
+
+from auditkit.lora.metadata import tag_entries
 
 TRIGGER_FIELDS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words")
 
@@ -23,18 +24,12 @@ def _pattern(terms: tuple[str, ...]) -> re.Pattern | None:
 
 def all_tags(metadata: dict[str, str]) -> dict[str, int]:
     """Every training tag with its total count over datasets (empty when absent or malformed)."""
-    try:
-        data = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except (json.JSONDecodeError, TypeError):
-        return {}
+    entries, _ = tag_entries(metadata.get("ss_tag_frequency", "{}"))
     counts: dict[str, int] = {}
-    if isinstance(data, dict):
-        for tags in data.values():
-            if isinstance(tags, dict):
-                for tag, n in tags.items():
-                    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
-                        key = " ".join(str(tag).split())[:200]
-                        counts[key] = counts.get(key, 0) + int(n)
+    for tag, n in entries:
+        if n > 0:
+            key = " ".join(tag.split())[:200]
+            counts[key] = counts.get(key, 0) + n
     return counts
 
 

@@ -26,20 +26,27 @@ def truncate(value: str, limit: int = MAX_VALUE_CHARS) -> str:
     return value[:limit] + f"… (truncated, {len(value)} characters)"
 
 
-def tag_frequency(raw: str) -> tuple[list[tuple[str, int]], str | None]:
-    """Aggregate kohya's ``ss_tag_frequency`` (dataset -> tag -> count) into the top tags."""
+def tag_entries(raw: str) -> tuple[list[tuple[str, int]], str | None]:
+    """Every (tag, count) entry of kohya's ``ss_tag_frequency`` (dataset -> tag -> count), datasets in
+    order, entries whose count is not a number left out; and a problem when the field is malformed."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, TypeError):
         return [], "ss_tag_frequency is not valid JSON"
     if not isinstance(data, dict):
         return [], "ss_tag_frequency is not a JSON object"
+    return [(str(tag), int(n)) for tags in data.values() if isinstance(tags, dict) for tag, n in tags.items()
+            if isinstance(n, (int, float)) and not isinstance(n, bool)], None
+
+
+def tag_frequency(raw: str) -> tuple[list[tuple[str, int]], str | None]:
+    """Aggregate kohya's ``ss_tag_frequency`` (dataset -> tag -> count) into the top tags."""
+    entries, problem = tag_entries(raw)
+    if problem:
+        return [], problem
     counts: Counter[str] = Counter()
-    for tags in data.values():
-        if isinstance(tags, dict):
-            for tag, n in tags.items():
-                if isinstance(n, (int, float)) and not isinstance(n, bool):
-                    counts[str(tag).strip()] += int(n)
+    for tag, n in entries:
+        counts[tag.strip()] += n
     return counts.most_common(TOP_TAGS), None
 
 

@@ -113,8 +113,7 @@ def _fidelity(req: RepairRequest, before_dir: Path, after_dir: Path) -> dict:
 
 def scan_settings(run_dir: Path) -> dict:
     """Base, suites (files), multipliers and steps of an earlier scan, so the repair re-scans with the
-    same ones. Relative suite paths are resolved against the scan folder's working directory record,
-    and must exist."""
+    same ones (suite paths as the scan recorded them: absolute for scans since suites record them so)."""
     from auditkit.runlog import RunLog
 
     header = RunLog(run_dir).header()
@@ -123,7 +122,7 @@ def scan_settings(run_dir: Path) -> dict:
     paths = [info.get("path") for info in header["suites"].values()]
     if not all(paths):
         raise BadInput(run_dir, "the scan's run log does not record its suite files")
-    if "base+safety" not in header.get("adapters", {}) and "safety" not in header.get("adapters", {}):
+    if "safety" not in header.get("adapters", {}):
         raise BadInput(run_dir, "the scan was made without a safety module; repair needs one")
     return {"base": header["base"], "suites": tuple(str(p) for p in paths),
             "multipliers": tuple(header["multipliers"]), "steps": header.get("steps_override")}

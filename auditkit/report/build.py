@@ -51,7 +51,7 @@ def build_report(candidate: Adapter, safety: Adapter | None, static=None, config
         "candidate": adapter_section(candidate),
         "safety": adapter_section(safety) if safety is not None else None,
         "base": config.base if config is not None else None,
-        "config": _finite(config.to_dict()) if config is not None else None,
+        "config": config.to_dict() if config is not None else None,
         "static": static_section(static) if static is not None else None,
         "concept_check": None,
         "metadata_evidence": None,
@@ -65,7 +65,7 @@ def finish_report(report: dict, dynamic: dict | None, verdict) -> dict:
     report["dynamic"] = dynamic
     v = verdict.to_dict()
     report.update(verdict=v["verdict"], exit_code=v["exit_code"], reasons=v["reasons"], evidence=v["evidence"])
-    report.update(_finite({k: report[k] for k in report}))
+    report.update(_finite(report))  # the returned report is what report.json holds: no NaN/Inf
     return report
 
 
