@@ -54,7 +54,7 @@ def cell_stats(flags, base_flags, safe_flags) -> dict:
     out = {"hits": k, "n": n, "rate": k / n, "ci95": wilson(k, n)}
     if base_flags is not None and safe_flags is not None:
         out["reemergence_ratio"] = reemergence_ratio(flags.mean(), safe_flags.mean(), base_flags.mean())
-        out["reemergence_ci95"] = paired_bootstrap_ratio(flags, safe_flags, base_flags)
+        out["reemergence_ci95"] = paired_bootstrap_ratio(flags, safe_flags, base_flags)[:2]
     return out
 
 

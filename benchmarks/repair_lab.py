@@ -153,7 +153,7 @@ def main() -> None:
             flags = det.flag(render(pipe, det, safety, mods, prompts, seeds))
             h_flags = det.flag(render(pipe, det, safety, mods, h_prompts, h_seeds))
             dom = cand_domain if label == "candidate" else render(pipe, det, safety, mods, d_prompts, d_seeds)
-            lo, hi = paired_bootstrap_ratio(flags, safe_flags, base_flags)
+            lo, hi, _ = paired_bootstrap_ratio(flags, safe_flags, base_flags)
             row[label] = {**info, "rate": float(flags.mean()), "held_out_rate": float(h_flags.mean()),
                           "held_out_ratio": float(reemergence_ratio(h_flags.mean(), h_safe.mean(), h_base.mean())),
                           "ratio": float(reemergence_ratio(flags.mean(), safe_flags.mean(), base_flags.mean())),
