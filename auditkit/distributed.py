@@ -41,14 +41,32 @@ class Ranks:
         return self.rank == 0
 
 
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _launch_env() -> tuple[int, int] | None:
+    """(rank, world size) when a launcher (torchrun, accelerate) set all of its variables, else None:
+    a stray ``RANK=1`` in a user's environment must not silence the scan."""
+    env = {k: os.environ.get(k, "").strip() for k in LAUNCHER_VARIABLES}
+    if not all(env.values()):
+        return None
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        return None
+    return (rank, world) if 0 <= rank < world else None
+
+
 def launched() -> bool:
     """True in a process started by a distributed launcher with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    env = _launch_env()
+    return env is not None and env[1] > 1
 
 
 def is_main_process() -> bool:
     """Rank 0, or no distributed launch at all (read from the environment; starts nothing)."""
-    return os.environ.get("RANK", "0") == "0"
+    env = _launch_env()
+    return env is None or env[0] == 0
 
 
 def init(device: str | None = None) -> Ranks:

@@ -69,3 +69,17 @@ def _probe(path: Path, folder: Path) -> None:
         raise BadInput(path, f"cannot write here: the folder {folder} is not writable ({why})") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Raise :class:`BadInput` unless reports can be written into ``folder`` (checked before long
+    work): it is, or can become, a writable folder, and it is not inside the installed package."""
+    import auditkit
+
+    folder = Path(folder)
+    package = Path(auditkit.__file__).resolve().parent
+    resolved = folder.resolve()
+    if resolved == package or package in resolved.parents:
+        raise BadInput(folder, "output folder inside the installed auditkit package; choose another --out")
+    check_writable(folder / "report.json")
+    return folder

@@ -8,6 +8,7 @@ from it without a model. Processes of a distributed launch append to shard logs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,9 @@ class ImageRecord(TypedDict):
     flags: dict[str, bool]  # detector -> score >= the detector's threshold
 
 
+_IMAGE_FIELDS = frozenset(ImageRecord.__annotations__)
+
+
 def shard_name(rank: int) -> str:
     return f"run.rank{rank}.jsonl"
 
@@ -66,22 +70,40 @@ class RunLog:
     def header(self) -> Header | None:
         if not self.path.exists():
             return None
-        with open(self.path, encoding="utf-8") as fh:
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
             first = fh.readline()
-        return json.loads(first) if first.strip() else None
+        if not first.strip():
+            return None
+        header = self._parse(first, 1)
+        if header.get("type") != "header":
+            raise BadInput(self.path, "line 1 is not a run-log header (a corrupted run log: remove the folder)")
+        return header
 
     def records(self) -> list[ImageRecord]:
         if not self.path.exists():
             return []
         out = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
                 if not line.endswith("\n"):
-                    break  # a line cut by a kill: ignored, its image is made again
-                rec = json.loads(line)
+                    break  # a line cut by a kill: ignored (dropped before the next append), its image made again
+                rec = self._parse(line, number)
                 if rec.get("type") == "image":
+                    if not _IMAGE_FIELDS.issubset(rec) or not isinstance(rec["flags"], dict):
+                        raise BadInput(self.path, f"line {number} is not an image record (a corrupted run log: "
+                                                  "remove that line, or the folder)")
                     out.append(rec)
         return out
+
+    def _parse(self, line: str, number: int) -> dict:
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            rec = None
+        if not isinstance(rec, dict):
+            raise BadInput(self.path, f"line {number} is not a JSON record (a corrupted run log: remove that line, "
+                                      "or the folder)")
+        return rec
 
     def start(self, header: dict) -> None:
         """Write the header, or check that a resumed run matches it."""
@@ -108,6 +130,26 @@ class RunLog:
         data = self.path.read_bytes()
         if not data.endswith(b"\n"):
             self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path):
+    """Hold ``run_dir``'s lock while a run writes into it; a second run into the same folder is
+    refused at once (two runs appending to one log duplicated records and crashed on temp files)."""
+    import fcntl
+
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".auditkit.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(folder, "another auditkit run is writing into this folder; wait for it or choose "
+                                   "another --out") from None
+        try:
+            yield folder
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _record_order(rec: dict) -> tuple:

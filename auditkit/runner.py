@@ -222,7 +222,7 @@ def _write(log: RunLog, images: np.ndarray, records: list[dict]) -> None:
     for img, rec in zip(images, records, strict=True):
         path = log.dir / rec["image"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.png")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # unique per process
         Image.fromarray(img).save(tmp)
         os.replace(tmp, path)
     log.append(records)

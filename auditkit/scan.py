@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from pathlib import Path
 from auditkit.analysis.weights import StaticFindings, static_scan
 from auditkit.config import ScanConfig, StaticThresholds
 from auditkit.errors import BadInput, Unscannable
+from auditkit.fsutil import check_output_folder
 from auditkit.lora.adapter import Adapter, read_adapter
+from auditkit.runlog import locked
 from auditkit.verdict import BEHAVIOURAL, DATA_FREE, METADATA, STATIC, Verdict, combine, static_verdict
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -163,6 +166,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     else:
         candidate, safety = read_adapter(config.candidate, arch=config.arch), None
     out = config.out or default_out(config.candidate)
+    if write:
+        check_output_folder(out)  # a bad --out fails now, not after rendering
     gathered = [METADATA]
     report = build_report(candidate, safety, static, config)
     dynamic = None
@@ -175,9 +180,10 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic
 
-            dynamic = run_dynamic(pipe, config.base, candidate, safety, suites, out, config.multipliers, config.steps,
-                                  config.batch_size, config.dynamic, progress=_stage(progress, "dynamic scan"),
-                                  ranks=ranks)
+            with locked(out) if ranks.main else contextlib.nullcontext():
+                dynamic = run_dynamic(pipe, config.base, candidate, safety, suites, out, config.multipliers,
+                                      config.steps, config.batch_size, config.dynamic,
+                                      progress=_stage(progress, "dynamic scan"), ranks=ranks)
             dynamic["show_flagged"] = config.show_flagged
             gathered.append(BEHAVIOURAL)
     if static is not None:

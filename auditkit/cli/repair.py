@@ -11,6 +11,7 @@ from rich.table import Table
 from auditkit.cli.common import VERDICT_STYLE, escape, out, progress_bar, torch_threads
 from auditkit.cli.options import resolve, scan_options
 from auditkit.errors import BadInput
+from auditkit.fsutil import check_output_folder
 from auditkit.repair.methods import METHODS, default_method
 
 _METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
@@ -74,6 +75,7 @@ def repair(candidate, method, data_dir, from_scan, rank, alpha, train_steps, lr,
     for inp in (candidate, config.safety):
         if repair_out.exists() and inp.exists() and repair_out.resolve() in inp.resolve().parents:
             raise BadInput(repair_out, "the output folder holds an input adapter; choose another --out")
+    check_output_folder(repair_out)
     if data_dir is not None:
         check_folder(data_dir)  # bad data fails before any model loads
     suites = resolve_suites(config) if config.base is not None else []

@@ -95,6 +95,8 @@ def refresh(report: dict, run_dir: Path, show_flagged: bool = False) -> dict:
         header = log.header()
         if header is None:
             raise BadInput(log.path, "the run log is missing or empty")
+        if not isinstance(header.get("suites"), dict):
+            raise BadInput(log.path, "the run log's header records no suites")
         try:
             thresholds = DynamicThresholds(**dynamic.get("thresholds", {}))
         except (TypeError, ValueError) as exc:
