@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STAGES = ("vae", "latents", "unet", "detector", "export", "eval")
-log = logging.getLogger("auditkit.lab.training")
+log = logging.getLogger("lab_training")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from auditkit.lab import training
+    import lab_training as training  # beside this script: build-time code, not in the package
+
     from auditkit.lab.tokenizer import build_tokenizer
 
     stages = [s for s in (args.stages or "").split(",") if s]

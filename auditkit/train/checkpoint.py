@@ -92,3 +92,62 @@ def restore(path: str | Path, fp: str, params: list, optimizer, rng: np.random.G
     gen.set_state(torch.from_numpy(np.array(st.array("rng.torch"))))
     rng.bit_generator.state = json.loads(st.metadata["rng.numpy"])
     return State(int(st.metadata["step"]), [float(x) for x in json.loads(st.metadata["losses"])])
+
+
+# ------------------------------------------------------------------------------------------------
+# any nested training state (model/optimizer state dicts, EMA copies, counters) as safetensors
+
+TREE_SCHEMA = "auditkit.state/1"
+
+
+def save_tree(path: str | Path, tree) -> None:
+    """Write a nested state (dicts with str or int keys, lists, tuples, numbers, strings, None and
+    torch tensors) as a safetensors file: tensors as entries, the structure as JSON metadata. Atomic.
+    Key types survive (an optimizer's state is keyed by int), tuples come back as lists."""
+    from safetensors.torch import save
+
+    tensors: dict = {}
+
+    def encode(node):
+        if hasattr(node, "detach") and hasattr(node, "dtype"):  # a torch tensor
+            name = f"t{len(tensors)}"
+            tensors[name] = node.detach().cpu().contiguous().clone()
+            return {"tensor": name}
+        if isinstance(node, dict):
+            if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in node):
+                raise TypeError("state keys must be str or int")
+            return {"dict": [[k, encode(v)] for k, v in node.items()]}
+        if isinstance(node, (list, tuple)):
+            return {"list": [encode(v) for v in node]}
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return {"value": node}
+        raise TypeError(f"cannot store a {type(node).__name__} in a checkpoint")
+
+    skeleton = encode(tree)
+    atomic_write_bytes(path, save(tensors, metadata={"schema": TREE_SCHEMA, "tree": json.dumps(skeleton)}))
+
+
+def load_tree(path: str | Path):
+    """Read a state written by :func:`save_tree` (nothing in the file can execute)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("schema") != TREE_SCHEMA:
+                raise BadInput(path, "not an auditkit state checkpoint")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise BadInput(path, f"unreadable checkpoint ({' '.join(str(exc).split())[:120]})") from None
+
+    def decode(node):
+        if "tensor" in node:
+            return tensors[node["tensor"]]
+        if "dict" in node:
+            return {k: decode(v) for k, v in node["dict"]}
+        if "list" in node:
+            return [decode(v) for v in node["list"]]
+        return node["value"]
+
+    return decode(json.loads(meta["tree"]))

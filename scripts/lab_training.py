@@ -21,29 +21,15 @@ import numpy as np
 
 from auditkit.lab import world
 from auditkit.lab.detector import HEADS, STYLE_CLASSES, build_network, save_detector, shape_label
+from auditkit.train.checkpoint import load_tree, save_tree
 
-log = logging.getLogger("auditkit.lab.training")
+log = logging.getLogger("lab_training")
 
 STAGE_TAGS = {"data": 1, "vae": 2, "latents": 3, "unet": 4, "detector": 5, "eval": 6, "heldout": 7}
 
 
 def rng_for(seed: int, stage: str, k: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, STAGE_TAGS[stage], k])
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _load(path: Path) -> Any:
-    import torch
-
-    # weights_only: tensors, numbers and dicts are read; nothing in the file can execute
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 200, floor: float = 0.1) -> float:
@@ -136,9 +122,9 @@ def train_vae(work: Path, seed: int, steps: int, batch: int = 64, lr: float = 1e
     vae = AutoencoderKL(**VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     start = 0
-    ckpt = out / "ckpt.pt"
+    ckpt = out / "ckpt.safetensors"
     if ckpt.is_file():
-        state = _load(ckpt)
+        state = load_tree(ckpt)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -171,7 +157,7 @@ def train_vae(work: Path, seed: int, steps: int, batch: int = 64, lr: float = 1e
         opt.step()
         prog.update(step, float(loss.detach()))
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+            save_tree({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
     vae.eval()
     # scaling factor: latents (posterior means) scaled to unit variance, as SD does with 0.18215
     with torch.no_grad():
@@ -277,9 +263,9 @@ def train_unet(work: Path, seed: int, steps: int, batch: int = 64, lr: float = 1
     ema = {"unet": {k: v.detach().clone() for k, v in unet.named_parameters()},
            "te": {k: v.detach().clone() for k, v in te.named_parameters()}}
     start = 0
-    ckpt = out / "ckpt.pt"
+    ckpt = out / "ckpt.safetensors"
     if ckpt.is_file():
-        state = _load(ckpt)
+        state = load_tree(ckpt)
         unet.load_state_dict(state["unet"])
         te.load_state_dict(state["te"])
         opt.load_state_dict(state["opt"])
@@ -318,9 +304,9 @@ def train_unet(work: Path, seed: int, steps: int, batch: int = 64, lr: float = 1
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
             state = {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
                      "ema": ema, "step": step + 1, "total": steps}
-            _save_atomic(state, ckpt)
+            save_tree(state, ckpt)
             if (step + 1) % (ckpt_every * 4) == 0:
-                _save_atomic(state, out / f"ckpt-{step + 1:06d}.pt")
+                save_tree(state, out / f"ckpt-{step + 1:06d}.safetensors")
         if on_preview is not None and ((step + 1) % preview_every == 0 or step + 1 == steps):
             on_preview(step + 1)
     return ckpt
@@ -333,7 +319,7 @@ def pipeline_from_work(work: Path, use_ema: bool = True):
     from auditkit.lab.model import assemble_pipeline, build_components
 
     parts = build_components(0, tokenizer_dir=work / "tokenizer")
-    state = _load(work / "unet" / "ckpt.pt")
+    state = load_tree(work / "unet" / "ckpt.safetensors")
     unet, te = parts["unet"], parts["text_encoder"]
     unet.load_state_dict(state["unet"])
     te.load_state_dict(state["te"])
