@@ -187,27 +187,6 @@ def read_adapter(
     )
 
 
-def _resolve_names(layout: str, modules: list[str], arch: Architecture) -> dict[str, list[str]]:
-    """Layout module names -> possible canonical names in ``arch`` (several only for peft)."""
-    out: dict[str, list[str]] = {}
-    if layout == formats.KOHYA:
-        table = arch.kohya_names
-        for m in modules:
-            if m in table:
-                out[m] = [table[m]]
-    elif layout == formats.DIFFUSERS:
-        for m in modules:
-            if m in arch.aliases:
-                out[m] = [arch.aliases[m]]
-    else:  # peft: paths are relative to one component; which one is told by the names and shapes
-        components = sorted({name.split(".", 1)[0] for name in arch.modules})
-        for m in modules:
-            hits = [arch.aliases[f"{c}.{m}"] for c in components if f"{c}.{m}" in arch.aliases]
-            if hits:
-                out[m] = hits
-    return out
-
-
 def _choose_architecture(
     st: SafetensorsFile, path: Path, layout: str, parts: dict[str, dict[str, str]], choices: list[Architecture]
 ) -> tuple[Architecture, dict[str, str], list[str]]:
@@ -216,7 +195,7 @@ def _choose_architecture(
     for arch in choices:
         resolved: dict[str, str] = {}
         misfits: list[str] = []
-        for module, options in _resolve_names(layout, list(parts), arch).items():
+        for module, options in formats.LAYOUTS[layout].resolve(list(parts), arch).items():
             keyset = parts[module]
             if "down" not in keyset or "up" not in keyset:
                 continue
@@ -288,7 +267,7 @@ def _scale_rule(st: SafetensorsFile, path: Path, layout: str, notes: list[str]):
 def _peft_configs(st: SafetensorsFile, path: Path, layout: str, notes: list[str]) -> dict[str, dict]:
     """peft LoraConfig dicts per component ('*' = applies to all) from adapter_config.json or metadata."""
     configs: dict[str, dict] = {}
-    if layout == formats.PEFT:
+    if formats.LAYOUTS[layout].config_file:
         cfg_path = path.with_name("adapter_config.json")
         if cfg_path.exists():
             try:

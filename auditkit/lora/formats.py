@@ -9,13 +9,16 @@ Layouts people publish (see ../shared/FIELD.md):
                 attention-processor names (``attn1.processor.to_q_lora.down.weight``), ``text_encoder.…``.
 * ``peft``      ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` + ``adapter_config.json``.
 
-The functions here are pure: they look at key names only. Resolution of module names against
-an architecture and the shape checks live in :mod:`auditkit.lora.adapter`.
+Each layout is one :class:`Layout` record in :data:`LAYOUTS`: the key prefixes that identify it, how
+a key splits into (module, part), how module names resolve to an architecture's canonical names
+(pure lookups in its tables), and its writer. The shape checks live in :mod:`auditkit.lora.adapter`.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 KOHYA, DIFFUSERS, PEFT = "kohya", "diffusers", "peft"
@@ -67,29 +70,17 @@ def unsupported_algorithm(keys: list[str]) -> str | None:
     return None
 
 
-def detect_layout(keys: list[str]) -> str | None:
-    """``kohya``, ``diffusers``, ``peft`` or None, by the majority of key prefixes."""
-    votes = {KOHYA: 0, DIFFUSERS: 0, PEFT: 0}
-    for key in keys:
-        if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
-            votes[KOHYA] += 1
-        elif key.startswith("base_model.model."):
-            votes[PEFT] += 1
-        elif key.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
-            votes[DIFFUSERS] += 1
-    best = max(votes, key=votes.get)
-    return best if votes[best] else None
-
-
 def is_ignored(key: str) -> bool:
     return bool(_IGNORED.search(key))
 
 
-def split_key(key: str, layout: str) -> KeyPart | None:
-    """Split one key into its module and part, or None when the key is not a LoRA factor."""
-    if layout == KOHYA:
-        m = _KOHYA_PART.match(key)
-        return KeyPart(key, m.group(1), _PART_NAMES[m.group(2)]) if m else None
+def _split_kohya(key: str) -> KeyPart | None:
+    m = _KOHYA_PART.match(key)
+    return KeyPart(key, m.group(1), _PART_NAMES[m.group(2)]) if m else None
+
+
+def _split_dotted(key: str) -> tuple[str, str] | None:
+    """(module, suffix) of a diffusers/peft key; legacy processor names mapped to module paths."""
     m = _DIFFUSERS_PART.match(key)
     if not m:
         return None
@@ -99,8 +90,80 @@ def split_key(key: str, layout: str) -> KeyPart | None:
         if not _PROCESSOR.search(module):
             return None
     module = _PROCESSOR.sub(lambda p: "." + ("to_out.0" if p.group(1) == "to_out" else p.group(1)), module)
-    if layout == PEFT:
-        if not module.startswith("base_model.model."):
-            return None
-        module = module[len("base_model.model."):]
-    return KeyPart(key, module, _PART_NAMES[suffix])
+    return module, suffix
+
+
+def _split_diffusers(key: str) -> KeyPart | None:
+    parsed = _split_dotted(key)
+    return KeyPart(key, parsed[0], _PART_NAMES[parsed[1]]) if parsed else None
+
+
+def _split_peft(key: str) -> KeyPart | None:
+    parsed = _split_dotted(key)
+    if parsed is None or not parsed[0].startswith("base_model.model."):
+        return None
+    return KeyPart(key, parsed[0][len("base_model.model."):], _PART_NAMES[parsed[1]])
+
+
+def _resolve_kohya(modules: list[str], arch) -> dict[str, list[str]]:
+    return {m: [arch.kohya_names[m]] for m in modules if m in arch.kohya_names}
+
+
+def _resolve_diffusers(modules: list[str], arch) -> dict[str, list[str]]:
+    return {m: [arch.aliases[m]] for m in modules if m in arch.aliases}
+
+
+def _resolve_peft(modules: list[str], arch) -> dict[str, list[str]]:
+    # paths are relative to one component; which one is told by the names (and then the shapes)
+    components = sorted({name.split(".", 1)[0] for name in arch.modules})
+    out = {}
+    for m in modules:
+        hits = [arch.aliases[f"{c}.{m}"] for c in components if f"{c}.{m}" in arch.aliases]
+        if hits:
+            out[m] = hits
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One LoRA file layout: how to recognise, read and write it. Adding a layout is one record in
+    :data:`LAYOUTS` (and its writer in :mod:`auditkit.lora.write`)."""
+
+    name: str
+    prefixes: tuple[str, ...]  # key prefixes that vote for this layout in :func:`detect_layout`
+    split: Callable[[str], KeyPart | None]  # key -> (layout module name, part), None: not a LoRA factor
+    resolve: Callable[[list[str], object], dict[str, list[str]]]  # module names -> canonical names in an arch
+    writer: str  # "module:attr" of (modules, arch, dtype) -> (tensors, metadata), imported when writing
+    one_alpha: bool = False  # written with one alpha for every module (see write.uniform_alpha)
+    config_file: bool = False  # scales come from an adapter_config.json beside the file (peft)
+
+    def write_state_dict(self, modules, arch, dtype):
+        module, _, attr = self.writer.partition(":")
+        return getattr(importlib.import_module(module), attr)(modules, arch, dtype)
+
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
+    Layout(KOHYA, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"), _split_kohya, _resolve_kohya,
+           "auditkit.lora.write:kohya_state_dict", one_alpha=True),
+    Layout(DIFFUSERS, ("unet.", "text_encoder.", "text_encoder_2."), _split_diffusers, _resolve_diffusers,
+           "auditkit.lora.write:diffusers_state_dict"),
+    Layout(PEFT, ("base_model.model.",), _split_peft, _resolve_peft, "auditkit.lora.write:peft_state_dict",
+           config_file=True),
+)}
+
+
+def detect_layout(keys: list[str]) -> str | None:
+    """The layout most keys' prefixes vote for, or None."""
+    votes = dict.fromkeys(LAYOUTS, 0)
+    for key in keys:
+        for layout in LAYOUTS.values():
+            if key.startswith(layout.prefixes):
+                votes[layout.name] += 1
+                break
+    best = max(votes, key=votes.get)
+    return best if votes[best] else None
+
+
+def split_key(key: str, layout: str) -> KeyPart | None:
+    """Split one key into its module and part, or None when the key is not a LoRA factor."""
+    return LAYOUTS[layout].split(key)

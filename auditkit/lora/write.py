@@ -47,38 +47,45 @@ def to_state_dict(
     modules: dict[str, LoraModule], arch: Architecture, layout: str, dtype=np.float32
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata for ``modules`` in ``layout`` (peft config goes in the metadata dict)."""
-    tensors: dict[str, np.ndarray] = {}
-    meta: dict[str, str] = {}
-    if layout == formats.KOHYA:
-        for m in modules.values():
-            name = kohya_name(arch, m.name)
-            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = _factor_tensors(m, arch, dtype)
-            tensors[f"{name}.alpha"] = np.asarray(m.scale * m.rank, dtype=np.float32)
-        return tensors, meta
-    if layout == formats.DIFFUSERS:
-        for m in modules.values():
-            tensors[f"{m.name}.lora_A.weight"], tensors[f"{m.name}.lora_B.weight"] = _factor_tensors(m, arch, dtype)
-        by_component: dict[str, list[LoraModule]] = {}
-        for m in modules.values():
-            by_component.setdefault(m.name.split(".", 1)[0], []).append(m)
-        config = {}
-        for component, mods in by_component.items():
-            for field_name, value in peft_config(mods).items():
-                config[f"{component}.{field_name}"] = value
-        meta["lora_adapter_metadata"] = json.dumps(config, sort_keys=True)
-        meta["format"] = "pt"
-        return tensors, meta
-    if layout == formats.PEFT:
-        components = {m.name.split(".", 1)[0] for m in modules.values()}
-        if len(components) != 1:
-            raise ValueError("a peft adapter file adapts one model; got modules of " + ", ".join(sorted(components)))
-        for m in modules.values():
-            rel = m.name.split(".", 1)[1]
-            down, up = _factor_tensors(m, arch, dtype)
-            tensors[f"base_model.model.{rel}.lora_A.weight"] = down
-            tensors[f"base_model.model.{rel}.lora_B.weight"] = up
-        return tensors, meta
-    raise ValueError(f"unknown layout {layout!r}")
+    if layout not in formats.LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    return formats.LAYOUTS[layout].write_state_dict(modules, arch, dtype)
+
+
+def kohya_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    tensors = {}
+    for m in modules.values():
+        name = kohya_name(arch, m.name)
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = _factor_tensors(m, arch, dtype)
+        tensors[f"{name}.alpha"] = np.asarray(m.scale * m.rank, dtype=np.float32)
+    return tensors, {}
+
+
+def diffusers_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    tensors = {}
+    for m in modules.values():
+        tensors[f"{m.name}.lora_A.weight"], tensors[f"{m.name}.lora_B.weight"] = _factor_tensors(m, arch, dtype)
+    by_component: dict[str, list[LoraModule]] = {}
+    for m in modules.values():
+        by_component.setdefault(m.name.split(".", 1)[0], []).append(m)
+    config = {}
+    for component, mods in by_component.items():
+        for field_name, value in peft_config(mods).items():
+            config[f"{component}.{field_name}"] = value
+    return tensors, {"lora_adapter_metadata": json.dumps(config, sort_keys=True), "format": "pt"}
+
+
+def peft_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    components = {m.name.split(".", 1)[0] for m in modules.values()}
+    if len(components) != 1:
+        raise ValueError("a peft adapter file adapts one model; got modules of " + ", ".join(sorted(components)))
+    tensors = {}
+    for m in modules.values():
+        rel = m.name.split(".", 1)[1]
+        down, up = _factor_tensors(m, arch, dtype)
+        tensors[f"base_model.model.{rel}.lora_A.weight"] = down
+        tensors[f"base_model.model.{rel}.lora_B.weight"] = up
+    return tensors, {}
 
 
 def peft_config(modules: list[LoraModule]) -> dict:
@@ -140,11 +147,13 @@ def save_adapter(
     path = Path(path)
     if require_trained:
         check_trained(modules, path)
-    if layout == formats.KOHYA:
+    if layout not in formats.LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    if formats.LAYOUTS[layout].one_alpha:
         modules = uniform_alpha(modules)
     tensors, meta = to_state_dict(modules, arch, layout, dtype)
     meta.update(metadata or {})
-    if layout == formats.PEFT:
+    if formats.LAYOUTS[layout].config_file:
         cfg = peft_config(list(modules.values()))
         atomic_write_text(path.with_name("adapter_config.json"), json.dumps(cfg, indent=2, sort_keys=True))
     return atomic_write_bytes(path, serialize(tensors, meta))

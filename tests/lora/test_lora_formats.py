@@ -38,6 +38,17 @@ def test_layout_round_trip_gives_identical_deltas(tmp_path, sd15, sd15_modules, 
     assert_same_deltas(adapter.modules, sd15_modules)
 
 
+def test_every_registered_layout_writes_files_it_detects_and_reads_back(tmp_path, sd15, sd15_modules):
+    unet_only = {k: v for k, v in sd15_modules.items() if k.startswith("unet.")}
+    for name in formats.LAYOUTS:  # a new layout record is covered here without a new test
+        path = save_adapter(unet_only, tmp_path / name / "adapter_model.safetensors", sd15, name)
+        adapter = read_adapter(path)
+        assert adapter.layout == name and adapter.coverage.fraction == 1.0
+        assert_same_deltas(adapter.modules, unet_only)
+    with pytest.raises(ValueError, match="unknown layout"):
+        save_adapter(unet_only, tmp_path / "x.safetensors", sd15, "lycoris")
+
+
 def test_kohya_diffusers_and_peft_files_agree(tmp_path, sd15, sd15_modules):
     unet_only = {k: v for k, v in sd15_modules.items() if k.startswith("unet.")}
     read = {lay: read_adapter(save_adapter(unet_only, tmp_path / lay / "adapter_model.safetensors", sd15, lay))
