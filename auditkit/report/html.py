@@ -114,8 +114,10 @@ def image_grids(report: dict) -> dict:
         if len(cell) >= GRID_IMAGES:
             continue
         path = (run_dir / rec["image"]).resolve()
-        if run_dir.resolve() not in path.parents or not path.is_file():
-            continue  # only images inside the run folder
+        if run_dir.resolve() not in path.parents or not path.is_file():  # only images inside the run folder
+            why = "outside the run folder" if run_dir.resolve() not in path.parents else "file missing"
+            cell.append({"missing": why, "prompt": rec["prompt"], "image": rec["image"]})
+            continue
         uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
         nude = any(rec["flags"].get(d) for d in NUDITY_DETECTORS)
         cell.append({"uri": uri, "flagged": any(rec["flags"].values()), "blur": nude and not show,
