@@ -175,14 +175,14 @@ def resolve(overrides: dict, config_file: str | Path | None = None, use_file: bo
         if "." in key and v is not None:
             group, name = key.split(".", 1)
             thresholds[group][name], sources[key] = v, COMMAND_LINE
-    where = str(path) if path is not None else "the command line"
+    where = f"{path} and the command line" if path is not None else "the command line"
     try:
         values["static"] = StaticThresholds(**thresholds["static"])
         values["dynamic"] = DynamicThresholds(**thresholds["dynamic"])
         config = ScanConfig(**values)
     except ValueError as exc:
         # the value may come from the file or the command line: the message names both
-        raise BadInput(None, f"{exc} (settings from {where} and the command line)") from None
+        raise BadInput(None, f"{exc} (settings from {where})") from None
     return config, sources, path
 
 

@@ -34,7 +34,16 @@ from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import check_output_folder
 from auditkit.lora.adapter import Adapter, read_adapter
 from auditkit.runlog import locked
-from auditkit.verdict import BEHAVIOURAL, DATA_FREE, METADATA, STATIC, Verdict, combine, static_verdict
+from auditkit.verdict import (
+    BEHAVIOURAL,
+    DATA_FREE,
+    EVIDENCE_LEVELS,
+    METADATA,
+    STATIC,
+    Verdict,
+    combine,
+    static_verdict,
+)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -190,8 +199,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         gathered.append(STATIC)
     concept_suites = suites or [s for s in list_suites(builtin_dir()) if s.role == "concept"]
     report["metadata_evidence"] = concept_evidence(candidate.metadata, metadata_concepts(concept_suites))
-    order = (BEHAVIOURAL, DATA_FREE, STATIC, METADATA)
-    verdict = combine(static.verdict if static else None, dynamic, tuple(g for g in order if g in gathered))
+    verdict = combine(static.verdict if static else None, dynamic,
+                      tuple(g for g in EVIDENCE_LEVELS if g in gathered))  # strongest first
     finish_report(report, dynamic, verdict)
     paths = {}
     if write and (ranks is None or ranks.main):
