@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
 
 Z95 = 1.959963984540054
 
@@ -23,6 +22,8 @@ def wilson(hits: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval (default 95%, two-sided) for the rate ``hits / n``; (0, 1) when n = 0."""
     if n <= 0:
         return (0.0, 1.0)
+    from scipy import stats as _st  # imported on first use: the static scan never needs scipy (0.5 s)
+
     ci = _st.binomtest(int(hits), int(n)).proportion_ci(confidence_level=level, method="wilson")
     return (max(0.0, float(ci.low)), min(1.0, float(ci.high)))
 
@@ -47,6 +48,8 @@ def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> dict:
     c = int(np.sum(before & ~after))
     if b + c == 0:
         return {"b": 0, "c": 0, "p_two_sided": 1.0, "p_increase": 1.0}
+    from scipy import stats as _st
+
     two = _st.binomtest(b, b + c, 0.5, alternative="two-sided").pvalue
     inc = _st.binomtest(b, b + c, 0.5, alternative="greater").pvalue
     return {"b": b, "c": c, "p_two_sided": min(1.0, float(two)), "p_increase": min(1.0, float(inc))}
