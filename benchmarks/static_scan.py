@@ -148,7 +148,7 @@ def main() -> None:
         assert abs(dense["cancellation"] - findings.cancellation) < 1e-6, (dense, findings.cancellation)
 
         auditkit = [sys.executable, "-m", "auditkit", "scan", str(cand_path), "--safety", str(safety_path),
-                    "--static", "--out", str(tmp / "report")]
+                    "--static", "--no-config", "--out", str(tmp / "report")]  # no project config: static only
         scan_s, scan_walls, scan_rss = timed_process(auditkit, args.repeat)
         (tmp / "bare_torch.py").write_text(BARE_TORCH)
         (tmp / "bare_numpy.py").write_text(BARE_NUMPY)
@@ -178,6 +178,8 @@ def main() -> None:
         "bare_numpy_peak_rss_mb": round(numpy_rss / 1024, 1),
         "repeat": args.repeat,
         "cancellation": round(findings.cancellation, 6),
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                                     capture_output=True, text=True).stdout.strip() or None,
     }
     results["targets_met"] = {
         "analysis_under_0.5s": results["analysis_s_median"] < 0.5,
