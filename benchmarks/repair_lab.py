@@ -86,12 +86,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from functools import partial
+
     from auditkit.fsutil import atomic_write_text
     from auditkit.lab.adherence import attribute_accuracy
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
-    from auditkit.repair.algebra import overall_cancellation, project
+    from auditkit.repair.algebra import overall_cancellation, project, safelora_module, sign_aware_module
     from auditkit.repair.fidelity import attribute_agreement, pixel_metrics
     from auditkit.repair.retrain import retrain, settings_from
     from auditkit.stats import paired_bootstrap_ratio, reemergence_ratio
@@ -135,9 +137,10 @@ def main() -> None:
         variants["anchored"] = (retrain(pipe, images, captions, settings, safety=safety,
                                         anchor_prompts=anchor_prompts).modules,
                                 {"seconds": time.perf_counter() - t0, "anchor_prompts": len(anchor_prompts)})
-        for method in ("sign-aware", "safelora"):
+        for method, module_fn in (("sign-aware", sign_aware_module),
+                                  ("safelora", partial(safelora_module, threshold=0.5))):
             t0 = time.perf_counter()
-            mods, reports = project(cand.modules, safety, method)
+            mods, reports = project(cand.modules, safety, module_fn)
             variants[method] = (mods, {"seconds": time.perf_counter() - t0,
                                        "modules_changed": sum(r.changed for r in reports)})
         cand_domain = render(pipe, det, safety, cand.modules, d_prompts, d_seeds)
