@@ -54,6 +54,45 @@ def example_modules(
     return {"safety": safety, "jailbreak": jailbreak, "benign": benign}
 
 
+def _split_dim(n: int) -> tuple[int, int]:
+    """n = a·b with a ≤ b as close as possible (LyCORIS' factorisation with factor −1)."""
+    a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+    return a, n // a
+
+
+def lycoris_tensors(arch, names: list[str], algo: str, rank: int = 4, alpha: float = 2.0, seed: int = 0,
+                    std: float = 0.1) -> dict[str, np.ndarray]:
+    """kohya-named LyCORIS tensors (``loha``, ``lokr``, ``full``) for linear modules of ``arch``, with
+    the shapes LyCORIS writes: LoHa ``hada_w1_a`` (out×r) … ; LoKr ``lokr_w1`` (a×c) whole and
+    ``lokr_w2_a``/``_b`` rank-r (factorisation as LyCORIS' factor −1); full ``diff`` (out×in)."""
+    from auditkit.lora.write import kohya_name
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+
+    def normal(*shape):
+        return rng.normal(0, std, shape).astype(np.float32)
+
+    for canonical in names:
+        s = arch.modules[canonical]
+        key = kohya_name(arch, canonical)
+        if algo == "loha":
+            for i in ("1", "2"):
+                out[f"{key}.hada_w{i}_a"] = normal(s.out_features, rank)
+                out[f"{key}.hada_w{i}_b"] = normal(rank, s.flat_in)
+        elif algo == "lokr":
+            (a, b), (c, d) = _split_dim(s.out_features), _split_dim(s.flat_in)
+            out[f"{key}.lokr_w1"] = normal(a, c)
+            out[f"{key}.lokr_w2_a"], out[f"{key}.lokr_w2_b"] = normal(b, rank), normal(rank, d)
+        elif algo == "full":
+            out[f"{key}.diff"] = normal(s.out_features, s.flat_in)
+        else:
+            raise ValueError(f"unknown algorithm {algo!r}")
+        if algo != "full":
+            out[f"{key}.alpha"] = np.asarray(alpha, np.float32)
+    return out
+
+
 def _metadata(title: str, rank: int, tags: dict[str, int]) -> dict[str, str]:
     return {
         "ss_base_model_version": "sd_v1",

@@ -28,6 +28,7 @@ import numpy as np
 
 from auditkit.distributed import Ranks, shard
 from auditkit.errors import Unscannable
+from auditkit.lora.write import diffusers_source
 from auditkit.runlog import RunLog, merge_shards, shard_name
 from auditkit.suites import Suite
 
@@ -85,8 +86,9 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     """
     coverage = {}
     for role, adapter in adapters.items():
-        pipe.load_lora_weights(str(adapter.path), adapter_name=role)
-        layers = _lora_layers(pipe, [role])
+        pipe.load_lora_weights(diffusers_source(adapter), adapter_name=role)
+        aliases = adapter.architecture.aliases  # transformers 5 CLIP layers lack the text_model level
+        layers = {aliases.get(name, name): layer for name, layer in _lora_layers(pipe, [role]).items()}
         expected = {n for n in adapter.modules if n.split(".", 1)[0] in ("unet", "text_encoder")}
         got = len(expected & layers.keys())
         fraction = got / len(expected) if expected else 0.0

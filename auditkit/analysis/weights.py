@@ -35,6 +35,8 @@ class ModuleFinding:
     safety_rank: int
     candidate_effective_rank: float
     safety_effective_rank: float
+    candidate_form: str = "factors"  # how each update was held (see auditkit.lora.algorithms)
+    safety_form: str = "factors"
 
 
 @dataclass
@@ -69,6 +71,12 @@ class StaticFindings:
 
 def _energy(m: LoraModule) -> float:
     return update_energy(m.up, m.down, m.scale)
+
+
+def _form(m: LoraModule) -> str:
+    """The algorithm and the form its update was analysed in, e.g. ``loha/khatri-rao``."""
+    form = f"{m.algorithm}/{m.form}"
+    return form + " (DoRA direction only)" if m.needs_base else form
 
 
 def _svd(m: LoraModule) -> LowRankSVD:
@@ -119,6 +127,8 @@ def static_scan(candidate: Adapter, safety: Adapter) -> StaticFindings:
                 safety_rank=int(s_s.size),
                 candidate_effective_rank=effective_rank(c_s),
                 safety_effective_rank=effective_rank(s_s),
+                candidate_form=_form(candidate.modules[name]),
+                safety_form=_form(safety.modules[name]),
             )
         )
     findings.sort(key=lambda f: f.contribution, reverse=True)

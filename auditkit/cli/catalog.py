@@ -27,7 +27,8 @@ def inspect(file: Path, arch: str | None, as_json: bool) -> None:
     summary = adapter.summary()
     summary["metadata"] = summarize(adapter.metadata)
     summary["module_list"] = [
-        {"name": m.name, "rank": m.rank, "scale": m.scale, "shape": [m.up.shape[0], m.down.shape[1]]}
+        {"name": m.name, "algorithm": m.algorithm, "form": m.form, "rank": m.rank, "scale": m.scale,
+         "shape": [m.up.shape[0], m.down.shape[1]], "dora": m.magnitude is not None, "bias": m.bias is not None}
         for m in adapter.modules.values()
     ]
     if as_json:
@@ -44,6 +45,9 @@ def _print_inspect(s: dict) -> None:
     t.add_row("format", s["format"])
     t.add_row("architecture", f"{s['architecture']} ({s['architecture_label']})")
     t.add_row("modules", ", ".join(f"{k}: {v}" for k, v in s["components"].items()))
+    t.add_row("algorithms", ", ".join(f"{k}: {v}" for k, v in s["algorithms"].items())
+              + (f" ({s['dora_modules']} DoRA)" if s["dora_modules"] else ""))
+    t.add_row("held as", ", ".join(f"{k}: {v}" for k, v in s["forms"].items()))
     t.add_row("ranks", ", ".join(map(str, s["ranks"])))
     t.add_row("scales", ", ".join(f"{x:g}" for x in s["scales"][:8]) + (" …" if len(s["scales"]) > 8 else ""))
     t.add_row("key coverage", f"{cov['mapped']} mapped, {cov['unmapped']} unmapped, {cov['ignored']} ignored "

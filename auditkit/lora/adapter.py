@@ -1,8 +1,11 @@
-"""Canonical adapters: per target module the down factor A (r×in), up factor B (out×r) and scale.
+"""Canonical adapters: per target module the down factor A (k×in), up factor B (out×k) and scale.
 
-ΔW = scale · B · A, with conv kernels flattened (A is r × in·kh·kw). Every layout is read into
-this one form, and every module's shape is validated against a known architecture: an adapter
-that maps nothing fails closed (exit 3), one whose shapes fit no architecture is refused (exit 2).
+ΔW = scale · B · A, with conv kernels flattened (A is k × in·kh·kw). Every layout and every
+algorithm (LoRA/LoCon, LyCORIS LoHa/LoKr/full, see :mod:`auditkit.lora.algorithms`) is read into
+this one exact form, and every module's shape is validated against a known architecture: an
+adapter that maps nothing fails closed (exit 3), one whose shapes fit no architecture is refused
+(exit 2). DoRA modules keep their magnitude vector: their exact update needs the base weights
+(:meth:`Adapter.with_base`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from auditkit.errors import BadInput, Unscannable
-from auditkit.lora import formats
+from auditkit.lora import algorithms, formats
 from auditkit.lora.io import SafetensorsFile, open_safetensors
 from auditkit.models import architectures
 from auditkit.models.architectures import Architecture, ModuleShape
@@ -24,19 +27,34 @@ from auditkit.models.architectures import Architecture, ModuleShape
 
 @dataclass(frozen=True, eq=False)
 class LoraModule:
-    """One module's low-rank update ΔW = scale · up @ down."""
+    """One module's update ΔW = scale · up @ down (exact for every algorithm read).
+
+    A DoRA module also carries its magnitude vector: its exact update is
+    m · (W₀ + ΔW) / ‖W₀ + ΔW‖ − W₀, which needs the base weight W₀ (:meth:`Adapter.with_base`);
+    until then ``up @ down`` is only its low-rank direction.
+    """
 
     name: str
-    down: np.ndarray  # A: rank × in (conv kernels flattened)
-    up: np.ndarray  # B: out × rank
+    down: np.ndarray  # A: k × in (conv kernels flattened)
+    up: np.ndarray  # B: out × k
     scale: float
+    algorithm: str = "lora"  # auditkit.lora.algorithms.ALGORITHMS key
+    form: str = "factors"  # how ΔW is held: factors, khatri-rao, kronecker, dense
+    magnitude: np.ndarray | None = None  # DoRA magnitude (per output row or input channel)
+    magnitude_axis: str | None = None  # "out" or "in"
+    bias: np.ndarray | None = None  # the bias update Δb (scale included), if the file changes biases
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def needs_base(self) -> bool:
+        """True for a DoRA module whose exact update has not been computed with the base weights."""
+        return self.magnitude is not None
+
     def delta(self) -> np.ndarray:
-        """The dense update (for tests and small modules; the scan never calls this)."""
+        """The dense low-rank update (for tests and small modules; the scan never calls this)."""
         return self.scale * (self.up.astype(np.float64) @ self.down.astype(np.float64))
 
 
@@ -83,6 +101,11 @@ class Adapter:
         for name in self.modules:
             comp = name.split(".", 1)[0]
             components[comp] = components.get(comp, 0) + 1
+        algorithms_used: dict[str, int] = {}
+        forms: dict[str, int] = {}
+        for m in self.modules.values():
+            algorithms_used[m.algorithm] = algorithms_used.get(m.algorithm, 0) + 1
+            forms[m.form] = forms.get(m.form, 0) + 1
         return {
             "path": str(self.path),
             "sha256": self.sha256,
@@ -93,11 +116,46 @@ class Adapter:
             "architecture_candidates": self.architecture_candidates,
             "modules": len(self.modules),
             "components": components,
+            "algorithms": algorithms_used,
+            "forms": forms,
+            "dora_modules": sum(m.magnitude is not None for m in self.modules.values()),
+            "bias_modules": sum(m.bias is not None for m in self.modules.values()),
             "ranks": ranks,
             "scales": scales,
             "coverage": self.coverage.to_dict(),
             "notes": self.notes,
         }
+
+
+    def with_base(self, weights) -> Adapter:
+        """This adapter with every DoRA module's exact update, computed from the base weights.
+
+        ``weights.get(canonical name)`` gives the base weight W₀ flattened to out × in·kh·kw (or
+        None: that module stays direction-only and the adapter keeps its note). The exact update
+        m · (W₀ + ΔW) / ‖W₀ + ΔW‖ − W₀ is a dense matrix, held as its SVD (form ``dense``).
+        Multipliers other than 1 then scale this update linearly, as a merge at that weight does.
+        """
+        if not any(m.needs_base for m in self.modules.values()):
+            return self
+        modules = dict(self.modules)
+        missing = []
+        for name, m in self.modules.items():
+            if not m.needs_base:
+                continue
+            w0 = weights.get(name)
+            if w0 is None:
+                missing.append(name)
+                continue
+            w0 = np.asarray(w0, dtype=np.float64).reshape(m.up.shape[0], -1)
+            exact = algorithms.dora_update(w0, m.delta(), m.magnitude, m.magnitude_axis)
+            down, up = algorithms.split_dense(exact)
+            modules[name] = LoraModule(name, down, up, 1.0, m.algorithm, "dense", bias=m.bias)
+        notes = [n for n in self.notes if "DoRA" not in n]
+        done = sum(m.needs_base for m in self.modules.values()) - len(missing)
+        notes.append(f"{done} DoRA module(s): exact update computed with the base weights")
+        if missing:
+            notes.append(f"{len(missing)} DoRA module(s) have no base weight ({missing[0]}, …): direction only")
+        return replace(self, modules=modules, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,10 +187,12 @@ def read_adapter(
         raise Unscannable(path, "file holds no tensors")
     algorithm = formats.unsupported_algorithm(keys)
     if algorithm:
-        raise Unscannable(path, f"{algorithm} adapters are not supported yet; only LoRA/LoCon can be scanned")
+        raise Unscannable(path, f"{algorithm} adapters are not supported yet; LoRA, LoCon, LoHa, LoKr, "
+                                "full-diff and DoRA can be scanned")
     layout = formats.detect_layout(keys)
     if layout is None:
-        raise Unscannable(path, "no LoRA keys recognised (expected kohya, diffusers or peft layout)")
+        raise Unscannable(path, "no LoRA keys recognised (expected kohya, LyCORIS, diffusers or peft layout)"
+                          + _what_it_is(keys, st.metadata))
 
     parts: dict[str, dict[str, str]] = {}  # layout module -> part -> key
     ignored, unparsed = [], []
@@ -146,7 +206,11 @@ def read_adapter(
     choices = list(architectures.builtin()) + list(extra_architectures)
     if arch is not None:
         choices = [architectures.get(arch) if isinstance(arch, str) else arch]
-    chosen, resolved, fitting = _choose_architecture(st, path, layout, parts, choices)
+    shapes, incomplete = _module_shapes(st, path, parts)
+    if not shapes:
+        module, reason = next(iter(incomplete.items()))
+        raise Unscannable(path, f"no complete adapter module: '{module}' {reason}")
+    chosen, resolved, fitting = _choose_architecture(st, path, layout, shapes, choices)
 
     coverage = Coverage(ignored=ignored, unmapped=list(unparsed))
     notes: list[str] = []
@@ -154,24 +218,19 @@ def read_adapter(
     modules: dict[str, LoraModule] = {}
     for module, keyset in parts.items():
         canonical = resolved.get(module)
-        if canonical is None or "down" not in keyset or "up" not in keyset:
+        if canonical is None:  # an unknown name, or an incomplete module
             coverage.unmapped.extend(keyset.values())
             continue
-        down = st.float_array(keyset["down"])
-        up = st.float_array(keyset["up"])
-        down2, up2 = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-        alpha = None
-        if "alpha" in keyset:
-            alpha_arr = st.float_array(keyset["alpha"])
-            if alpha_arr.size != 1:
-                raise BadInput(path, f"alpha '{keyset['alpha']}' should be a scalar, has shape {alpha_arr.shape}")
-            alpha = float(alpha_arr.reshape(()))
-        scale = scale_of(canonical, down2.shape[0], alpha)
-        modules[canonical] = LoraModule(canonical, down2, up2, scale)
+        modules[canonical] = _read_module(st, path, canonical, keyset, shapes[module][0], scale_of,
+                                          chosen.modules[canonical])
         coverage.mapped.extend(keyset.values())
 
     if not modules:
-        raise Unscannable(path, "no complete LoRA module (down and up factors) maps to the architecture")
+        raise Unscannable(path, "no complete adapter module maps to the architecture")
+    dora = sum(m.magnitude is not None for m in modules.values())
+    if dora:
+        notes.append(f"{dora} DoRA module(s): their exact update needs the base weights; without them the "
+                     "static scan compares the low-rank direction only")
     coverage.unmapped.sort()
     return Adapter(
         path=path,
@@ -187,25 +246,92 @@ def read_adapter(
     )
 
 
+def _what_it_is(keys: list[str], metadata: dict[str, str]) -> str:
+    """': <what the file is>' for a file that holds no adapter, when it can be told."""
+    try:
+        from auditkit.lora.identify import identify_keys
+    except ImportError:  # pragma: no cover - the identification module is optional at this point
+        return ""
+    found = identify_keys(keys, metadata)
+    return f": {found}" if found else ""
+
+
+def _module_shapes(
+    st: SafetensorsFile, path: Path, parts: dict[str, dict[str, str]]
+) -> tuple[dict[str, tuple[algorithms.Algorithm, tuple[int, int]]], dict[str, str]]:
+    """Per layout module its algorithm and (out, in·kh·kw) from the header, and the incomplete
+    modules with what they lack (their keys count as unmapped)."""
+    shapes: dict[str, tuple[algorithms.Algorithm, tuple[int, int]]] = {}
+    incomplete: dict[str, str] = {}
+    for module, keyset in parts.items():
+        header = {part: tuple(st.tensors[key].shape) for part, key in keyset.items()}
+        try:
+            algo = algorithms.algorithm_of(keyset)
+            shapes[module] = (algo, algo.shape(header))
+        except algorithms.Incomplete as exc:
+            incomplete[module] = str(exc)
+        except ValueError as exc:
+            raise BadInput(path, f"module '{module}': {exc}") from None
+    return shapes, incomplete
+
+
+def _read_module(st: SafetensorsFile, path: Path, canonical: str, keyset: dict[str, str],
+                 algo: algorithms.Algorithm, scale_of, shape: ModuleShape) -> LoraModule:
+    arrays = {part: st.float_array(key) for part, key in keyset.items() if part not in algorithms.SHARED_PARTS}
+    built = algo.build(arrays)
+    alpha = None
+    if "alpha" in keyset:
+        alpha_arr = st.float_array(keyset["alpha"])
+        if alpha_arr.size != 1:
+            raise BadInput(path, f"alpha '{keyset['alpha']}' should be a scalar, has shape {alpha_arr.shape}")
+        alpha = float(alpha_arr.reshape(()))
+    scale = 1.0 if built.scale_rank is None else scale_of(canonical, built.scale_rank, alpha)
+    down, up, form = algorithms.compact(built.down, built.up, built.form)
+    magnitude, axis = _magnitude(st, path, keyset, shape)
+    bias = None
+    if "bias" in keyset:
+        bias = st.float_array(keyset["bias"]).astype(np.float64).reshape(-1)
+        if bias.size != shape.out_features:
+            raise BadInput(path, f"bias '{keyset['bias']}' has {bias.size} entries, the module has "
+                                 f"{shape.out_features} outputs")
+        bias = bias * (scale if algo.name == "lora" else 1.0)  # lora_B.bias is scaled like lora_B; diff_b is not
+    return LoraModule(canonical, down, up, scale, algo.name, form, magnitude, axis, bias)
+
+
+def _magnitude(st: SafetensorsFile, path: Path, keyset: dict[str, str], shape: ModuleShape):
+    """DoRA magnitude and its axis: (out,) or (out, 1, …) per output row; (1, in, …) per input channel."""
+    if "magnitude" not in keyset:
+        return None, None
+    key = keyset["magnitude"]
+    m = st.float_array(key).astype(np.float64)
+    if m.ndim == 1 or (m.shape[0] == shape.out_features and m.size == shape.out_features):
+        axis = "out"
+    elif m.shape[0] == 1 and m.size == shape.in_features:
+        axis = "in"
+    else:
+        axis = None
+    if axis is None or m.size != (shape.out_features if axis == "out" else shape.in_features):
+        raise BadInput(path, f"DoRA magnitude '{key}' has shape {list(m.shape)}, the module is "
+                             f"{shape.out_features}x{shape.in_features}")
+    return m.reshape(-1), axis
+
+
 def _choose_architecture(
-    st: SafetensorsFile, path: Path, layout: str, parts: dict[str, dict[str, str]], choices: list[Architecture]
+    st: SafetensorsFile, path: Path, layout: str, shapes: dict, choices: list[Architecture]
 ) -> tuple[Architecture, dict[str, str], list[str]]:
     """Pick the architecture whose names and shapes fit; fail closed when none does."""
     results = []  # (arch, resolved, misfits)
     for arch in choices:
         resolved: dict[str, str] = {}
         misfits: list[str] = []
-        for module, options in formats.LAYOUTS[layout].resolve(list(parts), arch).items():
-            keyset = parts[module]
-            if "down" not in keyset or "up" not in keyset:
-                continue
-            down_shape = st.tensors[keyset["down"]].shape
-            up_shape = st.tensors[keyset["up"]].shape
-            fit = next((o for o in options if _fits(down_shape, up_shape, arch.modules[o])), None)
+        for module, options in formats.LAYOUTS[layout].resolve(list(shapes), arch).items():
+            algo, (out_dim, in_dim) = shapes[module]
+            fit = next((o for o in options if (out_dim, in_dim) == (arch.modules[o].out_features,
+                                                                    arch.modules[o].flat_in)), None)
             if fit is None:
                 s = arch.modules[options[0]]
                 misfits.append(
-                    f"'{module}' has down {list(down_shape)} and up {list(up_shape)}, but {arch.name} "
+                    f"'{module}' ({algo.label}) updates a {out_dim}x{in_dim} weight, but {arch.name} "
                     f"{options[0]} is {s.kind} {s.out_features}x{s.in_features}"
                     + (f" kernel {s.kernel[0]}x{s.kernel[1]}" if s.kernel != (1, 1) else "")
                 )
@@ -228,19 +354,6 @@ def _choose_architecture(
     return pick[0], pick[1], [r[0].name for r in top]
 
 
-def _fits(down_shape: tuple[int, ...], up_shape: tuple[int, ...], s: ModuleShape) -> bool:
-    if len(down_shape) not in (2, 4) or len(up_shape) not in (2, 4):
-        return False
-    rank = down_shape[0]
-    if up_shape[0] != s.out_features or up_shape[1] != rank:
-        return False
-    if len(up_shape) == 4 and tuple(up_shape[2:]) != (1, 1):
-        return False
-    if len(down_shape) == 4:
-        return tuple(down_shape[1:]) == (s.in_features, *s.kernel)
-    return down_shape[1] == s.flat_in
-
-
 # --------------------------------------------------------------------------------------------
 # scale rules: kohya alpha/r, diffusers alphas or adapter metadata, peft adapter_config.json
 
@@ -251,12 +364,13 @@ def _scale_rule(st: SafetensorsFile, path: Path, layout: str, notes: list[str]):
 
     def scale(canonical: str, rank: int, alpha: float | None) -> float:
         if alpha is not None:  # an explicit alpha tensor always wins, as in kohya and diffusers
-            return alpha / rank
+            return alpha / rank if alpha != 0 else 1.0  # kohya and LyCORIS read alpha 0 as alpha = rank
         component, _, relative = canonical.partition(".")
         cfg = configs.get(component) or configs.get("*")
         if cfg is None:
             return 1.0
-        lora_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, relative, cfg.get("lora_alpha", rank), path)
+        default = cfg.get("lora_alpha", cfg.get("alpha", rank))  # peft LoRA: lora_alpha; LoHa/LoKr: alpha
+        lora_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, relative, default, path)
         return float(lora_alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
 
     if not configs and not any(k.endswith(".alpha") for k in st.tensors):
@@ -298,7 +412,7 @@ def _peft_configs(st: SafetensorsFile, path: Path, layout: str, notes: list[str]
 
 
 def _checked_config(cfg: dict, where: Path) -> dict:
-    alpha = cfg.get("lora_alpha")
+    alpha = cfg.get("lora_alpha", cfg.get("alpha"))
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         raise BadInput(where, f"lora_alpha must be a number, got {alpha!r}")
     for name in ("alpha_pattern", "rank_pattern"):

@@ -1,13 +1,18 @@
-"""Recognise LoRA key layouts and split keys into (module, part).
+"""Recognise adapter key layouts and split keys into (module, part).
 
 Layouts people publish (see ../shared/FIELD.md):
 
 * ``kohya``     ``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-                ``lora_te_`` (SDXL ``lora_te1_``/``lora_te2_``); conv "LoCon" kernels included.
+                ``lora_te_`` (SDXL ``lora_te1_``/``lora_te2_``); LyCORIS files use the same names with
+                their own suffixes (``hada_w1_a``, ``lokr_w1``, ``diff``, ``lora_mid.weight``,
+                ``dora_scale``), and LyCORIS' own wrapper writes ``lycoris_<path>``.
 * ``diffusers`` ``unet.<dotted.path>.lora.down.weight`` / ``.lora.up.weight`` (older),
                 ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (peft-backed), legacy
                 attention-processor names (``attn1.processor.to_q_lora.down.weight``), ``text_encoder.…``.
-* ``peft``      ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` + ``adapter_config.json``.
+* ``diffusers-unet`` the same legacy names with no component prefix (``down_blocks.0.…``): what
+                diffusers' training scripts wrote as ``pytorch_lora_weights.safetensors`` before mid-2023.
+* ``peft``      ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` + ``adapter_config.json``
+                (also peft's LoHa/LoKr ``hada_*``/``lokr_*`` and DoRA ``lora_magnitude_vector``).
 
 Each layout is one :class:`Layout` record in :data:`LAYOUTS`: the key prefixes that identify it, how
 a key splits into (module, part), how module names resolve to an architecture's canonical names
@@ -21,48 +26,54 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-KOHYA, DIFFUSERS, PEFT = "kohya", "diffusers", "peft"
+KOHYA, DIFFUSERS, DIFFUSERS_UNET, PEFT = "kohya", "diffusers", "diffusers-unet", "peft"
 
-# LyCORIS and other non-LoRA adapter algorithms: recognised so we can say clearly we do not read them.
+# Adapter algorithms auditkit recognises but cannot read: named so users are told what they hold.
 _UNSUPPORTED = (
-    (re.compile(r"\.hada_(w|t)\d"), "LyCORIS LoHa (hada_*)"),
-    (re.compile(r"\.lokr_(w|t)\d"), "LyCORIS LoKr (lokr_*)"),
-    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with Tucker decomposition (lora_mid)"),
-    (re.compile(r"\.oft_(blocks|diag)|\.oft_r\b|\.boft_"), "OFT/BOFT"),
-    (re.compile(r"\.(diff|diff_b)$"), "LyCORIS full-weight diff"),
-    (re.compile(r"\.(dora_scale|lora_magnitude_vector)(\.weight)?$"), "DoRA (weight-decomposed LoRA)"),
-    (re.compile(r"\.lora_B\.bias$|\.lora_up\.bias$"), "LoRA with trainable bias (lora_bias)"),
+    (re.compile(r"\.oft_(blocks|diag)|\.oft_r\b|\.boft_|\.oft_R\b"), "OFT/BOFT"),
+    (re.compile(r"\.(glora_|ia3_|on_input\b)|\.weight_ia3"), "LyCORIS GLoRA/IA3"),
 )
 
 # Keys that carry no weight update of a scanned module: textual-inversion embeddings bundled by
 # kohya, and framework bookkeeping.
 _IGNORED = re.compile(r"^(bundle_emb\.|emb_params$|clip_l$|clip_g$|string_to_param\.|string_to_token\.)")
 
-_KOHYA_PART = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_DIFFUSERS_PART = re.compile(
-    r"^(.+?)\.(lora\.down\.weight|lora\.up\.weight|lora_A\.weight|lora_B\.weight|"
-    r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|down\.weight|up\.weight|alpha)$"
-)
-_PART_NAMES = {
+# Every key suffix a weight-update part is stored under -> the part name the algorithms use
+# (auditkit.lora.algorithms). The module name is what precedes the suffix.
+SUFFIX_PARTS = {
+    # LoRA / LoCon (kohya, diffusers old and peft-backed, legacy attention processors, peft)
     "lora_down.weight": "down", "lora.down.weight": "down", "lora_A.weight": "down",
     "lora_linear_layer.down.weight": "down", "down.weight": "down",
     "lora_up.weight": "up", "lora.up.weight": "up", "lora_B.weight": "up",
     "lora_linear_layer.up.weight": "up", "up.weight": "up",
+    "lora_mid.weight": "mid",
+    "lora_B.bias": "bias", "lora_up.bias": "bias",
     "alpha": "alpha",
+    # LyCORIS LoHa, LoKr, full
+    **{f"hada_{w}": f"hada_{w}" for w in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f"lokr_{w}": f"lokr_{w}" for w in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+    "diff": "diff", "diff_b": "bias",
+    # DoRA magnitude: kohya/LyCORIS dora_scale, peft lora_magnitude_vector
+    "dora_scale": "magnitude", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
 }
+_SUFFIXES = "|".join(re.escape(k) for k in sorted(SUFFIX_PARTS, key=len, reverse=True))
+_KOHYA_PART = re.compile(rf"^((?:lora_(?:unet|te\d?)|lycoris)_[A-Za-z0-9_]+)\.({_SUFFIXES})$")
+_DOTTED_PART = re.compile(rf"^(.+?)\.({_SUFFIXES})$")
 # diffusers' legacy attention-processor LoRA names: attn1.processor.to_q_lora -> attn1.to_q
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+# diffusers' training scripts before mid-2023 wrote UNet keys with no component prefix
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
 
 
 @dataclass(frozen=True)
 class KeyPart:
     key: str
     module: str  # layout-specific module name (kohya name, or dotted path with component prefix)
-    part: str  # "down", "up" or "alpha"
+    part: str  # a part name of SUFFIX_PARTS: "down", "up", "alpha", "hada_w1_a", "lokr_w1", "diff", …
 
 
 def unsupported_algorithm(keys: list[str]) -> str | None:
-    """The name of an adapter algorithm auditkit cannot read yet, if any key belongs to one."""
+    """The name of an adapter algorithm auditkit cannot read, if any key belongs to one."""
     for key in keys:
         for pattern, label in _UNSUPPORTED:
             if pattern.search(key):
@@ -76,12 +87,12 @@ def is_ignored(key: str) -> bool:
 
 def _split_kohya(key: str) -> KeyPart | None:
     m = _KOHYA_PART.match(key)
-    return KeyPart(key, m.group(1), _PART_NAMES[m.group(2)]) if m else None
+    return KeyPart(key, m.group(1), SUFFIX_PARTS[m.group(2)]) if m else None
 
 
-def _split_dotted(key: str) -> tuple[str, str] | None:
-    """(module, suffix) of a diffusers/peft key; legacy processor names mapped to module paths."""
-    m = _DIFFUSERS_PART.match(key)
+def _split_dotted(key: str) -> KeyPart | None:
+    """A diffusers/peft key's (module, part); legacy processor names mapped to module paths."""
+    m = _DOTTED_PART.match(key)
     if not m:
         return None
     module, suffix = m.group(1), m.group(2)
@@ -90,19 +101,23 @@ def _split_dotted(key: str) -> tuple[str, str] | None:
         if not _PROCESSOR.search(module):
             return None
     module = _PROCESSOR.sub(lambda p: "." + ("to_out.0" if p.group(1) == "to_out" else p.group(1)), module)
-    return module, suffix
+    return KeyPart(key, module, SUFFIX_PARTS[suffix])
 
 
 def _split_diffusers(key: str) -> KeyPart | None:
-    parsed = _split_dotted(key)
-    return KeyPart(key, parsed[0], _PART_NAMES[parsed[1]]) if parsed else None
+    return _split_dotted(key)
+
+
+def _split_unprefixed(key: str) -> KeyPart | None:
+    kp = _split_dotted(key) if key.startswith(_UNET_ROOTS) else None
+    return KeyPart(key, "unet." + kp.module, kp.part) if kp else None
 
 
 def _split_peft(key: str) -> KeyPart | None:
-    parsed = _split_dotted(key)
-    if parsed is None or not parsed[0].startswith("base_model.model."):
+    kp = _split_dotted(key)
+    if kp is None or not kp.module.startswith("base_model.model."):
         return None
-    return KeyPart(key, parsed[0][len("base_model.model."):], _PART_NAMES[parsed[1]])
+    return KeyPart(key, kp.module[len("base_model.model."):], kp.part)
 
 
 def _resolve_kohya(modules: list[str], arch) -> dict[str, list[str]]:
@@ -133,20 +148,28 @@ class Layout:
     prefixes: tuple[str, ...]  # key prefixes that vote for this layout in :func:`detect_layout`
     split: Callable[[str], KeyPart | None]  # key -> (layout module name, part), None: not a LoRA factor
     resolve: Callable[[list[str], object], dict[str, list[str]]]  # module names -> canonical names in an arch
-    writer: str  # "module:attr" of (modules, arch, dtype) -> (tensors, metadata), imported when writing
+    writer: str | None  # "module:attr" of (modules, arch, dtype) -> (tensors, metadata); None: read only
     one_alpha: bool = False  # written with one alpha for every module (see write.uniform_alpha)
     config_file: bool = False  # scales come from an adapter_config.json beside the file (peft)
+    holds: str = ""  # regex of the canonical modules the layout can name ("" = every module)
+
+    def can_hold(self, canonical: str) -> bool:
+        return not self.holds or re.search(self.holds, canonical) is not None
 
     def write_state_dict(self, modules, arch, dtype):
+        if self.writer is None:
+            raise ValueError(f"auditkit reads the {self.name} layout but does not write it")
         module, _, attr = self.writer.partition(":")
         return getattr(importlib.import_module(module), attr)(modules, arch, dtype)
 
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
-    Layout(KOHYA, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"), _split_kohya, _resolve_kohya,
+    Layout(KOHYA, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_"), _split_kohya, _resolve_kohya,
            "auditkit.lora.write:kohya_state_dict", one_alpha=True),
     Layout(DIFFUSERS, ("unet.", "text_encoder.", "text_encoder_2."), _split_diffusers, _resolve_diffusers,
            "auditkit.lora.write:diffusers_state_dict"),
+    Layout(DIFFUSERS_UNET, _UNET_ROOTS, _split_unprefixed, _resolve_diffusers,
+           "auditkit.lora.write:legacy_unet_state_dict", holds=r"^unet\..*\.attn\d\.(to_q|to_k|to_v|to_out\.0)$"),
     Layout(PEFT, ("base_model.model.",), _split_peft, _resolve_peft, "auditkit.lora.write:peft_state_dict",
            config_file=True),
 )}

@@ -52,7 +52,43 @@ def to_state_dict(
     return formats.LAYOUTS[layout].write_state_dict(modules, arch, dtype)
 
 
+def _writable(modules: dict[str, LoraModule], bias: bool) -> None:
+    """Refuse what a layout cannot hold exactly, instead of writing a different update."""
+    for m in modules.values():
+        if m.needs_base:
+            raise ValueError(f"{m.name} is a DoRA module: compute its exact update with the base weights "
+                             "(Adapter.with_base) before writing it")
+        if m.bias is not None and not bias:
+            raise ValueError(f"{m.name} changes a bias, which this layout cannot hold; write the diffusers or "
+                             "peft layout")
+
+
+def _bias_tensor(m: LoraModule, dtype) -> np.ndarray:
+    """peft's lora_B.bias is scaled like lora_B: the stored bias is Δb / scale. peft gives every
+    layer a lora_B bias once one has it (diffusers then leaves the missing ones on the meta device),
+    so modules without a bias update get explicit zeros."""
+    if m.bias is None:
+        return np.zeros(m.up.shape[0], dtype)
+    return (m.bias / m.scale).astype(dtype)
+
+
+def diffusers_source(adapter):
+    """What to hand diffusers' ``load_lora_weights`` for ``adapter``: the file itself when diffusers
+    reads it as the plain LoRA it is, else auditkit's exact conversion (LoHa, LoKr, full diff, DoRA
+    resolved with the base weights, bias updates) as a diffusers state dict of the same updates."""
+    native = adapter.layout in (formats.KOHYA, formats.DIFFUSERS, formats.DIFFUSERS_UNET, formats.PEFT) and all(
+        m.algorithm == "lora" and m.form == "factors" and m.magnitude is None and m.bias is None
+        for m in adapter.modules.values())
+    if native:
+        return str(adapter.path)
+    import torch
+
+    tensors, _ = diffusers_state_dict(adapter.modules, adapter.architecture, np.float32)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+
+
 def kohya_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    _writable(modules, bias=False)
     tensors = {}
     for m in modules.values():
         name = kohya_name(arch, m.name)
@@ -62,9 +98,13 @@ def kohya_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) 
 
 
 def diffusers_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    _writable(modules, bias=True)
+    any_bias = any(m.bias is not None for m in modules.values())
     tensors = {}
     for m in modules.values():
         tensors[f"{m.name}.lora_A.weight"], tensors[f"{m.name}.lora_B.weight"] = _factor_tensors(m, arch, dtype)
+        if any_bias:
+            tensors[f"{m.name}.lora_B.bias"] = _bias_tensor(m, dtype)
     by_component: dict[str, list[LoraModule]] = {}
     for m in modules.values():
         by_component.setdefault(m.name.split(".", 1)[0], []).append(m)
@@ -75,16 +115,39 @@ def diffusers_state_dict(modules: dict[str, LoraModule], arch: Architecture, dty
     return tensors, {"lora_adapter_metadata": json.dumps(config, sort_keys=True), "format": "pt"}
 
 
+def legacy_unet_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    """diffusers' attention-processor files of before mid-2023 (``pytorch_lora_weights``): UNet
+    attention projections only, no component prefix, no alphas (the scale is folded into up)."""
+    layout = formats.LAYOUTS[formats.DIFFUSERS_UNET]
+    _writable(modules, bias=False)
+    tensors = {}
+    for m in modules.values():
+        if not layout.can_hold(m.name):
+            raise ValueError(f"the {layout.name} layout holds UNet attention projections only, not {m.name}")
+        path, _, proj = m.name[len("unet."):].rpartition(".")
+        if proj == "0":  # to_out.0
+            path, _, proj = path.rpartition(".")
+        down, up = _factor_tensors(m, arch, dtype)
+        name = f"{path}.processor.{proj}_lora"
+        tensors[f"{name}.down.weight"] = down
+        tensors[f"{name}.up.weight"] = (up.astype(np.float64) * m.scale).astype(dtype)
+    return tensors, {"format": "pt"}
+
+
 def peft_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
     components = {m.name.split(".", 1)[0] for m in modules.values()}
     if len(components) != 1:
         raise ValueError("a peft adapter file adapts one model; got modules of " + ", ".join(sorted(components)))
+    _writable(modules, bias=True)
+    any_bias = any(m.bias is not None for m in modules.values())
     tensors = {}
     for m in modules.values():
         rel = m.name.split(".", 1)[1]
         down, up = _factor_tensors(m, arch, dtype)
         tensors[f"base_model.model.{rel}.lora_A.weight"] = down
         tensors[f"base_model.model.{rel}.lora_B.weight"] = up
+        if any_bias:
+            tensors[f"base_model.model.{rel}.lora_B.bias"] = _bias_tensor(m, dtype)
     return tensors, {}
 
 
@@ -106,6 +169,7 @@ def peft_config(modules: list[LoraModule]) -> dict:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": False,
+        "lora_bias": any(m.bias is not None for m in modules),
         "peft_type": "LORA",
     }
 

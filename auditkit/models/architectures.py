@@ -76,11 +76,15 @@ def _kohya_names(arch: Architecture) -> dict[str, str]:
         component, _, path = canonical.partition(".")
         if component == "unet":
             names["lora_unet_" + path.replace(".", "_")] = canonical
+            names["lycoris_" + path.replace(".", "_")] = canonical  # LyCORIS' own wrapper around the UNet
             sgm = sgm_name(path, arch.unet_layout)
             if sgm is not None:
                 names["lora_unet_" + sgm.replace(".", "_")] = canonical
         elif component in arch.kohya_prefixes:
             names[arch.kohya_prefixes[component] + path.replace(".", "_")] = canonical
+            flat = _text_alias(path)  # trainers on transformers 5 name CLIP modules without text_model
+            if flat:
+                names.setdefault(arch.kohya_prefixes[component] + flat.replace(".", "_"), canonical)
     return names
 
 

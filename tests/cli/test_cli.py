@@ -148,11 +148,30 @@ def test_bad_safety_file_is_named(tmp_path, examples):
     assert res.returncode == 2 and "empty.safetensors: file is empty" in res.stderr
 
 
-def test_lycoris_is_inconclusive_with_a_clear_message(tmp_path, examples):
+def test_unreadable_algorithms_and_incomplete_modules_exit_3_saying_why(tmp_path, examples):
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": np.ones((2, 2), np.float32)},
+              str(tmp_path / "oft.safetensors"))
+    res = run("inspect", tmp_path / "oft.safetensors")
+    assert res.returncode == 3 and "OFT" in res.stderr and "not supported yet" in res.stderr
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": np.ones((2, 2), np.float32)},
               str(tmp_path / "loha.safetensors"))
     res = run("inspect", tmp_path / "loha.safetensors")
-    assert res.returncode == 3 and "LoHa" in res.stderr and "not supported yet" in res.stderr
+    assert res.returncode == 3 and "no complete adapter module" in res.stderr and "hada_w1_b" in res.stderr
+
+
+def test_inspect_names_each_modules_algorithm_and_form(tmp_path):
+    rng = np.random.default_rng(0)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{name}.hada_w{i}_{ab}": rng.normal(size=(320, 4) if ab == "a" else (4, 320)).astype(np.float32)
+               for i in (1, 2) for ab in "ab"}
+    tensors[f"{name}.alpha"] = np.asarray(2.0, np.float32)
+    save_file(tensors, str(tmp_path / "loha.safetensors"))
+    res = run("inspect", tmp_path / "loha.safetensors", "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["algorithms"] == {"loha": 1} and summary["forms"] == {"khatri-rao": 1}
+    (module,) = summary["module_list"]
+    assert module["rank"] == 16 and module["scale"] == 0.5 and module["algorithm"] == "loha"
 
 
 def test_unreadable_output_location_is_a_clean_error(tmp_path, examples):
