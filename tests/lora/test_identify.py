@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from auditkit.errors import EXIT_ERROR, BadInput
 from auditkit.lab.model import lab_pipeline_available, lab_pipeline_path
 from auditkit.lora import identify, io
 from auditkit.lora.identify import identify_bytes, identify_keys
@@ -103,6 +104,35 @@ def test_binary_or_empty_input_is_not_identified(head):
 
 def test_identify_uses_the_same_header_limit_as_the_reader():
     assert identify.MAX_HEADER_BYTES == io.MAX_HEADER_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# open_safetensors says what the file is
+
+
+def test_open_safetensors_on_an_lfs_pointer_names_it(tmp_path):
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    path.write_bytes(LFS_POINTER)
+    with pytest.raises(BadInput) as info:
+        open_safetensors(path)
+    message = str(info.value)
+    assert "Git LFS pointer" in message and path.name in message and "git lfs pull" in message
+    assert message == f"{path}: {LFS_MESSAGE}" and info.value.exit_code == EXIT_ERROR
+    assert "absurd" not in message
+
+
+def test_open_safetensors_on_a_saved_login_page_names_it(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"<!doctype html><html><head><title>Log in</title></head><body>" + b"x" * 2000)
+    with pytest.raises(BadInput, match='HTML page titled "Log in"'):
+        open_safetensors(path)
+
+
+def test_open_safetensors_keeps_the_precise_message_for_unrecognised_garbage(tmp_path):
+    path = tmp_path / "noise.safetensors"
+    path.write_bytes(b"\x00\x00\x00\x00\x00\x00\x00\x01" + bytes(range(256)))
+    with pytest.raises(BadInput, match="header length 72057594037927936 is absurd"):
+        open_safetensors(path)
 
 
 # --------------------------------------------------------------------------------------------
