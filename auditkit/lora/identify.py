@@ -216,7 +216,7 @@ KEY_KINDS: tuple[KeyKind, ...] = (
     _kind("vae", r"(vae\.)?encoder\.(down_blocks\.\d+\.resnets|down\.\d+\.block)\.",
           "a VAE (autoencoder weights), " + _NOT_ADAPTER),
     _kind("clip", r"(text_encoder(_\d)?\.)?(text_model\.)?encoder\.layers\.\d+\.self_attn\.q_proj\.weight$",
-          "a CLIP text encoder{family} (full weights), " + _NOT_ADAPTER, family_format=" ({})", extract_hint=True),
+          "a CLIP text encoder (full weights{family}), " + _NOT_ADAPTER, family_format="; {}", extract_hint=True),
     _kind("t5", r"(encoder\.)?block\.\d+\.layer\.0\.SelfAttention\.q\.weight$",
           "a T5 text encoder (full weights), " + _NOT_ADAPTER),
     # A few dot-free keys (token names) holding vectors: diffusers' save of learned embeddings.

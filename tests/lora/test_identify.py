@@ -195,9 +195,11 @@ CASES = {
                       "a VAE (autoencoder weights), not an adapter"),
     "ldm vae": ({"encoder.down.0.block.0.conv1.weight": (8, 8, 3, 3)}, "a VAE (autoencoder weights), not an adapter"),
     "clip text encoder": ({"text_model.encoder.layers.0.self_attn.q_proj.weight": (768, 768)},
-                          "a CLIP text encoder (ViT-L/14, as in SD1.x and SDXL's first text encoder) (full weights)"),
+                          ("a CLIP text encoder (full weights; ViT-L/14, as in SD1.x and SDXL's first text encoder), "
+                           "not an adapter")),
     "openclip bigG, transformers 5 names": ({"encoder.layers.0.self_attn.q_proj.weight": (1280, 1280)},
-                                            "a CLIP text encoder (OpenCLIP ViT-bigG/14"),
+                                            ("a CLIP text encoder (full weights; OpenCLIP ViT-bigG/14, "
+                                             "as in SDXL's second text encoder), not")),
     "t5 encoder": ({"encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8), "shared.weight": (10, 8)},
                    "a T5 text encoder (full weights), not an adapter"),
     "ordinary model": ({"fc1.weight": (4, 4), "fc1.bias": (4,)},
