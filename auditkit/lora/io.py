@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from auditkit.errors import BadInput
+from auditkit.lora.identify import identify_bytes
 
 # Pickle-based checkpoints can execute code when loaded; they are refused, never opened with torch.
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
@@ -124,7 +125,12 @@ def open_safetensors(path: str | Path) -> SafetensorsFile:
         if size < 8:
             raise BadInput(path, f"truncated: {size} bytes, too short for a safetensors header")
         with open(path, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
+            head = fh.read(1024)
+            described = identify_bytes(head)  # only when it cannot be safetensors: an LFS pointer, a web page, ...
+            if described:
+                raise BadInput(path, described)
+            header_len = int.from_bytes(head[:8], "little")
+            fh.seek(8)
             if header_len > MAX_HEADER_BYTES:
                 raise BadInput(path, f"header length {header_len} is absurd (limit {MAX_HEADER_BYTES})")
             if 8 + header_len > size:
