@@ -36,8 +36,10 @@ from auditkit.lora.adapter import Adapter, read_adapter
 from auditkit.runlog import locked
 from auditkit.verdict import (
     BEHAVIOURAL,
+    CLEAR,
     DATA_FREE,
     EVIDENCE_LEVELS,
+    INCONCLUSIVE,
     METADATA,
     STATIC,
     Verdict,
@@ -74,8 +76,20 @@ class ScanResult:
         return self.verdict.exit_code
 
 
-def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None) -> tuple[Adapter, Adapter]:
-    """Read both adapters for one architecture, or refuse: they must adapt the same model."""
+def with_base_weights(adapter: Adapter, base: str | None) -> Adapter:
+    """The adapter with its DoRA modules made exact from the base's weights (read from the base's
+    safetensors, no model loaded); unchanged without DoRA modules or without a base."""
+    if base is None or not any(m.needs_base for m in adapter.modules.values()):
+        return adapter
+    from auditkit.models.base_weights import BaseWeights
+
+    return adapter.with_base(BaseWeights.for_base(base))
+
+
+def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None,
+              base: str | None = None) -> tuple[Adapter, Adapter]:
+    """Read both adapters for one architecture, or refuse: they must adapt the same model. With a
+    base, DoRA modules get their exact update from its weights."""
     safety = read_adapter(safety_path, arch=arch)
     candidate = read_adapter(candidate_path, arch=arch)
     if candidate.architecture.name != safety.architecture.name:
@@ -87,19 +101,26 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
         else:
             raise BadInput(candidate_path, f"adapts {candidate.architecture.name} but the safety adapter {safety_path} "
                                            f"adapts {safety.architecture.name}; they must target the same model")
-    return candidate, safety
+    return with_base_weights(candidate, base), with_base_weights(safety, base)
 
 
 def run_static_scan(candidate_path: str | Path, safety_path: str | Path,
-                    thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None) -> StaticScan:
+                    thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None,
+                    base: str | None = None) -> StaticScan:
     """Read both adapters and apply the static rules (factor space, no model, seconds)."""
-    candidate, safety = read_pair(candidate_path, safety_path, arch)
+    candidate, safety = read_pair(candidate_path, safety_path, arch, base)
     try:
         findings = static_scan(candidate, safety)
     except ValueError as exc:
         raise Unscannable(safety_path, str(exc)) from None
     verdict = static_verdict(findings, {"candidate": candidate.coverage.fraction,
                                         "safety": safety.coverage.fraction}, thresholds)
+    approximate = [role for role, a in (("candidate", candidate), ("safety", safety))
+                   if any(m.needs_base for m in a.modules.values())]
+    if approximate and verdict.verdict == CLEAR:  # a DoRA direction is not its update: nothing is cleared
+        verdict = Verdict(INCONCLUSIVE, [f"the {' and '.join(approximate)} adapter has DoRA modules whose exact "
+                                         "update needs the base weights (give --base); only their low-rank "
+                                         "direction was compared", *verdict.reasons])
     return StaticScan(candidate, safety, findings, verdict, thresholds)
 
 
@@ -170,10 +191,10 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     suites = resolve_suites(config) if config.base is not None or config.suites else []
     static = None
     if config.safety is not None:
-        static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch)
+        static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch, base=config.base)
         candidate, safety = static.candidate, static.safety
     else:
-        candidate, safety = read_adapter(config.candidate, arch=config.arch), None
+        candidate, safety = with_base_weights(read_adapter(config.candidate, arch=config.arch), config.base), None
     out = config.out or default_out(config.candidate)
     if write:
         check_output_folder(out)  # a bad --out fails now, not after rendering

@@ -192,7 +192,7 @@ def read_adapter(
     layout = formats.detect_layout(keys)
     if layout is None:
         raise Unscannable(path, "no LoRA keys recognised (expected kohya, LyCORIS, diffusers or peft layout)"
-                          + _what_it_is(keys, st.metadata))
+                          + _what_it_is(st))
 
     parts: dict[str, dict[str, str]] = {}  # layout module -> part -> key
     ignored, unparsed = [], []
@@ -246,13 +246,11 @@ def read_adapter(
     )
 
 
-def _what_it_is(keys: list[str], metadata: dict[str, str]) -> str:
+def _what_it_is(st: SafetensorsFile) -> str:
     """': <what the file is>' for a file that holds no adapter, when it can be told."""
-    try:
-        from auditkit.lora.identify import identify_keys
-    except ImportError:  # pragma: no cover - the identification module is optional at this point
-        return ""
-    found = identify_keys(keys, metadata)
+    from auditkit.lora.identify import identify_keys
+
+    found = identify_keys(list(st.tensors), st.metadata, {k: t.shape for k, t in st.tensors.items()})
     return f": {found}" if found else ""
 
 

@@ -76,7 +76,8 @@ def diffusers_source(adapter):
     """What to hand diffusers' ``load_lora_weights`` for ``adapter``: the file itself when diffusers
     reads it as the plain LoRA it is, else auditkit's exact conversion (LoHa, LoKr, full diff, DoRA
     resolved with the base weights, bias updates) as a diffusers state dict of the same updates."""
-    native = adapter.layout in (formats.KOHYA, formats.DIFFUSERS, formats.DIFFUSERS_UNET, formats.PEFT) and all(
+    # diffusers (0.42) applies none of a prefix-less legacy file's modules (tests/lora/test_legacy_diffusers_files.py)
+    native = adapter.layout in (formats.KOHYA, formats.DIFFUSERS, formats.PEFT) and all(
         m.algorithm == "lora" and m.form == "factors" and m.magnitude is None and m.bias is None
         for m in adapter.modules.values())
     if native:

@@ -59,7 +59,7 @@ def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     from auditkit.scan import read_pair, scan
 
     method = METHODS[req.method]
-    candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch)
+    candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, req.scan.base)
     pipe = None
     if req.base is not None or method.needs_data:
         from auditkit.dynamic import load_base

@@ -220,3 +220,17 @@ def test_kohya_files_get_one_alpha_and_keep_every_update(tmp_path, sd15):
     back = read_adapter(path)
     for n, m in mods.items():
         np.testing.assert_allclose(back.modules[n].delta(), m.delta(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_textual_inversion_embedding_is_named_for_what_it_is(tmp_path):
+    path = tmp_path / "emb.safetensors"
+    save_file({"emb_params": np.ones((2, 768), np.float32)}, str(path))
+    with pytest.raises(Unscannable, match="no LoRA keys recognised.*textual-inversion embedding"):
+        read_adapter(path)
+
+
+def test_a_git_lfs_pointer_is_named_for_what_it_is(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 151108831\n")
+    with pytest.raises(BadInput, match="Git LFS pointer.*git lfs pull"):
+        read_adapter(path)

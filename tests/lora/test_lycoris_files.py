@@ -234,3 +234,23 @@ def _assert_linear_layers_add(pipe, adapter):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         checked += 1
     assert checked > 20
+
+
+def test_a_dora_candidate_is_inconclusive_statically_until_the_base_is_given(lab, tmp_path):
+    from importlib import resources
+
+    from auditkit.scan import run_static_scan
+
+    path = tmp_path / "dora.safetensors"
+    write_lycoris(lab, path, "locon", dora_wd=True)
+    safety = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors"))
+    direction = run_static_scan(path, safety, arch="lab")
+    assert any(m.needs_base for m in direction.candidate.modules.values())
+    assert direction.verdict.verdict in ("inconclusive", "risk")
+    if direction.verdict.verdict == "inconclusive":
+        assert "DoRA" in direction.verdict.reasons[0]
+    exact = run_static_scan(path, safety, arch="lab", base="lab")
+    assert not any(m.needs_base for m in exact.candidate.modules.values())
+    assert any("computed with the base weights" in n for n in exact.candidate.notes)
+    forms = {f.candidate_form for f in exact.findings.modules}
+    assert forms == {"lora/dense"}, forms
