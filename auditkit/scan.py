@@ -33,6 +33,7 @@ from auditkit.config import ScanConfig, StaticThresholds
 from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import check_output_folder
 from auditkit.lora.adapter import Adapter, read_adapter
+from auditkit.models.pipeline import base_architectures
 from auditkit.runlog import locked
 from auditkit.verdict import (
     BEHAVIOURAL,
@@ -74,10 +75,14 @@ class ScanResult:
         return self.verdict.exit_code
 
 
-def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None) -> tuple[Adapter, Adapter]:
-    """Read both adapters for one architecture, or refuse: they must adapt the same model."""
-    safety = read_adapter(safety_path, arch=arch)
-    candidate = read_adapter(candidate_path, arch=arch)
+def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None,
+              extra_architectures: tuple = ()) -> tuple[Adapter, Adapter]:
+    """Read both adapters for one architecture, or refuse: they must adapt the same model.
+
+    ``extra_architectures``: considered besides the built-in ones (the base's, see
+    :func:`auditkit.models.pipeline.base_architecture`)."""
+    safety = read_adapter(safety_path, arch=arch, extra_architectures=extra_architectures)
+    candidate = read_adapter(candidate_path, arch=arch, extra_architectures=extra_architectures)
     if candidate.architecture.name != safety.architecture.name:
         # Small adapters can fit several architectures; settle on one both fit.
         if safety.architecture.name in candidate.architecture_candidates:
@@ -91,9 +96,10 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
 
 
 def run_static_scan(candidate_path: str | Path, safety_path: str | Path,
-                    thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None) -> StaticScan:
+                    thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None,
+                    extra_architectures: tuple = ()) -> StaticScan:
     """Read both adapters and apply the static rules (factor space, no model, seconds)."""
-    candidate, safety = read_pair(candidate_path, safety_path, arch)
+    candidate, safety = read_pair(candidate_path, safety_path, arch, extra_architectures)
     try:
         findings = static_scan(candidate, safety)
     except ValueError as exc:
@@ -127,17 +133,26 @@ def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
     return suites
 
 
-def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> dict:
-    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion."""
-    from auditkit.analysis.concept import kv_reversion, prompt_embeddings
+def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> tuple[dict, bool]:
+    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion,
+    and whether they ran: pipeline families they do not support yet (``Family.data_free_checks``) get a
+    not-applicable entry that says so."""
+    from auditkit.analysis.concept import ConceptCheck, kv_reversion, prompt_embeddings
     from auditkit.analysis.reversion import noise_reversion
+    from auditkit.models.families import family_of_pipeline
 
+    family = family_of_pipeline(pipe)
+    if not family.data_free_checks:
+        note = f"the data-free checks do not support {family.name} pipelines yet (behaviour is probed instead)"
+        check = ConceptCheck(False, None, None, [], 0, 0, note).to_dict()
+        check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "noise_reversion": None})
+        return check, False
     prompts = [p.text for p in suite.prompts]
     e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
     check = kv_reversion(e, mask, candidate.modules, safety.modules).to_dict()
     check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
     check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.modules, safety.modules).to_dict()
-    return check
+    return check, True
 
 
 def metadata_concepts(suites: list) -> dict[str, tuple[str, ...]]:
@@ -168,12 +183,14 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     # validated before any model loads; without a base, configured suites still name the concepts
     # whose words the metadata evidence looks for
     suites = resolve_suites(config) if config.base is not None or config.suites else []
+    extra = base_architectures(config.base, pipeline)  # adapters for a custom base read against it
     static = None
     if config.safety is not None:
-        static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch)
+        static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch,
+                                 extra_architectures=extra)
         candidate, safety = static.candidate, static.safety
     else:
-        candidate, safety = read_adapter(config.candidate, arch=config.arch), None
+        candidate, safety = read_adapter(config.candidate, arch=config.arch, extra_architectures=extra), None
     out = config.out or default_out(config.candidate)
     if write:
         check_output_folder(out)  # a bad --out fails now, not after rendering
@@ -184,8 +201,9 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         pipe, ranks = _pipeline(config, pipeline, ranks)
         concept_suite = next(s for s in suites if s.role == "concept")  # resolve_suites guarantees one
         if safety is not None:
-            report["concept_check"] = concept_check(pipe, config.base, concept_suite, candidate, safety)
-            gathered.append(DATA_FREE)
+            report["concept_check"], ran = concept_check(pipe, config.base, concept_suite, candidate, safety)
+            if ran:
+                gathered.append(DATA_FREE)
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic
 
