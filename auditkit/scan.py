@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,3 +250,15 @@ def _stage(progress: Progress | None, stage: str):
     if progress is None:
         return None
     return lambda done, total: progress(stage, done, total)
+
+
+class _CallableModule(types.ModuleType):
+    """``auditkit.scan(config)`` keeps working after this module is imported: importing a submodule sets
+    the package attribute ``auditkit.scan`` to the module, which replaced the lazily exported function
+    (a second ``auditkit.scan(...)`` in one process raised "'module' object is not callable")."""
+
+    def __call__(self, *args, **kwargs) -> ScanResult:
+        return scan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
