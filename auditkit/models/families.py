@@ -27,6 +27,8 @@ class Family:
     denoiser: str  # the component that predicts noise ("unet"; "transformer" for SD3/Flux)
     text_encoders: tuple[str, ...]  # text-encoder components, in kohya order (lora_te1_, lora_te2_, …)
     load_options: dict = field(default_factory=dict)  # extra from_pretrained keyword arguments
+    # "module:attr" of (pipe, prompts) -> Conditioning: what the denoiser reads (auditkit.models.conditioning)
+    conditioning: str = "auditkit.models.conditioning:encode_sd"
     # auditkit.analysis' concept check and noise reversion read one text encoder and call the UNet
     # without added conditioning: SD 1/2 only for now
     data_free_checks: bool = False
@@ -42,7 +44,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "unet", ("text_encoder",),
            load_options={"safety_checker": None, "requires_safety_checker": False}, data_free_checks=True),
     Family("sdxl", "Stable Diffusion XL (and fine-tunes: Pony, Illustrious, …)", "StableDiffusionXLPipeline",
-           ("StableDiffusionXLPipeline",), "unet", ("text_encoder", "text_encoder_2")),
+           ("StableDiffusionXLPipeline",), "unet", ("text_encoder", "text_encoder_2"),
+           conditioning="auditkit.models.conditioning:encode_sdxl"),
 )}
 
 
