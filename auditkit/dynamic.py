@@ -65,9 +65,11 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     (:func:`auditkit.distributed.init`); every rank returns the same section, of the merged run log.
     """
     from auditkit import detectors as registry
+    from auditkit.models.pipeline import denoiser_of
 
     thresholds = thresholds or DynamicThresholds()
-    device, dtype = str(pipe.unet.device), str(pipe.unet.dtype).removeprefix("torch.")
+    denoiser = denoiser_of(pipe)
+    device, dtype = str(denoiser.device), str(denoiser.dtype).removeprefix("torch.")
     detectors = {name: registry.get(name) for name in sorted({s.detector for s in suites})}
     adapters = {"safety": safety, "candidate": candidate} if safety is not None else {"candidate": candidate}
     coverage = load_adapters(pipe, adapters)

@@ -79,22 +79,34 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     """Load each adapter (role -> canonical :class:`~auditkit.lora.adapter.Adapter`) with diffusers and
     check how many of its modules really received LoRA layers. Fails closed below ``min_coverage``.
 
+    Every module of the adapter counts, in whichever component it is (both SDXL text encoders
+    included): a module in a component the pipeline's family does not have was not loaded.
+
     Each loaded module's scale is also checked against the file's own (alpha / rank, read by
     auditkit): diffusers ignores per-module alphas when a kohya file's alphas differ between modules
     (measured with diffusers 0.36: 9 of 14 modules got another module's scale). Wrong scales are
     corrected in place and counted, so the scan renders the adapter the file describes.
     """
+    from auditkit.models.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
     coverage = {}
     for role, adapter in adapters.items():
-        pipe.load_lora_weights(diffusers_source(adapter), adapter_name=role)
-        aliases = adapter.architecture.aliases  # transformers 5 CLIP layers lack the text_model level
-        layers = {aliases.get(name, name): layer for name, layer in _lora_layers(pipe, [role]).items()}
-        expected = {n for n in adapter.modules if n.split(".", 1)[0] in ("unet", "text_encoder")}
+        try:
+            pipe.load_lora_weights(diffusers_source(adapter), adapter_name=role)
+        except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+            raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
+                                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:240]}); the "
+                                            "dynamic scan would not test this adapter") from None
+        layers = _lora_layers(pipe, [role])
+        expected = set(adapter.modules)
         got = len(expected & layers.keys())
         fraction = got / len(expected) if expected else 0.0
         if fraction < min_coverage:
+            foreign = sorted({n.split(".", 1)[0] for n in expected} - set(family.lora_components))
+            why = f" ({', '.join(foreign)}: not in a {family.name} pipeline)" if foreign else ""
             raise Unscannable(adapter.path, f"diffusers applied only {got} of {len(expected)} modules "
-                                            f"({fraction:.0%}); the dynamic scan would not test this adapter")
+                                            f"({fraction:.0%}){why}; the dynamic scan would not test this adapter")
         corrected = _correct_scales(adapter, role, {n: layers[n] for n in expected & layers.keys()})
         coverage[role] = {"expected": len(expected), "loaded": got, "fraction": fraction,
                           "scales_corrected": corrected}
@@ -276,14 +288,15 @@ class Fused:
 
 
 def _lora_layers(pipe, roles: Sequence[str]) -> dict:
-    """Canonical name ("unet.<path>", …) -> layer, for every layer holding a LoRA of one of ``roles``."""
+    """Canonical name ("unet.<path>", "text_encoder_2.<path>", …) -> layer, for every layer of the
+    pipeline's LoRA components (see :mod:`auditkit.models.families`) holding a LoRA of one of ``roles``."""
+    from auditkit.models.architectures import canonical_name
+    from auditkit.models.pipeline import lora_components
+
     layers = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, component, None)
-        if model is None:
-            continue
+    for component, model in lora_components(pipe).items():
         for name, module in model.named_modules():
             lora_a = getattr(module, "lora_A", None)
             if lora_a is not None and any(r in lora_a for r in roles):
-                layers[f"{component}.{name}"] = module
+                layers[canonical_name(component, name)] = module
     return layers

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from auditkit.config import ScanConfig, StaticThresholds
 from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import check_output_folder
 from auditkit.lora.adapter import Adapter, read_adapter
+from auditkit.models.pipeline import base_architectures
 from auditkit.runlog import locked
 from auditkit.verdict import (
     BEHAVIOURAL,
@@ -87,11 +90,14 @@ def with_base_weights(adapter: Adapter, base: str | None) -> Adapter:
 
 
 def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None,
-              base: str | None = None) -> tuple[Adapter, Adapter]:
-    """Read both adapters for one architecture, or refuse: they must adapt the same model. With a
-    base, DoRA modules get their exact update from its weights."""
-    safety = read_adapter(safety_path, arch=arch)
-    candidate = read_adapter(candidate_path, arch=arch)
+              extra_architectures: tuple = (), base: str | None = None) -> tuple[Adapter, Adapter]:
+    """Read both adapters for one architecture, or refuse: they must adapt the same model.
+
+    ``extra_architectures``: considered besides the built-in ones (the base's, see
+    :func:`auditkit.models.pipeline.base_architecture`). With a ``base``, DoRA modules get their
+    exact update from its weights."""
+    safety = read_adapter(safety_path, arch=arch, extra_architectures=extra_architectures)
+    candidate = read_adapter(candidate_path, arch=arch, extra_architectures=extra_architectures)
     if candidate.architecture.name != safety.architecture.name:
         # Small adapters can fit several architectures; settle on one both fit.
         if safety.architecture.name in candidate.architecture_candidates:
@@ -106,9 +112,9 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
 
 def run_static_scan(candidate_path: str | Path, safety_path: str | Path,
                     thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None,
-                    base: str | None = None) -> StaticScan:
+                    extra_architectures: tuple = (), base: str | None = None) -> StaticScan:
     """Read both adapters and apply the static rules (factor space, no model, seconds)."""
-    candidate, safety = read_pair(candidate_path, safety_path, arch, base)
+    candidate, safety = read_pair(candidate_path, safety_path, arch, extra_architectures, base)
     try:
         findings = static_scan(candidate, safety)
     except ValueError as exc:
@@ -148,17 +154,26 @@ def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
     return suites
 
 
-def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> dict:
-    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion."""
-    from auditkit.analysis.concept import kv_reversion, prompt_embeddings
+def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> tuple[dict, bool]:
+    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion,
+    and whether they ran: pipeline families they do not support yet (``Family.data_free_checks``) get a
+    not-applicable entry that says so."""
+    from auditkit.analysis.concept import ConceptCheck, kv_reversion, prompt_embeddings
     from auditkit.analysis.reversion import noise_reversion
+    from auditkit.models.families import family_of_pipeline
 
+    family = family_of_pipeline(pipe)
+    if not family.data_free_checks:
+        note = f"the data-free checks do not support {family.name} pipelines yet (behaviour is probed instead)"
+        check = ConceptCheck(False, None, None, [], 0, 0, note).to_dict()
+        check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "noise_reversion": None})
+        return check, False
     prompts = [p.text for p in suite.prompts]
     e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
     check = kv_reversion(e, mask, candidate.modules, safety.modules).to_dict()
     check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
     check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.modules, safety.modules).to_dict()
-    return check
+    return check, True
 
 
 def metadata_concepts(suites: list) -> dict[str, tuple[str, ...]]:
@@ -189,12 +204,15 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     # validated before any model loads; without a base, configured suites still name the concepts
     # whose words the metadata evidence looks for
     suites = resolve_suites(config) if config.base is not None or config.suites else []
+    extra = base_architectures(config.base, pipeline)  # adapters for a custom base read against it
     static = None
     if config.safety is not None:
-        static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch, base=config.base)
+        static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch,
+                                 extra_architectures=extra, base=config.base)
         candidate, safety = static.candidate, static.safety
     else:
-        candidate, safety = with_base_weights(read_adapter(config.candidate, arch=config.arch), config.base), None
+        adapter = read_adapter(config.candidate, arch=config.arch, extra_architectures=extra)
+        candidate, safety = with_base_weights(adapter, config.base), None
     out = config.out or default_out(config.candidate)
     if write:
         check_output_folder(out)  # a bad --out fails now, not after rendering
@@ -205,8 +223,9 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         pipe, ranks = _pipeline(config, pipeline, ranks)
         concept_suite = next(s for s in suites if s.role == "concept")  # resolve_suites guarantees one
         if safety is not None:
-            report["concept_check"] = concept_check(pipe, config.base, concept_suite, candidate, safety)
-            gathered.append(DATA_FREE)
+            report["concept_check"], ran = concept_check(pipe, config.base, concept_suite, candidate, safety)
+            if ran:
+                gathered.append(DATA_FREE)
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic
 
@@ -251,3 +270,15 @@ def _stage(progress: Progress | None, stage: str):
     if progress is None:
         return None
     return lambda done, total: progress(stage, done, total)
+
+
+class _CallableModule(types.ModuleType):
+    """``auditkit.scan(config)`` keeps working after this module is imported: importing a submodule sets
+    the package attribute ``auditkit.scan`` to the module, which replaced the lazily exported function
+    (a second ``auditkit.scan(...)`` in one process raised "'module' object is not callable")."""
+
+    def __call__(self, *args, **kwargs) -> ScanResult:
+        return scan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -56,6 +56,17 @@ def test_scan_is_the_documented_library_api(tmp_path):
     assert json.loads(result.paths["json"].read_text())["verdict"] == "risk"
 
 
+def test_the_library_scan_can_be_called_again_after_its_module_is_imported(tmp_path):
+    import auditkit
+    import auditkit.scan  # noqa: F401 - importing the submodule sets the package attribute to the module
+
+    safety = ADAPTERS / "safety-esd-u.safetensors"
+    cand = save_adapter(negated(read_adapter(safety).modules, 0.9), tmp_path / "undo.safetensors",
+                        read_adapter(safety).architecture)
+    results = [auditkit.scan(auditkit.ScanConfig(candidate=cand, safety=safety, out=tmp_path / d)) for d in "ab"]
+    assert [r.verdict.verdict for r in results] == ["risk", "risk"]
+
+
 def test_bare_scan_without_any_config_checks_metadata_and_says_what_is_missing(tmp_path):
     safety = read_adapter(ADAPTERS / "safety-esd-u.safetensors")
     meta = {"ss_tag_frequency": json.dumps({"data": {"nude": 12, "beach": 40, "a red cross": 3}}),

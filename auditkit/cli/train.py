@@ -74,7 +74,7 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
     from auditkit.lora.adapter import read_adapter
     from auditkit.lora.write import save_adapter
-    from auditkit.models.pipeline import architecture_of, load_pipeline
+    from auditkit.models.pipeline import architecture_of, base_architectures, load_pipeline
     from auditkit.train.data import check_folder, load_folder
     from auditkit.train.finetune import FinetuneConfig
     from auditkit.train.finetune import finetune as run_finetune
@@ -87,8 +87,8 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     cfg = FinetuneConfig(mode=mode, targets=targets, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch,
                          seed=seed, extract_rank=extract_rank)  # bad settings fail before any model loads
     pairs = check_folder(data_dir)  # bad data fails before any model loads
-    if safety is not None:
-        read_adapter(safety)
+    if safety is not None:  # read against the base's own architecture when it is a custom one
+        read_adapter(safety, extra_architectures=base_architectures(base))
     torch_threads(threads)
     pipe = load_pipeline(base)
     target_modules(pipe.unet, cfg.targets)  # a target pattern that selects nothing fails before training

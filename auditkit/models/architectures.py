@@ -53,6 +53,18 @@ class Architecture:
         return _aliases(self)
 
 
+def canonical_name(component: str, path: str) -> str:
+    """The canonical name of module ``path`` of a pipeline component, as loaded models name it.
+
+    Published LoRA files name CLIP text modules ``text_model.encoder…`` (the transformers 4 layout);
+    transformers 5 dropped the ``text_model`` level in ``CLIPTextModel`` (not in
+    ``CLIPTextModelWithProjection``). Canonical names keep the published spelling.
+    """
+    if component.startswith("text_encoder") and path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        path = "text_model." + path
+    return f"{component}.{path}"
+
+
 def _text_alias(path: str) -> str | None:
     """transformers 5 names CLIP text modules without the ``text_model.`` level."""
     return path[len("text_model."):] if path.startswith("text_model.") else None

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from auditkit.models.architectures import canonical_name
+
 CONFIG_NAMES = ("sd15", "sd2", "sdxl")
 
 
@@ -64,7 +66,7 @@ def table_from_models(unet: Any, text_encoders: dict[str, Any], kohya_prefixes: 
     modules: dict[str, list] = dict(module_shapes(unet, "unet"))
     for component, model in text_encoders.items():
         te_modules = module_shapes(model, component)
-        modules.update({_text_model_name(name, component): v for name, v in te_modules.items()})
+        modules.update({canonical_name(component, name[len(component) + 1:]): v for name, v in te_modules.items()})
     cfg = unet.config
     return {
         "label": label,
@@ -87,15 +89,6 @@ def architecture_from_models(name: str, unet: Any, text_encoders: dict[str, Any]
     names = sorted(text_encoders)  # kohya: lora_te_ for one text encoder, lora_te1_/lora_te2_ for two
     prefixes = {c: "lora_te_" if len(names) == 1 else f"lora_te{i + 1}_" for i, c in enumerate(names)}
     return from_table(name, table_from_models(unet, text_encoders, prefixes, label or name))
-
-
-def _text_model_name(name: str, component: str) -> str:
-    """Published LoRA files name CLIP text modules ``text_model.encoder…`` (transformers 4 layout);
-    transformers 5 dropped the ``text_model`` level in ``CLIPTextModel``. Keep the published names."""
-    path = name[len(component) + 1:]
-    if path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
-        path = "text_model." + path
-    return f"{component}.{path}"
 
 
 def lab_config() -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""Loading base pipelines: the shipped lab model (``lab``) or a local diffusers folder.
+"""Loading base pipelines: the shipped lab model (``lab``) or a local diffusers folder of a known family
+(:mod:`auditkit.models.families`: SD 1/2, SDXL), detected from its ``model_index.json``.
 
-Everything is offline: a path must be a ``save_pretrained`` folder on disk; nothing is fetched.
+Everything is offline: a path must be a ``save_pretrained`` folder on disk; nothing is fetched, and
+only ``.safetensors`` weights are loaded (a pickle ``.bin`` is never unpickled).
 """
 
 from __future__ import annotations
@@ -8,6 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from auditkit.errors import BadInput
+from auditkit.models.families import Family, family_of_folder, family_of_pipeline, read_model_index
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+# Model classes an architecture may be built from a folder's configs with (on the meta device, no
+# weights): a name in a model_index.json is only ever looked up in this table.
+META_CLASSES = {
+    "UNet2DConditionModel": "diffusers",
+    "CLIPTextModel": "transformers",
+    "CLIPTextModelWithProjection": "transformers",
+}
 
 
 def quiet_libraries() -> None:
@@ -21,7 +34,7 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(base: str, device: str = "cpu", dtype=None):
-    """The base ``StableDiffusionPipeline`` named by ``base`` (``lab`` or a local folder)."""
+    """The base pipeline named by ``base``: ``lab`` or a local folder of a known family (SD 1/2, SDXL)."""
     import torch
 
     quiet_libraries()
@@ -33,35 +46,130 @@ def load_pipeline(base: str, device: str = "cpu", dtype=None):
             raise BadInput(lab_pipeline_path(), "the lab model is not installed (run scripts/train_lab.py)")
         return load_lab_pipeline(device=device, dtype=dtype)
     path = Path(base)
-    if not (path / "model_index.json").is_file():
-        raise BadInput(path, "not a diffusers pipeline folder (no model_index.json); use 'lab' or a local folder")
-    pickles = sorted(p.relative_to(path).as_posix() for p in path.glob("*/*") if p.suffix in (".bin", ".ckpt", ".pt"))
-    weights = list(path.glob("*/*.safetensors"))
-    if not weights:
-        found = f" (it holds {', '.join(pickles[:3])}: pickle files, which auditkit never loads)" if pickles else ""
-        raise BadInput(path, f"no .safetensors weights in the pipeline folder{found}; save it with "
-                             "save_pretrained(..., safe_serialization=True)")
-    from diffusers import StableDiffusionPipeline
+    family = check_pipeline_folder(path)
+    import diffusers
 
+    pipeline_class = getattr(diffusers, family.pipeline_class)
     try:
         # use_safetensors: never fall back to pickle .bin weights (torch.load) for any component
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True,
-                                                       safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as exc:
-        raise BadInput(path, f"cannot load the pipeline ({' '.join(str(exc).split())[:200]})") from None
+        pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                              **family.load_options)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadInput(path, f"cannot load the {family.name} pipeline ({' '.join(str(exc).split())[:200]})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
+def check_pipeline_folder(path: Path) -> Family:
+    """The family of pipeline folder ``path``, after checking that every component with weights has
+    ``.safetensors`` ones (BadInput naming the pickle files otherwise); loads nothing."""
+    if not (path / "model_index.json").is_file():
+        raise BadInput(path, "not a diffusers pipeline folder (no model_index.json); use 'lab' or a local folder")
+    if not list(path.glob("*/*.safetensors")):
+        pickles = _pickles(path, "*/*")
+        found = f" (it holds {', '.join(pickles[:3])}: pickle files, which auditkit never loads)" if pickles else ""
+        raise BadInput(path, f"no .safetensors weights in the pipeline folder{found}; save it with "
+                             "save_pretrained(..., safe_serialization=True)")
+    index = read_model_index(path)
+    for component in sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)):
+        folder = path / component
+        pickles = _pickles(path, f"{component}/*")
+        if folder.is_dir() and pickles and not list(folder.glob("*.safetensors")):
+            raise BadInput(path, f"component '{component}' has only pickle weights ({', '.join(pickles[:2])}), which "
+                                 "auditkit never loads; save it with save_pretrained(..., safe_serialization=True)")
+    return family_of_folder(path)
+
+
+def _pickles(path: Path, pattern: str) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.glob(pattern) if p.suffix in PICKLE_SUFFIXES)
+
+
 def architecture_of(pipe, name: str = "custom"):
     """The auditkit architecture of a loaded pipeline (a built-in one when the shapes match)."""
-    from auditkit.models import architectures
     from auditkit.models.build import architecture_from_models
 
-    arch = architecture_from_models(name, pipe.unet, {"text_encoder": pipe.text_encoder})
+    family = family_of_pipeline(pipe)
+    encoders = {c: getattr(pipe, c) for c in family.text_encoders if getattr(pipe, c, None) is not None}
+    return _builtin_or(architecture_from_models(name, getattr(pipe, family.denoiser), encoders))
+
+
+def architecture_of_folder(folder: str | Path, name: str = "custom"):
+    """The auditkit architecture of a pipeline folder, built from its components' configs on the meta
+    device (no weights read): what adapters for that base are checked against before it loads."""
+    import diffusers
+    import torch
+    import transformers
+
+    from auditkit.models.build import architecture_from_models
+
+    folder = Path(folder)
+    family = family_of_folder(folder)
+    index = read_model_index(folder)
+    models = {}
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    for component in family.lora_components:
+        entry = index.get(component)
+        class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        if class_name is None and component in family.text_encoders[1:]:
+            continue  # an optional second text encoder left out (None in model_index.json)
+        if class_name not in META_CLASSES:
+            raise BadInput(folder / "model_index.json", f"component '{component}' is {class_name!r}; "
+                                                        f"supported: {', '.join(sorted(META_CLASSES))}")
+        cls = getattr(libraries[META_CLASSES[class_name]], class_name)
+        config = folder / component / "config.json"
+        if not config.is_file():
+            raise BadInput(folder, f"component '{component}' has no config.json")
+        try:
+            with torch.device("meta"):
+                if hasattr(cls, "from_config"):  # diffusers models
+                    models[component] = cls.from_config(cls.load_config(folder / component))
+                else:  # transformers models
+                    models[component] = cls(cls.config_class.from_json_file(config))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise BadInput(config, f"cannot build {class_name} from it ({' '.join(str(exc).split())[:200]})") from None
+    denoiser = models.pop(family.denoiser)
+    return _builtin_or(architecture_from_models(name, denoiser, models))
+
+
+def _builtin_or(arch):
+    """A built-in architecture with the same denoiser modules and components as ``arch``, else ``arch``."""
+    from auditkit.models import architectures
+
+    def components(a) -> set[str]:
+        return {n.split(".", 1)[0] for n in a.modules}
+
+    def unet(a) -> dict:
+        return {k: v for k, v in a.modules.items() if k.startswith("unet.")}
+
     for known in architectures.builtin():
-        unet_known = {k: v for k, v in known.modules.items() if k.startswith("unet.")}
-        unet_here = {k: v for k, v in arch.modules.items() if k.startswith("unet.")}
-        if unet_known == unet_here:
+        if components(known) == components(arch) and unet(known) == unet(arch):
             return known
     return arch
+
+
+def base_architectures(base: str | None, pipeline=None) -> tuple:
+    """The architecture adapters for ``base`` are read against when it is not a built-in one (a custom
+    or tiny pipeline), as a tuple for ``read_adapter(extra_architectures=…)``: from the loaded
+    ``pipeline`` if given, else from the folder's configs (no weights). Empty without a base, for
+    ``lab`` and for bases whose shapes are a built-in architecture's (those are always considered)."""
+    from auditkit.models import architectures
+
+    if pipeline is not None:
+        arch = architecture_of(pipeline)
+    elif base is None or base == "lab":
+        return ()
+    else:
+        check_pipeline_folder(Path(base))
+        arch = architecture_of_folder(base)
+    return () if arch.name in architectures.BUILTIN else (arch,)
+
+
+def lora_components(pipe) -> dict:
+    """Component name -> model, for the components of ``pipe`` that adapters change (denoiser first)."""
+    family = family_of_pipeline(pipe)
+    return {c: getattr(pipe, c) for c in family.lora_components if getattr(pipe, c, None) is not None}
+
+
+def denoiser_of(pipe):
+    """The noise-predicting model of a pipeline (its UNet, for the SD families)."""
+    return getattr(pipe, family_of_pipeline(pipe).denoiser)

@@ -52,6 +52,7 @@ def _nothing(label):
 
 def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     """Run the whole repair; returns the final report (also written to ``req.out``)."""
+    from auditkit.models.pipeline import base_architectures
     from auditkit.repair import pack as packing
     from auditkit.repair.methods import METHODS
     from auditkit.repair.section import repair_section, summarize
@@ -59,7 +60,8 @@ def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     from auditkit.scan import read_pair, scan
 
     method = METHODS[req.method]
-    candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, req.scan.base)
+    candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, base_architectures(req.base),
+                                  req.scan.base)
     pipe = None
     if req.base is not None or method.needs_data:
         from auditkit.dynamic import load_base

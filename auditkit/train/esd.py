@@ -16,6 +16,8 @@ import numpy as np
 
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
+from auditkit.models.conditioning import Conditioning
+from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.train.lora import (
     add_lora,
     check_int,
@@ -59,18 +61,16 @@ class ESDConfig:
 
 
 def encode(pipe, prompts: Sequence[str]):
-    """Text embeddings of ``prompts`` (no gradient; the text encoder stays frozen)."""
-    import torch
-
-    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+    """Text embeddings of ``prompts`` (no gradient; the text encoder stays frozen): the denoiser's
+    ``encoder_hidden_states``. Families with added conditioning (SDXL) need
+    :func:`auditkit.models.conditioning.encode`, which this returns the hidden states of."""
+    return encode_conditioning(pipe, prompts).hidden
 
 
 def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig(),
               progress: Progress | None = None) -> dict[str, LoraModule]:
-    """Train an ESD Safety LoRA on ``pipe.unet``; returns it as canonical modules.
+    """Train an ESD Safety LoRA on ``pipe.unet`` (SD 1/2 and SDXL: the family's conditioning, see
+    :mod:`auditkit.models.conditioning`); returns it as canonical modules.
 
     The pipeline's UNet is left as it was (the adapter is removed after extraction). Raises BadInput
     when training diverges or leaves the adapter all zero: no such adapter is ever returned.
@@ -89,14 +89,14 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
     opt = optimizer_for(unet, params, cfg.lr)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(cfg.ddim_steps)
-    uncond = encode(pipe, [""])
-    prompt_embeds = encode(pipe, list(concept_prompts))
+    uncond = encode_conditioning(pipe, [""])
+    prompt_embeds = encode_conditioning(pipe, list(concept_prompts))
     shape = (cfg.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     try:
         for step in range(cfg.steps):
             idx = rng.integers(0, len(concept_prompts), cfg.batch)
             cond = prompt_embeds[idx]
-            neg = uncond.expand(cfg.batch, -1, -1)
+            neg = uncond.repeat(cfg.batch)
             stop = int(rng.integers(0, cfg.ddim_steps))
             x = torch.randn(shape, generator=gen).to(device) * sched.init_noise_sigma
             unet.eval()
@@ -106,12 +106,12 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
                     x = sched.step(eps, t, x).prev_sample
                 t = sched.timesteps[stop]
                 unet.disable_adapters()
-                e_both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, cond])).sample
+                e_both = unet(torch.cat([x, x]), t, **Conditioning.cat([neg, cond]).kwargs()).sample
                 unet.enable_adapters()
                 e0, ec = e_both.chunk(2)
                 target = e0 - cfg.eta * (ec - e0)
             unet.train()
-            pred = unet(x, t, encoder_hidden_states=cond).sample
+            pred = unet(x, t, **cond.kwargs()).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss_value = float(loss.detach())
             check_loss(loss_value, step + 1)
@@ -133,6 +133,6 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
 def _guided(unet, x, t, cond, neg, guidance: float):
     import torch
 
-    e = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, cond])).sample
+    e = unet(torch.cat([x, x]), t, **Conditioning.cat([neg, cond]).kwargs()).sample
     e_neg, e_cond = e.chunk(2)
     return e_neg + guidance * (e_cond - e_neg)

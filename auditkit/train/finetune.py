@@ -23,7 +23,7 @@ import numpy as np
 from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
-from auditkit.train.esd import encode
+from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.train.lora import (
     add_lora,
     check_finite_parameters,
@@ -133,8 +133,8 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
     latents = encode_images(pipe, images_u8)
     unique = sorted(set(captions))
     caption_idx = torch.tensor([unique.index(c) for c in captions])
-    text = encode(pipe, unique)
-    anchor = encode(pipe, list(anchor_prompts)) if anchor_prompts else None
+    text = encode_conditioning(pipe, unique)
+    anchor = encode_conditioning(pipe, list(anchor_prompts)) if anchor_prompts else None
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     merged = (safety, 1.0) if cfg.mode in ("on-top", "full") else ({}, 0.0)
     losses: list[float] = []
@@ -163,7 +163,7 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device)
                 t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
                 xt = noise_sched.add_noise(x0, noise, t)
-                pred = unet(xt, t.to(x0.device), encoder_hidden_states=text[caption_idx[idx]]).sample
+                pred = unet(xt, t.to(x0.device), **text[caption_idx[idx]].kwargs()).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
                 if anchor is not None:
                     loss = loss + cfg.anchor_weight * _anchor_loss(unet, anchor, xt, t.to(x0.device), rng)
@@ -208,8 +208,8 @@ def _anchor_loss(unet, anchor, xt, t, rng):
     unet.disable_adapters()
     try:
         with torch.no_grad():
-            target = unet(xt, t, encoder_hidden_states=emb).sample
+            target = unet(xt, t, **emb.kwargs()).sample
     finally:
         unet.enable_adapters()
-    pred = unet(xt, t, encoder_hidden_states=emb).sample
+    pred = unet(xt, t, **emb.kwargs()).sample
     return torch.nn.functional.mse_loss(pred.float(), target.float())

@@ -1,0 +1,91 @@
+"""Model families: which diffusers pipeline class loads a base folder, and which of its components hold
+the modules LoRA adapters change.
+
+A family is one :class:`Family` record in :data:`FAMILIES`; loading (``--base DIR``), architectures of
+loaded pipelines, adapter loading and its coverage check, and fused rendering all read it, so adding a
+family (SD3, Flux) is one record here plus what its pipeline needs that the others do not.
+
+A folder's family comes from its ``model_index.json`` (``_class_name``, written by ``save_pretrained``);
+a loaded pipeline's from its class. No torch or diffusers import here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from auditkit.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str
+    pipeline_class: str  # the diffusers class that loads a folder of this family
+    class_names: tuple[str, ...]  # model_index.json ``_class_name`` values of this family
+    denoiser: str  # the component that predicts noise ("unet"; "transformer" for SD3/Flux)
+    text_encoders: tuple[str, ...]  # text-encoder components, in kohya order (lora_te1_, lora_te2_, …)
+    load_options: dict = field(default_factory=dict)  # extra from_pretrained keyword arguments
+    # "module:attr" of (pipe, prompts) -> Conditioning: what the denoiser reads (auditkit.models.conditioning)
+    conditioning: str = "auditkit.models.conditioning:encode_sd"
+    # auditkit.analysis' concept check and noise reversion read one text encoder and call the UNet
+    # without added conditioning: SD 1/2 only for now
+    data_free_checks: bool = False
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        """Components whose modules adapters change, denoiser first."""
+        return (self.denoiser, *self.text_encoders)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("sd", "Stable Diffusion 1.x / 2.x", "StableDiffusionPipeline", ("StableDiffusionPipeline",),
+           "unet", ("text_encoder",),
+           load_options={"safety_checker": None, "requires_safety_checker": False}, data_free_checks=True),
+    Family("sdxl", "Stable Diffusion XL (and fine-tunes: Pony, Illustrious, …)", "StableDiffusionXLPipeline",
+           ("StableDiffusionXLPipeline",), "unet", ("text_encoder", "text_encoder_2"),
+           conditioning="auditkit.models.conditioning:encode_sdxl"),
+)}
+
+
+def supported_classes() -> list[str]:
+    return sorted(c for f in FAMILIES.values() for c in f.class_names)
+
+
+def family_of_class(class_name: object, path: str | Path | None = None) -> Family:
+    """The family whose pipelines are ``class_name``; BadInput naming the supported classes otherwise."""
+    for family in FAMILIES.values():
+        if class_name in family.class_names:
+            return family
+    what = f"pipeline class {class_name!r}" if class_name else "no pipeline class (_class_name)"
+    raise BadInput(path, f"{what} is not supported; supported: {', '.join(supported_classes())}")
+
+
+def read_model_index(folder: str | Path) -> dict:
+    """``model_index.json`` of a pipeline folder as a dict (BadInput when missing or not a JSON object)."""
+    path = Path(folder) / "model_index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(folder, "not a diffusers pipeline folder (no model_index.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise BadInput(path, "not valid JSON") from None
+    if not isinstance(index, dict):
+        raise BadInput(path, "not a JSON object")
+    return index
+
+
+def family_of_folder(folder: str | Path) -> Family:
+    """The family of a ``save_pretrained`` pipeline folder, from its ``model_index.json``."""
+    index = read_model_index(folder)
+    return family_of_class(index.get("_class_name"), Path(folder) / "model_index.json")
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a loaded pipeline, from its class (or a base class: subclasses are the same family)."""
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.class_names:
+                return family
+    return family_of_class(type(pipe).__name__)

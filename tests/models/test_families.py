@@ -1,0 +1,48 @@
+"""The model-family registry: detection from model_index.json and from loaded pipelines, and records
+that name real classes and functions."""
+
+import importlib
+
+import pytest
+
+from auditkit.errors import BadInput
+from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda f: f.name)
+def test_every_record_names_a_real_pipeline_class_and_conditioning(family):
+    diffusers = pytest.importorskip("diffusers")
+    assert family.pipeline_class in family.class_names and hasattr(diffusers, family.pipeline_class)
+    module, _, attr = family.conditioning.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert family.lora_components[0] == family.denoiser
+
+
+def test_a_subclass_of_a_family_pipeline_is_that_family():
+    class StableDiffusionXLPipeline:  # stands for diffusers' class: matching is by class name
+        pass
+
+    class MyPipeline(StableDiffusionXLPipeline):
+        pass
+
+    assert family_of_pipeline(MyPipeline()) is FAMILIES["sdxl"]
+    with pytest.raises(BadInput, match="pipeline class 'object' is not supported"):
+        family_of_pipeline(object())
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"unet": ["diffusers", "UNet2DConditionModel"]}', "no pipeline class"),
+    ('{"_class_name": "KandinskyPipeline"}', "'KandinskyPipeline' is not supported; supported: StableDiff"),
+])
+def test_a_model_index_that_names_no_known_family_is_refused_in_one_line(tmp_path, text, match):
+    (tmp_path / "model_index.json").write_text(text)
+    with pytest.raises(BadInput, match=match) as err:
+        family_of_folder(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_folder_without_model_index_is_not_a_pipeline(tmp_path):
+    with pytest.raises(BadInput, match="no model_index.json"):
+        family_of_folder(tmp_path)

@@ -1,0 +1,94 @@
+"""Tiny random-initialised pipelines of each model family, built from config with the real diffusers
+and transformers classes (as diffusers' own tests do in ``get_dummy_components``) and saved as
+``save_pretrained(safe_serialization=True)`` folders, so tests load them the way ``--base DIR`` does.
+
+Nothing is downloaded: the tokenizers are the lab's word-level CLIP tokenizer
+(:mod:`auditkit.lab.tokenizer`), so prompts made of lab-world words tokenise to one token per word.
+
+The SDXL pipeline keeps SDXL's structure at toy size: a first down block without attention and a last
+up block without attention (so kohya's SGM block numbering and diffusers' conversion of it apply as
+for the real model), ``layers_per_block`` 2, two transformer layers in the attention block, the
+``text_time`` added conditioning, and two text encoders of different widths whose penultimate hidden
+states are concatenated for cross-attention (16 + 24 = 40) while the second one's projection (24) is
+the pooled embedding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TE1_WIDTH, TE2_WIDTH = 16, 24
+TIME_EMBED_DIM = 8
+
+SDXL_UNET = {
+    "sample_size": 16,  # 16x16 latents, 32x32 images (VAE factor 2): the lab detector's size
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (8, 16),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "cross_attention_dim": TE1_WIDTH + TE2_WIDTH,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": 6 * TIME_EMBED_DIM + TE2_WIDTH,  # 6 time ids + pooled text
+    "norm_num_groups": 4,
+}
+
+SDXL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (8, 16),
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+}
+
+SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+             "timestep_spacing": "leading"}
+
+
+def _text_config(width: int, vocab_size: int) -> dict:
+    from auditkit.lab.tokenizer import MAX_LENGTH
+
+    return {"vocab_size": vocab_size, "hidden_size": width, "intermediate_size": 2 * width,
+            "projection_dim": width, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "max_position_embeddings": MAX_LENGTH, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
+            "hidden_act": "gelu"}
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """The components of a tiny ``StableDiffusionXLPipeline``, deterministic from ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from auditkit.lab.tokenizer import build_tokenizer
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**SDXL_VAE)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(TE1_WIDTH, len(tokenizer))))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(TE2_WIDTH, len(tokenizer_2))))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": EulerDiscreteScheduler(**SCHEDULER),
+            "image_encoder": None, "feature_extractor": None}
+
+
+def tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny SDXL pipeline and save it to ``folder`` (safetensors weights); returns the folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
