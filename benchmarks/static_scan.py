@@ -61,6 +61,17 @@ def make_pair(out_dir: Path, rank: int = 32) -> tuple[Path, Path]:
     return paths["candidate"], paths["safety"]
 
 
+def _svd(w: np.ndarray):
+    """LAPACK's divide-and-conquer SVD, or the slower QR-iteration driver where it does not converge
+    (it fails on some Kronecker products, whose singular values repeat)."""
+    try:
+        return np.linalg.svd(w, full_matrices=False)
+    except np.linalg.LinAlgError:
+        import scipy.linalg
+
+        return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesvd")
+
+
 def dense_reference(cand, safety) -> dict:
     """The naive way: materialise every ΔW, then inner products, norms and SVD-based subspace metrics."""
     inner_total, safety_total = 0.0, 0.0
@@ -71,10 +82,10 @@ def dense_reference(cand, safety) -> dict:
             continue
         wc = cand.modules[name].delta()
         inner_total += float(np.sum(wc * ws))
-        us, ss, vts = np.linalg.svd(ws, full_matrices=False)
+        us, ss, vts = _svd(ws)
         k = int(np.sum(ss > ss[0] * max(ws.shape) * np.finfo(float).eps))
         us, vs = us[:, :k], vts[:k].T
-        uc, sc, vtc = np.linalg.svd(wc, full_matrices=False)
+        uc, sc, vtc = _svd(wc)
         _ = np.sum((us.T @ wc @ vs) ** 2) / np.sum(wc**2)  # energy in the safety subspace
         _ = np.linalg.svd(uc[:, :k].T @ us, compute_uv=False)  # principal angles
     return {"cancellation": -inner_total / safety_total}

@@ -29,24 +29,39 @@ from auditkit.models.architectures import Architecture, ModuleShape
 class LoraModule:
     """One module's update ΔW = scale · up @ down (exact for every algorithm read).
 
+    A LoKr module is held as its Kronecker halves (``kron`` = up₁, down₁, up₂, down₂ with
+    ΔW = scale · kron(up₁@down₁, up₂@down₂)): ``up`` and ``down`` are then kron(up₁, up₂) and
+    kron(down₁, down₂), formed only when asked for (their rank is the product of the halves').
+
     A DoRA module also carries its magnitude vector: its exact update is
     m · (W₀ + ΔW) / ‖W₀ + ΔW‖ − W₀, which needs the base weight W₀ (:meth:`Adapter.with_base`);
     until then ``up @ down`` is only its low-rank direction.
     """
 
     name: str
-    down: np.ndarray  # A: k × in (conv kernels flattened)
-    up: np.ndarray  # B: out × k
+    factor_down: np.ndarray | None  # A: k × in (conv kernels flattened); None when held as ``kron``
+    factor_up: np.ndarray | None  # B: out × k
     scale: float
     algorithm: str = "lora"  # auditkit.lora.algorithms.ALGORITHMS key
     form: str = "factors"  # how ΔW is held: factors, khatri-rao, kronecker, dense
     magnitude: np.ndarray | None = None  # DoRA magnitude (per output row or input channel)
     magnitude_axis: str | None = None  # "out" or "in"
     bias: np.ndarray | None = None  # the bias update Δb (scale included), if the file changes biases
+    kron: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # LoKr halves' factors
+
+    @property
+    def down(self) -> np.ndarray:
+        return self.factor_down if self.kron is None else np.kron(self.kron[1], self.kron[3])
+
+    @property
+    def up(self) -> np.ndarray:
+        return self.factor_up if self.kron is None else np.kron(self.kron[0], self.kron[2])
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        if self.kron is not None:
+            return int(self.kron[1].shape[0] * self.kron[3].shape[0])
+        return int(self.factor_down.shape[0])
 
     @property
     def needs_base(self) -> bool:
@@ -284,7 +299,10 @@ def _read_module(st: SafetensorsFile, path: Path, canonical: str, keyset: dict[s
             raise BadInput(path, f"alpha '{keyset['alpha']}' should be a scalar, has shape {alpha_arr.shape}")
         alpha = float(alpha_arr.reshape(()))
     scale = 1.0 if built.scale_rank is None else scale_of(canonical, built.scale_rank, alpha)
-    down, up, form = algorithms.compact(built.down, built.up, built.form)
+    if built.kron is not None:  # LoKr: the halves stay apart (their SVDs give ΔW's, see analysis.factors)
+        down, up, form = None, None, built.form
+    else:
+        down, up, form = algorithms.compact(built.down, built.up, built.form)
     magnitude, axis = _magnitude(st, path, keyset, shape)
     bias = None
     if "bias" in keyset:
@@ -293,7 +311,7 @@ def _read_module(st: SafetensorsFile, path: Path, canonical: str, keyset: dict[s
             raise BadInput(path, f"bias '{keyset['bias']}' has {bias.size} entries, the module has "
                                  f"{shape.out_features} outputs")
         bias = bias * (scale if algo.name == "lora" else 1.0)  # lora_B.bias is scaled like lora_B; diff_b is not
-    return LoraModule(canonical, down, up, scale, algo.name, form, magnitude, axis, bias)
+    return LoraModule(canonical, down, up, scale, algo.name, form, magnitude, axis, bias, built.kron)
 
 
 def _magnitude(st: SafetensorsFile, path: Path, keyset: dict[str, str], shape: ModuleShape):
