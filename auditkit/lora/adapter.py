@@ -298,7 +298,7 @@ def _read_module(st: SafetensorsFile, path: Path, canonical: str, keyset: dict[s
         if alpha_arr.size != 1:
             raise BadInput(path, f"alpha '{keyset['alpha']}' should be a scalar, has shape {alpha_arr.shape}")
         alpha = float(alpha_arr.reshape(()))
-    scale = 1.0 if built.scale_rank is None else scale_of(canonical, built.scale_rank, alpha)
+    scale = scale_of(canonical, built.scale_rank, alpha)
     if built.kron is not None:  # LoKr: the halves stay apart (their SVDs give ΔW's, see analysis.factors)
         down, up, form = None, None, built.form
     else:
@@ -378,11 +378,17 @@ def _scale_rule(st: SafetensorsFile, path: Path, layout: str, notes: list[str]):
     """A function (canonical name, rank, alpha key value or None) -> scale."""
     configs = _peft_configs(st, path, layout, notes)
 
-    def scale(canonical: str, rank: int, alpha: float | None) -> float:
-        if alpha is not None:  # an explicit alpha tensor always wins, as in kohya and diffusers
-            return alpha / rank if alpha != 0 else 1.0  # kohya and LyCORIS read alpha 0 as alpha = rank
+    def scale(canonical: str, rank: int | None, alpha: float | None) -> float:
+        """``rank`` None: the algorithm ignores alpha (LyCORIS LoKr with both halves whole)."""
         component, _, relative = canonical.partition(".")
         cfg = configs.get(component) or configs.get("*")
+        if cfg is not None and cfg.get("peft_type") in ("LOHA", "LOKR"):
+            # peft's LoHa/LoKr scale by alpha / the configured r, whatever the halves' shapes
+            rank = int(_pattern_value(cfg.get("rank_pattern") or {}, relative, cfg.get("r", rank or 1), path))
+        if rank is None:
+            return 1.0
+        if alpha is not None:  # an explicit alpha tensor always wins, as in kohya and diffusers
+            return alpha / rank if alpha != 0 else 1.0  # kohya and LyCORIS read alpha 0 as alpha = rank
         if cfg is None:
             return 1.0
         default = cfg.get("lora_alpha", cfg.get("alpha", rank))  # peft LoRA: lora_alpha; LoHa/LoKr: alpha
@@ -434,6 +440,10 @@ def _checked_config(cfg: dict, where: Path) -> dict:
     for name in ("alpha_pattern", "rank_pattern"):
         if cfg.get(name) is not None and not isinstance(cfg[name], dict):
             raise BadInput(where, f"{name} must be a JSON object")
+    ranks = [("r", cfg.get("r"))] + [(f"rank_pattern {k!r}", v) for k, v in (cfg.get("rank_pattern") or {}).items()]
+    for label, r in ranks:
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
+            raise BadInput(where, f"{label} must be a positive integer, got {r!r}")
     return cfg
 
 
