@@ -247,6 +247,9 @@ def read_adapter(
         notes.append(f"{dora} DoRA module(s): their exact update needs the base weights; without them the "
                      "static scan compares the low-rank direction only")
     coverage.unmapped.sort()
+    if len(fitting) > 1 and architectures.metadata_hint(st.metadata) not in fitting:
+        notes.append(f"its module names and shapes fit several architectures ({', '.join(fitting)}); "
+                     f"{chosen.name} is assumed: pass --arch (or a --base) to say which model it adapts")
     return Adapter(
         path=path,
         sha256=st.sha256,

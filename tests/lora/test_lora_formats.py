@@ -245,3 +245,13 @@ def test_a_peft_config_with_a_bad_rank_is_named(tmp_path, config):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(BadInput, match="adapter_config.json.*must be a positive integer"):
         read_adapter(tmp_path / "adapter_model.safetensors")
+
+
+def test_a_text_encoder_only_adapter_that_fits_several_models_says_so(tmp_path, sd15, sdxl):
+    names = [n for n in sd15.modules if n.startswith("text_encoder.") and n.endswith("self_attn.q_proj")][:4]
+    assert all(n in sdxl.modules and sdxl.modules[n] == sd15.modules[n] for n in names)  # CLIP-L in both
+    path = save_adapter(random_modules(sd15, names), tmp_path / "te.safetensors", sd15, formats.DIFFUSERS)
+    adapter = read_adapter(path)
+    assert {"sd15", "sdxl"} <= set(adapter.architecture_candidates)
+    assert any("fit several architectures" in n and "--arch" in n for n in adapter.notes)
+    assert not any("several" in n for n in read_adapter(path, arch="sdxl").notes)

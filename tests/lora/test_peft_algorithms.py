@@ -75,3 +75,39 @@ def test_peft_dora_files_are_exact_given_the_base_weights(tmp_path):
         ref = (layer.get_base_layer().weight.detach() - w0).double().numpy()
         layer.unmerge()
         np.testing.assert_allclose(exact.modules[f"unet.{name}"].delta(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_files_saved_by_diffusers_save_lora_weights_read_exactly(tmp_path):
+    """The training scripts' way: a peft LoRA on the UNet and text encoder, saved with the pipeline's
+    ``save_lora_weights`` (diffusers layout with ``lora_adapter_metadata``)."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_lab_pipeline(device="cpu", dtype=torch.float32)
+    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS + ["proj_in"]))
+    pipe.text_encoder.add_adapter(peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.2 * torch.randn_like(p))
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict())
+    adapter = read_adapter(tmp_path / "pytorch_lora_weights.safetensors", arch="lab")
+    assert adapter.layout == "diffusers" and adapter.coverage.fraction == 1.0
+    checked = 0
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component)
+        for name, layer in model.named_modules():
+            if isinstance(layer, peft.tuners.lora.LoraLayer):
+                with torch.no_grad():
+                    ref = layer.get_delta_weight("default").double()
+                canonical = adapter.architecture.aliases.get(f"{component}.{name}", f"{component}.{name}")
+                np.testing.assert_allclose(adapter.modules[canonical].delta(), ref.reshape(ref.shape[0], -1).numpy(),
+                                           rtol=1e-5, atol=1e-7)
+                checked += 1
+    assert checked == len(adapter.modules) > 20
