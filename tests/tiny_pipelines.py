@@ -11,6 +11,11 @@ for the real model), ``layers_per_block`` 2, two transformer layers in the atten
 ``text_time`` added conditioning, and two text encoders of different widths whose penultimate hidden
 states are concatenated for cross-attention (16 + 24 = 40) while the second one's projection (24) is
 the pooled embedding.
+
+The Flux.1 pipeline keeps Flux's structure: two double-stream (MMDiT) blocks and two single-stream blocks,
+the guidance embedder (as FLUX.1-dev), a CLIP text encoder whose pooled output conditions the modulation
+and a T5 encoder whose hidden states are the text tokens; the VAE halves the size (32x32 images, 16x16
+latents packed into 8x8 tokens) and its ``sample_size`` is the size the runner renders at.
 """
 
 from __future__ import annotations
@@ -91,4 +96,53 @@ def tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+FLUX_WIDTH, FLUX_TEXT, FLUX_POOLED = 16, 24, 16  # transformer width, T5 width, CLIP (pooled) width
+
+FLUX_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": FLUX_TEXT, "pooled_projection_dim": FLUX_POOLED,
+    "guidance_embeds": True, "axes_dims_rope": (2, 2, 4),
+}
+
+FLUX_VAE = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (8, 16), "latent_channels": 4,
+    "norm_num_groups": 4, "sample_size": 32, "use_quant_conv": False, "use_post_quant_conv": False,
+    "shift_factor": 0.0609, "scaling_factor": 1.5035,
+}
+
+
+def tiny_flux_components(seed: int = 0) -> dict:
+    """The components of a tiny ``FluxPipeline``, deterministic from ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from auditkit.lab.tokenizer import build_tokenizer
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()  # offline stand-ins for CLIP's and T5's
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**FLUX_VAE)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(FLUX_POOLED, len(tokenizer))))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=FLUX_TEXT, d_ff=32, d_kv=8,
+                                             num_heads=3, num_layers=2, feed_forward_proj="gated-gelu",
+                                             pad_token_id=1, eos_token_id=1, decoder_start_token_id=0))
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": FlowMatchEulerDiscreteScheduler(),
+            "image_encoder": None, "feature_extractor": None}
+
+
+def tiny_flux_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Flux.1 pipeline and save it to ``folder`` (safetensors weights); returns the folder."""
+    from diffusers import FluxPipeline
+
+    folder = Path(folder)
+    FluxPipeline(**tiny_flux_components(seed)).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -72,12 +72,14 @@ def _bias_tensor(m: LoraModule, dtype) -> np.ndarray:
     return (m.bias / m.scale).astype(dtype)
 
 
-def diffusers_source(adapter):
+def diffusers_source(adapter, native_layouts: tuple[str, ...] = (formats.KOHYA, formats.DIFFUSERS, formats.PEFT)):
     """What to hand diffusers' ``load_lora_weights`` for ``adapter``: the file itself when diffusers
-    reads it as the plain LoRA it is, else auditkit's exact conversion (LoHa, LoKr, full diff, DoRA
-    resolved with the base weights, bias updates) as a diffusers state dict of the same updates."""
+    reads it as the plain LoRA it is (a layout of ``native_layouts``: the pipeline family's, see
+    :class:`auditkit.models.families.Family`), else auditkit's exact conversion (LoHa, LoKr, full diff,
+    DoRA resolved with the base weights, bias updates, fused Flux modules split) as a diffusers state
+    dict of the same updates."""
     # diffusers (0.42) applies none of a prefix-less legacy file's modules (tests/lora/test_legacy_diffusers_files.py)
-    native = adapter.layout in (formats.KOHYA, formats.DIFFUSERS, formats.PEFT) and all(
+    native = adapter.layout in native_layouts and all(
         m.algorithm == "lora" and m.form == "factors" and m.magnitude is None and m.bias is None
         for m in adapter.modules.values())
     if native:
