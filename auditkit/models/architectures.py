@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-BUILTIN = ("sd15", "sd2", "sdxl", "flux", "lab")
+BUILTIN = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "lab")
 
 # kohya (sd-scripts) and ComfyUI name a transformer's original modules lora_unet_<name>; early
 # sd-scripts Flux files lora_flux_<name>
@@ -165,7 +165,7 @@ def from_table(name: str, table: dict) -> Architecture:
 
 @cache
 def get(name: str) -> Architecture:
-    """A built-in architecture by name (``sd15``, ``sd2``, ``sdxl``, ``flux``, ``lab``)."""
+    """A built-in architecture by name (see :data:`BUILTIN`)."""
     if name not in BUILTIN:
         raise KeyError(f"unknown architecture {name!r}; known: {', '.join(BUILTIN)}")
     text = resources.files("auditkit.models").joinpath("tables", f"{name}.json").read_text()
@@ -271,6 +271,10 @@ def metadata_hint(metadata: dict[str, str]) -> str | None:
     ).lower()
     if "flux" in claims:
         return "flux"
+    if re.search(r"sd_?3|stable-diffusion-(v)?3", claims):
+        if re.search(r"3[._-]?5", claims):
+            return "sd35-large" if "large" in claims else "sd35-medium"
+        return "sd3"
     if "xl" in claims:
         return "sdxl"
     if re.search(r"\bv2|sd_?2|stable-diffusion-v2|ss_v2|\b2\.[01]\b", claims) or metadata.get("ss_v2") == "True":

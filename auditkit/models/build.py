@@ -23,13 +23,14 @@ from typing import Any
 
 from auditkit.models.architectures import canonical_name
 
-CONFIG_NAMES = ("sd15", "sd2", "sdxl", "flux")
+CONFIG_NAMES = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
 
 # Model classes an architecture may be built from (on the meta device, no weights), by the library
 # that defines them: a class name from a config or a model_index.json is only ever looked up here.
 META_CLASSES = {
     "UNet2DConditionModel": "diffusers",
     "FluxTransformer2DModel": "diffusers",
+    "SD3Transformer2DModel": "diffusers",
     "CLIPTextModel": "transformers",
     "CLIPTextModelWithProjection": "transformers",
     "T5EncoderModel": "transformers",
@@ -132,9 +133,13 @@ def original_names(class_name: str, component: str, modules: dict[str, list]) ->
     module) raises ValueError, so a wrong table cannot be built.
     """
     out: dict[str, list] = {}
-    for template, targets in _templates().get(class_name, {}).items():
-        for i in _block_indices(template, targets, component, modules):
+    for template, spec in _templates().get(class_name, {}).items():
+        alternatives = list(spec["by_chunks"].values()) if isinstance(spec, dict) else [spec]
+        indices = sorted({i for alt in alternatives for i in _block_indices(template, alt, component, modules)},
+                         key=lambda i: int(i) if i else 0)
+        for i in indices:
             name = template.replace("{i}", i)
+            targets = _by_chunks(spec, i, component, modules)
             pieces = []
             for target in targets:
                 m = _CHUNK.match(target)
@@ -145,15 +150,31 @@ def original_names(class_name: str, component: str, modules: dict[str, list]) ->
                 size = modules[canonical][1] // n
                 pieces.append([canonical, k * size, (k + 1) * size])
             else:
-                _check_pieces(name, pieces, modules)
-                out[name] = pieces
+                if pieces:
+                    _check_pieces(name, pieces, modules)
+                    out[name] = pieces
     return out
+
+
+def _by_chunks(spec, i: str, component: str, modules: dict) -> list[str]:
+    """The targets of one block: a plain list, or the alternative whose key is the number of row chunks
+    (rows / input width) of its first target's module in this block (none: [])."""
+    if not isinstance(spec, dict):
+        return spec
+    for chunks, targets in spec["by_chunks"].items():
+        m = _CHUNK.match(targets[0])
+        module = modules.get(f"{component}.{(m.group(1) if m else targets[0]).replace('{i}', i)}")
+        if module and module[1] == int(chunks) * module[2]:
+            return targets
+    return []
 
 
 def _block_indices(template: str, targets: list[str], component: str, modules: dict) -> list[str]:
     if "{i}" not in template:
         return [""]
-    pattern = re.compile(re.escape(f"{component}.{targets[0]}").replace(re.escape("{i}"), r"(\d+)") + "$")
+    first = _CHUNK.match(targets[0])
+    path = first.group(1) if first else targets[0]
+    pattern = re.compile(re.escape(f"{component}.{path}").replace(re.escape("{i}"), r"(\d+)") + "$")
     return sorted({m.group(1) for name in modules if (m := pattern.match(name))}, key=int)
 
 
