@@ -15,7 +15,8 @@ Layouts people publish (see ../shared/FIELD.md):
                 ``transformer.…`` (Flux/SD3: diffusers, ai-toolkit).
 * ``original``  a transformer's original module names (BFL Flux, SAI MMDiT), optionally under
                 ``diffusion_model.`` (ComfyUI): ``double_blocks.0.img_attn.qkv.lora_A.weight`` or
-                ``.lora_down.weight`` / ``.alpha``; fused modules as for kohya.
+                ``.lora_down.weight`` / ``.alpha``, SD3's ``joint_blocks.0.x_block.attn.qkv…``; fused
+                modules as for kohya.
 * ``xlabs``     XLabs' Flux processor LoRAs: ``double_blocks.0.processor.qkv_lora1.down.weight`` (no alphas).
 * ``diffusers-unet`` the same legacy names with no component prefix (``down_blocks.0.…``): what
                 diffusers' training scripts wrote as ``pytorch_lora_weights.safetensors`` before mid-2023.
@@ -74,7 +75,8 @@ _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
 # Original transformer module names (BFL Flux, SAI MMDiT); ComfyUI puts them under diffusion_model.
 _ORIGINAL_ROOTS = ("diffusion_model.", "double_blocks.", "single_blocks.", "joint_blocks.", "final_layer.",
-                   "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")
+                   "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "x_embedder.", "t_embedder.",
+                   "y_embedder.")
 _XLABS_PART = re.compile(r"^(?:diffusion_model\.)?((?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)"
                          r"\.(down|up)\.weight$")
 

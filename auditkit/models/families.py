@@ -63,6 +63,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            ("text_encoder", "text_encoder_2"), conditioning=None,
            kohya_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
            native_layouts=("diffusers",), render_options="auditkit.models.rendering:vae_sized"),
+    # diffusers' SD3 loader converts no kohya or original-named file and reads peft files as nothing: only
+    # diffusers-layout files go to it as they are. It loads no T5 (text_encoder_3) LoRA. SD3 renders at
+    # the transformer's sample_size × the VAE factor by itself.
+    Family("sd3", "Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline", ("StableDiffusion3Pipeline",),
+           "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"), conditioning=None,
+           kohya_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"},
+           native_layouts=("diffusers",)),
 )}
 
 

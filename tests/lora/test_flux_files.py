@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import factors, low_rank_error
 from safetensors.numpy import save_file
 
 from auditkit.errors import BadInput, Unscannable
@@ -88,19 +89,6 @@ def expected(originals):
         down = next(d for n, (d, _) in originals.items() if any(T + m == module for m, _, _ in SPLITS[n]))
         out[module] = LoraModule(module, down, up, ALPHA / RANK)
     return out
-
-
-def low_rank_error(a: tuple, b: tuple) -> float:
-    """‖sa·Ba·Aa − sb·Bb·Ab‖_F / ‖sb·Bb·Ab‖_F from r×r Gram matrices (no 18432×3072 dense matrix)."""
-    (da, ua, sa), (db, ub, sb) = a, b
-    up = np.concatenate([sa * np.asarray(ua, np.float64), -sb * np.asarray(ub, np.float64)], axis=1)
-    down = np.concatenate([np.asarray(da, np.float64), np.asarray(db, np.float64)])
-    ref = sb * sb * np.sum((np.asarray(ub, np.float64).T @ ub) * (np.asarray(db, np.float64) @ np.asarray(db).T))
-    return float(np.sqrt(max(np.sum((up.T @ up) * (down @ down.T)), 0.0) / ref))
-
-
-def factors(m: LoraModule) -> tuple:
-    return m.down, m.up, m.scale
 
 
 # --- files as each tool writes them ------------------------------------------------------------
