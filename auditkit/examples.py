@@ -61,10 +61,10 @@ def _split_dim(n: int) -> tuple[int, int]:
 
 
 def lycoris_tensors(arch, names: list[str], algo: str, rank: int = 4, alpha: float = 2.0, seed: int = 0,
-                    std: float = 0.1) -> dict[str, np.ndarray]:
+                    std: float = 0.1, factor: int | None = None) -> dict[str, np.ndarray]:
     """kohya-named LyCORIS tensors (``loha``, ``lokr``, ``full``) for linear modules of ``arch``, with
     the shapes LyCORIS writes: LoHa ``hada_w1_a`` (out×r) … ; LoKr ``lokr_w1`` (a×c) whole and
-    ``lokr_w2_a``/``_b`` rank-r (factorisation as LyCORIS' factor −1); full ``diff`` (out×in)."""
+    ``lokr_w2_a``/``_b`` rank-r (a = c = ``factor``, or LyCORIS' factor −1 split); full ``diff``."""
     from auditkit.lora.write import kohya_name
 
     rng = np.random.default_rng(seed)
@@ -81,7 +81,10 @@ def lycoris_tensors(arch, names: list[str], algo: str, rank: int = 4, alpha: flo
                 out[f"{key}.hada_w{i}_a"] = normal(s.out_features, rank)
                 out[f"{key}.hada_w{i}_b"] = normal(rank, s.flat_in)
         elif algo == "lokr":
-            (a, b), (c, d) = _split_dim(s.out_features), _split_dim(s.flat_in)
+            if factor:
+                (a, b), (c, d) = (factor, s.out_features // factor), (factor, s.flat_in // factor)
+            else:
+                (a, b), (c, d) = _split_dim(s.out_features), _split_dim(s.flat_in)
             out[f"{key}.lokr_w1"] = normal(a, c)
             out[f"{key}.lokr_w2_a"], out[f"{key}.lokr_w2_b"] = normal(b, rank), normal(rank, d)
         elif algo == "full":

@@ -89,6 +89,58 @@ def low_rank_svd(up: np.ndarray, down: np.ndarray, scale: float = 1.0, rtol: flo
     return LowRankSVD(u=qb @ cu[:, keep], s=s[keep], v=qa @ cvt[keep].T)
 
 
+@dataclass(frozen=True)
+class KronSVD:
+    """The thin SVD of scale · kron(W₁, W₂) from the SVDs of its halves (LyCORIS LoKr):
+    kron(U₁S₁V₁ᵀ, U₂S₂V₂ᵀ) = kron(U₁, U₂) · kron(S₁, S₂) · kron(V₁, V₂)ᵀ, columns ``keep`` of it
+    (descending singular values). ``u`` and ``v`` are formed only when asked for; the cross-Gram
+    matrices with another Kronecker SVD of the same split never form them (see :func:`pair_metrics`).
+    """
+
+    first: LowRankSVD
+    second: LowRankSVD
+    keep: np.ndarray  # indices i·k₂ + j of the kept products, by descending value
+    s: np.ndarray
+    sign: float = 1.0
+    magnitude: float = 1.0  # |scale|
+
+    @property
+    def complete(self) -> bool:
+        """Every product of the halves' singular directions kept (the usual case)."""
+        return self.keep.size == self.first.s.size * self.second.s.size
+
+    @property
+    def u(self) -> np.ndarray:
+        return self.sign * np.kron(self.first.u, self.second.u)[:, self.keep]
+
+    @property
+    def v(self) -> np.ndarray:
+        return np.kron(self.first.v, self.second.v)[:, self.keep]
+
+    @property
+    def energy(self) -> float:
+        return float(np.sum(self.s**2))
+
+    def splits_like(self, other: KronSVD) -> bool:
+        return (self.first.u.shape[0], self.first.v.shape[0]) == (other.first.u.shape[0], other.first.v.shape[0])
+
+
+def kronecker_svd(up1, down1, up2, down2, scale: float = 1.0, rtol: float = DEFAULT_RTOL) -> KronSVD:
+    """Thin SVD of ``scale · kron(up1 @ down1, up2 @ down2)`` from the two halves' factors.
+
+    Example:
+        >>> a, b = np.array([[2.0]]), np.array([[1.0], [0.0]])
+        >>> [float(x) for x in kronecker_svd(a, np.eye(1), b, np.eye(1)).s]
+        [2.0]
+    """
+    first, second = low_rank_svd(up1, down1, 1.0, rtol), low_rank_svd(up2, down2, 1.0, rtol)
+    values = abs(scale) * np.outer(first.s, second.s).ravel()
+    order = np.argsort(-values, kind="stable")
+    if values.size:
+        order = order[values[order] > values[order[0]] * rtol]
+    return KronSVD(first, second, order, values[order], -1.0 if scale < 0 else 1.0, abs(scale))
+
+
 def update_energy(up: np.ndarray, down: np.ndarray, scale: float = 1.0) -> float:
     """‖scale·B·A‖²_F = scale²·Σᵢⱼ (BᵀB)ᵢⱼ (AAᵀ)ᵢⱼ, from the two r×r Gram matrices."""
     up = np.asarray(up, dtype=np.float64)
@@ -130,10 +182,48 @@ class PairMetrics:
         return float(self.inner / denom) if denom > 0 else 0.0
 
 
-def pair_metrics(cand: LowRankSVD, safe: LowRankSVD) -> PairMetrics:
+def _cross(cand, safe) -> tuple[np.ndarray, np.ndarray]:
+    """P = U_cᵀU_s and Q = V_cᵀV_s; for two Kronecker SVDs of one split, from the halves alone:
+    kron(A₁, A₂)ᵀ kron(B₁, B₂) = kron(A₁ᵀB₁, A₂ᵀB₂)."""
+    if isinstance(cand, KronSVD) and isinstance(safe, KronSVD) and cand.splits_like(safe):
+        p = np.kron(cand.first.u.T @ safe.first.u, cand.second.u.T @ safe.second.u)
+        q = np.kron(cand.first.v.T @ safe.first.v, cand.second.v.T @ safe.second.v)
+        sel = np.ix_(cand.keep, safe.keep)
+        return cand.sign * safe.sign * p[sel], q[sel]
+    return cand.u.T @ safe.u, cand.v.T @ safe.v
+
+
+def _kron_angles(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """Principal angles of two Kronecker-product subspaces from the halves' angles: the cosines
+    multiply; ``n`` = min of the two dimensions (the remaining cosines are 0)."""
+    cos = np.sort(np.outer(np.cos(a), np.cos(b)).ravel())[::-1][:n]
+    return np.arccos(np.clip(np.concatenate([cos, np.zeros(n - cos.size)]), -1.0, 1.0))
+
+
+def _kron_pair_metrics(cand: KronSVD, safe: KronSVD) -> PairMetrics:
+    """pair_metrics of two complete Kronecker SVDs of one split, from the halves' metrics:
+    ⟨A⊗B, C⊗D⟩ = ⟨A,C⟩⟨B,D⟩, ‖A⊗B‖² = ‖A‖²‖B‖², projections onto Kronecker subspaces multiply."""
+    one, two = pair_metrics(cand.first, safe.first), pair_metrics(cand.second, safe.second)
+    mags = cand.magnitude * safe.magnitude
+    n = min(cand.s.size, safe.s.size)
+    return PairMetrics(
+        inner=cand.sign * safe.sign * mags * one.inner * two.inner,
+        candidate_energy=cand.magnitude**2 * one.candidate_energy * two.candidate_energy,
+        safety_energy=safe.magnitude**2 * one.safety_energy * two.safety_energy,
+        energy_in_safety_columns=one.energy_in_safety_columns * two.energy_in_safety_columns,
+        energy_in_safety_rows=one.energy_in_safety_rows * two.energy_in_safety_rows,
+        energy_in_safety_subspace=one.energy_in_safety_subspace * two.energy_in_safety_subspace,
+        column_angles=_kron_angles(one.column_angles, two.column_angles, n),
+        row_angles=_kron_angles(one.row_angles, two.row_angles, n),
+    )
+
+
+def pair_metrics(cand: LowRankSVD | KronSVD, safe: LowRankSVD | KronSVD) -> PairMetrics:
     """All candidate-vs-safety metrics of one module from the two thin SVDs."""
-    p = cand.u.T @ safe.u  # k_c × k_s
-    q = cand.v.T @ safe.v
+    if (isinstance(cand, KronSVD) and isinstance(safe, KronSVD) and cand.splits_like(safe)
+            and cand.complete and safe.complete):
+        return _kron_pair_metrics(cand, safe)
+    p, q = _cross(cand, safe)  # k_c × k_s
     inner = float(np.sum((cand.s[:, None] * p * q) * safe.s[None, :]))
     ce = cand.energy
     sp = cand.s[:, None] * p

@@ -10,7 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from auditkit.analysis.factors import LowRankSVD, effective_rank, low_rank_svd, pair_metrics, update_energy
+from auditkit.analysis.factors import (
+    KronSVD,
+    LowRankSVD,
+    effective_rank,
+    kronecker_svd,
+    low_rank_svd,
+    pair_metrics,
+    update_energy,
+)
 from auditkit.lora.adapter import Adapter, LoraModule
 from auditkit.models.architectures import block_of, kind_of
 
@@ -70,6 +78,9 @@ class StaticFindings:
 
 
 def _energy(m: LoraModule) -> float:
+    if m.kron is not None:  # ‖kron(W₁, W₂)‖² = ‖W₁‖²·‖W₂‖²
+        u1, d1, u2, d2 = m.kron
+        return update_energy(u1, d1, m.scale) * update_energy(u2, d2)
     return update_energy(m.up, m.down, m.scale)
 
 
@@ -79,7 +90,9 @@ def _form(m: LoraModule) -> str:
     return form + " (DoRA direction only)" if m.needs_base else form
 
 
-def _svd(m: LoraModule) -> LowRankSVD:
+def _svd(m: LoraModule) -> LowRankSVD | KronSVD:
+    if m.kron is not None:
+        return kronecker_svd(*m.kron, scale=m.scale)
     return low_rank_svd(m.up, m.down, m.scale)
 
 

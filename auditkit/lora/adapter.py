@@ -29,24 +29,39 @@ from auditkit.models.architectures import Architecture, ModuleShape
 class LoraModule:
     """One module's update ΔW = scale · up @ down (exact for every algorithm read).
 
+    A LoKr module is held as its Kronecker halves (``kron`` = up₁, down₁, up₂, down₂ with
+    ΔW = scale · kron(up₁@down₁, up₂@down₂)): ``up`` and ``down`` are then kron(up₁, up₂) and
+    kron(down₁, down₂), formed only when asked for (their rank is the product of the halves').
+
     A DoRA module also carries its magnitude vector: its exact update is
     m · (W₀ + ΔW) / ‖W₀ + ΔW‖ − W₀, which needs the base weight W₀ (:meth:`Adapter.with_base`);
     until then ``up @ down`` is only its low-rank direction.
     """
 
     name: str
-    down: np.ndarray  # A: k × in (conv kernels flattened)
-    up: np.ndarray  # B: out × k
+    factor_down: np.ndarray | None  # A: k × in (conv kernels flattened); None when held as ``kron``
+    factor_up: np.ndarray | None  # B: out × k
     scale: float
     algorithm: str = "lora"  # auditkit.lora.algorithms.ALGORITHMS key
     form: str = "factors"  # how ΔW is held: factors, khatri-rao, kronecker, dense
     magnitude: np.ndarray | None = None  # DoRA magnitude (per output row or input channel)
     magnitude_axis: str | None = None  # "out" or "in"
     bias: np.ndarray | None = None  # the bias update Δb (scale included), if the file changes biases
+    kron: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # LoKr halves' factors
+
+    @property
+    def down(self) -> np.ndarray:
+        return self.factor_down if self.kron is None else np.kron(self.kron[1], self.kron[3])
+
+    @property
+    def up(self) -> np.ndarray:
+        return self.factor_up if self.kron is None else np.kron(self.kron[0], self.kron[2])
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        if self.kron is not None:
+            return int(self.kron[1].shape[0] * self.kron[3].shape[0])
+        return int(self.factor_down.shape[0])
 
     @property
     def needs_base(self) -> bool:
@@ -288,8 +303,11 @@ def _read_module(st: SafetensorsFile, path: Path, canonical: str, keyset: dict[s
         if alpha_arr.size != 1:
             raise BadInput(path, f"alpha '{keyset['alpha']}' should be a scalar, has shape {alpha_arr.shape}")
         alpha = float(alpha_arr.reshape(()))
-    scale = 1.0 if built.scale_rank is None else scale_of(canonical, built.scale_rank, alpha)
-    down, up, form = algorithms.compact(built.down, built.up, built.form)
+    scale = scale_of(canonical, built.scale_rank, alpha)
+    if built.kron is not None:  # LoKr: the halves stay apart (their SVDs give ΔW's, see analysis.factors)
+        down, up, form = None, None, built.form
+    else:
+        down, up, form = algorithms.compact(built.down, built.up, built.form)
     magnitude, axis = _magnitude(st, path, keyset, shape)
     bias = None
     if "bias" in keyset:
@@ -298,12 +316,13 @@ def _read_module(st: SafetensorsFile, path: Path, canonical: str, keyset: dict[s
             raise BadInput(path, f"bias '{keyset['bias']}' has {bias.size} entries, the module has "
                                  f"{shape.out_features} outputs")
         bias = bias * (scale if algo.name == "lora" else 1.0)  # lora_B.bias is scaled like lora_B; diff_b is not
-    return LoraModule(canonical, down, up, scale, algo.name, form, magnitude, axis, bias)
+    return LoraModule(canonical, down, up, scale, algo.name, form, magnitude, axis, bias, built.kron)
 
 
 def _unfused(path: Path, module: LoraModule, pieces) -> list[LoraModule]:
     """The canonical modules of a fused one (Flux ``img_attn.qkv``: q, k, v): each keeps the shared
-    down factor and takes its rows of the up factor (and of a bias), so ΔW is exact per module."""
+    down factor and takes its rows of the up factor (and of a bias), so ΔW is exact per module. A LoKr
+    module's rows do not split along its Kronecker halves: its pieces are held as plain factors."""
     if not pieces:
         return [module]
     if module.magnitude is not None:
@@ -315,10 +334,12 @@ def _unfused(path: Path, module: LoraModule, pieces) -> list[LoraModule]:
         rows.setdefault(canonical, []).append((offset, start, stop - start))
         offset += stop - start
     out = []
+    down, up, form = module.down, module.up, module.form if module.kron is None else "factors"
     for canonical, spans in rows.items():
         order = np.concatenate([np.arange(src, src + n) for src, _, n in sorted(spans, key=lambda s: s[1])])
         bias = None if module.bias is None else module.bias[order]
-        out.append(replace(module, name=canonical, up=module.up[order], bias=bias))
+        d, u, f = algorithms.compact(down, up[order], form)
+        out.append(replace(module, name=canonical, factor_down=d, factor_up=u, form=f, kron=None, bias=bias))
     return out
 
 
@@ -386,11 +407,17 @@ def _scale_rule(st: SafetensorsFile, path: Path, layout: str, notes: list[str]):
     """A function (canonical name, rank, alpha key value or None) -> scale."""
     configs = _peft_configs(st, path, layout, notes)
 
-    def scale(canonical: str, rank: int, alpha: float | None) -> float:
-        if alpha is not None:  # an explicit alpha tensor always wins, as in kohya and diffusers
-            return alpha / rank if alpha != 0 else 1.0  # kohya and LyCORIS read alpha 0 as alpha = rank
+    def scale(canonical: str, rank: int | None, alpha: float | None) -> float:
+        """``rank`` None: the algorithm ignores alpha (LyCORIS LoKr with both halves whole)."""
         component, _, relative = canonical.partition(".")
         cfg = configs.get(component) or configs.get("*")
+        if cfg is not None and cfg.get("peft_type") in ("LOHA", "LOKR"):
+            # peft's LoHa/LoKr scale by alpha / the configured r, whatever the halves' shapes
+            rank = int(_pattern_value(cfg.get("rank_pattern") or {}, relative, cfg.get("r", rank or 1), path))
+        if rank is None:
+            return 1.0
+        if alpha is not None:  # an explicit alpha tensor always wins, as in kohya and diffusers
+            return alpha / rank if alpha != 0 else 1.0  # kohya and LyCORIS read alpha 0 as alpha = rank
         if cfg is None:
             return 1.0
         default = cfg.get("lora_alpha", cfg.get("alpha", rank))  # peft LoRA: lora_alpha; LoHa/LoKr: alpha
@@ -442,6 +469,10 @@ def _checked_config(cfg: dict, where: Path) -> dict:
     for name in ("alpha_pattern", "rank_pattern"):
         if cfg.get(name) is not None and not isinstance(cfg[name], dict):
             raise BadInput(where, f"{name} must be a JSON object")
+    ranks = [("r", cfg.get("r"))] + [(f"rank_pattern {k!r}", v) for k, v in (cfg.get("rank_pattern") or {}).items()]
+    for label, r in ranks:
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
+            raise BadInput(where, f"{label} must be a positive integer, got {r!r}")
     return cfg
 
 

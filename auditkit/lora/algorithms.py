@@ -10,7 +10,10 @@ kernels flattened (``down`` is k × in·kh·kw). The algebra that makes this exa
   each half's down factor as for LoCon.
 * **LoKr**: kron(W₁, W₂) = kron(B₁, B₂) · kron(A₁, A₂) for any factorisations Wᵢ = BᵢAᵢ (the
   mixed-product property). A factor stored whole is split by its own (small) SVD; a conv W₂ is
-  flattened to c × d·kh·kw, which is where its kernel columns land in the Kronecker product.
+  flattened to c × d·kh·kw, which is where its kernel columns land in the Kronecker product. The
+  halves are kept apart: the SVD of a Kronecker product is the Kronecker product of the halves'
+  SVDs (:func:`auditkit.analysis.factors.kronecker_svd`), so the static scan never forms the
+  rank-k₁k₂ factors.
 * **full** (``diff``): the dense ΔW itself, split by an SVD.
 
 A factor form whose rank reaches min(out, in) saves nothing over the dense matrix, so it is
@@ -33,10 +36,11 @@ class Incomplete(Exception):
 
 @dataclass(frozen=True)
 class Built:
-    down: np.ndarray  # k × in·kh·kw
-    up: np.ndarray  # out × k
+    down: np.ndarray | None  # k × in·kh·kw (None when held as ``kron``)
+    up: np.ndarray | None  # out × k
     form: str  # "factors", "khatri-rao", "kronecker" or "dense"
     scale_rank: int | None  # the rank an alpha divides by; None: alpha is ignored (scale 1)
+    kron: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # up₁, down₁, up₂, down₂
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -176,7 +180,6 @@ def _lokr_shape(s: Mapping[str, tuple]) -> tuple[int, int]:
 def _lokr_build(a: Mapping[str, np.ndarray]) -> Built:
     u1, d1 = _lokr_half(a, "1")
     u2, d2 = _lokr_half(a, "2")
-    down, up = kronecker(u1, d1, u2, d2)
     # lycoris: the rank alpha divides by is w1_a's, else w2_a's; with both halves whole, alpha is ignored
     if "lokr_w1_a" in a:
         rank = int(a["lokr_w1_a"].shape[1])
@@ -184,7 +187,7 @@ def _lokr_build(a: Mapping[str, np.ndarray]) -> Built:
         rank = int(a["lokr_w2_a"].shape[1] if "lokr_t2" not in a else a["lokr_w2_a"].shape[0])
     else:
         rank = None
-    return Built(down, up, "kronecker", rank)
+    return Built(None, None, "kronecker", rank, (u1, d1, u2, d2))
 
 
 def _full_shape(s: Mapping[str, tuple]) -> tuple[int, int]:

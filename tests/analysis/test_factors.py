@@ -96,3 +96,45 @@ def test_update_energy_matches_dense_norm():
     b, a = rng.normal(size=(33, 5)), rng.normal(size=(5, 17))
     assert update_energy(b, a, 0.3) == pytest.approx(np.sum((0.3 * b @ a) ** 2), rel=1e-12)
     assert update_energy(b, a, 0.3) == pytest.approx(low_rank_svd(b, a, 0.3).energy, rel=1e-10)
+
+
+def _kron_factors(rng, shape1, shape2, r2):
+    """(up1, down1, up2, down2): a whole first half (split by an identity) and a rank-r2 second half."""
+    w1 = rng.normal(size=shape1)
+    return w1, np.eye(shape1[1]), rng.normal(size=(shape2[0], r2)), rng.normal(size=(r2, shape2[1]))
+
+
+def test_kronecker_svd_is_the_svd_of_the_kronecker_product():
+    from auditkit.analysis.factors import kronecker_svd
+
+    rng = np.random.default_rng(7)
+    u1, d1, u2, d2 = _kron_factors(rng, (4, 5), (8, 6), 3)
+    dense = -0.7 * np.kron(u1 @ d1, u2 @ d2)
+    k = kronecker_svd(u1, d1, u2, d2, scale=-0.7)
+    np.testing.assert_allclose(k.u @ np.diag(k.s) @ k.v.T, dense, atol=1e-10)
+    np.testing.assert_allclose(k.s, np.linalg.svd(dense, compute_uv=False)[: k.s.size], rtol=1e-9)
+    assert k.s.size == 4 * 3 and k.energy == pytest.approx(np.sum(dense**2))
+    np.testing.assert_allclose(k.u.T @ k.u, np.eye(k.s.size), atol=1e-10)
+
+
+@pytest.mark.parametrize("same_split", [True, False])
+def test_pair_metrics_of_kronecker_updates_match_dense(same_split):
+    from auditkit.analysis.factors import kronecker_svd
+
+    rng = np.random.default_rng(8)
+    c = _kron_factors(rng, (4, 5), (8, 6), 3)
+    s = _kron_factors(rng, (4, 5), (8, 6), 2) if same_split else _kron_factors(rng, (2, 3), (16, 10), 2)
+    wc, ws = 0.5 * np.kron(c[0] @ c[1], c[2] @ c[3]), 2.0 * np.kron(s[0] @ s[1], s[2] @ s[3])
+    pm = pair_metrics(kronecker_svd(*c, scale=0.5), kronecker_svd(*s, scale=2.0))
+    assert pm.inner == pytest.approx(np.sum(wc * ws), rel=1e-9)
+    us, ss, vts = np.linalg.svd(ws, full_matrices=False)
+    k = int(np.sum(ss > ss[0] * 1e-9))
+    want = np.sum((us[:, :k].T @ wc @ vts[:k].T) ** 2) / np.sum(wc**2)
+    assert pm.energy_in_safety_subspace == pytest.approx(want, rel=1e-8)
+    uc = np.linalg.svd(wc, full_matrices=False)[0][:, : int(np.sum(np.linalg.svd(wc, compute_uv=False) > 1e-9))]
+    cos = np.linalg.svd(uc.T @ us[:, :k], compute_uv=False)
+    np.testing.assert_allclose(np.sort(np.cos(pm.column_angles))[::-1][: cos.size], cos, atol=1e-8)
+    # a LoRA safety update against a Kronecker candidate goes through the dense-free general path too
+    lora = low_rank_svd(rng.normal(size=(32, 2)), rng.normal(size=(2, 30)))
+    pm2 = pair_metrics(kronecker_svd(*c, scale=0.5), lora)
+    assert pm2.inner == pytest.approx(np.sum(wc * ((lora.u * lora.s) @ lora.v.T)), rel=1e-9)

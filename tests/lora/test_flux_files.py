@@ -363,3 +363,21 @@ def test_the_kohya_writer_fuses_as_sd_scripts_does(tmp_path, expected, flux):
         assert low_rank_error(factors(back.modules[name]), factors(module)) < 1e-6, name
     meta = json.dumps(back.summary())  # the summary serialises (reports)
     assert '"architecture": "flux"' in meta
+
+
+def test_a_lycoris_lokr_fused_module_splits_exactly(tmp_path):
+    """LoKr on kohya's fused qkv: ΔW = kron(w1, w2_a @ w2_b) (9216 x 3072); each of q, k, v gets its rows,
+    held as plain factors (the rows of a Kronecker product do not split along its halves)."""
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(size=(4, 4)).astype(np.float32)
+    w2_a, w2_b = rng.normal(size=(3 * D // 4, 2)).astype(np.float32), rng.normal(size=(2, D // 4)).astype(np.float32)
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file({f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2_a, f"{key}.lokr_w2_b": w2_b,
+               f"{key}.alpha": np.asarray(2.0, np.float32)}, str(tmp_path / "lokr.safetensors"))
+    adapter = read_adapter(tmp_path / "lokr.safetensors")
+    assert adapter.coverage.fraction == 1.0 and len(adapter.modules) == 3
+    up, down = np.kron(w1, w2_a), np.kron(np.eye(4), w2_b)  # kron(w1, w2_a w2_b) = kron(w1, w2_a) kron(I, w2_b)
+    for k, proj in enumerate(("to_q", "to_k", "to_v")):
+        m = adapter.modules[T + f"transformer_blocks.0.attn.{proj}"]
+        assert m.algorithm == "lokr" and m.form != "kronecker"
+        assert low_rank_error(factors(m), (down, up[k * D:(k + 1) * D], 1.0)) < 1e-6, proj

@@ -262,3 +262,14 @@ def test_a_git_lfs_pointer_is_named_for_what_it_is(tmp_path):
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 151108831\n")
     with pytest.raises(BadInput, match="Git LFS pointer.*git lfs pull"):
         read_adapter(path)
+
+
+@pytest.mark.parametrize("config", [{"peft_type": "LOKR", "r": "4", "alpha": 2},
+                                    {"peft_type": "LOHA", "r": 4, "rank_pattern": {"to_q": 0}}])
+def test_a_peft_config_with_a_bad_rank_is_named(tmp_path, config):
+    name = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{name}.hada_w{i}_{ab}": np.ones((320, 4) if ab == "a" else (4, 320), np.float32)
+               for i in (1, 2) for ab in "ab"}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="adapter_config.json.*must be a positive integer"):
+        read_adapter(tmp_path / "adapter_model.safetensors")
