@@ -338,7 +338,11 @@ def _unfused(path: Path, module: LoraModule, pieces) -> list[LoraModule]:
     for canonical, spans in rows.items():
         order = np.concatenate([np.arange(src, src + n) for src, _, n in sorted(spans, key=lambda s: s[1])])
         bias = None if module.bias is None else module.bias[order]
-        d, u, f = algorithms.compact(down, up[order], form)
+        u, d = up[order], down
+        keep = np.flatnonzero(np.any(u != 0, axis=0))
+        if 0 < keep.size < u.shape[1]:  # kohya's split_qkv files: each module's own block of columns
+            u, d = u[:, keep], d[keep]
+        d, u, f = algorithms.compact(d, u, form)
         out.append(replace(module, name=canonical, factor_down=d, factor_up=u, form=f, kron=None, bias=bias))
     return out
 

@@ -361,6 +361,9 @@ def test_the_kohya_writer_fuses_as_sd_scripts_does(tmp_path, expected, flux):
     assert back.coverage.fraction == 1.0 and set(back.modules) == set(expected)
     for name, module in expected.items():
         assert low_rank_error(factors(back.modules[name]), factors(module)) < 1e-6, name
+    # the fused file holds q, k, v in separate columns (rank 6, as sd-scripts' split_qkv writes it); each
+    # module reads back at its own rank 2, the other modules' zero columns dropped
+    assert {back.modules[n].rank for n in expected} == {2}
     meta = json.dumps(back.summary())  # the summary serialises (reports)
     assert '"architecture": "flux"' in meta
 
