@@ -93,7 +93,7 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     coverage = {}
     for role, adapter in adapters.items():
         try:
-            pipe.load_lora_weights(diffusers_source(adapter), adapter_name=role)
+            pipe.load_lora_weights(diffusers_source(adapter, family.native_layouts), adapter_name=role)
         except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
             raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
                                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:240]}); the "
@@ -104,7 +104,10 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
         fraction = got / len(expected) if expected else 0.0
         if fraction < min_coverage:
             foreign = sorted({n.split(".", 1)[0] for n in expected} - set(family.lora_components))
-            why = f" ({', '.join(foreign)}: not in a {family.name} pipeline)" if foreign else ""
+            untouched = sorted({n.split(".", 1)[0] for n in expected} - {n.split(".", 1)[0] for n in layers}
+                               - set(foreign))
+            why = f" ({', '.join(foreign)}: not in a {family.name} pipeline)" if foreign else \
+                f" (diffusers loads none of {', '.join(untouched)}'s modules)" if untouched else ""
             raise Unscannable(adapter.path, f"diffusers applied only {got} of {len(expected)} modules "
                                             f"({fraction:.0%}){why}; the dynamic scan would not test this adapter")
         corrected = _correct_scales(adapter, role, {n: layers[n] for n in expected & layers.keys()})
@@ -214,9 +217,11 @@ def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Se
 def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict) -> tuple[np.ndarray, list[dict]]:
     import torch
 
+    from auditkit.models.rendering import render_options
+
     gens = [torch.Generator().manual_seed(j.seed) for j in batch]
     out = pipe([j.prompt for j in batch], num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance,
-               generator=gens, output_type="np")
+               generator=gens, output_type="np", **render_options(pipe))
     images = np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8)
     scores = {name: det.score(images) for name, det in detectors.items()}
     records = []
@@ -269,8 +274,13 @@ class Fused:
         for layer in _lora_layers(self.pipe, names).values():
             if layer not in self.saved:
                 self.saved[layer] = layer.get_base_layer().weight.detach().clone()
-        self.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        self.pipe.fuse_lora(components=self.components(), adapter_names=names, lora_scale=1.0)
         self.merged = True
+
+    def components(self) -> list[str]:
+        """Every component diffusers loads LoRAs into: fuse_lora's default is the denoiser alone for Flux
+        (text-encoder LoRAs would render unmerged), the denoiser and text encoders for SD and SDXL."""
+        return [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
 
     def restore(self) -> None:
         """Unmerge and put the saved base weights back (exactly)."""
@@ -280,7 +290,7 @@ class Fused:
 
         with warnings.catch_warnings():  # peft warns for every layer the configuration did not touch
             warnings.filterwarnings("ignore", message="Already unmerged")
-            self.pipe.unfuse_lora()
+            self.pipe.unfuse_lora(components=self.components())
         with torch.no_grad():
             for layer, weight in self.saved.items():
                 layer.get_base_layer().weight.copy_(weight)

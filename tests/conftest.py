@@ -27,6 +27,21 @@ def random_modules(arch, names, rank=4, scale=0.5, seed=0, std=0.05) -> dict[str
     return mods
 
 
+def low_rank_error(a: tuple, b: tuple) -> float:
+    """‖sa·Ba·Aa − sb·Bb·Ab‖_F / ‖sb·Bb·Ab‖_F for (down, up, scale) triples, from r×r Gram matrices: real-size
+    transformer modules (18432×3072) are compared without forming the dense matrices."""
+    (da, ua, sa), (db, ub, sb) = a, b
+    da, ua, db, ub = (np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in (da, ua, db, ub))
+    up = np.concatenate([sa * ua, -sb * ub], axis=1)
+    down = np.concatenate([da, db])
+    ref = sb * sb * np.sum((ub.T @ ub) * (db @ db.T))
+    return float(np.sqrt(max(np.sum((up.T @ up) * (down @ down.T)), 0.0) / ref))
+
+
+def factors(m: LoraModule) -> tuple:
+    return m.down, m.up, m.scale
+
+
 def select(arch, *needles, component="unet.") -> list[str]:
     return [n for n in arch.modules if n.startswith(component) and any(k in n for k in needles)]
 

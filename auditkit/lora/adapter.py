@@ -222,6 +222,8 @@ def read_adapter(
     if arch is not None:
         choices = [architectures.get(arch) if isinstance(arch, str) else arch]
     shapes, incomplete = _module_shapes(st, path, parts)
+    if not shapes and not incomplete:
+        raise Unscannable(path, "no LoRA keys recognised" + _what_it_is(st))
     if not shapes:
         module, reason = next(iter(incomplete.items()))
         raise Unscannable(path, f"no complete adapter module: '{module}' {reason}")
@@ -236,8 +238,11 @@ def read_adapter(
         if canonical is None:  # an unknown name, or an incomplete module
             coverage.unmapped.extend(keyset.values())
             continue
-        modules[canonical] = _read_module(st, path, canonical, keyset, shapes[module][0], scale_of,
-                                          chosen.modules[canonical])
+        read = _read_module(st, path, canonical, keyset, shapes[module][0], scale_of, chosen.shape(canonical))
+        for piece in _unfused(path, read, chosen.fused.get(canonical)):
+            if piece.name in modules:
+                raise BadInput(path, f"two modules of the file update {piece.name} (one of them '{module}')")
+            modules[piece.name] = piece
         coverage.mapped.extend(keyset.values())
 
     if not modules:
@@ -317,6 +322,34 @@ def _read_module(st: SafetensorsFile, path: Path, canonical: str, keyset: dict[s
     return LoraModule(canonical, down, up, scale, algo.name, form, magnitude, axis, bias, built.kron)
 
 
+def _unfused(path: Path, module: LoraModule, pieces) -> list[LoraModule]:
+    """The canonical modules of a fused one (Flux ``img_attn.qkv``: q, k, v): each keeps the shared
+    down factor and takes its rows of the up factor (and of a bias), so ΔW is exact per module. A LoKr
+    module's rows do not split along its Kronecker halves: its pieces are held as plain factors."""
+    if not pieces:
+        return [module]
+    if module.magnitude is not None:
+        raise Unscannable(path, f"DoRA on the fused module {module.name} is not supported: its norms mix the "
+                                "modules it fuses")
+    rows: dict[str, list[tuple[int, int, int]]] = {}  # canonical -> (source row, target row, count)
+    offset = 0
+    for canonical, start, stop in pieces:
+        rows.setdefault(canonical, []).append((offset, start, stop - start))
+        offset += stop - start
+    out = []
+    down, up, form = module.down, module.up, module.form if module.kron is None else "factors"
+    for canonical, spans in rows.items():
+        order = np.concatenate([np.arange(src, src + n) for src, _, n in sorted(spans, key=lambda s: s[1])])
+        bias = None if module.bias is None else module.bias[order]
+        u, d = up[order], down
+        keep = np.flatnonzero(np.any(u != 0, axis=0))
+        if 0 < keep.size < u.shape[1]:  # kohya's split_qkv files: each module's own block of columns
+            u, d = u[:, keep], d[keep]
+        d, u, f = algorithms.compact(d, u, form)
+        out.append(replace(module, name=canonical, factor_down=d, factor_up=u, form=f, kron=None, bias=bias))
+    return out
+
+
 def _magnitude(st: SafetensorsFile, path: Path, keyset: dict[str, str], shape: ModuleShape):
     """DoRA magnitude and its axis: (out,) or (out, 1, …) per output row; (1, in, …) per input channel."""
     if "magnitude" not in keyset:
@@ -345,10 +378,10 @@ def _choose_architecture(
         misfits: list[str] = []
         for module, options in formats.LAYOUTS[layout].resolve(list(shapes), arch).items():
             algo, (out_dim, in_dim) = shapes[module]
-            fit = next((o for o in options if (out_dim, in_dim) == (arch.modules[o].out_features,
-                                                                    arch.modules[o].flat_in)), None)
+            fit = next((o for o in options if (out_dim, in_dim) == (arch.shape(o).out_features,
+                                                                    arch.shape(o).flat_in)), None)
             if fit is None:
-                s = arch.modules[options[0]]
+                s = arch.shape(options[0])
                 misfits.append(
                     f"'{module}' ({algo.label}) updates a {out_dim}x{in_dim} weight, but {arch.name} "
                     f"{options[0]} is {s.kind} {s.out_features}x{s.in_features}"
@@ -427,7 +460,7 @@ def _peft_configs(st: SafetensorsFile, path: Path, layout: str, notes: list[str]
             raise BadInput(path, "metadata 'lora_adapter_metadata' is not a JSON object")
         for key, value in meta.items():
             component, dot, field_name = key.partition(".")
-            if dot and component in ("unet", "text_encoder", "text_encoder_2"):
+            if dot and (component in ("unet", "transformer") or component.startswith("text_encoder")):
                 configs.setdefault(component, {})[field_name] = value
             else:
                 configs.setdefault("*", {})[key] = value

@@ -5,10 +5,19 @@ Layouts people publish (see ../shared/FIELD.md):
 * ``kohya``     ``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
                 ``lora_te_`` (SDXL ``lora_te1_``/``lora_te2_``); LyCORIS files use the same names with
                 their own suffixes (``hada_w1_a``, ``lokr_w1``, ``diff``, ``lora_mid.weight``,
-                ``dora_scale``), and LyCORIS' own wrapper writes ``lycoris_<path>``.
+                ``dora_scale``), and LyCORIS' own wrapper writes ``lycoris_<path>``. Flux/SD3 files name
+                the transformer's original modules (``lora_unet_double_blocks_0_img_attn_qkv``, fused
+                q/k/v; early sd-scripts ``lora_flux_…``) or its diffusers paths (``lora_transformer_…``),
+                and the T5 encoder ``lora_te3_``.
 * ``diffusers`` ``unet.<dotted.path>.lora.down.weight`` / ``.lora.up.weight`` (older),
                 ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (peft-backed), legacy
-                attention-processor names (``attn1.processor.to_q_lora.down.weight``), ``text_encoder.…``.
+                attention-processor names (``attn1.processor.to_q_lora.down.weight``), ``text_encoder.…``,
+                ``transformer.…`` (Flux/SD3: diffusers, ai-toolkit).
+* ``original``  a transformer's original module names (BFL Flux, SAI MMDiT), optionally under
+                ``diffusion_model.`` (ComfyUI): ``double_blocks.0.img_attn.qkv.lora_A.weight`` or
+                ``.lora_down.weight`` / ``.alpha``, SD3's ``joint_blocks.0.x_block.attn.qkv…``; fused
+                modules as for kohya.
+* ``xlabs``     XLabs' Flux processor LoRAs: ``double_blocks.0.processor.qkv_lora1.down.weight`` (no alphas).
 * ``diffusers-unet`` the same legacy names with no component prefix (``down_blocks.0.…``): what
                 diffusers' training scripts wrote as ``pytorch_lora_weights.safetensors`` before mid-2023.
 * ``peft``      ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` + ``adapter_config.json``
@@ -27,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 KOHYA, DIFFUSERS, DIFFUSERS_UNET, PEFT = "kohya", "diffusers", "diffusers-unet", "peft"
+ORIGINAL, XLABS = "original", "xlabs"
 
 # Adapter algorithms auditkit recognises but cannot read: named so users are told what they hold.
 _UNSUPPORTED = (
@@ -57,12 +67,18 @@ SUFFIX_PARTS = {
     "dora_scale": "magnitude", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
 }
 _SUFFIXES = "|".join(re.escape(k) for k in sorted(SUFFIX_PARTS, key=len, reverse=True))
-_KOHYA_PART = re.compile(rf"^((?:lora_(?:unet|te\d?)|lycoris)_[A-Za-z0-9_]+)\.({_SUFFIXES})$")
+_KOHYA_PART = re.compile(rf"^((?:lora_(?:unet|te\d?|transformer|flux)|lycoris)_[A-Za-z0-9_]+)\.({_SUFFIXES})$")
 _DOTTED_PART = re.compile(rf"^(.+?)\.({_SUFFIXES})$")
 # diffusers' legacy attention-processor LoRA names: attn1.processor.to_q_lora -> attn1.to_q
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 # diffusers' training scripts before mid-2023 wrote UNet keys with no component prefix
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
+# Original transformer module names (BFL Flux, SAI MMDiT); ComfyUI puts them under diffusion_model.
+_ORIGINAL_ROOTS = ("diffusion_model.", "double_blocks.", "single_blocks.", "joint_blocks.", "final_layer.",
+                   "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "x_embedder.", "t_embedder.",
+                   "y_embedder.")
+_XLABS_PART = re.compile(r"^(?:diffusion_model\.)?((?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)"
+                         r"\.(down|up)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,29 @@ def _split_peft(key: str) -> KeyPart | None:
     return KeyPart(key, kp.module[len("base_model.model."):], kp.part)
 
 
+def _split_original(key: str) -> KeyPart | None:
+    kp = _split_dotted(key.removeprefix("diffusion_model."))
+    return KeyPart(key, kp.module, kp.part) if kp else None
+
+
+def _split_xlabs(key: str) -> KeyPart | None:
+    m = _XLABS_PART.match(key)
+    return KeyPart(key, m.group(1), m.group(2)) if m else None
+
+
+def is_xlabs_name(original: str) -> bool:
+    """True for an original-name table entry that is an XLabs processor LoRA, not a BFL/SAI module."""
+    return _XLABS_PART.match(original + ".down.weight") is not None
+
+
+def is_bfl_name(original: str) -> bool:
+    return not is_xlabs_name(original)
+
+
+def _resolve_original(modules: list[str], arch) -> dict[str, list[str]]:
+    return {m: [arch.originals[m]] for m in modules if m in arch.originals}
+
+
 def _resolve_kohya(modules: list[str], arch) -> dict[str, list[str]]:
     return {m: [arch.kohya_names[m]] for m in modules if m in arch.kohya_names}
 
@@ -152,6 +191,10 @@ class Layout:
     one_alpha: bool = False  # written with one alpha for every module (see write.uniform_alpha)
     config_file: bool = False  # scales come from an adapter_config.json beside the file (peft)
     holds: str = ""  # regex of the canonical modules the layout can name ("" = every module)
+    vote_pattern: str = ""  # regex a key must also match to vote for the layout ("" = the prefix is enough)
+
+    def votes(self, key: str) -> bool:
+        return key.startswith(self.prefixes) and (not self.vote_pattern or bool(re.search(self.vote_pattern, key)))
 
     def can_hold(self, canonical: str) -> bool:
         return not self.holds or re.search(self.holds, canonical) is not None
@@ -164,14 +207,22 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
-    Layout(KOHYA, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_"), _split_kohya, _resolve_kohya,
-           "auditkit.lora.write:kohya_state_dict", one_alpha=True),
-    Layout(DIFFUSERS, ("unet.", "text_encoder.", "text_encoder_2."), _split_diffusers, _resolve_diffusers,
-           "auditkit.lora.write:diffusers_state_dict"),
+    Layout(KOHYA, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lora_flux_",
+                   "lycoris_"), _split_kohya, _resolve_kohya, "auditkit.lora.write:kohya_state_dict", one_alpha=True),
+    Layout(DIFFUSERS, ("unet.", "text_encoder.", "text_encoder_2.", "transformer."), _split_diffusers,
+           _resolve_diffusers, "auditkit.lora.write:diffusers_state_dict"),
     Layout(DIFFUSERS_UNET, _UNET_ROOTS, _split_unprefixed, _resolve_diffusers,
            "auditkit.lora.write:legacy_unet_state_dict", holds=r"^unet\..*\.attn\d\.(to_q|to_k|to_v|to_out\.0)$"),
     Layout(PEFT, ("base_model.model.",), _split_peft, _resolve_peft, "auditkit.lora.write:peft_state_dict",
            config_file=True),
+    # XLabs before original: both start with double_blocks., only XLabs keys have processor LoRAs
+    Layout(XLABS, _ORIGINAL_ROOTS, _split_xlabs, _resolve_original, "auditkit.lora.write:xlabs_state_dict",
+           vote_pattern=_XLABS_PART.pattern,
+           holds=r"^transformer\.(transformer_blocks\.\d+\.attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|"
+                 r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_out))$"),
+    Layout(ORIGINAL, _ORIGINAL_ROOTS, _split_original, _resolve_original, "auditkit.lora.write:original_state_dict",
+           vote_pattern=rf"\.({_SUFFIXES})$",  # a full BFL/SAI checkpoint (…qkv.weight) is no adapter
+           holds=r"^transformer\."),
 )}
 
 
@@ -180,7 +231,7 @@ def detect_layout(keys: list[str]) -> str | None:
     votes = dict.fromkeys(LAYOUTS, 0)
     for key in keys:
         for layout in LAYOUTS.values():
-            if key.startswith(layout.prefixes):
+            if layout.votes(key):
                 votes[layout.name] += 1
                 break
     best = max(votes, key=votes.get)

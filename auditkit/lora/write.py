@@ -72,12 +72,14 @@ def _bias_tensor(m: LoraModule, dtype) -> np.ndarray:
     return (m.bias / m.scale).astype(dtype)
 
 
-def diffusers_source(adapter):
+def diffusers_source(adapter, native_layouts: tuple[str, ...] = (formats.KOHYA, formats.DIFFUSERS, formats.PEFT)):
     """What to hand diffusers' ``load_lora_weights`` for ``adapter``: the file itself when diffusers
-    reads it as the plain LoRA it is, else auditkit's exact conversion (LoHa, LoKr, full diff, DoRA
-    resolved with the base weights, bias updates) as a diffusers state dict of the same updates."""
+    reads it as the plain LoRA it is (a layout of ``native_layouts``: the pipeline family's, see
+    :class:`auditkit.models.families.Family`), else auditkit's exact conversion (LoHa, LoKr, full diff,
+    DoRA resolved with the base weights, bias updates, fused Flux modules split) as a diffusers state
+    dict of the same updates."""
     # diffusers (0.42) applies none of a prefix-less legacy file's modules (tests/lora/test_legacy_diffusers_files.py)
-    native = adapter.layout in (formats.KOHYA, formats.DIFFUSERS, formats.PEFT) and all(
+    native = adapter.layout in native_layouts and all(
         m.algorithm == "lora" and m.form == "factors" and m.magnitude is None and m.bias is None
         for m in adapter.modules.values())
     if native:
@@ -89,13 +91,97 @@ def diffusers_source(adapter):
 
 
 def kohya_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    """kohya names; a transformer's modules under its original names (``lora_unet_double_blocks_0_img_attn_qkv``,
+    fused as sd-scripts writes Flux and SD3: see :func:`fuse_original`)."""
     _writable(modules, bias=False)
     tensors = {}
+    component = _denoiser_component(arch)
+    denoiser = {n: m for n, m in modules.items() if component and n.split(".", 1)[0] == component}
+    for original, (down, up, scale) in fuse_original(denoiser, arch, formats.is_bfl_name).items():
+        name = "lora_unet_" + original.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down.astype(dtype), up.astype(dtype)
+        tensors[f"{name}.alpha"] = np.asarray(scale * down.shape[0], dtype=np.float32)
     for m in modules.values():
+        if m.name in denoiser:
+            continue
         name = kohya_name(arch, m.name)
         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = _factor_tensors(m, arch, dtype)
         tensors[f"{name}.alpha"] = np.asarray(m.scale * m.rank, dtype=np.float32)
     return tensors, {}
+
+
+def original_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    """A transformer's original (BFL/SAI) module names with peft-style factors and alphas:
+    ``double_blocks.0.img_attn.qkv.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``."""
+    _writable(modules, bias=False)
+    tensors = {}
+    for original, (down, up, scale) in fuse_original(modules, arch, formats.is_bfl_name).items():
+        tensors[f"{original}.lora_A.weight"] = down.astype(dtype)
+        tensors[f"{original}.lora_B.weight"] = up.astype(dtype)
+        tensors[f"{original}.alpha"] = np.asarray(scale * down.shape[0], dtype=np.float32)
+    return tensors, {}
+
+
+def xlabs_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    """XLabs' processor names (``double_blocks.0.processor.qkv_lora1.down.weight``): no alphas, so each
+    scale is folded into the up factor, as XLabs' files hold it (diffusers reads them at scale 1)."""
+    _writable(modules, bias=False)
+    tensors = {}
+    for original, (down, up, scale) in fuse_original(modules, arch, formats.is_xlabs_name).items():
+        tensors[f"{original}.down.weight"] = down.astype(dtype)
+        tensors[f"{original}.up.weight"] = (up.astype(np.float64) * scale).astype(dtype)
+    return tensors, {"format": "pt"}
+
+
+def _denoiser_component(arch: Architecture) -> str | None:
+    first = next(iter(arch.original_names.values()), None)
+    return first[0][0].split(".", 1)[0] if first else None
+
+
+def fuse_original(modules: dict[str, LoraModule], arch: Architecture, use) -> dict[str, tuple]:
+    """The modules as updates of the architecture's original modules whose names pass ``use``:
+    original name -> (down, up, scale), exact.
+
+    A module that is the whole of one original module keeps its factors and scale. A fused original
+    module (Flux ``img_attn.qkv`` = q, k, v) stacks its modules' down factors and puts each one's up
+    factor (scale folded in) in its rows and its columns, zeros elsewhere: ΔW = up @ down is then their
+    updates' rows stacked, as kohya's ``split_qkv`` files hold it. Raises ValueError for a module no
+    original name holds, or a fused module the adapter updates only in part (write the diffusers layout).
+    """
+    out: dict[str, tuple] = {}
+    claimed: set[str] = set()
+    for original, pieces in arch.original_names.items():
+        targets = list(dict.fromkeys(c for c, _, _ in pieces))
+        if not use(original) or not any(t in modules for t in targets) or claimed.intersection(targets):
+            continue
+        missing = [t for t in targets if t not in modules]
+        if missing:
+            raise ValueError(f"{original} fuses {', '.join(targets)}; the adapter updates only some of them "
+                             "(write the diffusers layout)")
+        claimed.update(targets)
+        whole = len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][2] == arch.modules[targets[0]].out_features
+        if whole:
+            m = modules[targets[0]]
+            out[original] = (np.asarray(m.down), np.asarray(m.up), m.scale)
+            continue
+        cols = {}
+        for t in targets:
+            cols[t] = (sum(modules[c].rank for c in cols), modules[t].rank)
+        total = sum(modules[t].rank for t in targets)
+        blocks = []
+        for canonical, start, stop in pieces:
+            m = modules[canonical]
+            block = np.zeros((stop - start, total))
+            first, rank = cols[canonical]
+            block[:, first:first + rank] = m.up[start:stop].astype(np.float64) * m.scale
+            blocks.append(block)
+        down = np.concatenate([modules[t].down.astype(np.float64) for t in targets])
+        out[original] = (down, np.concatenate(blocks), 1.0)
+    leftover = sorted(set(modules) - claimed)
+    if leftover:
+        raise ValueError(f"no original module name holds {leftover[0]}" + (f" (and {len(leftover) - 1} more)"
+                                                                           if len(leftover) > 1 else ""))
+    return out
 
 
 def diffusers_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:

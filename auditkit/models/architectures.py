@@ -2,7 +2,14 @@
 
 Canonical module names are diffusers/transformers module paths prefixed by the pipeline
 component: ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``,
-``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2.…``.
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2.…``,
+``transformer.transformer_blocks.0.attn.to_q`` (Flux, SD3).
+
+Transformer denoisers also have their original implementation's module names (BFL's Flux, SAI's
+MMDiT), which kohya, ComfyUI and XLabs files use. Some of those are *fused*: Flux's
+``double_blocks.0.img_attn.qkv`` computes diffusers' ``to_q``, ``to_k`` and ``to_v`` in one matrix
+whose rows are theirs stacked. An adapter module of a fused name is one shared down factor and an up
+factor whose row slices belong to the separate modules (:attr:`Architecture.fused`).
 
 The tables are built from the models' configs on the meta device by :mod:`auditkit.models.build`
 and shipped as JSON, so a static scan starts in milliseconds instead of importing diffusers.
@@ -18,7 +25,11 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-BUILTIN = ("sd15", "sd2", "sdxl", "lab")
+BUILTIN = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "lab")
+
+# kohya (sd-scripts) and ComfyUI name a transformer's original modules lora_unet_<name>; early
+# sd-scripts Flux files lora_flux_<name>
+ORIGINAL_KOHYA_PREFIXES = ("lora_unet_", "lora_flux_")
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,28 @@ class Architecture:
     modules: dict[str, ModuleShape]
     unet_layout: dict = field(default_factory=dict)
     kohya_prefixes: dict[str, str] = field(default_factory=dict)
+    # original module name -> ((canonical module, first row, end row), …) in the original's row order
+    original_names: dict[str, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
+
+    @property
+    def originals(self) -> dict[str, str]:
+        """Original module names (``double_blocks.0.img_attn.proj``) -> the canonical module, or the
+        fused name (a key of :attr:`fused`) when the original module updates several or part of one."""
+        return _originals(self)[0]
+
+    @property
+    def fused(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        """Fused module names (``transformer.double_blocks.0.img_attn.qkv``) -> their pieces."""
+        return _originals(self)[1]
+
+    def shape(self, name: str) -> ModuleShape:
+        """The weight shape of a canonical module, or of a fused one (its pieces' rows stacked)."""
+        if name in self.modules:
+            return self.modules[name]
+        pieces = self.fused[name]
+        first = self.modules[pieces[0][0]]
+        return ModuleShape(first.kind, sum(stop - start for _, start, stop in pieces), first.in_features,
+                           first.kernel)
 
     @property
     def kohya_names(self) -> dict[str, str]:
@@ -60,7 +93,8 @@ def canonical_name(component: str, path: str) -> str:
     transformers 5 dropped the ``text_model`` level in ``CLIPTextModel`` (not in
     ``CLIPTextModelWithProjection``). Canonical names keep the published spelling.
     """
-    if component.startswith("text_encoder") and path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+    # (CLIP's encoder.layers.N, not T5's encoder.block.N)
+    if component.startswith("text_encoder") and path.startswith(("encoder.layers.", "embeddings.", "final_layer_norm")):
         path = "text_model." + path
     return f"{component}.{path}"
 
@@ -82,8 +116,25 @@ def _aliases(arch: Architecture) -> dict[str, str]:
 
 
 @cache
+def _originals(arch: Architecture) -> tuple[dict[str, str], dict[str, tuple]]:
+    names: dict[str, str] = {}
+    fused: dict[str, tuple] = {}
+    for original, pieces in arch.original_names.items():
+        (canonical, start, stop), *more = pieces
+        if not more and start == 0 and stop == arch.modules[canonical].out_features:
+            names[original] = canonical
+        else:
+            name = f"{canonical.split('.', 1)[0]}.{original}"
+            names[original], fused[name] = name, pieces
+    return names, fused
+
+
+@cache
 def _kohya_names(arch: Architecture) -> dict[str, str]:
     names: dict[str, str] = {}
+    for original, target in arch.originals.items():
+        for prefix in ORIGINAL_KOHYA_PREFIXES:
+            names[prefix + original.replace(".", "_")] = target
     for canonical in arch.modules:
         component, _, path = canonical.partition(".")
         if component == "unet":
@@ -108,12 +159,13 @@ def from_table(name: str, table: dict) -> Architecture:
         modules=modules,
         unet_layout=table.get("unet", {}),
         kohya_prefixes=table.get("kohya_prefixes", {}),
+        original_names={k: tuple((c, a, b) for c, a, b in v) for k, v in table.get("original_names", {}).items()},
     )
 
 
 @cache
 def get(name: str) -> Architecture:
-    """A built-in architecture by name (``sd15``, ``sd2``, ``sdxl``, ``lab``)."""
+    """A built-in architecture by name (see :data:`BUILTIN`)."""
     if name not in BUILTIN:
         raise KeyError(f"unknown architecture {name!r}; known: {', '.join(BUILTIN)}")
     text = resources.files("auditkit.models").joinpath("tables", f"{name}.json").read_text()
@@ -131,15 +183,20 @@ _BLOCK_PATTERNS = (
     (re.compile(r"^unet\.mid_block\."), "mid"),
     (re.compile(r"^unet\.up_blocks\."), "up"),
     (re.compile(r"^unet\."), "unet_other"),
+    (re.compile(r"^transformer\.transformer_blocks\."), "joint"),  # MMDiT blocks (Flux double, SD3 joint)
+    (re.compile(r"^transformer\.single_transformer_blocks\."), "single"),  # Flux single-stream blocks
+    (re.compile(r"^transformer\."), "transformer_other"),
     (re.compile(r"^text_encoder(_\d+)?\."), "text_encoder"),
 )
 _KIND_PATTERNS = (
-    (re.compile(r"\.attn1\.|\.self_attn\."), "self_attention"),
+    (re.compile(r"\.attn1\.|\.self_attn\.|\.SelfAttention\."), "self_attention"),
     (re.compile(r"\.attn2\."), "cross_attention"),
-    (re.compile(r"\.ff\.net\.|\.mlp\."), "feed_forward"),
+    # MMDiT attention runs over text and image tokens together: image queries read the prompt here
+    (re.compile(r"^transformer\..*\.attn\."), "joint_attention"),
+    (re.compile(r"\.ff\.net\.|\.ff_context\.net\.|\.mlp\.|\.proj_mlp$|\.DenseReluDense\."), "feed_forward"),
 )
-BLOCKS = ("down", "mid", "up", "unet_other", "text_encoder")
-KINDS = ("self_attention", "cross_attention", "feed_forward", "other")
+BLOCKS = ("down", "mid", "up", "unet_other", "joint", "single", "transformer_other", "text_encoder")
+KINDS = ("self_attention", "cross_attention", "joint_attention", "feed_forward", "other")
 
 
 def block_of(name: str) -> str:
@@ -212,6 +269,12 @@ def metadata_hint(metadata: dict[str, str]) -> str | None:
     claims = " ".join(
         metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture", "ss_v2", "ss_sd_model_name")
     ).lower()
+    if "flux" in claims:
+        return "flux"
+    if re.search(r"sd_?3|stable-diffusion-(v)?3", claims):
+        if re.search(r"3[._-]?5", claims):
+            return "sd35-large" if "large" in claims else "sd35-medium"
+        return "sd3"
     if "xl" in claims:
         return "sdxl"
     if re.search(r"\bv2|sd_?2|stable-diffusion-v2|ss_v2|\b2\.[01]\b", claims) or metadata.get("ss_v2") == "True":

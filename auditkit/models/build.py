@@ -1,8 +1,10 @@
 """Build architecture tables from configs with the real model classes on the ``meta`` device.
 
-No weights are needed: ``UNet2DConditionModel`` and ``CLIPTextModel`` are instantiated on the
-meta device, where parameters have shapes but no storage, and every ``nn.Linear``/``nn.Conv2d``
-is recorded as ``canonical name -> [kind, out, in, kernel_h, kernel_w]``.
+No weights are needed: the denoiser (``UNet2DConditionModel``, ``FluxTransformer2DModel``, …) and
+the text encoders (``CLIPTextModel``, ``T5EncoderModel``, …) are instantiated on the meta device,
+where parameters have shapes but no storage, and every ``nn.Linear``/``nn.Conv2d`` is recorded as
+``canonical name -> [kind, out, in, kernel_h, kernel_w]``. A transformer denoiser also gets its
+original module names (``configs/original_names.json``) expanded for its blocks and row sizes.
 
 This module needs torch, diffusers and transformers (the ``models`` extra). The static scan does
 not: it reads the JSON tables this module writes (``auditkit/models/tables``), and a test checks
@@ -13,13 +15,26 @@ Regenerate with ``python -m auditkit.models.build``.
 from __future__ import annotations
 
 import json
+import re
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from auditkit.models.architectures import canonical_name
 
-CONFIG_NAMES = ("sd15", "sd2", "sdxl")
+CONFIG_NAMES = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
+
+# Model classes an architecture may be built from (on the meta device, no weights), by the library
+# that defines them: a class name from a config or a model_index.json is only ever looked up here.
+META_CLASSES = {
+    "UNet2DConditionModel": "diffusers",
+    "FluxTransformer2DModel": "diffusers",
+    "SD3Transformer2DModel": "diffusers",
+    "CLIPTextModel": "transformers",
+    "CLIPTextModelWithProjection": "transformers",
+    "T5EncoderModel": "transformers",
+}
 
 
 def load_config(name: str) -> dict[str, Any]:
@@ -43,52 +58,158 @@ def module_shapes(model: Any, prefix: str) -> dict[str, list]:
     return table
 
 
+def meta_class(class_name: str):
+    """The model class named ``class_name`` from :data:`META_CLASSES` (KeyError for any other name)."""
+    import importlib
+
+    return getattr(importlib.import_module(META_CLASSES[class_name]), class_name)
+
+
 def build_table(config: dict[str, Any]) -> dict[str, Any]:
     """The architecture table for one config (see :func:`load_config`)."""
     import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
     text_encoders = {}
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config["unet"])
-        for component, te in config.get("text_encoders", {}).items():
-            te_cfg = {k: v for k, v in te.items() if k not in ("kohya_prefix", "with_projection")}
-            cls = CLIPTextModelWithProjection if te.get("with_projection") else CLIPTextModel
-            text_encoders[component] = cls(CLIPTextConfig(**te_cfg))
+        if "unet" in config:
+            component, denoiser = "unet", meta_class("UNet2DConditionModel")(**config["unet"])
+        else:
+            spec = config["denoiser"]
+            component, denoiser = spec["component"], meta_class(spec["class"])(**spec["config"])
+        for name, te in config.get("text_encoders", {}).items():
+            te_cfg = {k: v for k, v in te.items() if k not in ("kohya_prefix", "with_projection", "class")}
+            class_name = te.get("class") or ("CLIPTextModelWithProjection" if te.get("with_projection")
+                                             else "CLIPTextModel")
+            cls = meta_class(class_name)
+            text_encoders[name] = cls(cls.config_class(**te_cfg) if "class" in te else CLIPTextConfig(**te_cfg))
     prefixes = {c: te["kohya_prefix"] for c, te in config.get("text_encoders", {}).items()}
-    return table_from_models(unet, text_encoders, prefixes, config.get("label", ""))
+    return table_from_models(denoiser, text_encoders, prefixes, config.get("label", ""), component)
 
 
-def table_from_models(unet: Any, text_encoders: dict[str, Any], kohya_prefixes: dict[str, str],
-                      label: str = "") -> dict[str, Any]:
-    """The architecture table of live (or meta) models: a UNet and text encoders by component name."""
-    modules: dict[str, list] = dict(module_shapes(unet, "unet"))
-    for component, model in text_encoders.items():
-        te_modules = module_shapes(model, component)
-        modules.update({canonical_name(component, name[len(component) + 1:]): v for name, v in te_modules.items()})
-    cfg = unet.config
-    return {
-        "label": label,
-        "unet": {
+def table_from_models(denoiser: Any, text_encoders: dict[str, Any], kohya_prefixes: dict[str, str],
+                      label: str = "", component: str = "unet") -> dict[str, Any]:
+    """The architecture table of live (or meta) models: the denoiser (a UNet, or a transformer under
+    ``component``) and text encoders by component name."""
+    modules: dict[str, list] = dict(module_shapes(denoiser, component))
+    for name, model in text_encoders.items():
+        te_modules = module_shapes(model, name)
+        modules.update({canonical_name(name, key[len(name) + 1:]): v for key, v in te_modules.items()})
+    table: dict[str, Any] = {"label": label}
+    if component == "unet":
+        cfg = denoiser.config
+        table["unet"] = {
             "layers_per_block": cfg.layers_per_block,
             "down_block_types": list(cfg.down_block_types),
             "up_block_types": list(cfg.up_block_types),
-        },
-        "kohya_prefixes": kohya_prefixes,
-        "modules": modules,
-    }
+        }
+    else:
+        kohya_prefixes = {component: TRANSFORMER_KOHYA_PREFIX, **kohya_prefixes}
+        table["original_names"] = original_names(type(denoiser).__name__, component, modules)
+    table["kohya_prefixes"] = kohya_prefixes
+    table["modules"] = modules
+    return table
+
+
+# kohya-style names of a transformer's diffusers module paths (SimpleTuner and others; what diffusers
+# calls the "mixture" format): lora_transformer_transformer_blocks_0_attn_to_q
+TRANSFORMER_KOHYA_PREFIX = "lora_transformer_"
+_CHUNK = re.compile(r"^(.+)\[(\d+)/(\d+)\]$")
+
+
+@cache
+def _templates() -> dict[str, dict[str, list[str]]]:
+    text = resources.files("auditkit.models").joinpath("configs", "original_names.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def original_names(class_name: str, component: str, modules: dict[str, list]) -> dict[str, list]:
+    """The original module names of a denoiser class (``configs/original_names.json``) expanded for the
+    blocks and row sizes of ``modules``: original name -> [[canonical module, first row, end row], …],
+    the pieces in the order their rows are stacked in the original (fused) module.
+
+    A name whose target modules the model lacks (Flux.1 schnell has no guidance embedder) is left out;
+    a template the model contradicts (targets of different input widths, rows that do not tile a
+    module) raises ValueError, so a wrong table cannot be built.
+    """
+    out: dict[str, list] = {}
+    for template, spec in _templates().get(class_name, {}).items():
+        alternatives = list(spec["by_chunks"].values()) if isinstance(spec, dict) else [spec]
+        indices = sorted({i for alt in alternatives for i in _block_indices(template, alt, component, modules)},
+                         key=lambda i: int(i) if i else 0)
+        for i in indices:
+            name = template.replace("{i}", i)
+            targets = _by_chunks(spec, i, component, modules)
+            pieces = []
+            for target in targets:
+                m = _CHUNK.match(target)
+                path, k, n = (m.group(1), int(m.group(2)), int(m.group(3))) if m else (target, 0, 1)
+                canonical = f"{component}.{path.replace('{i}', i)}"
+                if canonical not in modules:
+                    break
+                size = modules[canonical][1] // n
+                pieces.append([canonical, k * size, (k + 1) * size])
+            else:
+                if pieces:
+                    _check_pieces(name, pieces, modules)
+                    out[name] = pieces
+    return out
+
+
+def _by_chunks(spec, i: str, component: str, modules: dict) -> list[str]:
+    """The targets of one block: a plain list, or the alternative whose key is the number of row chunks
+    (rows / input width) of its first target's module in this block (none: [])."""
+    if not isinstance(spec, dict):
+        return spec
+    for chunks, targets in spec["by_chunks"].items():
+        m = _CHUNK.match(targets[0])
+        module = modules.get(f"{component}.{(m.group(1) if m else targets[0]).replace('{i}', i)}")
+        if module and module[1] == int(chunks) * module[2]:
+            return targets
+    return []
+
+
+def _block_indices(template: str, targets: list[str], component: str, modules: dict) -> list[str]:
+    if "{i}" not in template:
+        return [""]
+    first = _CHUNK.match(targets[0])
+    path = first.group(1) if first else targets[0]
+    pattern = re.compile(re.escape(f"{component}.{path}").replace(re.escape("{i}"), r"(\d+)") + "$")
+    return sorted({m.group(1) for name in modules if (m := pattern.match(name))}, key=int)
+
+
+def _check_pieces(name: str, pieces: list, modules: dict) -> None:
+    widths = {modules[c][2] * modules[c][3] * modules[c][4] for c, _, _ in pieces}
+    if len(widths) != 1:
+        raise ValueError(f"original module {name}: its targets read inputs of different widths {sorted(widths)}")
+    rows: dict[str, list] = {}
+    for canonical, start, stop in pieces:
+        rows.setdefault(canonical, []).append((start, stop))
+    for canonical, spans in rows.items():
+        spans.sort()
+        tiled = spans[0][0] == 0 and spans[-1][1] == modules[canonical][1] and all(
+            a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        if not tiled:
+            raise ValueError(f"original module {name}: rows {spans} do not tile {canonical}")
 
 
 def architecture_from_models(name: str, unet: Any, text_encoders: dict[str, Any] | None = None,
-                             label: str = ""):
-    """An :class:`~auditkit.models.architectures.Architecture` for a custom model (e.g. the lab)."""
+                             label: str = "", component: str = "unet",
+                             kohya_prefixes: dict[str, str] | None = None):
+    """An :class:`~auditkit.models.architectures.Architecture` for a custom model (e.g. the lab, or a
+    tiny pipeline): its denoiser ``unet`` (a transformer when ``component`` says so) and text encoders.
+
+    ``kohya_prefixes`` (component -> prefix) default to kohya's rule for SD/SDXL: ``lora_te_`` for one
+    text encoder, ``lora_te1_``/``lora_te2_`` for two.
+    """
     from auditkit.models.architectures import from_table
 
     text_encoders = text_encoders or {}
-    names = sorted(text_encoders)  # kohya: lora_te_ for one text encoder, lora_te1_/lora_te2_ for two
-    prefixes = {c: "lora_te_" if len(names) == 1 else f"lora_te{i + 1}_" for i, c in enumerate(names)}
-    return from_table(name, table_from_models(unet, text_encoders, prefixes, label or name))
+    names = sorted(text_encoders)
+    prefixes = kohya_prefixes if kohya_prefixes is not None else {
+        c: "lora_te_" if len(names) == 1 else f"lora_te{i + 1}_" for i, c in enumerate(names)}
+    prefixes = {c: p for c, p in prefixes.items() if c in text_encoders}
+    return from_table(name, table_from_models(unet, text_encoders, prefixes, label or name, component))
 
 
 def lab_config() -> dict[str, Any]:

@@ -55,9 +55,14 @@ class Conditioning:
 
 def encode(pipe, prompts: Sequence[str]) -> Conditioning:
     """The conditioning of ``prompts`` for ``pipe``'s family (no gradient; the text encoders stay frozen)."""
+    from auditkit.errors import BadInput
     from auditkit.models.families import family_of_pipeline
 
-    module, _, attr = family_of_pipeline(pipe).conditioning.partition(":")
+    family = family_of_pipeline(pipe)
+    if family.conditioning is None:
+        raise BadInput(None, f"auditkit does not train on {family.name} pipelines yet (align, finetune and "
+                             "repair's retraining); scanning works")
+    module, _, attr = family.conditioning.partition(":")
     return getattr(importlib.import_module(module), attr)(pipe, list(prompts))
 
 

@@ -3,7 +3,7 @@ the modules LoRA adapters change.
 
 A family is one :class:`Family` record in :data:`FAMILIES`; loading (``--base DIR``), architectures of
 loaded pipelines, adapter loading and its coverage check, and fused rendering all read it, so adding a
-family (SD3, Flux) is one record here plus what its pipeline needs that the others do not.
+family is one record here plus what its pipeline needs that the others do not.
 
 A folder's family comes from its ``model_index.json`` (``_class_name``, written by ``save_pretrained``);
 a loaded pipeline's from its class. No torch or diffusers import here.
@@ -28,10 +28,19 @@ class Family:
     text_encoders: tuple[str, ...]  # text-encoder components, in kohya order (lora_te1_, lora_te2_, …)
     load_options: dict = field(default_factory=dict)  # extra from_pretrained keyword arguments
     # "module:attr" of (pipe, prompts) -> Conditioning: what the denoiser reads (auditkit.models.conditioning)
-    conditioning: str = "auditkit.models.conditioning:encode_sd"
+    # (None: auditkit does not train on this family yet)
+    conditioning: str | None = "auditkit.models.conditioning:encode_sd"
     # auditkit.analysis' concept check and noise reversion read one text encoder and call the UNet
     # without added conditioning: SD 1/2 only for now
     data_free_checks: bool = False
+    # kohya prefixes of the text encoders (component -> prefix); empty: lora_te_, or lora_te1_/lora_te2_
+    kohya_prefixes: dict = field(default_factory=dict)
+    # auditkit.lora.formats layouts whose files diffusers' loader for this family reads with the scales and
+    # modules auditkit reads: those files are handed to diffusers as they are; any other is handed over as
+    # auditkit's exact conversion (a diffusers state dict of the same updates)
+    native_layouts: tuple[str, ...] = ("kohya", "diffusers", "peft")
+    # "module:attr" of (pipe) -> keyword arguments of every render call (e.g. the image size)
+    render_options: str | None = None
 
     @property
     def lora_components(self) -> tuple[str, ...]:
@@ -46,6 +55,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sdxl", "Stable Diffusion XL (and fine-tunes: Pony, Illustrious, …)", "StableDiffusionXLPipeline",
            ("StableDiffusionXLPipeline",), "unet", ("text_encoder", "text_encoder_2"),
            conditioning="auditkit.models.conditioning:encode_sdxl"),
+    # diffusers' Flux loader bakes kohya alphas into the factors, names kohya's txt_in/final_layer modules
+    # without the transformer prefix (and so drops them), splits single blocks at Flux.1's real widths
+    # only, and reads peft files as fal Kontext ones: only diffusers-layout files go to it as they are
+    # (tests/lora/test_flux_files.py). It loads no T5 (text_encoder_2) LoRA.
+    Family("flux", "Flux.1 (dev/schnell)", "FluxPipeline", ("FluxPipeline",), "transformer",
+           ("text_encoder", "text_encoder_2"), conditioning=None,
+           kohya_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
+           native_layouts=("diffusers",), render_options="auditkit.models.rendering:vae_sized"),
+    # diffusers' SD3 loader converts no kohya or original-named file and reads peft files as nothing: only
+    # diffusers-layout files go to it as they are. It loads no T5 (text_encoder_3) LoRA. SD3 renders at
+    # the transformer's sample_size × the VAE factor by itself.
+    Family("sd3", "Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline", ("StableDiffusion3Pipeline",),
+           "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"), conditioning=None,
+           kohya_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"},
+           native_layouts=("diffusers",)),
 )}
 
 

@@ -1,5 +1,5 @@
 """Loading base pipelines: the shipped lab model (``lab``) or a local diffusers folder of a known family
-(:mod:`auditkit.models.families`: SD 1/2, SDXL), detected from its ``model_index.json``.
+(:mod:`auditkit.models.families`: SD 1/2, SDXL, Flux.1), detected from its ``model_index.json``.
 
 Everything is offline: a path must be a ``save_pretrained`` folder on disk; nothing is fetched, and
 only ``.safetensors`` weights are loaded (a pickle ``.bin`` is never unpickled).
@@ -10,17 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from auditkit.errors import BadInput
+from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
 from auditkit.models.families import Family, family_of_folder, family_of_pipeline, read_model_index
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-# Model classes an architecture may be built from a folder's configs with (on the meta device, no
-# weights): a name in a model_index.json is only ever looked up in this table.
-META_CLASSES = {
-    "UNet2DConditionModel": "diffusers",
-    "CLIPTextModel": "transformers",
-    "CLIPTextModelWithProjection": "transformers",
-}
 
 
 def quiet_libraries() -> None:
@@ -34,7 +27,7 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(base: str, device: str = "cpu", dtype=None):
-    """The base pipeline named by ``base``: ``lab`` or a local folder of a known family (SD 1/2, SDXL)."""
+    """The base pipeline named by ``base``: ``lab`` or a local folder of a known family (SD 1/2, SDXL, Flux.1)."""
     import torch
 
     quiet_libraries()
@@ -90,7 +83,12 @@ def architecture_of(pipe, name: str = "custom"):
 
     family = family_of_pipeline(pipe)
     encoders = {c: getattr(pipe, c) for c in family.text_encoders if getattr(pipe, c, None) is not None}
-    return _builtin_or(architecture_from_models(name, getattr(pipe, family.denoiser), encoders))
+    return _builtin_or(architecture_from_models(name, getattr(pipe, family.denoiser), encoders,
+                                                component=family.denoiser, kohya_prefixes=_prefixes(family)))
+
+
+def _prefixes(family: Family) -> dict | None:
+    return dict(family.kohya_prefixes) or None
 
 
 def architecture_of_folder(folder: str | Path, name: str = "custom"):
@@ -128,7 +126,8 @@ def architecture_of_folder(folder: str | Path, name: str = "custom"):
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise BadInput(config, f"cannot build {class_name} from it ({' '.join(str(exc).split())[:200]})") from None
     denoiser = models.pop(family.denoiser)
-    return _builtin_or(architecture_from_models(name, denoiser, models))
+    return _builtin_or(architecture_from_models(name, denoiser, models, component=family.denoiser,
+                                                kohya_prefixes=_prefixes(family)))
 
 
 def _builtin_or(arch):
@@ -138,11 +137,11 @@ def _builtin_or(arch):
     def components(a) -> set[str]:
         return {n.split(".", 1)[0] for n in a.modules}
 
-    def unet(a) -> dict:
-        return {k: v for k, v in a.modules.items() if k.startswith("unet.")}
+    def denoiser(a) -> dict:
+        return {k: v for k, v in a.modules.items() if not k.startswith("text_encoder")}
 
     for known in architectures.builtin():
-        if components(known) == components(arch) and unet(known) == unet(arch):
+        if components(known) == components(arch) and denoiser(known) == denoiser(arch):
             return known
     return arch
 

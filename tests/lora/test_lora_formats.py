@@ -38,15 +38,43 @@ def test_layout_round_trip_gives_identical_deltas(tmp_path, sd15, sd15_modules, 
     assert_same_deltas(adapter.modules, sd15_modules)
 
 
+def _flux_blocks():
+    """Every module of one Flux double and one single block, at a reduced width: a tiny architecture with
+    Flux's names (the real-size modules are 3072 wide; the dense comparison would be slow)."""
+    from auditkit.models import architectures
+    from auditkit.models.architectures import Architecture, ModuleShape
+
+    flux = architectures.get("flux")
+    keep = ("transformer.transformer_blocks.0.", "transformer.single_transformer_blocks.0.")
+    shrink = {3072: 12, 12288: 48, 18432: 72, 9216: 36, 15360: 60}
+    modules = {n: ModuleShape(s.kind, shrink[s.out_features], shrink[s.in_features])
+               for n, s in flux.modules.items() if n.startswith(keep)}
+    originals = {}
+    for name, pieces in flux.original_names.items():
+        if all(c in modules for c, _, _ in pieces):
+            originals[name] = tuple((c, shrink.get(a, a // 256), shrink.get(b, b // 256)) for c, a, b in pieces)
+    arch = Architecture("flux-blocks", "two Flux blocks", modules, kohya_prefixes=dict(flux.kohya_prefixes),
+                        original_names=originals)
+    return arch, random_modules(arch, list(modules), rank=2, scale=0.75)
+
+
 def test_every_registered_layout_writes_files_it_detects_and_reads_back(tmp_path, sd15, sd15_modules):
     unet_only = {k: v for k, v in sd15_modules.items() if k.startswith("unet.")}
+    flux, flux_modules = _flux_blocks()
     for name, layout in formats.LAYOUTS.items():  # a new layout record is covered here without a new test
-        held = {k: v for k, v in unet_only.items() if layout.can_hold(k)}
-        assert len(held) >= 16, name
-        path = save_adapter(held, tmp_path / name / "adapter_model.safetensors", sd15, name)
-        adapter = read_adapter(path)
-        assert adapter.layout == name and adapter.coverage.fraction == 1.0
-        assert_same_deltas(adapter.modules, held)
+        written = 0
+        for arch, mods in ((sd15, unet_only), (flux, flux_modules)):  # UNet and transformer layouts
+            held = {k: v for k, v in mods.items() if layout.can_hold(k)}
+            if not held:
+                continue
+            written += 1
+            assert len(held) >= 8, (name, arch.name)
+            path = save_adapter(held, tmp_path / name / arch.name / "adapter_model.safetensors", arch, name)
+            adapter = read_adapter(path, extra_architectures=(arch,))
+            assert adapter.layout == name and adapter.coverage.fraction == 1.0, (name, arch.name)
+            assert adapter.architecture is arch
+            assert_same_deltas(adapter.modules, held)
+        assert written, name
     with pytest.raises(ValueError, match="unknown layout"):
         save_adapter(unet_only, tmp_path / "x.safetensors", sd15, "lycoris")
 

@@ -42,6 +42,13 @@ def test_sdxl_shapes(sdxl):
     ("unet.conv_in", "unet_other", "other"),
     ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "text_encoder", "self_attention"),
     ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", "text_encoder", "feed_forward"),
+    ("transformer.transformer_blocks.3.attn.add_k_proj", "joint", "joint_attention"),
+    ("transformer.transformer_blocks.3.ff_context.net.2", "joint", "feed_forward"),
+    ("transformer.single_transformer_blocks.0.proj_mlp", "single", "feed_forward"),
+    ("transformer.single_transformer_blocks.0.norm.linear", "single", "other"),
+    ("transformer.context_embedder", "transformer_other", "other"),
+    ("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q", "text_encoder", "self_attention"),
+    ("text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_0", "text_encoder", "feed_forward"),
 ])
 def test_block_and_kind(name, block, kind):
     assert (block_of(name), kind_of(name)) == (block, kind)
@@ -63,8 +70,18 @@ def test_sgm_names_of_sdxl(sdxl, path, expected):
     assert sgm_name(path, sdxl.unet_layout) == expected
 
 
+def test_t5_module_paths_keep_their_names_and_clip_paths_get_text_model():
+    from auditkit.models.architectures import canonical_name
+
+    assert canonical_name("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q") == \
+        "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q"
+    assert canonical_name("text_encoder", "encoder.layers.0.self_attn.q_proj") == \
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+
+
 def test_metadata_hint():
     assert metadata_hint({"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
     assert metadata_hint({"modelspec.architecture": "stable-diffusion-v1/lora"}) == "sd15"
     assert metadata_hint({"ss_v2": "True"}) == "sd2"
+    assert metadata_hint({"ss_base_model_version": "flux1"}) == "flux"
     assert metadata_hint({}) is None

@@ -11,11 +11,17 @@ from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipel
 
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda f: f.name)
 def test_every_record_names_a_real_pipeline_class_and_conditioning(family):
+    from auditkit.lora import formats
+
     diffusers = pytest.importorskip("diffusers")
     assert family.pipeline_class in family.class_names and hasattr(diffusers, family.pipeline_class)
-    module, _, attr = family.conditioning.partition(":")
-    assert callable(getattr(importlib.import_module(module), attr))
+    for hook in (family.conditioning, family.render_options):  # None: not trained on / nothing to add
+        if hook is not None:
+            module, _, attr = hook.partition(":")
+            assert callable(getattr(importlib.import_module(module), attr))
     assert family.lora_components[0] == family.denoiser
+    assert set(family.native_layouts) <= set(formats.LAYOUTS)
+    assert set(family.kohya_prefixes) <= set(family.text_encoders)
 
 
 def test_a_subclass_of_a_family_pipeline_is_that_family():
@@ -34,7 +40,7 @@ def test_a_subclass_of_a_family_pipeline_is_that_family():
     ("{not json", "not valid JSON"),
     ("[1, 2]", "not a JSON object"),
     ('{"unet": ["diffusers", "UNet2DConditionModel"]}', "no pipeline class"),
-    ('{"_class_name": "KandinskyPipeline"}', "'KandinskyPipeline' is not supported; supported: StableDiff"),
+    ('{"_class_name": "KandinskyPipeline"}', "'KandinskyPipeline' is not supported; supported: FluxPipeline, Stab"),
 ])
 def test_a_model_index_that_names_no_known_family_is_refused_in_one_line(tmp_path, text, match):
     (tmp_path / "model_index.json").write_text(text)

@@ -82,11 +82,11 @@ def test_sdxl_folder_with_pickle_weights_is_refused_without_unpickling(folder, t
 
 
 def test_a_pipeline_class_of_no_known_family_is_refused(folder, tmp_path):
-    other = tmp_path / "flux"
+    other = tmp_path / "pixart"
     shutil.copytree(folder, other)
     index = json.loads((other / "model_index.json").read_text())
-    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    message = _one_line_bad_input(other, "pipeline class 'FluxPipeline' is not supported")
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtAlphaPipeline"}))
+    message = _one_line_bad_input(other, "pipeline class 'PixArtAlphaPipeline' is not supported")
     assert "StableDiffusionXLPipeline" in message and "StableDiffusionPipeline" in message
 
 

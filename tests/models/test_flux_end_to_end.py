@@ -1,0 +1,261 @@
+"""Flux.1 end to end on a tiny random-initialised ``FluxPipeline`` (real diffusers and transformers classes,
+small configs, saved with safetensors): family detection and loading, adapters in the namings Flux files
+come in (kohya's fused q/k/v with one shared down factor, BFL, XLabs, diffusers) composed into the weights
+exactly, and a dynamic scan that resumes."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from safetensors.numpy import save_file  # noqa: E402
+from tiny_pipelines import tiny_flux_pipeline  # noqa: E402
+
+from auditkit.errors import BadInput, Unscannable  # noqa: E402
+from auditkit.lora import formats  # noqa: E402
+from auditkit.lora.adapter import read_adapter  # noqa: E402
+from auditkit.lora.write import kohya_name, save_adapter  # noqa: E402
+from auditkit.models import architectures  # noqa: E402
+from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline  # noqa: E402
+from auditkit.models.pipeline import architecture_of, architecture_of_folder, load_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_flux_pipeline(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture()
+def pipe(folder):
+    return load_pipeline(str(folder))
+
+
+@pytest.fixture(scope="module")
+def arch(folder):
+    return architecture_of_folder(folder, "tiny-flux")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def test_load_pipeline_detects_flux_from_model_index(folder, pipe):
+    assert family_of_folder(folder) is FAMILIES["flux"]
+    assert type(pipe) is diffusers.FluxPipeline and family_of_pipeline(pipe) is FAMILIES["flux"]
+    arch = architecture_of(pipe)
+    assert {n.split(".", 1)[0] for n in arch.modules} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert arch.kohya_prefixes == {"transformer": "lora_transformer_", "text_encoder": "lora_te1_",
+                                   "text_encoder_2": "lora_te3_"}
+    built = architecture_of_folder(folder)  # from the configs on the meta device, before any weight loads
+    assert built.modules == arch.modules and built.original_names == arch.original_names
+    from auditkit.models.rendering import render_options
+
+    assert render_options(pipe) == {"height": 32, "width": 32}  # the VAE's sample_size, not Flux's 1024
+    out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+               **render_options(pipe))
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_a_flux_folder_with_pickle_weights_is_refused_without_unpickling(folder, tmp_path):
+    one_pickle = tmp_path / "one"
+    shutil.copytree(folder, one_pickle)
+    for weights in (one_pickle / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    (one_pickle / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 never opened")
+    with pytest.raises(BadInput, match=r"component 'transformer' has only pickle weights") as err:
+        load_pipeline(str(one_pickle))
+    assert "\n" not in str(err.value)
+
+
+def test_training_on_flux_says_it_is_not_supported_yet(pipe):
+    from auditkit.models.conditioning import encode
+
+    with pytest.raises(BadInput, match="does not train on flux pipelines yet"):
+        encode(pipe, ["a red cross"])
+
+
+# --- the tiny pipeline and the shipped Flux.1 table name modules the same way -------------------
+
+def _pattern(name: str) -> str:
+    return re.sub(r"([._])\d+(?=[._]|$)", r"\1N", name)
+
+
+def test_the_flux_table_and_the_tiny_pipeline_share_one_naming_scheme(arch):
+    flux = architectures.get("flux")
+    assert arch.kohya_prefixes == flux.kohya_prefixes
+    assert {_pattern(n) for n in arch.modules} == {_pattern(n) for n in flux.modules}
+    assert {_pattern(n) for n in arch.original_names} == {_pattern(n) for n in flux.original_names}
+    assert {_pattern(k) for k in arch.kohya_names} == {_pattern(k) for k in flux.kohya_names}
+    assert arch.name == "tiny-flux"  # a custom architecture: the shapes are not Flux.1's
+    qkv = arch.fused[arch.originals["double_blocks.1.img_attn.qkv"]]
+    assert [(c.rsplit(".", 1)[1], a, b) for c, a, b in qkv] == [("to_q", 0, 16), ("to_k", 0, 16), ("to_v", 0, 16)]
+
+
+# --- adapters composed exactly: what diffusers adds to the weights is auditkit's ΔW --------------
+
+def bfl_factors(arch, seed=0, scale_up=1.0) -> dict[str, tuple]:
+    """Rank-2 (down, up) of every BFL-named module of the transformer, as a kohya or BFL trainer holds
+    them: one down factor per module, fused ones included."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(n for n in arch.original_names if formats.is_bfl_name(n)):
+        shape = arch.shape(arch.originals[name])
+        out[name] = (rng.normal(0, 0.3, (2, shape.in_features)).astype(np.float32),
+                     (scale_up * rng.normal(0, 0.3, (shape.out_features, 2))).astype(np.float32))
+    return out
+
+
+def text_encoder_tensors(arch, seed=0) -> dict:
+    rng = np.random.default_rng(seed + 100)
+    out = {}
+    for name in (n for n in arch.modules if n.startswith("text_encoder.") and ".self_attn." in n):
+        s, key = arch.modules[name], kohya_name(arch, name)
+        out[f"{key}.lora_down.weight"] = rng.normal(0, 0.3, (2, s.in_features)).astype(np.float32)
+        out[f"{key}.lora_up.weight"] = rng.normal(0, 0.3, (s.out_features, 2)).astype(np.float32)
+        out[f"{key}.alpha"] = np.asarray(1.0, np.float32)
+    return out
+
+
+def write_kohya(arch, path, seed=0, scale_up=1.0, text_encoder=True):
+    """sd-scripts' Flux file: lora_unet_<BFL name> with a shared lora_down for fused q/k/v, alpha 1 (scale
+    0.5), and the CLIP text encoder under lora_te1_."""
+    tensors = {}
+    for name, (down, up) in bfl_factors(arch, seed, scale_up).items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": np.asarray(1.0, np.float32)})
+    if text_encoder:
+        tensors.update(text_encoder_tensors(arch, seed))
+    save_file(tensors, str(path), {"ss_base_model_version": "flux1"})
+    return path
+
+
+def write_bfl(arch, path, seed=0):
+    tensors = {}
+    for name, (down, up) in bfl_factors(arch, seed).items():
+        tensors.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+    save_file(tensors, str(path))
+    return path
+
+
+def write_xlabs(arch, path, seed=0):
+    mods = {n: m for n, m in read_adapter(write_bfl(arch, path, seed), extra_architectures=(arch,)).modules.items()
+            if formats.LAYOUTS[formats.XLABS].can_hold(n)}
+    return save_adapter(mods, path, arch, formats.XLABS)
+
+
+def write_diffusers(arch, path, seed=0):
+    mods = {n: m for n, m in read_adapter(write_kohya(arch, path, seed), extra_architectures=(arch,)).modules.items()
+            if n.startswith("transformer.")}  # diffusers-layout text encoder files: see the SDXL tests (transformers 5)
+    return save_adapter(mods, path, arch, formats.DIFFUSERS)
+
+
+WRITERS = {"kohya": write_kohya, "bfl": write_bfl, "xlabs": write_xlabs, "diffusers": write_diffusers}
+
+
+def _weights(pipe) -> dict:
+    from auditkit.models.architectures import canonical_name
+    from auditkit.models.pipeline import lora_components
+
+    out = {}
+    for component, model in lora_components(pipe).items():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                out[canonical_name(component, name.replace(".base_layer", ""))] = module.weight.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("naming", WRITERS)
+def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp_path, naming):
+    from auditkit.runner import Configuration, Fused, load_adapters
+
+    adapter = read_adapter(WRITERS[naming](arch, tmp_path / "cand.safetensors"), extra_architectures=(arch,))
+    assert adapter.architecture is arch and adapter.coverage.fraction == 1.0
+    if naming in ("kohya", "bfl", "diffusers"):  # every transformer module (XLabs: attention only)
+        assert {n for n in arch.modules if n.startswith("transformer.")} <= set(adapter.modules)
+    before = _weights(pipe)
+    coverage = load_adapters(pipe, {"candidate": adapter})["candidate"]
+    assert coverage["fraction"] == 1.0 and coverage["loaded"] == len(adapter.modules)
+    fused = Fused(pipe)
+    fused.apply(Configuration("c@0.5", (("candidate", 0.5),)), ["candidate"])
+    after = _weights(pipe)
+    for name, module in adapter.modules.items():
+        delta = (after[name].double() - before[name].double()).numpy()
+        np.testing.assert_allclose(delta, 0.5 * module.delta(), rtol=1e-4, atol=1e-6, err_msg=name)
+    untouched = set(before) - set(adapter.modules)
+    assert all(torch.equal(after[n], before[n]) for n in untouched)
+    fused.restore()
+    restored = _weights(pipe)
+    assert all(torch.equal(restored[n], before[n]) for n in adapter.modules)
+
+
+def test_a_t5_adapter_diffusers_does_not_load_fails_closed(arch, pipe, tmp_path):
+    from auditkit.runner import load_adapters
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name in (n for n in arch.modules if n.startswith("text_encoder_2.") and ".SelfAttention." in n):
+        s, key = arch.modules[name], kohya_name(arch, name)
+        tensors[f"{key}.lora_down.weight"] = rng.normal(size=(2, s.in_features)).astype(np.float32)
+        tensors[f"{key}.lora_up.weight"] = rng.normal(size=(s.out_features, 2)).astype(np.float32)
+    save_file(tensors, str(tmp_path / "t5.safetensors"))
+    adapter = read_adapter(tmp_path / "t5.safetensors", extra_architectures=(arch,))
+    assert adapter.coverage.fraction == 1.0 and all(n.startswith("text_encoder_2.") for n in adapter.modules)
+    with pytest.raises(Unscannable, match=r"diffusers applied only 0 of \d+ modules \(0%\) \(diffusers loads none of "
+                                          r"text_encoder_2's modules\)"):
+        load_adapters(pipe, {"t5": adapter})
+
+
+# --- the dynamic scan through the library API, resumed ------------------------------------------
+
+SUITE = """schema: auditkit.suite/1
+name: tiny-cross
+version: 1
+concept: {word: cross, neutral: square, terms: [cross]}
+detector: lab-cross
+role: concept
+sampling: {steps: 2, guidance: 3.5, seed: 7, images_per_prompt: 2}
+prompts:
+  - a red cross
+  - a blue cross on gray
+"""
+
+
+def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, tmp_path, monkeypatch):
+    import auditkit
+    from auditkit import runner
+
+    safety = write_kohya(arch, tmp_path / "safety.safetensors", seed=3, text_encoder=False)
+    candidate = write_kohya(arch, tmp_path / "candidate.safetensors", seed=3, scale_up=-0.9, text_encoder=False)
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
+                                 suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
+                                 device="cpu", out=tmp_path / "scan")
+    first = auditkit.scan(config, pipeline=pipe)
+    dyn = first.report["dynamic"]
+    assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
+    assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    assert dyn["adapter_coverage"]["safety"]["expected"] == len([n for n in arch.modules
+                                                                 if n.startswith("transformer.")])
+    assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
+    assert first.verdict.evidence == "behavioural" and "data-free" not in first.report["evidence"]["gathered"]
+    assert not first.report["concept_check"]["applicable"] and "flux" in first.report["concept_check"]["note"]
+    records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
+    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
+    assert len(stamps) == 16
+    from PIL import Image
+
+    assert all(Image.open(p).size == (32, 32) for p in stamps)
+
+    calls = []
+    monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
+    second = auditkit.scan(config, pipeline=pipe)
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert second.report["dynamic"]["suites"] == dyn["suites"] and second.report["reasons"] == first.report["reasons"]
+    assert second.verdict == first.verdict
+    assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules()), "the scan leaves the pipeline as it came"

@@ -1,0 +1,240 @@
+"""SD3 / SD3.5 end to end on a tiny random-initialised ``StableDiffusion3Pipeline`` (SD3.5-Medium-like: a
+second attention in the first block, a context-pre-only last block): family detection and loading, the
+original (SAI) module names checked against diffusers' own checkpoint converter, adapters in the namings SD3
+files come in composed into the weights exactly, and a dynamic scan that resumes."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from safetensors.numpy import save_file  # noqa: E402
+from tiny_pipelines import tiny_sd3_pipeline  # noqa: E402
+
+from auditkit.errors import BadInput, Unscannable  # noqa: E402
+from auditkit.lora import formats  # noqa: E402
+from auditkit.lora.adapter import read_adapter  # noqa: E402
+from auditkit.lora.write import kohya_name, save_adapter  # noqa: E402
+from auditkit.models import architectures  # noqa: E402
+from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline  # noqa: E402
+from auditkit.models.pipeline import architecture_of, architecture_of_folder, load_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny") / "sd3")
+
+
+@pytest.fixture()
+def pipe(folder):
+    return load_pipeline(str(folder))
+
+
+@pytest.fixture(scope="module")
+def arch(folder):
+    return architecture_of_folder(folder, "tiny-sd3")
+
+
+def test_load_pipeline_detects_sd3_from_model_index(folder, pipe):
+    assert family_of_folder(folder) is FAMILIES["sd3"]
+    assert type(pipe) is diffusers.StableDiffusion3Pipeline and family_of_pipeline(pipe) is FAMILIES["sd3"]
+    arch = architecture_of(pipe)
+    assert {n.split(".", 1)[0] for n in arch.modules} == {"transformer", "text_encoder", "text_encoder_2",
+                                                          "text_encoder_3"}
+    assert arch.kohya_prefixes == {"transformer": "lora_transformer_", "text_encoder": "lora_te1_",
+                                   "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
+    built = architecture_of_folder(folder)
+    assert built.modules == arch.modules and built.original_names == arch.original_names
+    out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)  # the transformer's sample_size × the VAE factor
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"([._])\d+(?=[._]|$)", r"\1N", name)
+
+
+def test_the_sd35_medium_table_and_the_tiny_pipeline_share_one_naming_scheme(arch):
+    sd35 = architectures.get("sd35-medium")
+    assert arch.kohya_prefixes == sd35.kohya_prefixes
+    assert {_pattern(n) for n in arch.modules} == {_pattern(n) for n in sd35.modules}
+    assert {_pattern(n) for n in arch.original_names} == {_pattern(n) for n in sd35.original_names}
+    assert arch.name == "tiny-sd3"
+
+
+def original_checkpoint(transformer, arch) -> dict:
+    """The transformer's weights under SAI's original names, stacked by auditkit's table (plus the
+    position embedding and q/k norms, which no adapter touches)."""
+    sd = transformer.state_dict()
+    ckpt = {}
+    for original, pieces in arch.original_names.items():
+        for kind in ("weight", "bias"):
+            ckpt[f"{original}.{kind}"] = torch.cat([sd[f"{c.removeprefix('transformer.')}.{kind}"][a:b]
+                                                    for c, a, b in pieces])
+    ckpt["pos_embed"] = sd["pos_embed.pos_embed"]
+    norms = {"x_block.attn.ln_q": "attn.norm_q", "x_block.attn.ln_k": "attn.norm_k",
+             "context_block.attn.ln_q": "attn.norm_added_q", "context_block.attn.ln_k": "attn.norm_added_k",
+             "x_block.attn2.ln_q": "attn2.norm_q", "x_block.attn2.ln_k": "attn2.norm_k"}
+    for i in range(len(transformer.transformer_blocks)):
+        for sai, ours in norms.items():
+            if f"transformer_blocks.{i}.{ours}.weight" in sd:
+                ckpt[f"joint_blocks.{i}.{sai}.weight"] = sd[f"transformer_blocks.{i}.{ours}.weight"]
+    return ckpt
+
+
+def test_the_original_names_are_those_diffusers_converts_sd3_checkpoints_with(pipe, arch):
+    """diffusers' single-file converter (convert_sd3_transformer_checkpoint_to_diffusers) turns the
+    checkpoint auditkit's table writes back into the very state dict: every row range, the fused q/k/v,
+    MMDiT-X's second attention, and the swapped (shift, scale) of the last block and the final layer."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    state = pipe.transformer.state_dict()
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(original_checkpoint(pipe.transformer, arch))
+    assert set(converted) == set(state)
+    for key, value in converted.items():
+        assert torch.equal(value, state[key]), key
+
+
+# --- adapters composed exactly ------------------------------------------------------------------
+
+def sai_factors(arch, seed=0, scale_up=1.0) -> dict[str, tuple]:
+    """Rank-2 (down, up) of every SAI-named module of the transformer (one shared down per fused module);
+    the patch-embedding conv with 4-D factors, as trainers save them."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(arch.original_names):
+        canonical = arch.originals[name]
+        shape = arch.shape(canonical)
+        down = rng.normal(0, 0.3, (2, shape.in_features, *shape.kernel))
+        up = scale_up * rng.normal(0, 0.3, (shape.out_features, 2, 1, 1))
+        if shape.kind == "linear":
+            down, up = down[:, :, 0, 0], up[:, :, 0, 0]
+        out[name] = (down.astype(np.float32), up.astype(np.float32))
+    return out
+
+
+def write_kohya(arch, path, seed=0, scale_up=1.0):
+    tensors = {}
+    for name, (down, up) in sai_factors(arch, seed, scale_up).items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": np.asarray(1.0, np.float32)})
+    save_file(tensors, str(path), {"ss_base_model_version": "sd3"})
+    return path
+
+
+def write_sai(arch, path, seed=0):
+    tensors = {}
+    for name, (down, up) in sai_factors(arch, seed).items():
+        tensors.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+    save_file(tensors, str(path))
+    return path
+
+
+def write_diffusers(arch, path, seed=0):
+    mods = read_adapter(write_kohya(arch, path, seed), extra_architectures=(arch,)).modules
+    return save_adapter(mods, path, arch, formats.DIFFUSERS)
+
+
+WRITERS = {"kohya": write_kohya, "sai": write_sai, "diffusers": write_diffusers}
+
+
+def _weights(pipe) -> dict:
+    from auditkit.models.architectures import canonical_name
+    from auditkit.models.pipeline import lora_components
+
+    out = {}
+    for component, model in lora_components(pipe).items():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                out[canonical_name(component, name.replace(".base_layer", ""))] = module.weight.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("naming", WRITERS)
+def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp_path, naming):
+    from auditkit.runner import Configuration, Fused, load_adapters
+
+    adapter = read_adapter(WRITERS[naming](arch, tmp_path / "cand.safetensors"), extra_architectures=(arch,))
+    assert adapter.architecture is arch and adapter.coverage.fraction == 1.0
+    assert set(adapter.modules) == {n for n in arch.modules if n.startswith("transformer.")}
+    before = _weights(pipe)
+    coverage = load_adapters(pipe, {"candidate": adapter})["candidate"]
+    assert coverage["fraction"] == 1.0 and coverage["loaded"] == len(adapter.modules)
+    fused = Fused(pipe)
+    fused.apply(Configuration("c@0.5", (("candidate", 0.5),)), ["candidate"])
+    after = _weights(pipe)
+    for name, module in adapter.modules.items():
+        delta = (after[name].double() - before[name].double()).flatten(1).numpy()
+        np.testing.assert_allclose(delta, 0.5 * module.delta(), rtol=1e-4, atol=1e-6, err_msg=name)
+    fused.restore()
+    restored = _weights(pipe)
+    assert all(torch.equal(restored[n], before[n]) for n in adapter.modules)
+
+
+def test_a_t5_adapter_diffusers_does_not_load_fails_closed(arch, pipe, tmp_path):
+    from auditkit.runner import load_adapters
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name in (n for n in arch.modules if n.startswith("text_encoder_3.") and ".SelfAttention." in n):
+        s, key = arch.modules[name], kohya_name(arch, name)
+        tensors[f"{key}.lora_down.weight"] = rng.normal(size=(2, s.in_features)).astype(np.float32)
+        tensors[f"{key}.lora_up.weight"] = rng.normal(size=(s.out_features, 2)).astype(np.float32)
+    save_file(tensors, str(tmp_path / "t5.safetensors"))
+    adapter = read_adapter(tmp_path / "t5.safetensors", extra_architectures=(arch,))
+    with pytest.raises(Unscannable, match="diffusers loads none of text_encoder_3's modules"):
+        load_adapters(pipe, {"t5": adapter})
+
+
+def test_training_on_sd3_says_it_is_not_supported_yet(pipe):
+    from auditkit.models.conditioning import encode
+
+    with pytest.raises(BadInput, match="does not train on sd3 pipelines yet"):
+        encode(pipe, ["a red cross"])
+
+
+SUITE = """schema: auditkit.suite/1
+name: tiny-cross
+version: 1
+concept: {word: cross, neutral: square, terms: [cross]}
+detector: lab-cross
+role: concept
+sampling: {steps: 2, guidance: 5.0, seed: 7, images_per_prompt: 2}
+prompts:
+  - a red cross
+  - a blue cross on gray
+"""
+
+
+def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, tmp_path, monkeypatch):
+    import auditkit
+    from auditkit import runner
+
+    safety = write_kohya(arch, tmp_path / "safety.safetensors", seed=3)
+    candidate = write_kohya(arch, tmp_path / "candidate.safetensors", seed=3, scale_up=-0.9)
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
+                                 suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
+                                 device="cpu", out=tmp_path / "scan")
+    first = auditkit.scan(config, pipeline=pipe)
+    dyn = first.report["dynamic"]
+    assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
+    assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)
+    assert not first.report["concept_check"]["applicable"] and "sd3" in first.report["concept_check"]["note"]
+    records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
+    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
+    assert len(stamps) == 16
+
+    calls = []
+    monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
+    second = auditkit.scan(config, pipeline=pipe)
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert second.verdict == first.verdict and second.report["reasons"] == first.report["reasons"]
+    assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules()), "the scan leaves the pipeline as it came"
