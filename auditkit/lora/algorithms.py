@@ -70,11 +70,6 @@ def khatri_rao(up1, down1, up2, down2) -> tuple[np.ndarray, np.ndarray]:
     return down, up
 
 
-def kronecker(up1, down1, up2, down2) -> tuple[np.ndarray, np.ndarray]:
-    """Factors of kron(up1 @ down1, up2 @ down2): (kron(down1, down2), kron(up1, up2))."""
-    return np.kron(down1, down2), np.kron(up1, up2)
-
-
 def compact(down: np.ndarray, up: np.ndarray, form: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Keep the factor form unless its rank reaches min(out, in); then the dense update's SVD."""
     if down.shape[0] < min(up.shape[0], down.shape[1]):

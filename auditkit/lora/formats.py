@@ -120,10 +120,6 @@ def _split_dotted(key: str) -> KeyPart | None:
     return KeyPart(key, module, SUFFIX_PARTS[suffix])
 
 
-def _split_diffusers(key: str) -> KeyPart | None:
-    return _split_dotted(key)
-
-
 def _split_unprefixed(key: str) -> KeyPart | None:
     kp = _split_dotted(key) if key.startswith(_UNET_ROOTS) else None
     return KeyPart(key, "unet." + kp.module, kp.part) if kp else None
@@ -209,7 +205,7 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
     Layout(KOHYA, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lora_flux_",
                    "lycoris_"), _split_kohya, _resolve_kohya, "auditkit.lora.write:kohya_state_dict", one_alpha=True),
-    Layout(DIFFUSERS, ("unet.", "text_encoder.", "text_encoder_2.", "transformer."), _split_diffusers,
+    Layout(DIFFUSERS, ("unet.", "text_encoder.", "text_encoder_2.", "transformer."), _split_dotted,
            _resolve_diffusers, "auditkit.lora.write:diffusers_state_dict"),
     Layout(DIFFUSERS_UNET, _UNET_ROOTS, _split_unprefixed, _resolve_diffusers,
            "auditkit.lora.write:legacy_unet_state_dict", holds=r"^unet\..*\.attn\d\.(to_q|to_k|to_v|to_out\.0)$"),
