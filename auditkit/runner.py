@@ -162,9 +162,11 @@ def batches(todo: Sequence[tuple[Configuration, Job]], configs: Sequence[Configu
 
 def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: dict, run_dir: str | Path,
         roles: Sequence[str] = (), batch_size: int = 16, progress: Progress | None = None,
-        fuse: bool | None = None, ranks: Ranks | None = None) -> RunLog:
+        fuse: bool | None = None, ranks: Ranks | None = None, overlay=None) -> RunLog:
     """Generate and score every (configuration, job) not yet in the run log.
 
+    ``roles``: the LoRA adapters loaded by diffusers. ``overlay``: the full models of the scan
+    (:class:`auditkit.models.overlay.Overlay`), set per configuration before its adapters.
     ``fuse``: merge each configuration's adapters into the weights while it renders (default: on
     CUDA only; see :class:`Fused`). ``ranks``: this process's share of a distributed run (see
     :mod:`auditkit.distributed`); its records go to its shard log and rank 0 merges them at the end.
@@ -179,7 +181,7 @@ def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: 
     mine = shard(batches(todo, configs, batch_size), ranks.rank, ranks.world)
     out = log if ranks.world == 1 else RunLog(run_dir, shard_name(ranks.rank))
     fuse = pipe.device.type == "cuda" if fuse is None else fuse
-    _render(pipe, mine, detectors, out, roles, Fused(pipe) if fuse else None, progress)
+    _render(pipe, mine, detectors, out, roles, Fused(pipe) if fuse else None, progress, overlay)
     ranks.barrier()
     if ranks.main:
         merge_shards(run_dir)
@@ -188,13 +190,17 @@ def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: 
 
 
 def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Sequence[str], fused: Fused | None,
-            progress: Progress | None) -> None:
+            progress: Progress | None, overlay=None) -> None:
     """Render ``work`` in order; a batch's PNGs and log lines are written while the next one renders."""
     total, finished, current, pending = sum(len(b) for _, b in work), 0, None, None
     try:
         with ThreadPoolExecutor(max_workers=1) as writer:
             for config, batch in work:
                 if config != current:
+                    if fused is not None:
+                        fused.restore()  # before the full models change the weights it saved
+                    if overlay is not None:
+                        overlay.apply(dict(config.weights))
                     if fused is None:
                         apply_configuration(pipe, config, roles)
                     else:
@@ -212,6 +218,8 @@ def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Se
     finally:
         if fused is not None:
             fused.restore()
+        if overlay is not None:
+            overlay.restore()
 
 
 def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict) -> tuple[np.ndarray, list[dict]]:
@@ -259,7 +267,7 @@ class Fused:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.saved: dict = {}  # LoRA layer -> its base weight before any merge
+        self.saved: dict = {}  # LoRA layer -> its base weight before the current merge
         self.merged = False
 
     def apply(self, config: Configuration, roles: Sequence[str]) -> None:
@@ -294,6 +302,7 @@ class Fused:
         with torch.no_grad():
             for layer, weight in self.saved.items():
                 layer.get_base_layer().weight.copy_(weight)
+        self.saved.clear()  # saved again at the next merge: full models (an Overlay) may change them in between
         self.merged = False
 
 
