@@ -1,10 +1,9 @@
 """`auditkit extract`: a full model's update as a LoRA, checked against the dense difference."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from auditkit.errors import BadInput, Unscannable
 from auditkit.extract import extract
@@ -121,14 +120,10 @@ def test_bad_outputs_are_refused_before_any_work(erased, tmp_path, out_name):
     assert not out.exists()
 
 
-def auditkit(*args):
-    return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
 
 def test_cli_writes_the_lora_and_says_what_it_kept(erased, tmp_path):
     folder, dense = erased
-    res = auditkit("extract", folder, "--base", "lab", "--out", tmp_path / "s.safetensors", "--energy", "0.95")
+    res = run_cli("extract", folder, "--base", "lab", "--out", tmp_path / "s.safetensors", "--energy", "0.95")
     assert res.returncode == 0, res.stderr
     assert f"{len(dense)} modules written (energy 0.95" in " ".join(res.stdout.split())
     assert (tmp_path / "s.safetensors").is_file()
@@ -137,7 +132,7 @@ def test_cli_writes_the_lora_and_says_what_it_kept(erased, tmp_path):
 @pytest.mark.parametrize("args", [["--energy", "0.9", "--rank", "2"], ["--energy", "1.5"], ["--rank", "0"]])
 def test_cli_refuses_bad_settings_in_one_line(erased, tmp_path, args):
     folder, _ = erased
-    res = auditkit("extract", folder, "--base", "lab", "--out", tmp_path / "s.safetensors", *args)
+    res = run_cli("extract", folder, "--base", "lab", "--out", tmp_path / "s.safetensors", *args)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "s.safetensors").exists()
 
@@ -145,6 +140,6 @@ def test_cli_refuses_bad_settings_in_one_line(erased, tmp_path, args):
 def test_cli_refuses_a_pickle_model_without_unpickling_it(tmp_path):
     model = tmp_path / "erased.ckpt"
     model.write_bytes(b"\x80\x04K\x01.")
-    res = auditkit("extract", model, "--base", "lab", "--out", tmp_path / "s.safetensors")
+    res = run_cli("extract", model, "--base", "lab", "--out", tmp_path / "s.safetensors")
     assert res.returncode == 2 and "pickle" in res.stderr and str(model) in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.safetensors").exists()

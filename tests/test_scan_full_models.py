@@ -7,12 +7,11 @@ trained from; the dynamic scan and the data-free checks run the erased weights t
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
@@ -270,10 +269,6 @@ def test_safety_none_turns_off_a_configured_safety_module(tmp_path):
     assert config.safety is None and config.energy == 0.9 and config.candidate_from == "base"
 
 
-def auditkit(*args):
-    return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
 
 @pytest.mark.parametrize("case", ["pickle", "missing component", "no base"])
 def test_bad_full_models_get_one_line_errors_exit_2_and_no_report(made, tmp_path, case):
@@ -289,7 +284,7 @@ def test_bad_full_models_get_one_line_errors_exit_2_and_no_report(made, tmp_path
         shutil.rmtree(safety / "unet")
     else:
         safety, base = paths["erased-u"], []
-    res = auditkit("scan", paths["undo"], "--safety", safety, *base, "--static", "--no-config", "--out",
+    res = run_cli("scan", paths["undo"], "--safety", safety, *base, "--static", "--no-config", "--out",
                    tmp_path / "r")
     assert res.returncode == 2, res.stdout + res.stderr
     (line,) = res.stderr.strip().splitlines()
