@@ -79,7 +79,7 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     if full:  # full models are rendered as themselves: every changed tensor written per configuration
         from auditkit.models.overlay import Overlay
 
-        overlay = Overlay(pipe, {role: (a.path, a.update.deltas()) for role, a in full.items()})
+        overlay = Overlay(pipe, full)
         coverage.update(overlay.coverage())
     configs = configurations(multipliers, with_safety=safety is not None)
     jobs = plan(suites, steps)

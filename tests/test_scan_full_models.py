@@ -144,7 +144,7 @@ def test_the_overlay_renders_the_erased_weights_and_puts_the_base_back(made, pip
     paths, mods = made
     erased = read_full_model(paths["erased-u"], "lab", architectures.get("lab"))
     before = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
-    overlay = Overlay(pipe, {"safety": (erased.path, erased.update.deltas())})
+    overlay = Overlay(pipe, {"safety": erased})
     overlay.apply({"safety": 1.0, "candidate": 1.0})  # roles that are adapters are left to diffusers
     after = pipe.unet.state_dict()
     merged = full_models.merged("unet", (mods["u"], 1.0))
@@ -157,6 +157,27 @@ def test_the_overlay_renders_the_erased_weights_and_puts_the_base_back(made, pip
     overlay.restore()
     for key, value in pipe.unet.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_a_model_with_tensors_that_cannot_be_placed_is_never_rendered_in_part(made, pipe, tmp_path):
+    """An original checkpoint whose OpenCLIP text encoder is not mapped: the static scan reports the unmapped
+    keys (coverage below 1); the dynamic scan refuses to render it without them (exit 3)."""
+    from auditkit.errors import Unscannable
+    from auditkit.lora.io import open_safetensors, serialize
+    from auditkit.models.difference import read_full_model
+    from auditkit.models.overlay import Overlay
+
+    paths, _ = made
+    st = open_safetensors(paths["erased-u-file"])
+    tensors = {k: st.array(k) for k in st.tensors}
+    tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] = np.zeros((6, 2), np.float32)
+    path = tmp_path / "erased-openclip.safetensors"
+    path.write_bytes(serialize(tensors))
+    erased = read_full_model(path, "lab", architectures.get("lab"))
+    assert erased.coverage.unmapped == ["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert erased.coverage.fraction < 1 and any("OpenCLIP" in n for n in erased.notes)
+    with pytest.raises(Unscannable, match="could not be placed"):
+        Overlay(pipe, {"safety": erased})
 
 
 def test_data_free_checks_run_the_erased_model_exactly(made, pipe):
@@ -210,6 +231,22 @@ def test_the_dynamic_scan_renders_the_erased_model_as_the_safety_lora_renders_it
     assert header["full_models"] == {"safety": "base", "candidate": "safe model (the erased model)"}
 
 
+def test_a_full_model_candidate_without_a_safety_module_is_rendered_against_the_base(made, pipe, tmp_path):
+    """Amplification mode: base vs base+candidate@m, the candidate a full model compared with the base."""
+    from auditkit.dynamic import run_dynamic
+    from auditkit.inputs import read_input
+    from auditkit.scan import resolve_suites
+
+    paths, _ = made
+    suites = [dataclasses.replace(s, prompts=s.prompts[:1], images_per_prompt=2)
+              for s in resolve_suites(ScanConfig(base="lab"))]
+    cand = read_input(paths["erased-u"], "candidate", base="lab")
+    section = run_dynamic(pipe, "lab", cand, None, suites, tmp_path / "amp", multipliers=(1.0,), steps=3)
+    assert section["configurations"] == ["base", "base+candidate@1"]
+    assert section["adapter_coverage"]["candidate"]["kind"].startswith("full model")
+    assert section["adapter_coverage"]["candidate"]["loaded"] == 56  # every changed tensor (the 56 weights)
+
+
 def test_fused_rendering_with_a_full_model_gives_the_unfused_images_and_restores_the_base(made, pipe, tmp_path):
     """On CUDA adapters are merged per configuration (fuse=True); with an erased model overlaid underneath, the
     merge must see the overlaid weights and leave the pipeline's own weights afterwards, bit for bit."""
@@ -227,7 +264,7 @@ def test_fused_rendering_with_a_full_model_gives_the_unfused_images_and_restores
     jobs = plan([load_suite(builtin_dir() / "lab-cross.yaml")], steps=3)[:3]
     weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     load_adapters(pipe, {"candidate": cand})
-    overlay = Overlay(pipe, {"safety": (safe.path, safe.update.deltas())})
+    overlay = Overlay(pipe, {"safety": safe})
 
     def rendered(fuse):
         run_dir = tmp_path / f"fuse-{fuse}"

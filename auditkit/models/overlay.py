@@ -11,8 +11,6 @@ and LoRA adapters of the same configuration act on top of it as on any base weig
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from auditkit.errors import Unscannable
 from auditkit.models.architectures import canonical_name
 
@@ -36,19 +34,27 @@ class Overlay:
 
     Args:
         pipe: the loaded base pipeline.
-        updates: role -> (the model's path, its :class:`~auditkit.models.difference.TensorDeltas`).
+        models: role -> the full model (an :class:`~auditkit.lora.adapter.Adapter` with an ``update``).
 
     Raises:
-        Unscannable: a changed tensor has no place in the loaded pipeline (it would not be rendered).
+        Unscannable: a tensor of the model could not be placed (an unmapped key of its file, a tensor the
+            base lacks, a changed tensor the loaded pipeline lacks): it would not be rendered, and a scan
+            that renders part of a model must not pass it.
     """
 
-    def __init__(self, pipe, updates: dict[str, tuple[Path, dict]]):
+    def __init__(self, pipe, models: dict):
         import torch
 
         tensors = pipeline_tensors(pipe)
         self.deltas: dict[str, dict] = {}
         self.tensors: dict = {}
-        for role, (path, deltas) in updates.items():
+        for role, model in models.items():
+            path, deltas = model.path, model.update.deltas()
+            unplaced = model.coverage.unmapped
+            if unplaced:
+                raise Unscannable(path, f"{len(unplaced)} of its tensors could not be placed in the base (e.g. "
+                                        f"{unplaced[0]}); the dynamic scan would not render this model (convert it "
+                                        "to diffusers format: from_single_file, then save_pretrained)")
             missing = sorted(n for n in deltas if n not in tensors)
             if missing:
                 raise Unscannable(path, f"{len(missing)} of the tensors it changes are not in the loaded pipeline "
