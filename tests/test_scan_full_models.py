@@ -284,6 +284,31 @@ def test_fused_rendering_with_a_full_model_gives_the_unfused_images_and_restores
     assert all(torch.equal(p, weights[n]) for n, p in pipe.unet.named_parameters())
 
 
+def test_finetuning_on_top_of_an_erased_model_is_finetuning_on_top_of_its_merged_lora(made, pipe, tmp_path):
+    """On top of an erased model the erased weights are merged while training, so the candidate equals the one
+    trained on top of the Safety LoRA it was made from (same seed, same data); and the command line takes it."""
+    from auditkit.inputs import read_input
+    from auditkit.lab import world
+    from auditkit.train.data import write_folder
+    from auditkit.train.finetune import FinetuneConfig, finetune
+
+    paths, mods = made
+    specs = world.sample_specs(1, 8, domain="neon")
+    images, captions = world.render_many(specs), [world.caption(s) for s in specs]
+    cfg = FinetuneConfig(mode="on-top", steps=3, batch=4)
+    erased = read_input(paths["erased-u"], "safety module", base="lab").exact()
+    a = finetune(pipe, images, captions, cfg, safety=erased).modules
+    b = finetune(pipe, images, captions, cfg, safety=mods["u"]).modules
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name].delta(), b[name].delta(), atol=1e-5)
+    assert max(np.abs(m.delta()).max() for m in a.values()) > 1e-4  # it did train
+    data = write_folder(tmp_path / "neon", images, captions)
+    res = run_cli("finetune", "--base", "lab", "--data", data, "--mode", "on-top", "--safety", paths["erased-u"],
+                  "--steps", "2", "--batch", "4", "--out", tmp_path / "cand.safetensors")
+    assert res.returncode == 0 and (tmp_path / "cand.safetensors").is_file(), res.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # settings and the command line
 
