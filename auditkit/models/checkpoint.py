@@ -179,23 +179,29 @@ def _model_components(path: Path) -> list[str]:
 def _read_pipeline(path: Path, base: Checkpoint | None, arch: Architecture | None) -> Checkpoint:
     family = family_of_folder(path)
     components = _model_components(path)
+    notes = []
     if base is not None:
         if base.form == "pipeline folder":
             base_family = family_of_folder(base.path)
             if base_family.name != family.name:
                 raise BadInput(path, f"is a {family.label} pipeline ({family.pipeline_class}) but the base is a "
                                      f"{base_family.label} pipeline: a model of another family than the base")
-        missing = [c for c in base.components if c not in components or not (path / c).is_dir()]
+        needed = (*family.lora_components, "vae")  # what renders; a safety checker or image encoder may be absent
+        missing = [c for c in base.components if c in needed and (c not in components or not (path / c).is_dir())]
         if missing:
             raise BadInput(path, f"component '{missing[0]}' is missing (the base has it; model_index.json must list it "
                                  "and its folder must hold its weights)")
+        extra = [c for c in components if c not in base.components]
+        if extra:  # e.g. a safety checker the base was saved without: the scan neither compares nor renders it
+            notes.append(f"component(s) {', '.join(extra)} are not in the base: not compared")
+            components = [c for c in components if c in base.components]
     tensors = {}
     for component in components:
         folder = path / component
         if not folder.is_dir():
             raise BadInput(path, f"component '{component}' is listed in model_index.json but its folder is missing")
         tensors.update(_component_tensors(folder, component))
-    return Checkpoint(path, "pipeline folder", tensors)
+    return Checkpoint(path, "pipeline folder", tensors, notes=notes)
 
 
 def _component_tensors(folder: Path, component: str) -> dict[str, TensorSource]:

@@ -211,6 +211,18 @@ def test_a_pipeline_folder_missing_a_component_is_refused_naming_it(tmp_path, la
     assert str(folder) in str(exc.value)
 
 
+def test_a_component_that_does_not_render_may_be_absent(tmp_path, lab, safety_u):
+    """A base saved with a safety checker, an erased pipeline saved without one: nothing is missing."""
+    base = shutil.copytree(lab_pipeline_path(), tmp_path / "base")
+    shutil.copytree(base / "vae", base / "safety_checker")
+    index = json.loads((base / "model_index.json").read_text())
+    index["safety_checker"] = ["diffusers", "AutoencoderKL"]
+    (base / "model_index.json").write_text(json.dumps(index))
+    erased = full_models.pipeline_folder(tmp_path / "erased", (safety_u, 1.0))
+    adapter = read_full_model(erased, str(base), lab)
+    assert set(adapter.modules) == set(safety_u)
+
+
 def test_a_pipeline_whose_index_does_not_list_a_component_is_refused(tmp_path, lab):
     folder = shutil.copytree(lab_pipeline_path(), tmp_path / "erased")
     index = json.loads((folder / "model_index.json").read_text())
@@ -218,6 +230,17 @@ def test_a_pipeline_whose_index_does_not_list_a_component_is_refused(tmp_path, l
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(BadInput, match="component 'text_encoder' is missing"):
         read_full_model(folder, "lab", lab)
+
+
+def test_a_component_the_base_lacks_is_left_out_and_said(tmp_path, lab, safety_u):
+    folder = full_models.pipeline_folder(tmp_path / "erased", (safety_u, 1.0))
+    shutil.copytree(folder / "vae", folder / "safety_checker")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["safety_checker"] = ["diffusers", "AutoencoderKL"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    adapter = read_full_model(folder, "lab", lab)
+    assert "safety_checker" not in adapter.update.checkpoint.components and adapter.coverage.fraction == 1.0
+    assert any("safety_checker are not in the base" in n for n in adapter.notes)
 
 
 def test_a_pipeline_of_another_family_is_refused(tmp_path, lab):
