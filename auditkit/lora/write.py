@@ -221,6 +221,22 @@ def legacy_unet_state_dict(modules: dict[str, LoraModule], arch: Architecture, d
     return tensors, {"format": "pt"}
 
 
+def bare_transformer_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    """A transformer's LoRA under its own module paths, no component prefix and no alphas (the scale is
+    folded into lora_B): peft's state dict of the transformer saved as it is."""
+    layout = formats.LAYOUTS[formats.DIFFUSERS_TRANSFORMER]
+    _writable(modules, bias=False)
+    tensors = {}
+    for m in modules.values():
+        if not layout.can_hold(m.name):
+            raise ValueError(f"the {layout.name} layout holds a transformer's modules only, not {m.name}")
+        down, up = _factor_tensors(m, arch, dtype)
+        name = m.name.removeprefix("transformer.")
+        tensors[f"{name}.lora_A.weight"] = down
+        tensors[f"{name}.lora_B.weight"] = (up.astype(np.float64) * m.scale).astype(dtype)
+    return tensors, {"format": "pt"}
+
+
 def peft_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
     components = {m.name.split(".", 1)[0] for m in modules.values()}
     if len(components) != 1:
