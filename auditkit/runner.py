@@ -82,6 +82,13 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     Every module of the adapter counts, in whichever component it is (both SDXL text encoders
     included): a module in a component the pipeline's family does not have was not loaded.
 
+    A file diffusers reads natively is handed over as it is; when diffusers then applies fewer than
+    all of its modules or refuses it (diffusers 0.42: kohya's ``lora_unet_add_embedding_linear_N``
+    dropped, files mixing SGM and diffusers names, diffusers/peft text-encoder files under
+    transformers 5), it is loaded again as auditkit's exact conversion (a diffusers state dict of the
+    same updates), so the scan renders every module the file holds. The coverage record says which
+    source was used and names any module still missing.
+
     Each loaded module's scale is also checked against the file's own (alpha / rank, read by
     auditkit): diffusers ignores per-module alphas when a kohya file's alphas differ between modules
     (measured with diffusers 0.36: 9 of 14 modules got another module's scale). Wrong scales are
@@ -92,28 +99,49 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     family = family_of_pipeline(pipe)
     coverage = {}
     for role, adapter in adapters.items():
-        try:
-            pipe.load_lora_weights(diffusers_source(adapter, family.native_layouts), adapter_name=role)
-        except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-            raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
-                                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:240]}); the "
-                                            "dynamic scan would not test this adapter") from None
-        layers = _lora_layers(pipe, [role])
         expected = set(adapter.modules)
+        source = diffusers_source(adapter, family.native_layouts)
+        layers, failure = _load(pipe, adapter, role, source, family)
+        note = ""
+        if isinstance(source, str) and (failure or not expected <= layers.keys()):
+            note = (f"diffusers refused the file ({failure})" if failure else
+                    f"diffusers applied {len(expected & layers.keys())} of the file's {len(expected)} modules")
+            if not failure:
+                pipe.delete_adapters(role)
+            source = diffusers_source(adapter, ())
+            layers, failure = _load(pipe, adapter, role, source, family)
+        if failure:
+            raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
+                                            f"({failure}); the dynamic scan would not test this adapter")
         got = len(expected & layers.keys())
         fraction = got / len(expected) if expected else 0.0
+        missing = sorted(expected - layers.keys())
         if fraction < min_coverage:
             foreign = sorted({n.split(".", 1)[0] for n in expected} - set(family.lora_components))
             untouched = sorted({n.split(".", 1)[0] for n in expected} - {n.split(".", 1)[0] for n in layers}
                                - set(foreign))
             why = f" ({', '.join(foreign)}: not in a {family.name} pipeline)" if foreign else \
-                f" (diffusers loads none of {', '.join(untouched)}'s modules)" if untouched else ""
+                f" (diffusers loads none of {', '.join(untouched)}'s modules)" if untouched else \
+                f" (missing: {', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})"
             raise Unscannable(adapter.path, f"diffusers applied only {got} of {len(expected)} modules "
                                             f"({fraction:.0%}){why}; the dynamic scan would not test this adapter")
         corrected = _correct_scales(adapter, role, {n: layers[n] for n in expected & layers.keys()})
         coverage[role] = {"expected": len(expected), "loaded": got, "fraction": fraction,
-                          "scales_corrected": corrected}
+                          "scales_corrected": corrected, "missing": missing[:50],
+                          "source": "file" if isinstance(source, str) else "auditkit conversion",
+                          **({"note": note + "; loaded as auditkit's exact conversion"} if note else {})}
     return coverage
+
+
+def _load(pipe, adapter, role: str, source, family) -> tuple[dict, str]:
+    """Load ``source`` as adapter ``role``: (its LoRA layers by canonical name, "" or why diffusers refused)."""
+    try:
+        pipe.load_lora_weights(source, adapter_name=role)
+    except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+        if role in getattr(pipe, "get_list_adapters", dict)().get(family.denoiser, ()):
+            pipe.delete_adapters(role)
+        return {}, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
+    return _lora_layers(pipe, [role]), ""
 
 
 def _correct_scales(adapter, role: str, layers: dict) -> int:
@@ -269,6 +297,7 @@ class Fused:
         self.pipe = pipe
         self.saved: dict = {}  # LoRA layer -> its base weight before the current merge
         self.merged = False
+        self.unmerged: set[str] = set()  # configurations rendered unmerged (their adapters update biases)
 
     def apply(self, config: Configuration, roles: Sequence[str]) -> None:
         self.restore()
@@ -276,10 +305,18 @@ class Fused:
         if not names:
             apply_configuration(self.pipe, config, roles)
             return
+        layers = _lora_layers(self.pipe, names).values()
+        if any(getattr(layer.lora_B[r], "bias", None) is not None for layer in layers for r in names
+               if r in layer.lora_B):
+            # peft cannot merge a LoRA bias into a layer without one, and merging into one that has a bias
+            # would need that bias saved too: bias updates (full-diff diff_b) render unmerged
+            self.unmerged.add(config.name)
+            apply_configuration(self.pipe, config, roles)
+            return
         weights = dict(config.weights)
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=[float(weights[r]) for r in names])
-        for layer in _lora_layers(self.pipe, names).values():
+        for layer in layers:
             if layer not in self.saved:
                 self.saved[layer] = layer.get_base_layer().weight.detach().clone()
         self.pipe.fuse_lora(components=self.components(), adapter_names=names, lora_scale=1.0)

@@ -145,6 +145,8 @@ def _kohya_names(arch: Architecture) -> dict[str, str]:
                 names["lora_unet_" + sgm.replace(".", "_")] = canonical
         elif component in arch.kohya_prefixes:
             names[arch.kohya_prefixes[component] + path.replace(".", "_")] = canonical
+            if component == "transformer":  # LyCORIS' create_lycoris around a DiT (SimpleTuner's Flux/SD3 files)
+                names["lycoris_" + path.replace(".", "_")] = canonical
             flat = _text_alias(path)  # trainers on transformers 5 name CLIP modules without text_model
             if flat:
                 names.setdefault(arch.kohya_prefixes[component] + flat.replace(".", "_"), canonical)

@@ -87,5 +87,6 @@ class Overlay:
 
     def coverage(self) -> dict[str, dict]:
         """Per role, how much of the full model was applied: all of it (anything else raised)."""
-        return {role: {"expected": len(d), "loaded": len(d), "fraction": 1.0, "scales_corrected": 0,
-                       "kind": "full model (every changed tensor, exactly)"} for role, d in self.deltas.items()}
+        return {role: {"expected": len(d), "loaded": len(d), "fraction": 1.0, "scales_corrected": 0, "missing": [],
+                       "kind": "full model", "source": "the model itself: every changed tensor, exactly"}
+                for role, d in self.deltas.items()}
