@@ -4,9 +4,9 @@ to be composed with, one combined file, and a manifest saying how to compose the
 ::
 
     pack/
-      finetune.safetensors   the repaired adapter (kohya layout)
+      finetune.safetensors   the repaired adapter (kohya layout; Flux and SD3: diffusers layout)
       safety.safetensors     a byte-exact copy of the safety adapter
-      combined.safetensors   both in one LoRA: factors concatenated along the rank (kohya layout,
+      combined.safetensors   both in one LoRA: factors concatenated along the rank (the same layout,
                              rank r_safe + r_ft, alpha = rank), for tools that load one file
       manifest.json          files, hashes, ranks, multipliers and the diffusers snippet
 
@@ -36,9 +36,10 @@ def diffusers_snippet(folder: str) -> str:
 
 
 def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Adapter, arch: Architecture,
-               method: str, metadata: dict[str, str], inputs: tuple[Path, ...] = (), extra: dict | None = None
-               ) -> dict:
-    """Write the pack into ``out_dir``; returns the manifest."""
+               method: str, metadata: dict[str, str], inputs: tuple[Path, ...] = (), extra: dict | None = None,
+               layout: str = "kohya") -> dict:
+    """Write the pack into ``out_dir`` (the adapters in ``layout``: the base family's ``written_layout``);
+    returns the manifest."""
     out_dir = Path(out_dir)
     targets = {role: out_dir / name for role, name in FILES.items()}
     for path in targets.values():
@@ -47,10 +48,10 @@ def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Ada
                 raise BadInput(path, "the repair would overwrite one of its inputs; choose another --out")
     meta = {**metadata, "auditkit.kind": "finetune", "auditkit.repair": method,
             "auditkit.compose_with": safety.sha256}
-    save_adapter(finetune, targets["finetune"], arch, metadata=meta)
+    save_adapter(finetune, targets["finetune"], arch, layout, metadata=meta)
     atomic_write_bytes(targets["safety"], Path(safety.path).read_bytes())
     combined = concatenate((safety.modules, 1.0), (finetune, 1.0))
-    save_adapter(combined, targets["combined"], arch, metadata={
+    save_adapter(combined, targets["combined"], arch, layout, metadata={
         "auditkit.kind": "combined", "auditkit.repair": method,
         "auditkit.note": "safety + repaired fine-tuning adapter, factors concatenated along the rank"})
     files = {}
