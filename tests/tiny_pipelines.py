@@ -352,9 +352,76 @@ def check_first_flow_matching_loss(pipe, data_folder, sample_u, predict) -> None
     assert abs(result.losses[0] - by_hand) <= 1e-5 * by_hand, (result.losses[0], by_hand)
 
 
+def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
+    """The data-free checks on ``pipe`` give numbers: the concept check equals a dense reference on the
+    text key/value projections' inputs captured by hand; the exact inverse of the safety adapter reverts
+    all of its change to the text keys/values and to the denoiser's prediction (``prediction``: noise or
+    velocity, of the ``label``), nothing reverts none, and the safety adapter itself reinforces."""
+    import numpy as np
+
+    from auditkit.analysis.concept import concept_reversion, kv_reversion
+    from auditkit.analysis.reversion import noise_reversion
+    from auditkit.lora.adapter import LoraModule
+
+    inverse = {n: LoraModule(n, m.down, -m.up, m.scale) for n, m in safety.items()}
+    rng = np.random.default_rng(0)
+    other = {n: LoraModule(n, rng.normal(size=m.down.shape).astype(np.float32),
+                           rng.normal(size=m.up.shape).astype(np.float32), m.scale) for n, m in safety.items()}
+    check = concept_reversion(pipe, CONCEPT_PROMPTS, "cross", other, safety)
+    inputs, mask, kv = text_kv_inputs_by_hand(pipe, CONCEPT_PROMPTS, "cross", safety)
+    reference = kv_reversion(inputs, mask, other, safety, kv)
+    assert check.applicable and check.modules and check.concept_tokens >= 2
+    assert (check.tokens, check.concept_tokens) == (reference.tokens, reference.concept_tokens)
+    assert abs(check.reverted - reference.reverted) < 1e-9 and abs(check.reverted) > 1e-6
+    full = concept_reversion(pipe, CONCEPT_PROMPTS, "cross", inverse, safety)
+    assert abs(full.reverted - 1.0) < 1e-9 and abs(full.reverted_concept_tokens - 1.0) < 1e-9
+    assert concept_reversion(pipe, CONCEPT_PROMPTS, "cross", {}, safety).reverted == 0.0
+    rev = noise_reversion(pipe, CONCEPT_PROMPTS, inverse, safety, steps=3)
+    assert abs(rev.reverted - 1.0) < 1e-3 and rev.relative_safety_change > 0 and len(rev.per_step) == 3
+    assert (rev.prediction, rev.denoiser) == (prediction, label)
+    assert noise_reversion(pipe, CONCEPT_PROMPTS, {}, safety, steps=3).reverted == 0.0
+    assert noise_reversion(pipe, CONCEPT_PROMPTS, safety, safety, steps=3).reverted < 0
+
+
+def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
+    """The dense reference of the concept check's inputs: module -> every row its text key/value projection
+    reads (a UNet's cross-attention: the prompt states; an MMDiT's: its input captured at each step of the
+    base model's trajectory from the same seeded noise), the concept-token mask over those rows, and the
+    projections' suffixes."""
+    import numpy as np
+    import torch
+
+    from auditkit.analysis.concept import concept_mask
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+
+    den = denoiser_for(pipe)
+    cond = encode(pipe, prompts)
+    mask = concept_mask(cond, word).reshape(-1)
+    names = [n for n in safety if n.startswith(f"{den.component}.") and n.endswith(den.record.text_kv)]
+    if den.label == "UNet":  # cross-attention keys/values read the prompt's hidden states
+        hidden = cond.hidden.double().numpy().reshape(-1, cond.hidden.shape[-1])
+        return {n: hidden for n in names}, mask, den.record.text_kv
+    seen = {n: [] for n in names}
+    hooks = [den.model.get_submodule(n.split(".", 1)[1]).register_forward_hook(
+        lambda _m, args, _o, n=n: seen[n].append(args[0].double().numpy().reshape(-1, args[0].shape[-1])))
+        for n in names]
+    try:
+        sampler = den.sampler(steps)
+        x = den.noise(len(prompts), torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            for k, t in enumerate(sampler.timesteps):
+                x = sampler.step(den.predict(x, t, cond), k, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: np.concatenate(v) for n, v in seen.items()}, np.tile(mask, steps), den.record.text_kv
+
+
 def check_modular_repair(folder, pipe, safety_path, candidate: dict, data_folder, tmp_path: Path) -> dict:
     """A modular repair of ``candidate`` (retrained on the base, 3 steps) with its re-scan: the repaired
-    adapter has the candidate's modules and changes the denoiser. Returns the repair report."""
+    adapter has the candidate's modules, and both scans report the data-free checks with numbers.
+    Returns the repair report."""
     from auditkit.config import ScanConfig
     from auditkit.lora.adapter import read_adapter
     from auditkit.lora.write import save_adapter
@@ -378,5 +445,8 @@ def check_modular_repair(folder, pipe, safety_path, candidate: dict, data_folder
     repaired = read_adapter(tmp_path / "r" / "pack" / "finetune.safetensors", extra_architectures=(arch,))
     assert set(repaired.modules) == set(candidate)
     assert prediction_change(pipe, repaired.modules) > 1e-6
+    for side in ("before", "after"):
+        assert isinstance(section[side]["concept_check"], float) and isinstance(section[side]["noise_reversion"], float)
     assert report["dynamic"]["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    assert "data-free" in report["evidence"]["gathered"]
     return report

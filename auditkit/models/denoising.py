@@ -24,7 +24,9 @@ switch on the family. A record combines:
   their position ids (``_prepare_latent_image_ids``) and zero text ids, the timestep / 1000 and, for
   guidance-distilled checkpoints (``guidance_embeds``: Flux.1-dev), the guidance as an input;
 * **guidance** in sampling: classifier-free (two passes) or the embedded guidance of distilled models;
-* the **target presets** (which modules ``esd-x``, ``esd-u``, … train).
+* the **target presets** (which modules ``esd-x``, ``esd-u``, … train) and the text key/value
+  projections the data-free concept check reads (UNet cross-attention ``attn2.to_k/to_v``; MMDiT joint
+  attention ``attn.add_k_proj/add_v_proj``, the text tokens' keys and values the image attends to).
 
 Latents are VAE means, shifted and scaled as the pipelines do ((mean − shift_factor) · scaling_factor;
 SD's VAE has no shift). Every tensor function here imports torch lazily.
@@ -260,6 +262,37 @@ def flux_size(pipe, model) -> tuple[int, int]:
     return model.config.in_channels // 4, pixels // pipe.vae_scale_factor
 
 
+# --- inputs of the text key/value projections, for the data-free concept check --------------------
+
+def prompt_states(den: Denoiser, cond, names: list[str], visit: Callable, steps: int, generator) -> None:
+    """UNet cross-attention reads the prompt's hidden states themselves: ``visit(name, cond.hidden)`` for
+    every module (no denoiser call)."""
+    for name in names:
+        visit(name, cond.hidden)
+
+
+def captured_states(den: Denoiser, cond, names: list[str], visit: Callable, steps: int, generator) -> None:
+    """MMDiT: the text stream each block's projections read (normalised and modulated by the timestep
+    and the pooled prompt; after the first block also attended to the image), handed to
+    ``visit(name, batch × tokens × d)`` by forward hooks along the base model's own conditional
+    trajectory (``steps`` points from noise drawn with ``generator``), as the model computes it."""
+    import torch
+
+    if not names:
+        return
+    hooks = [den.model.get_submodule(n).register_forward_hook(
+        lambda _m, args, _out, n=n: visit(n, args[0].detach())) for n in names]
+    try:
+        with torch.no_grad():
+            sampler = den.sampler(steps)
+            x = den.noise(len(cond), generator) * sampler.init_noise_sigma
+            for k, t in enumerate(sampler.timesteps):
+                x = sampler.step(den.predict(x, t, cond), k, x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @dataclass(frozen=True)
 class Denoising:
     """How one kind of denoiser is called, trained and sampled (see the module docstring)."""
@@ -269,18 +302,23 @@ class Denoising:
     guide: Callable  # (denoiser, x, t, cond, neg, scale) -> guided prediction for sampling
     size: Callable  # (pipe, model) -> (latent channels, latent size)
     targets: dict[str, str]  # preset name -> regex over the denoiser's module names
+    text_kv: tuple[str, ...]  # suffixes of the projections making the text's keys and values
+    text_states: Callable  # (denoiser, cond, names, visit, steps, generator): visit(name, its inputs) for each
     patch: int = 1  # latent pixels per image token side (for the resolution-dependent schedule shift)
     guidance: float | None = None  # the guidance input of distilled models outside sampling (training, checks)
     label: str = "UNet"
 
 
-UNET = Denoising(EpsilonProcess, call_unet, classifier_free, configured_size, UNET_TARGETS)
+UNET = Denoising(EpsilonProcess, call_unet, classifier_free, configured_size, UNET_TARGETS,
+                 (".attn2.to_k", ".attn2.to_v"), prompt_states)
 SD3 = Denoising(lambda config: FlowMatchingProcess(config, logit_normal_density, scheduler_schedule), call_sd3,
-                classifier_free, configured_size, MMDIT_TARGETS, patch=2, label="transformer")
+                classifier_free, configured_size, MMDIT_TARGETS, (".attn.add_k_proj", ".attn.add_v_proj"),
+                captured_states, patch=2, label="transformer")
 # diffusers' Flux DreamBooth script trains guidance-distilled checkpoints at guidance 3.5 (its default, and
 # FluxPipeline's)
 FLUX = Denoising(lambda config: FlowMatchingProcess(config, uniform_density, linear_sigma_schedule), call_flux,
-                 embedded_guidance, flux_size, MMDIT_TARGETS, patch=2, guidance=3.5, label="transformer")
+                 embedded_guidance, flux_size, MMDIT_TARGETS, (".attn.add_k_proj", ".attn.add_v_proj"),
+                 captured_states, patch=2, guidance=3.5, label="transformer")
 
 
 @dataclass
@@ -341,6 +379,16 @@ class Denoiser:
             for chunk in x.split(256):
                 out.append((vae.encode(chunk).latent_dist.mean - shift) * vae.config.scaling_factor)
         return torch.cat(out)
+
+    def text_states(self, cond, paths: list[str], visit: Callable, steps: int, generator) -> None:
+        """``visit(path, inputs)`` with what each text key/value projection ``path`` (no component prefix)
+        reads for ``cond`` (batch × tokens × d; an MMDiT's once per trajectory step)."""
+        self.record.text_states(self, cond, paths, visit, steps, generator)
+
+    def text_kv_modules(self, names) -> list[str]:
+        """The names (canonical, ``component.path``) among ``names`` of the text key/value projections."""
+        prefix = f"{self.component}."
+        return sorted(n for n in names if n.startswith(prefix) and n.endswith(self.record.text_kv))
 
 
 def denoiser_for(pipe) -> Denoiser:

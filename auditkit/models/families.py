@@ -32,9 +32,6 @@ class Family:
     # "module:attr" of the Denoising record: how the denoiser is called, trained (its diffusion process)
     # and sampled, for align, finetune, repair's retraining and the data-free checks (auditkit.models.denoising)
     denoising: str = "auditkit.models.denoising:UNET"
-    # auditkit.analysis' concept check and noise reversion read one text encoder and call the UNet
-    # without added conditioning: SD 1/2 only for now
-    data_free_checks: bool = False
     # kohya prefixes of the text encoders (component -> prefix); empty: lora_te_, or lora_te1_/lora_te2_
     kohya_prefixes: dict = field(default_factory=dict)
     # auditkit.lora.formats layouts whose files diffusers' loader for this family reads with the scales and
@@ -57,7 +54,7 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd", "Stable Diffusion 1.x / 2.x", "StableDiffusionPipeline", ("StableDiffusionPipeline",),
            "unet", ("text_encoder",),
-           load_options={"safety_checker": None, "requires_safety_checker": False}, data_free_checks=True),
+           load_options={"safety_checker": None, "requires_safety_checker": False}),
     Family("sdxl", "Stable Diffusion XL (and fine-tunes: Pony, Illustrious, …)", "StableDiffusionXLPipeline",
            ("StableDiffusionXLPipeline",), "unet", ("text_encoder", "text_encoder_2"),
            conditioning="auditkit.models.conditioning:encode_sdxl"),

@@ -1,8 +1,8 @@
 """Flux.1 end to end on a tiny random-initialised ``FluxPipeline`` (real diffusers and transformers classes,
 small configs, saved with safetensors): family detection and loading, adapters in the namings Flux files
 come in (kohya's fused q/k/v with one shared down factor, BFL, XLabs, diffusers) composed into the weights
-exactly, a dynamic scan that resumes, and align (ESD), finetune (the flow-matching objective on packed
-latents) and a retraining repair."""
+exactly, a dynamic scan that resumes with the data-free checks, and align (ESD), finetune (the
+flow-matching objective on packed latents) and a retraining repair."""
 
 import json
 import re
@@ -227,8 +227,10 @@ def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, 
     assert dyn["adapter_coverage"]["safety"]["expected"] == len([n for n in arch.modules
                                                                  if n.startswith("transformer.")])
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
-    assert first.verdict.evidence == "behavioural" and "data-free" not in first.report["evidence"]["gathered"]
-    assert not first.report["concept_check"]["applicable"] and "flux" in first.report["concept_check"]["note"]
+    assert first.verdict.evidence == "behavioural" and "data-free" in first.report["evidence"]["gathered"]
+    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
+    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
+    assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
@@ -314,6 +316,11 @@ def test_finetune_trains_a_lora_on_flux(pipe, trained, mode):
 
 def test_finetune_minimises_the_flow_matching_loss_on_packed_latents(pipe, trained):
     e2e.check_first_flow_matching_loss(pipe, trained[1], lambda gen: torch.rand((2,), generator=gen), flux_reference)
+
+
+def test_the_data_free_checks_give_numbers_on_flux(pipe, trained):
+    safety = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),)).modules
+    e2e.check_data_free(pipe, safety, "velocity", "transformer")
 
 
 def test_a_modular_repair_of_a_flux_candidate_retrains_and_rescans(folder, pipe, trained, tmp_path):

@@ -1,8 +1,8 @@
 """SD3 / SD3.5 end to end on a tiny random-initialised ``StableDiffusion3Pipeline`` (SD3.5-Medium-like: a
 second attention in the first block, a context-pre-only last block): family detection and loading, the
 original (SAI) module names checked against diffusers' own checkpoint converter, adapters in the namings SD3
-files come in composed into the weights exactly, a dynamic scan that resumes, and align (ESD), finetune (the
-flow-matching objective) and a retraining repair."""
+files come in composed into the weights exactly, a dynamic scan that resumes with the data-free checks, and
+align (ESD), finetune (the flow-matching objective) and a retraining repair."""
 
 import json
 import re
@@ -211,7 +211,10 @@ def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, 
     assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
     assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)
-    assert not first.report["concept_check"]["applicable"] and "sd3" in first.report["concept_check"]["note"]
+    assert "data-free" in first.report["evidence"]["gathered"]
+    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
+    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
+    assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
@@ -291,6 +294,11 @@ def test_finetune_trains_a_lora_on_sd3(pipe, trained, mode):
 def test_finetune_minimises_the_flow_matching_loss_with_logit_normal_timesteps(pipe, trained):
     e2e.check_first_flow_matching_loss(pipe, trained[1], lambda gen: torch.sigmoid(torch.randn((2,), generator=gen)),
                                        sd3_reference)
+
+
+def test_the_data_free_checks_give_numbers_on_sd3(pipe, trained):
+    safety = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),)).modules
+    e2e.check_data_free(pipe, safety, "velocity", "transformer")
 
 
 def test_a_modular_repair_of_an_sd3_candidate_retrains_and_rescans(folder, pipe, trained, tmp_path):
