@@ -53,7 +53,8 @@ class KVSums:
         self.candidate, self.safety, self.kv = candidate, safety, kv
         self.names = sorted(n for n in safety if n.endswith(kv))
         self.sums = {n: np.zeros(4) for n in self.names}  # inner, energy (all rows), inner, energy (concept)
-        self.rows = self.concept_rows = 0  # as the first module saw them (every module sees the same rows)
+        self.rows = self.concept_rows = 0  # as one module saw them (every module sees the same rows)
+        self._counting: str | None = None
 
     def add(self, name: str, e: np.ndarray, mask: np.ndarray) -> None:
         """Rows ``e`` (rows × d) read by module ``name``; ``mask`` flags the concept word's rows."""
@@ -63,7 +64,8 @@ class KVSums:
         dc = _projected(e, self.candidate[name]) if name in self.candidate else np.zeros_like(ds)
         self.sums[name] += (float(np.sum(dc * ds)), float(np.sum(ds * ds)),
                             float(np.sum(dc[mask] * ds[mask])), float(np.sum(ds[mask] * ds[mask])))
-        if name == self.names[0]:
+        self._counting = self._counting or name
+        if name == self._counting:
             self.rows += len(mask)
             self.concept_rows += int(mask.sum())
 

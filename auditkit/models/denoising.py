@@ -210,7 +210,8 @@ def call_unet(model, x, t, cond, guidance=None):
 
 
 def call_sd3(model, x, t, cond, guidance=None):
-    return model(hidden_states=x, timestep=_timesteps(t, x).to(x.dtype), **cond.kwargs()).sample
+    """The SD3 transformer: a batch of timesteps on the 0–1000 scale (kept in float32, as the pipeline)."""
+    return model(hidden_states=x, timestep=_timesteps(t, x), **cond.kwargs()).sample
 
 
 def call_flux(model, x, t, cond, guidance=None):

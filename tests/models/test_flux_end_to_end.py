@@ -231,6 +231,7 @@ def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, 
     cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
     assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
     assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
+    assert "change to the transformer's velocity prediction" in (tmp_path / "scan" / "report.html").read_text()
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
