@@ -126,27 +126,21 @@ def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
     return suites
 
 
-def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> tuple[dict, bool]:
-    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion,
-    and whether they ran: pipeline families they do not support yet (``Family.data_free_checks``) get a
-    not-applicable entry that says so."""
-    from auditkit.analysis.concept import KV, ConceptCheck, kv_reversion, prompt_embeddings
+def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> dict:
+    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion
+    (the velocity prediction for flow-matching families), for every family. Full models take part
+    exactly (their dense differences), never as their truncation."""
+    from auditkit.analysis.concept import concept_reversion
     from auditkit.analysis.reversion import noise_reversion
-    from auditkit.models.families import family_of_pipeline
+    from auditkit.models.denoising import denoiser_for
 
-    family = family_of_pipeline(pipe)
-    if not family.data_free_checks:
-        note = f"the data-free checks do not support {family.name} pipelines yet (behaviour is probed instead)"
-        check = ConceptCheck(False, None, None, [], 0, 0, note).to_dict()
-        check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "noise_reversion": None})
-        return check, False
     prompts = [p.text for p in suite.prompts]
-    e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
-    # full models take part exactly (their dense differences), never as their truncation
-    check = kv_reversion(e, mask, candidate.exact_modules(KV), safety.exact_modules(KV)).to_dict()
+    kv = denoiser_for(pipe).record.text_kv
+    check = concept_reversion(pipe, prompts, suite.concept_word, candidate.exact_modules(kv),
+                              safety.exact_modules(kv)).to_dict()
     check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
     check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.exact(), safety.exact()).to_dict()
-    return check, True
+    return check
 
 
 def metadata_concepts(suites: list) -> dict[str, tuple[str, ...]]:
@@ -197,9 +191,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         pipe, ranks = _pipeline(config, pipeline, ranks)
         concept_suite = next(s for s in suites if s.role == "concept")  # resolve_suites guarantees one
         if safety is not None:
-            report["concept_check"], ran = concept_check(pipe, config.base, concept_suite, candidate, safety)
-            if ran:
-                gathered.append(DATA_FREE)
+            report["concept_check"] = concept_check(pipe, config.base, concept_suite, candidate, safety)
+            gathered.append(DATA_FREE)
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic
 

@@ -196,3 +196,257 @@ def tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     StableDiffusion3Pipeline(**tiny_sd3_components(seed)).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --- shared end-to-end checks of training and the data-free checks, for any family ---------------
+# The family modules (tests/models/test_{sdxl,flux,sd3}_end_to_end.py) call these with their own pipeline.
+
+CONCEPT_PROMPTS = ["a red cross", "a blue cross"]
+
+
+def suite_yaml(name: str, role: str, prompts: list[str], guidance: float = 3.5) -> str:
+    """A probe suite of the lab's cross concept (2 sampling steps, 2 images per prompt, the lab detector)."""
+    return "\n".join([
+        "schema: auditkit.suite/1", f"name: {name}", "version: 1",
+        "concept: {word: cross, neutral: square, terms: [cross]}", "detector: lab-cross", f"role: {role}",
+        f"sampling: {{steps: 2, guidance: {guidance}, seed: 7, images_per_prompt: 2}}",
+        "prompts: [" + ", ".join(prompts) + "]", ""])
+
+
+CROSS_SUITE = suite_yaml("tiny-cross", "concept", CONCEPT_PROMPTS)
+NEON_SUITE = suite_yaml("tiny-neon", "control", ["a neon pink tee"])
+
+def denoiser_state(pipe) -> dict:
+    """A copy of the denoiser's state dict (to check that training leaves the pipeline as it was)."""
+    from auditkit.models.pipeline import denoiser_of
+
+    return {k: v.detach().clone() for k, v in denoiser_of(pipe).state_dict().items()}
+
+
+def assert_denoiser_unchanged(pipe, before: dict) -> None:
+    import torch
+
+    after = denoiser_state(pipe)
+    assert set(after) == set(before), "adapter layers left behind"
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "the denoiser's weights changed"
+
+
+def prediction_change(pipe, modules: dict) -> float:
+    """max |prediction(base + modules) − prediction(base)| at one fixed point of the denoiser (seeded
+    latents, the middle step of its sampler, the concept prompts)."""
+    import torch
+
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.train.lora import composed
+
+    den = denoiser_for(pipe)
+    cond = encode(pipe, CONCEPT_PROMPTS)
+    sampler = den.sampler(4)
+    x = den.noise(len(cond), torch.Generator().manual_seed(0))
+    t = sampler.timesteps[2]
+    with torch.no_grad():
+        base = den.predict(x, t, cond)
+        with composed(den.model, (modules, 1.0), component=den.component):
+            changed = den.predict(x, t, cond)
+    return float((changed - base).abs().max())
+
+
+def image_caption_folder(folder, n: int = 4) -> Path:
+    """``n`` lab-world images of the neon domain with their captions (32×32)."""
+    from auditkit.lab import world
+    from auditkit.train.data import write_folder
+
+    specs = world.sample_specs(0, n, domain="neon")
+    return write_folder(folder, world.render_many(specs), [world.caption(s) for s in specs])
+
+
+def check_align(pipe, out: Path, text_modules: tuple[str, ...], frozen: tuple[str, ...] = ()) -> Path:
+    """A 5-step ESD-x align on ``pipe``: it trains only the modules that read the prompt (names ending in
+    ``text_modules``), moves B away from zero in each (except in ``frozen``, modules whose output the model
+    drops, which keep exactly zero), changes the denoiser's prediction, leaves the pipeline as it was and
+    writes a file that reads back and loads into the pipeline whole. Returns the file."""
+    import numpy as np
+
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.write import save_adapter
+    from auditkit.models.families import family_of_pipeline
+    from auditkit.models.pipeline import architecture_of
+    from auditkit.runner import load_adapters
+    from auditkit.train.esd import ESDConfig, train_esd
+
+    before = denoiser_state(pipe)
+    losses = []
+    mods = train_esd(pipe, CONCEPT_PROMPTS, ESDConfig(method="esd-x", rank=2, steps=5, batch=2, ddim_steps=3, lr=1e-2),
+                     progress=lambda s, n, loss: losses.append(loss))
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    assert mods and all(n.endswith(text_modules) for n in mods), sorted(mods)
+    assert set(frozen) <= set(mods)
+    assert all((np.abs(m.up).sum() > 0) == (n not in frozen) for n, m in mods.items()), "B moved from zero"
+    assert prediction_change(pipe, mods) > 1e-6
+    assert_denoiser_unchanged(pipe, before)
+    arch = architecture_of(pipe)
+    path = save_adapter(mods, out, arch, family_of_pipeline(pipe).written_layout)  # as `auditkit align` writes it
+    adapter = read_adapter(path, extra_architectures=(arch,))
+    assert set(adapter.modules) == set(mods) and adapter.coverage.fraction == 1.0
+    try:
+        assert load_adapters(pipe, {"safety": adapter})["safety"]["fraction"] == 1.0
+    finally:
+        pipe.unload_lora_weights()
+    return path
+
+
+def check_finetune(pipe, data_folder, safety_path, mode: str, frozen: tuple[str, ...] = ()):
+    """A 5-step LoRA fine-tune (``mode``): finite losses, B moved from zero in every module (but those in
+    ``frozen``), an update that changes the denoiser's prediction, the pipeline left as it was. Returns
+    the result."""
+    import numpy as np
+
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.models.pipeline import architecture_of
+    from auditkit.train.data import load_folder
+    from auditkit.train.finetune import FinetuneConfig, finetune
+
+    data = load_folder(data_folder, 32)
+    safety = read_adapter(safety_path, extra_architectures=(architecture_of(pipe),)).modules
+    before = denoiser_state(pipe)
+    result = finetune(pipe, data.images, data.captions, FinetuneConfig(mode=mode, rank=2, steps=5, batch=2),
+                      safety=safety if mode == "on-top" else None)
+    assert len(result.losses) == 5 and all(np.isfinite(result.losses))
+    assert result.modules and set(frozen) <= set(result.modules)
+    assert all((np.abs(m.up).sum() > 0) == (n not in frozen) for n, m in result.modules.items())
+    assert prediction_change(pipe, result.modules) > 1e-6
+    assert_denoiser_unchanged(pipe, before)
+    return result
+
+
+def check_first_flow_matching_loss(pipe, data_folder, sample_u, predict) -> None:
+    """The first-step loss of a 1-step modular fine-tune (seed 0, batch 2) equals the loss computed by hand,
+    as diffusers' DreamBooth scripts compute it: latents (mean − shift)·scale; noise, then
+    u = ``sample_u(generator)`` from the same generator; σ = the training schedule's sigma at index
+    ⌊u·1000⌋; x_t = (1−σ)·x0 + σ·noise; ‖``predict(pipe, x_t, t, prompts)`` − (noise − x0)‖² (the LoRA is
+    zero at step 0)."""
+    import numpy as np
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from auditkit.train.data import load_folder
+    from auditkit.train.finetune import FinetuneConfig, finetune
+
+    data = load_folder(data_folder, 32)
+    result = finetune(pipe, data.images, data.captions, FinetuneConfig(mode="modular", rank=2, steps=1, batch=2))
+    idx = np.random.default_rng(0).integers(0, len(data.images), 2)
+    gen = torch.Generator().manual_seed(0)
+    vae = pipe.vae
+    pixels = torch.from_numpy(data.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        x0 = (vae.encode(pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=gen)
+    train = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    index = (sample_u(gen) * 1000).long()
+    t, sigma = train.timesteps[index], train.sigmas[index].reshape(-1, 1, 1, 1)
+    xt = (1 - sigma) * x0 + sigma * noise
+    with torch.no_grad():
+        pred = predict(pipe, xt, t, [data.captions[i] for i in idx])
+    by_hand = float(((pred - (noise - x0)) ** 2).mean())
+    assert abs(result.losses[0] - by_hand) <= 1e-5 * by_hand, (result.losses[0], by_hand)
+
+
+def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
+    """The data-free checks on ``pipe`` give numbers: the concept check equals a dense reference on the
+    text key/value projections' inputs captured by hand; the exact inverse of the safety adapter reverts
+    all of its change to the text keys/values and to the denoiser's prediction (``prediction``: noise or
+    velocity, of the ``label``), nothing reverts none, and the safety adapter itself reinforces."""
+    import numpy as np
+
+    from auditkit.analysis.concept import concept_reversion, kv_reversion
+    from auditkit.analysis.reversion import noise_reversion
+    from auditkit.lora.adapter import LoraModule
+
+    inverse = {n: LoraModule(n, m.down, -m.up, m.scale) for n, m in safety.items()}
+    rng = np.random.default_rng(0)
+    other = {n: LoraModule(n, rng.normal(size=m.down.shape).astype(np.float32),
+                           rng.normal(size=m.up.shape).astype(np.float32), m.scale) for n, m in safety.items()}
+    check = concept_reversion(pipe, CONCEPT_PROMPTS, "cross", other, safety)
+    inputs, mask, kv = text_kv_inputs_by_hand(pipe, CONCEPT_PROMPTS, "cross", safety)
+    reference = kv_reversion(inputs, mask, other, safety, kv)
+    assert check.applicable and check.modules and check.concept_tokens >= 2
+    assert (check.tokens, check.concept_tokens) == (reference.tokens, reference.concept_tokens)
+    assert abs(check.reverted - reference.reverted) < 1e-9 and abs(check.reverted) > 1e-6
+    full = concept_reversion(pipe, CONCEPT_PROMPTS, "cross", inverse, safety)
+    assert abs(full.reverted - 1.0) < 1e-9 and abs(full.reverted_concept_tokens - 1.0) < 1e-9
+    assert concept_reversion(pipe, CONCEPT_PROMPTS, "cross", {}, safety).reverted == 0.0
+    rev = noise_reversion(pipe, CONCEPT_PROMPTS, inverse, safety, steps=3)
+    assert abs(rev.reverted - 1.0) < 1e-3 and rev.relative_safety_change > 0 and len(rev.per_step) == 3
+    assert (rev.prediction, rev.denoiser) == (prediction, label)
+    assert noise_reversion(pipe, CONCEPT_PROMPTS, {}, safety, steps=3).reverted == 0.0
+    assert noise_reversion(pipe, CONCEPT_PROMPTS, safety, safety, steps=3).reverted < 0
+
+
+def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
+    """The dense reference of the concept check's inputs: module -> every row its text key/value projection
+    reads (a UNet's cross-attention: the prompt states; an MMDiT's: its input captured at each step of the
+    base model's trajectory from the same seeded noise), the concept-token mask over those rows, and the
+    projections' suffixes."""
+    import numpy as np
+    import torch
+
+    from auditkit.analysis.concept import concept_mask
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+
+    den = denoiser_for(pipe)
+    cond = encode(pipe, prompts)
+    mask = concept_mask(cond, word).reshape(-1)
+    names = [n for n in safety if n.startswith(f"{den.component}.") and n.endswith(den.record.text_kv)]
+    if den.label == "UNet":  # cross-attention keys/values read the prompt's hidden states
+        hidden = cond.hidden.double().numpy().reshape(-1, cond.hidden.shape[-1])
+        return {n: hidden for n in names}, mask, den.record.text_kv
+    seen = {n: [] for n in names}
+    hooks = [den.model.get_submodule(n.split(".", 1)[1]).register_forward_hook(
+        lambda _m, args, _o, n=n: seen[n].append(args[0].double().numpy().reshape(-1, args[0].shape[-1])))
+        for n in names]
+    try:
+        sampler = den.sampler(steps)
+        x = den.noise(len(prompts), torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            for k, t in enumerate(sampler.timesteps):
+                x = sampler.step(den.predict(x, t, cond), k, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: np.concatenate(v) for n, v in seen.items()}, np.tile(mask, steps), den.record.text_kv
+
+
+def check_modular_repair(folder, pipe, safety_path, candidate: dict, data_folder, tmp_path: Path) -> dict:
+    """A modular repair of ``candidate`` (retrained on the base, 3 steps) with its re-scan: the repaired
+    adapter has the candidate's modules, and both scans report the data-free checks with numbers.
+    Returns the repair report."""
+    from auditkit.config import ScanConfig
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.write import save_adapter
+    from auditkit.models.families import family_of_pipeline
+    from auditkit.models.pipeline import architecture_of
+    from auditkit.repair.run import RepairRequest, repair
+    from auditkit.suites import load_suites
+
+    arch = architecture_of(pipe)
+    cand = save_adapter(candidate, tmp_path / "cand.safetensors", arch, family_of_pipeline(pipe).written_layout)
+    for name, text in (("cross", CROSS_SUITE), ("neon", NEON_SUITE)):
+        (tmp_path / f"{name}.yaml").write_text(text)
+    suites = [tmp_path / "cross.yaml", tmp_path / "neon.yaml"]
+    config = ScanConfig(base=str(folder), suites=tuple(map(str, suites)), multipliers=(1.0,), batch_size=8,
+                        device="cpu")
+    request = RepairRequest(candidate=cand, safety=safety_path, out=tmp_path / "r", method="modular",
+                            data=data_folder, scan=config, suites=load_suites(suites), train={"steps": 3, "batch": 2})
+    report = repair(request)
+    section = report["repair"]
+    assert section["method"] == "modular" and section["training"]["steps"] == 3
+    repaired = read_adapter(tmp_path / "r" / "pack" / "finetune.safetensors", extra_architectures=(arch,))
+    assert set(repaired.modules) == set(candidate)
+    assert prediction_change(pipe, repaired.modules) > 1e-6
+    for side in ("before", "after"):
+        assert isinstance(section[side]["concept_check"], float) and isinstance(section[side]["noise_reversion"], float)
+    assert report["dynamic"]["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    assert "data-free" in report["evidence"]["gathered"]
+    return report

@@ -1,14 +1,18 @@
-"""Data-free concept check: does the candidate revert the safety module's change to the cross-attention
-keys and values of the concept prompts?
+"""Data-free concept check: does the candidate revert the safety module's change to the keys and values
+the image reads from the concept prompts' tokens?
 
-Cross-attention reads the text encoder's output E (tokens × d) through ``to_k``/``to_v``. A safety
-update ΔW_s changes the keys/values of the concept prompts by ΔS = E·ΔW_sᵀ; a candidate changes them
-by ΔC = E·ΔW_cᵀ. The reverted fraction is −⟨ΔC, ΔS⟩ / ‖ΔS‖² (1 = the candidate restores the
-concept's original keys and values), summed over modules. It needs the base model's text encoder
-and the suite's concept prompts, and no image: seconds on a CPU.
+Each text token enters attention through key/value projections: a UNet's cross-attention
+``attn2.to_k``/``to_v`` read the prompt's hidden states E (tokens × d) themselves; an MMDiT (SD3,
+Flux) joint attention's ``attn.add_k_proj``/``add_v_proj`` read the text stream X of their block (E
+embedded, normalised and modulated by the timestep and pooled prompt, and after the first block also
+attended to the image), captured along the base model's own trajectory (a few steps, no image:
+:mod:`auditkit.models.denoising`). A safety update ΔW_s changes the keys/values of the concept prompts
+by ΔS = X·ΔW_sᵀ; a candidate changes them by ΔC = X·ΔW_cᵀ. The reverted fraction is
+−⟨ΔC, ΔS⟩ / ‖ΔS‖² (1 = the candidate restores the concept's original keys and values), summed over
+modules. It needs the base model and the suite's concept prompts, and no image: seconds on a CPU.
 
-Only safety modules in ``attn2.to_k``/``attn2.to_v`` take part; for a safety module elsewhere (ESD-u)
-the check does not apply and says so.
+Only safety modules among those projections take part; for a safety module elsewhere (ESD-u) the
+check does not apply and says so.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from auditkit.lora.adapter import LoraModule
 
-KV = (".attn2.to_k", ".attn2.to_v")
+KV = (".attn2.to_k", ".attn2.to_v")  # a UNet's; a family's own: Denoising.text_kv
 
 
 @dataclass
@@ -41,48 +45,120 @@ def _projected(e: np.ndarray, m: LoraModule) -> np.ndarray:
     return m.scale * (e @ m.down.astype(np.float64).T) @ m.up.astype(np.float64).T
 
 
-def kv_reversion(embeddings: np.ndarray, concept_mask: np.ndarray, candidate: dict[str, LoraModule],
-                 safety: dict[str, LoraModule]) -> ConceptCheck:
-    """The reverted fraction for text ``embeddings`` (tokens × d); ``concept_mask`` marks concept tokens."""
-    e = np.asarray(embeddings, dtype=np.float64)
+class KVSums:
+    """The sums behind the reverted fractions, accumulated over chunks of the projections' inputs:
+    per module ⟨ΔC, ΔS⟩ and ‖ΔS‖² over all token rows and over the concept word's rows."""
+
+    def __init__(self, candidate: dict[str, LoraModule], safety: dict[str, LoraModule], kv: tuple[str, ...] = KV):
+        self.candidate, self.safety, self.kv = candidate, safety, kv
+        self.names = sorted(n for n in safety if n.endswith(kv))
+        self.sums = {n: np.zeros(4) for n in self.names}  # inner, energy (all rows), inner, energy (concept)
+        self.rows = self.concept_rows = 0  # as one module saw them (every module sees the same rows)
+        self._counting: str | None = None
+
+    def add(self, name: str, e: np.ndarray, mask: np.ndarray) -> None:
+        """Rows ``e`` (rows × d) read by module ``name``; ``mask`` flags the concept word's rows."""
+        e = np.asarray(e, dtype=np.float64)
+        mask = np.asarray(mask, dtype=bool)
+        ds = _projected(e, self.safety[name])
+        dc = _projected(e, self.candidate[name]) if name in self.candidate else np.zeros_like(ds)
+        self.sums[name] += (float(np.sum(dc * ds)), float(np.sum(ds * ds)),
+                            float(np.sum(dc[mask] * ds[mask])), float(np.sum(ds[mask] * ds[mask])))
+        self._counting = self._counting or name
+        if name == self._counting:
+            self.rows += len(mask)
+            self.concept_rows += int(mask.sum())
+
+    def result(self) -> ConceptCheck:
+        if not self.names:
+            return ConceptCheck(False, None, None, [], self.rows, self.concept_rows,
+                                "the safety adapter changes no cross-attention key/value projection "
+                                f"({', '.join(s.lstrip('.') for s in self.kv)})")
+        rows, total = [], np.zeros(4)
+        for name in self.names:
+            inner, energy, inner_c, energy_c = self.sums[name]
+            total += self.sums[name]
+            rows.append({"name": name, "reverted": -inner / energy if energy > 0 else 0.0,
+                         "reverted_concept_tokens": -inner_c / energy_c if energy_c > 0 else None})
+        return ConceptCheck(
+            applicable=True,
+            reverted=-total[0] / total[1] if total[1] > 0 else 0.0,
+            reverted_concept_tokens=-total[2] / total[3] if total[3] > 0 else None,
+            modules=rows, tokens=self.rows, concept_tokens=self.concept_rows,
+        )
+
+
+def kv_reversion(embeddings, concept_mask: np.ndarray, candidate: dict[str, LoraModule],
+                 safety: dict[str, LoraModule], kv: tuple[str, ...] = KV) -> ConceptCheck:
+    """The reverted fraction for the inputs of the text key/value projections (names ending in ``kv``).
+
+    Args:
+        embeddings: tokens × d, what every projection reads (a UNet's cross-attention: the prompts' hidden
+            states), or module name -> tokens × d, each projection's own inputs.
+        concept_mask: one flag per token row, True on the concept word's tokens.
+    """
     mask = np.asarray(concept_mask, dtype=bool)
-    names = sorted(n for n in safety if n.endswith(KV))
-    if not names:
-        return ConceptCheck(False, None, None, [], len(e), int(mask.sum()),
-                            "the safety adapter changes no cross-attention key/value projection")
-    rows, sums = [], np.zeros(4)  # inner, energy (all tokens), inner, energy (concept tokens)
-    for name in names:
-        ds = _projected(e, safety[name])
-        dc = _projected(e, candidate[name]) if name in candidate else np.zeros_like(ds)
-        inner, energy = float(np.sum(dc * ds)), float(np.sum(ds * ds))
-        inner_c, energy_c = float(np.sum(dc[mask] * ds[mask])), float(np.sum(ds[mask] * ds[mask]))
-        sums += (inner, energy, inner_c, energy_c)
-        rows.append({"name": name, "reverted": -inner / energy if energy > 0 else 0.0,
-                     "reverted_concept_tokens": -inner_c / energy_c if energy_c > 0 else None})
-    return ConceptCheck(
-        applicable=True,
-        reverted=-sums[0] / sums[1] if sums[1] > 0 else 0.0,
-        reverted_concept_tokens=-sums[2] / sums[3] if sums[3] > 0 else None,
-        modules=rows, tokens=len(e), concept_tokens=int(mask.sum()),
-    )
+    sums = KVSums(candidate, safety, kv)
+    for name in sums.names:
+        sums.add(name, embeddings[name] if isinstance(embeddings, dict) else embeddings, mask)
+    if not sums.names:
+        sums.rows, sums.concept_rows = len(mask), int(mask.sum())
+    return sums.result()
+
+
+def concept_mask(cond, concept_word: str):
+    """batch × tokens flags of the concept word's tokens in a conditioning's sequence (each span searched
+    with the ids its own tokenizer gives the word)."""
+    spans = []
+    for tokenizer, ids in cond.tokens:
+        ids = np.asarray(ids)
+        found = np.zeros(ids.shape, dtype=bool)
+        word = tokenizer(concept_word, add_special_tokens=False).input_ids if tokenizer is not None else []
+        n = len(word)
+        for i, row in enumerate(ids):
+            for j in range(len(row) - n + 1):
+                if n and list(row[j: j + n]) == word:
+                    found[i, j: j + n] = True
+        spans.append(found)
+    mask = np.concatenate(spans, axis=1)
+    if mask.shape != tuple(cond.hidden.shape[:2]):
+        raise ValueError(f"token spans cover {mask.shape[1]} positions; the conditioning has {cond.hidden.shape[1]}")
+    return mask
 
 
 def prompt_embeddings(pipe, prompts: list[str], concept_word: str) -> tuple[np.ndarray, np.ndarray]:
-    """Text-encoder outputs of ``prompts`` (every position, stacked: SD's cross-attention reads the
-    padding positions too) and the mask of the concept word's tokens."""
+    """The prompts' hidden states as the denoiser reads them (every position, stacked: cross-attention
+    reads the padding positions too) and the mask of the concept word's tokens."""
+    from auditkit.models.conditioning import encode
+
+    cond = encode(pipe, prompts)
+    hidden = cond.hidden.float().cpu().numpy()
+    return hidden.reshape(-1, hidden.shape[-1]), concept_mask(cond, concept_word).reshape(-1)
+
+
+def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: dict[str, LoraModule],
+                      safety: dict[str, LoraModule], steps: int = 4, seed: int = 0, batch: int = 64) -> ConceptCheck:
+    """The concept check on ``pipe``'s family: the inputs of its text key/value projections
+    (:mod:`auditkit.models.denoising`; an MMDiT's text streams along ``steps`` points of the base model's
+    own trajectory from seeded noise) folded into the sums as they are computed, ``batch`` prompts at a time."""
     import torch
 
-    tok = pipe.tokenizer
-    concept_ids = tok(concept_word, add_special_tokens=False).input_ids
-    batch = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt")
-    with torch.no_grad():
-        hidden = pipe.text_encoder(batch.input_ids.to(pipe.text_encoder.device))[0].float().cpu().numpy()
-    ids = batch.input_ids.numpy()
-    concept = np.zeros(ids.shape, dtype=bool)
-    n = len(concept_ids)
-    for i, row in enumerate(ids):
-        for j in range(len(row) - n + 1):
-            if n and list(row[j: j + n]) == concept_ids:
-                concept[i, j: j + n] = True
-    return hidden.reshape(-1, hidden.shape[-1]), concept.reshape(-1)
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+
+    den = denoiser_for(pipe)
+    sums = KVSums(candidate, safety, den.record.text_kv)
+    paths = {n.split(".", 1)[1]: n for n in den.text_kv_modules(sums.names)}
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(0, len(prompts), batch):
+        cond = encode(pipe, prompts[i: i + batch])
+        mask = concept_mask(cond, concept_word).reshape(-1)
+        if not sums.names:
+            sums.rows, sums.concept_rows = sums.rows + len(mask), sums.concept_rows + int(mask.sum())
+            continue
+
+        def visit(path, x, mask=mask):
+            sums.add(paths[path], x.float().cpu().numpy().reshape(-1, x.shape[-1]), mask)
+
+        den.text_states(cond, list(paths), visit, steps, generator)
+    return sums.result()

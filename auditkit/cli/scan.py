@@ -100,13 +100,16 @@ def print_scan(r: dict, top: int, config_path: Path | None = None) -> None:
                                 f"{len(s['safety_only'])} safety-only")
     cc = r.get("concept_check")
     if cc:
+        on_concept = cc.get("reverted_concept_tokens")
+        on_concept = f"{on_concept:.3f}" if on_concept is not None else "no tokens found"
         body.add_row("concept check", f"{cc['reverted']:.3f} of the safety change to the concept prompts' keys/values "
-                     f"reverted ({cc['reverted_concept_tokens']:.3f} on the concept tokens)" if cc["applicable"]
+                     f"reverted ({on_concept} on the concept tokens)" if cc["applicable"]
                      else f"not applicable: {escape(cc['note'])}")
         nr = cc.get("noise_reversion")
         if nr:
             body.add_row("noise reversion", f"{nr['reverted']:.3f} of the safety module's change to the concept "
-                         f"prompts' noise predictions reverted ({nr['prompts']} prompts, {nr['steps']} steps)")
+                         f"prompts' {nr.get('prediction', 'noise')} predictions reverted ({nr['prompts']} prompts, "
+                         f"{nr['steps']} steps)")
     _metadata_rows(body, r.get("metadata_evidence"))
     out.print(Panel(body, title=f"auditkit scan · {r['architecture']} · {r['mode']}", expand=False))
     if s:

@@ -17,7 +17,8 @@ from auditkit.fsutil import check_writable
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="A text file of concept prompts, one per line.")
 @click.option("--method", type=click.Choice(["esd-x", "esd-u"]), default="esd-x", show_default=True,
-              help="ESD-x: cross-attention (concept-specific); ESD-u: the other transformer layers (global).")
+              help="ESD-x: cross-attention (concept-specific; SD3/Flux: joint attention's text projections); "
+                   "ESD-u: the other transformer layers (global).")
 @click.option("--rank", default=4, show_default=True)
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, i.e. scale 1).")
 @click.option("--steps", default=300, show_default=True)
@@ -28,8 +29,10 @@ from auditkit.fsutil import check_writable
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
 def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, out_file):
-    """Train a Safety LoRA that erases a concept (ESD objective), written as a kohya .safetensors."""
+    """Train a Safety LoRA that erases a concept (ESD objective), written as a kohya .safetensors (Flux, SD3: in
+    the diffusers layout)."""
     from auditkit.lora.write import save_adapter
+    from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of, load_pipeline
     from auditkit.train.esd import ESDConfig, train_esd
 
@@ -46,7 +49,8 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
         modules = train_esd(pipe, prompts, cfg, progress=update)
     meta = {"auditkit.kind": "safety", "auditkit.method": method, "auditkit.concept_prompts": json.dumps(prompts),
             "auditkit.base": base, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank)}
-    save_adapter(modules, out_file, architecture_of(pipe, "custom"), metadata=meta, require_trained=True)
+    save_adapter(modules, out_file, architecture_of(pipe, "custom"), family_of_pipeline(pipe).written_layout,
+                 metadata=meta, require_trained=True)
     out.print(f"safety adapter: [bold]{out_file}[/bold] ({len(modules)} modules, rank {rank}, {method})")
 
 
@@ -75,11 +79,13 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
     from auditkit.inputs import read_input
     from auditkit.lora.write import save_adapter
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of, base_architectures, load_pipeline
     from auditkit.train.data import check_folder, load_folder
     from auditkit.train.finetune import FinetuneConfig
     from auditkit.train.finetune import finetune as run_finetune
-    from auditkit.train.lora import target_modules
+    from auditkit.train.lora import denoiser_targets
 
     if mode in ("on-top", "full") and safety is None:
         raise click.UsageError(f"--mode {mode} needs --safety")
@@ -92,11 +98,12 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
         read_input(safety, "safety module", base, extra_architectures=base_architectures(base))
     torch_threads(threads)
     pipe = load_pipeline(base)
-    target_modules(pipe.unet, cfg.targets)  # a target pattern that selects nothing fails before training
+    den = denoiser_for(pipe)
+    denoiser_targets(den, cfg.targets)  # a target pattern that selects nothing fails before training
     arch = architecture_of(pipe, "custom")
     # an erased model takes part exactly (every tensor it changes), an adapter as its modules
     safety_modules = read_input(safety, "safety module", base, arch, arch=arch).exact() if safety else None
-    data = load_folder(data_dir, pipe.unet.config.sample_size * pipe.vae_scale_factor, pairs)
+    data = load_folder(data_dir, den.image_size(), pairs)
     bar, update = progress_bar(f"finetune {mode}")
     with bar:
         result = run_finetune(pipe, data.images, data.captions, cfg, safety=safety_modules, progress=update)
@@ -104,7 +111,8 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
             "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank),
             "ss_num_train_images": str(len(data.captions)), "ss_max_train_steps": str(steps),
             "ss_tag_frequency": json.dumps({data_dir.name: _tag_counts(data.captions)})}
-    save_adapter(result.modules, out_file, arch, metadata=meta, require_trained=True)
+    save_adapter(result.modules, out_file, arch, family_of_pipeline(pipe).written_layout, metadata=meta,
+                 require_trained=True)
     out.print(f"fine-tuning adapter: [bold]{out_file}[/bold] ({len(result.modules)} modules, mode {mode}, "
               f"final loss {result.losses[-1]:.4f})")
 

@@ -28,11 +28,10 @@ class Family:
     text_encoders: tuple[str, ...]  # text-encoder components, in kohya order (lora_te1_, lora_te2_, …)
     load_options: dict = field(default_factory=dict)  # extra from_pretrained keyword arguments
     # "module:attr" of (pipe, prompts) -> Conditioning: what the denoiser reads (auditkit.models.conditioning)
-    # (None: auditkit does not train on this family yet)
-    conditioning: str | None = "auditkit.models.conditioning:encode_sd"
-    # auditkit.analysis' concept check and noise reversion read one text encoder and call the UNet
-    # without added conditioning: SD 1/2 only for now
-    data_free_checks: bool = False
+    conditioning: str = "auditkit.models.conditioning:encode_sd"
+    # "module:attr" of the Denoising record: how the denoiser is called, trained (its diffusion process)
+    # and sampled, for align, finetune, repair's retraining and the data-free checks (auditkit.models.denoising)
+    denoising: str = "auditkit.models.denoising:UNET"
     # kohya prefixes of the text encoders (component -> prefix); empty: lora_te_, or lora_te1_/lora_te2_
     kohya_prefixes: dict = field(default_factory=dict)
     # auditkit.lora.formats layouts whose files diffusers' loader for this family reads with the scales and
@@ -41,6 +40,10 @@ class Family:
     native_layouts: tuple[str, ...] = ("kohya", "diffusers", "peft")
     # "module:attr" of (pipe) -> keyword arguments of every render call (e.g. the image size)
     render_options: str | None = None
+    # the layout align, finetune and repair write adapters in: kohya, or for Flux/SD3 the diffusers layout,
+    # which their diffusers loaders read as it is and which holds any subset of a fused original module
+    # (kohya names Flux's/SD3's q, k, v (and Flux's single-block MLP) as one module, written whole or not at all)
+    written_layout: str = "kohya"
 
     @property
     def lora_components(self) -> tuple[str, ...]:
@@ -51,7 +54,7 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd", "Stable Diffusion 1.x / 2.x", "StableDiffusionPipeline", ("StableDiffusionPipeline",),
            "unet", ("text_encoder",),
-           load_options={"safety_checker": None, "requires_safety_checker": False}, data_free_checks=True),
+           load_options={"safety_checker": None, "requires_safety_checker": False}),
     Family("sdxl", "Stable Diffusion XL (and fine-tunes: Pony, Illustrious, …)", "StableDiffusionXLPipeline",
            ("StableDiffusionXLPipeline",), "unet", ("text_encoder", "text_encoder_2"),
            conditioning="auditkit.models.conditioning:encode_sdxl"),
@@ -60,16 +63,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # only, and reads peft files as fal Kontext ones: only diffusers-layout files go to it as they are
     # (tests/lora/test_flux_files.py). It loads no T5 (text_encoder_2) LoRA.
     Family("flux", "Flux.1 (dev/schnell)", "FluxPipeline", ("FluxPipeline",), "transformer",
-           ("text_encoder", "text_encoder_2"), conditioning=None,
+           ("text_encoder", "text_encoder_2"), conditioning="auditkit.models.conditioning:encode_flux",
+           denoising="auditkit.models.denoising:FLUX",
            kohya_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
-           native_layouts=("diffusers",), render_options="auditkit.models.rendering:vae_sized"),
+           native_layouts=("diffusers",), render_options="auditkit.models.rendering:vae_sized",
+           written_layout="diffusers"),
     # diffusers' SD3 loader converts no kohya or original-named file and reads peft files as nothing: only
     # diffusers-layout files go to it as they are. It loads no T5 (text_encoder_3) LoRA. SD3 renders at
     # the transformer's sample_size × the VAE factor by itself.
     Family("sd3", "Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline", ("StableDiffusion3Pipeline",),
-           "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"), conditioning=None,
+           "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"),
+           conditioning="auditkit.models.conditioning:encode_sd3", denoising="auditkit.models.denoising:SD3",
            kohya_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"},
-           native_layouts=("diffusers",)),
+           native_layouts=("diffusers",), written_layout="diffusers"),
 )}
 
 

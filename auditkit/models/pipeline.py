@@ -179,5 +179,6 @@ def lora_components(pipe) -> dict:
 
 
 def denoiser_of(pipe):
-    """The noise-predicting model of a pipeline (its UNet, for the SD families)."""
+    """The denoising model of a pipeline (its UNet for SD 1/2 and SDXL, its transformer for SD3 and Flux);
+    :func:`auditkit.models.denoising.denoiser_for` binds how to call, train and sample it."""
     return getattr(pipe, family_of_pipeline(pipe).denoiser)

@@ -30,20 +30,23 @@ class RepairMethod:
 
 
 def _retrain(req, pipe, candidate, safety, bars, anchored: bool) -> Outcome:
+    from auditkit.models.denoising import denoiser_for
     from auditkit.repair.retrain import retrain, settings_from
     from auditkit.train.checkpoint import saved_step
     from auditkit.train.data import load_folder
 
+    den = denoiser_for(pipe)
     try:
-        settings = settings_from(candidate, **req.train)
+        settings = settings_from(candidate, **req.train, component=den.component, label=den.label)
     except ValueError as exc:
         raise BadInput(req.candidate, str(exc)) from None
-    unet_modules = {n for n, _ in pipe.unet.named_modules()}
-    misfit = [n for n in candidate.modules if n.startswith("unet.") and n.split(".", 1)[1] not in unet_modules]
+    prefix = f"{den.component}."
+    known = {n for n, _ in den.model.named_modules()}
+    misfit = [n for n in candidate.modules if n.startswith(prefix) and n.split(".", 1)[1] not in known]
     if misfit:
-        raise BadInput(req.candidate, f"{len(misfit)} of its modules are not in the base model's UNet (e.g. "
+        raise BadInput(req.candidate, f"{len(misfit)} of its modules are not in the base model's {den.label} (e.g. "
                                       f"{misfit[0]}): the adapter is for another architecture than --base")
-    data = load_folder(req.data, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    data = load_folder(req.data, den.image_size())
     ckpt = req.out / "checkpoints" / "finetune.ckpt.safetensors"
     resumed = saved_step(ckpt)
     anchor = [p.text for s in req.suites if s.role == "concept" for p in s.prompts] if anchored else None

@@ -2,9 +2,9 @@
 to be composed with, and a manifest saying how to compose them. With a safety adapter::
 
     pack/
-      finetune.safetensors   the repaired adapter (kohya layout)
+      finetune.safetensors   the repaired adapter (kohya layout; Flux and SD3: diffusers layout)
       safety.safetensors     a byte-exact copy of the safety adapter
-      combined.safetensors   both in one LoRA: factors concatenated along the rank (kohya layout,
+      combined.safetensors   both in one LoRA: factors concatenated along the rank (the same layout,
                              rank r_safe + r_ft, alpha = rank), for tools that load one file
       manifest.json          files, hashes, ranks, multipliers and the diffusers snippet
 
@@ -46,13 +46,15 @@ class PackLayout:
     """How a repair is packed for one kind of safety module (:attr:`auditkit.lora.adapter.Adapter.kind`)."""
 
     files: tuple[str, ...]  # FILES roles written
-    write: Callable[..., dict]  # (targets, safety, finetune, arch, method, out_dir, base) -> manifest entries
+    # (targets, safety, finetune, arch, method, out_dir, base, file layout) -> manifest entries
+    write: Callable[..., dict]
 
 
-def _with_adapter(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base) -> dict:
+def _with_adapter(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base,
+                  layout: str) -> dict:
     atomic_write_bytes(targets["safety"], Path(safety.path).read_bytes())
     combined = concatenate((safety.modules, 1.0), (finetune, 1.0))
-    save_adapter(combined, targets["combined"], arch, metadata={
+    save_adapter(combined, targets["combined"], arch, layout, metadata={
         "auditkit.kind": "combined", "auditkit.repair": method,
         "auditkit.note": "safety + repaired fine-tuning adapter, factors concatenated along the rank"})
     return {
@@ -65,7 +67,8 @@ def _with_adapter(targets, safety: Adapter, finetune, arch: Architecture, method
     }
 
 
-def _with_model(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base) -> dict:
+def _with_model(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base,
+                layout: str) -> dict:
     from auditkit.models.checkpoint import snippet
     from auditkit.models.families import family_of_folder
 
@@ -104,19 +107,20 @@ LAYOUTS: dict[str, PackLayout] = {
 
 def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Adapter, arch: Architecture,
                method: str, metadata: dict[str, str], inputs: tuple[Path, ...] = (), extra: dict | None = None,
-               base: str | None = None) -> dict:
-    """Write the pack into ``out_dir``; returns the manifest. ``base``: needed with a full-model safety module."""
+               base: str | None = None, layout: str = "kohya") -> dict:
+    """Write the pack into ``out_dir`` (the adapters in ``layout``: the base family's ``written_layout``);
+    returns the manifest. ``base``: needed with a full-model safety module."""
     out_dir = Path(out_dir)
-    layout = LAYOUTS[safety.kind]
-    targets = {role: out_dir / FILES[role] for role in layout.files}
+    pack = LAYOUTS[safety.kind]
+    targets = {role: out_dir / FILES[role] for role in pack.files}
     for path in targets.values():
         for inp in inputs:
             if path.exists() and Path(inp).exists() and path.resolve() == Path(inp).resolve():
                 raise BadInput(path, "the repair would overwrite one of its inputs; choose another --out")
     meta = {**metadata, "auditkit.kind": "finetune", "auditkit.repair": method,
             "auditkit.compose_with": safety.sha256}
-    save_adapter(finetune, targets["finetune"], arch, metadata=meta)
-    entries = layout.write(targets, safety, finetune, arch, method, out_dir, base)
+    save_adapter(finetune, targets["finetune"], arch, layout, metadata=meta)
+    entries = pack.write(targets, safety, finetune, arch, method, out_dir, base, layout)
     files = {}
     for role, path in targets.items():
         a = read_adapter(path, arch=arch)

@@ -3,8 +3,10 @@
 Kim et al. ("Safety Alignment Backfires", arXiv 2412.00357): a LoRA trained on top of a safety
 module is free to learn −ΔW_safe; trained separately from it (the safety module frozen and never in
 the trained update or the forward pass) and added only at inference, W* = W0 + ΔW_safe + ΔW_ft,
-it is not. The retrained adapter copies the candidate's shape by default: its UNet modules, rank and
-alpha (read from the file and its kohya ``ss_`` metadata), and its training length when recorded.
+it is not. The retrained adapter copies the candidate's shape by default: its denoiser modules (the
+UNet's, or the transformer's for SD3 and Flux), rank and alpha (read from the file and its kohya ``ss_``
+metadata), and its training length when recorded. Training uses the family's own objective
+(:mod:`auditkit.train.finetune`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ DEFAULT_STEPS = 400
 
 @dataclass(frozen=True)
 class RetrainSettings:
-    targets: str  # regex over UNet module paths (the candidate's own modules)
+    targets: str  # regex over the denoiser's module paths (the candidate's own modules)
     modules: int
     rank: int
     alpha: float
@@ -43,18 +45,21 @@ def _float(meta: dict, key: str) -> float | None:
 
 
 def settings_from(candidate: Adapter, rank: int | None = None, alpha: float | None = None,
-                  steps: int | None = None, lr: float = 1e-3, batch: int = 32, seed: int = 0) -> RetrainSettings:
-    """The candidate's own training shape, overridable value by value."""
-    unet = sorted(n.split(".", 1)[1] for n in candidate.modules if n.startswith("unet."))
-    if not unet:
-        raise ValueError("the candidate has no UNet modules to retrain")
+                  steps: int | None = None, lr: float = 1e-3, batch: int = 32, seed: int = 0,
+                  component: str = "unet", label: str = "UNet") -> RetrainSettings:
+    """The candidate's own training shape, overridable value by value; ``component`` is the base's
+    denoiser (``unet``, or ``transformer`` for SD3 and Flux), ``label`` its name in messages."""
+    prefix = f"{component}."
+    denoiser = sorted(n.split(".", 1)[1] for n in candidate.modules if n.startswith(prefix))
+    if not denoiser:
+        raise ValueError(f"the candidate has no {label} modules to retrain")
     notes = []
-    skipped = [n for n in candidate.modules if not n.startswith("unet.")]
+    skipped = [n for n in candidate.modules if not n.startswith(prefix)]
     if skipped:
         notes.append(f"{len(skipped)} text-encoder modules of the candidate are not retrained and not kept "
-                     "(the repaired adapter changes the UNet only)")
+                     f"(the repaired adapter changes the {label} only)")
     meta = candidate.metadata
-    ranks = Counter(m.rank for m in candidate.modules.values() if m.name.startswith("unet."))
+    ranks = Counter(m.rank for m in candidate.modules.values() if m.name.startswith(prefix))
     file_rank = ranks.most_common(1)[0][0]
     sources = {}
     if rank is None:
@@ -78,8 +83,8 @@ def settings_from(candidate: Adapter, rank: int | None = None, alpha: float | No
             steps, sources["steps"] = DEFAULT_STEPS, f"default ({DEFAULT_STEPS}; the file does not record it)"
     else:
         sources["steps"] = "option"
-    targets = "(" + "|".join(re.escape(n) for n in unet) + ")"
-    return RetrainSettings(targets, len(unet), int(rank), float(alpha), int(steps), lr, batch, seed, sources,
+    targets = "(" + "|".join(re.escape(n) for n in denoiser) + ")"
+    return RetrainSettings(targets, len(denoiser), int(rank), float(alpha), int(steps), lr, batch, seed, sources,
                            tuple(notes))
 
 

@@ -53,6 +53,7 @@ def _nothing(label):
 def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     """Run the whole repair; returns the final report (also written to ``req.out``)."""
     from auditkit.inputs import kind_of, read_pair
+    from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import base_architectures
     from auditkit.repair import pack as packing
     from auditkit.repair.methods import METHODS
@@ -77,8 +78,9 @@ def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
                      **outcome.details}
     pack_dir = req.out / "pack"
     meta = {k: v for k, v in candidate.metadata.items() if k.startswith("ss_")}
+    layout = family_of_pipeline(pipe).written_layout if pipe is not None else "kohya"
     details["pack"] = packing.write_pack(pack_dir, outcome.modules, safety, safety.architecture, req.method, meta,
-                                         inputs=(req.candidate, req.safety), base=req.base)
+                                         inputs=(req.candidate, req.safety), base=req.base, layout=layout)
     repaired = pack_dir / packing.FILES["finetune"]
     before_dir = req.from_scan or req.out / "scan-before"
     after_dir = req.out / "scan-after"

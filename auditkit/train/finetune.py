@@ -9,7 +9,9 @@ Modes (Kim et al., "Safety Alignment Backfires", arXiv 2412.00357):
 * ``full``    full fine-tuning of the target layers' weights on top of the safety module (the
               paper's strongest jailbreak). Its update is returned densely and as a truncated-SVD LoRA.
 
-The objective is the standard ε-prediction loss on VAE latents with DDPM noise.
+The objective is the family's own denoising loss on VAE latents (:mod:`auditkit.models.denoising`):
+ε-prediction with DDPM noise for SD 1/2 and SDXL, the flow-matching velocity loss
+‖v_θ(x_t) − (ε − x0)‖² with x_t = (1−σ)·x0 + σ·ε for SD3 and Flux.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
 from auditkit.models.conditioning import encode as encode_conditioning
+from auditkit.models.denoising import denoiser_for
 from auditkit.train.lora import (
     add_lora,
     check_finite_parameters,
@@ -33,12 +36,12 @@ from auditkit.train.lora import (
     check_number,
     check_targets,
     composed,
+    denoiser_targets,
     extract_lora,
     lora_from_delta,
     lora_parameters,
     optimizer_for,
     remove_lora,
-    target_modules,
 )
 
 MODES = ("on-top", "modular", "full")
@@ -81,37 +84,29 @@ class FinetuneResult:
 
 
 def encode_images(pipe, images_u8: np.ndarray):
-    """VAE latents (distribution means, scaled) of uint8 images N×H×W×3."""
-    import torch
-
-    vae = pipe.vae
-    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.device)
-    out = []
-    with torch.no_grad():
-        for chunk in x.split(256):
-            out.append(vae.encode(chunk).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out)
+    """VAE latents (distribution means, shifted and scaled as the pipeline does) of uint8 images N×H×W×3."""
+    return denoiser_for(pipe).latents(images_u8)
 
 
 def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConfig = FinetuneConfig(),
              safety: dict[str, LoraModule] | None = None, progress: Progress | None = None,
              checkpoint: str | Path | None = None, checkpoint_every: int = 50,
              anchor_prompts: list[str] | None = None) -> FinetuneResult:
-    """Fine-tune ``pipe.unet`` on (images, captions); the pipeline is left unchanged afterwards.
+    """Fine-tune the pipeline's denoiser on (images, captions); the pipeline is left unchanged afterwards.
 
     With ``checkpoint`` (LoRA modes), the state is saved every ``checkpoint_every`` steps and at the end,
     and a run that finds a checkpoint of the same settings and data continues from it.
 
     With ``anchor_prompts`` (on-top mode), each step also pins the model's prediction on those
     prompts (the erased concept's) to the safe model's own, ``cfg.anchor_weight``·‖ε_θ(x_t, c) −
-    ε_safe(x_t, c)‖²: the LoRA may repair what the safety module damaged elsewhere but cannot
-    learn back the concept (an anchored fine-tune; auditkit's addition, not from the paper).
+    ε_safe(x_t, c)‖² (ε: the family's prediction, a velocity for flow-matching families): the LoRA may
+    repair what the safety module damaged elsewhere but cannot learn back the concept (an anchored
+    fine-tune; auditkit's addition, not from the paper).
 
     Raises BadInput when the targets select nothing (before any work), or when training diverges or
     leaves the update all zero: no such adapter is ever returned.
     """
     import torch
-    from diffusers import DDPMScheduler
 
     from auditkit.train import checkpoint as ckpt
 
@@ -126,26 +121,26 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
     if len(images_u8) == 0 or len(images_u8) != len(captions):
         raise BadInput(None, f"need one caption per image and at least one image (got {len(images_u8)} images, "
                              f"{len(captions)} captions)")
-    unet = pipe.unet
-    names = target_modules(unet, cfg.targets)  # a regex that selects nothing fails before any work
+    den = denoiser_for(pipe)
+    model, component, process = den.model, den.component, den.process
+    names = denoiser_targets(den, cfg.targets)  # a regex that selects nothing fails before any work
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    latents = encode_images(pipe, images_u8)
+    latents = den.latents(images_u8)
     unique = sorted(set(captions))
     caption_idx = torch.tensor([unique.index(c) for c in captions])
     text = encode_conditioning(pipe, unique)
     anchor = encode_conditioning(pipe, list(anchor_prompts)) if anchor_prompts else None
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     merged = (safety, 1.0) if cfg.mode in ("on-top", "full") else ({}, 0.0)
     losses: list[float] = []
-    with composed(unet, merged):
-        original = {n: unet.get_submodule(n).weight.detach().clone() for n in names} if cfg.mode == "full" else {}
+    with composed(model, merged, component=component):
+        original = {n: model.get_submodule(n).weight.detach().clone() for n in names} if cfg.mode == "full" else {}
         if cfg.mode == "full":  # weights only, so the dense update below is the whole change
-            params = [unet.get_submodule(n).weight for n in names]
+            params = [model.get_submodule(n).weight for n in names]
         else:
-            add_lora(unet, names, cfg.rank, cfg.alpha, adapter_name="ft", seed=cfg.seed)
-            params = lora_parameters(unet, "ft")
-        opt = optimizer_for(unet, params, cfg.lr)
+            add_lora(model, names, cfg.rank, cfg.alpha, adapter_name="ft", seed=cfg.seed)
+            params = lora_parameters(model, "ft")
+        opt = optimizer_for(model, params, cfg.lr)
         try:  # from here on, any exception (a refused checkpoint included) removes the adapter again
             start = 0
             if checkpoint is not None:
@@ -156,17 +151,18 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                     start, losses = resumed.step, resumed.losses
                     if progress:
                         progress(start, cfg.steps, losses[-1] if losses else float("nan"))
-            unet.train()
+            model.train()
             for step in range(start, cfg.steps):
                 idx = torch.from_numpy(rng.integers(0, len(latents), cfg.batch))
                 x0 = latents[idx]
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-                t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
-                xt = noise_sched.add_noise(x0, noise, t)
-                pred = unet(xt, t.to(x0.device), **text[caption_idx[idx]].kwargs()).sample
-                loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+                t = process.sample_timesteps(cfg.batch, gen)
+                xt = process.add_noise(x0, noise, t)
+                t = t.to(x0.device)
+                pred = den.predict(xt, t, text[caption_idx[idx]])
+                loss = torch.nn.functional.mse_loss(pred.float(), process.target(x0, noise).float())
                 if anchor is not None:
-                    loss = loss + cfg.anchor_weight * _anchor_loss(unet, anchor, xt, t.to(x0.device), rng)
+                    loss = loss + cfg.anchor_weight * _anchor_loss(den, anchor, xt, t, rng)
                 losses.append(float(loss.detach()))
                 check_loss(losses[-1], step + 1)
                 opt.zero_grad(set_to_none=True)
@@ -176,40 +172,40 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                     progress(step + 1, cfg.steps, losses[-1])
                 if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
                     ckpt.save(checkpoint, step + 1, params, opt, rng, gen, losses, fp)
-            unet.eval()
+            model.eval()
             check_finite_parameters(params)  # before the SVD below, which fails on NaN
             if cfg.mode == "full":
-                dense = {f"unet.{n}": (unet.get_submodule(n).weight.detach() - original[n]).double().cpu().numpy()
-                         .reshape(original[n].shape[0], -1) for n in names}
+                dense = {f"{component}.{n}": (model.get_submodule(n).weight.detach() - original[n]).double().cpu()
+                         .numpy().reshape(original[n].shape[0], -1) for n in names}
                 modules = {n: lora_from_delta(n, d, cfg.extract_rank) for n, d in dense.items()}
                 check_trained(modules)
                 return FinetuneResult(modules, dense, losses)
-            modules = extract_lora(unet, "ft")
+            modules = extract_lora(model, "ft", prefix=component)
             check_trained(modules)
             return FinetuneResult(modules, None, losses)
         finally:
-            unet.eval()
-            for p in unet.parameters():
+            model.eval()
+            for p in model.parameters():
                 p.requires_grad_(False)
             if cfg.mode == "full":
                 with torch.no_grad():
                     for n in names:
-                        unet.get_submodule(n).weight.copy_(original[n])
+                        model.get_submodule(n).weight.copy_(original[n])
             else:
-                remove_lora(unet, "ft")
+                remove_lora(model, "ft")
 
 
-def _anchor_loss(unet, anchor, xt, t, rng):
+def _anchor_loss(den, anchor, xt, t, rng):
     """‖ε_θ(x_t, c) − ε_safe(x_t, c)‖² on anchor prompts c; ε_safe = the model with the trained LoRA disabled."""
     import torch
 
     idx = torch.from_numpy(np.asarray(rng.integers(0, len(anchor), len(xt))))
     emb = anchor[idx]
-    unet.disable_adapters()
+    den.model.disable_adapters()
     try:
         with torch.no_grad():
-            target = unet(xt, t, **emb.kwargs()).sample
+            target = den.predict(xt, t, emb)
     finally:
-        unet.enable_adapters()
-    pred = unet(xt, t, **emb.kwargs()).sample
+        den.model.enable_adapters()
+    pred = den.predict(xt, t, emb)
     return torch.nn.functional.mse_loss(pred.float(), target.float())

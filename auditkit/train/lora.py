@@ -19,19 +19,12 @@ import numpy as np
 
 from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
+from auditkit.models.denoising import UNET_TARGETS
 from auditkit.models.difference import TensorDeltas
 
-# Which modules each method trains (regexes over diffusers UNet module names).
-# ESD-x: cross-attention only (concept-specific); ESD-u: the non-cross-attention layers of the
-# transformer blocks (global concepts such as nudity), following Gandikota et al. 2023.
-TARGETS: dict[str, str] = {
-    "esd-x": r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)$",
-    "esd-u": r".*\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$",
-    "cross-kv": r".*\.attn2\.(to_k|to_v)$",
-    "attention": r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
-    # kohya's default LoRA: every linear/1x1 layer inside the transformer blocks
-    "transformer": r".*\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$",
-}
+# Which modules each method trains: one table of regexes per kind of denoiser, with the same preset names
+# (auditkit.models.denoising); TARGETS is the UNet's.
+TARGETS: dict[str, str] = UNET_TARGETS
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows above
@@ -77,20 +70,27 @@ def check_lora_settings(rank, alpha, steps, lr, batch, seed) -> None:
     check_int("seed", seed, 0, MAX_SEED)
 
 
-def target_modules(unet, preset_or_regex: str) -> list[str]:
-    """UNet module names (no ``unet.`` prefix) selected by a preset name or a regex.
+def target_modules(model, preset_or_regex: str, presets: dict[str, str] = TARGETS, label: str = "UNet") -> list[str]:
+    """Module names of the denoiser ``model`` (no component prefix) selected by a preset name of
+    ``presets`` (the denoiser's table: :class:`auditkit.models.denoising.Denoiser` passes its own) or a regex.
 
     Raises BadInput for an invalid regex or one that selects nothing: called before training starts.
     """
     import torch
 
     check_targets("target", preset_or_regex)
-    pattern = re.compile(TARGETS.get(preset_or_regex, preset_or_regex))
-    names = [n for n, m in unet.named_modules()
+    pattern = re.compile(presets.get(preset_or_regex, preset_or_regex))
+    names = [n for n, m in model.named_modules()
              if pattern.fullmatch(n) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     if not names:
-        raise BadInput(None, f"target {preset_or_regex!r} selects no Linear/Conv2d module of the UNet")
+        raise BadInput(None, f"target {preset_or_regex!r} selects no Linear/Conv2d module of the {label}")
     return names
+
+
+def denoiser_targets(den, preset_or_regex: str) -> list[str]:
+    """:func:`target_modules` of a bound denoiser (:func:`auditkit.models.denoising.denoiser_for`), with its
+    own preset table."""
+    return target_modules(den.model, preset_or_regex, den.record.targets, den.label)
 
 
 def check_loss(loss: float, step: int) -> None:
@@ -167,45 +167,49 @@ def lora_from_delta(name: str, delta: np.ndarray, rank: int) -> LoraModule:
     return LoraModule(name, (root[:, None] * vt[:k]).astype(np.float32), (u[:, :k] * root).astype(np.float32), 1.0)
 
 
-def _weight_of(unet, canonical: str, tensor: bool = False):
-    """The weight of canonical module ``unet.<path>``; with ``tensor``, the canonical tensor ``unet.<path>.<name>``."""
-    path = canonical.split(".", 1)[1] if canonical.startswith("unet.") else canonical
-    param = "weight"
+def _weight_of(model, canonical: str, component: str, tensor: bool = False):
+    """The weight of canonical module ``<component>.<path>``; with ``tensor``, the canonical tensor
+    ``<component>.<path>.<name>`` (a full model's changed tensor)."""
+    path, param = canonical.removeprefix(f"{component}."), "weight"
     if tensor:
         path, _, param = path.rpartition(".")
-    module = unet.get_submodule(path)
+    module = model.get_submodule(path)
     return getattr(getattr(module, "base_layer", module), param)
 
 
-def apply_updates(unet, updates: dict[str, LoraModule] | TensorDeltas, multiplier: float = 1.0) -> None:
-    """W += multiplier · ΔW for each canonical UNet module (in place, exact); a full model's
-    :class:`~auditkit.models.difference.TensorDeltas` add to every UNet tensor they change."""
+def apply_updates(model, updates: dict[str, LoraModule] | TensorDeltas, multiplier: float = 1.0,
+                  component: str = "unet") -> None:
+    """W += multiplier · ΔW for each canonical module of ``component`` (the denoiser ``model``), in place,
+    exact; a full model's :class:`~auditkit.models.difference.TensorDeltas` add to every tensor of
+    ``component`` they change."""
     import torch
 
     tensors = isinstance(updates, TensorDeltas)
     with torch.no_grad():
         for name, m in updates.items():
-            if not name.startswith("unet."):
+            if not name.startswith(f"{component}."):
                 continue
-            weight = _weight_of(unet, name, tensors)
+            weight = _weight_of(model, name, component, tensors)
             delta = torch.from_numpy(np.asarray(m) if tensors else m.delta()).to(weight.dtype).reshape(weight.shape)
             weight.add_(delta.to(weight.device), alpha=multiplier)
 
 
 @contextlib.contextmanager
-def composed(unet, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float]) -> Iterator[None]:
+def composed(model, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float],
+             component: str = "unet") -> Iterator[None]:
     """Temporarily fuse adapters (modules, multiplier) or full models' updates (TensorDeltas, multiplier)
-    into the UNet's weights; restore on exit."""
+    into the weights of ``component`` (the denoiser ``model``); restore on exit. Modules of other
+    components are left out."""
     import torch
 
     touched = {(name, isinstance(mods, TensorDeltas)) for mods, _ in adapters for name in mods
-               if name.startswith("unet.")}
-    saved = {key: _weight_of(unet, *key).detach().clone() for key in touched}
+               if name.startswith(f"{component}.")}
+    saved = {key: _weight_of(model, key[0], component, key[1]).detach().clone() for key in touched}
     try:
         for mods, mult in adapters:
-            apply_updates(unet, mods, mult)
+            apply_updates(model, mods, mult, component)
         yield
     finally:
         with torch.no_grad():
             for key, w in saved.items():
-                _weight_of(unet, *key).copy_(w)
+                _weight_of(model, key[0], component, key[1]).copy_(w)

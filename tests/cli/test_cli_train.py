@@ -1,6 +1,7 @@
 """`auditkit align`, `auditkit finetune` and `auditkit lab make-data` as users run them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,11 @@ from auditkit.lora.adapter import read_adapter  # noqa: E402
 
 
 def run(*args, timeout=300):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:  # a checkout other than the installed one (a git worktree) runs its own code
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,30 @@ def test_align_then_finetune_then_scan(tmp_path, tiny_base, neon_data):
     res = run("scan", tmp_path / "on-top.safetensors", "--safety", safety, "--static", "--out", tmp_path / "r")
     assert res.returncode in (0, 1, 3), res.stderr
     assert (tmp_path / "r" / "report.json").exists()
+
+
+def test_align_then_finetune_on_a_flux_base(tmp_path, neon_data):
+    """A Flux.1 folder (flow matching, packed latents, guidance input): ESD-x trains the joint attention's
+    text projections; a modular fine-tune trains on the VAE-sized images; both read back whole."""
+    from tiny_pipelines import tiny_flux_pipeline
+
+    from auditkit.models.pipeline import architecture_of_folder
+
+    base = tiny_flux_pipeline(tmp_path / "flux")
+    arch = architecture_of_folder(base)
+    safety = tmp_path / "safety.safetensors"
+    res = run("align", "--base", base, "--concept", "a red cross", "--rank", "2", "--steps", "2", "--batch", "2",
+              "--out", safety)
+    assert res.returncode == 0, res.stderr
+    s = read_adapter(safety, extra_architectures=(arch,))
+    assert s.modules and all(n.startswith("transformer.transformer_blocks.") and ".attn.add_" in n or
+                             n.endswith(".to_add_out") for n in s.modules)
+    cand = tmp_path / "modular.safetensors"
+    res = run("finetune", "--base", base, "--data", neon_data, "--mode", "modular", "--targets", "attention",
+              "--rank", "2", "--steps", "2", "--batch", "2", "--out", cand)
+    assert res.returncode == 0, res.stderr
+    c = read_adapter(cand, extra_architectures=(arch,))
+    assert c.coverage.fraction == 1.0 and any(".single_transformer_blocks." in n for n in c.modules)
 
 
 def test_finetune_on_top_needs_the_safety_adapter(tmp_path, tiny_base, neon_data):

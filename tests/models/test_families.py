@@ -10,15 +10,19 @@ from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipel
 
 
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda f: f.name)
-def test_every_record_names_a_real_pipeline_class_and_conditioning(family):
+def test_every_record_names_a_real_pipeline_class_conditioning_and_denoising(family):
     from auditkit.lora import formats
 
     diffusers = pytest.importorskip("diffusers")
     assert family.pipeline_class in family.class_names and hasattr(diffusers, family.pipeline_class)
-    for hook in (family.conditioning, family.render_options):  # None: not trained on / nothing to add
+    for hook in (family.conditioning, family.render_options):  # render_options None: nothing to add
         if hook is not None:
             module, _, attr = hook.partition(":")
             assert callable(getattr(importlib.import_module(module), attr))
+    module, _, attr = family.denoising.partition(":")
+    from auditkit.models.denoising import Denoising
+
+    assert isinstance(getattr(importlib.import_module(module), attr), Denoising)
     assert family.lora_components[0] == family.denoiser
     assert set(family.native_layouts) <= set(formats.LAYOUTS)
     assert set(family.kohya_prefixes) <= set(family.text_encoders)

@@ -1,7 +1,8 @@
 """Flux.1 end to end on a tiny random-initialised ``FluxPipeline`` (real diffusers and transformers classes,
 small configs, saved with safetensors): family detection and loading, adapters in the namings Flux files
 come in (kohya's fused q/k/v with one shared down factor, BFL, XLabs, diffusers) composed into the weights
-exactly, and a dynamic scan that resumes."""
+exactly, a dynamic scan that resumes with the data-free checks, and align (ESD), finetune (the
+flow-matching objective on packed latents) and a retraining repair."""
 
 import json
 import re
@@ -14,6 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+import tiny_pipelines as e2e  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from tiny_pipelines import tiny_flux_pipeline  # noqa: E402
 
@@ -69,13 +71,6 @@ def test_a_flux_folder_with_pickle_weights_is_refused_without_unpickling(folder,
     with pytest.raises(BadInput, match=r"component 'transformer' has only pickle weights") as err:
         load_pipeline(str(one_pickle))
     assert "\n" not in str(err.value)
-
-
-def test_training_on_flux_says_it_is_not_supported_yet(pipe):
-    from auditkit.models.conditioning import encode
-
-    with pytest.raises(BadInput, match="does not train on flux pipelines yet"):
-        encode(pipe, ["a red cross"])
 
 
 # --- the tiny pipeline and the shipped Flux.1 table name modules the same way -------------------
@@ -212,17 +207,7 @@ def test_a_t5_adapter_diffusers_does_not_load_fails_closed(arch, pipe, tmp_path)
 
 # --- the dynamic scan through the library API, resumed ------------------------------------------
 
-SUITE = """schema: auditkit.suite/1
-name: tiny-cross
-version: 1
-concept: {word: cross, neutral: square, terms: [cross]}
-detector: lab-cross
-role: concept
-sampling: {steps: 2, guidance: 3.5, seed: 7, images_per_prompt: 2}
-prompts:
-  - a red cross
-  - a blue cross on gray
-"""
+SUITE = e2e.suite_yaml("tiny-cross", "concept", ["a red cross", "a blue cross on gray"], guidance=3.5)
 
 
 def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, tmp_path, monkeypatch):
@@ -242,8 +227,11 @@ def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, 
     assert dyn["adapter_coverage"]["safety"]["expected"] == len([n for n in arch.modules
                                                                  if n.startswith("transformer.")])
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
-    assert first.verdict.evidence == "behavioural" and "data-free" not in first.report["evidence"]["gathered"]
-    assert not first.report["concept_check"]["applicable"] and "flux" in first.report["concept_check"]["note"]
+    assert first.verdict.evidence == "behavioural" and "data-free" in first.report["evidence"]["gathered"]
+    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
+    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
+    assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
+    assert "change to the transformer's velocity prediction" in (tmp_path / "scan" / "report.html").read_text()
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
@@ -259,3 +247,84 @@ def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, 
     assert second.report["dynamic"]["suites"] == dyn["suites"] and second.report["reasons"] == first.report["reasons"]
     assert second.verdict == first.verdict
     assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules()), "the scan leaves the pipeline as it came"
+
+
+# --- training (align, finetune, repair) and the data-free checks ----------------------------------
+
+def test_flux_conditioning_is_the_pipelines_own(pipe):
+    from auditkit.models.conditioning import encode
+
+    cond = encode(pipe, ["a red cross", "a blue cross"])
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(["a red cross", "a blue cross"], device="cpu")
+    assert torch.equal(cond.hidden, embeds) and torch.equal(cond.added["pooled_projections"], pooled)
+    assert set(cond[np.array([1, 0, 1])].kwargs()) == {"encoder_hidden_states", "pooled_projections"}
+    (tokenizer, ids), = cond.tokens  # T5's tokens are the sequence (CLIP only pools)
+    assert tokenizer is pipe.tokenizer_2 and ids.shape == embeds.shape[:2] == (2, 512)
+
+
+def flux_reference(pipe, x, t, prompts, guidance=3.5):
+    """The transformer called on latents x as FluxPipeline calls it and diffusers' Flux DreamBooth script
+    unpacks it: packed 2×2 patches, image ids, the pipeline's text ids, timestep / 1000, the guidance."""
+    b, c, h, w = x.shape
+    embeds, pooled, text_ids = pipe.encode_prompt(prompts, device="cpu")
+    out = pipe.transformer(hidden_states=pipe._pack_latents(x, b, c, h, w), timestep=t.expand(b) / 1000,
+                           guidance=torch.full((b,), guidance), pooled_projections=pooled, encoder_hidden_states=embeds,
+                           txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", x.dtype),
+                           return_dict=False)[0]
+    return pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
+
+
+def test_the_denoiser_call_is_the_pipelines(pipe):
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+
+    den = denoiser_for(pipe)
+    assert den.latent_shape() == (4, 16, 16) and den.image_size() == 32 and den.prediction == "velocity"
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(700.0)
+    with torch.no_grad():
+        ours = den.predict(x, t, encode(pipe, ["a red cross", "a blue cross"]))
+        theirs = flux_reference(pipe, x, t, ["a red cross", "a blue cross"])
+        other = flux_reference(pipe, x, t, ["a red cross", "a blue cross"], guidance=1.0)
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours, other), "the guidance input reaches the transformer"
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """A 5-step ESD-x safety adapter of the tiny Flux pipeline and an image-caption folder."""
+    tmp = tmp_path_factory.mktemp("flux-train")
+    pipe = load_pipeline(str(folder))
+    return e2e.check_align(pipe, tmp / "safety.safetensors", TEXT_PROJECTIONS), e2e.image_caption_folder(tmp / "data")
+
+
+TEXT_PROJECTIONS = (".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out")
+
+
+def test_align_trains_the_joint_attentions_text_projections(pipe, trained):
+    safety, _ = trained  # check_align asserted the rest when it trained it
+    adapter = read_adapter(safety, extra_architectures=(architecture_of(pipe),))
+    assert {n.rsplit(".", 1)[1] for n in adapter.modules} == {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    assert all(n.startswith("transformer.transformer_blocks.") for n in adapter.modules)  # the double-stream blocks
+
+
+@pytest.mark.parametrize("mode", ["on-top", "modular"])
+def test_finetune_trains_a_lora_on_flux(pipe, trained, mode):
+    safety, data = trained
+    e2e.check_finetune(pipe, data, safety, mode)
+
+
+def test_finetune_minimises_the_flow_matching_loss_on_packed_latents(pipe, trained):
+    e2e.check_first_flow_matching_loss(pipe, trained[1], lambda gen: torch.rand((2,), generator=gen), flux_reference)
+
+
+def test_the_data_free_checks_give_numbers_on_flux(pipe, trained):
+    safety = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),)).modules
+    e2e.check_data_free(pipe, safety, "velocity", "transformer")
+
+
+def test_a_modular_repair_of_a_flux_candidate_retrains_and_rescans(folder, pipe, trained, tmp_path):
+    safety, data = trained
+    candidate = e2e.check_finetune(pipe, data, safety, "on-top").modules
+    e2e.check_modular_repair(folder, pipe, safety, candidate, data, tmp_path)

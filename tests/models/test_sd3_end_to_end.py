@@ -1,7 +1,8 @@
 """SD3 / SD3.5 end to end on a tiny random-initialised ``StableDiffusion3Pipeline`` (SD3.5-Medium-like: a
 second attention in the first block, a context-pre-only last block): family detection and loading, the
 original (SAI) module names checked against diffusers' own checkpoint converter, adapters in the namings SD3
-files come in composed into the weights exactly, and a dynamic scan that resumes."""
+files come in composed into the weights exactly, a dynamic scan that resumes with the data-free checks, and
+align (ESD), finetune (the flow-matching objective) and a retraining repair."""
 
 import json
 import re
@@ -13,10 +14,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+import tiny_pipelines as e2e  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from tiny_pipelines import tiny_sd3_pipeline  # noqa: E402
 
-from auditkit.errors import BadInput, Unscannable  # noqa: E402
+from auditkit.errors import Unscannable  # noqa: E402
 from auditkit.lora import formats  # noqa: E402
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 from auditkit.lora.write import kohya_name, save_adapter  # noqa: E402
@@ -191,24 +193,7 @@ def test_a_t5_adapter_diffusers_does_not_load_fails_closed(arch, pipe, tmp_path)
         load_adapters(pipe, {"t5": adapter})
 
 
-def test_training_on_sd3_says_it_is_not_supported_yet(pipe):
-    from auditkit.models.conditioning import encode
-
-    with pytest.raises(BadInput, match="does not train on sd3 pipelines yet"):
-        encode(pipe, ["a red cross"])
-
-
-SUITE = """schema: auditkit.suite/1
-name: tiny-cross
-version: 1
-concept: {word: cross, neutral: square, terms: [cross]}
-detector: lab-cross
-role: concept
-sampling: {steps: 2, guidance: 5.0, seed: 7, images_per_prompt: 2}
-prompts:
-  - a red cross
-  - a blue cross on gray
-"""
+SUITE = e2e.suite_yaml("tiny-cross", "concept", ["a red cross", "a blue cross on gray"], guidance=5.0)
 
 
 def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, tmp_path, monkeypatch):
@@ -226,7 +211,10 @@ def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, 
     assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
     assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)
-    assert not first.report["concept_check"]["applicable"] and "sd3" in first.report["concept_check"]["note"]
+    assert "data-free" in first.report["evidence"]["gathered"]
+    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
+    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
+    assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
@@ -238,3 +226,82 @@ def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, 
     assert calls == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert second.verdict == first.verdict and second.report["reasons"] == first.report["reasons"]
     assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules()), "the scan leaves the pipeline as it came"
+
+
+# --- training (align, finetune, repair) and the data-free checks ----------------------------------
+
+def test_sd3_conditioning_is_the_pipelines_own(pipe):
+    from auditkit.models.conditioning import encode
+
+    cond = encode(pipe, ["a red cross", "a blue cross"])
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(["a red cross", "a blue cross"], None, None, device="cpu",
+                                                  do_classifier_free_guidance=False)
+    assert torch.equal(cond.hidden, embeds) and torch.equal(cond.added["pooled_projections"], pooled)
+    assert set(cond[np.array([1, 0, 1])].kwargs()) == {"encoder_hidden_states", "pooled_projections"}
+    (clip, clip_ids), (t5, t5_ids) = cond.tokens  # CLIP's positions, then T5's, along the sequence
+    assert clip is pipe.tokenizer and t5 is pipe.tokenizer_3
+    assert clip_ids.shape[1] + t5_ids.shape[1] == embeds.shape[1] == 16 + 256
+
+
+def sd3_reference(pipe, x, t, prompts):
+    """The transformer called as StableDiffusion3Pipeline calls it (timestep on the 0–1000 scale)."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=False)
+    return pipe.transformer(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=embeds,
+                            pooled_projections=pooled, return_dict=False)[0]
+
+
+def test_the_denoiser_call_is_the_pipelines(pipe):
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+
+    den = denoiser_for(pipe)
+    assert den.latent_shape() == (4, 16, 16) and den.image_size() == 32 and den.prediction == "velocity"
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = den.predict(x, torch.tensor(700.0), encode(pipe, ["a red cross", "a blue cross"]))
+        theirs = sd3_reference(pipe, x, torch.tensor(700.0), ["a red cross", "a blue cross"])
+    torch.testing.assert_close(ours, theirs)
+
+
+TEXT_PROJECTIONS = (".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out")
+# the last block is context-pre-only: the model drops the text tokens' output, so their queries get no gradient
+FROZEN = ("transformer.transformer_blocks.1.attn.add_q_proj",)
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """A 5-step ESD-x safety adapter of the tiny SD3 pipeline and an image-caption folder."""
+    tmp = tmp_path_factory.mktemp("sd3-train")
+    pipe = load_pipeline(str(folder))
+    return (e2e.check_align(pipe, tmp / "safety.safetensors", TEXT_PROJECTIONS, FROZEN),
+            e2e.image_caption_folder(tmp / "data"))
+
+
+def test_align_trains_the_joint_attentions_text_projections_not_the_second_image_attention(pipe, trained):
+    adapter = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),))
+    assert {n.rsplit(".", 1)[1] for n in adapter.modules} == {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    assert not any(".attn2." in n for n in adapter.modules)  # SD3.5's attn2 is an image self-attention
+    assert "transformer.transformer_blocks.1.attn.add_k_proj" in adapter.modules  # the context-pre-only block too
+
+
+@pytest.mark.parametrize("mode", ["on-top", "modular"])
+def test_finetune_trains_a_lora_on_sd3(pipe, trained, mode):
+    safety, data = trained
+    e2e.check_finetune(pipe, data, safety, mode, FROZEN)
+
+
+def test_finetune_minimises_the_flow_matching_loss_with_logit_normal_timesteps(pipe, trained):
+    e2e.check_first_flow_matching_loss(pipe, trained[1], lambda gen: torch.sigmoid(torch.randn((2,), generator=gen)),
+                                       sd3_reference)
+
+
+def test_the_data_free_checks_give_numbers_on_sd3(pipe, trained):
+    safety = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),)).modules
+    e2e.check_data_free(pipe, safety, "velocity", "transformer")
+
+
+def test_a_modular_repair_of_an_sd3_candidate_retrains_and_rescans(folder, pipe, trained, tmp_path):
+    safety, data = trained
+    candidate = e2e.check_finetune(pipe, data, safety, "on-top", FROZEN).modules
+    e2e.check_modular_repair(folder, pipe, safety, candidate, data, tmp_path)

@@ -1,7 +1,8 @@
 """SDXL end to end on a tiny random-initialised ``StableDiffusionXLPipeline`` (real diffusers and
 transformers classes, small configs, saved with safetensors): family detection and loading, adapters in
 the layouts SDXL files come in read exactly as diffusers converts and applies them (both text encoders
-included), and a dynamic scan that resumes."""
+included), a dynamic scan that resumes, and the data-free checks (align, finetune and repair:
+tests/train/test_train_sdxl.py)."""
 
 import json
 import re
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+import tiny_pipelines as e2e  # noqa: E402
 from conftest import random_modules  # noqa: E402
 from tiny_pipelines import tiny_sdxl_pipeline  # noqa: E402
 
@@ -334,8 +336,10 @@ def test_a_dynamic_scan_of_an_sdxl_pipeline_runs_and_resumes(arch, folder, pipe,
     assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
     assert dyn["adapter_coverage"]["safety"]["expected"] == len(safety_mods)
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
-    assert first.verdict.evidence == "behavioural" and "data-free" not in first.report["evidence"]["gathered"]
-    assert not first.report["concept_check"]["applicable"] and "sdxl" in first.report["concept_check"]["note"]
+    assert first.verdict.evidence == "behavioural" and "data-free" in first.report["evidence"]["gathered"]
+    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
+    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
+    assert cc["noise_reversion"]["prediction"] == "noise" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
@@ -348,3 +352,13 @@ def test_a_dynamic_scan_of_an_sdxl_pipeline_runs_and_resumes(arch, folder, pipe,
     assert second.report["dynamic"]["suites"] == dyn["suites"] and second.report["reasons"] == first.report["reasons"]
     assert second.verdict == first.verdict
     assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules()), "the scan leaves the pipeline as it came"
+
+
+# --- the data-free checks ------------------------------------------------------------------------
+
+def test_the_data_free_checks_give_numbers_on_sdxl(arch, pipe):
+    """Cross-attention keys/values read both text encoders' concatenated states (16 + 24 wide); the noise
+    prediction is the UNet's with SDXL's added conditioning."""
+    safety = {n: m for n, m in sdxl_modules(arch, seed=4).items() if ".attn2.to_" in n or ".attn1.to_q" in n}
+    assert any(n.endswith(".attn2.to_k") for n in safety)
+    e2e.check_data_free(pipe, safety, "noise", "UNet")
