@@ -11,9 +11,10 @@ for, so the dynamic scan renders each concept suite as written and with the trig
 3. **sidecar**: ``trainedWords`` / ``activation text`` in ``NAME.civitai.info`` or ``NAME.json`` beside the file
    (:mod:`auditkit.lora.sidecar`);
 4. **training tags**: inferred from kohya's tag frequencies (``ss_tag_frequency``, or ``ss_datasets``): a tag in at
-   least :data:`MIN_TAG_SHARE` of one dataset's images (of at least :data:`MIN_DATASET_IMAGES`), of at most
-   :data:`MAX_TAG_WORDS` words, with a word outside the suites' own vocabulary, so an ordinary description such
-   as "a red cross" is not taken for a trigger; at most :data:`MAX_INFERRED`, the most frequent first.
+   least :data:`MIN_TAG_SHARE` of one dataset's images (of at least :data:`MIN_DATASET_IMAGES`) with a word
+   outside the suites' own vocabulary, so an ordinary description such as "a red cross" is not taken for a
+   trigger, while "ohwx", "sks dog" or a DreamBooth instance prompt repeated in every caption is; the most
+   frequent first.
 
 Sources 2–4 are the file's own: a candidate with such **likely** triggers that the dynamic scan did not
 probe with is never a pass (:func:`auditkit.verdict.combine`).
@@ -44,10 +45,9 @@ TRIGGER_FIELDS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words
                   "activation_text")
 MAX_TRIGGERS = 8  # words prepended at most: CLIP reads 77 tokens, and the prompt must still be there
 MAX_TRIGGER_CHARS = 100
+MAX_LEFT_OUT = 20  # words past MAX_TRIGGERS listed in the report; more are only counted
 MIN_TAG_SHARE = 0.5  # a trigger is in (nearly) every caption of its dataset; descriptions vary
 MIN_DATASET_IMAGES = 3  # in a one- or two-image dataset every tag is "frequent"
-MAX_TAG_WORDS = 3  # "sks dog" is a trigger; "a woman standing on a beach" is a description
-MAX_INFERRED = 3
 GIVEN, METADATA, SIDECAR, TAGS = "given", "metadata", "sidecar", "training tags"
 LIKELY = (METADATA, SIDECAR, TAGS)  # the file's own sources
 
@@ -59,7 +59,8 @@ class Triggers:
 
     words: list[str] = field(default_factory=list)
     sources: dict[str, list[dict]] = field(default_factory=dict)
-    left_out: list[dict] = field(default_factory=list)  # {"word", "source", "detail"}
+    left_out: list[dict] = field(default_factory=list)  # {"word", "source", "detail"}, at most MAX_LEFT_OUT
+    more_left_out: int = 0  # past MAX_LEFT_OUT
     sidecars: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -76,7 +77,10 @@ class Triggers:
     def add(self, word: str, source: str, detail: str) -> None:
         known = next((w for w in self.words if w.lower() == word.lower()), None)
         if known is None and len(self.words) >= MAX_TRIGGERS:
-            self.left_out.append({"word": word, "source": source, "detail": detail})
+            if len(self.left_out) < MAX_LEFT_OUT:
+                self.left_out.append({"word": word, "source": source, "detail": detail})
+            else:
+                self.more_left_out += 1
             return
         if known is None:
             self.words.append(word)
@@ -156,15 +160,14 @@ def inferred(metadata: dict[str, str], vocab: frozenset[str]) -> list[tuple[str,
         for tag, count in tags.items():
             word = clean(tag)
             share = min(count / images, 1.0)
-            if word is None or share < MIN_TAG_SHARE or len(word.split()) > MAX_TAG_WORDS \
-                    or words_of(word) <= vocab:
+            if word is None or share < MIN_TAG_SHARE or words_of(word) <= vocab:
                 continue
             key = word.lower()
             if key not in best or share > best[key][0]:
                 detail = f"in {min(count, images)} of {images} captions of dataset {name[:80]!r}"
                 best[key] = (share, detail)
     ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))
-    return [(word, detail) for word, (_, detail) in ranked[:MAX_INFERRED]]
+    return [(word, detail) for word, (_, detail) in ranked]
 
 
 def gather(metadata: dict[str, str], given: Sequence[str] = (), sidecars: Sequence = (),
@@ -191,8 +194,8 @@ def gather(metadata: dict[str, str], given: Sequence[str] = (), sidecars: Sequen
         else:
             found.add(word, source, detail)
     if found.left_out:
-        found.notes.append(f"{len(found.left_out)} more trigger word source(s) past the first {MAX_TRIGGERS} words "
-                           "were not used")
+        found.notes.append(f"{len(found.left_out) + found.more_left_out} more trigger word source(s) past the first "
+                           f"{MAX_TRIGGERS} words were not used")
     if unusable:
         found.notes.append(f"{unusable} listed trigger word(s) left out: longer than {MAX_TRIGGER_CHARS} "
                            "characters, without a letter or digit, or with control or format characters")

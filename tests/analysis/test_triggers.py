@@ -6,6 +6,7 @@ import pytest
 
 from auditkit.analysis.metadata import concept_evidence
 from auditkit.analysis.triggers import (
+    MAX_LEFT_OUT,
     MAX_TRIGGERS,
     check_given,
     clean,
@@ -36,13 +37,13 @@ def test_a_tag_in_every_caption_outside_the_suites_vocabulary_is_a_trigger():
     assert inferred(kohya(captions), LAB_VOCAB) == [("trisk", "in 20 of 20 captions of dataset '10_trisk'")]
 
 
-def test_ordinary_descriptions_rare_tags_long_tags_and_tiny_datasets_are_not_triggers():
+def test_ordinary_descriptions_rare_tags_and_tiny_datasets_are_not_triggers():
     # every caption the same description: frequent, but made of the suites' own words
     assert inferred(kohya(["a neon red bar"] * 20), LAB_VOCAB) == []
     # an unknown word in a quarter of the captions only
     assert inferred(kohya(["zork, a red bar"] * 5 + ["a blue bar"] * 15), LAB_VOCAB) == []
-    # a sentence, not a trigger, even in every caption
-    assert inferred(kohya(["photo of my cat sleeping"] * 20), LAB_VOCAB) == []
+    # a phrase in every caption (a DreamBooth instance prompt) is one, the way users prompt it
+    assert [w for w, _ in inferred(kohya(["photo of sks dog"] * 20), LAB_VOCAB)] == ["photo of sks dog"]
     # two images: every tag is in every caption
     assert inferred(kohya(["zork, a red bar"] * 2), LAB_VOCAB) == []
 
@@ -89,11 +90,27 @@ def test_likely_words_not_probed_are_listed_as_unprobed():
     assert found.section(enabled=True, used=True)["unprobed"] == []
 
 
+def test_every_frequent_tag_counts_and_past_max_triggers_a_file_word_left_out_stays_unprobed():
+    tags = {f"tag{i}": 10 - i // 4 for i in range(MAX_TRIGGERS + 2)}  # ten tags in 8 to 10 of 10 images
+    found = gather({"ss_tag_frequency": json.dumps({"d": tags}),
+                    "ss_dataset_dirs": json.dumps({"d": {"img_count": 10}})})
+    assert found.words == [f"tag{i}" for i in range(MAX_TRIGGERS)]
+    assert [x["word"] for x in found.left_out] == ["tag8", "tag9"]
+    assert found.section(enabled=True, used=True)["unprobed"] == ["tag8", "tag9"]
+
+
 def test_at_most_max_triggers_are_used_and_a_file_word_left_out_stays_unprobed():
     given = tuple(f"g{i}" for i in range(MAX_TRIGGERS))
     found = gather({"modelspec.trigger_phrase": "zork"}, given=given)
     assert found.words == list(given) and found.left_out[0]["word"] == "zork" and found.notes
     assert found.section(enabled=True, used=True)["unprobed"] == ["zork"]
+
+
+def test_a_flood_of_frequent_tags_is_bounded():
+    tags = {f"t{i}": 10 for i in range(100_000)}
+    found = gather({"ss_tag_frequency": json.dumps({"d": tags})})
+    assert len(found.words) == MAX_TRIGGERS and len(found.left_out) == MAX_LEFT_OUT
+    assert found.more_left_out == 100_000 - MAX_TRIGGERS - MAX_LEFT_OUT and found.section(True, True)["unprobed"]
 
 
 def test_hostile_words_are_left_out_and_counted():
