@@ -14,7 +14,7 @@ from auditkit.analysis.triggers import (
     inferred,
     vocabulary,
 )
-from auditkit.lora.metadata import kohya_training_metadata, training_tags
+from auditkit.lora.metadata import kohya_training_metadata, summarize, training_tags
 from auditkit.lora.sidecar import Sidecar
 from auditkit.suites import builtin_dir, list_suites
 
@@ -62,8 +62,10 @@ def test_dataset_sizes_come_from_kohya_dataset_dirs_and_ss_datasets():
 
 @pytest.mark.parametrize("raw", ["{", "[1, 2]", '{"d": [1]}', "[" * 100_000, '{"d": {"zork": "many"}}'])
 def test_malformed_or_hostile_tag_frequencies_give_no_trigger_and_no_crash(raw):
-    assert inferred({"ss_tag_frequency": raw}, LAB_VOCAB) == []
+    assert inferred({"ss_tag_frequency": raw, "ss_dataset_dirs": raw}, LAB_VOCAB) == []
     assert concept_evidence({"ss_tag_frequency": raw}, {"lab-cross": ("cross",)})["found"] is False
+    summary = summarize({"ss_tag_frequency": raw, "ss_dataset_dirs": raw})  # the report's metadata section
+    assert summary["training_tags"] == []
 
 
 def test_sources_in_order_given_first_and_one_word_named_twice_keeps_both_sources(tmp_path):
