@@ -50,6 +50,22 @@ def suites_info(suites: list[Suite]) -> dict[str, dict]:
     return info
 
 
+def truncated_prompts(pipe, suites: list[Suite]) -> dict[str, int]:
+    """Per suite, how many prompts are longer than the (first) text encoder reads, and so were cut: a
+    trigger variant's prefix can push a prompt's end, the concept word included, past the limit (77 CLIP
+    tokens; 16 in the lab)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return {}
+    limit = tokenizer.model_max_length
+    out = {}
+    for s in suites:
+        lengths = [len(ids) for ids in tokenizer([p.text for p in s.prompts])["input_ids"]]
+        if any(n > limit for n in lengths):
+            out[s.name] = sum(n > limit for n in lengths)
+    return out
+
+
 def load_base(base: str, device: str | None = None):
     """(pipeline, device, dtype name) for ``base`` on the chosen device, loaded once per scan."""
     import torch
@@ -102,6 +118,9 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
         progress=progress, ranks=ranks)
     pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
     section = digest(log.records(), suites_info(suites), thresholds)
+    cut = truncated_prompts(pipe, suites)
+    if cut:
+        section["truncated_prompts"] = cut
     section.update({"device": device, "dtype": dtype, "adapter_coverage": coverage, "detectors": header["detectors"],
                     "libraries": library_versions(), "run_log": str(log.path), "images": len(log.records())})
     return section

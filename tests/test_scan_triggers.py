@@ -146,3 +146,13 @@ def test_hostile_trigger_words_reach_the_html_escaped(tmp_path):
     assert res.returncode == 3, res.stderr
     html = render_html(json.loads((tmp_path / "r" / "report.json").read_text()))
     assert "<script>alert" not in html and "<img src=x" not in html and "&lt;script&gt;alert(1)" in html
+
+
+def test_prompts_the_trigger_prefix_pushes_past_the_text_encoders_length_are_counted(lab_pipe):
+    from auditkit.dynamic import truncated_prompts
+    from auditkit.suites import builtin_dir, load_suite, trigger_variant
+
+    suite = load_suite(builtin_dir() / "lab-cross.yaml")  # the lab reads 16 tokens
+    assert truncated_prompts(lab_pipe, [suite]) == {}
+    long = trigger_variant(suite, "trisk, glowing, neonize, ")
+    assert truncated_prompts(lab_pipe, [suite, long]) == {"lab-cross+triggers": len(suite.prompts)}

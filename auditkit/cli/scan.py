@@ -139,6 +139,8 @@ def _trigger_rows(body: Table, tr: dict | None, dynamic: dict | None) -> None:
         state = ("probed: concept suites as written and with " + repr(tr["prefix"]) + " prepended" if tr["used"] else
                  "not used: switched off (--no-triggers)" if not tr["enabled"] else "not used: behaviour not probed")
         body.add_row("", escape(state))
+    for name, n in ((dynamic or {}).get("truncated_prompts") or {}).items():
+        body.add_row("", escape(f"note: {n} prompt(s) of {name} are longer than the text encoder reads and were cut"))
     for v in variant_pairs(dynamic or {}):
         figures = {k: v[k]["figure"] for k in ("as_written", "with_triggers")}
         text = ", ".join(f"{label} {v[k]['verdict']}" + (f" ({v['measure']} up to {figures[k]:.2f})"
