@@ -76,6 +76,7 @@ def _check_unit_interval(obj) -> None:
 
 
 DEFAULT_MULTIPLIERS = (0.5, 1.0, 1.5)
+CANDIDATE_FROM = ("safety", "base")  # what a full-model candidate was fine-tuned from (auditkit.inputs)
 MAX_STEPS = 1000
 MAX_BATCH = 1024
 MAX_MULTIPLIER = 10.0
@@ -86,9 +87,11 @@ class ScanConfig:
     """Everything one ``auditkit scan`` needs. Paths are as given (the config file resolves its own
     relative paths against its folder). ``None`` means "not set": see each field's help."""
 
-    candidate: Path | None = field(default=None, metadata=_help("the adapter to audit (.safetensors)", cli=False))
+    candidate: Path | None = field(default=None, metadata=_help(
+        "the adapter (.safetensors) or full fine-tuned model to audit", cli=False))
     safety: Path | None = field(default=None, metadata=_help(
-        "the safety module (Safety LoRA); without it and with a base: concept amplification against the base"))
+        "the safety module: a Safety LoRA, or the erased model (a pipeline or component folder, or a .safetensors "
+        "checkpoint); 'none' or unset with a base: concept amplification against the base"))
     base: str | None = field(default=None, metadata=_help(
         "base pipeline: 'lab' or a local diffusers folder; enables the data-free checks and the dynamic scan"))
     suites: tuple[str, ...] = field(default=(), metadata=_help(
@@ -101,6 +104,12 @@ class ScanConfig:
     static_only: bool = field(default=False, metadata=_help(
         "static weight-space scan and data-free checks only: no images (cannot give a pass)"))
     arch: str | None = field(default=None, metadata=_help("force the adapters' architecture (sd15, sd2, sdxl, lab)"))
+    energy: float = field(default=0.99, metadata=_help(
+        "full models (erased checkpoints, full fine-tunes): share of each module's difference energy the static "
+        "scan keeps in its truncated SVD (1 = exact dense SVD); the dynamic scan always runs the model itself"))
+    candidate_from: str = field(default="safety", metadata=_help(
+        "a full-model candidate was fine-tuned from 'safety' (the safe model: the erased model, or the base with "
+        "the safety adapter merged) or 'base'; its update is its difference to that model"))
     out: Path | None = field(default=None, metadata=_help("report folder (default: reports/<candidate name>)"))
     detectors: tuple[tuple[str, str], ...] = field(default=(), metadata=_help(
         "suite name -> detector name, replacing a suite's own detector (e.g. nudity = nudenet-strict)"))
@@ -131,6 +140,11 @@ class ScanConfig:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
                 not 1 <= self.batch_size <= MAX_BATCH:
             problems.append(f"batch_size: must be an integer in [1, {MAX_BATCH}], got {self.batch_size!r}")
+        if isinstance(self.energy, bool) or not isinstance(self.energy, (int, float)) or \
+                not 0 < self.energy <= 1:
+            problems.append(f"energy: must be a number in (0, 1], got {self.energy!r}")
+        if self.candidate_from not in CANDIDATE_FROM:
+            problems.append(f"candidate_from: must be one of {', '.join(CANDIDATE_FROM)}, got {self.candidate_from!r}")
         if self.device is not None and not _valid_device(self.device):
             problems.append(f"device: {self.device!r} is not a torch device (cpu, cuda, cuda:N, mps)")
         problems += [p for p in (check_given(self.triggers),) if p]

@@ -32,8 +32,9 @@ NOT_IN_FILE = ("candidate", "out")
 # How each ScanConfig field is read from TOML: a kind name checked by _convert.
 KINDS = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
          "batch_size": "int", "device": "str", "static_only": "bool", "arch": "str", "detectors": "names",
-         "show_flagged": "bool", "triggers": "strings", "probe_triggers": "bool", "static": StaticThresholds,
-         "dynamic": DynamicThresholds}
+         "show_flagged": "bool", "energy": "number", "candidate_from": "str", "triggers": "strings",
+         "probe_triggers": "bool", "static": StaticThresholds, "dynamic": DynamicThresholds}
+NO_SAFETY = "none"  # `safety = "none"` / `--safety none`: no safety module (amplification), over a configured one
 DEFAULT, COMMAND_LINE = "default", "command line"
 
 
@@ -123,7 +124,7 @@ def _convert(path: Path, key: str, kind, raw):
     if kind == "path":
         if not isinstance(raw, str) or not raw.strip():
             raise bad("must be a path")
-        return folder / raw
+        return raw if raw == NO_SAFETY else folder / raw
     if kind == "paths":
         if not isinstance(raw, list) or not all(isinstance(x, str) and x.strip() for x in raw):
             raise bad("must be a list of paths")
@@ -140,6 +141,10 @@ def _convert(path: Path, key: str, kind, raw):
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise bad("must be an integer")
         return raw
+    if kind == "number":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            raise bad("must be a number")
+        return float(raw)
     if kind == "bool":
         if not isinstance(raw, bool):
             raise bad("must be true or false")
@@ -180,6 +185,8 @@ def resolve(overrides: dict, config_file: str | Path | None = None, use_file: bo
         if "." in key and v is not None:
             group, name = key.split(".", 1)
             thresholds[group][name], sources[key] = v, COMMAND_LINE
+    if str(values.get("safety")) == NO_SAFETY:
+        values["safety"] = None
     where = f"{path} and the command line" if path is not None else "the command line"
     try:
         values["static"] = StaticThresholds(**thresholds["static"])

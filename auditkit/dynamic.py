@@ -97,7 +97,15 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     device, dtype = str(denoiser.device), str(denoiser.dtype).removeprefix("torch.")
     detectors = {name: registry.get(name) for name in sorted({s.detector for s in suites})}
     adapters = {"safety": safety, "candidate": candidate} if safety is not None else {"candidate": candidate}
-    coverage = load_adapters(pipe, adapters)
+    loras = {role: a for role, a in adapters.items() if a.update is None}
+    full = {role: a for role, a in adapters.items() if a.update is not None}
+    coverage = load_adapters(pipe, loras)
+    overlay = None
+    if full:  # full models are rendered as themselves: every changed tensor written per configuration
+        from auditkit.models.overlay import Overlay
+
+        overlay = Overlay(pipe, full)
+        coverage.update(overlay.coverage())
     configs = configurations(multipliers, with_safety=safety is not None)
     jobs = plan(suites, steps)
     header = {
@@ -108,15 +116,21 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     }
     if triggers:  # absent without triggers: a run started before trigger variants existed still resumes
         header["triggers"] = list(triggers)
+    if full:  # what each full model's update is relative to changes what its configurations render
+        header["full_models"] = {role: a.update.reference.label for role, a in full.items()}
     ranks = ranks or Ranks()
     log = RunLog(run_dir)
     if ranks.main and log.header() is None:
         log.start(header)  # written once, before any rank renders
     ranks.barrier()
     log.start(header)  # every rank checks that a resumed run matches
-    run(pipe, jobs, configs, detectors, run_dir, roles=list(adapters), batch_size=batch_size,
-        progress=progress, ranks=ranks)
-    pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
+    try:
+        run(pipe, jobs, configs, detectors, run_dir, roles=list(loras), batch_size=batch_size,
+            progress=progress, ranks=ranks, overlay=overlay)
+    finally:
+        if overlay is not None:
+            overlay.restore()
+        pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
     section = digest(log.records(), suites_info(suites), thresholds)
     cut = truncated_prompts(pipe, suites)
     if cut:

@@ -82,6 +82,13 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     Every module of the adapter counts, in whichever component it is (both SDXL text encoders
     included): a module in a component the pipeline's family does not have was not loaded.
 
+    A file diffusers reads natively is handed over as it is; when diffusers then applies fewer than
+    all of its modules or refuses it (diffusers 0.42: kohya's ``lora_unet_add_embedding_linear_N``
+    dropped, files mixing SGM and diffusers names, diffusers/peft text-encoder files under
+    transformers 5), it is loaded again as auditkit's exact conversion (a diffusers state dict of the
+    same updates), so the scan renders every module the file holds. The coverage record says which
+    source was used and names any module still missing.
+
     Each loaded module's scale is also checked against the file's own (alpha / rank, read by
     auditkit): diffusers ignores per-module alphas when a kohya file's alphas differ between modules
     (measured with diffusers 0.36: 9 of 14 modules got another module's scale). Wrong scales are
@@ -92,28 +99,49 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     family = family_of_pipeline(pipe)
     coverage = {}
     for role, adapter in adapters.items():
-        try:
-            pipe.load_lora_weights(diffusers_source(adapter, family.native_layouts), adapter_name=role)
-        except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-            raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
-                                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:240]}); the "
-                                            "dynamic scan would not test this adapter") from None
-        layers = _lora_layers(pipe, [role])
         expected = set(adapter.modules)
+        source = diffusers_source(adapter, family.native_layouts)
+        layers, failure = _load(pipe, adapter, role, source, family)
+        note = ""
+        if isinstance(source, str) and (failure or not expected <= layers.keys()):
+            note = (f"diffusers refused the file ({failure})" if failure else
+                    f"diffusers applied {len(expected & layers.keys())} of the file's {len(expected)} modules")
+            if not failure:
+                pipe.delete_adapters(role)
+            source = diffusers_source(adapter, ())
+            layers, failure = _load(pipe, adapter, role, source, family)
+        if failure:
+            raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
+                                            f"({failure}); the dynamic scan would not test this adapter")
         got = len(expected & layers.keys())
         fraction = got / len(expected) if expected else 0.0
+        missing = sorted(expected - layers.keys())
         if fraction < min_coverage:
             foreign = sorted({n.split(".", 1)[0] for n in expected} - set(family.lora_components))
             untouched = sorted({n.split(".", 1)[0] for n in expected} - {n.split(".", 1)[0] for n in layers}
                                - set(foreign))
             why = f" ({', '.join(foreign)}: not in a {family.name} pipeline)" if foreign else \
-                f" (diffusers loads none of {', '.join(untouched)}'s modules)" if untouched else ""
+                f" (diffusers loads none of {', '.join(untouched)}'s modules)" if untouched else \
+                f" (missing: {', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})"
             raise Unscannable(adapter.path, f"diffusers applied only {got} of {len(expected)} modules "
                                             f"({fraction:.0%}){why}; the dynamic scan would not test this adapter")
         corrected = _correct_scales(adapter, role, {n: layers[n] for n in expected & layers.keys()})
         coverage[role] = {"expected": len(expected), "loaded": got, "fraction": fraction,
-                          "scales_corrected": corrected}
+                          "scales_corrected": corrected, "missing": missing[:50],
+                          "source": "file" if isinstance(source, str) else "auditkit conversion",
+                          **({"note": note + "; loaded as auditkit's exact conversion"} if note else {})}
     return coverage
+
+
+def _load(pipe, adapter, role: str, source, family) -> tuple[dict, str]:
+    """Load ``source`` as adapter ``role``: (its LoRA layers by canonical name, "" or why diffusers refused)."""
+    try:
+        pipe.load_lora_weights(source, adapter_name=role)
+    except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+        if role in getattr(pipe, "get_list_adapters", dict)().get(family.denoiser, ()):
+            pipe.delete_adapters(role)
+        return {}, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
+    return _lora_layers(pipe, [role]), ""
 
 
 def _correct_scales(adapter, role: str, layers: dict) -> int:
@@ -162,9 +190,11 @@ def batches(todo: Sequence[tuple[Configuration, Job]], configs: Sequence[Configu
 
 def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: dict, run_dir: str | Path,
         roles: Sequence[str] = (), batch_size: int = 16, progress: Progress | None = None,
-        fuse: bool | None = None, ranks: Ranks | None = None) -> RunLog:
+        fuse: bool | None = None, ranks: Ranks | None = None, overlay=None) -> RunLog:
     """Generate and score every (configuration, job) not yet in the run log.
 
+    ``roles``: the LoRA adapters loaded by diffusers. ``overlay``: the full models of the scan
+    (:class:`auditkit.models.overlay.Overlay`), set per configuration before its adapters.
     ``fuse``: merge each configuration's adapters into the weights while it renders (default: on
     CUDA only; see :class:`Fused`). ``ranks``: this process's share of a distributed run (see
     :mod:`auditkit.distributed`); its records go to its shard log and rank 0 merges them at the end.
@@ -179,7 +209,7 @@ def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: 
     mine = shard(batches(todo, configs, batch_size), ranks.rank, ranks.world)
     out = log if ranks.world == 1 else RunLog(run_dir, shard_name(ranks.rank))
     fuse = pipe.device.type == "cuda" if fuse is None else fuse
-    _render(pipe, mine, detectors, out, roles, Fused(pipe) if fuse else None, progress)
+    _render(pipe, mine, detectors, out, roles, Fused(pipe) if fuse else None, progress, overlay)
     ranks.barrier()
     if ranks.main:
         merge_shards(run_dir)
@@ -188,13 +218,17 @@ def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: 
 
 
 def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Sequence[str], fused: Fused | None,
-            progress: Progress | None) -> None:
+            progress: Progress | None, overlay=None) -> None:
     """Render ``work`` in order; a batch's PNGs and log lines are written while the next one renders."""
     total, finished, current, pending = sum(len(b) for _, b in work), 0, None, None
     try:
         with ThreadPoolExecutor(max_workers=1) as writer:
             for config, batch in work:
                 if config != current:
+                    if fused is not None:
+                        fused.restore()  # before the full models change the weights it saved
+                    if overlay is not None:
+                        overlay.apply(dict(config.weights))
                     if fused is None:
                         apply_configuration(pipe, config, roles)
                     else:
@@ -212,6 +246,8 @@ def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Se
     finally:
         if fused is not None:
             fused.restore()
+        if overlay is not None:
+            overlay.restore()
 
 
 def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict) -> tuple[np.ndarray, list[dict]]:
@@ -259,8 +295,9 @@ class Fused:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.saved: dict = {}  # LoRA layer -> its base weight before any merge
+        self.saved: dict = {}  # LoRA layer -> its base weight before the current merge
         self.merged = False
+        self.unmerged: set[str] = set()  # configurations rendered unmerged (their adapters update biases)
 
     def apply(self, config: Configuration, roles: Sequence[str]) -> None:
         self.restore()
@@ -268,10 +305,18 @@ class Fused:
         if not names:
             apply_configuration(self.pipe, config, roles)
             return
+        layers = _lora_layers(self.pipe, names).values()
+        if any(getattr(layer.lora_B[r], "bias", None) is not None for layer in layers for r in names
+               if r in layer.lora_B):
+            # peft cannot merge a LoRA bias into a layer without one, and merging into one that has a bias
+            # would need that bias saved too: bias updates (full-diff diff_b) render unmerged
+            self.unmerged.add(config.name)
+            apply_configuration(self.pipe, config, roles)
+            return
         weights = dict(config.weights)
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=[float(weights[r]) for r in names])
-        for layer in _lora_layers(self.pipe, names).values():
+        for layer in layers:
             if layer not in self.saved:
                 self.saved[layer] = layer.get_base_layer().weight.detach().clone()
         self.pipe.fuse_lora(components=self.components(), adapter_names=names, lora_scale=1.0)
@@ -294,6 +339,7 @@ class Fused:
         with torch.no_grad():
             for layer, weight in self.saved.items():
                 layer.get_base_layer().weight.copy_(weight)
+        self.saved.clear()  # saved again at the next merge: full models (an Overlay) may change them in between
         self.merged = False
 
 

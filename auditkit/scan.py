@@ -36,8 +36,8 @@ from auditkit.analysis.weights import StaticFindings, static_scan
 from auditkit.config import ScanConfig, StaticThresholds
 from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import check_output_folder
-from auditkit.lora.adapter import Adapter, read_adapter
-from auditkit.models.pipeline import base_architectures
+from auditkit.inputs import read_input, read_pair, with_base_weights  # noqa: F401 - read_pair: public here too
+from auditkit.lora.adapter import Adapter
 from auditkit.runlog import locked
 from auditkit.verdict import (
     BEHAVIOURAL,
@@ -81,42 +81,14 @@ class ScanResult:
         return self.verdict.exit_code
 
 
-def with_base_weights(adapter: Adapter, base: str | None) -> Adapter:
-    """The adapter with its DoRA modules made exact from the base's weights (read from the base's
-    safetensors, no model loaded); unchanged without DoRA modules or without a base."""
-    if base is None or not any(m.needs_base for m in adapter.modules.values()):
-        return adapter
-    from auditkit.models.base_weights import BaseWeights
-
-    return adapter.with_base(BaseWeights.for_base(base))
-
-
-def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None,
-              extra_architectures: tuple = (), base: str | None = None) -> tuple[Adapter, Adapter]:
-    """Read both adapters for one architecture, or refuse: they must adapt the same model.
-
-    ``extra_architectures``: considered besides the built-in ones (the base's, see
-    :func:`auditkit.models.pipeline.base_architecture`). With a ``base``, DoRA modules get their
-    exact update from its weights."""
-    safety = read_adapter(safety_path, arch=arch, extra_architectures=extra_architectures)
-    candidate = read_adapter(candidate_path, arch=arch, extra_architectures=extra_architectures)
-    if candidate.architecture.name != safety.architecture.name:
-        # Small adapters can fit several architectures; settle on one both fit.
-        if safety.architecture.name in candidate.architecture_candidates:
-            candidate = read_adapter(candidate_path, arch=safety.architecture)
-        elif candidate.architecture.name in safety.architecture_candidates:
-            safety = read_adapter(safety_path, arch=candidate.architecture)
-        else:
-            raise BadInput(candidate_path, f"adapts {candidate.architecture.name} but the safety adapter {safety_path} "
-                                           f"adapts {safety.architecture.name}; they must target the same model")
-    return with_base_weights(candidate, base), with_base_weights(safety, base)
-
-
 def run_static_scan(candidate_path: str | Path, safety_path: str | Path,
                     thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None,
-                    extra_architectures: tuple = (), base: str | None = None) -> StaticScan:
-    """Read both adapters and apply the static rules (factor space, no model, seconds)."""
-    candidate, safety = read_pair(candidate_path, safety_path, arch, extra_architectures, base)
+                    extra_architectures: tuple = (), base: str | None = None, base_arch=None,
+                    energy: float | None = None, candidate_from: str = "safety") -> StaticScan:
+    """Read both (adapters or full models, see :mod:`auditkit.inputs`) and apply the static rules (factor
+    space, no model, seconds)."""
+    candidate, safety = read_pair(candidate_path, safety_path, arch, extra_architectures, base, base_arch, energy,
+                                  candidate_from)
     try:
         findings = static_scan(candidate, safety)
     except ValueError as exc:
@@ -160,7 +132,7 @@ def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -
     """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion,
     and whether they ran: pipeline families they do not support yet (``Family.data_free_checks``) get a
     not-applicable entry that says so."""
-    from auditkit.analysis.concept import ConceptCheck, kv_reversion, prompt_embeddings
+    from auditkit.analysis.concept import KV, ConceptCheck, kv_reversion, prompt_embeddings
     from auditkit.analysis.reversion import noise_reversion
     from auditkit.models.families import family_of_pipeline
 
@@ -172,9 +144,10 @@ def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -
         return check, False
     prompts = [p.text for p in suite.prompts]
     e, mask = prompt_embeddings(pipe, prompts, suite.concept_word)
-    check = kv_reversion(e, mask, candidate.modules, safety.modules).to_dict()
+    # full models take part exactly (their dense differences), never as their truncation
+    check = kv_reversion(e, mask, candidate.exact_modules(KV), safety.exact_modules(KV)).to_dict()
     check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
-    check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.modules, safety.modules).to_dict()
+    check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.exact(), safety.exact()).to_dict()
     return check, True
 
 
@@ -216,15 +189,16 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     # validated before any model loads; without a base, configured suites still name the concepts
     # whose words the metadata evidence looks for
     suites = resolve_suites(config) if config.base is not None or config.suites else []
-    extra = base_architectures(config.base, pipeline)  # adapters for a custom base read against it
+    base_arch, extra = _base_architecture(config.base, pipeline)  # adapters for a custom base read against it
     static = None
     if config.safety is not None:
         static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch,
-                                 extra_architectures=extra, base=config.base)
+                                 extra_architectures=extra, base=config.base, base_arch=base_arch,
+                                 energy=config.energy, candidate_from=config.candidate_from)
         candidate, safety = static.candidate, static.safety
     else:
-        adapter = read_adapter(config.candidate, arch=config.arch, extra_architectures=extra)
-        candidate, safety = with_base_weights(adapter, config.base), None
+        candidate = read_input(config.candidate, "candidate", config.base, base_arch, config.arch, extra, config.energy)
+        safety = None
     shipped = [] if suites else list_suites(builtin_dir())
     triggers = gather_triggers(config, candidate, suites or shipped)
     probed = suites
@@ -268,6 +242,17 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         except OSError as exc:
             raise BadInput(out, f"cannot write the report ({exc.strerror or exc})") from None
     return ScanResult(config, report, verdict, static, Path(out), paths)
+
+
+def _base_architecture(base: str | None, pipeline) -> tuple:
+    """(the base's architecture or None, the extra architectures adapters are read against)."""
+    from auditkit.models import architectures
+    from auditkit.models.pipeline import base_architecture
+
+    if base is None and pipeline is None:
+        return None, ()
+    arch = base_architecture(base, pipeline)
+    return arch, (() if arch.name in architectures.BUILTIN else (arch,))
 
 
 def default_out(candidate: Path) -> Path:

@@ -262,6 +262,12 @@ def _combine(static: Verdict | None, dynamic: dict | None, gathered: tuple[str, 
         if not rows:
             reasons.append("dynamic: no concept comparison could be made")
         verdict = RISK if static is not None and static.verdict == RISK else dynamic["verdict"]
+        unrendered = {role: c["missing"] for role, c in dynamic.get("adapter_coverage", {}).items() if c.get("missing")}
+        for role, missing in unrendered.items():
+            reasons.append(f"dynamic: {len(missing)} of the {role}'s modules were not rendered "
+                           f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}): no pass")
+        if unrendered and verdict == PASS:
+            verdict = INCONCLUSIVE
         return Verdict(verdict, reasons + static_reasons, BEHAVIOURAL, gathered)
     if static is not None:
         verdict = RISK if static.verdict == RISK else INCONCLUSIVE

@@ -19,9 +19,6 @@ every attention and MLP module is covered (the dense reference then times the fi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import emit, provenance
 
 from auditkit.analysis.weights import static_scan
 from auditkit.lora.adapter import LoraModule, read_adapter
@@ -204,8 +202,7 @@ def main() -> None:
                                         "auditkit.report.build, auditkit.report.html"], 1)
 
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
-                   f"{platform.python_version()}, numpy {np.__version__}",
+        **provenance(),
         "architecture": args.arch, "modules": len(safety.modules), "rank": args.rank,
         "files_mb": round(files_mb, 2),
         "read_both_s": round(read_s, 4),
@@ -223,8 +220,6 @@ def main() -> None:
         "bare_numpy_peak_rss_mb": round(numpy_rss / 1024, 1),
         "repeat": args.repeat,
         "cancellation": round(findings.cancellation, 6),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                                     capture_output=True, text=True).stdout.strip() or None,
     }
     limit = 0.5 if args.arch == "sd15" else 1.0  # issue 2's SD1.5 target; issue 11's SDXL/Flux target
     results["targets_met"] = {
@@ -232,10 +227,7 @@ def main() -> None:
         "scan_not_slower_than_bare_script": scan_s <= min(torch_s, numpy_s),
         "peak_memory_under_budget": results["auditkit_scan_peak_rss_mb"] < results["memory_budget_mb"],
     }
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,15 @@ def low_rank_error(a: tuple, b: tuple) -> float:
     return float(np.sqrt(max(np.sum((up.T @ up) * (down @ down.T)), 0.0) / ref))
 
 
+def run_cli(*args, timeout: int = 600):
+    """``python -m auditkit ARGS`` in a subprocess, as a user runs it (output captured)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def factors(m: LoraModule) -> tuple:
     return m.down, m.up, m.scale
 

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from auditkit.errors import BadInput, Unscannable  # noqa: E402
+from auditkit.errors import BadInput  # noqa: E402
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
 from auditkit.runlog import RunLog  # noqa: E402
 from auditkit.runner import configurations, load_adapters, plan, run  # noqa: E402
@@ -72,8 +72,9 @@ def test_run_scores_every_pair_and_resumes_without_regenerating(pipe, tmp_path):
         log.start({"suites": ["other"]})
 
 
-def test_a_partial_load_stops_the_scan(pipe, tmp_path):
-    """Half the modules renamed to names the UNet lacks: diffusers only warns and loads the rest."""
+def test_a_partial_load_by_diffusers_is_replaced_by_the_exact_conversion(pipe, tmp_path):
+    """Half the modules renamed to names diffusers does not map (auditkit's reading is kept): diffusers only
+    warns and loads the rest, so auditkit loads its own conversion of every module it read instead."""
     from dataclasses import replace
 
     from auditkit.lora.io import serialize
@@ -87,8 +88,9 @@ def test_a_partial_load_stops_the_scan(pipe, tmp_path):
         tensors[f"{k}.lora_down.weight"], tensors[f"{k}.lora_up.weight"] = m.down, m.up
     path = tmp_path / "partial.safetensors"
     path.write_bytes(serialize(tensors))
-    with pytest.raises(Unscannable, match=r"diffusers applied only 14 of 28 modules \(50%\)"):
-        load_adapters(pipe, {"partial": replace(safety, path=path)})
+    coverage = load_adapters(pipe, {"partial": replace(safety, path=path)})["partial"]
+    assert coverage["loaded"] == 28 and coverage["missing"] == [] and coverage["source"] == "auditkit conversion"
+    assert coverage["note"] == "diffusers applied 14 of the file's 28 modules; loaded as auditkit's exact conversion"
 
 
 def test_set_adapters_matches_fused_weights_at_each_multiplier(pipe):
@@ -192,6 +194,50 @@ def test_fused_configurations_render_the_unfused_images_and_restore_the_base(pip
         if k[0] == "base":
             assert np.array_equal(fused[k], plain[k])
     assert np.abs(fused[("mix", jobs[0].key)] - fused[("base", jobs[0].key)]).max() > 10  # the adapters do act
+
+
+def test_adapters_with_bias_updates_render_unmerged_when_fusing(pipe, tmp_path):
+    """peft cannot merge a LoRA bias (full-diff ``diff_b``) into a layer without a bias: such configurations
+    render unmerged, with the same images, and the others still merge."""
+    import dataclasses
+
+    from conftest import random_modules
+    from PIL import Image
+
+    from auditkit.detectors import get
+    from auditkit.lora import formats
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.write import save_adapter
+    from auditkit.models.pipeline import architecture_of
+    from auditkit.runner import Configuration, Fused
+
+    arch = architecture_of(pipe)
+    names = [n for n in arch.modules if n.startswith("unet.") and n.endswith((".attn1.to_q", ".attn1.to_out.0"))]
+    rng = np.random.default_rng(0)
+    mods = {n: dataclasses.replace(m, bias=rng.normal(0, 0.2, arch.modules[n].out_features).astype(np.float32))
+            for n, m in random_modules(arch, names, std=0.2).items()}
+    biased = read_adapter(save_adapter(mods, tmp_path / "bias.safetensors", arch, formats.DIFFUSERS))
+    load_adapters(pipe, {"candidate": biased, "safety": lab_adapter("safety-esd-u.safetensors")})
+    configs = [Configuration("cand", (("candidate", 1.0),)), Configuration("safe", (("safety", 1.0),))]
+    fused = Fused(pipe)
+    for config in configs:
+        fused.apply(config, ["candidate", "safety"])
+    fused.restore()
+    assert fused.unmerged == {"cand"}
+    jobs = plan([load_suite(builtin_dir() / "lab-cross.yaml")], steps=3)[:2]
+
+    def rendered(fuse):
+        run_dir = tmp_path / f"fuse-{fuse}"
+        RunLog(run_dir).start({"fuse": fuse})
+        run(pipe, jobs, configs, {"lab-cross": get("lab-cross")}, run_dir, roles=["candidate", "safety"],
+            batch_size=2, fuse=fuse)
+        return {(r["config"], r["key"]): np.asarray(Image.open(run_dir / r["image"]), dtype=np.int16)
+                for r in RunLog(run_dir).records()}
+
+    merged, plain = rendered(True), rendered(False)
+    assert merged.keys() == plain.keys() and len(merged) == 4
+    assert all(np.abs(merged[k] - plain[k]).max() <= 1 for k in merged)
+    pipe.unload_lora_weights()
 
 
 def test_fused_weights_are_restored_exactly_in_bf16(tmp_path):

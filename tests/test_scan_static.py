@@ -108,3 +108,18 @@ def test_thresholds_are_validated():
         StaticThresholds(risk_cancellation=1.5)
     with pytest.raises(ValueError):
         StaticThresholds(pass_cancellation=0.6, risk_cancellation=0.5)
+
+
+def test_a_behavioural_pass_needs_every_adapter_module_rendered():
+    from auditkit.verdict import PASS, combine
+
+    def dynamic(missing):
+        return {"verdict": PASS, "suites": {"nudity": {"comparisons": [
+                    {"configuration": "safety+candidate@1", "reason": "no re-emergence", "verdict": PASS}]}},
+                "adapter_coverage": {"candidate": {"expected": 10, "loaded": 10 - len(missing), "missing": missing},
+                                     "safety": {"expected": 4, "loaded": 4, "missing": []}}}
+
+    assert combine(None, dynamic([]), ("behavioural",)).verdict == PASS
+    v = combine(None, dynamic(["unet.add_embedding.linear_1", "unet.add_embedding.linear_2"]), ("behavioural",))
+    assert v.verdict == INCONCLUSIVE
+    assert any("2 of the candidate's modules were not rendered (unet.add_embedding.linear_1" in r for r in v.reasons)

@@ -12,8 +12,10 @@ then needs only the small products Pᵢⱼ = (U_cᵀU_s)ᵢⱼ and Qᵢⱼ = (V_
 * ‖U_sᵀ ΔW_c V_s‖²_F = ‖Pᵀ diag(s_c) Q‖²_F (… inside both: the safety update's own subspace)
 * principal angles between column (row) spaces: arccos of the singular values of P (Q).
 
-Cost per module is O((out + in)·r²), against O(out·in·r) to form ΔW densely. Each function is
-checked against a dense reference in ``tests/test_factors.py``.
+Cost per module is O((out + in)·r²), against O(out·in·r) to form ΔW densely. The static scan takes
+the Gram route of :func:`pair_metrics_many` (all modules at once, no n × r intermediate) and falls
+back to :func:`low_rank_svd` + :func:`pair_metrics` module by module for ill-conditioned factors.
+Each function is checked against a dense reference in ``tests/analysis/test_factors.py``.
 """
 
 from __future__ import annotations
@@ -200,22 +202,26 @@ def _kron_angles(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     return np.arccos(np.clip(np.concatenate([cos, np.zeros(n - cos.size)]), -1.0, 1.0))
 
 
-def _kron_pair_metrics(cand: KronSVD, safe: KronSVD) -> PairMetrics:
-    """pair_metrics of two complete Kronecker SVDs of one split, from the halves' metrics:
+def _kron_combine(one: PairMetrics, two: PairMetrics, scale_c: float, scale_s: float, n: int) -> PairMetrics:
+    """The metrics of scale_c·kron(C₁, C₂) against scale_s·kron(S₁, S₂) from the halves' metrics
+    (``one``: C₁ vs S₁, ``two``: C₂ vs S₂; ``n`` = the smaller of the two updates' ranks):
     ⟨A⊗B, C⊗D⟩ = ⟨A,C⟩⟨B,D⟩, ‖A⊗B‖² = ‖A‖²‖B‖², projections onto Kronecker subspaces multiply."""
-    one, two = pair_metrics(cand.first, safe.first), pair_metrics(cand.second, safe.second)
-    mags = cand.magnitude * safe.magnitude
-    n = min(cand.s.size, safe.s.size)
     return PairMetrics(
-        inner=cand.sign * safe.sign * mags * one.inner * two.inner,
-        candidate_energy=cand.magnitude**2 * one.candidate_energy * two.candidate_energy,
-        safety_energy=safe.magnitude**2 * one.safety_energy * two.safety_energy,
+        inner=scale_c * scale_s * one.inner * two.inner,
+        candidate_energy=scale_c**2 * one.candidate_energy * two.candidate_energy,
+        safety_energy=scale_s**2 * one.safety_energy * two.safety_energy,
         energy_in_safety_columns=one.energy_in_safety_columns * two.energy_in_safety_columns,
         energy_in_safety_rows=one.energy_in_safety_rows * two.energy_in_safety_rows,
         energy_in_safety_subspace=one.energy_in_safety_subspace * two.energy_in_safety_subspace,
         column_angles=_kron_angles(one.column_angles, two.column_angles, n),
         row_angles=_kron_angles(one.row_angles, two.row_angles, n),
     )
+
+
+def _kron_pair_metrics(cand: KronSVD, safe: KronSVD) -> PairMetrics:
+    """pair_metrics of two complete Kronecker SVDs of one split, from the halves' metrics."""
+    return _kron_combine(pair_metrics(cand.first, safe.first), pair_metrics(cand.second, safe.second),
+                         cand.sign * cand.magnitude, safe.sign * safe.magnitude, min(cand.s.size, safe.s.size))
 
 
 def pair_metrics(cand: LowRankSVD | KronSVD, safe: LowRankSVD | KronSVD) -> PairMetrics:
@@ -245,9 +251,138 @@ def pair_metrics(cand: LowRankSVD | KronSVD, safe: LowRankSVD | KronSVD) -> Pair
     )
 
 
+# --- many modules at once, from Gram matrices ----------------------------------------------------
+#
+# For well-conditioned factors (the usual case) nothing of size out × r is needed beyond three
+# products per side. With the Cholesky factor Bᵀ B = L Lᵀ, Q = B·L⁻ᵀ is an orthonormal basis of B's
+# columns and B = Q·Lᵀ, so ΔW = scale·B·A = Q_b·M·Q_aᵀ with the r × r core M = scale·L_bᵀ·L_a, and
+# the two updates' bases meet in P = Q_b,cᵀ Q_b,s = L_b,c⁻¹ (B_cᵀ B_s) L_b,s⁻ᵀ (and Q for the rows).
+# Every metric is a function of M_c, M_s, P and Q (the metrics only need orthonormal bases of the
+# column and row spaces, not singular ones; ranks and effective ranks need the cores' singular
+# values). Every r × r step runs stacked over all modules of one rank pair: a module costs its six
+# n × r products and no Python per small matrix.
+
+# A factor is taken by the Gram route when its Gram matrix provably has κ₂ < 1e6, so the squared
+# conditioning costs at most ~1e-10 relative accuracy; κ₂(G) ≤ tr(G)·‖L⁻¹‖²_F (≤ r²·κ₂(G)) costs
+# one triangular inverse, which the route needs anyway.
+MAX_GRAM_CONDITION = 1e6
+
+
+@dataclass(frozen=True)
+class FactorPair:
+    """One module's two updates: ``scale · up @ down`` for the candidate (c) and the safety (s)."""
+
+    up_c: np.ndarray
+    down_c: np.ndarray
+    scale_c: float
+    up_s: np.ndarray
+    down_s: np.ndarray
+    scale_s: float
+
+
+def _grams(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xᵀx, yᵀy and xᵀy in float64 (x, y: n × r)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return x.T @ x, y.T @ y, x.T @ y
+
+
+def _cholesky_inverse(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stacked Gram matrices -> (lower Cholesky factors L, their inverses, well-conditioned?). Singular
+    and ill-conditioned ones are marked (their results are discarded)."""
+    eye = np.eye(gram.shape[-1])
+    try:
+        low = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:  # a singular one stops the stacked call: factor one by one
+        low = np.empty_like(gram)
+        for i, g in enumerate(gram):
+            try:
+                low[i] = np.linalg.cholesky(g)
+            except np.linalg.LinAlgError:
+                low[i] = np.nan
+    ok = np.all(np.isfinite(low), axis=(1, 2))
+    low = np.where(ok[:, None, None], low, eye)
+    inv = np.linalg.inv(low)
+    bound = np.trace(gram, axis1=1, axis2=2) * np.sum(inv**2, axis=(1, 2))
+    return low, inv, ok & (bound < MAX_GRAM_CONDITION)
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, 1, 2)
+
+
+def pair_metrics_many(pairs: list[FactorPair]) -> list[tuple[PairMetrics, np.ndarray, np.ndarray] | None]:
+    """:func:`pair_metrics` (with both updates' singular values) for many modules at once.
+
+    Entries are ``None`` where a factor is ill-conditioned (numerically rank deficient included):
+    compute those with :func:`low_rank_svd` and :func:`pair_metrics`, which handle any numerical rank.
+    """
+    out: list = [None] * len(pairs)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault((p.down_c.shape[0], p.down_s.shape[0]), []).append(i)
+    for idx in groups.values():
+        cols = [_grams(pairs[i].up_c, pairs[i].up_s) for i in idx]
+        rows = [_grams(pairs[i].down_c.T, pairs[i].down_s.T) for i in idx]
+        (lbc, ibc, ok1), (lbs, ibs, ok2) = (_cholesky_inverse(np.stack([g[k] for g in cols])) for k in (0, 1))
+        (lac, iac, ok3), (las, ias, ok4) = (_cholesky_inverse(np.stack([g[k] for g in rows])) for k in (0, 1))
+        ok = ok1 & ok2 & ok3 & ok4
+        scale_c = np.array([pairs[i].scale_c for i in idx], dtype=np.float64)[:, None, None]
+        scale_s = np.array([pairs[i].scale_s for i in idx], dtype=np.float64)[:, None, None]
+        m_c, m_s = scale_c * (_t(lbc) @ lac), scale_s * (_t(lbs) @ las)
+        p = ibc @ np.stack([g[2] for g in cols]) @ _t(ibs)
+        q = iac @ np.stack([g[2] for g in rows]) @ _t(ias)
+        inner = np.sum(m_c * (p @ m_s @ _t(q)), axis=(1, 2))
+        ce, se = np.sum(m_c**2, axis=(1, 2)), np.sum(m_s**2, axis=(1, 2))
+        in_cols = np.sum((_t(p) @ m_c) ** 2, axis=(1, 2))
+        in_rows = np.sum((m_c @ q) ** 2, axis=(1, 2))
+        in_both = np.sum((_t(p) @ m_c @ q) ** 2, axis=(1, 2))
+        s_c, s_s = np.linalg.svd(m_c, compute_uv=False), np.linalg.svd(m_s, compute_uv=False)
+        for sv in (s_c, s_s):  # a zero scale: numerical rank 0, left to the one-by-one route
+            ok &= (sv[:, 0] > 0) & (sv[:, -1] > sv[:, 0] * DEFAULT_RTOL)
+        col_cos, row_cos = np.linalg.svd(p, compute_uv=False), np.linalg.svd(q, compute_uv=False)
+        for j, i in enumerate(idx):
+            if not ok[j]:
+                continue
+            frac = 1.0 / ce[j] if ce[j] > 0 else 0.0
+            out[i] = (PairMetrics(
+                inner=float(inner[j]), candidate_energy=float(ce[j]), safety_energy=float(se[j]),
+                energy_in_safety_columns=float(in_cols[j] * frac), energy_in_safety_rows=float(in_rows[j] * frac),
+                energy_in_safety_subspace=float(in_both[j] * frac),
+                column_angles=np.arccos(np.clip(col_cos[j], -1.0, 1.0)),
+                row_angles=np.arccos(np.clip(row_cos[j], -1.0, 1.0))), s_c[j], s_s[j])
+    return out
+
+
 def principal_angles(cross: np.ndarray) -> np.ndarray:
     """Principal angles (radians, ascending) from the cross-Gram matrix of two orthonormal bases."""
     if cross.size == 0:
         return np.zeros(0)
     cos = np.linalg.svd(cross, compute_uv=False)
     return np.arccos(np.clip(cos, -1.0, 1.0))
+
+
+def _kron_values(first: np.ndarray, second: np.ndarray, scale: float) -> np.ndarray | None:
+    """The singular values of scale·kron(W₁, W₂), descending, or None when some fall below the
+    numerical-rank cut (the update is then not *complete*: see :class:`KronSVD`)."""
+    values = np.sort(abs(scale) * np.outer(first, second).ravel())[::-1]
+    return values if values.size and values[-1] > values[0] * DEFAULT_RTOL else None
+
+
+def kron_pair_metrics_many(pairs: list[tuple[tuple, float, tuple, float]]
+                           ) -> list[tuple[PairMetrics, np.ndarray, np.ndarray] | None]:
+    """:func:`pair_metrics_many` for LoKr updates of one split each: ``(halves_c, scale_c, halves_s,
+    scale_s)`` with halves ``(up₁, down₁, up₂, down₂)``; both halves of every module go through the
+    Gram route together. ``None`` where a half is ill-conditioned or a product falls below the rank cut."""
+    first = pair_metrics_many([FactorPair(c[0], c[1], 1.0, s[0], s[1], 1.0) for c, _, s, _ in pairs])
+    second = pair_metrics_many([FactorPair(c[2], c[3], 1.0, s[2], s[3], 1.0) for c, _, s, _ in pairs])
+    out: list = []
+    for (_, scale_c, _, scale_s), one, two in zip(pairs, first, second, strict=True):
+        values = None if one is None or two is None else (
+            _kron_values(one[1], two[1], scale_c), _kron_values(one[2], two[2], scale_s))
+        if values is None or values[0] is None or values[1] is None:
+            out.append(None)
+            continue
+        out.append((_kron_combine(one[0], two[0], scale_c, scale_s, min(values[0].size, values[1].size)),
+                    *values))
+    return out

@@ -11,12 +11,15 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from auditkit.analysis.factors import (
+    FactorPair,
     KronSVD,
     LowRankSVD,
     effective_rank,
+    kron_pair_metrics_many,
     kronecker_svd,
     low_rank_svd,
     pair_metrics,
+    pair_metrics_many,
     update_energy,
 )
 from auditkit.lora.adapter import Adapter, LoraModule
@@ -96,6 +99,33 @@ def _svd(m: LoraModule) -> LowRankSVD | KronSVD:
     return low_rank_svd(m.up, m.down, m.scale)
 
 
+def _same_split(c: LoraModule, s: LoraModule) -> bool:
+    """Two LoKr modules whose first halves have one shape (their metrics factor over the halves)."""
+    return (c.kron[0].shape[0], c.kron[1].shape[1]) == (s.kron[0].shape[0], s.kron[1].shape[1])
+
+
+def _pair_metrics(candidate: Adapter, safety: Adapter, names: list[str]) -> list[tuple]:
+    """(name, metrics, candidate singular values, safety singular values) per shared module: factor
+    pairs and LoKr pairs of one split together from their Gram matrices (auditkit.analysis.factors),
+    the rest (and ill-conditioned factors) one by one."""
+    both = [(n, candidate.modules[n], safety.modules[n]) for n in names]
+    factored = [(n, c, s) for n, c, s in both if c.kron is None and s.kron is None]
+    kron = [(n, c, s) for n, c, s in both if c.kron is not None and s.kron is not None and _same_split(c, s)]
+    batches = (
+        (factored, pair_metrics_many([FactorPair(c.up, c.down, c.scale, s.up, s.down, s.scale)
+                                      for _, c, s in factored])),
+        (kron, kron_pair_metrics_many([(c.kron, c.scale, s.kron, s.scale) for _, c, s in kron])),
+    )
+    found = {n: got for group, results in batches for (n, _, _), got in zip(group, results, strict=True)}
+    out = []
+    for name, c, s in both:
+        if found.get(name) is None:
+            cs, ss = _svd(c), _svd(s)
+            found[name] = (pair_metrics(cs, ss), cs.s, ss.s)
+        out.append((name, *found[name]))
+    return out
+
+
 def static_scan(candidate: Adapter, safety: Adapter) -> StaticFindings:
     """Compare ``candidate`` with ``safety`` (same architecture; checked by the caller).
 
@@ -105,10 +135,7 @@ def static_scan(candidate: Adapter, safety: Adapter) -> StaticFindings:
     shared = sorted(set(candidate.modules) & set(safety.modules))
     safety_only = {n: _energy(m) for n, m in safety.modules.items() if n not in candidate.modules}
     cand_only = {n: _energy(m) for n, m in candidate.modules.items() if n not in safety.modules}
-    pairs = []
-    for name in shared:
-        c, s = _svd(candidate.modules[name]), _svd(safety.modules[name])
-        pairs.append((name, pair_metrics(c, s), c.s, s.s))
+    pairs = _pair_metrics(candidate, safety, shared)
     total_safety = sum(pm.safety_energy for _, pm, _, _ in pairs) + sum(safety_only.values())
     total_cand = sum(pm.candidate_energy for _, pm, _, _ in pairs) + sum(cand_only.values())
     if total_safety <= 0:

@@ -1,6 +1,7 @@
 """The ``auditkit`` command line: parses, calls the library, prints. No scan logic lives here.
 
 One module per command group: :mod:`~auditkit.cli.scan` (scan, report), :mod:`~auditkit.cli.repair`,
+:mod:`~auditkit.cli.extract`,
 :mod:`~auditkit.cli.train` (align, finetune), :mod:`~auditkit.cli.catalog` (inspect, suites,
 detectors), :mod:`~auditkit.cli.config` (init, config), :mod:`~auditkit.cli.lab`.
 Exit codes: 0 pass, 1 risk, 2 error or bad input, 3 inconclusive / nothing scannable.
@@ -14,7 +15,7 @@ import sys
 import click
 
 from auditkit import __version__
-from auditkit.cli import catalog, config, lab, repair, scan, train
+from auditkit.cli import catalog, config, extract, lab, repair, scan, train
 from auditkit.cli.common import err
 from auditkit.errors import EXIT_ERROR, AuditkitError
 
@@ -25,8 +26,8 @@ def cli() -> None:
     """Audit LoRA adapters for text-to-image diffusion models: does an adapter undo a safety module?"""
 
 
-for command in (catalog.inspect, scan.scan, scan.report_cmd, repair.repair, train.align, train.finetune, lab.lab,
-                catalog.suites, catalog.detectors, config.init, config.config_cmd):
+for command in (catalog.inspect, scan.scan, scan.report_cmd, repair.repair, extract.extract, train.align,
+                train.finetune, lab.lab, catalog.suites, catalog.detectors, config.init, config.config_cmd):
     cli.add_command(command)
 
 

@@ -15,7 +15,8 @@ from auditkit.errors import BadInput
 
 @click.command()
 @click.option("--base", default=None, help="Base pipeline: 'lab' or a local diffusers folder.")
-@click.option("--safety", default=None, type=click.Path(path_type=Path), help="The safety module (.safetensors).")
+@click.option("--safety", default=None, type=click.Path(path_type=Path),
+              help="The safety module: a Safety LoRA (.safetensors) or the erased model.")
 @click.option("--suite", "suites", multiple=True, type=click.Path(path_type=Path), help="Probe suite; repeatable.")
 @click.option("--device", default=None, help="torch device.")
 @click.option("--path", "target", type=click.Path(path_type=Path), default=Path("auditkit.toml"), show_default=True,
@@ -31,7 +32,8 @@ def init(base, safety, suites, device, target: Path, force: bool) -> None:
         raise BadInput(target, "exists already (use --force to overwrite)")
     if sys.stdin.isatty() and base is None and safety is None:
         base = click.prompt("base model ('lab' or a diffusers folder; empty: none)", default="", show_default=False)
-        safety = click.prompt("safety module (.safetensors; empty: none)", default="", show_default=False)
+        safety = click.prompt("safety module (a Safety LoRA or the erased model; empty: none)", default="",
+                              show_default=False)
     values = {"base": base or None, "safety": Path(safety) if safety else None,
               "suites": tuple(str(s) for s in suites), "device": device or None}
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds
+from auditkit.config import CANDIDATE_FROM, DynamicThresholds, ScanConfig, StaticThresholds
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 
 FLAG_NAMES = {"static_only": "static", "suites": "suite", "detectors": "detector", "triggers": "trigger"}
@@ -42,6 +42,11 @@ def _option_for(f: dataclasses.Field):
         return click.option(flag, f.name, default=None, type=click.Path(path_type=Path), help=help_text)
     if f.name in ("steps", "batch_size"):
         return click.option(flag, f.name, default=None, type=int, help=help_text)
+    if f.name == "energy":
+        return click.option(flag, f.name, default=None, type=float, help=help_text + " (default 0.99)")
+    if f.name == "candidate_from":
+        return click.option(flag, f.name, default=None, type=click.Choice(list(CANDIDATE_FROM)),
+                            help=help_text + " (default safety)")
     return click.option(flag, f.name, default=None, help=help_text)
 
 

@@ -85,6 +85,13 @@ def print_scan(r: dict, top: int, config_path: Path | None = None) -> None:
                             f"(evidence: {r['evidence']['level']}; gathered: {', '.join(r['evidence']['gathered'])})")
     for reason in r["reasons"]:
         body.add_row("", escape(reason))
+    for role in ("candidate", "safety"):
+        fm = (r.get(role) or {}).get("full_model")
+        if fm:
+            kept = f"energy {fm['energy']:g}" if fm["energy"] is not None else f"rank {fm['rank']}"
+            body.add_row(role, escape(f"full model ({fm['form']}): its difference to the {fm['reference']}, "
+                                      f"{fm['modules_changed']} modules changed ({kept} kept per module), "
+                                      f"{fm['modules_unchanged']} unchanged"))
     s = r.get("static")
     if s:
         body.add_row("cancellation", f"{s['cancellation']:.3f}  (1.0 = the candidate exactly undoes the safety update)")

@@ -57,7 +57,8 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
 @click.option("--mode", type=click.Choice(["on-top", "modular", "full"]), default="on-top", show_default=True,
               help="on-top: safety merged, then fine-tune (common practice); modular: fine-tune on the base, add "
                    "the safety module at inference (Modular LoRA); full: full fine-tuning on top.")
-@click.option("--safety", type=click.Path(path_type=Path), help="The safety adapter (needed for on-top/full).")
+@click.option("--safety", type=click.Path(path_type=Path),
+              help="The safety module (needed for on-top/full): a Safety LoRA, or the erased model itself.")
 @click.option("--targets", default="transformer", show_default=True,
               help="Trained modules: transformer, attention, cross-kv, esd-x, esd-u, or a regex.")
 @click.option("--rank", default=8, show_default=True)
@@ -72,7 +73,7 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
 def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batch, seed, extract_rank, threads,
              out_file):
     """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
-    from auditkit.lora.adapter import read_adapter
+    from auditkit.inputs import read_input
     from auditkit.lora.metadata import kohya_training_metadata
     from auditkit.lora.write import save_adapter
     from auditkit.models.pipeline import architecture_of, base_architectures, load_pipeline
@@ -89,12 +90,13 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
                          seed=seed, extract_rank=extract_rank)  # bad settings fail before any model loads
     pairs = check_folder(data_dir)  # bad data fails before any model loads
     if safety is not None:  # read against the base's own architecture when it is a custom one
-        read_adapter(safety, extra_architectures=base_architectures(base))
+        read_input(safety, "safety module", base, extra_architectures=base_architectures(base))
     torch_threads(threads)
     pipe = load_pipeline(base)
     target_modules(pipe.unet, cfg.targets)  # a target pattern that selects nothing fails before training
     arch = architecture_of(pipe, "custom")
-    safety_modules = read_adapter(safety, arch=arch).modules if safety else None
+    # an erased model takes part exactly (every tensor it changes), an adapter as its modules
+    safety_modules = read_input(safety, "safety module", base, arch, arch=arch).exact() if safety else None
     data = load_folder(data_dir, pipe.unet.config.sample_size * pipe.vae_scale_factor, pairs)
     bar, update = progress_bar(f"finetune {mode}")
     with bar:

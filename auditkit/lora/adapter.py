@@ -108,6 +108,30 @@ class Adapter:
     coverage: Coverage
     notes: list[str] = field(default_factory=list)
     architecture_candidates: list[str] = field(default_factory=list)
+    # a full model's exact update (auditkit.models.difference.FullModelUpdate); None for an adapter file
+    update: object | None = None
+
+    @property
+    def kind(self) -> str:
+        """``adapter`` (a LoRA file) or ``full model`` (an erased checkpoint or a full fine-tune)."""
+        return "adapter" if self.update is None else "full model"
+
+    def exact(self):
+        """What applies this update to a model exactly: an adapter file's modules, or a full model's
+        per-tensor differences (:class:`auditkit.models.difference.TensorDeltas`), never its truncation."""
+        return self.modules if self.update is None else self.update.deltas()
+
+    def exact_modules(self, suffixes: tuple[str, ...]) -> dict[str, LoraModule]:
+        """The modules whose names end with one of ``suffixes``, each with its exact update: a full model's
+        dense difference split by its SVD (every direction), an adapter's own modules as they are."""
+        names = [n for n in self.modules if n.endswith(suffixes)]
+        if self.update is None:
+            return {n: self.modules[n] for n in names}
+        out = {}
+        for name in names:
+            down, up = algorithms.split_dense(self.update.dense(name))
+            out[name] = replace(self.modules[name], factor_down=down, factor_up=up, scale=1.0, form="exact")
+        return out
 
     def summary(self) -> dict:
         ranks = sorted({m.rank for m in self.modules.values()})
@@ -123,6 +147,8 @@ class Adapter:
             forms[m.form] = forms.get(m.form, 0) + 1
         return {
             "path": str(self.path),
+            "kind": self.kind,
+            "full_model": self.update.summary() if self.update is not None else None,
             "sha256": self.sha256,
             "size_bytes": self.size,
             "format": self.layout,

@@ -20,6 +20,9 @@ Layouts people publish (see ../shared/FIELD.md):
 * ``xlabs``     XLabs' Flux processor LoRAs: ``double_blocks.0.processor.qkv_lora1.down.weight`` (no alphas).
 * ``diffusers-unet`` the same legacy names with no component prefix (``down_blocks.0.…``): what
                 diffusers' training scripts wrote as ``pytorch_lora_weights.safetensors`` before mid-2023.
+* ``diffusers-transformer`` a Flux/SD3 transformer's diffusers paths with no component prefix
+                (``single_transformer_blocks.0.attn.to_q.lora_A.weight``): peft's state dict of the
+                transformer saved as it is by custom training scripts; no alphas (scale 1, as diffusers).
 * ``peft``      ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` + ``adapter_config.json``
                 (also peft's LoHa/LoKr ``hada_*``/``lokr_*`` and DoRA ``lora_magnitude_vector``).
 
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 KOHYA, DIFFUSERS, DIFFUSERS_UNET, PEFT = "kohya", "diffusers", "diffusers-unet", "peft"
+DIFFUSERS_TRANSFORMER = "diffusers-transformer"
 ORIGINAL, XLABS = "original", "xlabs"
 
 # Adapter algorithms auditkit recognises but cannot read: named so users are told what they hold.
@@ -73,6 +77,9 @@ _DOTTED_PART = re.compile(rf"^(.+?)\.({_SUFFIXES})$")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 # diffusers' training scripts before mid-2023 wrote UNet keys with no component prefix
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
+# A DiT transformer's own module paths (diffusers' FluxTransformer2DModel, SD3Transformer2DModel)
+_DIT_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+              "time_text_embed.", "norm_out.", "proj_out.", "pos_embed.")
 # Original transformer module names (BFL Flux, SAI MMDiT); ComfyUI puts them under diffusion_model.
 _ORIGINAL_ROOTS = ("diffusion_model.", "double_blocks.", "single_blocks.", "joint_blocks.", "final_layer.",
                    "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "x_embedder.", "t_embedder.",
@@ -123,6 +130,11 @@ def _split_dotted(key: str) -> KeyPart | None:
 def _split_unprefixed(key: str) -> KeyPart | None:
     kp = _split_dotted(key) if key.startswith(_UNET_ROOTS) else None
     return KeyPart(key, "unet." + kp.module, kp.part) if kp else None
+
+
+def _split_unprefixed_transformer(key: str) -> KeyPart | None:
+    kp = _split_dotted(key) if key.startswith(_DIT_ROOTS) else None
+    return KeyPart(key, "transformer." + kp.module, kp.part) if kp else None
 
 
 def _split_peft(key: str) -> KeyPart | None:
@@ -209,6 +221,8 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
            _resolve_diffusers, "auditkit.lora.write:diffusers_state_dict"),
     Layout(DIFFUSERS_UNET, _UNET_ROOTS, _split_unprefixed, _resolve_diffusers,
            "auditkit.lora.write:legacy_unet_state_dict", holds=r"^unet\..*\.attn\d\.(to_q|to_k|to_v|to_out\.0)$"),
+    Layout(DIFFUSERS_TRANSFORMER, _DIT_ROOTS, _split_unprefixed_transformer, _resolve_diffusers,
+           "auditkit.lora.write:bare_transformer_state_dict", holds=r"^transformer\."),
     Layout(PEFT, ("base_model.model.",), _split_peft, _resolve_peft, "auditkit.lora.write:peft_state_dict",
            config_file=True),
     # XLabs before original: both start with double_blocks., only XLabs keys have processor LoRAs

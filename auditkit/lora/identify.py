@@ -158,8 +158,8 @@ def identify_bytes(head: bytes) -> str | None:
 # identify_keys: valid safetensors files that hold no adapter
 
 _NOT_ADAPTER = "not an adapter"
-_EXTRACT_HINT = ("; a fine-tuned full model is audited by extracting its difference from the base "
-                 "as an adapter (a planned `auditkit extract`)")
+_EXTRACT_HINT = ("; a full model (an erased checkpoint or a fine-tune) is scanned with --base, its update being "
+                 "its difference to the base, or extracted as an adapter with `auditkit extract`")
 
 # Keys that suggest some adapter after all (a layout the reader does not know): then say nothing.
 _ADAPTER_HINT = re.compile(r"lora|lokr|hada_|(^|[._])oft_|dora_scale|\.alpha$|\.(up|down)\.weight$", re.I)
@@ -176,7 +176,8 @@ class KeyKind:
             family when one is known (else nothing), ``{key}`` the first matching key, ``{n}`` the
             number of keys.
         family_format: how the family reads inside the description.
-        extract_hint: add the hint that fine-tuned full weights are audited by extraction.
+        extract_hint: a full model's weights that can be fine-tuned (scanned as a full model, or
+            extracted): add the hint that says so.
         all_keys: every key must match, not just one.
     """
 
@@ -312,12 +313,9 @@ def identify_keys(
         'a full SDXL checkpoint in the original (LDM/SG'
     """
     shapes = shapes or {}
-    if not keys or any(_ADAPTER_HINT.search(k) for k in keys):
-        return None
-    for kind in KEY_KINDS:
-        key = _matching_key(kind, keys)
-        if key is None or (kind.name == "ti-tokens" and not _plausible_embedding(keys, shapes)):
-            continue
+    found = key_kind(keys, shapes)
+    if found is not None:
+        kind, key = found
         family = _family(kind.name, keys, shapes)
         text = kind.description.replace("{family}", kind.family_format.format(family) if family else "")
         declared = " ".join(metadata.get("modelspec.architecture", "").split())
@@ -326,3 +324,23 @@ def identify_keys(
         text = text.replace("{n}", f"{len(keys):,}").replace("{key}", _quote(key))
         return text + (_EXTRACT_HINT if kind.extract_hint else "")
     return None
+
+
+def key_kind(keys: list[str], shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[KeyKind, str] | None:
+    """The first :data:`KEY_KINDS` record a non-adapter file's keys match, with the matching key; None for
+    adapter-like keys or keys of no known kind."""
+    shapes = shapes or {}
+    if not keys or any(_ADAPTER_HINT.search(k) for k in keys):
+        return None
+    for kind in KEY_KINDS:
+        key = _matching_key(kind, keys)
+        if key is not None and (kind.name != "ti-tokens" or _plausible_embedding(keys, shapes)):
+            return kind, key
+    return None
+
+
+def is_full_model(keys: list[str], shapes: Mapping[str, Sequence[int]] | None = None) -> bool:
+    """True for the keys of a full model's weights that can be fine-tuned (a checkpoint, a denoiser, a CLIP
+    text encoder): what ``auditkit scan`` and ``auditkit extract`` read as a full model."""
+    found = key_kind(keys, shapes)
+    return found is not None and found[0].extract_hint

@@ -202,22 +202,43 @@ def diffusers_state_dict(modules: dict[str, LoraModule], arch: Architecture, dty
     return tensors, {"lora_adapter_metadata": json.dumps(config, sort_keys=True), "format": "pt"}
 
 
-def legacy_unet_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
-    """diffusers' attention-processor files of before mid-2023 (``pytorch_lora_weights``): UNet
-    attention projections only, no component prefix, no alphas (the scale is folded into up)."""
-    layout = formats.LAYOUTS[formats.DIFFUSERS_UNET]
+def _folded(modules: dict[str, LoraModule], arch: Architecture, dtype, layout_name: str, holds: str, key) -> dict:
+    """Layouts without alphas (the scale folded into up) that hold only some modules: key(module) ->
+    (down key, up key)."""
+    layout = formats.LAYOUTS[layout_name]
     _writable(modules, bias=False)
     tensors = {}
     for m in modules.values():
         if not layout.can_hold(m.name):
-            raise ValueError(f"the {layout.name} layout holds UNet attention projections only, not {m.name}")
-        path, _, proj = m.name[len("unet."):].rpartition(".")
+            raise ValueError(f"the {layout.name} layout holds {holds} only, not {m.name}")
+        down, up = _factor_tensors(m, arch, dtype)
+        down_key, up_key = key(m.name)
+        tensors[down_key], tensors[up_key] = down, (up.astype(np.float64) * m.scale).astype(dtype)
+    return tensors
+
+
+def legacy_unet_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    """diffusers' attention-processor files of before mid-2023 (``pytorch_lora_weights``): UNet
+    attention projections only, no component prefix, no alphas (the scale is folded into up)."""
+
+    def key(canonical: str) -> tuple[str, str]:
+        path, _, proj = canonical[len("unet."):].rpartition(".")
         if proj == "0":  # to_out.0
             path, _, proj = path.rpartition(".")
-        down, up = _factor_tensors(m, arch, dtype)
-        name = f"{path}.processor.{proj}_lora"
-        tensors[f"{name}.down.weight"] = down
-        tensors[f"{name}.up.weight"] = (up.astype(np.float64) * m.scale).astype(dtype)
+        return f"{path}.processor.{proj}_lora.down.weight", f"{path}.processor.{proj}_lora.up.weight"
+
+    return _folded(modules, arch, dtype, formats.DIFFUSERS_UNET, "UNet attention projections", key), {"format": "pt"}
+
+
+def bare_transformer_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
+    """A transformer's LoRA under its own module paths, no component prefix and no alphas (the scale is
+    folded into lora_B): peft's state dict of the transformer saved as it is."""
+
+    def key(canonical: str) -> tuple[str, str]:
+        path = canonical.removeprefix("transformer.")
+        return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+
+    tensors = _folded(modules, arch, dtype, formats.DIFFUSERS_TRANSFORMER, "a transformer's modules", key)
     return tensors, {"format": "pt"}
 
 

@@ -145,6 +145,8 @@ def _kohya_names(arch: Architecture) -> dict[str, str]:
                 names["lora_unet_" + sgm.replace(".", "_")] = canonical
         elif component in arch.kohya_prefixes:
             names[arch.kohya_prefixes[component] + path.replace(".", "_")] = canonical
+            if component == "transformer":  # LyCORIS' create_lycoris around a DiT (SimpleTuner's Flux/SD3 files)
+                names["lycoris_" + path.replace(".", "_")] = canonical
             flat = _text_alias(path)  # trainers on transformers 5 name CLIP modules without text_model
             if flat:
                 names.setdefault(arch.kohya_prefixes[component] + flat.replace(".", "_"), canonical)
@@ -215,9 +217,10 @@ def kind_of(name: str) -> str:
 
 # --- SGM (original Stability) UNet names, used by kohya for SDXL files ---------------------------
 
+# (norms too: a full checkpoint's tensors are named by the same arithmetic, see auditkit.models.checkpoint)
 _RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-               "conv_shortcut": "skip_connection"}
-_TOP_SGM = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
+               "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+_TOP_SGM = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
             "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 _BLOCK_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")

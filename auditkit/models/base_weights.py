@@ -142,19 +142,25 @@ class BaseWeights:
         return self._keys[component]
 
     def _index(self, folder: Path) -> dict[str, Path]:
-        """Tensor name -> file, from the first weight file or shard index found (see :data:`VARIANTS`)."""
-        for variant in VARIANTS:
-            for stem in WEIGHT_STEMS:
-                single, *indexes = (folder / name for name in weight_files(stem, variant))
-                if single.is_file():
-                    return dict.fromkeys(self._open(single).tensors, single)
-                for index in indexes:
-                    if index.is_file():
-                        return _read_shard_index(index)
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        held = f" (it holds {', '.join(pickles[:3])}: pickle files, which auditkit never loads)" if pickles else ""
-        raise BadInput(folder, f"no .safetensors weights{held}; save the pipeline with "
-                               "save_pretrained(..., safe_serialization=True)")
+        return component_index(folder, self._open)
+
+
+def component_index(folder: Path, open_file=open_safetensors) -> dict[str, Path]:
+    """Tensor name -> file of a component folder, from the first weight file or shard index found (see
+    :data:`VARIANTS`); ``open_file`` reads a single file's header. A folder with only pickle weights (or
+    none) is refused, naming them."""
+    for variant in VARIANTS:
+        for stem in WEIGHT_STEMS:
+            single, *indexes = (folder / name for name in weight_files(stem, variant))
+            if single.is_file():
+                return dict.fromkeys(open_file(single).tensors, single)
+            for index in indexes:
+                if index.is_file():
+                    return _read_shard_index(index)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    held = f" (it holds {', '.join(pickles[:3])}: pickle files, which auditkit never loads)" if pickles else ""
+    raise BadInput(folder, f"no .safetensors weights{held}; save the pipeline with "
+                           "save_pretrained(..., safe_serialization=True)")
 
 
 def _read_shard_index(index: Path) -> dict[str, Path]:

@@ -146,6 +146,19 @@ def _builtin_or(arch):
     return arch
 
 
+def base_architecture(base: str, pipeline=None):
+    """The architecture of ``base`` (``lab`` or a pipeline folder): a built-in one when its shapes are, else
+    built from the loaded ``pipeline`` or the folder's configs on the meta device (no weights read)."""
+    from auditkit.models import architectures
+
+    if pipeline is not None:
+        return architecture_of(pipeline)
+    if base == "lab":
+        return architectures.get("lab")
+    check_pipeline_folder(Path(base))
+    return architecture_of_folder(base)
+
+
 def base_architectures(base: str | None, pipeline=None) -> tuple:
     """The architecture adapters for ``base`` are read against when it is not a built-in one (a custom
     or tiny pipeline), as a tuple for ``read_adapter(extra_architectures=…)``: from the loaded
@@ -153,13 +166,9 @@ def base_architectures(base: str | None, pipeline=None) -> tuple:
     ``lab`` and for bases whose shapes are a built-in architecture's (those are always considered)."""
     from auditkit.models import architectures
 
-    if pipeline is not None:
-        arch = architecture_of(pipeline)
-    elif base is None or base == "lab":
+    if pipeline is None and (base is None or base == "lab"):
         return ()
-    else:
-        check_pipeline_folder(Path(base))
-        arch = architecture_of_folder(base)
+    arch = base_architecture(base, pipeline)
     return () if arch.name in architectures.BUILTIN else (arch,)
 
 

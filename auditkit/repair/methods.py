@@ -49,15 +49,19 @@ def _retrain(req, pipe, candidate, safety, bars, anchored: bool) -> Outcome:
     anchor = [p.text for s in req.suites if s.role == "concept" for p in s.prompts] if anchored else None
     method = "anchored" if anchored else "modular"
     ctx, update = bars(f"retrain {method} ({settings.steps} steps)")
-    with ctx:
+    notes = list(settings.notes)
+    if anchored and safety.update is not None and safety.update.deltas().components() - {"unet"}:
+        notes.append("the erased model's changes outside the UNet are not applied while retraining (UNet only); "
+                     "the re-scans render the whole erased model")
+    with ctx:  # a full-model safety module takes part exactly (its per-tensor differences), never truncated
         result = retrain(pipe, data.images, data.captions, settings, checkpoint=ckpt, progress=update,
-                         safety=safety.modules, anchor_prompts=anchor)
+                         safety=safety.exact(), anchor_prompts=anchor)
     info = settings.to_dict()
     if anchor:
         info["anchor_prompts"] = len(anchor)
     info.update(images=len(data.captions), final_loss=result.losses[-1] if result.losses else None,
                 resumed_from_step=resumed, checkpoint=str(ckpt))
-    return Outcome(result.modules, {"training": info}, list(settings.notes))
+    return Outcome(result.modules, {"training": info}, notes)
 
 
 def _projection(req, pipe, candidate, safety, bars, safelora: bool) -> Outcome:
@@ -70,6 +74,11 @@ def _projection(req, pipe, candidate, safety, bars, safelora: bool) -> Outcome:
                               "threshold": req.threshold if safelora else None,
                               "modules": [r.to_dict() for r in reports]}}
     notes = [] if changed else ["the projection changed no module: the repaired adapter equals the candidate"]
+    if safety.update is not None:
+        kept = safety.update.summary()["min_energy_kept"]
+        notes.append(f"projected against the erased model's update as a truncated SVD per module (energy "
+                     f"{safety.update.energy}; at least {kept:.2%} kept)" if kept is not None else
+                     "the erased model changes no linear/conv module: nothing to project against")
     return Outcome(modules, details, notes)
 
 

@@ -1,7 +1,5 @@
-"""The adapter pack a repair writes: the repaired fine-tuning adapter, the safety adapter it is meant
-to be composed with, one combined file, and a manifest saying how to compose them.
-
-::
+"""The adapter pack a repair writes: the repaired fine-tuning adapter, the safety module it is meant
+to be composed with, and a manifest saying how to compose them. With a safety adapter::
 
     pack/
       finetune.safetensors   the repaired adapter (kohya layout)
@@ -10,12 +8,20 @@ to be composed with, one combined file, and a manifest saying how to compose the
                              rank r_safe + r_ft, alpha = rank), for tools that load one file
       manifest.json          files, hashes, ranks, multipliers and the diffusers snippet
 
-Every file is written atomically; the pack never overwrites the adapters it was made from.
+With a full-model safety module (an erased checkpoint) the pack holds ``finetune.safetensors`` and the
+manifest: the erased model is not copied (it can be gigabytes) and cannot be one LoRA with the
+fine-tuning adapter; the manifest names it (path, form, SHA-256) and its diffusers snippet loads it in
+place of the base, then the adapter on top. How each kind of safety module is packed is one
+:class:`PackLayout` record in :data:`LAYOUTS`.
+
+Every file is written atomically; the pack never overwrites the inputs it was made from.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from auditkit.errors import BadInput
@@ -35,12 +41,74 @@ def diffusers_snippet(folder: str) -> str:
             'pipe.set_adapters(["safety", "finetune"], adapter_weights=[1.0, 1.0])\n')
 
 
+@dataclass(frozen=True)
+class PackLayout:
+    """How a repair is packed for one kind of safety module (:attr:`auditkit.lora.adapter.Adapter.kind`)."""
+
+    files: tuple[str, ...]  # FILES roles written
+    write: Callable[..., dict]  # (targets, safety, finetune, arch, method, out_dir, base) -> manifest entries
+
+
+def _with_adapter(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base) -> dict:
+    atomic_write_bytes(targets["safety"], Path(safety.path).read_bytes())
+    combined = concatenate((safety.modules, 1.0), (finetune, 1.0))
+    save_adapter(combined, targets["combined"], arch, metadata={
+        "auditkit.kind": "combined", "auditkit.repair": method,
+        "auditkit.note": "safety + repaired fine-tuning adapter, factors concatenated along the rank"})
+    return {
+        "safety_source": {"kind": safety.kind, "path": str(safety.path), "sha256": safety.sha256},
+        "compose": [{"file": FILES["safety"], "adapter_name": "safety", "weight": 1.0},
+                    {"file": FILES["finetune"], "adapter_name": "finetune", "weight": 1.0}],
+        "diffusers": diffusers_snippet(str(out_dir)),
+        "single_file": {"file": FILES["combined"], "weight": 1.0,
+                        "note": "equals safety + finetune at weight 1; scaling it scales both"},
+    }
+
+
+def _with_model(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base) -> dict:
+    from auditkit.models.checkpoint import snippet
+    from auditkit.models.families import family_of_folder
+
+    if base is None:
+        raise BadInput(safety.path, "a full-model safety module needs the base (--base) to be packed")
+    folder = str(_base_folder(base))
+    checkpoint = safety.update.checkpoint
+    load = snippet(checkpoint, folder, family_of_folder(folder).pipeline_class)
+    return {
+        "safety_source": {"kind": safety.kind, "path": str(safety.path), "sha256": safety.sha256,
+                          "form": checkpoint.form, "components": list(checkpoint.components), "base": str(base)},
+        "compose": [{"model": str(safety.path), "role": "safety", "weight": 1.0,
+                     "note": "the erased model itself, in place of the base (its components over the base's)"},
+                    {"file": FILES["finetune"], "adapter_name": "finetune", "weight": 1.0}],
+        "diffusers": "import diffusers\n" + load + f"pipe.load_lora_weights({str(out_dir)!r}, "
+                     'weight_name="finetune.safetensors", adapter_name="finetune")\n',
+        "single_file": None,
+        "note": "a full-model safety module and a LoRA cannot be one adapter file: load the erased model, then the "
+                "fine-tuning adapter on top (the adapter was trained on the base, separately from the safety module)",
+    }
+
+
+def _base_folder(base: str) -> Path:
+    if base == "lab":
+        from auditkit.lab.model import lab_pipeline_path
+
+        return lab_pipeline_path()
+    return Path(base)
+
+
+LAYOUTS: dict[str, PackLayout] = {
+    "adapter": PackLayout(("finetune", "safety", "combined"), _with_adapter),
+    "full model": PackLayout(("finetune",), _with_model),
+}
+
+
 def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Adapter, arch: Architecture,
-               method: str, metadata: dict[str, str], inputs: tuple[Path, ...] = (), extra: dict | None = None
-               ) -> dict:
-    """Write the pack into ``out_dir``; returns the manifest."""
+               method: str, metadata: dict[str, str], inputs: tuple[Path, ...] = (), extra: dict | None = None,
+               base: str | None = None) -> dict:
+    """Write the pack into ``out_dir``; returns the manifest. ``base``: needed with a full-model safety module."""
     out_dir = Path(out_dir)
-    targets = {role: out_dir / name for role, name in FILES.items()}
+    layout = LAYOUTS[safety.kind]
+    targets = {role: out_dir / FILES[role] for role in layout.files}
     for path in targets.values():
         for inp in inputs:
             if path.exists() and Path(inp).exists() and path.resolve() == Path(inp).resolve():
@@ -48,25 +116,13 @@ def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Ada
     meta = {**metadata, "auditkit.kind": "finetune", "auditkit.repair": method,
             "auditkit.compose_with": safety.sha256}
     save_adapter(finetune, targets["finetune"], arch, metadata=meta)
-    atomic_write_bytes(targets["safety"], Path(safety.path).read_bytes())
-    combined = concatenate((safety.modules, 1.0), (finetune, 1.0))
-    save_adapter(combined, targets["combined"], arch, metadata={
-        "auditkit.kind": "combined", "auditkit.repair": method,
-        "auditkit.note": "safety + repaired fine-tuning adapter, factors concatenated along the rank"})
+    entries = layout.write(targets, safety, finetune, arch, method, out_dir, base)
     files = {}
     for role, path in targets.items():
         a = read_adapter(path, arch=arch)
         files[role] = {"file": path.name, "sha256": a.sha256, "modules": len(a.modules),
                        "ranks": sorted({m.rank for m in a.modules.values()})}
-    manifest = {
-        "schema": SCHEMA, "method": method, "architecture": arch.name, "files": files,
-        "safety_source": {"path": str(safety.path), "sha256": safety.sha256},
-        "compose": [{"file": FILES["safety"], "adapter_name": "safety", "weight": 1.0},
-                    {"file": FILES["finetune"], "adapter_name": "finetune", "weight": 1.0}],
-        "diffusers": diffusers_snippet(str(out_dir)),
-        "single_file": {"file": FILES["combined"], "weight": 1.0,
-                        "note": "equals safety + finetune at weight 1; scaling it scales both"},
-        **(extra or {}),
-    }
+    manifest = {"schema": SCHEMA, "method": method, "architecture": arch.name, "files": files, **entries,
+                **(extra or {})}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -52,16 +52,20 @@ def _nothing(label):
 
 def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     """Run the whole repair; returns the final report (also written to ``req.out``)."""
+    from auditkit.inputs import kind_of, read_pair
     from auditkit.models.pipeline import base_architectures
     from auditkit.repair import pack as packing
     from auditkit.repair.methods import METHODS
     from auditkit.repair.section import repair_section, summarize
     from auditkit.report.build import write_reports
-    from auditkit.scan import read_pair, scan
+    from auditkit.scan import scan
 
     method = METHODS[req.method]
+    if kind_of(req.candidate) == "full model":
+        raise BadInput(req.candidate, "is a full model: repair takes an adapter candidate; extract its update as a "
+                                      "LoRA first (auditkit extract CANDIDATE --base BASE --out CAND.safetensors)")
     candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, base_architectures(req.base),
-                                  req.scan.base)
+                                  req.scan.base, energy=req.scan.energy, candidate_from=req.scan.candidate_from)
     pipe = None
     if req.base is not None or method.needs_data:
         from auditkit.dynamic import load_base
@@ -74,7 +78,7 @@ def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     pack_dir = req.out / "pack"
     meta = {k: v for k, v in candidate.metadata.items() if k.startswith("ss_")}
     details["pack"] = packing.write_pack(pack_dir, outcome.modules, safety, safety.architecture, req.method, meta,
-                                         inputs=(req.candidate, req.safety))
+                                         inputs=(req.candidate, req.safety), base=req.base)
     repaired = pack_dir / packing.FILES["finetune"]
     before_dir = req.from_scan or req.out / "scan-before"
     after_dir = req.out / "scan-after"

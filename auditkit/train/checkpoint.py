@@ -22,7 +22,8 @@ SCHEMA = "auditkit.checkpoint/1"
 
 
 def fingerprint(settings: dict, images: np.ndarray, captions: list[str], frozen: dict | None = None) -> str:
-    """sha256 over the training settings (JSON-able), the data and any frozen (merged) modules."""
+    """sha256 over the training settings (JSON-able), the data and any frozen (merged) modules: LoRA modules,
+    or a full model's per-tensor differences (arrays)."""
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(np.ascontiguousarray(images).tobytes())
@@ -30,6 +31,9 @@ def fingerprint(settings: dict, images: np.ndarray, captions: list[str], frozen:
     for name in sorted(frozen or {}):
         m = frozen[name]
         h.update(name.encode())
+        if isinstance(m, np.ndarray):
+            h.update(np.ascontiguousarray(m, np.float32).tobytes())
+            continue
         h.update(np.ascontiguousarray(m.down, np.float32).tobytes())
         h.update(np.ascontiguousarray(m.up, np.float32).tobytes())
         h.update(repr(float(m.scale)).encode())

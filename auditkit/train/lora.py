@@ -19,6 +19,7 @@ import numpy as np
 
 from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
+from auditkit.models.difference import TensorDeltas
 
 # Which modules each method trains (regexes over diffusers UNet module names).
 # ESD-x: cross-attention only (concept-specific); ESD-u: the non-cross-attention layers of the
@@ -166,37 +167,45 @@ def lora_from_delta(name: str, delta: np.ndarray, rank: int) -> LoraModule:
     return LoraModule(name, (root[:, None] * vt[:k]).astype(np.float32), (u[:, :k] * root).astype(np.float32), 1.0)
 
 
-def _weight_of(unet, canonical: str):
+def _weight_of(unet, canonical: str, tensor: bool = False):
+    """The weight of canonical module ``unet.<path>``; with ``tensor``, the canonical tensor ``unet.<path>.<name>``."""
     path = canonical.split(".", 1)[1] if canonical.startswith("unet.") else canonical
+    param = "weight"
+    if tensor:
+        path, _, param = path.rpartition(".")
     module = unet.get_submodule(path)
-    return getattr(module, "base_layer", module).weight
+    return getattr(getattr(module, "base_layer", module), param)
 
 
-def apply_updates(unet, updates: dict[str, LoraModule], multiplier: float = 1.0) -> None:
-    """W += multiplier · ΔW for each canonical UNet module (in place, exact)."""
+def apply_updates(unet, updates: dict[str, LoraModule] | TensorDeltas, multiplier: float = 1.0) -> None:
+    """W += multiplier · ΔW for each canonical UNet module (in place, exact); a full model's
+    :class:`~auditkit.models.difference.TensorDeltas` add to every UNet tensor they change."""
     import torch
 
+    tensors = isinstance(updates, TensorDeltas)
     with torch.no_grad():
         for name, m in updates.items():
             if not name.startswith("unet."):
                 continue
-            weight = _weight_of(unet, name)
-            delta = torch.from_numpy(m.delta()).to(weight.dtype).reshape(weight.shape)
+            weight = _weight_of(unet, name, tensors)
+            delta = torch.from_numpy(np.asarray(m) if tensors else m.delta()).to(weight.dtype).reshape(weight.shape)
             weight.add_(delta.to(weight.device), alpha=multiplier)
 
 
 @contextlib.contextmanager
-def composed(unet, *adapters: tuple[dict[str, LoraModule], float]) -> Iterator[None]:
-    """Temporarily fuse adapters (modules, multiplier) into the UNet's weights; restore on exit."""
+def composed(unet, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float]) -> Iterator[None]:
+    """Temporarily fuse adapters (modules, multiplier) or full models' updates (TensorDeltas, multiplier)
+    into the UNet's weights; restore on exit."""
     import torch
 
-    touched = {name for mods, _ in adapters for name in mods if name.startswith("unet.")}
-    saved = {name: _weight_of(unet, name).detach().clone() for name in touched}
+    touched = {(name, isinstance(mods, TensorDeltas)) for mods, _ in adapters for name in mods
+               if name.startswith("unet.")}
+    saved = {key: _weight_of(unet, *key).detach().clone() for key in touched}
     try:
         for mods, mult in adapters:
             apply_updates(unet, mods, mult)
         yield
     finally:
         with torch.no_grad():
-            for name, w in saved.items():
-                _weight_of(unet, name).copy_(w)
+            for key, w in saved.items():
+                _weight_of(unet, *key).copy_(w)

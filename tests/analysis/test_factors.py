@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from auditkit.analysis.factors import effective_rank, low_rank_svd, pair_metrics, update_energy
+from auditkit.analysis.factors import (
+    FactorPair,
+    effective_rank,
+    low_rank_svd,
+    pair_metrics,
+    pair_metrics_many,
+    update_energy,
+)
 
 
 def dense_orthonormal(w, tol=1e-10):
@@ -30,6 +37,20 @@ def dense_reference(wc, ws):
     }
 
 
+def assert_matches_dense(pm, ref):
+    assert pm.inner == pytest.approx(ref["inner"], rel=1e-9, abs=1e-9)
+    assert pm.candidate_energy == pytest.approx(ref["candidate_energy"], rel=1e-10)
+    assert pm.safety_energy == pytest.approx(ref["safety_energy"], rel=1e-10)
+    assert pm.energy_in_safety_columns == pytest.approx(ref["cols"], rel=1e-8)
+    assert pm.energy_in_safety_rows == pytest.approx(ref["rows"], rel=1e-8)
+    assert pm.energy_in_safety_subspace == pytest.approx(ref["both"], rel=1e-8)
+    assert pm.cancellation == pytest.approx(-ref["inner"] / ref["safety_energy"], rel=1e-9)
+    assert pm.cosine == pytest.approx(ref["inner"] / np.sqrt(ref["candidate_energy"] * ref["safety_energy"]))
+    # angles ascending in both; as many as the smaller rank
+    np.testing.assert_allclose(pm.column_angles, ref["col_angles"], atol=1e-6)
+    np.testing.assert_allclose(pm.row_angles, ref["row_angles"], atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("shape", [(40, 30, 4, 6), (64, 16, 8, 3), (20, 50, 2, 2)])
 def test_pair_metrics_match_dense_reference(seed, shape):
@@ -43,16 +64,7 @@ def test_pair_metrics_match_dense_reference(seed, shape):
     wc, ws = sc_ * bc @ ac, ss_ * bs @ as_
     ref = dense_reference(wc, ws)
     pm = pair_metrics(low_rank_svd(bc, ac, sc_), low_rank_svd(bs, as_, ss_))
-    assert pm.inner == pytest.approx(ref["inner"], rel=1e-9, abs=1e-9)
-    assert pm.candidate_energy == pytest.approx(ref["candidate_energy"], rel=1e-10)
-    assert pm.safety_energy == pytest.approx(ref["safety_energy"], rel=1e-10)
-    assert pm.energy_in_safety_columns == pytest.approx(ref["cols"], rel=1e-8)
-    assert pm.energy_in_safety_rows == pytest.approx(ref["rows"], rel=1e-8)
-    assert pm.energy_in_safety_subspace == pytest.approx(ref["both"], rel=1e-8)
-    assert pm.cancellation == pytest.approx(-ref["inner"] / ref["safety_energy"], rel=1e-9)
-    assert pm.cosine == pytest.approx(ref["inner"] / np.sqrt(ref["candidate_energy"] * ref["safety_energy"]))
-    np.testing.assert_allclose(np.sort(pm.column_angles), ref["col_angles"], atol=1e-6)
-    np.testing.assert_allclose(np.sort(pm.row_angles), ref["row_angles"], atol=1e-6)
+    assert_matches_dense(pm, ref)
 
 
 def test_low_rank_svd_reconstructs_and_finds_numerical_rank():
@@ -138,3 +150,75 @@ def test_pair_metrics_of_kronecker_updates_match_dense(same_split):
     lora = low_rank_svd(rng.normal(size=(32, 2)), rng.normal(size=(2, 30)))
     pm2 = pair_metrics(kronecker_svd(*c, scale=0.5), lora)
     assert pm2.inner == pytest.approx(np.sum(wc * ((lora.u * lora.s) @ lora.v.T)), rel=1e-9)
+
+
+def _pair(rng, out, inp, rc, rs, overlap=0.7):
+    bs, as_ = rng.normal(size=(out, rs)), rng.normal(size=(rs, inp))
+    bc = np.concatenate([-overlap * bs[:, :1], rng.normal(size=(out, rc - 1))], axis=1)
+    ac = np.concatenate([as_[:1], rng.normal(size=(rc - 1, inp))])
+    return FactorPair(bc, ac, float(rng.uniform(-2, 2)), bs, as_, float(rng.uniform(0.1, 2)))
+
+
+def test_pair_metrics_many_match_dense_reference_and_the_one_by_one_route():
+    rng = np.random.default_rng(7)
+    shapes = [(40, 30, 4, 6), (64, 16, 8, 3), (20, 50, 2, 2), (40, 30, 4, 6), (33, 33, 8, 3), (20, 50, 2, 2)]
+    pairs = [_pair(rng, *s) for s in shapes]
+    pairs[1] = FactorPair(pairs[1].up_c.astype(np.float16), pairs[1].down_c.astype(np.float16), pairs[1].scale_c,
+                          pairs[1].up_s, pairs[1].down_s, pairs[1].scale_s)  # fp16 factors, as files hold them
+    found = pair_metrics_many(pairs)
+    for p, got in zip(pairs, found, strict=True):
+        assert got is not None
+        pm, s_c, s_s = got
+        wc = p.scale_c * p.up_c.astype(np.float64) @ p.down_c.astype(np.float64)
+        ws = p.scale_s * p.up_s @ p.down_s
+        ref = dense_reference(wc, ws)
+        assert_matches_dense(pm, ref)
+        one_c = low_rank_svd(p.up_c, p.down_c, p.scale_c)
+        np.testing.assert_allclose(s_c, one_c.s, rtol=1e-9)
+        np.testing.assert_allclose(s_s, np.linalg.svd(ws, compute_uv=False)[: s_s.size], rtol=1e-9)
+
+
+def test_pair_metrics_many_leaves_ill_conditioned_and_zero_updates_to_the_one_by_one_route():
+    rng = np.random.default_rng(3)
+    good, deficient, scaled_out, near = (_pair(rng, 40, 30, 4, 6) for _ in range(4))
+    deficient = FactorPair(np.concatenate([deficient.up_c[:, :3], deficient.up_c[:, :1]], axis=1),
+                           deficient.down_c, 1.0, deficient.up_s, deficient.down_s, 1.0)
+    scaled_out = FactorPair(scaled_out.up_c, scaled_out.down_c, 0.0, scaled_out.up_s, scaled_out.down_s, 1.0)
+    down = near.down_s.copy()
+    down[1] = down[0] + 1e-4 * down[1]  # κ(A) ~ 1e4: its Gram is past the well-conditioned bound
+    near = FactorPair(near.up_c, near.down_c, 1.0, near.up_s, down, 1.0)
+    found = pair_metrics_many([good, deficient, scaled_out, near])
+    assert found[0] is not None and found[1:] == [None, None, None]
+
+
+def test_kron_pair_metrics_many_match_dense_and_the_one_by_one_route():
+    from auditkit.analysis.factors import kron_pair_metrics_many, kronecker_svd
+
+    def halves(*args):  # a whole first half split by its SVD, as auditkit.lora.algorithms reads it
+        w1, eye, u2, d2 = _kron_factors(rng, *args)
+        u, s, vt = np.linalg.svd(w1 @ eye, full_matrices=False)
+        return u * s, vt, u2, d2
+
+    rng = np.random.default_rng(9)
+    mods = [(halves((4, 5), (8, 6), 3), -0.5, halves((4, 5), (8, 6), 2), 2.0) for _ in range(3)]
+    mods.append((halves((2, 3), (16, 10), 4), 1.5, halves((2, 3), (16, 10), 4), 0.25))
+    found = kron_pair_metrics_many(mods)
+    for (c, sc, s, ss), got in zip(mods, found, strict=True):
+        assert got is not None
+        pm, s_c, s_s = got
+        wc, ws = sc * np.kron(c[0] @ c[1], c[2] @ c[3]), ss * np.kron(s[0] @ s[1], s[2] @ s[3])
+        ref = dense_reference(wc, ws)
+        assert pm.inner == pytest.approx(ref["inner"], rel=1e-9)
+        assert pm.candidate_energy == pytest.approx(ref["candidate_energy"], rel=1e-10)
+        assert pm.energy_in_safety_columns == pytest.approx(ref["cols"], rel=1e-8)
+        assert pm.energy_in_safety_rows == pytest.approx(ref["rows"], rel=1e-8)
+        assert pm.energy_in_safety_subspace == pytest.approx(ref["both"], rel=1e-8)
+        np.testing.assert_allclose(s_c, np.linalg.svd(wc, compute_uv=False)[: s_c.size], rtol=1e-9)
+        np.testing.assert_allclose(s_s, kronecker_svd(*s, scale=ss).s, rtol=1e-9)
+        one = pair_metrics(kronecker_svd(*c, scale=sc), kronecker_svd(*s, scale=ss))
+        np.testing.assert_allclose(pm.column_angles, one.column_angles, atol=1e-9)
+        np.testing.assert_allclose(pm.row_angles, one.row_angles, atol=1e-9)
+    # a zero scale, and a whole half held with more columns than rows (singular Gram): one by one
+    assert kron_pair_metrics_many([(mods[0][0], 0.0, mods[0][2], 1.0)]) == [None]
+    unsplit = _kron_factors(rng, (4, 5), (8, 6), 3)
+    assert kron_pair_metrics_many([(unsplit, 1.0, mods[0][2], 1.0)]) == [None]

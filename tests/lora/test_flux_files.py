@@ -145,6 +145,12 @@ def ai_toolkit(originals, expected, flux, path):
     save_file(tensors, str(path), {"ss_base_model_version": "sd_1.5", "software": "ai-toolkit"})
 
 
+def bare_transformer(originals, expected, flux, path):
+    """peft's state dict of the transformer saved as it is: no component prefix, no alphas (scale folded)."""
+    save_file({f"{name.removeprefix(T)}.lora_{ab}.weight": w for name, m in expected.items()
+               for ab, w in (("A", m.down), ("B", (m.up * m.scale).astype(np.float32)))}, str(path))
+
+
 def peft(originals, expected, flux, path):
     save_adapter(expected, path, flux, formats.PEFT)
 
@@ -170,6 +176,7 @@ NAMINGS = {  # name -> (writer, layout read, modules it holds: None = all)
     "diffusers": (diffusers_layout, formats.DIFFUSERS, None),
     "ai-toolkit": (ai_toolkit, formats.DIFFUSERS, None),
     "peft": (peft, formats.PEFT, None),
+    "bare-transformer": (bare_transformer, formats.DIFFUSERS_TRANSFORMER, None),
     "kohya-diffusers-paths": (kohya_diffusers_paths, formats.KOHYA, None),
 }
 

@@ -148,8 +148,8 @@ def described(tmp_path, shapes: dict, metadata: dict | None = None, dtype=np.flo
 
 
 TI = "textual-inversion embedding"
-HINT = ("a fine-tuned full model is audited by extracting its difference from the base as an adapter "
-        "(a planned `auditkit extract`)")
+HINT = ("a full model (an erased checkpoint or a fine-tune) is scanned with --base, its update being its "
+        "difference to the base, or extracted as an adapter with `auditkit extract`")
 
 CASES = {
     "kohya embedding sd1": ({"emb_params": (2, 768)},

@@ -254,3 +254,53 @@ def test_a_dora_candidate_is_inconclusive_statically_until_the_base_is_given(lab
     assert any("computed with the base weights" in n for n in exact.candidate.notes)
     forms = {f.candidate_form for f in exact.findings.modules}
     assert forms == {"lora/dense"}, forms
+
+
+# --- LyCORIS around a DiT: create_lycoris on the transformer (SimpleTuner's Flux and SD3 files) -----
+
+DIT_CASES = {"locon": ("lora", {}), "loha": ("loha", {}), "lokr": ("lokr", {"factor": 4}),
+             "lokr-decompose-both": ("lokr", {"factor": 2, "decompose_both": True}), "full": ("full", {})}
+
+
+def _dit_pipeline(family: str):
+    import tiny_pipelines
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    cls, components = {"flux": (FluxPipeline, tiny_pipelines.tiny_flux_components),
+                       "sd3": (StableDiffusion3Pipeline, tiny_pipelines.tiny_sd3_components)}[family]
+    return cls(**components())
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("case", sorted(DIT_CASES))
+def test_lycoris_files_of_a_dit_transformer_read_as_lycoris_reconstructs_them(tmp_path, family, case):
+    from lycoris import LycorisNetwork, create_lycoris
+
+    from auditkit.models.pipeline import architecture_of
+
+    pipe = _dit_pipeline(family)
+    arch = architecture_of(pipe)
+    algo, kwargs = DIT_CASES[case]
+    LycorisNetwork.apply_preset({"target_module": ["FluxTransformerBlock", "FluxSingleTransformerBlock",
+                                                   "JointTransformerBlock"]})
+    torch.manual_seed(0)
+    net = create_lycoris(pipe.transformer, 1.0, linear_dim=4, linear_alpha=2, algo=algo, **kwargs)
+    net.apply_to()
+    with torch.no_grad():
+        for module in net.loras:
+            for name, p in module.named_parameters():
+                if name in ("weight", "bias"):
+                    p.add_(0.05 * torch.randn_like(p))
+                else:
+                    p.copy_(0.2 * torch.randn_like(p))
+    path = tmp_path / f"{family}-{case}.safetensors"
+    net.save_weights(str(path), torch.float32, None)
+    adapter = read_adapter(path, extra_architectures=(arch,))
+    assert adapter.architecture is arch and adapter.coverage.fraction == 1.0 and not adapter.coverage.unmapped
+    assert len(adapter.modules) == len(net.loras) > 10
+    for module in net.loras:
+        canonical = "transformer." + module.lora_name.removeprefix("lycoris_")
+        got = next(m for n, m in adapter.modules.items() if n.replace(".", "_") == canonical.replace(".", "_"))
+        ref = lycoris_delta(module)
+        # the reference is lycoris' float32 forward: compare relative to the update's largest entry
+        assert np.abs(got.delta() - ref).max() < 2e-5 * np.abs(ref).max(), module.lora_name

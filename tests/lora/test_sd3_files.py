@@ -97,6 +97,8 @@ NAMINGS = {
     "diffusers": (lambda o, e, a, p: save_adapter(e, p, a, formats.DIFFUSERS), formats.DIFFUSERS),
     "peft": (lambda o, e, a, p: save_adapter(e, p, a, formats.PEFT), formats.PEFT),
     "kohya-diffusers-paths": (lambda o, e, a, p: save_file(_kohya_paths(e, a), str(p)), formats.KOHYA),
+    "bare-transformer": (lambda o, e, a, p: save_adapter(e, p, a, formats.DIFFUSERS_TRANSFORMER),
+                         formats.DIFFUSERS_TRANSFORMER),
 }
 
 

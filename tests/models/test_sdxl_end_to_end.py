@@ -213,7 +213,9 @@ def _weights(pipe) -> dict:
 # diffusers (0.42) strips "text_model." from a text encoder's keys when the model has no such level
 # (transformers 5's CLIPTextModel) but not from the target_modules of a file's lora_adapter_metadata, so
 # peft finds none of them: diffusers/peft files adapting the first text encoder do not load (see below).
-LOADABLE = {"kohya-sgm": lambda name: True, "diffusers": lambda name: not name.startswith("text_encoder.")}
+# auditkit then loads its exact conversion instead (auditkit.runner.load_adapters), as it does for the
+# two add_embedding modules diffusers drops from kohya files with diffusers-style names.
+LOADABLE = {"kohya-sgm": "file", "diffusers": "auditkit conversion", "kohya-diffusers-names": "auditkit conversion"}
 
 
 @pytest.mark.parametrize("layout", LOADABLE)
@@ -221,11 +223,18 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
     from auditkit.runner import Configuration, Fused, load_adapters
 
     write, _ = LAYOUTS[layout]
-    mods = {n: m for n, m in sdxl_modules(arch, seed=1).items() if LOADABLE[layout](n)}
+    mods = sdxl_modules(arch, seed=1)
     adapter = read_adapter(write(mods, arch, tmp_path / "cand.safetensors"), extra_architectures=(arch,))
     before = _weights(pipe)
     coverage = load_adapters(pipe, {"candidate": adapter})["candidate"]
-    assert coverage == {"expected": len(mods), "loaded": len(mods), "fraction": 1.0, "scales_corrected": 0}
+    source = LOADABLE[layout]
+    if source != "file" and layout == "diffusers" and hasattr(pipe.text_encoder, "text_model"):
+        source = "file"  # transformers 4: diffusers loads it as it is
+    assert {k: coverage[k] for k in ("expected", "loaded", "fraction", "missing", "source")} == {
+        "expected": len(mods), "loaded": len(mods), "fraction": 1.0, "missing": [], "source": source}
+    # a conversion carries no alphas: peft's default scales are set to the file's ones (checked below)
+    assert coverage["scales_corrected"] == 0 or source != "file"
+    assert ("note" in coverage) == (source != "file")
     fused = Fused(pipe)
     fused.apply(Configuration("c@0.5", (("candidate", 0.5),)), ["candidate"])
     after = _weights(pipe)
@@ -238,31 +247,57 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
     assert all(torch.equal(restored[n], before[n]) for n in adapter.modules)
 
 
-def test_a_diffusers_file_diffusers_cannot_load_is_unscannable_in_one_line(arch, pipe, tmp_path):
+def test_a_file_diffusers_refuses_or_loads_in_part_is_loaded_as_the_exact_conversion(arch, pipe, tmp_path):
+    """diffusers/peft files adapting the first text encoder (transformers 5) and kohya files mixing SGM
+    and diffusers names (diffusers keeps one naming, drops the other without a warning)."""
     from auditkit.runner import load_adapters
 
-    mods = {n: m for n, m in sdxl_modules(arch).items() if n.startswith("text_encoder.")}
-    adapter = read_adapter(save_adapter(mods, tmp_path / "te1.safetensors", arch, formats.DIFFUSERS),
+    te1 = {n: m for n, m in sdxl_modules(arch).items() if n.startswith("text_encoder.")}
+    refused = read_adapter(save_adapter(te1, tmp_path / "te1.safetensors", arch, formats.DIFFUSERS),
                            extra_architectures=(arch,))
-    if hasattr(pipe.text_encoder, "text_model"):  # transformers 4: the names match and it loads
-        assert load_adapters(pipe, {"te1": adapter})["te1"]["fraction"] == 1.0
-        return
-    with pytest.raises(Unscannable, match="diffusers cannot load it into the sdxl pipeline "
-                                          r"\(NoMatchingPeftModuleError: Target modules") as err:
-        load_adapters(pipe, {"te1": adapter})
-    assert "\n" not in str(err.value)
+    mixed_mods = sdxl_modules(arch, seed=2)
+    mixed = read_adapter(write_kohya(mixed_mods, arch, tmp_path / "mixed.safetensors", sgm=None),
+                         extra_architectures=(arch,))
+    assert mixed.coverage.fraction == 1.0 and len(mixed.modules) == len(mixed_mods)
+    for role, adapter, why in (("te1", refused, "diffusers refused the file (NoMatchingPeftModuleError"),
+                               ("mixed", mixed, "diffusers applied ")):
+        coverage = load_adapters(pipe, {role: adapter})[role]
+        pipe.unload_lora_weights()
+        assert coverage["fraction"] == 1.0 and coverage["missing"] == []
+        if role == "te1" and hasattr(pipe.text_encoder, "text_model"):  # transformers 4: the names match
+            assert coverage["source"] == "file"
+            continue
+        assert coverage["source"] == "auditkit conversion" and coverage["note"].startswith(why), coverage
 
 
-def test_a_kohya_file_mixing_sgm_and_diffusers_names_fails_closed(arch, pipe, tmp_path):
-    """diffusers keeps only one naming when a file has both and drops the other without a warning."""
-    from auditkit.runner import load_adapters
+def test_an_adapter_diffusers_cannot_apply_even_converted_fails_closed_in_one_line(arch, pipe, tmp_path,
+                                                                                  monkeypatch):
+    from auditkit import runner
 
-    mods = sdxl_modules(arch, seed=2)
-    adapter = read_adapter(write_kohya(mods, arch, tmp_path / "mixed.safetensors", sgm=None),
+    mods = sdxl_modules(arch, seed=3)
+    adapter = read_adapter(write_kohya(mods, arch, tmp_path / "cand.safetensors", sgm=True),
                            extra_architectures=(arch,))
-    assert adapter.coverage.fraction == 1.0 and len(adapter.modules) == len(mods)
-    with pytest.raises(Unscannable, match=rf"diffusers applied only \d+ of {len(mods)} modules"):
-        load_adapters(pipe, {"mixed": adapter})
+    lost = sorted(mods)[:5]
+    real = runner._lora_layers
+    sources = []
+    real_load = runner._load
+
+    def load(pipe, adapter, role, source, family):
+        sources.append("file" if isinstance(source, str) else "conversion")
+        return real_load(pipe, adapter, role, source, family)
+
+    # as if diffusers dropped five modules from the file and from auditkit's conversion alike
+    monkeypatch.setattr(runner, "_lora_layers", lambda p, roles: {k: v for k, v in real(p, roles).items()
+                                                                  if k not in lost})
+    monkeypatch.setattr(runner, "_load", load)
+    with pytest.raises(Unscannable, match=rf"diffusers applied only {len(mods) - 5} of {len(mods)} modules "
+                                          rf"\(\d+%\) \(missing: {re.escape(lost[0])}, .*, …\)") as err:
+        runner.load_adapters(pipe, {"lossy": adapter}, min_coverage=1.0)
+    assert "\n" not in str(err.value) and sources == ["file", "conversion"]
+    pipe.unload_lora_weights()
+    coverage = runner.load_adapters(pipe, {"lossy": adapter}, min_coverage=0.9)["lossy"]
+    assert coverage["missing"] == lost and coverage["loaded"] == len(mods) - 5
+    pipe.unload_lora_weights()
 
 
 # --- the dynamic scan through the library API, resumed ------------------------------------------

@@ -1,0 +1,353 @@
+"""Full models (erased or fine-tuned checkpoints) read tensor by tensor, by canonical name, without torch.
+
+ESD, UCE, MACE and AdvUnlearn ship the erased model itself, and fine-tuners publish full checkpoints:
+a safety module or a candidate can be a whole model instead of an adapter. Its update is its
+difference to the model it was made from (:mod:`auditkit.models.difference`); this module finds its
+tensors. Forms, one :class:`Form` record each in :data:`FORMS` (the first that matches reads it):
+
+* **pipeline folder**: a ``save_pretrained`` folder with ``model_index.json``, of the base's family;
+  every component the base has weights for must be there with ``.safetensors`` weights;
+* **component folder**: one component's folder (``config.json`` and its weights: ``unet/``,
+  ``text_encoder/``, ``transformer/``); which component it is comes from its tensor names and shapes;
+* **single file**: one ``.safetensors`` file in diffusers names (``unet.…``, ``text_encoder.…``, or one
+  component's names with no prefix) or in the original layout of full checkpoints: LDM/SGM UNets
+  (``model.diffusion_model.input_blocks.…``, named by :func:`auditkit.models.architectures.sgm_name`), CLIP
+  text encoders under ``cond_stage_model.transformer.`` (SD 1.x) and ``conditioner.embedders.0.transformer.``
+  (SDXL). VAE weights (``first_stage_model.``) and training bookkeeping are left out (the base's VAE
+  renders). Not mapped yet: OpenCLIP text encoders in the original layout (SD 2.x, SDXL's second) and
+  Flux/SD3 transformers under their original names; their tensors count as unmapped (never assumed
+  unchanged), and converting the file to diffusers format (``from_single_file``, ``save_pretrained``)
+  makes it readable.
+
+Canonical tensor names are ``<component>.<tensor name in the component's weight file>``, CLIP text
+tensors spelled with the ``text_model.`` level as canonical module names are
+(:func:`auditkit.models.architectures.canonical_name`). Pickle weights are refused, never read.
+
+Example:
+    >>> base = open_checkpoint(lab_pipeline_path())                       # doctest: +SKIP
+    >>> erased = open_checkpoint("esd-unet/", base=base)                  # doctest: +SKIP
+    >>> erased.form, erased.components                                    # doctest: +SKIP
+    ('component folder', ('unet',))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from auditkit.errors import BadInput
+from auditkit.lora.io import FLOAT_DTYPES, SafetensorsFile, open_safetensors
+from auditkit.models.architectures import Architecture, canonical_name, sgm_name
+from auditkit.models.base_weights import component_index
+from auditkit.models.families import family_of_folder, read_model_index
+
+# Original (LDM/SGM) prefixes of full single-file checkpoints: prefix -> the component it holds in
+# diffusers names (the denoiser's names are mapped by the architecture, see _original_map).
+ORIGINAL_TEXT_PREFIXES = {"cond_stage_model.transformer.": "text_encoder",
+                          "conditioner.embedders.0.transformer.": "text_encoder"}
+# Left out of the comparison: the VAE (the base's renders), EMA copies and the training schedule's buffers.
+IGNORED_ORIGINAL = re.compile(r"^(first_stage_model\.|model_ema\.|alphas_cumprod|alphas_cumprod_prev$|betas$|"
+                              r"log_one_minus_alphas_cumprod$|logvar$|posterior_|sqrt_)")
+ORIGINAL_HINT = re.compile(r"^(model\.diffusion_model\.|cond_stage_model\.|conditioner\.|first_stage_model\.|"
+                           r"(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.)")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one canonical tensor lies: a key of a file."""
+
+    file: SafetensorsFile
+    key: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.tensors[self.key].shape
+
+    @property
+    def is_float(self) -> bool:
+        return self.file.tensors[self.key].dtype in FLOAT_DTYPES
+
+
+@dataclass
+class Checkpoint:
+    """A full model's tensors by canonical name.
+
+    Attributes:
+        path: the folder or file as given.
+        form: a :data:`FORMS` name.
+        naming: how a single file names its tensors: ``diffusers`` (component prefixes), ``component``
+            (one component's names, no prefix: ``component`` says which) or ``original`` (LDM/SGM).
+        tensors: canonical tensor name -> where it lies.
+        unmapped: keys of the files that name no tensor auditkit can place (count against coverage).
+        ignored: keys deliberately left out (VAE of an original checkpoint, bookkeeping, integer buffers).
+        notes: what a user should know about how it was read.
+        metadata: a single file's ``__metadata__`` (untrusted text).
+    """
+
+    path: Path
+    form: str
+    tensors: dict[str, TensorSource]
+    naming: str = "diffusers"
+    unmapped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    _sha256: str | None = field(default=None, repr=False)
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as stored (float, checked finite)."""
+        source = self.tensors[name]
+        return source.file.float_array(source.key)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(sorted({n.split(".", 1)[0] for n in self.tensors}))
+
+    @property
+    def files(self) -> list[SafetensorsFile]:
+        return list({id(s.file): s.file for s in self.tensors.values()}.values())
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256; for a folder, sha256 over its weight files' relative paths and hashes."""
+        if self._sha256 is None:
+            files = sorted(self.files, key=lambda f: str(f.path))
+            if self.path.is_file():
+                self._sha256 = files[0].sha256
+            else:
+                h = hashlib.sha256()
+                for f in files:
+                    h.update(f"{f.path.relative_to(self.path).as_posix()}\0{f.sha256}\n".encode())
+                self._sha256 = h.hexdigest()
+        return self._sha256
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way a full model is stored: how it is recognised and read."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    read: Callable[[Path, Checkpoint | None, Architecture | None], Checkpoint]
+
+
+def open_checkpoint(path: str | Path, base: Checkpoint | None = None, arch: Architecture | None = None) -> Checkpoint:
+    """Read a full model's tensor index (headers only; tensors are memory-mapped and read on demand).
+
+    Args:
+        path: a pipeline folder, a component folder or a single ``.safetensors`` file.
+        base: the base model it is compared with (needed for component folders and single files, to
+            place their tensors; a pipeline folder must be of the base's family).
+        arch: the base's architecture (names the original layout's denoiser tensors).
+
+    Raises:
+        BadInput: pickle weights, a folder that is no model, missing components, another family than
+            the base, tensors that fit no component of the base.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(path, "no such file or folder")
+    form = next((f for f in FORMS if f.matches(path)), None)
+    if form is None:
+        raise BadInput(path, "is a folder but neither a diffusers pipeline folder (model_index.json) nor a "
+                             "component folder (config.json)")
+    return form.read(path, base, arch)
+
+
+def _model_components(path: Path) -> list[str]:
+    """Components of a pipeline folder that hold a model (listed in model_index.json, with a config.json
+    or listed as a model class), in the index's order."""
+    index = read_model_index(path)
+    names = []
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        if (path / name / "config.json").is_file() or not (path / name).is_dir():
+            names.append(name)
+    return names
+
+
+def _read_pipeline(path: Path, base: Checkpoint | None, arch: Architecture | None) -> Checkpoint:
+    family = family_of_folder(path)
+    components = _model_components(path)
+    notes = []
+    if base is not None:
+        if base.form == "pipeline folder":
+            base_family = family_of_folder(base.path)
+            if base_family.name != family.name:
+                raise BadInput(path, f"is a {family.label} pipeline ({family.pipeline_class}) but the base is a "
+                                     f"{base_family.label} pipeline: a model of another family than the base")
+        needed = (*family.lora_components, "vae")  # what renders; a safety checker or image encoder may be absent
+        missing = [c for c in base.components if c in needed and (c not in components or not (path / c).is_dir())]
+        if missing:
+            raise BadInput(path, f"component '{missing[0]}' is missing (the base has it; model_index.json must list it "
+                                 "and its folder must hold its weights)")
+        extra = [c for c in components if c not in base.components]
+        if extra:  # e.g. a safety checker the base was saved without: the scan neither compares nor renders it
+            notes.append(f"component(s) {', '.join(extra)} are not in the base: not compared")
+            components = [c for c in components if c in base.components]
+    tensors = {}
+    for component in components:
+        folder = path / component
+        if not folder.is_dir():
+            raise BadInput(path, f"component '{component}' is listed in model_index.json but its folder is missing")
+        tensors.update(_component_tensors(folder, component))
+    return Checkpoint(path, "pipeline folder", tensors, notes=notes)
+
+
+def _component_tensors(folder: Path, component: str) -> dict[str, TensorSource]:
+    files: dict[Path, SafetensorsFile] = {}
+    out = {}
+    for key, file in component_index(folder).items():
+        if file not in files:
+            files[file] = open_safetensors(file)
+        if key not in files[file].tensors:
+            raise BadInput(file, f"has no tensor '{key}', though the shard index lists it there")
+        out[canonical_name(component, key)] = TensorSource(files[file], key)
+    return out
+
+
+def _read_component(path: Path, base: Checkpoint | None, arch: Architecture | None) -> Checkpoint:
+    base = _need_base(path, base)
+    if path.name in base.components:
+        component = path.name
+    else:
+        index = component_index(path)
+        component = _component_of(path, {k: open_safetensors(f).tensors[k].shape for k, f in index.items()}, base)
+    return Checkpoint(path, "component folder", _component_tensors(path, component))
+
+
+def _need_base(path: Path, base: Checkpoint | None) -> Checkpoint:
+    if base is None:
+        raise BadInput(path, "a full model's update is its difference to the base: give the base (--base)")
+    return base
+
+
+def _component_of(path: Path, shapes: dict[str, tuple], base: Checkpoint) -> str:
+    """The base component whose tensor names and shapes the keys match best."""
+    scores = {}
+    for component in base.components:
+        scores[component] = sum(1 for key, shape in shapes.items()
+                                if (t := base.tensors.get(canonical_name(component, key))) is not None
+                                and t.shape == tuple(shape))
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    if not ranked or ranked[0][1] == 0:
+        raise BadInput(path, f"its tensors match no component of the base ({base.path}) by name and shape: "
+                             "a model of another architecture than the base" + _what_it_is(shapes))
+    if len(ranked) > 1 and ranked[1][1] == ranked[0][1]:
+        raise BadInput(path, f"its tensors match the base's {ranked[0][0]} and {ranked[1][0]} equally: name the "
+                             "component by the folder (e.g. unet/) or prefix the keys (unet.…)")
+    return ranked[0][0]
+
+
+def _what_it_is(shapes: dict[str, tuple]) -> str:
+    from auditkit.lora.identify import identify_keys
+
+    found = identify_keys(list(shapes), {}, shapes)
+    return f" (it is {found.split(', not an adapter')[0]})" if found else ""
+
+
+def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -> Checkpoint:
+    st = open_safetensors(path)
+    base = _need_base(path, base)
+    keys = list(st.tensors)
+    if not keys:
+        raise BadInput(path, "file holds no tensors")
+    ignored = [k for k in keys if st.tensors[k].dtype not in FLOAT_DTYPES]
+    keys = [k for k in keys if k not in set(ignored)]
+    tensors: dict[str, TensorSource] = {}
+    unmapped, notes = [], []
+    if any(k.split(".", 1)[0] in base.components for k in keys):  # diffusers names with component prefixes
+        naming = "diffusers"
+        for key in keys:
+            component, _, rest = key.partition(".")
+            if component in base.components and rest:
+                tensors[canonical_name(component, rest)] = TensorSource(st, key)
+            else:
+                unmapped.append(key)
+    elif any(ORIGINAL_HINT.match(k) for k in keys):
+        naming, names = "original", _original_map(base, arch)
+        for key in keys:
+            if IGNORED_ORIGINAL.match(key):
+                ignored.append(key)
+            elif key in names:
+                tensors[names[key]] = TensorSource(st, key)
+            else:
+                unmapped.append(key)
+        if any(k.startswith("first_stage_model.") for k in ignored):
+            notes.append("its VAE (first_stage_model) is not compared: images are decoded with the base's VAE")
+        if any(k.startswith(("cond_stage_model.model.", "conditioner.embedders.1.")) for k in unmapped):
+            notes.append("its OpenCLIP text encoder in the original layout is not mapped (its tensors are unmapped): "
+                         "convert the checkpoint to diffusers format (from_single_file, then save_pretrained)")
+        if any(re.match(r"(model\.)?(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.", k)
+               for k in unmapped):
+            notes.append("Flux/SD3 transformers in their original layout are not mapped yet: convert the checkpoint "
+                         "to diffusers format (from_single_file, then save_pretrained)")
+    else:  # one component's diffusers names, no prefix
+        naming = "component"
+        component = _component_of(path, {k: st.tensors[k].shape for k in keys}, base)
+        for key in keys:
+            canonical = canonical_name(component, key)
+            if canonical in base.tensors:
+                tensors[canonical] = TensorSource(st, key)
+            else:
+                unmapped.append(key)
+    if not tensors:
+        raise BadInput(path, f"none of its tensors names a tensor of the base ({base.path}): a model of another "
+                             "architecture than the base" + _what_it_is({k: st.tensors[k].shape for k in keys})
+                       + (f"; {notes[-1]}" if notes else ""))
+    return Checkpoint(path, "single file", tensors, naming, sorted(unmapped), sorted(ignored), notes,
+                      dict(st.metadata))
+
+
+def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, str]:
+    """Original (LDM/SGM) key -> canonical tensor, for the base's UNet and first CLIP text encoder."""
+    names: dict[str, str] = {}
+    layout = arch.unet_layout if arch is not None else {}
+    for canonical in base.tensors:
+        component, _, key = canonical.partition(".")
+        if component == "unet" and layout:
+            module, _, param = key.rpartition(".")
+            original = sgm_name(module, layout)
+            if original is not None:
+                names[f"model.diffusion_model.{original}.{param}"] = canonical
+        for prefix, target in ORIGINAL_TEXT_PREFIXES.items():
+            if target == component:
+                names[prefix + key] = canonical
+                names[prefix + key.removeprefix("text_model.")] = canonical  # either transformers spelling
+    return names
+
+
+def snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
+    """diffusers code that puts ``checkpoint`` into ``pipe`` (a pipeline of ``base``): for a repair pack's manifest."""
+    path = str(checkpoint.path)
+    if checkpoint.form == "pipeline folder":
+        return f"pipe = diffusers.{pipeline_class}.from_pretrained({path!r}, use_safetensors=True)\n"
+    load = f"pipe = diffusers.{pipeline_class}.from_pretrained({base!r}, use_safetensors=True)\n"
+    if checkpoint.form == "component folder":
+        (component,) = checkpoint.components
+        return load + f"pipe.{component} = type(pipe.{component}).from_pretrained({path!r}, use_safetensors=True)\n"
+    if checkpoint.naming == "original":
+        return f"pipe = diffusers.{pipeline_class}.from_single_file({path!r}, config={base!r})\n"
+    lines = [load, "from safetensors.torch import load_file\n", f"state = load_file({path!r})\n"]
+    for component in checkpoint.components:
+        keys = "state" if checkpoint.naming == "component" else \
+            f"{{k[{len(component) + 1}:]: v for k, v in state.items() if k.startswith({component + '.'!r})}}"
+        lines.append(f"pipe.{component}.load_state_dict({keys}, strict=False)  # it holds {component}'s tensors\n")
+    return "".join(lines)
+
+
+FORMS: tuple[Form, ...] = (
+    Form("pipeline folder", lambda p: p.is_dir() and (p / "model_index.json").is_file(), _read_pipeline),
+    Form("component folder", lambda p: p.is_dir() and (p / "config.json").is_file(), _read_component),
+    Form("single file", lambda p: p.is_file(), _read_file),
+)

@@ -1,0 +1,109 @@
+"""Full models made by code from the shipped lab, in every form auditkit reads.
+
+An erased model is the base with its safety update applied: here the lab's own Safety LoRA merged into
+the lab's weights (exactly, in float64, stored in the lab's float32), written as a pipeline folder, a
+component folder, or a single ``.safetensors`` file in diffusers names (with component prefixes, or one
+component's names alone) or in the original LDM layout of full checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from auditkit.lab.model import lab_pipeline_path
+from auditkit.lora.adapter import LoraModule
+from auditkit.lora.io import open_safetensors, serialize
+
+ADAPTERS = resources.files("auditkit.lab").joinpath("assets", "adapters")
+SAFETY_U = Path(str(ADAPTERS.joinpath("safety-esd-u.safetensors")))
+SAFETY_X = Path(str(ADAPTERS.joinpath("safety-esd-x.safetensors")))
+FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+         "vae": "diffusion_pytorch_model.safetensors"}
+
+
+def lab_tensors(component: str) -> dict[str, np.ndarray]:
+    """Copies of the lab pipeline's tensors of one component, named as its file names them."""
+    st = open_safetensors(lab_pipeline_path() / component / FILES[component])
+    return {k: np.array(st.array(k)) for k in st.tensors}
+
+
+def _key(tensors: dict, path: str, param: str = "weight") -> str:
+    """The file's key of a module path (transformers 5 saves CLIP text modules without ``text_model.``)."""
+    for candidate in (f"{path}.{param}", f"{path.removeprefix('text_model.')}.{param}"):
+        if candidate in tensors:
+            return candidate
+    raise KeyError(path)
+
+
+def merged(component: str, *adapters: tuple[dict[str, LoraModule], float]) -> dict[str, np.ndarray]:
+    """The lab component's tensors with each adapter's modules (of that component) merged at its multiplier."""
+    tensors = lab_tensors(component)
+    for modules, multiplier in adapters:
+        for name, m in modules.items():
+            comp, _, path = name.partition(".")
+            if comp != component:
+                continue
+            key = _key(tensors, path)
+            w = tensors[key]
+            tensors[key] = (w.astype(np.float64) + multiplier * m.delta().reshape(w.shape)).astype(w.dtype)
+    return tensors
+
+
+def components_of(*adapters) -> list[str]:
+    return sorted({n.split(".", 1)[0] for mods, _ in adapters for n in mods})
+
+
+def pipeline_folder(folder: Path, *adapters: tuple[dict[str, LoraModule], float]) -> Path:
+    """A copy of the lab pipeline with the adapters merged into its weights."""
+    shutil.copytree(lab_pipeline_path(), folder)
+    for component in components_of(*adapters):
+        (folder / component / FILES[component]).write_bytes(serialize(merged(component, *adapters)))
+    return folder
+
+
+def component_folder(folder: Path, *adapters, component: str = "unet") -> Path:
+    """One component's folder (config.json and weights), adapters merged."""
+    folder.mkdir(parents=True)
+    shutil.copy(lab_pipeline_path() / component / "config.json", folder / "config.json")
+    (folder / FILES[component]).write_bytes(serialize(merged(component, *adapters)))
+    return folder
+
+
+def original_names() -> dict[str, str]:
+    """Canonical tensor name -> its key in an original (LDM) single-file checkpoint of the lab."""
+    from auditkit.models import architectures
+    from auditkit.models.checkpoint import _original_map
+    from auditkit.models.difference import open_base
+
+    names = _original_map(open_base("lab"), architectures.get("lab"))
+    out: dict[str, str] = {}
+    for original, canonical in names.items():
+        if original.startswith("cond_stage_model.") and "text_model." not in original:
+            continue  # the map accepts both transformers spellings; write the published one
+        out[canonical] = original
+    return out
+
+
+def single_file(path: Path, *adapters, naming: str = "diffusers") -> Path:
+    """A single .safetensors file: ``diffusers`` (unet./text_encoder./vae. prefixes), ``component`` (the UNet's
+    names alone) or ``original`` (LDM names, with training bookkeeping and a VAE the reader leaves out)."""
+    from auditkit.models.architectures import canonical_name
+
+    parts = {c: merged(c, *adapters) for c in ("unet", "text_encoder", "vae")}
+    if naming == "component":
+        tensors = parts["unet"]
+    elif naming == "diffusers":
+        tensors = {f"{c}.{k}": v for c, t in parts.items() for k, v in t.items()}
+    else:
+        names = original_names()
+        tensors = {names[canonical_name(c, k)]: v for c in ("unet", "text_encoder") for k, v in parts[c].items()
+                   if canonical_name(c, k) in names}
+        tensors["first_stage_model.decoder.conv_out.weight"] = np.zeros((3, 4, 3, 3), np.float32)
+        tensors["alphas_cumprod"] = np.linspace(1, 0, 10, dtype=np.float32)
+    path.write_bytes(serialize(tensors, {"note": json.dumps({"made": "by the tests"})}))
+    return path
