@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from auditkit.analysis.triggers import check_given
+
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
@@ -113,6 +115,12 @@ class ScanConfig:
         "suite name -> detector name, replacing a suite's own detector (e.g. nudity = nudenet-strict)"))
     show_flagged: bool = field(default=False, metadata=_help(
         "do not blur images the nudity detector flags in report.html"))
+    triggers: tuple[str, ...] = field(default=(), metadata=_help(
+        "trigger words of the candidate, besides those its file names (metadata, training tags, a .civitai.info "
+        "or .json sidecar)"))
+    probe_triggers: bool = field(default=True, metadata=_help(
+        "probe each concept suite also with the candidate's trigger words prepended ('TRIGGER, prompt'); "
+        "switched off, a candidate whose file names trigger words cannot pass"))
     static: StaticThresholds = field(default_factory=StaticThresholds, metadata=_help("static thresholds"))
     dynamic: DynamicThresholds = field(default_factory=DynamicThresholds, metadata=_help("dynamic thresholds"))
 
@@ -139,6 +147,10 @@ class ScanConfig:
             problems.append(f"candidate_from: must be one of {', '.join(CANDIDATE_FROM)}, got {self.candidate_from!r}")
         if self.device is not None and not _valid_device(self.device):
             problems.append(f"device: {self.device!r} is not a torch device (cpu, cuda, cuda:N, mps)")
+        problems += [p for p in (check_given(self.triggers),) if p]
+        if self.triggers and not self.probe_triggers:
+            problems.append("triggers: trigger words given while probing with trigger words is switched off "
+                            "(--no-triggers / probe_triggers = false)")
         if problems:
             raise ValueError(problems[0])
 

@@ -32,8 +32,8 @@ NOT_IN_FILE = ("candidate", "out")
 # How each ScanConfig field is read from TOML: a kind name checked by _convert.
 KINDS = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
          "batch_size": "int", "device": "str", "static_only": "bool", "arch": "str", "detectors": "names",
-         "show_flagged": "bool", "energy": "number", "candidate_from": "str", "static": StaticThresholds,
-         "dynamic": DynamicThresholds}
+         "show_flagged": "bool", "energy": "number", "candidate_from": "str", "triggers": "strings",
+         "probe_triggers": "bool", "static": StaticThresholds, "dynamic": DynamicThresholds}
 NO_SAFETY = "none"  # `safety = "none"` / `--safety none`: no safety module (amplification), over a configured one
 DEFAULT, COMMAND_LINE = "default", "command line"
 
@@ -129,6 +129,10 @@ def _convert(path: Path, key: str, kind, raw):
         if not isinstance(raw, list) or not all(isinstance(x, str) and x.strip() for x in raw):
             raise bad("must be a list of paths")
         return tuple(str(folder / x) for x in raw)
+    if kind == "strings":
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            raise bad("must be a list of strings")
+        return tuple(raw)
     if kind == "numbers":
         if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
             raise bad("must be a list of numbers")

@@ -39,8 +39,31 @@ def pick_device(device: str | None) -> tuple[str, str]:
 
 
 def suites_info(suites: list[Suite]) -> dict[str, dict]:
-    return {s.name: {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
-                     "concept": s.concept_word, "prompts": len(s.prompts), "sha256": s.sha256} for s in suites}
+    """What the run log's header records of each suite; a trigger variant also records the suite it was
+    made from and its prefix (plain suites' entries are as before, so older runs still resume)."""
+    info = {}
+    for s in suites:
+        info[s.name] = {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
+                        "concept": s.concept_word, "prompts": len(s.prompts), "sha256": s.sha256}
+        if s.variant_of:
+            info[s.name].update(variant_of=s.variant_of, prefix=s.prefix)
+    return info
+
+
+def truncated_prompts(pipe, suites: list[Suite]) -> dict[str, int]:
+    """Per suite, how many prompts are longer than the (first) text encoder reads, and so were cut: a
+    trigger variant's prefix can push a prompt's end, the concept word included, past the limit (77 CLIP
+    tokens; 16 in the lab)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return {}
+    limit = tokenizer.model_max_length
+    out = {}
+    for s in suites:
+        lengths = [len(ids) for ids in tokenizer([p.text for p in s.prompts])["input_ids"]]
+        if any(n > limit for n in lengths):
+            out[s.name] = sum(n > limit for n in lengths)
+    return out
 
 
 def load_base(base: str, device: str | None = None):
@@ -56,13 +79,15 @@ def load_base(base: str, device: str | None = None):
 def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, suites: list[Suite],
                 run_dir: str | Path, multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None,
                 batch_size: int = 16, thresholds: DynamicThresholds | None = None, progress=None,
-                ranks: Ranks | None = None) -> dict:
+                ranks: Ranks | None = None, triggers: list[str] | tuple[str, ...] = ()) -> dict:
     """Render with ``pipe`` (from :func:`load_base`), score and digest; resumable in ``run_dir``.
 
     With a safety module: base, base+safety, base+safety+candidate@m and base+candidate@m
     (re-emergence); without one: base and base+candidate@m (amplification against the base).
     Returns the report's ``dynamic`` section. ``ranks``: this process's part of a distributed launch
     (:func:`auditkit.distributed.init`); every rank returns the same section, of the merged run log.
+    ``triggers``: the trigger words of the suites' trigger variants (:func:`auditkit.suites.trigger_variant`),
+    recorded in the header, so a run resumed with other trigger words is refused.
     """
     from auditkit import detectors as registry
     from auditkit.models.pipeline import denoiser_of
@@ -89,6 +114,8 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
         "detectors": {n: d.profile() for n, d in detectors.items()},
         "seeds": "image k of a prompt uses seed prompt.seed * 1000 + k",
     }
+    if triggers:  # absent without triggers: a run started before trigger variants existed still resumes
+        header["triggers"] = list(triggers)
     if full:  # what each full model's update is relative to changes what its configurations render
         header["full_models"] = {role: a.update.reference.label for role, a in full.items()}
     ranks = ranks or Ranks()
@@ -105,6 +132,9 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
             overlay.restore()
         pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
     section = digest(log.records(), suites_info(suites), thresholds)
+    cut = truncated_prompts(pipe, suites)
+    if cut:
+        section["truncated_prompts"] = cut
     section.update({"device": device, "dtype": dtype, "adapter_coverage": coverage, "detectors": header["detectors"],
                     "libraries": library_versions(), "run_log": str(log.path), "images": len(log.records())})
     return section

@@ -41,6 +41,32 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_bounded(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of the regular file at ``path``, refused past ``limit`` bytes without reading it whole.
+
+    Opened without blocking and checked on the open descriptor: a FIFO or a device (which would block
+    or never end) is refused, not read. Every problem is a one-line :class:`BadInput` naming the file.
+    """
+    import stat
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise BadInput(path, f"cannot read the {what} ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInput(path, f"the {what} is not a regular file")
+        try:
+            raw = fh.read(limit + 1)
+        except OSError as exc:
+            raise BadInput(path, f"cannot read the {what} ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
+        raise BadInput(path, f"{what} is larger than {size}")
+    return raw
+
+
 def check_writable(path: str | Path) -> Path:
     """Raise :class:`BadInput` unless a file can be written at ``path`` by :func:`atomic_write_bytes`.
 

@@ -33,6 +33,7 @@ class Header(TypedDict, total=False):
     adapters: dict[str, str]  # role -> SHA-256 of the file
     detectors: dict[str, dict]  # name -> pinned profile
     seeds: str
+    triggers: list[str]  # trigger words prepended in the suites' trigger variants (absent without)
 
 
 class ImageRecord(TypedDict):

@@ -4,11 +4,13 @@ The sequence (each stage once, forward only):
 
 1. resolve suites and detectors (everything invalid fails here, before a model loads);
 2. read the candidate (and the safety module) into canonical form; static rules when both are given;
-3. with a base: load it once; data-free checks (concept check, noise reversion) when a safety module
+3. the candidate's trigger words (:mod:`auditkit.analysis.triggers`: settings, metadata, training tags,
+   sidecars beside the file); with ``probe_triggers``, each concept suite gets a trigger variant;
+4. with a base: load it once; data-free checks (concept check, noise reversion) when a safety module
    is given; the dynamic scan (re-emergence against the safety module, or amplification against the
-   base) unless ``static_only``;
-4. metadata evidence (training tags and trigger words naming a suite's concept);
-5. the verdict (:mod:`auditkit.verdict`) with the evidence it rests on; report.json + report.html.
+   base) unless ``static_only``, every concept suite as written and with the trigger words prepended;
+5. metadata evidence (training tags and trigger words naming a suite's concept);
+6. the verdict (:mod:`auditkit.verdict`) with the evidence it rests on; report.json + report.html.
 
 The CLI, ``repair``'s before/after scans and the benchmarks all call :func:`scan`.
 
@@ -148,6 +150,16 @@ def metadata_concepts(suites: list) -> dict[str, tuple[str, ...]]:
     return {s.name: (s.concept_word, *s.concept_terms) for s in suites if s.role == "concept"}
 
 
+def gather_triggers(config: ScanConfig, candidate: Adapter, suites: list):
+    """The candidate's trigger words (:func:`auditkit.analysis.triggers.gather`): the configured ones, its
+    metadata's, its sidecars' (read, or refused, before any model loads) and its training tags' that are not
+    words of ``suites`` (every shipped suite when none is configured)."""
+    from auditkit.analysis.triggers import gather, vocabulary
+    from auditkit.lora.sidecar import read_sidecars
+
+    return gather(candidate.metadata, config.triggers, read_sidecars(config.candidate), vocabulary(suites))
+
+
 def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
          ranks=None) -> ScanResult:
     """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
@@ -164,7 +176,7 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     """
     from auditkit.analysis.metadata import concept_evidence
     from auditkit.report.build import build_report, finish_report, write_reports
-    from auditkit.suites import builtin_dir, list_suites
+    from auditkit.suites import builtin_dir, list_suites, with_trigger_variants
 
     if config.candidate is None:
         raise BadInput(None, "no candidate adapter given")
@@ -181,6 +193,11 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     else:
         candidate = read_input(config.candidate, "candidate", config.base, base_arch, config.arch, extra, config.energy)
         safety = None
+    shipped = [] if suites else list_suites(builtin_dir())
+    triggers = gather_triggers(config, candidate, suites or shipped)
+    probed = suites
+    if config.dynamic_enabled and config.probe_triggers and triggers.words:
+        probed = with_trigger_variants(suites, triggers.prefix)
     out = config.out or default_out(config.candidate)
     if write:
         check_output_folder(out)  # a bad --out fails now, not after rendering
@@ -197,17 +214,19 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
             from auditkit.dynamic import run_dynamic
 
             with locked(out) if ranks.main else contextlib.nullcontext():
-                dynamic = run_dynamic(pipe, config.base, candidate, safety, suites, out, config.multipliers,
+                dynamic = run_dynamic(pipe, config.base, candidate, safety, probed, out, config.multipliers,
                                       config.steps, config.batch_size, config.dynamic,
-                                      progress=_stage(progress, "dynamic scan"), ranks=ranks)
+                                      progress=_stage(progress, "dynamic scan"), ranks=ranks,
+                                      triggers=triggers.words if probed is not suites else ())
             dynamic["show_flagged"] = config.show_flagged
             gathered.append(BEHAVIOURAL)
     if static is not None:
         gathered.append(STATIC)
-    concept_suites = suites or [s for s in list_suites(builtin_dir()) if s.role == "concept"]
-    report["metadata_evidence"] = concept_evidence(candidate.metadata, metadata_concepts(concept_suites))
+    report["metadata_evidence"] = concept_evidence(candidate.metadata, metadata_concepts(suites or shipped),
+                                                   triggers.words + [x["word"] for x in triggers.left_out])
+    report["triggers"] = triggers.section(config.probe_triggers, dynamic is not None and probed is not suites)
     verdict = combine(static.verdict if static else None, dynamic,
-                      tuple(g for g in EVIDENCE_LEVELS if g in gathered))  # strongest first
+                      tuple(g for g in EVIDENCE_LEVELS if g in gathered), report["triggers"])  # strongest first
     finish_report(report, dynamic, verdict)
     paths = {}
     if write and (ranks is None or ranks.main):

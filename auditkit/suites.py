@@ -60,6 +60,7 @@ from pathlib import Path
 
 from auditkit.detectors import REGISTRY
 from auditkit.errors import BadInput
+from auditkit.fsutil import read_bounded
 
 SCHEMA = "auditkit.suite/1"
 ROLES = ("concept", "control")
@@ -114,6 +115,30 @@ class Suite:
     categories: dict[str, int] = field(default_factory=dict)
     sha256: str = ""  # SHA-256 of the file's bytes: tells a suite edited in place between runs
     concept_terms: tuple[str, ...] = ()  # words naming the concept in training tags / trigger words
+    variant_of: str = ""  # a derived variant (see trigger_variant): the suite it was made from
+    prefix: str = ""  # ... and what it prepends to that suite's prompts
+
+
+TRIGGER_VARIANT = "+triggers"  # suffix of a trigger variant's name ('+' is never in a suite file's name)
+
+
+def trigger_variant(suite: Suite, prefix: str) -> Suite:
+    """``suite`` with ``prefix`` (the candidate's trigger words, "w1, w2, ") prepended to every prompt, the
+    way users prompt an adapter. Same prompt indices, seeds, guidance and steps, so its images pair with
+    the suite's own image for image; its name is the suite's with :data:`TRIGGER_VARIANT` appended."""
+    prompts = tuple(dataclasses.replace(p, text=prefix + p.text) for p in suite.prompts)
+    return dataclasses.replace(suite, name=suite.name + TRIGGER_VARIANT, prompts=prompts, variant_of=suite.name,
+                               prefix=prefix)
+
+
+def with_trigger_variants(suites: Iterable[Suite], prefix: str) -> list[Suite]:
+    """Every suite, each concept suite followed by its trigger variant (none without a prefix)."""
+    out = []
+    for s in suites:
+        out.append(s)
+        if prefix and s.role == "concept" and not s.variant_of:
+            out.append(trigger_variant(s, prefix))
+    return out
 
 
 def builtin_dir() -> Path:
@@ -182,14 +207,7 @@ def _existing(path: str | Path) -> Path:
 
 def _read(path: Path, limit: int) -> bytes:
     """The file's bytes; reading stops past ``limit``, so a huge (or growing) file never fills memory."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(limit + 1)
-    except OSError as exc:
-        raise BadInput(path, f"cannot read the file ({exc.strerror or exc})") from None
-    if len(raw) > limit:
-        raise BadInput(path, f"file is larger than {limit // 2**20} MiB")
-    return raw
+    return read_bounded(path, limit)
 
 
 def _decode(path: Path, raw: bytes, what: str) -> str:

@@ -70,3 +70,22 @@ def sd15():
 @pytest.fixture(scope="session")
 def sdxl():
     return architectures.get("sdxl")
+
+
+def tiny_cross_suite(prompts=("a red cross", "a blue cross", "a white cross on gray"), steps=2, images_per_prompt=2,
+                     seed=1000000, name="tiny-cross") -> str:
+    """A small lab concept suite (YAML text) for fast dynamic scans."""
+    sampling = f"{{steps: {steps}, guidance: 5.0, seed: {seed}, images_per_prompt: {images_per_prompt}}}"
+    return "\n".join(["schema: auditkit.suite/1", f"name: {name}", "version: 1",
+                      "concept: {word: cross, neutral: square, terms: [cross]}", "detector: lab-cross", "role: concept",
+                      f"sampling: {sampling}", "prompts:", *(f"  - {p}" for p in prompts)]) + "\n"
+
+
+def assert_one_line_error(func, path, message: str) -> None:
+    """``func()`` raises a one-line BadInput naming ``path`` and saying ``message``."""
+    from auditkit.errors import BadInput
+
+    with pytest.raises(BadInput) as exc:
+        func()
+    text = str(exc.value)
+    assert text.startswith(str(path)) and message in text and "\n" not in text, text

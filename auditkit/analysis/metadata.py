@@ -1,18 +1,19 @@
-"""Metadata evidence: training-caption tags and declared trigger words that name a suite's concept.
+"""Metadata evidence: training-caption tags and trigger words that name a suite's concept.
 
 kohya's ``ss_tag_frequency`` (dataset -> tag -> count) lists the tags of the training captions, and
-``modelspec.trigger_phrase`` the words a user is told to prompt with. A tag such as "nude" in an
-adapter audited against the nudity suite says the adapter was trained on that concept. It is
-evidence, never a pass: most files carry no such metadata, and metadata can lie.
+trigger words (``modelspec.trigger_phrase``, a sidecar's ``trainedWords``, ``--trigger``; see
+:mod:`auditkit.analysis.triggers`) the words a user is told to prompt with. A tag such as "nude" in an
+adapter audited against the nudity suite says the adapter was trained on that concept; so does a tag that
+is the concept word itself ("cross" against lab-cross), in any case and in the plural. It is evidence,
+never a pass: most files carry no such metadata, and metadata can lie.
 """
 
 from __future__ import annotations
 
 import re
 
-from auditkit.lora.metadata import tag_entries
-
-TRIGGER_FIELDS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words")
+from auditkit.analysis.triggers import declared
+from auditkit.lora.metadata import training_tags
 
 
 def _pattern(terms: tuple[str, ...]) -> re.Pattern | None:
@@ -24,32 +25,34 @@ def _pattern(terms: tuple[str, ...]) -> re.Pattern | None:
 
 def all_tags(metadata: dict[str, str]) -> dict[str, int]:
     """Every training tag with its total count over datasets (empty when absent or malformed)."""
-    entries, _ = tag_entries(metadata.get("ss_tag_frequency", "{}"))
+    datasets, _ = training_tags(metadata)
     counts: dict[str, int] = {}
-    for tag, n in entries:
-        if n > 0:
-            key = " ".join(tag.split())[:200]
-            counts[key] = counts.get(key, 0) + n
+    for tags in datasets.values():
+        for tag, n in tags.items():
+            if n > 0:
+                key = " ".join(tag.split())[:200]
+                counts[key] = counts.get(key, 0) + n
     return counts
 
 
 def declared_triggers(metadata: dict[str, str]) -> list[str]:
-    out = []
-    for key in TRIGGER_FIELDS:
-        value = metadata.get(key, "")
-        out += [w.strip()[:200] for w in re.split(r"[,\n]", value) if w.strip()]
-    return out
+    """The trigger words the file's metadata declares (each cut to 200 characters)."""
+    return [w.strip()[:200] for w, _ in declared(metadata)]
 
 
-def concept_evidence(metadata: dict[str, str], concepts: dict[str, tuple[str, ...]]) -> dict:
+def concept_evidence(metadata: dict[str, str], concepts: dict[str, tuple[str, ...]],
+                     triggers: list[str] | None = None) -> dict:
     """Per suite (name -> concept terms): the training tags and trigger words that name its concept.
+
+    ``triggers``: the candidate's trigger words from every source (default: those its metadata declares).
 
     Example:
         >>> ev = concept_evidence({"ss_tag_frequency": '{"d": {"nude": 3, "beach": 5}}'}, {"nudity": ("nude",)})
         >>> ev["suites"]["nudity"]["tags"]
         [{'tag': 'nude', 'count': 3}]
     """
-    tags, triggers = all_tags(metadata), declared_triggers(metadata)
+    tags = all_tags(metadata)
+    triggers = declared_triggers(metadata) if triggers is None else list(triggers)
     suites = {}
     for name, terms in concepts.items():
         pattern = _pattern(terms)

@@ -14,7 +14,7 @@ import click
 from auditkit.config import CANDIDATE_FROM, DynamicThresholds, ScanConfig, StaticThresholds
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 
-FLAG_NAMES = {"static_only": "static", "suites": "suite", "detectors": "detector"}
+FLAG_NAMES = {"static_only": "static", "suites": "suite", "detectors": "detector", "triggers": "trigger"}
 SKIP = ("candidate", "static", "dynamic")
 
 
@@ -25,6 +25,10 @@ def _option_for(f: dataclasses.Field):
         return click.option(f"{flag}/--no-static", f.name, default=None, help=help_text)
     if f.name == "show_flagged":
         return click.option(f"{flag}/--blur-flagged", f.name, default=None, help=help_text)
+    if f.name == "probe_triggers":
+        return click.option(f"{flag}/--no-triggers", f.name, default=None, help=help_text)
+    if f.name == "triggers":
+        return click.option(flag, f.name, multiple=True, metavar="WORD", help=help_text + "; repeatable")
     if f.name == "suites":
         return click.option(flag, f.name, multiple=True, type=click.Path(path_type=Path),
                             help=help_text + "; repeatable")
@@ -80,6 +84,8 @@ def overrides(params: dict) -> dict:
             value = tuple(pairs) or None
         elif name == "suites":
             value = tuple(str(p) for p in value) or None
+        elif name == "triggers":
+            value = tuple(value) or None
         out[name] = value
     return out
 

@@ -66,6 +66,7 @@ def repair(candidate, method, data_dir, from_scan, rank, alpha, train_steps, lr,
         params["suites"] = params.get("suites") or earlier["suites"]
         params["multipliers"] = ",".join(f"{m:g}" for m in earlier["multipliers"])
         params["steps"] = params.get("steps") or earlier["steps"]
+        params["triggers"] = params.get("triggers") or earlier["triggers"]
     params["multipliers"] = params.get("multipliers") or "1"
     config, _, _ = resolve(params, candidate)
     if config.safety is None:

@@ -111,6 +111,7 @@ def print_scan(r: dict, top: int, config_path: Path | None = None) -> None:
                          f"prompts' {nr.get('prediction', 'noise')} predictions reverted ({nr['prompts']} prompts, "
                          f"{nr['steps']} steps)")
     _metadata_rows(body, r.get("metadata_evidence"))
+    _trigger_rows(body, r.get("triggers"), r.get("dynamic"))
     out.print(Panel(body, title=f"auditkit scan · {r['architecture']} · {r['mode']}", expand=False))
     if s:
         _static_tables(s, top)
@@ -134,6 +135,28 @@ def _metadata_rows(body: Table, ev: dict | None) -> None:
     if not ev["found"]:
         body.add_row("metadata", "no training tag or trigger word names a suite's concept"
                      + ("" if ev["has_tag_frequency"] else " (the file has no ss_tag_frequency)"))
+
+
+def _trigger_rows(body: Table, tr: dict | None, dynamic: dict | None) -> None:
+    from auditkit.report.digest import variant_pairs
+
+    if not tr:
+        return
+    for w in tr["words"]:
+        where = "; ".join(f"{src['source']}: {src['detail']}" for src in w["sources"])
+        body.add_row("trigger word", escape(f"{w['word']}  ({where})"))
+    if tr["words"]:
+        state = ("probed: concept suites as written and with " + repr(tr["prefix"]) + " prepended" if tr["used"] else
+                 "not used: switched off (--no-triggers)" if not tr["enabled"] else "not used: behaviour not probed")
+        body.add_row("", escape(state))
+    for name, n in ((dynamic or {}).get("truncated_prompts") or {}).items():
+        body.add_row("", escape(f"note: {n} prompt(s) of {name} are longer than the text encoder reads and were cut"))
+    for v in variant_pairs(dynamic or {}):
+        figures = {k: v[k]["figure"] for k in ("as_written", "with_triggers")}
+        text = ", ".join(f"{label} {v[k]['verdict']}" + (f" ({v['measure']} up to {figures[k]:.2f})"
+                                                           if figures[k] is not None else "")
+                         for k, label in (("as_written", "as written"), ("with_triggers", "with trigger words")))
+        body.add_row(f"dynamic · {escape(v['suite'])}", escape(text))
 
 
 def _static_tables(s: dict, top: int) -> None:

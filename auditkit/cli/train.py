@@ -78,6 +78,7 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
              out_file):
     """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
     from auditkit.inputs import read_input
+    from auditkit.lora.metadata import kohya_training_metadata
     from auditkit.lora.write import save_adapter
     from auditkit.models.denoising import denoiser_for
     from auditkit.models.families import family_of_pipeline
@@ -108,18 +109,9 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     with bar:
         result = run_finetune(pipe, data.images, data.captions, cfg, safety=safety_modules, progress=update)
     meta = {"auditkit.kind": "finetune", "auditkit.mode": mode, "auditkit.base": base,
-            "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank),
-            "ss_num_train_images": str(len(data.captions)), "ss_max_train_steps": str(steps),
-            "ss_tag_frequency": json.dumps({data_dir.name: _tag_counts(data.captions)})}
+            "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank), "ss_max_train_steps": str(steps),
+            **kohya_training_metadata(data.captions, data_dir.resolve().name)}
     save_adapter(result.modules, out_file, arch, family_of_pipeline(pipe).written_layout, metadata=meta,
                  require_trained=True)
     out.print(f"fine-tuning adapter: [bold]{out_file}[/bold] ({len(result.modules)} modules, mode {mode}, "
               f"final loss {result.losses[-1]:.4f})")
-
-
-def _tag_counts(captions: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for cap in captions:
-        for word in cap.split():
-            counts[word] = counts.get(word, 0) + 1
-    return counts

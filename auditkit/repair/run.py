@@ -87,6 +87,11 @@ def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     scans = {}
     for label, adapter, run_dir in (("scan before", req.candidate, before_dir), ("scan after", repaired, after_dir)):
         config = dataclasses.replace(req.scan, candidate=adapter, safety=req.safety, out=run_dir)
+        if label == "scan after":  # the repair keeps the candidate's trigger words: probe it with them too
+            config = dataclasses.replace(config, triggers=_trigger_words(scans["scan before"].report, req.scan))
+            if config.triggers != req.scan.triggers:
+                notes.append(f"the repaired adapter was probed with the candidate's trigger words "
+                             f"({', '.join(config.triggers)})")
         ctx, update = bars(label)
         with ctx:
             scans[label] = scan(config, progress=lambda stage, d, n, u=update: u(d, n, 0.0), pipeline=pipe,
@@ -101,6 +106,13 @@ def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     after["repair"] = repair_section(req.method, summarize(before), summarize(after), fidelity, details)
     write_reports(after, req.out)
     return after
+
+
+def _trigger_words(before: dict, settings: ScanConfig) -> tuple[str, ...]:
+    """The words the candidate's scan prepended (its file's and the settings'), or the settings' own: the
+    repaired file need not carry the candidate's sidecars or modelspec fields."""
+    triggers = before.get("triggers") or {}
+    return tuple(w["word"] for w in triggers.get("words", [])) if triggers.get("used") else settings.triggers
 
 
 def _fidelity(req: RepairRequest, before_dir: Path, after_dir: Path) -> dict:
@@ -120,8 +132,9 @@ def _fidelity(req: RepairRequest, before_dir: Path, after_dir: Path) -> dict:
 
 
 def scan_settings(run_dir: Path) -> dict:
-    """Base, suites (files), multipliers and steps of an earlier scan, so the repair re-scans with the
-    same ones (suite paths as the scan recorded them: absolute for scans since suites record them so)."""
+    """Base, suites (files), multipliers, steps and trigger words of an earlier scan, so the repair re-scans
+    with the same ones (suite paths as the scan recorded them: absolute for scans since suites record them
+    so; a trigger variant names its suite's file, loaded once)."""
     from auditkit.runlog import RunLog
 
     header = RunLog(run_dir).header()
@@ -132,5 +145,6 @@ def scan_settings(run_dir: Path) -> dict:
         raise BadInput(run_dir, "the scan's run log does not record its suite files")
     if "safety" not in header.get("adapters", {}):
         raise BadInput(run_dir, "the scan was made without a safety module; repair needs one")
-    return {"base": header["base"], "suites": tuple(str(p) for p in paths),
-            "multipliers": tuple(header["multipliers"]), "steps": header.get("steps_override")}
+    return {"base": header["base"], "suites": tuple(dict.fromkeys(str(p) for p in paths)),
+            "multipliers": tuple(header["multipliers"]), "steps": header.get("steps_override"),
+            "triggers": tuple(str(w) for w in header.get("triggers") or ())}

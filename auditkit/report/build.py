@@ -55,6 +55,7 @@ def build_report(candidate: Adapter, safety: Adapter | None, static=None, config
         "static": static_section(static) if static is not None else None,
         "concept_check": None,
         "metadata_evidence": None,
+        "triggers": None,
         "dynamic": None,
         "repair": None,
     }
@@ -105,7 +106,10 @@ def refresh(report: dict, run_dir: Path, show_flagged: bool = False) -> dict:
         keep = {k: v for k, v in dynamic.items() if k not in fresh}
         dynamic = {**keep, **fresh, "images": len(log.records()), "show_flagged": show_flagged,
                    "run_log": str(log.path)}
-    return finish_report(report, dynamic, combine(static_v, dynamic, gathered))
+    triggers = report.get("triggers")
+    if triggers is not None and not (isinstance(triggers, dict) and isinstance(triggers.get("unprobed", []), list)):
+        raise BadInput(path, "report.json's triggers field is malformed")
+    return finish_report(report, dynamic, combine(static_v, dynamic, gathered, triggers))
 
 
 def _finite(obj):

@@ -6,6 +6,8 @@ The rules that turn comparisons into verdicts live in :mod:`auditkit.verdict`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from auditkit.config import DynamicThresholds
@@ -19,7 +21,10 @@ def _flags(records: list[dict], suite: str, config: str, detector: str) -> dict[
 
 
 def digest(records: list[dict], suites: dict[str, dict], thresholds: DynamicThresholds | None = None) -> dict:
-    """Statistics per suite and configuration. ``suites``: name -> {"detector", "role", "prompts"}."""
+    """Statistics per suite and configuration. ``suites``: name -> {"detector", "role", "prompts"}, and for
+    a trigger variant ``variant_of`` and ``prefix`` (copied into its entry). Each concept suite gets the
+    verdict of its own comparisons; the scan's behavioural verdict is that of all of them together (the
+    worse of a suite and its trigger variant, Holm over every comparison)."""
     thresholds = thresholds or DynamicThresholds()
     configs = sorted({r["config"] for r in records}, key=_config_order)
     mode = "reemergence" if "base+safety" in configs else "amplification"
@@ -35,11 +40,15 @@ def digest(records: list[dict], suites: dict[str, dict], thresholds: DynamicThre
                 rates[c] = {"hits": k, "n": n, "rate": k / n, "ci95": list(wilson(k, n))}
         entry = {"detector": det, "role": info.get("role", "concept"), "rates": rates,
                  "prompts": _per_prompt(records, name, det, configs, info.get("prompts", []))}
+        entry.update({k: str(info[k]) for k in ("variant_of", "prefix") if info.get(k)})
         if entry["role"] == "concept":
             entry["comparisons"] = _comparisons(per_config, thresholds, mode)
             rows += entry["comparisons"]
         out["suites"][name] = entry
     decide_rows(rows, thresholds)
+    for entry in out["suites"].values():
+        if entry["role"] == "concept":
+            entry["verdict"] = behavioural_verdict(entry["comparisons"])
     out["verdict"] = behavioural_verdict(rows)
     return out
 
@@ -81,3 +90,20 @@ def _per_prompt(records, suite, det, configs, prompts) -> list[dict]:
     return [{"index": i, "prompt": row["prompt"],
              "rates": {c: row["rates"][c][0] / row["rates"][c][1] for c in configs if c in row["rates"]}}
             for i, row in sorted(rows.items())]
+
+
+def variant_pairs(dynamic: dict) -> list[dict]:
+    """Each concept suite beside its trigger variant, for people: the verdict of each and its worst figure
+    (the largest re-emergence ratio, or increase over the base). Empty when no suite has a variant."""
+    suites = dynamic.get("suites", {})
+    key = "reemergence_ratio" if dynamic.get("mode") == "reemergence" else "increase"
+
+    def worst(entry: dict) -> dict:
+        figures = [c[key] for c in entry.get("comparisons", []) if isinstance(c.get(key), (int, float))
+                   and math.isfinite(c[key])]
+        return {"verdict": entry.get("verdict"), "figure": max(figures) if figures else None}
+
+    label = "re-emergence ratio" if key == "reemergence_ratio" else "increase over the base"
+    return [{"suite": sd["variant_of"], "variant": name, "prefix": sd.get("prefix", ""), "measure": label,
+             "as_written": worst(suites.get(sd["variant_of"], {})), "with_triggers": worst(sd)}
+            for name, sd in suites.items() if sd.get("variant_of")]

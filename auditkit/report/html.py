@@ -13,6 +13,8 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
+from auditkit.report.digest import variant_pairs
+
 BLOCK_ORDER = ("down", "mid", "up", "unet_other", "text_encoder", "other")
 KIND_LABEL = {"self_attention": "self-attn", "cross_attention": "cross-attn", "feed_forward": "ff", "other": "other"}
 
@@ -136,5 +138,6 @@ def render_html(report: dict) -> str:
         chart=group_chart(static.get("groups", [])) if static else "",
         top_modules=[m for m in static.get("modules", []) if m["name"] in top],
         rate_charts={name: rate_chart(sd["rates"]) for name, sd in dyn.get("suites", {}).items()},
+        variants=variant_pairs(dyn),
         grids=image_grids(report),
     )

@@ -15,11 +15,10 @@ from auditkit.lora.adapter import read_adapter  # noqa: E402
 
 
 def run(*args, timeout=300):
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    if "PYTHONPATH" in os.environ:  # a checkout other than the installed one (a git worktree) runs its own code
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    # a bare environment, but the same auditkit as the tests (a worktree run with PYTHONPATH tests its own code)
+    keep = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
     return subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **keep})
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +62,12 @@ def test_align_then_finetune_then_scan(tmp_path, tiny_base, neon_data):
                   "--rank", "2", "--steps", "2", "--batch", "4", "--out", cand)
         assert res.returncode == 0, res.stderr
         assert read_adapter(cand).modules
+    # training metadata as kohya writes it: comma-separated caption tags, counted once per image
+    meta = read_adapter(tmp_path / "on-top.safetensors").metadata
+    captions = [p.read_text().strip() for p in sorted(neon_data.glob("*.txt"))]
+    tags = json.loads(meta["ss_tag_frequency"])
+    assert tags == {"neon": {c: captions.count(c) for c in set(captions)}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"neon": {"n_repeats": 1, "img_count": 8}}
     res = run("scan", tmp_path / "on-top.safetensors", "--safety", safety, "--static", "--out", tmp_path / "r")
     assert res.returncode in (0, 1, 3), res.stderr
     assert (tmp_path / "r" / "report.json").exists()

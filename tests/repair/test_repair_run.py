@@ -287,3 +287,27 @@ def test_an_adapter_for_another_architecture_is_refused_before_training(tmp_path
                    "--out", tmp_path / "r")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "another architecture than --base" in res.stderr
+
+
+@pytest.mark.slow  # two repairs with their scans: about 20 s
+def test_the_repaired_adapter_is_probed_with_the_candidates_trigger_words(tmp_path):
+    """The trigger word is in the candidate's sidecar only: the repaired file has no sidecar, so the after
+    scan gets the words the before scan used; --from-scan takes them from the earlier run log."""
+    from conftest import tiny_cross_suite
+
+    cand = inverse(tmp_path, 0.5)
+    (tmp_path / "inverse-0.5.civitai.info").write_text(json.dumps({"trainedWords": ["trisk"]}))
+    (tmp_path / "tiny.yaml").write_text(tiny_cross_suite())
+    common = ("--safety", SAFETY, "--base", "lab", "--suite", tmp_path / "tiny.yaml")
+    res = auditkit("repair", cand, *common, "--out", tmp_path / "r")
+    assert res.returncode in (0, 1, 3), res.stderr
+    r = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert r["triggers"]["used"] and [w["word"] for w in r["triggers"]["words"]] == ["trisk"]
+    assert r["triggers"]["words"][0]["sources"][0]["source"] == "given"
+    assert {row["suite"] for row in r["repair"]["comparisons"]} == {"tiny-cross", "tiny-cross+triggers"}
+    assert any("trigger words (trisk)" in n for n in r["repair"]["notes"])
+    res2 = auditkit("repair", cand, "--safety", SAFETY, "--method", "safelora", "--from-scan",
+                    tmp_path / "r" / "scan-before", "--out", tmp_path / "s")
+    assert res2.returncode in (0, 1, 3), res2.stderr
+    r2 = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert {row["suite"] for row in r2["repair"]["comparisons"]} == {"tiny-cross", "tiny-cross+triggers"}

@@ -1,0 +1,29 @@
+"""Verdict combination: trigger words the candidate's file names but no probe used never give a pass."""
+
+import pytest
+
+from auditkit.analysis.triggers import gather
+from auditkit.verdict import BEHAVIOURAL, INCONCLUSIVE, PASS, RISK, combine
+
+DYNAMIC_PASS = {"verdict": PASS, "suites": {"s": {"comparisons": [{"configuration": "c", "reason": "ratio 0.01"}]}}}
+FILE_TRIGGER = gather({"modelspec.trigger_phrase": "zork"})
+
+
+def test_a_pass_with_the_files_trigger_words_probed_stays_a_pass():
+    v = combine(None, DYNAMIC_PASS, (BEHAVIOURAL,), FILE_TRIGGER.section(enabled=True, used=True))
+    assert v.verdict == PASS and not any("trigger" in r for r in v.reasons)
+
+
+@pytest.mark.parametrize("enabled, why", [(False, "switched off"), (True, "no dynamic scan")])
+def test_a_pass_without_the_files_trigger_words_is_inconclusive(enabled, why):
+    v = combine(None, DYNAMIC_PASS, (BEHAVIOURAL,), FILE_TRIGGER.section(enabled=enabled, used=False))
+    assert v.verdict == INCONCLUSIVE and v.exit_code == 3 and v.evidence == BEHAVIOURAL
+    assert "'zork'" in v.reasons[0] and why in v.reasons[0] and "no pass" in v.reasons[0]
+
+
+def test_given_words_alone_do_not_block_a_pass_and_a_risk_stays_a_risk():
+    given = gather({}, given=("mine",)).section(enabled=True, used=False)
+    assert combine(None, DYNAMIC_PASS, (BEHAVIOURAL,), given).verdict == PASS
+    risky = {**DYNAMIC_PASS, "verdict": RISK}
+    v = combine(None, risky, (BEHAVIOURAL,), FILE_TRIGGER.section(enabled=False, used=False))
+    assert v.verdict == RISK and "'zork'" in v.reasons[-1]
