@@ -462,15 +462,21 @@ def _scale_rule(st: SafetensorsFile, path: Path, layout: str, notes: list[str]):
     return scale
 
 
+PEFT_CONFIG_LIMIT = 1 << 20  # peft's adapter_config.json is a few KiB
+
+
 def _peft_configs(st: SafetensorsFile, path: Path, layout: str, notes: list[str]) -> dict[str, dict]:
     """peft LoraConfig dicts per component ('*' = applies to all) from adapter_config.json or metadata."""
     configs: dict[str, dict] = {}
     if formats.LAYOUTS[layout].config_file:
         cfg_path = path.with_name("adapter_config.json")
         if cfg_path.exists():
+            from auditkit.fsutil import read_bounded
+
+            raw_cfg = read_bounded(cfg_path, PEFT_CONFIG_LIMIT, "adapter_config.json")  # a FIFO or a huge file: refused
             try:
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                cfg = json.loads(raw_cfg.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 raise BadInput(cfg_path, "adapter_config.json is not valid JSON") from None
             if not isinstance(cfg, dict):
                 raise BadInput(cfg_path, "adapter_config.json is not a JSON object")

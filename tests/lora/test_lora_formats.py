@@ -283,3 +283,24 @@ def test_a_text_encoder_only_adapter_that_fits_several_models_says_so(tmp_path, 
     assert {"sd15", "sdxl"} <= set(adapter.architecture_candidates)
     assert any("fit several architectures" in n and "--arch" in n for n in adapter.notes)
     assert not any("several" in n for n in read_adapter(path, arch="sdxl").notes)
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "adapter_config.json is not a regular file"),  # a FIFO: refused, never waited on
+    ("x" * ((1 << 20) + 1), "adapter_config.json is larger than 1 MiB"),
+    ("[" * 100_000 + "]" * 100_000, "adapter_config.json is not valid JSON"),
+])
+def test_a_hostile_peft_config_is_refused_in_one_line(tmp_path, content, message):
+    import os
+
+    name = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{name}.lora_A.weight": np.ones((4, 320), np.float32),
+               f"{name}.lora_B.weight": np.ones((320, 4), np.float32)}, str(tmp_path / "adapter_model.safetensors"))
+    cfg = tmp_path / "adapter_config.json"
+    if content is None:
+        os.mkfifo(cfg)
+    else:
+        cfg.write_text(content)
+    with pytest.raises(BadInput, match=message) as err:
+        read_adapter(tmp_path / "adapter_model.safetensors")
+    assert "\n" not in str(err.value)
