@@ -12,9 +12,10 @@ for, so the dynamic scan renders each concept suite as written and with the trig
    (:mod:`auditkit.lora.sidecar`);
 4. **training tags**: inferred from kohya's tag frequencies (``ss_tag_frequency``, or ``ss_datasets``): a tag in at
    least :data:`MIN_TAG_SHARE` of one dataset's images (of at least :data:`MIN_DATASET_IMAGES`) with a word
-   outside the suites' own vocabulary, so an ordinary description such as "a red cross" is not taken for a
-   trigger, while "ohwx", "sks dog" or a DreamBooth instance prompt repeated in every caption is; the most
-   frequent first.
+   outside the suites' own vocabulary and not a generic description (``analysis/data/generic_tags.json``:
+   "1girl", "solo", "long hair", quality and composition tags), so an ordinary description such as "a red
+   cross" or "1girl, solo" is not taken for a trigger, while "ohwx", "sks dog" or a DreamBooth instance
+   prompt repeated in every caption is; the most frequent first.
 
 Sources 2–4 are the file's own: a candidate with such **likely** triggers that the dynamic scan did not
 probe with is never a pass (:func:`auditkit.verdict.combine`).
@@ -34,10 +35,13 @@ Example:
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 
 from auditkit.lora.metadata import dataset_sizes, training_tags
 
@@ -148,10 +152,23 @@ def declared(metadata: dict[str, str]) -> list[tuple[str, str]]:
     return out
 
 
+def normalised_tag(tag: str) -> str:
+    """A tag as the generic-tag list writes it: lower case, underscores as spaces, single spaces."""
+    return " ".join(tag.lower().replace("_", " ").split())
+
+
+@cache
+def generic_tags() -> frozenset[str]:
+    """Tags that describe images in general terms and are never inferred as triggers (shipped data)."""
+    raw = json.loads(resources.files("auditkit.analysis").joinpath("data", "generic_tags.json").read_text("utf-8"))
+    return frozenset(normalised_tag(t) for t in raw["tags"])
+
+
 def inferred(metadata: dict[str, str], vocab: frozenset[str]) -> list[tuple[str, str]]:
     """(tag, detail) for the training tags that look like trigger words (rules in the module docstring)."""
     datasets, _ = training_tags(metadata)
     sizes = dataset_sizes(metadata)
+    generic = generic_tags()
     best: dict[str, tuple[float, str]] = {}
     for name, tags in datasets.items():
         images = sizes.get(name) or max(tags.values(), default=0)
@@ -160,7 +177,7 @@ def inferred(metadata: dict[str, str], vocab: frozenset[str]) -> list[tuple[str,
         for tag, count in tags.items():
             word = clean(tag)
             share = min(count / images, 1.0)
-            if word is None or share < MIN_TAG_SHARE or words_of(word) <= vocab:
+            if word is None or share < MIN_TAG_SHARE or words_of(word) <= vocab or normalised_tag(word) in generic:
                 continue
             key = word.lower()
             if key not in best or share > best[key][0]:

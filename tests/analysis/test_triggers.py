@@ -92,6 +92,16 @@ def test_likely_words_not_probed_are_listed_as_unprobed():
     assert found.section(enabled=True, used=True)["unprobed"] == []
 
 
+def test_generic_booru_and_quality_tags_are_not_triggers_however_frequent():
+    """A character LoRA's captions: its name in every caption beside generic tags in most of them."""
+    captions = [f"hatsune miku, 1girl, solo, long_hair, Twintails, looking at viewer, masterpiece, {c}"
+                for c in ("smile", "open mouth", "blush", "upper body")] * 5
+    assert [w for w, _ in inferred(kohya(captions), LAB_VOCAB)] == ["hatsune miku"]
+    # a concept-related tag is no generic description: what the adapter learned is prepended
+    captions = [f"zork style, large breasts, {c}" for c in ("1girl", "solo")] * 10
+    assert [w for w, _ in inferred(kohya(captions), LAB_VOCAB)] == ["large breasts", "zork style"]
+
+
 def test_every_frequent_tag_counts_and_past_max_triggers_a_file_word_left_out_stays_unprobed():
     tags = {f"tag{i}": 10 - i // 4 for i in range(MAX_TRIGGERS + 2)}  # ten tags in 8 to 10 of 10 images
     found = gather({"ss_tag_frequency": json.dumps({"d": tags}),
