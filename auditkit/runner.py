@@ -101,7 +101,7 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     for role, adapter in adapters.items():
         expected = set(adapter.modules)
         source = diffusers_source(adapter, family.native_layouts)
-        layers, failure = _load(pipe, adapter, role, source, family)
+        layers, failure = _load(pipe, role, source)
         note = ""
         if isinstance(source, str) and (failure or not expected <= layers.keys()):
             note = (f"diffusers refused the file ({failure})" if failure else
@@ -109,7 +109,7 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
             if not failure:
                 pipe.delete_adapters(role)
             source = diffusers_source(adapter, ())
-            layers, failure = _load(pipe, adapter, role, source, family)
+            layers, failure = _load(pipe, role, source)
         if failure:
             raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
                                             f"({failure}); the dynamic scan would not test this adapter")
@@ -133,12 +133,13 @@ def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95)
     return coverage
 
 
-def _load(pipe, adapter, role: str, source, family) -> tuple[dict, str]:
-    """Load ``source`` as adapter ``role``: (its LoRA layers by canonical name, "" or why diffusers refused)."""
+def _load(pipe, role: str, source) -> tuple[dict, str]:
+    """Load ``source`` as adapter ``role``: (its LoRA layers by canonical name, "" or why diffusers refused).
+    A refused load leaves nothing of ``role`` behind, in any component."""
     try:
         pipe.load_lora_weights(source, adapter_name=role)
     except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-        if role in getattr(pipe, "get_list_adapters", dict)().get(family.denoiser, ()):
+        if any(role in names for names in getattr(pipe, "get_list_adapters", dict)().values()):
             pipe.delete_adapters(role)
         return {}, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
     return _lora_layers(pipe, [role]), ""

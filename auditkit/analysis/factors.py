@@ -136,11 +136,19 @@ def kronecker_svd(up1, down1, up2, down2, scale: float = 1.0, rtol: float = DEFA
         [2.0]
     """
     first, second = low_rank_svd(up1, down1, 1.0, rtol), low_rank_svd(up2, down2, 1.0, rtol)
-    values = abs(scale) * np.outer(first.s, second.s).ravel()
+    order, values = _kron_spectrum(first.s, second.s, scale, rtol)
+    return KronSVD(first, second, order, values, -1.0 if scale < 0 else 1.0, abs(scale))
+
+
+def _kron_spectrum(first: np.ndarray, second: np.ndarray, scale: float, rtol: float = DEFAULT_RTOL
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The singular values of scale·kron(W₁, W₂) from its halves' (``first``, ``second``), descending and
+    cut at ``rtol`` of the largest, with their indices i·k₂ + j into the products."""
+    values = abs(scale) * np.outer(first, second).ravel()
     order = np.argsort(-values, kind="stable")
     if values.size:
         order = order[values[order] > values[order[0]] * rtol]
-    return KronSVD(first, second, order, values[order], -1.0 if scale < 0 else 1.0, abs(scale))
+    return order, values[order]
 
 
 def update_energy(up: np.ndarray, down: np.ndarray, scale: float = 1.0) -> float:
@@ -365,8 +373,8 @@ def principal_angles(cross: np.ndarray) -> np.ndarray:
 def _kron_values(first: np.ndarray, second: np.ndarray, scale: float) -> np.ndarray | None:
     """The singular values of scale·kron(W₁, W₂), descending, or None when some fall below the
     numerical-rank cut (the update is then not *complete*: see :class:`KronSVD`)."""
-    values = np.sort(abs(scale) * np.outer(first, second).ravel())[::-1]
-    return values if values.size and values[-1] > values[0] * DEFAULT_RTOL else None
+    _, values = _kron_spectrum(first, second, scale)
+    return values if values.size and values.size == first.size * second.size else None
 
 
 def kron_pair_metrics_many(pairs: list[tuple[tuple, float, tuple, float]]

@@ -284,9 +284,9 @@ def test_an_adapter_diffusers_cannot_apply_even_converted_fails_closed_in_one_li
     sources = []
     real_load = runner._load
 
-    def load(pipe, adapter, role, source, family):
+    def load(pipe, role, source):
         sources.append("file" if isinstance(source, str) else "conversion")
-        return real_load(pipe, adapter, role, source, family)
+        return real_load(pipe, role, source)
 
     # as if diffusers dropped five modules from the file and from auditkit's conversion alike
     monkeypatch.setattr(runner, "_lora_layers", lambda p, roles: {k: v for k, v in real(p, roles).items()
