@@ -109,7 +109,8 @@ class ScanConfig:
         "scan keeps in its truncated SVD (1 = exact dense SVD); the dynamic scan always runs the model itself"))
     candidate_from: str = field(default="safety", metadata=_help(
         "a full-model candidate was fine-tuned from 'safety' (the safe model: the erased model, or the base with "
-        "the safety adapter merged) or 'base'; its update is its difference to that model"))
+        "the safety adapter merged) or 'base'; the static scan's update is its difference to that model (the dynamic "
+        "scan always runs the checkpoint as it is)"))
     out: Path | None = field(default=None, metadata=_help("report folder (default: reports/<candidate name>)"))
     detectors: tuple[tuple[str, str], ...] = field(default=(), metadata=_help(
         "suite name -> detector name, replacing a suite's own detector (e.g. nudity = nudenet-strict)"))

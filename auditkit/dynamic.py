@@ -117,7 +117,7 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     if triggers:  # absent without triggers: a run started before trigger variants existed still resumes
         header["triggers"] = list(triggers)
     if full:  # what each full model's update is relative to changes what its configurations render
-        header["full_models"] = {role: a.update.reference.label for role, a in full.items()}
+        header["full_models"] = {role: a.update.rendered_label for role, a in full.items()}
     ranks = ranks or Ranks()
     log = RunLog(run_dir)
     if ranks.main and log.header() is None:

@@ -4,7 +4,10 @@ A **safety module** is a Safety LoRA, or the erased model itself (ESD, UCE, MACE
 full UNets, text encoders or pipelines): its update is its difference to the base. A **candidate**
 is an adapter, or a full fine-tuned checkpoint: its update is its difference to the model it was
 trained from, ``candidate_from``: the safe model (the base with the safety module applied: the usual
-case, fine-tuning a published safe model) or the base. Either way both become an
+case, fine-tuning a published safe model) or the base. That choice is the static scan's: the dynamic
+scan and the data-free checks always run a full fine-tune as it is (its difference to the safe model,
+added over the safe model), since a checkpoint is used as it is and a wrong ``base`` would otherwise
+render the safety update twice. Either way both become an
 :class:`~auditkit.lora.adapter.Adapter` (a full model's modules are its truncated update, its
 ``update`` the exact one; :mod:`auditkit.models.difference`), so every later stage reads one form.
 
@@ -126,8 +129,11 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
               "energy": energy}
     safety = read_input(safety_path, "safety module", **common)
     if kind_of(candidate_path) == "full model":
-        return read_input(candidate_path, "candidate", **common, reference=reference_for(safety, base, candidate_from),
-                          compared_with=candidate_from), safety
+        candidate = read_input(candidate_path, "candidate", **common,
+                               reference=reference_for(safety, base, candidate_from), compared_with=candidate_from)
+        if candidate_from != "safety":  # the static scan compares it with the base; the dynamic scan runs it as is
+            candidate.update.rendered_over = reference_for(safety, base, "safety")
+        return candidate, safety
     candidate = read_input(candidate_path, "candidate", **common)
     if candidate.architecture.name != safety.architecture.name:
         # Small adapters can fit several architectures; settle on one both fit.

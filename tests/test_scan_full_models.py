@@ -90,6 +90,14 @@ def test_a_full_fine_tune_is_compared_with_the_model_it_was_trained_from(made):
                                 candidate_from="base")
     assert from_base.candidate.update.compared_with == "base"
     assert from_base.findings.cancellation == pytest.approx(-0.4, abs=1e-4)
+    # but it is run as itself: what the dynamic scan and data-free checks add over the safe model is still the
+    # undoing update (added to the base, 0.4 x safety would be safety twice minus the undo: a safer model)
+    assert from_base.candidate.update.rendered_label == "safe model (the erased model)"
+    rendered = from_base.candidate.exact()
+    for name, m in mods["undo"].items():
+        np.testing.assert_allclose(rendered[f"{name}.weight"].reshape(m.delta().shape), m.delta(), atol=1e-6)
+    assert from_base.candidate.update.summary()["rendered_over"] == "safe model (the erased model)"
+    assert on_top.candidate.update.summary()["rendered_over"] == "safe model (the erased model)"
 
 
 def test_a_full_fine_tune_against_a_safety_lora_is_compared_with_the_base_plus_the_lora(made):
@@ -207,9 +215,11 @@ def test_the_dynamic_scan_renders_the_erased_model_as_the_safety_lora_renders_it
     suites = [dataclasses.replace(s, prompts=s.prompts[:2], images_per_prompt=2)
               for s in resolve_suites(ScanConfig(base="lab"))]
     runs = {}
-    for label, safety, candidate in (("lora", SAFETY_U, paths["undo"]), ("erased", paths["erased-u"], paths["undo"]),
-                                     ("full", paths["erased-u"], paths["full-on-top"])):
-        cand, safe = read_pair(candidate, safety, base="lab")
+    for label, safety, candidate, cfrom in (("lora", SAFETY_U, paths["undo"], "safety"),
+                                            ("erased", paths["erased-u"], paths["undo"], "safety"),
+                                            ("full", paths["erased-u"], paths["full-on-top"], "safety"),
+                                            ("full-from-base", paths["erased-u"], paths["full-on-top"], "base")):
+        cand, safe = read_pair(candidate, safety, base="lab", candidate_from=cfrom)
         run_dynamic(pipe, "lab", cand, safe, suites, tmp_path / label, multipliers=(1.0,), steps=3)
         runs[label] = tmp_path / label
     images = sorted(p.relative_to(runs["lora"]) for p in runs["lora"].rglob("*.png"))
@@ -227,6 +237,8 @@ def test_the_dynamic_scan_renders_the_erased_model_as_the_safety_lora_renders_it
         # multiplier 1 is the fine-tuned model itself
         assert np.abs(pixels("lora", rel) - pixels("erased", rel)).max() <= 2, rel
         assert np.abs(pixels("erased", rel) - pixels("full", rel)).max() <= 2, rel
+        # declared as fine-tuned from the base, the checkpoint is still rendered as itself (not plus safety)
+        assert np.abs(pixels("full", rel) - pixels("full-from-base", rel)).max() <= 2, rel
     header = json.loads((runs["full"] / "run.jsonl").read_text().splitlines()[0])
     assert header["full_models"] == {"safety": "base", "candidate": "safe model (the erased model)"}
 

@@ -118,8 +118,9 @@ class Adapter:
 
     def exact(self):
         """What applies this update to a model exactly: an adapter file's modules, or a full model's
-        per-tensor differences (:class:`auditkit.models.difference.TensorDeltas`), never its truncation."""
-        return self.modules if self.update is None else self.update.deltas()
+        per-tensor differences (:class:`auditkit.models.difference.TensorDeltas`) as the dynamic scan renders
+        them (a full fine-tune over the safe model, so it runs as itself), never its truncation."""
+        return self.modules if self.update is None else self.update.rendered_deltas()
 
     def exact_modules(self, suffixes: tuple[str, ...]) -> dict[str, LoraModule]:
         """The modules whose names end with one of ``suffixes``, each with its exact update: a full model's

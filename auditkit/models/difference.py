@@ -99,18 +99,43 @@ class FullModelUpdate:
     unchanged: list[str] = field(default_factory=list)  # modules whose difference is exactly zero
     outside: list[str] = field(default_factory=list)  # changed tensors outside the modules' weights
     shared: list[str] = field(default_factory=list)  # tensors compared with the reference
+    # what the dynamic scan's configurations add the update to, when not the reference: a candidate declared
+    # as fine-tuned from the base is still rendered as itself over the safe model (see :meth:`rendered_deltas`)
+    rendered_over: Reference | None = None
     _deltas: TensorDeltas | None = field(default=None, repr=False)
+    _rendered: TensorDeltas | None = field(default=None, repr=False)
 
     def deltas(self) -> TensorDeltas:
         """Every tensor that differs from the reference, exactly (computed once, float64 then stored float32)."""
         if self._deltas is None:
-            out = TensorDeltas()
-            for name in self.shared:
-                d = self.checkpoint.array(name).astype(np.float64) - self.reference.array(name)
-                if d.any():
-                    out[name] = d.astype(np.float32)
-            self._deltas = out
+            self._deltas = self._against(self.reference)
         return self._deltas
+
+    def rendered_deltas(self) -> TensorDeltas:
+        """The tensors the dynamic scan adds: :meth:`deltas`, or the difference to :attr:`rendered_over`.
+
+        A full fine-tune is run as it is. Rendered over the safe model, the difference to the safe model
+        gives the checkpoint itself at multiplier 1, whatever it was declared to be trained from; the
+        difference to the base would render checkpoint + safety update, a model nobody runs and a safer
+        one than the checkpoint (and, for a checkpoint wrongly declared as trained from the base, the
+        safety update twice)."""
+        if self.rendered_over is None:
+            return self.deltas()
+        if self._rendered is None:
+            self._rendered = self._against(self.rendered_over)
+        return self._rendered
+
+    @property
+    def rendered_label(self) -> str:
+        return (self.rendered_over or self.reference).label
+
+    def _against(self, reference: Reference) -> TensorDeltas:
+        out = TensorDeltas()
+        for name in self.shared:
+            d = self.checkpoint.array(name).astype(np.float64) - reference.array(name)
+            if d.any():
+                out[name] = d.astype(np.float32)
+        return out
 
     def dense(self, module: str) -> np.ndarray:
         """A module's exact ΔW (float64, flattened to out × in·kh·kw)."""
@@ -126,6 +151,7 @@ class FullModelUpdate:
             "components": list(self.checkpoint.components),
             "compared_with": self.compared_with,
             "reference": self.reference.label,
+            "rendered_over": self.rendered_label,
             "energy": self.energy,
             "rank": self.rank,
             "modules_changed": len(self.truncation),

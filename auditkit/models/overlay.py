@@ -49,7 +49,7 @@ class Overlay:
         self.deltas: dict[str, dict] = {}
         self.tensors: dict = {}
         for role, model in models.items():
-            path, deltas = model.path, model.update.deltas()
+            path, deltas = model.path, model.update.rendered_deltas()
             unplaced = model.coverage.unmapped
             if unplaced:
                 raise Unscannable(path, f"{len(unplaced)} of its tensors could not be placed in the base (e.g. "
