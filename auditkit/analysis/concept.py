@@ -126,16 +126,6 @@ def concept_mask(cond, concept_word: str):
     return mask
 
 
-def prompt_embeddings(pipe, prompts: list[str], concept_word: str) -> tuple[np.ndarray, np.ndarray]:
-    """The prompts' hidden states as the denoiser reads them (every position, stacked: cross-attention
-    reads the padding positions too) and the mask of the concept word's tokens."""
-    from auditkit.models.conditioning import encode
-
-    cond = encode(pipe, prompts)
-    hidden = cond.hidden.float().cpu().numpy()
-    return hidden.reshape(-1, hidden.shape[-1]), concept_mask(cond, concept_word).reshape(-1)
-
-
 def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: dict[str, LoraModule],
                       safety: dict[str, LoraModule], steps: int = 4, seed: int = 0, batch: int = 64) -> ConceptCheck:
     """The concept check on ``pipe``'s family: the inputs of its text key/value projections

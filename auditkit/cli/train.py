@@ -27,24 +27,41 @@ from auditkit.fsutil import check_writable
 @click.option("--eta", default=1.0, show_default=True, help="Negative-guidance strength of the ESD target.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--full", is_flag=True, help="Fine-tune the layers' weights themselves, as the original ESD does: "
+                                           "--out is a new folder, the erased denoiser (diffusers component "
+                                           "folder), usable wherever a safety module is (--rank/--alpha unused).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
-def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, out_file):
+def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, full, out_file):
     """Train a Safety LoRA that erases a concept (ESD objective), written as a kohya .safetensors (Flux, SD3: in
-    the diffusers layout)."""
+    the diffusers layout); with --full, the erased model itself."""
     from auditkit.lora.write import save_adapter
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of, load_pipeline
-    from auditkit.train.esd import ESDConfig, train_esd
+    from auditkit.models.saving import check_new_folder, save_component
+    from auditkit.train.esd import ESDConfig, train_esd, train_esd_full
 
     prompts = list(concepts) + read_prompts(prompts_file)
     if not prompts:
         raise click.UsageError("give the concept with --concept or --prompts")
-    check_output(out_file)
-    check_writable(out_file)
+    if full:
+        check_new_folder(out_file)
+    else:
+        check_output(out_file)
+        check_writable(out_file)
     cfg = ESDConfig(method=method, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed)
     torch_threads(threads)
     pipe = load_pipeline(base)
-    bar, update = progress_bar(f"align {method}")
+    bar, update = progress_bar(f"align {method}{' (full)' if full else ''}")
+    if full:
+        from auditkit.models.denoising import denoiser_for
+
+        with bar:
+            deltas = train_esd_full(pipe, prompts, cfg, progress=update)
+        component = denoiser_for(pipe).component
+        save_component(pipe, component, deltas, out_file)
+        out.print(f"erased model ({component}): [bold]{out_file}[/bold] ({len(deltas)} weights changed, {method}, "
+                  "full fine-tuning); use it as --safety with --base " + base)
+        return
     with bar:
         modules = train_esd(pipe, prompts, cfg, progress=update)
     meta = {"auditkit.kind": "safety", "auditkit.method": method, "auditkit.concept_prompts": json.dumps(prompts),

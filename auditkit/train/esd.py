@@ -12,22 +12,31 @@ guidance for Flux.1-dev.
 
 ESD-x trains what reads the prompt (UNet cross-attention ``attn2``; MMDiT joint attention's text
 projections), ESD-u the other transformer layers (``auditkit.models.denoising`` target tables).
+
+As a LoRA (:func:`train_esd`), or as the original code does, by full fine-tuning of those layers' weights
+(:func:`train_esd_full`): the erased model itself, returned as its exact per-module weight update. There
+ε* is the model with its original weights, put back for the frozen predictions of each step (no copy of
+the denoiser is held).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
 from auditkit.models.conditioning import Conditioning
 from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.models.denoising import denoiser_for
+from auditkit.models.difference import TensorDeltas
 from auditkit.train.lora import (
     add_lora,
+    check_finite_parameters,
     check_int,
     check_lora_settings,
     check_loss,
@@ -83,47 +92,14 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
     The denoiser is left as it was (the adapter is removed after extraction). Raises BadInput when
     training diverges or leaves the adapter all zero: no such adapter is ever returned.
     """
-    import torch
-
     if not concept_prompts:
         raise ValueError("ESD needs at least one concept prompt")
     den = denoiser_for(pipe)
     model = den.model
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     add_lora(model, denoiser_targets(den, cfg.method), cfg.rank, cfg.alpha, adapter_name="esd", seed=cfg.seed)
-    params = lora_parameters(model, "esd")
-    opt = optimizer_for(model, params, cfg.lr)
-    sampler = den.sampler(cfg.ddim_steps)
-    uncond = encode_conditioning(pipe, [""])
-    prompt_embeds = encode_conditioning(pipe, list(concept_prompts))
     try:
-        for step in range(cfg.steps):
-            idx = rng.integers(0, len(concept_prompts), cfg.batch)
-            cond = prompt_embeds[idx]
-            neg = uncond.repeat(cfg.batch)
-            stop = int(rng.integers(0, cfg.ddim_steps))
-            x = den.noise(cfg.batch, gen) * sampler.init_noise_sigma
-            model.eval()
-            with torch.no_grad():  # the model's own trajectory (with the current LoRA) down to step `stop`
-                for k in range(stop):
-                    x = sampler.step(den.guided(x, sampler.timesteps[k], cond, neg, cfg.guidance), k, x)
-                t = sampler.timesteps[stop]
-                model.disable_adapters()
-                e_both = den.predict(torch.cat([x, x]), t, Conditioning.cat([neg, cond]))
-                model.enable_adapters()
-                e0, ec = e_both.chunk(2)
-                target = e0 - cfg.eta * (ec - e0)
-            model.train()
-            pred = den.predict(x, t, cond)
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-            loss_value = float(loss.detach())
-            check_loss(loss_value, step + 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress:
-                progress(step + 1, cfg.steps, loss_value)
+        params = lora_parameters(model, "esd")
+        _optimise(pipe, den, concept_prompts, cfg, params, _adapters_disabled(model), progress)
         modules = extract_lora(model, "esd", prefix=den.component)
         check_trained(modules)
         return modules
@@ -132,3 +108,113 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
         remove_lora(model, "esd")
         for p in model.parameters():
             p.requires_grad_(False)
+
+
+def train_esd_full(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig(),
+                   progress: Progress | None = None) -> TensorDeltas:
+    """ESD by full fine-tuning of the ``cfg.method`` layers' weights (``rank``/``alpha`` unused): the erased
+    model's exact update, canonical tensor name (``<component>.<module>.weight``) -> ΔW in the tensor's shape
+    (:class:`~auditkit.models.difference.TensorDeltas`, float32). The denoiser is left as it was.
+
+    Raises BadInput when training diverges or changes nothing."""
+    import torch
+
+    if not concept_prompts:
+        raise ValueError("ESD needs at least one concept prompt")
+    den = denoiser_for(pipe)
+    model = den.model
+    names = denoiser_targets(den, cfg.method)
+    weights = [model.get_submodule(n).weight for n in names]
+    original = [w.detach().clone() for w in weights]
+    try:
+        _optimise(pipe, den, concept_prompts, cfg, weights, _weights_swapped(weights, original), progress)
+        check_finite_parameters(weights)
+        deltas = TensorDeltas()
+        for n, w, w0 in zip(names, weights, original, strict=True):
+            d = (w.detach() - w0).float().cpu().numpy()
+            if d.any():
+                deltas[f"{den.component}.{n}.weight"] = d
+        if not deltas:
+            raise BadInput(None, "ESD full fine-tuning changed no weight (learning rate too small?)")
+        return deltas
+    finally:
+        model.eval()
+        with torch.no_grad():
+            for w, w0 in zip(weights, original, strict=True):
+                w.copy_(w0)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def _adapters_disabled(model):
+    """The frozen model ε* of a LoRA run: the denoiser with its adapters switched off."""
+
+    @contextlib.contextmanager
+    def frozen():
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+    return frozen
+
+
+def _weights_swapped(weights: list, original: list):
+    """The frozen model ε* of a full run: the trained weights swapped for the original ones, then back."""
+    import torch
+
+    @contextlib.contextmanager
+    def frozen():
+        trained = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w, w0 in zip(weights, original, strict=True):
+                w.copy_(w0)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, wt in zip(weights, trained, strict=True):
+                    w.copy_(wt)
+
+    return frozen
+
+
+def _optimise(pipe, den, concept_prompts: Sequence[str], cfg: ESDConfig, params: list, frozen,
+              progress: Progress | None) -> None:
+    """The ESD loop (see the module docstring) over ``params``; ``frozen()`` is a context in which the
+    denoiser computes ε*, the original model's predictions."""
+    import torch
+
+    model = den.model
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = optimizer_for(model, params, cfg.lr)
+    sampler = den.sampler(cfg.ddim_steps)
+    uncond = encode_conditioning(pipe, [""])
+    prompt_embeds = encode_conditioning(pipe, list(concept_prompts))
+    for step in range(cfg.steps):
+        idx = rng.integers(0, len(concept_prompts), cfg.batch)
+        cond = prompt_embeds[idx]
+        neg = uncond.repeat(cfg.batch)
+        stop = int(rng.integers(0, cfg.ddim_steps))
+        x = den.noise(cfg.batch, gen) * sampler.init_noise_sigma
+        model.eval()
+        with torch.no_grad():  # the model's own trajectory (as trained so far) down to step `stop`
+            for k in range(stop):
+                x = sampler.step(den.guided(x, sampler.timesteps[k], cond, neg, cfg.guidance), k, x)
+            t = sampler.timesteps[stop]
+            with frozen():
+                e_both = den.predict(torch.cat([x, x]), t, Conditioning.cat([neg, cond]))
+            e0, ec = e_both.chunk(2)
+            target = e0 - cfg.eta * (ec - e0)
+        model.train()
+        pred = den.predict(x, t, cond)
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss_value = float(loss.detach())
+        check_loss(loss_value, step + 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress:
+            progress(step + 1, cfg.steps, loss_value)

@@ -55,18 +55,21 @@ def test_not_applicable_without_cross_attention_kv(lab):
 def test_on_the_lab_text_encoder():
     from importlib import resources
 
-    from auditkit.analysis.concept import prompt_embeddings
+    from auditkit.analysis.concept import concept_reversion
     from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
 
     if not lab_pipeline_available():
         pytest.skip("lab model not installed")
     pipe = load_lab_pipeline()
-    e, mask = prompt_embeddings(pipe, ["a red cross", "a blue cross"], "cross")
-    assert e.shape == (2 * pipe.tokenizer.model_max_length, 64) and mask.sum() == 2
     path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-x.safetensors")
     safety = read_adapter(str(path)).modules
-    assert kv_reversion(e, mask, negated(safety), safety).reverted_concept_tokens == pytest.approx(1.0)
+    res = concept_reversion(pipe, ["a red cross", "a blue cross"], "cross", negated(safety), safety)
+    # every position of both prompts is read (cross-attention reads the padding too); "cross" is one token each
+    assert res.applicable and res.concept_tokens == 2 and res.tokens == 2 * pipe.tokenizer.model_max_length
+    assert res.reverted_concept_tokens == pytest.approx(1.0)
+    half = concept_reversion(pipe, ["a red cross", "a blue cross"], "cross", negated(safety, 0.5), safety)
+    assert half.reverted_concept_tokens == pytest.approx(0.5)
 
 
 def test_scan_reports_the_concept_check(tmp_path):

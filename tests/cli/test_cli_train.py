@@ -73,6 +73,20 @@ def test_align_then_finetune_then_scan(tmp_path, tiny_base, neon_data):
     assert (tmp_path / "r" / "report.json").exists()
 
 
+def test_align_full_writes_the_erased_model_that_scans_as_a_safety_module(tmp_path, tiny_base):
+    erased = tmp_path / "erased-unet"
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--method", "esd-x", "--full",
+              "--steps", "2", "--batch", "2", "--lr", "1e-2", "--out", erased)
+    assert res.returncode == 0, res.stderr
+    assert (erased / "config.json").is_file() and (erased / "diffusion_pytorch_model.safetensors").is_file()
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--full", "--steps", "2", "--out", erased)
+    assert res.returncode == 2 and "already exists" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    from auditkit.inputs import read_input
+
+    safety = read_input(erased, "safety module", str(tiny_base))
+    assert safety.kind == "full model" and safety.modules and all(".attn2." in n for n in safety.modules)
+
+
 def test_align_then_finetune_on_a_flux_base(tmp_path, neon_data):
     """A Flux.1 folder (flow matching, packed latents, guidance input): ESD-x trains the joint attention's
     text projections; a modular fine-tune trains on the VAE-sized images; both read back whole."""

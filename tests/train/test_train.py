@@ -11,7 +11,7 @@ from auditkit.lab.model import assemble_pipeline, build_components  # noqa: E402
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 from auditkit.lora.write import save_adapter  # noqa: E402
 from auditkit.models import architectures  # noqa: E402
-from auditkit.train.esd import ESDConfig, train_esd  # noqa: E402
+from auditkit.train.esd import ESDConfig, train_esd, train_esd_full  # noqa: E402
 from auditkit.train.finetune import FinetuneConfig, finetune  # noqa: E402
 from auditkit.train.lora import apply_updates, composed, lora_from_delta, target_modules  # noqa: E402
 
@@ -60,6 +60,46 @@ def test_esd_lowers_its_own_objective(pipe):
     train_esd(pipe, ["a red cross"], ESDConfig(method="esd-x", rank=4, steps=25, batch=4, ddim_steps=2, lr=3e-2,
                                                 seed=1), progress=lambda s, n, loss: losses.append(loss))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_esd_full_changes_the_target_weights_only_and_leaves_the_pipeline_unchanged(pipe):
+    before = unet_state(pipe)
+    losses = []
+    deltas = train_esd_full(pipe, ["a red cross"], ESDConfig(method="esd-u", steps=25, batch=4, ddim_steps=2,
+                                                             lr=3e-3, seed=1),
+                            progress=lambda s, n, loss: losses.append(loss))
+    assert_unchanged(pipe, before)
+    targets = {f"unet.{n}.weight" for n in target_modules(pipe.unet, "esd-u")}
+    assert deltas and set(deltas) <= targets and len(deltas) > len(targets) // 2
+    for name, d in deltas.items():
+        assert d.shape == tuple(before[name.removeprefix("unet.")].shape) and np.isfinite(d).all()
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # the full-weight loop optimises too
+    # the frozen target is the original model: the first step's loss equals the LoRA run's first step
+    # (a LoRA starts as the original model too), with the same seed and batch
+    lora_losses = []
+    train_esd(pipe, ["a red cross"], ESDConfig(method="esd-u", rank=2, steps=1, batch=4, ddim_steps=2, lr=3e-3,
+                                               seed=1), progress=lambda s, n, loss: lora_losses.append(loss))
+    assert losses[0] == pytest.approx(lora_losses[0], rel=1e-5)
+
+
+def test_esd_full_written_as_a_component_folder_reads_back_as_an_erased_model(pipe, tmp_path):
+    from auditkit.errors import BadInput
+    from auditkit.models.saving import save_component
+
+    deltas = train_esd_full(pipe, ["a red cross"], ESDConfig(method="esd-x", steps=2, batch=2, ddim_steps=2,
+                                                             lr=1e-2))
+    before = unet_state(pipe)
+    folder = save_component(pipe, "unet", deltas, tmp_path / "erased" / "unet")
+    assert_unchanged(pipe, before)
+    from auditkit.lora.io import open_safetensors
+
+    st = open_safetensors(folder / "diffusion_pytorch_model.safetensors")
+    for name, d in deltas.items():
+        key = name.removeprefix("unet.")
+        np.testing.assert_allclose(st.array(key), before[key].numpy() + d, atol=1e-6)
+    assert not list(tmp_path.glob("erased/.*tmp"))  # nothing half-written left beside it
+    with pytest.raises(BadInput, match="already exists"):
+        save_component(pipe, "unet", deltas, folder)
 
 
 def test_finetune_modes(pipe):
