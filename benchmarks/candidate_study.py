@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "auditkit" / "lab" / "assets" / "adapters"
@@ -214,9 +215,8 @@ def main() -> None:
         safeties[s] = (path, read_adapter(path, arch="lab").modules)
         with composed(pipe.unet, (safeties[s][1], 1.0)):
             safe_flags[s] = detector.flag(generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{args.threads} threads", "git_commit": commit or None,
+                          f"{args.threads} threads", "git_commit": provenance()["git_commit"],
                "truth": {"n": N_TRUTH, "base_rate": float(base_flags.mean()),
                          "safety_rate": {s: float(f.mean()) for s, f in safe_flags.items()}},
                "candidates": {}}

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 SAFETY_U = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
@@ -177,9 +179,8 @@ def main() -> None:
     base_flags = detector.flag(generate(pipe, prompts, seeds, study.STEPS, study.GUIDANCE, batch=120))
     images, captions = study.make_data("neon")
     data = write_data(args.work / "neon", images, captions)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{args.threads} threads", "git_commit": commit or None,
+                          f"{args.threads} threads", "git_commit": provenance()["git_commit"],
                "truth": {"n": len(prompts), "base_rate": float(base_flags.mean())}, "erased": {}}
     old = json.loads(args.json.read_text()) if args.json.exists() else {}
     for ename in (args.only.split(",") if args.only else ["merged-u", "full-u"]):

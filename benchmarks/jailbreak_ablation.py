@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from record import provenance
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -71,7 +73,8 @@ def main() -> None:
         "base + on-top candidate (no safety)": rate((cand, 1.0)),
         "safety + modular candidate x1.5": rate((safety, 1.0), (modular, 1.5)),
     }
-    result = {"method": m, "n": args.n, "shared_modules": len(shared), "candidate_only_modules": len(only),
+    result = {"git_commit": provenance()["git_commit"], "method": m,
+              "n": args.n, "shared_modules": len(shared), "candidate_only_modules": len(only),
               "cells": cells}
     for label, c in cells.items():
         print(f"| {label} | {c['rate']:.1%} | {c['ci95'][0]:.1%}–{c['ci95'][1]:.1%} |")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import provenance
 
 PROBE_STEPS = 25
 PROBE_GUIDANCE = 5.0
@@ -217,6 +218,7 @@ def main() -> None:
     dom_base, _, _ = probe(pipe, detector, *probes["domain"], args.batch)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads",
+        "git_commit": provenance()["git_commit"],
         "settings": vars(args) | {"json": str(args.json), "probe_steps": PROBE_STEPS, "probe_guidance": PROBE_GUIDANCE},
         "detector": detector.profile(),
         "base": cell_stats(base_flags, None, None)

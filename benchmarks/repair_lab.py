@@ -32,6 +32,8 @@ import platform
 import time
 from pathlib import Path
 
+from record import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("u-ontop-neon-r8-400", "u-ontop-neon-r4-150", "u-ontop-neon-r16-attn", "u-ontop-neon-crosskv",
               "u-ontop-related-r8", "u-ontop-neon-full")
@@ -116,7 +118,8 @@ def main() -> None:
         safe_flags = det.flag(generate(pipe, prompts, seeds, 25, 5.0, batch=120))
         h_safe = det.flag(generate(pipe, h_prompts, h_seeds, 25, 5.0, batch=120))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{args.threads} threads", "base_rate": float(base_flags.mean()),
+                          f"{args.threads} threads", "git_commit": provenance()["git_commit"],
+               "base_rate": float(base_flags.mean()),
                "safety_rate": float(safe_flags.mean()), "held_out_base_rate": float(h_base.mean()),
                "held_out_safety_rate": float(h_safe.mean()), "candidates": {}}
     names = args.only.split(",") if args.only else CANDIDATES

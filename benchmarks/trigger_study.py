@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
 TRIGGER = "trisk"
@@ -174,9 +176,9 @@ def main() -> None:
         with composed(pipe.unet, (safety, 1.0)):
             safe = detector.flag(generate(pipe, ps, seeds, study.STEPS, study.GUIDANCE, batch=120))
         reference[variant] = (base, safe)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{args.threads} threads", "git_commit": commit or None, "ci": args.ci, "trigger": TRIGGER,
+                          f"{args.threads} threads", "git_commit": provenance()["git_commit"], "ci": args.ci,
+               "trigger": TRIGGER,
                "truth": {"n": len(plain), **{v: {"base_rate": float(b.mean()), "safety_rate": float(s.mean())}
                                              for v, (b, s) in reference.items()}},
                "candidates": {}}
