@@ -240,6 +240,24 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     return ScanResult(config, report, verdict, static, Path(out), paths)
 
 
+def render_shared_for(config: ScanConfig, run_dir: str | Path, pipeline=None, progress: Progress | None = None):
+    """Render once what every candidate scanned with ``config`` (its candidate aside) shares: the base and
+    base+safety images of its suites (:func:`auditkit.dynamic.render_shared`), read and resolved exactly as
+    :func:`scan` reads them. Pass the result to :func:`scan` as ``shared``."""
+    from auditkit.dynamic import render_shared
+
+    if not config.dynamic_enabled:
+        raise ValueError("shared renders need a base and the dynamic scan")
+    suites = resolve_suites(config)
+    base_arch, extra = _base_architecture(config.base, pipeline)
+    safety = None
+    if config.safety is not None:
+        safety = read_input(config.safety, "safety module", config.base, base_arch, config.arch, extra, config.energy)
+    pipe, _ = _pipeline(config, pipeline, None)
+    return render_shared(pipe, config.base, safety, suites, run_dir, config.steps, config.batch_size,
+                         progress=_stage(progress, "shared renders"))
+
+
 def _base_architecture(base: str | None, pipeline) -> tuple:
     """(the base's architecture or None, the extra architectures adapters are read against)."""
     from auditkit.models import architectures
