@@ -181,10 +181,10 @@ def on_paper() -> dict:
     images = sum(len(s["prompts"]) * s.get("sampling", {}).get("images_per_prompt", 1) for s in suites)
     per_adapter = images * 6  # base+safety+candidate@m and base+candidate@m, m in 0.5, 1, 1.5 (shared: once)
     measured = ROOT / "benchmarks" / "results" / "gpu_throughput.json"
-    if measured.is_file():
-        gpu = json.loads(measured.read_text())
-        sd15_s = 1 / gpu["runner"]["images_per_second"]
-        source = f"measured: {measured.name} ({gpu.get('device', 'GPU')})"
+    gpu = json.loads(measured.read_text()) if measured.is_file() else {}
+    if gpu and not gpu.get("smoke"):
+        sd15_s = 1 / gpu["runner"]["images_per_s"]
+        source = f"measured: {measured.name} ({gpu.get('device', 'GPU')}), SDXL assumed {ASSUMED['sdxl_over_sd15']}x"
     else:
         sd15_s = ASSUMED["sd15_tflop_per_image"] / (ASSUMED["gpu_peak_tflops"] * ASSUMED["utilisation"])
         source = "assumed (no GPU run yet): " + json.dumps(ASSUMED)
