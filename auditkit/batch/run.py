@@ -80,8 +80,10 @@ class BatchResult:
 def run_batch(config: BatchConfig, progress: Progress | None = None) -> BatchResult:
     """Scan every adapter ``config.input`` names; write one report folder per adapter, the results table
     and index.html into ``config.out``. Resumable: run it again with the same out folder."""
+    config = _absolute(config)
     out = Path(config.out)
     entries = read_entries(config.input, exclude=out)
+    entries = [dataclasses.replace(e, path=e.path.absolute()) for e in entries]
     settings = _settings(config)
     _check(config, out)
     with locked(out):
@@ -107,6 +109,18 @@ def run_batch(config: BatchConfig, progress: Progress | None = None) -> BatchRes
 
         paths["index"] = write_index(rows, out)
     return BatchResult(rows, table.counts(rows), paths, scanned)
+
+
+def _absolute(config: BatchConfig) -> BatchConfig:
+    """Every path absolute: workers (Ray actors on other nodes, in other working folders) get the same files."""
+    scan = config.scan
+    changes: dict = {"suites": tuple(str(Path(s).absolute()) for s in scan.suites)}
+    if scan.safety is not None:
+        changes["safety"] = Path(scan.safety).absolute()
+    if scan.base not in (None, "lab"):
+        changes["base"] = str(Path(scan.base).absolute())
+    return dataclasses.replace(config, input=Path(config.input).absolute(), out=Path(config.out).absolute(),
+                               scan=dataclasses.replace(scan, **changes))
 
 
 def _check(config: BatchConfig, out: Path) -> None:

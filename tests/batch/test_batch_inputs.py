@@ -91,3 +91,28 @@ def test_report_folders_are_safe_names_whatever_the_id():
     assert len(names) == 5
     assert all("/" not in n and not n.startswith(".") and n.replace("-", "").replace("_", "").replace(".", "").isalnum()
                for n in names)
+
+
+@pytest.mark.parametrize("make", ["missing", "bad-column", "escaping"])
+def test_a_bad_batch_input_is_one_line_exit_2_and_nothing_written(tmp_path, make):
+    from conftest import run_cli
+
+    source = {"missing": tmp_path / "gone", "bad-column": tmp_path / "m.csv", "escaping": tmp_path / "list.txt"}[make]
+    if make == "bad-column":
+        source.write_text("file\na.safetensors\n")
+    elif make == "escaping":
+        source.write_text("../../etc/passwd.safetensors\n")
+    res = run_cli("batch", source, "--out", tmp_path / "out", "--no-config", "--static")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert str(source) in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_ray_engine_without_ray_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from auditkit.batch.ray_engine import import_ray
+    from auditkit.errors import BadInput
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as where it is not installed
+    with pytest.raises(BadInput, match=r"--engine ray needs Ray: pip install 'auditkit\[ray\]'"):
+        import_ray()
