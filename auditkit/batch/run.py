@@ -241,4 +241,16 @@ def _engine(config: BatchConfig):
         return RayEngine(config.address, config.workers, max_attempts=config.max_attempts)
     from auditkit.batch.engines import LocalEngine
 
-    return LocalEngine(config.workers or 1, config.devices, config.max_attempts)
+    return LocalEngine(config.workers or 1, config.devices or _local_gpus(config), config.max_attempts)
+
+
+def _local_gpus(config: BatchConfig) -> tuple[str, ...]:
+    """Several workers and several GPUs, no device set: one GPU per worker (round robin)."""
+    if (config.workers or 1) == 1 or config.scan.device is not None or not config.scan.dynamic_enabled:
+        return ()
+    try:
+        import torch
+    except ImportError:
+        return ()
+    count = torch.cuda.device_count()
+    return tuple(f"cuda:{i}" for i in range(count)) if count > 1 else ()
