@@ -88,29 +88,40 @@ def _pool(engine: LocalEngine, specs: list[SharedSpec], tasks: list[Task]) -> It
                 pool = new_pool()
         queue = list(reversed(with_shared(tasks, failed)))  # popped from the end: queue order kept
         running: dict = {}
+        suspects: set[str] = set()  # in flight when a worker died: each runs alone next, to find the culprit
         while queue or running:
-            while queue and len(running) < engine.workers:
+            while queue and len(running) < engine.workers and not (running and queue[-1].id in suspects) \
+                    and not any(t.id in suspects for t in running.values()):
                 task = queue.pop()
                 running[pool.submit(_scan, task)] = task
             done, _ = wait(running, return_when=FIRST_COMPLETED)
-            broken = False
+            broken = []
             for future in done:
                 task = running.pop(future)
                 try:
-                    yield task, future.result()
+                    row = future.result()
                 except BrokenProcessPool:
-                    broken = True
-                    retry = dataclasses.replace(task, attempt=task.attempt + 1)
-                    if retry.attempt > engine.max_attempts:
-                        yield task, died(task, engine.max_attempts)
-                    else:
-                        queue.append(retry)
-            if broken:  # every task of the broken pool is retried on a fresh one
-                for future, task in running.items():
-                    future.cancel()
-                    queue.append(dataclasses.replace(task, attempt=task.attempt + 1))
-                running.clear()
-                pool.shutdown(wait=True, cancel_futures=True)
-                pool = new_pool()
+                    broken.append(task)
+                    continue
+                suspects.discard(task.id)
+                yield task, row
+            if not broken:
+                continue
+            broken += list(running.values())  # a dead worker breaks the whole pool: every task in it stops
+            for future in running:
+                future.cancel()
+            running.clear()
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = new_pool()
+            if len(broken) > 1:  # which one killed it is unknown: none is counted, each runs alone next
+                suspects.update(t.id for t in broken)
+                queue += broken
+                continue
+            retry = dataclasses.replace(broken[0], attempt=broken[0].attempt + 1)
+            if retry.attempt > engine.max_attempts:
+                suspects.discard(retry.id)
+                yield broken[0], died(broken[0], engine.max_attempts)
+            else:
+                queue.append(retry)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
