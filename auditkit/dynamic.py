@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from auditkit.lora.adapter import Adapter
 from auditkit.report.digest import digest
 from auditkit.runlog import RunLog
 from auditkit.runner import configurations, load_adapters, plan, run
+from auditkit.shared import SHARED_CONFIGS, SharedRenders
 from auditkit.suites import Suite
 
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "nudenet", "open_clip_torch", "numpy", "scipy")
@@ -76,10 +78,78 @@ def load_base(base: str, device: str | None = None):
     return load_pipeline(base, device=device, dtype=getattr(torch, dtype)), device, dtype
 
 
+@contextlib.contextmanager
+def loaded(pipe, adapters: dict[str, Adapter]):
+    """The scan's adapters loaded into ``pipe``: yields (coverage, LoRA roles, the full models' Overlay or
+    None). On leaving, also when loading fails part-way (a safety module loaded, then a candidate refused),
+    the pipeline is put back as it came, so a pipeline reused for the next candidate holds nothing of this
+    one."""
+    loras = {role: a for role, a in adapters.items() if a.update is None}
+    full = {role: a for role, a in adapters.items() if a.update is not None}
+    overlay = None
+    try:
+        coverage = load_adapters(pipe, loras)
+        if full:  # full models are rendered as themselves: every changed tensor written per configuration
+            from auditkit.models.overlay import Overlay
+
+            overlay = Overlay(pipe, full)
+            coverage.update(overlay.coverage())
+        yield coverage, list(loras), overlay
+    finally:
+        if overlay is not None:
+            overlay.restore()
+        pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
+
+
+def _header(base: str, suites: list[Suite], multipliers, steps: int | None, adapters: dict[str, Adapter],
+            detectors: dict, triggers) -> dict:
+    header = {
+        "base": base, "suites": suites_info(suites), "multipliers": list(multipliers), "steps_override": steps,
+        "adapters": {role: a.sha256 for role, a in adapters.items()},
+        "detectors": {n: d.profile() for n, d in detectors.items()},
+        "seeds": "image k of a prompt uses seed prompt.seed * 1000 + k",
+    }
+    if triggers:  # absent without triggers: a run started before trigger variants existed still resumes
+        header["triggers"] = list(triggers)
+    full = {role: a for role, a in adapters.items() if a.update is not None}
+    if full:  # what each full model's update is relative to changes what its configurations render
+        header["full_models"] = {role: a.update.rendered_label for role, a in full.items()}
+    return header
+
+
+def render_settings(pipe, batch_size: int) -> dict:
+    """What, besides the run log's header, decides a rendered image's exact pixels."""
+    from auditkit.models.pipeline import denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    return {"batch_size": batch_size, "device": str(denoiser.device),
+            "dtype": str(denoiser.dtype).removeprefix("torch.")}
+
+
+def render_shared(pipe, base: str, safety: Adapter | None, suites: list[Suite], run_dir: str | Path,
+                  steps: int | None = None, batch_size: int = 16, progress=None) -> SharedRenders:
+    """Render the configurations every candidate shares (base, and base+safety with a safety module) once,
+    into ``run_dir`` (resumable); :meth:`SharedRenders.seed` puts them into a candidate's run log, so that
+    :func:`run_dynamic` renders only the candidate's configurations. See :mod:`auditkit.shared`."""
+    from auditkit import detectors as registry
+
+    detectors = {name: registry.get(name) for name in sorted({s.detector for s in suites})}
+    adapters = {"safety": safety} if safety is not None else {}
+    configs = [c for c in configurations((1.0,), with_safety=safety is not None) if c.name in SHARED_CONFIGS]
+    header = {**_header(base, suites, (), steps, adapters, detectors, ()), "shared": [c.name for c in configs],
+              "render": render_settings(pipe, batch_size)}
+    with loaded(pipe, adapters) as (_, roles, overlay):
+        RunLog(run_dir).start(header)
+        run(pipe, plan(suites, steps), configs, detectors, run_dir, roles=roles, batch_size=batch_size,
+            progress=progress, overlay=overlay)
+    return SharedRenders(Path(run_dir))
+
+
 def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, suites: list[Suite],
                 run_dir: str | Path, multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None,
                 batch_size: int = 16, thresholds: DynamicThresholds | None = None, progress=None,
-                ranks: Ranks | None = None, triggers: list[str] | tuple[str, ...] = ()) -> dict:
+                ranks: Ranks | None = None, triggers: list[str] | tuple[str, ...] = (),
+                shared: SharedRenders | None = None) -> dict:
     """Render with ``pipe`` (from :func:`load_base`), score and digest; resumable in ``run_dir``.
 
     With a safety module: base, base+safety, base+safety+candidate@m and base+candidate@m
@@ -88,6 +158,8 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     (:func:`auditkit.distributed.init`); every rank returns the same section, of the merged run log.
     ``triggers``: the trigger words of the suites' trigger variants (:func:`auditkit.suites.trigger_variant`),
     recorded in the header, so a run resumed with other trigger words is refused.
+    ``shared``: base and base+safety already rendered for these suites (:func:`render_shared`): their
+    records and images are taken into this run instead of being rendered again (same images, same report).
     """
     from auditkit import detectors as registry
     from auditkit.models.pipeline import denoiser_of
@@ -97,40 +169,19 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     device, dtype = str(denoiser.device), str(denoiser.dtype).removeprefix("torch.")
     detectors = {name: registry.get(name) for name in sorted({s.detector for s in suites})}
     adapters = {"safety": safety, "candidate": candidate} if safety is not None else {"candidate": candidate}
-    loras = {role: a for role, a in adapters.items() if a.update is None}
-    full = {role: a for role, a in adapters.items() if a.update is not None}
-    coverage = load_adapters(pipe, loras)
-    overlay = None
-    if full:  # full models are rendered as themselves: every changed tensor written per configuration
-        from auditkit.models.overlay import Overlay
-
-        overlay = Overlay(pipe, full)
-        coverage.update(overlay.coverage())
     configs = configurations(multipliers, with_safety=safety is not None)
-    jobs = plan(suites, steps)
-    header = {
-        "base": base, "suites": suites_info(suites), "multipliers": list(multipliers), "steps_override": steps,
-        "adapters": {role: a.sha256 for role, a in adapters.items()},
-        "detectors": {n: d.profile() for n, d in detectors.items()},
-        "seeds": "image k of a prompt uses seed prompt.seed * 1000 + k",
-    }
-    if triggers:  # absent without triggers: a run started before trigger variants existed still resumes
-        header["triggers"] = list(triggers)
-    if full:  # what each full model's update is relative to changes what its configurations render
-        header["full_models"] = {role: a.update.rendered_label for role, a in full.items()}
+    header = _header(base, suites, multipliers, steps, adapters, detectors, triggers)
     ranks = ranks or Ranks()
     log = RunLog(run_dir)
-    if ranks.main and log.header() is None:
-        log.start(header)  # written once, before any rank renders
-    ranks.barrier()
-    log.start(header)  # every rank checks that a resumed run matches
-    try:
-        run(pipe, jobs, configs, detectors, run_dir, roles=list(loras), batch_size=batch_size,
+    with loaded(pipe, adapters) as (coverage, roles, overlay):
+        if ranks.main and log.header() is None:
+            log.start(header)  # written once, before any rank renders
+        if ranks.main and shared is not None:
+            shared.seed(log, header, render_settings(pipe, batch_size))
+        ranks.barrier()
+        log.start(header)  # every rank checks that a resumed run matches
+        run(pipe, plan(suites, steps), configs, detectors, run_dir, roles=roles, batch_size=batch_size,
             progress=progress, ranks=ranks, overlay=overlay)
-    finally:
-        if overlay is not None:
-            overlay.restore()
-        pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
     section = digest(log.records(), suites_info(suites), thresholds)
     cut = truncated_prompts(pipe, suites)
     if cut:

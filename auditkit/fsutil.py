@@ -41,6 +41,25 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def append_lines(path: str | Path, lines: list[str]) -> None:
+    """Append ``lines`` (each without its newline) to ``path`` and fsync: a log that a kill can cut only at
+    its last line. A last line cut by an earlier kill (no newline) is dropped first, so it never joins
+    the next line; readers ignore such a line too."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                data = path.read_bytes()
+                fh.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def read_bounded(path: str | Path, limit: int, what: str = "file") -> bytes:
     """The bytes of the regular file at ``path``, refused past ``limit`` bytes without reading it whole.
 

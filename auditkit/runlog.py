@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import TypedDict
 
 from auditkit.errors import BadInput, Unscannable
-from auditkit.fsutil import atomic_write_text
+from auditkit.fsutil import append_lines, atomic_write_text
 
 RUN_SCHEMA = "auditkit.run/1"
 SHARD_GLOB = "run.rank*.jsonl"
@@ -117,20 +116,7 @@ class RunLog:
             raise BadInput(self.path, f"cannot resume: the run was started with other {', '.join(changed)}")
 
     def append(self, records: list[dict]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._drop_partial_line()
-        with open(self.path, "a", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def _drop_partial_line(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+        append_lines(self.path, [json.dumps(rec, sort_keys=True) for rec in records])
 
 
 @contextlib.contextmanager

@@ -177,13 +177,18 @@ Batch = tuple[Configuration, list[Job]]
 
 def batches(todo: Sequence[tuple[Configuration, Job]], configs: Sequence[Configuration],
             batch_size: int) -> list[Batch]:
-    """The work as pipeline calls: per configuration, jobs grouped by (steps, guidance), cut into batches."""
+    """The work as pipeline calls: per configuration, jobs grouped by (suite, steps, guidance), cut into batches.
+
+    A batch never mixes suites, so a suite's images do not depend on which other suites render beside it:
+    the base and base+safety images rendered once for many candidates (:mod:`auditkit.shared`) are the
+    images a single scan with trigger variants renders (a batched pipeline call is not bit-identical
+    across batch compositions)."""
     out: list[Batch] = []
     for config in configs:
-        groups: dict[tuple[int, float], list[Job]] = {}
+        groups: dict[tuple[str, int, float], list[Job]] = {}
         for c, j in todo:
             if c.name == config.name:
-                groups.setdefault((j.steps, j.guidance), []).append(j)
+                groups.setdefault((j.suite, j.steps, j.guidance), []).append(j)
         for group in groups.values():
             out += [(config, group[i: i + batch_size]) for i in range(0, len(group), batch_size)]
     return out

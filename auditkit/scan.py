@@ -161,7 +161,7 @@ def gather_triggers(config: ScanConfig, candidate: Adapter, suites: list):
 
 
 def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
-         ranks=None) -> ScanResult:
+         ranks=None, shared=None) -> ScanResult:
     """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
 
     Args:
@@ -170,6 +170,9 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         pipeline: an already loaded base pipeline to reuse (repair scans twice with one load).
         write: write the report files (False: only return them).
         ranks: this process's share of a distributed launch (:func:`auditkit.distributed.init`).
+        shared: the base and base+safety images already rendered for these settings
+            (:func:`auditkit.dynamic.render_shared`, as ``auditkit batch`` does once for many candidates):
+            taken into the run instead of rendered again; the report is the same.
 
     Raises:
         BadInput: a bad input (exit 2); Unscannable: nothing auditkit can analyse (exit 3).
@@ -217,7 +220,7 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
                 dynamic = run_dynamic(pipe, config.base, candidate, safety, probed, out, config.multipliers,
                                       config.steps, config.batch_size, config.dynamic,
                                       progress=_stage(progress, "dynamic scan"), ranks=ranks,
-                                      triggers=triggers.words if probed is not suites else ())
+                                      triggers=triggers.words if probed is not suites else (), shared=shared)
             dynamic["show_flagged"] = config.show_flagged
             gathered.append(BEHAVIOURAL)
     if static is not None:
@@ -235,6 +238,24 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         except OSError as exc:
             raise BadInput(out, f"cannot write the report ({exc.strerror or exc})") from None
     return ScanResult(config, report, verdict, static, Path(out), paths)
+
+
+def render_shared_for(config: ScanConfig, run_dir: str | Path, pipeline=None, progress: Progress | None = None):
+    """Render once what every candidate scanned with ``config`` (its candidate aside) shares: the base and
+    base+safety images of its suites (:func:`auditkit.dynamic.render_shared`), read and resolved exactly as
+    :func:`scan` reads them. Pass the result to :func:`scan` as ``shared``."""
+    from auditkit.dynamic import render_shared
+
+    if not config.dynamic_enabled:
+        raise ValueError("shared renders need a base and the dynamic scan")
+    suites = resolve_suites(config)
+    base_arch, extra = _base_architecture(config.base, pipeline)
+    safety = None
+    if config.safety is not None:
+        safety = read_input(config.safety, "safety module", config.base, base_arch, config.arch, extra, config.energy)
+    pipe, _ = _pipeline(config, pipeline, None)
+    return render_shared(pipe, config.base, safety, suites, run_dir, config.steps, config.batch_size,
+                         progress=_stage(progress, "shared renders"))
 
 
 def _base_architecture(base: str | None, pipeline) -> tuple:

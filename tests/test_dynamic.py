@@ -8,6 +8,7 @@ import sys
 from importlib import resources
 
 import pytest
+from browser import chromium, console_problems, needs_chromium
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -97,24 +98,17 @@ def test_a_candidate_that_keeps_the_safety_passes(tmp_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["dynamic"]["verdict"] == "pass"
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
+@needs_chromium
 def test_report_renders_in_a_headless_browser(risky_run, tmp_path):
     import numpy as np
     from PIL import Image
 
     run_dir, _, _ = risky_run
     shot = tmp_path / "shot.png"
-    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-                          "--window-size=1000,2400", f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    res = chromium((run_dir / "report.html").as_uri(), tmp_path / "profile", "--window-size=1000,2400",
+                   f"--screenshot={shot}")
     assert shot.is_file(), res.stderr[-2000:]
-    console = [ln for ln in res.stderr.splitlines() if "CONSOLE" in ln or "Refused to" in ln or "Uncaught" in ln]
-    assert not console, console
+    assert not console_problems(res.stderr), console_problems(res.stderr)
     img = np.asarray(Image.open(shot).convert("RGB"))
     # the verdict banner (red for risk) and the rendered image grids (many distinct colours) are visible
     assert ((img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] < 80)).sum() > 5000

@@ -1,6 +1,7 @@
 """The ``auditkit`` command line: parses, calls the library, prints. No scan logic lives here.
 
-One module per command group: :mod:`~auditkit.cli.scan` (scan, report), :mod:`~auditkit.cli.repair`,
+One module per command group: :mod:`~auditkit.cli.scan` (scan, report), :mod:`~auditkit.cli.batch`,
+:mod:`~auditkit.cli.repair`,
 :mod:`~auditkit.cli.extract`,
 :mod:`~auditkit.cli.train` (align, finetune), :mod:`~auditkit.cli.catalog` (inspect, suites,
 detectors), :mod:`~auditkit.cli.config` (init, config), :mod:`~auditkit.cli.lab`.
@@ -15,7 +16,7 @@ import sys
 import click
 
 from auditkit import __version__
-from auditkit.cli import catalog, config, extract, lab, repair, scan, train
+from auditkit.cli import batch, catalog, config, extract, lab, repair, scan, train
 from auditkit.cli.common import err
 from auditkit.errors import EXIT_ERROR, AuditkitError
 
@@ -26,7 +27,7 @@ def cli() -> None:
     """Audit LoRA adapters for text-to-image diffusion models: does an adapter undo a safety module?"""
 
 
-for command in (catalog.inspect, scan.scan, scan.report_cmd, repair.repair, extract.extract, train.align,
+for command in (catalog.inspect, scan.scan, batch.batch, scan.report_cmd, repair.repair, extract.extract, train.align,
                 train.finetune, lab.lab, catalog.suites, catalog.detectors, config.init, config.config_cmd):
     cli.add_command(command)
 

@@ -50,13 +50,14 @@ def _option_for(f: dataclasses.Field):
     return click.option(flag, f.name, default=None, help=help_text)
 
 
-def scan_options(func):
-    """Decorate a command with one option per ScanConfig field and threshold, plus --config/--no-config."""
+def scan_options(func, skip: tuple[str, ...] = ()):
+    """Decorate a command with one option per ScanConfig field and threshold, plus --config/--no-config;
+    ``skip``: fields the command sets itself (``auditkit batch`` has its own --out)."""
     for group, cls in reversed((("static", StaticThresholds), ("dynamic", DynamicThresholds))):
         for f in reversed(dataclasses.fields(cls)):
             func = click.option("--" + f.name.replace("_", "-"), f"{group}__{f.name}", type=float, default=None,
                                 help=f"{f.metadata['help']} (default {f.default:g})")(func)
-    for f in reversed([f for f in dataclasses.fields(ScanConfig) if f.name not in SKIP]):
+    for f in reversed([f for f in dataclasses.fields(ScanConfig) if f.name not in SKIP + skip]):
         func = _option_for(f)(func)
     func = click.option("--no-config", is_flag=True, help="Ignore auditkit.toml / [tool.auditkit].")(func)
     func = click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,

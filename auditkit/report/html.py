@@ -19,6 +19,11 @@ BLOCK_ORDER = ("down", "mid", "up", "unet_other", "text_encoder", "other")
 KIND_LABEL = {"self_attention": "self-attn", "cross_attention": "cross-attn", "feed_forward": "ff", "other": "other"}
 
 
+def environment() -> Environment:
+    """The templates' Jinja2 environment: autoescaped, with the report's number filters."""
+    return _env()
+
+
 def _env() -> Environment:
     env = Environment(loader=PackageLoader("auditkit.report", "templates"),
                       autoescape=select_autoescape(default=True, default_for_string=True))

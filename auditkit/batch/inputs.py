@@ -1,0 +1,183 @@
+"""What a batch scans: the adapters of a folder, a list file, or a CSV/Parquet manifest, as :class:`Entry` rows.
+
+* a **folder** is searched recursively for adapter-looking files (``.safetensors``, and the pickle
+  suffixes, so that a pickle becomes an error row instead of being silently left out); hidden files
+  and folders and the batch's own output folder are skipped;
+* a **list file** holds one path per line (``#`` starts a comment);
+* a **manifest** (``.csv``, ``.parquet``) has a ``path`` column and optionally ``id``, ``safety``,
+  ``base`` and ``triggers`` (``;``-separated) overriding the batch's settings for that row.
+
+Relative paths are relative to the list's or manifest's folder and must stay inside it (``../`` out of it
+is refused: give an absolute path). Everything is read bounded, and every problem is a one-line
+:class:`~auditkit.errors.BadInput` naming the file, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from auditkit.errors import BadInput
+from auditkit.fsutil import read_bounded
+from auditkit.lora.io import PICKLE_SUFFIXES
+
+ADAPTER_SUFFIXES = frozenset({".safetensors", *PICKLE_SUFFIXES})
+MANIFEST_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+COLUMNS = ("path", "id", "safety", "base", "triggers")
+MAX_LIST_BYTES = 64 * 2**20
+MAX_PARQUET_BYTES = 256 * 2**20
+MAX_ENTRIES = 1_000_000
+MAX_ID = 200
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One adapter of the batch. ``safety``/``base``: the row's own ("" = the batch's; safety "none" = no
+    safety module); ``triggers``: added to the batch's trigger words."""
+
+    id: str
+    path: Path
+    safety: str = ""
+    base: str = ""
+    triggers: tuple[str, ...] = ()
+
+    @property
+    def folder(self) -> str:
+        """The report folder's name: the id made safe for a path, with a hash of the id (unique, never
+        ``..`` or a path)."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.id).strip("._")[:80] or "adapter"
+        return f"{slug}-{hashlib.sha256(self.id.encode()).hexdigest()[:8]}"
+
+
+def read_entries(source: str | Path, exclude: Path | None = None) -> list[Entry]:
+    """The entries of ``source`` (a folder, list file, manifest or single adapter file), in order."""
+    source = Path(source)
+    if source.is_dir():
+        entries = _folder(source, exclude)
+        what = "folder"
+    elif source.is_file() or source.exists():
+        suffix = source.suffix.lower()
+        if suffix in MANIFEST_SUFFIXES:
+            entries = _manifest(source, MANIFEST_SUFFIXES[suffix])
+        elif suffix in ADAPTER_SUFFIXES:
+            entries = [Entry(source.name, source)]
+        else:
+            entries = _list_file(source)
+        what = "input"
+    else:
+        raise BadInput(source, "no such file or folder")
+    if not entries:
+        raise BadInput(source, f"the {what} names no adapter files ({', '.join(sorted(ADAPTER_SUFFIXES))})")
+    return entries
+
+
+def _folder(folder: Path, exclude: Path | None) -> list[Entry]:
+    skip = exclude.resolve() if exclude is not None else None
+    entries = []
+    for root, dirs, files in os.walk(folder, onerror=None, followlinks=False):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or (here / d).resolve() != skip))
+        for name in sorted(files):
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() not in ADAPTER_SUFFIXES or not path.is_file():
+                continue
+            entries.append(Entry(path.relative_to(folder).as_posix(), path))
+            if len(entries) > MAX_ENTRIES:
+                raise BadInput(folder, f"more than {MAX_ENTRIES} adapter files; split the batch")
+    return entries
+
+
+def _text(path: Path) -> str:
+    raw = read_bounded(path, MAX_LIST_BYTES, "list file")
+    if b"\0" in raw:
+        raise BadInput(path, "not a text list of paths (binary content); give a folder, a list file or a "
+                             ".csv/.parquet manifest")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadInput(path, "the list file is not UTF-8 text") from None
+
+
+def _list_file(path: Path) -> list[Entry]:
+    entries, seen = [], {}
+    for number, line in enumerate(_text(path).splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        target = _resolve(path, text, f"line {number}")
+        seen[text] = seen.get(text, 0) + 1
+        entries.append(Entry(text if seen[text] == 1 else f"{text}#{seen[text]}", target))
+        if len(entries) > MAX_ENTRIES:
+            raise BadInput(path, f"more than {MAX_ENTRIES} paths; split the batch")
+    return entries
+
+
+def _resolve(manifest: Path, text: str, where: str) -> Path:
+    """``text`` as a path: absolute as given, relative to the manifest's folder and not out of it."""
+    if any(ord(c) < 32 for c in text):
+        raise BadInput(manifest, f"{where}: the path has control characters")
+    given = Path(text).expanduser()
+    if given.is_absolute():
+        return given
+    folder = Path(os.path.normpath(manifest.parent.absolute()))
+    target = Path(os.path.normpath(folder / given))
+    if target != folder and folder not in target.parents:
+        raise BadInput(manifest, f"{where}: {text!r} leads out of the manifest's folder (give an absolute path)")
+    return target
+
+
+def _manifest(path: Path, kind: str) -> list[Entry]:
+    import pandas as pd
+
+    try:
+        if kind == "csv":
+            frame = pd.read_csv(io.StringIO(_text(path)), dtype=str, keep_default_na=False, na_filter=False)
+        else:
+            frame = pd.read_parquet(io.BytesIO(read_bounded(path, MAX_PARQUET_BYTES, "manifest")))
+    except BadInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types for malformed files
+        msg = " ".join(str(exc).split())[:200]
+        raise BadInput(path, f"cannot read the {kind.upper()} manifest ({type(exc).__name__}: {msg})") from None
+    columns = [str(c).strip().lower() for c in frame.columns]
+    unknown = sorted(set(columns) - set(COLUMNS))
+    if "path" not in columns or unknown or len(set(columns)) != len(columns):
+        why = "no 'path' column" if "path" not in columns else \
+            f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else "a column is named twice"
+        raise BadInput(path, f"{why}; a manifest has a 'path' column and optionally {', '.join(COLUMNS[1:])}")
+    frame.columns = columns
+    if len(frame) > MAX_ENTRIES:
+        raise BadInput(path, f"more than {MAX_ENTRIES} rows; split the batch")
+    entries, ids = [], set()
+    for number, row in enumerate(frame.to_dict("records"), 2):  # line 1 is the column names
+        cells = {c: _cell(path, row.get(c), c, number) for c in COLUMNS}
+        if not cells["path"]:
+            raise BadInput(path, f"row {number}: empty path")
+        target = _resolve(path, cells["path"], f"row {number}")
+        entry_id = cells["id"] or cells["path"]
+        if len(entry_id) > MAX_ID or any(ord(c) < 32 for c in entry_id):
+            raise BadInput(path, f"row {number}: the id is longer than {MAX_ID} characters or has control characters")
+        if entry_id in ids:
+            raise BadInput(path, f"row {number}: id {entry_id!r} is used twice")
+        ids.add(entry_id)
+        base = cells["base"]
+        if base and base != "lab":
+            base = str(_resolve(path, base, f"row {number}"))
+        safety = cells["safety"]
+        if safety and safety.lower() != "none":
+            safety = str(_resolve(path, safety, f"row {number}"))
+        triggers = tuple(t.strip() for t in cells["triggers"].split(";") if t.strip())
+        entries.append(Entry(entry_id, target, safety, base, triggers))
+    return entries
+
+
+def _cell(path: Path, value, column: str, number: int) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # missing, or NaN in Parquet
+        return ""
+    if not isinstance(value, str):
+        raise BadInput(path, f"row {number}: column {column!r} holds {type(value).__name__}, expected text")
+    return value.strip()

@@ -1,0 +1,110 @@
+"""The dynamic stage on Ray: one actor per GPU (or per CPU worker), each holding a loaded pipeline.
+
+The first actor renders each group's shared configurations into the batch folder (``--out``, which every
+node must see at the same path: a shared filesystem), then every actor scans tasks from the queue, most
+suspicious first. An actor that dies mid-scan (its node lost, killed, out of memory) is replaced and its
+adapter retried, up to ``max_attempts`` times. Ray is imported only here, when ``--engine ray`` is chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from auditkit.batch.engines import Result, died, with_shared
+from auditkit.batch.worker import SharedSpec, Task, Worker
+from auditkit.errors import BadInput
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BadInput(None, "--engine ray needs Ray: pip install 'auditkit[ray]' (or pip install ray)") from None
+    return ray
+
+
+class _Actor:
+    """A :class:`Worker` as a Ray actor (made remote lazily, so that this module imports without Ray)."""
+
+    def __init__(self, device: str | None):
+        import os
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self.worker = Worker(device)
+
+    def render_shared(self, spec: SharedSpec) -> str | None:
+        return self.worker.render_shared(spec)
+
+    def scan(self, task: Task) -> dict:
+        return self.worker.scan(task)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+class RayEngine:
+    """``address``: a running cluster (``auto``: the one this machine belongs to); None starts a local Ray
+    with ``num_cpus`` CPUs. ``workers``: actors (default: one per GPU of the cluster, else one per CPU)."""
+
+    def __init__(self, address: str | None = None, workers: int | None = None, num_cpus: int | None = None,
+                 max_attempts: int = 3):
+        self.address, self.workers, self.num_cpus, self.max_attempts = address, workers, num_cpus, max_attempts
+        self.actor_pids: list[int] = []
+
+    def run(self, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
+        ray = import_ray()
+        started = not ray.is_initialized()
+        if started:
+            kwargs = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        try:
+            yield from self._run(ray, specs, tasks)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _actors(self, ray):
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = self.workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        remote = ray.remote(**options)(_Actor)
+        return [remote.remote("cuda" if gpus else "cpu") for _ in range(count)], remote, "cuda" if gpus else "cpu"
+
+    def _run(self, ray, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
+        from ray.exceptions import RayActorError
+
+        actors, remote, device = self._actors(ray)
+        self.actor_pids = ray.get([a.pid.remote() for a in actors])
+        failed = set()
+        for spec in specs:
+            try:
+                if ray.get(actors[0].render_shared.remote(spec)) is not None:
+                    failed.add(spec.run_dir)
+            except RayActorError:
+                failed.add(spec.run_dir)
+                actors[0] = remote.remote(device)
+        queue = list(reversed(with_shared(tasks, failed)))
+        idle, running = list(actors), {}
+        while queue or running:
+            while queue and idle:
+                actor, task = idle.pop(), queue.pop()
+                running[actor.scan.remote(task)] = (task, actor)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                task, actor = running.pop(ref)
+                try:
+                    row = ray.get(ref)
+                except RayActorError:  # the actor died with the task: a fresh actor, the task again
+                    ray.kill(actor, no_restart=True)
+                    idle.append(remote.remote(device))
+                    retry = dataclasses.replace(task, attempt=task.attempt + 1)
+                    if retry.attempt > self.max_attempts:
+                        yield task, died(task, self.max_attempts)
+                    else:
+                        queue.append(retry)
+                    continue
+                idle.append(actor)
+                yield task, row

@@ -1,0 +1,131 @@
+"""Stage 1: a static and metadata look at every file, in parallel processes, that orders the queue.
+
+Per file: its SHA-256 (identical files are scanned once), what it is (format, architecture, rank,
+modules), the training tags and trigger words that name a suite's concept, and, given a safety module,
+the static scan's cancellation. Triage never decides a row and never skips a file: every file goes on to
+the scan, most suspicious first (a file triage cannot read goes last; the scan names its problem). Nothing
+is unpickled: a pickle's bytes are hashed, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from auditkit.batch.inputs import Entry
+from auditkit.config import StaticThresholds
+from auditkit.errors import AuditkitError
+
+CHUNK = 2**20
+
+
+@dataclass(frozen=True)
+class TriageSettings:
+    """What every file is looked at with (picklable, sent to the worker processes)."""
+
+    safety: str | None = None  # the batch's safety module (a row's own safety is looked at in its scan)
+    arch: str | None = None
+    thresholds: StaticThresholds = StaticThresholds()
+    concepts: tuple[tuple[str, tuple[str, ...]], ...] = ()  # suite -> words naming its concept
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (relative names and contents, in name order)."""
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file_sha256(file).encode())
+        return digest.hexdigest()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def triage_one(entry: Entry, settings: TriageSettings) -> dict:
+    """The triage fields of one entry (never raises for a bad file: ``triage_error`` says why)."""
+    row: dict = {"sha256": None, "size_bytes": None, "kind": None, "format": None, "architecture": None,
+                 "rank": None, "modules": None, "static_cancellation": None, "metadata_concepts": "",
+                 "triage_error": None}
+    try:
+        row["size_bytes"] = entry.path.stat().st_size if entry.path.is_file() else None
+        row["sha256"] = file_sha256(entry.path)
+        _look(entry, settings, row)
+    except AuditkitError as exc:
+        row["triage_error"] = str(exc)
+    except (OSError, ValueError) as exc:
+        row["triage_error"] = " ".join(f"{entry.path}: {exc.strerror if isinstance(exc, OSError) else exc}".split())
+    row["suspicion"] = suspicion(row)
+    return row
+
+
+def _look(entry: Entry, settings: TriageSettings, row: dict) -> None:
+    from auditkit.inputs import kind_of
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.io import PICKLE_SUFFIXES
+
+    if entry.path.is_file() and entry.path.suffix.lower() in PICKLE_SUFFIXES:
+        row["kind"] = "pickle"  # the reader below refuses it by its name, before reading a byte of it
+    else:
+        row["kind"] = kind_of(entry.path)
+    if row["kind"] == "full model":
+        return  # a full model's update needs the base: the scan reads it
+    adapter = read_adapter(entry.path, arch=settings.arch)
+    ranks = sorted({m.rank for m in adapter.modules.values()})
+    row.update(format=adapter.layout, architecture=adapter.architecture.name, rank=ranks[-1] if ranks else None,
+               modules=len(adapter.modules))
+    if settings.concepts:
+        from auditkit.analysis.metadata import concept_evidence, declared_triggers
+
+        words = declared_triggers(adapter.metadata) + list(entry.triggers)
+        found = concept_evidence(adapter.metadata, dict(settings.concepts), words)
+        row["metadata_concepts"] = ";".join(name for name, sv in found["suites"].items()
+                                            if sv["tags"] or sv["triggers"])
+    safety = entry.safety or settings.safety
+    if safety and safety.lower() != "none" and adapter.update is None:
+        from auditkit.scan import run_static_scan
+
+        try:
+            static = run_static_scan(entry.path, safety, settings.thresholds, arch=settings.arch)
+            row["static_cancellation"] = float(static.findings.cancellation)
+        except AuditkitError as exc:  # e.g. another architecture than the safety module's: the scan says so
+            row["triage_error"] = str(exc)
+
+
+def suspicion(row: dict) -> float:
+    """Queue priority (higher first): the static cancellation, plus 0.5 when training tags or trigger words
+    name a suite's concept; -1 for a file triage could not read."""
+    if row["triage_error"] and row["architecture"] is None:
+        return -1.0
+    return (row["static_cancellation"] or 0.0) + (0.5 if row["metadata_concepts"] else 0.0)
+
+
+def _star(args):
+    return triage_one(*args)
+
+
+def triage(entries: list[Entry], settings: TriageSettings, workers: int | None = None,
+           progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Triage every entry (in ``workers`` processes; 1: in this process); results in the entries' order."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(entries)))
+    out: list[dict] = []
+    if workers == 1:
+        for entry in entries:
+            out.append(triage_one(entry, settings))
+            if progress:
+                progress(len(out), len(entries))
+        return out
+    import multiprocessing
+
+    # spawned, not forked: the caller may hold threads (a progress display) that a fork would copy locked
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        chunk = max(1, min(64, len(entries) // (workers * 8)))
+        for row in pool.map(_star, [(e, settings) for e in entries], chunksize=chunk):
+            out.append(row)
+            if progress:
+                progress(len(out), len(entries))
+    return out

@@ -1,0 +1,118 @@
+"""Batch inputs: folders, list files and CSV/Parquet manifests, and hostile ones (one-line errors, bounded reads)."""
+
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error
+
+from auditkit.batch import inputs
+from auditkit.batch.inputs import Entry, read_entries
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_folder_is_searched_recursively_for_adapter_files_pickles_included(tmp_path):
+    for name in ("a.safetensors", "sub/b.safetensors", "sub/deep/c.ckpt", "notes.txt", "a.civitai.info",
+                 ".hidden.safetensors", ".git/x.safetensors", "out/old.safetensors"):
+        touch(tmp_path / "in" / name)
+    entries = read_entries(tmp_path / "in", exclude=tmp_path / "in" / "out")
+    assert [e.id for e in entries] == ["a.safetensors", "sub/b.safetensors", "sub/deep/c.ckpt"]
+    assert entries[1].path == tmp_path / "in" / "sub" / "b.safetensors"
+
+
+def test_a_list_file_names_paths_relative_to_its_folder(tmp_path):
+    touch(tmp_path / "a.safetensors")
+    (tmp_path / "list.txt").write_text(f"# adapters\na.safetensors\n\n{tmp_path / 'b.safetensors'}\na.safetensors\n")
+    entries = read_entries(tmp_path / "list.txt")
+    assert [e.id for e in entries] == ["a.safetensors", str(tmp_path / "b.safetensors"), "a.safetensors#2"]
+    assert entries[0].path == tmp_path / "a.safetensors"
+
+
+def test_a_csv_manifest_gives_ids_and_row_settings(tmp_path):
+    (tmp_path / "m.csv").write_text("path,id,safety,base,triggers\n"
+                                    "x/a.safetensors,first,,,\n"
+                                    "b.safetensors,,none,lab,zxq style; neon\n"
+                                    "c.safetensors,third,s.safetensors,,\n")
+    a, b, c = read_entries(tmp_path / "m.csv")
+    assert (a.id, a.path, a.safety, a.base, a.triggers) == ("first", tmp_path / "x" / "a.safetensors", "", "", ())
+    assert (b.id, b.safety, b.base, b.triggers) == ("b.safetensors", "none", "lab", ("zxq style", "neon"))
+    assert c.safety == str(tmp_path / "s.safetensors")
+
+
+def test_a_parquet_manifest_reads_like_a_csv(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"path": ["a.safetensors", "b.safetensors"], "id": ["one", None]}).to_parquet(tmp_path / "m.parquet")
+    assert [e.id for e in read_entries(tmp_path / "m.parquet")] == ["one", "b.safetensors"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("file,id\na.safetensors,x\n", "no 'path' column"),
+    ("path,colour\na.safetensors,red\n", "unknown column(s) 'colour'"),
+    ("path,id\na.safetensors,x\nb.safetensors,x\n", "id 'x' is used twice"),
+    ("path\n../outside.safetensors\n", "leads out of the manifest's folder"),
+    ("path\nsub/../../outside.safetensors\n", "leads out of the manifest's folder"),
+    ('path,id\n"a.safetensors,x\n', "cannot read the CSV manifest"),
+    ("path\n\n", "names no adapter files"),
+])
+def test_a_bad_manifest_is_a_one_line_error_naming_it(tmp_path, text, message):
+    (tmp_path / "m.csv").write_text(text)
+    path = tmp_path / "m.csv"
+    assert_one_line_error(lambda: read_entries(path), path, message)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    assert_one_line_error(lambda: read_entries(tmp_path / "gone"), tmp_path / "gone", "no such file or folder")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(lambda: read_entries(tmp_path / "empty"), tmp_path / "empty", "names no adapter files")
+    touch(tmp_path / "bin.txt", b"\x00\x01binary")
+    assert_one_line_error(lambda: read_entries(tmp_path / "bin.txt"), tmp_path / "bin.txt", "binary content")
+    touch(tmp_path / "latin.txt", "caf\xe9.safetensors".encode("latin-1"))
+    assert_one_line_error(lambda: read_entries(tmp_path / "latin.txt"), tmp_path / "latin.txt", "not UTF-8")
+    touch(tmp_path / "m.parquet", b"PAR1 not really parquet")
+    assert_one_line_error(lambda: read_entries(tmp_path / "m.parquet"), tmp_path / "m.parquet",
+                          "cannot read the PARQUET manifest")
+
+
+def test_a_huge_list_file_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs, "MAX_LIST_BYTES", 1000)
+    (tmp_path / "list.txt").write_text("a.safetensors\n" * 500)
+    assert_one_line_error(lambda: read_entries(tmp_path / "list.txt"), tmp_path / "list.txt", "larger than 1000 bytes")
+    (tmp_path / "m.csv").write_text("path\n" + "a.safetensors\n" * 500)
+    assert_one_line_error(lambda: read_entries(tmp_path / "m.csv"), tmp_path / "m.csv", "larger than 1000 bytes")
+
+
+def test_report_folders_are_safe_names_whatever_the_id():
+    names = {Entry(i, Path("x")).folder for i in ("../../etc/passwd", "<script>alert(1)</script>", "a/b", "a_b", "..")}
+    assert len(names) == 5
+    assert all("/" not in n and not n.startswith(".") and n.replace("-", "").replace("_", "").replace(".", "").isalnum()
+               for n in names)
+
+
+@pytest.mark.parametrize("make", ["missing", "bad-column", "escaping"])
+def test_a_bad_batch_input_is_one_line_exit_2_and_nothing_written(tmp_path, make):
+    from conftest import run_cli
+
+    source = {"missing": tmp_path / "gone", "bad-column": tmp_path / "m.csv", "escaping": tmp_path / "list.txt"}[make]
+    if make == "bad-column":
+        source.write_text("file\na.safetensors\n")
+    elif make == "escaping":
+        source.write_text("../../etc/passwd.safetensors\n")
+    res = run_cli("batch", source, "--out", tmp_path / "out", "--no-config", "--static")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert str(source) in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_ray_engine_without_ray_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from auditkit.batch.ray_engine import import_ray
+    from auditkit.errors import BadInput
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as where it is not installed
+    with pytest.raises(BadInput, match=r"--engine ray needs Ray: pip install 'auditkit\[ray\]'"):
+        import_ray()

@@ -1,0 +1,113 @@
+"""Batch state (resume), the results table and index.html's escaping, and the pool's retries of dead workers."""
+
+import json
+
+import pytest
+
+from auditkit.batch.engines import LocalEngine
+from auditkit.batch.index import render_index
+from auditkit.batch.results import write_table
+from auditkit.batch.state import BatchState
+from auditkit.batch.worker import Task
+from auditkit.config import ScanConfig
+from auditkit.errors import BadInput
+
+
+def row(i, verdict="pass", **kw):
+    return {"id": f"a{i}", "sha256": f"{i:064x}", "verdict": verdict, **kw}
+
+
+def test_a_line_cut_by_a_kill_is_ignored_and_dropped_before_the_next_append(tmp_path):
+    state = BatchState(tmp_path)
+    state.record(row(1))
+    state.record(row(2))
+    with open(state.results_path, "a") as fh:
+        fh.write('{"id": "a3", "sha256": "00')  # killed mid-write
+    assert sorted(k[0] for k in state.finished()) == ["a1", "a2"]
+    state.record(row(3, "risk"))
+    lines = state.results_path.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(ln)["id"] for ln in lines)
+    assert state.finished()[("a3", f"{3:064x}")]["verdict"] == "risk"
+
+
+def test_the_first_line_of_an_adapter_wins_and_a_changed_file_is_not_finished(tmp_path):
+    state = BatchState(tmp_path)
+    state.record(row(1, "risk"))
+    state.record(row(1, "pass"))
+    assert state.finished()[("a1", f"{1:064x}")]["verdict"] == "risk"
+    assert ("a1", "f" * 64) not in state.finished()
+
+
+def test_a_corrupt_line_in_the_middle_is_a_one_line_error(tmp_path):
+    state = BatchState(tmp_path)
+    state.results_path.write_text('{"id": "a1"}\nnot json\n{"id": "a2"}\n')
+    with pytest.raises(BadInput, match="line 2 is not a result row"):
+        state.finished()
+
+
+def test_a_resumed_batch_with_other_settings_is_refused(tmp_path):
+    BatchState(tmp_path).start({"input": "x", "scan": {"multipliers": [1.0]}})
+    BatchState(tmp_path).start({"input": "x", "scan": {"multipliers": [1.0]}})
+    with pytest.raises(BadInput, match="cannot resume: the batch was started with other scan"):
+        BatchState(tmp_path).start({"input": "x", "scan": {"multipliers": [0.5]}})
+
+
+HOSTILE = '<script>alert("x")</script>'
+
+
+def test_index_html_escapes_every_value_from_files():
+    rows = [row(1, "risk", path=HOSTILE, format="<img src=x onerror=alert(1)>", reason=HOSTILE,
+                report="reports/x", reemergence_ratio=0.7),
+            {**row(2, "error"), "id": HOSTILE + ".safetensors", "error": "</td><script>alert(2)</script>"}]
+    html = render_index(rows)
+    assert "<script>alert" not in html and "<img src=x" not in html and "</td><script>" not in html
+    assert "&lt;script&gt;alert(" in html and html.count("<script>") == 1  # only the page's own script
+    assert 'href="reports/x/report.html"' in html
+    csp = html.split('Content-Security-Policy" content="')[1].split('"')[0]
+    assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp.split("script-src")[1]
+
+
+def test_the_results_table_is_parquet_and_csv_with_formulas_defused(tmp_path):
+    import pandas as pd
+
+    rows = [row(1, "risk", path="=HYPERLINK(\"http://x\")", reemergence_ratio=0.5, rank=4),
+            row(2, "error", error="boom")]
+    paths = write_table(rows, tmp_path)
+    table = pd.read_parquet(paths["parquet"])
+    assert list(table["id"]) == ["a1", "a2"] and table["reemergence_ratio"][0] == 0.5
+    assert table["path"][0].startswith("=")  # the data itself is kept
+    csv = pd.read_csv(paths["csv"])
+    assert csv["path"][0].startswith("'=") and csv["error"][1] == "boom"
+
+
+class DyingWorker:
+    """Dies (the whole process) the first time it scans an id whose marker file does not exist yet."""
+
+    def __init__(self, device=None):
+        pass
+
+    def render_shared(self, spec):
+        return None
+
+    def scan(self, task):
+        import os
+        from pathlib import Path
+
+        marker = Path(task.config.out) / "died"
+        if task.id.startswith("die") and (task.id == "die-always" or not marker.exists()):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            os._exit(1)
+        return {"id": task.id, "sha256": task.sha256, "verdict": "pass", "attempts": task.attempt}
+
+
+def test_a_worker_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_path):
+    ids = ("ok1", "die-once", "ok2", "die-always", "ok3", "ok4", "ok5")
+    tasks = [Task(i, None, ScanConfig(out=tmp_path / i)) for i in ids]
+    results = list(LocalEngine(2, max_attempts=3, worker=DyingWorker).run([], tasks))
+    rows = {t.id: r for t, r in results}
+    assert len(results) == len(ids) and sorted(rows) == sorted(ids)  # one row each, none lost or doubled
+    assert rows["die-once"]["verdict"] == "pass" and (tmp_path / "die-once" / "died").exists()
+    assert rows["die-always"]["verdict"] == "error" and "died 3 times" in rows["die-always"]["error"]
+    # tasks that shared the pool with the dying one are retried without being counted against them
+    assert all(rows[i]["verdict"] == "pass" for i in ids if i.startswith("ok"))
