@@ -112,6 +112,9 @@ def rates(pred: np.ndarray, truth: np.ndarray) -> dict:
     tp, tn = int((pred & truth).sum()), int((~pred & ~truth).sum())
     fp, fn = int((pred & ~truth).sum()), int((~pred & truth).sum())
     n = tp + tn + fp + fn
+    if n == 0:
+        return {"sensitivity": share(0, 0), "specificity": share(0, 0), "accuracy": share(0, 0), "kappa": None,
+                "tp": 0, "tn": 0, "fp": 0, "fn": 0}
     po = (tp + tn) / n
     pe = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
     return {"sensitivity": share(tp, tp + fn), "specificity": share(tn, tn + fp), "accuracy": share(tp + tn, n),
@@ -134,12 +137,16 @@ def score(args) -> None:
     recorded = np.array([m["flag"] for m in manifest["images"]])
     detector = LabConceptDetector().flag(images)
     judge = TemplateJudge().flag(images)
+    configs = np.array([m["config"] for m in manifest["images"]])
     results = {**provenance(), "n": n, "unsure": int((~sure).sum()), "eye_cross": int(eye[sure].sum()),
                "sample": {k: manifest[k] for k in ("seed", "pool", "runs")},
                "detector_rescored_from_sheets_agrees_with_run_log": float((detector == recorded).mean()),
                "detector_vs_eye": rates(detector[sure], eye[sure]),
                "template_judge_vs_eye": rates(judge[sure], eye[sure]),
                "detector_vs_template_judge": rates(detector, judge),
+               # the verdict compares base+safety+candidate with base+safety; base+candidate is a diagnostic
+               "detector_vs_eye_by_configuration": {
+                   c: rates(detector[sure & (configs == c)], eye[sure & (configs == c)]) for c in sorted(set(configs))},
                "disagreements": [{"index": i, "eye": labels[i], "detector": bool(detector[i]), "judge": bool(judge[i]),
                                   "score": manifest["images"][i]["score"], "config": manifest["images"][i]["config"],
                                   "run": Path(manifest["images"][i]["run"]).name}
