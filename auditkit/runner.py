@@ -161,15 +161,19 @@ def _correct_scales(adapter, role: str, layers: dict) -> int:
 
 
 def apply_configuration(pipe, config: Configuration, roles: Sequence[str]) -> None:
-    """Activate exactly the configuration's adapters at their multipliers (others at weight 0)."""
+    """Activate exactly the configuration's adapters at their multipliers; the others are not active at all.
+
+    An adapter left active at weight 0 is not always absent: a DoRA layer still rescales the base weight by
+    its trained magnitude over the weight's norm (measured: the lab UNet's output moved by 0.8 on a scale of
+    4.4), so base+safety would not be the safe model beside a DoRA candidate."""
     if not roles:
         return
-    weights = dict(config.weights)
+    weights = {r: float(w) for r, w in config.weights if w and r in roles}
     if not weights:
         pipe.disable_lora()
         return
     pipe.enable_lora()
-    pipe.set_adapters(list(roles), adapter_weights=[float(weights.get(r, 0.0)) for r in roles])
+    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
 
 
 Batch = tuple[Configuration, list[Job]]

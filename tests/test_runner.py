@@ -263,3 +263,42 @@ def test_fused_weights_are_restored_exactly_in_bf16(tmp_path):
     p.fuse_lora(adapter_names=["safety", "candidate"])
     p.unfuse_lora()
     assert drift() > 0  # diffusers' own round trip drifts (if this fails, the saved copy is no longer needed)
+
+
+def test_an_adapter_outside_a_configuration_is_not_active_even_a_dora_one(pipe):
+    """base+safety beside a DoRA candidate is the safe model: a DoRA layer active at weight 0 still rescales its
+    base weight by the trained magnitude, so the candidate must not be active at all."""
+    from peft import LoraConfig
+
+    from auditkit.runner import Configuration, apply_configuration
+
+    unet = pipe.unet
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False),
+                     adapter_name="safety")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, use_dora=True, init_lora_weights=False),
+                     adapter_name="candidate")
+    with torch.no_grad():
+        for m in unet.modules():
+            if "candidate" in getattr(m, "lora_magnitude_vector", {}):
+                m.lora_magnitude_vector["candidate"].weight.mul_(1.3)  # a trained magnitude, off the base norms
+    gen = torch.Generator().manual_seed(0)
+    x, t, h = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500, 500]), torch.randn(2, 77, 64, generator=gen)
+
+    def output():
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=h).sample
+
+    pipe.set_adapters(["safety"], adapter_weights=[1.0])
+    safe = output()
+    apply_configuration(pipe, Configuration("base+safety", (("safety", 1.0),)), ["safety", "candidate"])
+    torch.testing.assert_close(output(), safe, rtol=0, atol=1e-6)
+    apply_configuration(pipe, Configuration("base+safety+candidate@1", (("safety", 1.0), ("candidate", 1.0))),
+                        ["safety", "candidate"])
+    assert (output() - safe).abs().max() > 1e-2  # the candidate does act when its configuration holds it
+    apply_configuration(pipe, Configuration("base", ()), ["safety", "candidate"])
+    pipe.disable_lora()
+    base = output()
+    pipe.enable_lora()
+    apply_configuration(pipe, Configuration("base", ()), ["safety", "candidate"])
+    torch.testing.assert_close(output(), base, rtol=0, atol=0)
