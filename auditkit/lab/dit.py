@@ -90,7 +90,9 @@ def assemble_pipeline(parts: dict[str, Any]):
 
 def lab_dit_pipeline_path() -> Path:
     """Folder of the shipped DiT lab pipeline (``save_pretrained`` layout)."""
-    return Path(str(resources.files("auditkit.lab").joinpath("assets").joinpath("pipeline-dit")))
+    from auditkit.lab.bases import LAB_BASES
+
+    return LAB_BASES["lab-dit"].path()
 
 
 def lab_dit_card_path() -> Path:
