@@ -14,6 +14,7 @@ The DiT lab (a FluxPipeline: FluxTransformer2DModel + CLIP + T5, flow matching; 
 stages of its own, on the same cached latents and the same VAE (--vae-from reuses the shipped one):
 
   dit         transformer + both text encoders jointly, Flux flow matching, 10% caption dropout
+  dit-guidance  guidance distillation (as Flux.1-dev): a guidance input learns the guided prediction
   export-dit  write auditkit/lab/assets/pipeline-dit (safetensors only)
   eval-dit    prompt adherence per shape (Euler steps, true-CFG scale(s)) -> assets/lab_dit_card.json
 
@@ -26,7 +27,7 @@ Examples:
   .venv/bin/python scripts/train_lab.py --work /work/labwork --resume --export --stages eval
   # the DiT lab on the shipped VAE (about an hour on 2 cores)
   .venv/bin/python scripts/train_lab.py --work /work/ditwork --vae-from auditkit/lab/assets/pipeline/vae \\
-      --stages latents,dit,export-dit,eval-dit
+      --stages latents,dit,dit-guidance,export-dit,eval-dit
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STAGES = ("vae", "latents", "unet", "detector", "export", "eval")
-DIT_STAGES = ("dit", "export-dit", "eval-dit")
+DIT_STAGES = ("dit", "dit-guidance", "export-dit", "eval-dit")
 log = logging.getLogger("lab_training")
 # the command the shipped DiT lab was trained with (recorded in its card)
 TRAIN_DIT_COMMAND = ("python scripts/train_lab.py --work WORK --vae-from auditkit/lab/assets/pipeline/vae "
-                     "--stages latents,dit,export-dit,eval-dit")
+                     "--stages latents,dit,dit-guidance,export-dit,eval-dit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,8 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dit-steps", type=int, default=6000)
     p.add_argument("--dit-batch", type=int, default=48)
     p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--dit-guidance-steps", type=int, default=2000)
+    p.add_argument("--dit-guidance-lr", type=float, default=2e-4)
     p.add_argument("--dit-eval-guidance", default="1.0,3.0",
-                   help="DiT adherence: true classifier-free guidance scale(s), 1 = one conditional pass")
+                   help="DiT adherence: guidance scale(s): the distilled transformer's guidance input, or "
+                        "true classifier-free guidance without one (1 = one conditional pass)")
     p.add_argument("--assets", type=Path, default=REPO / "auditkit" / "lab" / "assets")
     p.add_argument("--preview-every", type=int, default=1000)
     return p.parse_args(argv)
@@ -107,7 +111,7 @@ def preview(work: Path, step: int, kind: str = "unet", guidances: tuple[float, .
     from auditkit.lab import adherence, world
     from auditkit.lab.detector import LabConceptDetector
 
-    pipe, _ = (training.dit_pipeline_from_work if kind == "dit" else training.pipeline_from_work)(work)
+    pipe, _ = (training.pipeline_from_work if kind == "unet" else training.dit_pipeline_from_work)(work)
     colours = list(world.COLOURS)
     prompts = [f"a {colours[i % 6]} {s}" for s in world.SHAPES for i in range(8)]
     det_dir = work / "detector" / "final"
@@ -177,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                                preview_every=args.preview_every,
                                on_preview=lambda step: preview(work, step, "dit", _guidances(args.dit_eval_guidance),
                                                                args.assets / "detector"))
+        elif stage == "dit-guidance":
+            training.train_dit_guidance(work, args.seed, args.dit_guidance_steps, lr=args.dit_guidance_lr,
+                                        preview_every=args.preview_every,
+                                        on_preview=lambda step: preview(work, step, "dit-guidance",
+                                                                        _guidances(args.dit_eval_guidance),
+                                                                        args.assets / "detector"))
         elif stage == "export-dit":
             training.export_pipeline(work, args.assets / "pipeline-dit", kind="dit")
         elif stage == "eval-dit":
@@ -239,7 +249,7 @@ def run_eval(args: argparse.Namespace, kind: str = "unet") -> None:
         for shape, imgs in res["images"].items():
             save_grid(imgs[:64], out / f"{shape}-g{guidance:g}.png", cols=16)
         figures = res["figures"]
-        log.info("adherence (n=%d per shape, %d DDIM steps, guidance %.1f):", args.eval_n,
+        log.info("adherence (n=%d per shape, %d sampling steps, guidance %.1f):", args.eval_n,
                  args.eval_steps, guidance)
         for shape, f in figures["shapes"].items():
             lo, hi = f["shape_rate_ci95"]

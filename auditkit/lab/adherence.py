@@ -54,10 +54,7 @@ def _call_kwargs(pipe, steps: int, guidance: float, n: int) -> dict[str, Any]:
 
     if type(pipe).__name__ != "FluxPipeline":
         return {"num_inference_steps": steps, "guidance_scale": guidance}
-    kwargs = dit.render_kwargs(steps, guidance)
-    if "negative_prompt" in kwargs:  # one negative prompt per image
-        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * n
-    return kwargs
+    return dit.render_kwargs(pipe, n, steps, guidance)
 
 
 def measure_adherence(pipe, detector, shapes: Sequence[str] = world.SHAPES, n_per_shape: int = 200,

@@ -60,8 +60,10 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 1.0
 
 
-def build_components(vae, seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict[str, Any]:
-    """Freshly initialised transformer and text encoders (deterministic from ``seed``) around ``vae``."""
+def build_components(vae, seed: int = 0, tokenizer_dir: str | Path | None = None,
+                     guidance_embeds: bool | None = None) -> dict[str, Any]:
+    """Freshly initialised transformer and text encoders (deterministic from ``seed``) around ``vae``;
+    ``guidance_embeds`` overrides :data:`TRANSFORMER_CONFIG`'s (training starts without one)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -71,7 +73,10 @@ def build_components(vae, seed: int = 0, tokenizer_dir: str | Path | None = None
     tokenizer = build_tokenizer(tokenizer_dir)
     tokenizer_2 = build_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+    config = dict(TRANSFORMER_CONFIG)
+    if guidance_embeds is not None:
+        config["guidance_embeds"] = guidance_embeds
+    transformer = FluxTransformer2DModel(**config)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(len(tokenizer))))
     torch.manual_seed(seed + 3)
@@ -121,11 +126,15 @@ def load_lab_dit_pipeline(device: str = "cpu", dtype=None, path: str | Path | No
     return pipe.to(device)
 
 
-def render_kwargs(steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict[str, Any]:
-    """Keyword arguments of a ``FluxPipeline`` call rendering the DiT lab as its card measures it
-    (guidance > 1: true classifier-free guidance against the empty prompt)."""
+def render_kwargs(pipe, n: int, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict[str, Any]:
+    """Keyword arguments of a ``FluxPipeline`` call rendering ``n`` DiT lab images as its card measures them:
+    a guidance-distilled transformer takes ``guidance`` as its input (``guidance_scale``, as FluxPipeline and
+    auditkit sample Flux.1-dev); one without a guidance input is guided classifier-free
+    (``true_cfg_scale`` against the empty prompt) when ``guidance`` > 1."""
     out: dict[str, Any] = {"num_inference_steps": steps, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
                            "max_sequence_length": MAX_SEQUENCE_LENGTH}
-    if guidance > 1:
-        out.update(true_cfg_scale=guidance, negative_prompt="")
+    if pipe.transformer.config.guidance_embeds:
+        out["guidance_scale"] = guidance
+    elif guidance > 1:
+        out.update(true_cfg_scale=guidance, negative_prompt=[""] * n)
     return out
