@@ -221,6 +221,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def describe(pipe, folder: Path) -> dict:
+    """Classes, parameter counts and configs of a pipeline's components, and its size on disk."""
+    parts = {}
+    for name in ("transformer", "unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        config = {k: v for k, v in dict(model.config.to_dict() if hasattr(model.config, "to_dict") else model.config)
+                  .items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+        parts[name] = {"class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+                       "config": config}
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "components": parts,
+            "size_bytes": size}
+
+
 def _guidances(text: str) -> tuple[float, ...]:
     return tuple(float(g) for g in str(text).split(","))
 
@@ -261,8 +277,10 @@ def run_eval(args: argparse.Namespace, kind: str = "unet") -> None:
     if timings.is_file():
         card["training_seconds"] = json.loads(timings.read_text())
     settings = args.work / "args.json"
-    if kind == "dit" and settings.is_file():
-        card["training"] = {"command": TRAIN_DIT_COMMAND, "settings": json.loads(settings.read_text())}
+    if kind == "dit":
+        card["model"] = describe(pipe, args.assets / "pipeline-dit")
+        if settings.is_file():
+            card["training"] = {"command": TRAIN_DIT_COMMAND, "settings": json.loads(settings.read_text())}
     (args.assets / card_name).write_text(json.dumps(card, indent=1))
     (out / "adherence.json").write_text(json.dumps(all_figures, indent=1))
 
