@@ -44,7 +44,7 @@ LAB_BASES: dict[str, LabBase] = {b.name: b for b in (
     LabBase("lab", "the SD-style lab (tiny StableDiffusionPipeline)", "pipeline", "lab",
             "run scripts/train_lab.py"),
     LabBase("lab-dit", "the Flux-family lab (tiny FluxPipeline, a diffusion transformer)", "pipeline-dit", "lab-dit",
-            "run scripts/train_lab.py --stages latents,dit,export-dit,eval-dit"),
+            "run scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit"),
 )}
 
 BASE_HELP = f"{' or '.join(repr(n) for n in LAB_BASES)} (the shipped lab models) or a local diffusers folder"

@@ -12,10 +12,11 @@ Choices (toy scale, CPU):
 * the shipped lab VAE (32x32 images -> 4x8x8 latents) with a ``shift_factor``/``scaling_factor`` measured
   on the world's latents; Flux packs 2x2 latent patches into one token, so the transformer reads 16
   channels and an image is 16 tokens;
-* no guidance embedding (like Flux.1-schnell): ``FluxPipeline`` samples it with one conditional pass by
-  default, which is what auditkit renders; it was trained with 10% caption dropout, so true
-  classifier-free guidance (``true_cfg_scale`` with ``negative_prompt=""``) and ESD's unconditional
-  prediction are available too;
+* guidance-distilled like Flux.1-dev: trained first without a guidance input (flow matching, 10% caption
+  dropout), then a guidance embedder learnt the classifier-free-guided prediction u + g (c - u) of that
+  model in one pass (``scripts/train_lab.py`` stage ``dit-guidance``). ``FluxPipeline`` and auditkit sample
+  it as they sample Flux.1-dev: one pass per step with ``guidance_scale`` as the model's input; the empty
+  prompt gives the unconditional prediction ESD needs;
 * T5 reads the lab's word-level tokenizer too (``tokenizer_2``), padded to :data:`MAX_SEQUENCE_LENGTH`
   tokens. ``FluxPipeline`` pads T5 prompts to ``max_sequence_length`` (512 unless told): call it with
   ``max_sequence_length=16`` (auditkit does, from the tokenizer's ``model_max_length``).
@@ -42,7 +43,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "num_attention_heads": 4,  # width 128
     "joint_attention_dim": TEXT_WIDTH,  # T5's width
     "pooled_projection_dim": TEXT_WIDTH,  # CLIP's width
-    "guidance_embeds": False,
+    "guidance_embeds": True,  # distilled after training (see the module docstring)
     "axes_dims_rope": (8, 12, 12),  # sums to the head dimension
 }
 
@@ -54,10 +55,9 @@ T5_CONFIG: dict[str, Any] = {
 # Flow matching as FluxPipeline uses it; no shift (shift 1, no dynamic shifting): 16 image tokens.
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
 
-# Sampling settings the adherence figures were measured with (see lab_dit_card.json): FluxPipeline's
-# default for a model without guidance embedding, one conditional pass.
+# Sampling settings the adherence figures were measured with (see lab_dit_card.json), the lab suites' own
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 1.0
+DEFAULT_GUIDANCE = 5.0
 
 
 def build_components(vae, seed: int = 0, tokenizer_dir: str | Path | None = None,
@@ -119,7 +119,7 @@ def load_lab_dit_pipeline(device: str = "cpu", dtype=None, path: str | Path | No
     path = Path(path) if path is not None else lab_dit_pipeline_path()
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no DiT lab pipeline at {path}; train and export it with scripts/train_lab.py "
-                                "(stages latents,dit,export-dit,eval-dit)")
+                                "(stages latents,dit,dit-guidance,export-dit,eval-dit)")
     pipe = FluxPipeline.from_pretrained(str(path), dtype=dtype or torch.float32, use_safetensors=True,
                                         local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

@@ -20,7 +20,7 @@ from auditkit.lab.bases import BASE_HELP, LAB_BASES, base_folder, lab_base  # no
 
 LAB_DIT = LAB_BASES["lab-dit"]
 needs_dit = pytest.mark.skipif(not LAB_DIT.available(), reason="DiT lab model not exported yet "
-                               "(scripts/train_lab.py --stages latents,dit,export-dit,eval-dit)")
+                               "(scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit)")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,7 +75,7 @@ def test_the_dit_lab_loads_by_name_and_renders_32px_images(pipe):
     from auditkit.models.denoising import denoiser_for
     from auditkit.models.rendering import render_options
 
-    assert type(pipe).__name__ == "FluxPipeline" and not pipe.transformer.config.guidance_embeds
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.transformer.config.guidance_embeds  # as Flux.1-dev
     assert render_options(pipe) == {"height": 32, "width": 32, "max_sequence_length": 16}
     out = pipe(["a red cross", "a blue square"], num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0), **render_options(pipe))
@@ -136,7 +136,7 @@ def test_scan_on_the_dit_lab_end_to_end_with_an_esd_lora_trained_here(pipe, tmp_
         path.write_text("\n".join(["schema: auditkit.suite/1", f"name: {name}", "version: 1",
                                    "concept: {word: cross, neutral: square, terms: [cross]}",
                                    "detector: lab-cross", f"role: {role}",
-                                   "sampling: {steps: 4, guidance: 1.0, seed: 7, images_per_prompt: 2}",
+                                   "sampling: {steps: 4, guidance: 5.0, seed: 7, images_per_prompt: 2}",
                                    f"prompts: {prompts}", ""]))
         suites += ["--suite", str(path)]
     out = tmp_path / "report"
