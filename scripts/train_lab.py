@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 STAGES = ("vae", "latents", "unet", "detector", "export", "eval")
 DIT_STAGES = ("dit", "dit-guidance", "export-dit", "eval-dit")
+RESUMABLE = ("vae", "latents", "unet", "detector", "dit", "dit-guidance")
 log = logging.getLogger("lab_training")
 # the command the shipped DiT lab was trained with (recorded in its card)
 TRAIN_DIT_COMMAND = ("python scripts/train_lab.py --work WORK --vae-from auditkit/lab/assets/pipeline/vae "
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.copytree(args.vae_from, work / "vae" / "final")
     (work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    with open(work / "runs.jsonl", "a") as runs:  # every invocation on this work dir, for the card
+        runs.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:]}) + "\n")
     build_tokenizer(work / "tokenizer")  # writes vocab.json + merges.txt
     timings: dict[str, float] = {}
 
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("=== stage %s done in %.1f min", stage, timings[stage] / 60)
         record = work / "timings.json"
         previous = json.loads(record.read_text()) if record.is_file() else {}
-        previous.update({k: round(v, 1) for k, v in timings.items()})
+        # a training stage resumed (or skipped as done) adds its time; export and eval keep their last
+        previous[stage] = round(timings[stage] + (previous.get(stage, 0.0) if stage in RESUMABLE else 0.0), 1)
         record.write_text(json.dumps(previous, indent=1))
     return 0
 
@@ -281,6 +285,9 @@ def run_eval(args: argparse.Namespace, kind: str = "unet") -> None:
         card["model"] = describe(pipe, args.assets / "pipeline-dit")
         if settings.is_file():
             card["training"] = {"command": TRAIN_DIT_COMMAND, "settings": json.loads(settings.read_text())}
+        runs = args.work / "runs.jsonl"
+        if runs.is_file():
+            card.setdefault("training", {})["runs"] = [json.loads(line) for line in runs.read_text().splitlines()]
     (args.assets / card_name).write_text(json.dumps(card, indent=1))
     (out / "adherence.json").write_text(json.dumps(all_figures, indent=1))
 
