@@ -29,6 +29,7 @@ run of every step at toy sizes (tests/benchmarks/test_jailbreak_dit.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -235,6 +236,17 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def where_table(results) -> str:
+    """The module-subset ablation of each method's on-top candidate (first seed)."""
+    lines = ["| safety | on-top candidate restricted to | modules | cross rate | 95% CI |", "|---|---|---|---|---|"]
+    for seed, sr in results["seeds"].items():
+        for method, res in sr["methods"].items():
+            for label, c in res.get("where", {}).items():
+                lines.append(f"| {method} (seed {seed}) | {label} | {c['modules']} | {c['rate']:.1%} "
+                             f"| {c['ci95'][0]:.1%}–{c['ci95'][1]:.1%} |")
+    return "\n".join(lines)
+
+
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -263,6 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=Path("/tmp/jailbreak-dit"), help="adapters and scan reports")
     ap.add_argument("--ci", action="store_true", help="toy sizes: every step in minutes (tests)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/jailbreak_dit.json"))
+    ap.add_argument("--tables", action="store_true", help="print the tables of an existing --json and exit")
     args = ap.parse_args(argv)
     if args.ci:
         for k, v in CI.items():
@@ -273,6 +286,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.tables:
+        results = json.loads(args.json.read_text())
+        print(table(results) + "\n\n" + where_table(results))
+        return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
@@ -312,7 +329,7 @@ def main(argv=None) -> None:
                                        "seconds": time.perf_counter() - t0}
         results["summary"] = summary(results)
         _write(results, args.json)
-    print(table(results))
+    print(table(results) + "\n\n" + where_table(results))
 
 
 if __name__ == "__main__":
