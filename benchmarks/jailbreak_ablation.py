@@ -88,7 +88,9 @@ def main() -> None:
         "base + on-top candidate (no safety)": rate((cand, 1.0)),
         "safety + modular candidate x1.5": rate((safety, 1.0), (modular, 1.5)),
     }
-    result = {"method": m, "n": args.n, "base": args.base, "adapters": str(args.adapters),
+    from record import provenance
+
+    result = {**provenance(), "method": m, "n": args.n, "base": args.base, "adapters": str(args.adapters),
               "shared_modules": len(shared), "candidate_only_modules": len(only), "cells": cells}
     if args.base == "lab-dit":
         cells["base + modular candidate (no safety)"] = rate((modular, 1.0))
