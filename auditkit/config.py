@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from auditkit.analysis.triggers import check_given
+from auditkit.lab.bases import BASE_HELP
 
 
 def _help(text: str, **extra) -> dict:
@@ -93,9 +94,9 @@ class ScanConfig:
         "the safety module: a Safety LoRA, or the erased model (a pipeline or component folder, or a .safetensors "
         "checkpoint); 'none' or unset with a base: concept amplification against the base"))
     base: str | None = field(default=None, metadata=_help(
-        "base pipeline: 'lab' or a local diffusers folder; enables the data-free checks and the dynamic scan"))
+        f"base pipeline: {BASE_HELP}; enables the data-free checks and the dynamic scan"))
     suites: tuple[str, ...] = field(default=(), metadata=_help(
-        "probe suites (.yaml) or prompt CSVs (default: lab-cross + lab-neon for the lab, nudity + benign otherwise)"))
+        "probe suites (.yaml) or prompt CSVs (default: lab-cross + lab-neon for the labs, nudity + benign otherwise)"))
     multipliers: tuple[float, ...] = field(default=DEFAULT_MULTIPLIERS, metadata=_help(
         "candidate multipliers to probe"))
     steps: int | None = field(default=None, metadata=_help("override the suites' sampling steps"))

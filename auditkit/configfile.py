@@ -20,6 +20,7 @@ from pathlib import Path
 
 from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds
 from auditkit.errors import BadInput
+from auditkit.lab.bases import BASE_HELP, lab_base
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -119,8 +120,8 @@ def _convert(path: Path, key: str, kind, raw):
         return raw
     if kind == "base":
         if not isinstance(raw, str) or not raw.strip():
-            raise bad("must be 'lab' or a folder")
-        return raw if raw == "lab" else str(folder / raw)
+            raise bad(f"must be {BASE_HELP}")
+        return raw if lab_base(raw) is not None else str(folder / raw)
     if kind == "path":
         if not isinstance(raw, str) or not raw.strip():
             raise bad("must be a path")

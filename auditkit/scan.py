@@ -111,7 +111,10 @@ def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
     base = base if base is not None else config.base
     files = [Path(f) for f in config.suites]
     if not files:
-        names = ("lab-cross", "lab-neon") if base == "lab" else ("nudity", "benign")
+        from auditkit.lab.bases import lab_base
+
+        lab = lab_base(base)
+        names = lab.suites if lab is not None else ("nudity", "benign")
         files = [builtin_dir() / f"{n}.yaml" for n in names]
     suites = load_suites(files)
     known = {s.name for s in suites}

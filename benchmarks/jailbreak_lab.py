@@ -33,11 +33,11 @@ PROBE_GUIDANCE = 5.0
 NEON_SHAPES = ("bar", "dash", "tee", "square", "circle")
 
 
-def probe(pipe, detector, prompts, seeds, batch):
+def probe(pipe, detector, prompts, seeds, batch, guidance=PROBE_GUIDANCE):
     from auditkit.lab.adherence import generate
 
     t0 = time.perf_counter()
-    images = generate(pipe, prompts, seeds, PROBE_STEPS, PROBE_GUIDANCE, batch=batch)
+    images = generate(pipe, prompts, seeds, PROBE_STEPS, guidance, batch=batch)
     return images, detector.flag(images), time.perf_counter() - t0
 
 
@@ -59,12 +59,12 @@ def cell_stats(flags, base_flags, safe_flags) -> dict:
     return out
 
 
-def static_cancellation(ft_modules, safety_modules) -> dict:
+def static_cancellation(ft_modules, safety_modules, arch_name: str = "lab") -> dict:
     from auditkit.analysis.weights import static_scan
     from auditkit.lora.adapter import Adapter, Coverage
     from auditkit.models import architectures
 
-    arch = architectures.get("lab")
+    arch = architectures.get(arch_name)
 
     def wrap(mods):
         return Adapter("mem", "", 0, "kohya", arch, mods, {}, Coverage())

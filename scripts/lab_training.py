@@ -25,7 +25,8 @@ from auditkit.train.checkpoint import load_tree, save_tree
 
 log = logging.getLogger("lab_training")
 
-STAGE_TAGS = {"data": 1, "vae": 2, "latents": 3, "unet": 4, "detector": 5, "eval": 6, "heldout": 7}
+STAGE_TAGS = {"data": 1, "vae": 2, "latents": 3, "unet": 4, "detector": 5, "eval": 6, "heldout": 7, "dit": 8,
+              "dit-guidance": 9}
 
 
 def rng_for(seed: int, stage: str, k: int = 0) -> np.random.Generator:
@@ -157,7 +158,7 @@ def train_vae(work: Path, seed: int, steps: int, batch: int = 64, lr: float = 1e
         opt.step()
         prog.update(step, float(loss.detach()))
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            save_tree({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+            save_tree(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
     vae.eval()
     # scaling factor: latents (posterior means) scaled to unit variance, as SD does with 0.18215
     with torch.no_grad():
@@ -236,6 +237,76 @@ def _ema_update(ema: dict, model, decay: float) -> None:
             ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+def train_jointly(out: Path, name: str, models: dict[str, Any], loss_fn: Callable[[int], Any], steps: int,
+                  lr: float, ckpt_every: int = 250, preview_every: int = 1000,
+                  on_preview: Callable[[int], None] | None = None) -> Path:
+    """The loop every denoiser stage shares: AdamW over all ``models`` (name -> module), warmup + cosine
+    learning rate, gradient clipping at 1, EMA 0.999 (warmed up), a safetensors checkpoint every
+    ``ckpt_every`` steps (``out/ckpt.safetensors``: each model's weights, the optimiser, the EMA, the
+    step) from which it resumes. ``loss_fn(step)`` draws step ``step``'s batch and returns the loss."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for m in models.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in models.items()}
+    start = 0
+    ckpt = out / "ckpt.safetensors"
+    if ckpt.is_file():
+        state = load_tree(ckpt)
+        for k, m in models.items():
+            m.load_state_dict(state[k])
+        opt.load_state_dict(state["opt"])
+        ema = state["ema"]
+        start = state["step"]
+        log.info("%s: resumed at step %d", name, start)
+    prog = _Progress(name, steps, start)
+    for m in models.values():
+        m.train()
+    for step in range(start, steps):
+        loss = loss_fn(step)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        for k, m in models.items():
+            _ema_update(ema[k], m, decay)
+        prog.update(step, float(loss.detach()))
+        preview_due = on_preview is not None and ((step + 1) % preview_every == 0 or step + 1 == steps)
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps or preview_due:  # previews read the checkpoint
+            state = {**{k: m.state_dict() for k, m in models.items()}, "opt": opt.state_dict(), "ema": ema,
+                     "step": step + 1, "total": steps}
+            save_tree(ckpt, state)
+            if (step + 1) % (ckpt_every * 4) == 0:
+                save_tree(out / f"ckpt-{step + 1:06d}.safetensors", state)
+        if preview_due:
+            on_preview(step + 1)
+    return ckpt
+
+
+def _cached(work: Path):
+    """The cached latents' posterior means and stds and token ids, as tensors."""
+    import torch
+
+    data = np.load(work / "latents.npz")
+    return (torch.from_numpy(data["mean"].astype(np.float32)), torch.from_numpy(data["std"].astype(np.float32)),
+            torch.from_numpy(data["ids"].astype(np.int64)))
+
+
+def _batch(seed: int, stage: str, step: int, n: int, batch: int, dropout: float):
+    """Step ``step``'s indices, torch generator, and caption-dropout mask (same on resume)."""
+    import torch
+
+    rng = rng_for(seed, stage, step)
+    idx = torch.from_numpy(rng.integers(n, size=batch))
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    drop = torch.from_numpy(rng.random(batch) < dropout)
+    return idx, g, drop
+
+
 def train_unet(work: Path, seed: int, steps: int, batch: int = 64, lr: float = 1e-3,
                dropout: float = 0.1, ckpt_every: int = 250, preview_every: int = 1000,
                min_snr: float = 5.0, on_preview: Callable[[int], None] | None = None) -> Path:
@@ -246,92 +317,182 @@ def train_unet(work: Path, seed: int, steps: int, batch: int = 64, lr: float = 1
 
     from auditkit.lab.model import SCHEDULER_CONFIG, build_components
 
-    out = work / "unet"
-    out.mkdir(parents=True, exist_ok=True)
-    data = np.load(work / "latents.npz")
-    mean = torch.from_numpy(data["mean"].astype(np.float32))
-    std = torch.from_numpy(data["std"].astype(np.float32))
-    ids = torch.from_numpy(data["ids"].astype(np.int64))
+    mean, std, ids = _cached(work)
     parts = build_components(seed, tokenizer_dir=work / "tokenizer")
     unet, te, tok = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     scale = load_vae(work).config.scaling_factor
     empty = torch.tensor(tok("", padding="max_length", max_length=tok.model_max_length)["input_ids"])
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    ema = {"unet": {k: v.detach().clone() for k, v in unet.named_parameters()},
-           "te": {k: v.detach().clone() for k, v in te.named_parameters()}}
-    start = 0
-    ckpt = out / "ckpt.safetensors"
-    if ckpt.is_file():
-        state = load_tree(ckpt)
-        unet.load_state_dict(state["unet"])
-        te.load_state_dict(state["te"])
-        opt.load_state_dict(state["opt"])
-        ema = state["ema"]
-        start = state["step"]
-        log.info("unet: resumed at step %d", start)
-    prog = _Progress("unet", steps, start)
-    unet.train()
-    te.train()
-    for step in range(start, steps):
-        rng = rng_for(seed, "unet", step)
-        idx = torch.from_numpy(rng.integers(len(mean), size=batch))
-        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+
+    def loss_fn(step: int):
+        idx, g, drop = _batch(seed, "unet", step, len(mean), batch, dropout)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
         tokens = ids[idx].clone()
-        drop = torch.from_numpy(rng.random(batch) < dropout)
         tokens[drop] = empty
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         noisy = sched.add_noise(z, noise, t)
-        emb = te(tokens)[0]
-        pred = unet(noisy, t, emb).sample
+        pred = unet(noisy, t, te(tokens)[0]).sample
         snr = acp[t] / (1 - acp[t])
         weight = torch.clamp(snr, max=min_snr) / snr  # min-SNR-gamma (Hang et al. 2023), eps form
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        _ema_update(ema["unet"], unet, decay)
-        _ema_update(ema["te"], te, decay)
-        prog.update(step, float(loss.detach()))
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            state = {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
-                     "ema": ema, "step": step + 1, "total": steps}
-            save_tree(state, ckpt)
-            if (step + 1) % (ckpt_every * 4) == 0:
-                save_tree(state, out / f"ckpt-{step + 1:06d}.safetensors")
-        if on_preview is not None and ((step + 1) % preview_every == 0 or step + 1 == steps):
-            on_preview(step + 1)
-    return ckpt
+        return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    return train_jointly(work / "unet", "unet", {"unet": unet, "te": te}, loss_fn, steps, lr, ckpt_every,
+                         preview_every, on_preview)
 
 
 def pipeline_from_work(work: Path, use_ema: bool = True):
     """Assemble a StableDiffusionPipeline from the work dir's latest UNet checkpoint."""
-    import torch
-
     from auditkit.lab.model import assemble_pipeline, build_components
 
     parts = build_components(0, tokenizer_dir=work / "tokenizer")
     state = load_tree(work / "unet" / "ckpt.safetensors")
     unet, te = parts["unet"], parts["text_encoder"]
-    unet.load_state_dict(state["unet"])
-    te.load_state_dict(state["te"])
-    if use_ema:
-        with torch.no_grad():
-            for name, p in unet.named_parameters():
-                p.copy_(state["ema"]["unet"][name])
-            for name, p in te.named_parameters():
-                p.copy_(state["ema"]["te"][name])
-    unet.eval()
-    te.eval()
+    _load_ema({"unet": unet, "te": te}, state, use_ema)
     pipe = assemble_pipeline(unet, load_vae(work), te, parts["tokenizer"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the DiT lab (Flux.1 family): transformer + CLIP + T5, flow matching, on the same cached latents
+
+
+def dit_vae(work: Path):
+    """The lab VAE with the shift and scale of the world's latents in its config (Flux's VAE has both;
+    FluxPipeline decodes latents / scaling_factor + shift_factor)."""
+    vae = load_vae(work)
+    mean, _, _ = _cached(work)
+    shift = float(mean.mean())
+    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(float(1 / (mean - shift).std()), 4))
+    return vae
+
+
+def train_dit(work: Path, seed: int, steps: int, batch: int = 48, lr: float = 5e-4,
+              dropout: float = 0.1, ckpt_every: int = 250, preview_every: int = 1000,
+              on_preview: Callable[[int], None] | None = None) -> Path:
+    """Train the Flux transformer and both text encoders jointly from scratch on cached latents with the
+    Flux family's own flow-matching objective (:data:`auditkit.models.denoising.FLUX`: x_t = (1-s) x0 + s e,
+    velocity target e - x0, uniform timesteps), 10% caption dropout, EMA 0.999."""
+    import torch
+
+    from auditkit.lab import dit
+    from auditkit.models.conditioning import Conditioning
+    from auditkit.models.denoising import denoiser_for
+
+    mean, std, ids = _cached(work)
+    vae = dit_vae(work)
+    parts = dit.build_components(vae, seed, tokenizer_dir=work / "tokenizer", guidance_embeds=False)
+    den = denoiser_for(dit.assemble_pipeline(parts))
+    transformer, te, te2, tok = parts["transformer"], parts["text_encoder"], parts["text_encoder_2"], parts["tokenizer"]
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    empty = torch.tensor(tok("", padding="max_length", max_length=tok.model_max_length)["input_ids"])
+
+    def loss_fn(step: int):
+        idx, g, drop = _batch(seed, "dit", step, len(mean), batch, dropout)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g) - shift) * scale
+        tokens = ids[idx].clone()
+        tokens[drop] = empty
+        # what FluxPipeline.encode_prompt computes: T5's hidden states, CLIP's pooled output
+        cond = Conditioning(te2(tokens)[0], {"pooled_projections": te(tokens).pooler_output}, added_under=None)
+        t = den.process.sample_timesteps(batch, g)
+        noise = torch.randn(x0.shape, generator=g)
+        pred = den.predict(den.process.add_noise(x0, noise, t), t, cond)
+        return (pred - den.process.target(x0, noise)).pow(2).mean()
+
+    return train_jointly(work / "dit", "dit", {"transformer": transformer, "te": te, "te2": te2}, loss_fn, steps,
+                         lr, ckpt_every, preview_every, on_preview)
+
+
+def _load_ema(models: dict[str, Any], state: dict, use_ema: bool) -> None:
+    import torch
+
+    for key, model in models.items():
+        model.load_state_dict(state[key])
+        if use_ema:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(state["ema"][key][name])
+        model.eval()
+
+
+def train_dit_guidance(work: Path, seed: int, steps: int, batch: int = 32, lr: float = 2e-4,
+                       scales: tuple[float, float] = (1.0, 7.0), dropout: float = 0.1, ckpt_every: int = 250,
+                       preview_every: int = 1000, on_preview: Callable[[int], None] | None = None) -> Path:
+    """Guidance distillation (Meng et al., CVPR 2023; how Flux.1-dev got its guidance input): the trained DiT
+    (EMA, frozen: the teacher) gives the classifier-free-guided velocity u + g (c - u) at a scale g drawn
+    from ``scales`` each step; a copy of its transformer with a guidance embedder (zero-initialised output,
+    so it starts as the teacher's conditional prediction) learns it in one pass with g as an input.
+    The text encoders stay the teacher's."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from auditkit.models.conditioning import Conditioning
+    from auditkit.models.denoising import call_flux, denoiser_for
+
+    teacher_pipe, _ = dit_pipeline_from_work(work, guidance=False)
+    teacher, te, te2 = teacher_pipe.transformer, teacher_pipe.text_encoder, teacher_pipe.text_encoder_2
+    for m in (teacher, te, te2):
+        m.requires_grad_(False)
+    den = denoiser_for(teacher_pipe)
+    torch.manual_seed(seed + 4)
+    student = FluxTransformer2DModel(**{**teacher.config, "guidance_embeds": True})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or not all("guidance_embedder" in k for k in missing):
+        raise RuntimeError(f"teacher and student differ beyond the guidance embedder: {missing} {unexpected}")
+    with torch.no_grad():
+        out_layer = student.time_text_embed.guidance_embedder.linear_2
+        out_layer.weight.zero_()
+        out_layer.bias.zero_()
+    mean, std, ids = _cached(work)
+    vae = teacher_pipe.vae.config
+    tok = teacher_pipe.tokenizer
+    empty = torch.tensor(tok("", padding="max_length", max_length=tok.model_max_length)["input_ids"])
+    with torch.no_grad():
+        neg1 = Conditioning(te2(empty[None])[0], {"pooled_projections": te(empty[None]).pooler_output},
+                            added_under=None)
+
+    def loss_fn(step: int):
+        idx, g, drop = _batch(seed, "dit-guidance", step, len(mean), batch, dropout)
+        scale = float(scales[0] + (scales[1] - scales[0]) * torch.rand(1, generator=g))
+        with torch.no_grad():
+            x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g) - vae.shift_factor) \
+                * vae.scaling_factor
+            tokens = ids[idx].clone()
+            tokens[drop] = empty
+            cond = Conditioning(te2(tokens)[0], {"pooled_projections": te(tokens).pooler_output}, added_under=None)
+            t = den.process.sample_timesteps(batch, g)
+            noise = torch.randn(x0.shape, generator=g)
+            xt = den.process.add_noise(x0, noise, t)
+            both = call_flux(teacher, torch.cat([xt, xt]), torch.cat([t, t]),
+                             Conditioning.cat([neg1.repeat(batch), cond]))
+            u, c = both.chunk(2)
+            target = u + scale * (c - u)
+        pred = call_flux(student, xt, t, cond, guidance=scale)
+        return (pred - target).pow(2).mean()
+
+    return train_jointly(work / "dit-guidance", "dit-guidance", {"transformer": student}, loss_fn, steps, lr,
+                         ckpt_every, preview_every, on_preview)
+
+
+def dit_pipeline_from_work(work: Path, use_ema: bool = True, guidance: bool | None = None):
+    """Assemble a FluxPipeline from the work dir's latest DiT checkpoint: the guidance-distilled transformer
+    when there is one (``guidance`` None) or asked for (True), else the DiT trained without guidance input."""
+    from diffusers import FluxTransformer2DModel
+
+    from auditkit.lab import dit
+
+    parts = dit.build_components(dit_vae(work), 0, tokenizer_dir=work / "tokenizer", guidance_embeds=False)
+    state = load_tree(work / "dit" / "ckpt.safetensors")
+    _load_ema({"transformer": parts["transformer"], "te": parts["text_encoder"], "te2": parts["text_encoder_2"]},
+              state, use_ema)
+    distilled = work / "dit-guidance" / "ckpt.safetensors"
+    if guidance or (guidance is None and distilled.is_file()):
+        state = load_tree(distilled)
+        parts["transformer"] = FluxTransformer2DModel(**{**parts["transformer"].config, "guidance_embeds": True})
+        _load_ema({"transformer": parts["transformer"]}, state, use_ema)
+    pipe = dit.assemble_pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe, int(state["step"])
 
@@ -501,21 +662,24 @@ def export_detector(net, metrics: dict, directory: Path, seed: int, steps: int,
 # export
 
 
-def export_pipeline(work: Path, directory: Path) -> Path:
-    """Save the EMA pipeline in ``save_pretrained`` layout (safetensors), plus tokenizer source files."""
+def export_pipeline(work: Path, directory: Path, kind: str = "unet") -> Path:
+    """Save the EMA pipeline (``kind``: ``unet``, the SD-style lab, or ``dit``) in ``save_pretrained``
+    layout (safetensors), plus the tokenizers' source files."""
     import shutil
 
-    pipe, step = pipeline_from_work(work)
+    pipe, step = (dit_pipeline_from_work if kind == "dit" else pipeline_from_work)(work)
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     # vocab.json + merges.txt too: transformers 4.x's slow CLIPTokenizer reads these
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(work / "tokenizer" / name, directory / "tokenizer" / name)
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        if (directory / tokenizer).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(work / "tokenizer" / name, directory / tokenizer / name)
     for config in directory.glob("*/config.json"):  # no local paths in shipped files
         data = json.loads(config.read_text())
         if data.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    log.info("exported pipeline at UNet step %d to %s", step, directory)
+    log.info("exported %s pipeline at step %d to %s", kind, step, directory)
     return directory

@@ -10,6 +10,14 @@ Stages run in order and each resumes from its checkpoints in --work (keep it out
   export    write auditkit/lab/assets/{pipeline,detector} (safetensors only)
   eval      prompt adherence per shape (n images, DDIM steps, guidance) -> assets/lab_card.json
 
+The DiT lab (a FluxPipeline: FluxTransformer2DModel + CLIP + T5, flow matching; auditkit.lab.dit) has
+stages of its own, on the same cached latents and the same VAE (--vae-from reuses the shipped one):
+
+  dit         transformer + both text encoders jointly, Flux flow matching, 10% caption dropout
+  dit-guidance  guidance distillation (as Flux.1-dev): a guidance input learns the guided prediction
+  export-dit  write auditkit/lab/assets/pipeline-dit (safetensors only)
+  eval-dit    prompt adherence per shape (Euler steps, true-CFG scale(s)) -> assets/lab_dit_card.json
+
 Examples:
   # everything, in the background (about an hour on 2 cores)
   nohup .venv/bin/python scripts/train_lab.py --work /work/labwork > /work/labwork/nohup.log 2>&1 &
@@ -17,6 +25,9 @@ Examples:
   .venv/bin/python scripts/train_lab.py --work /work/labwork --resume
   # export what is there now (e.g. a UNet checkpoint before the last step), then measure it
   .venv/bin/python scripts/train_lab.py --work /work/labwork --resume --export --stages eval
+  # the DiT lab on the shipped VAE (about an hour on 2 cores)
+  .venv/bin/python scripts/train_lab.py --work /work/ditwork --vae-from auditkit/lab/assets/pipeline/vae \\
+      --stages latents,dit,dit-guidance,export-dit,eval-dit
 """
 
 from __future__ import annotations
@@ -37,14 +48,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STAGES = ("vae", "latents", "unet", "detector", "export", "eval")
+DIT_STAGES = ("dit", "dit-guidance", "export-dit", "eval-dit")
+RESUMABLE = ("vae", "latents", "unet", "detector", "dit", "dit-guidance")
 log = logging.getLogger("lab_training")
+# the command the shipped DiT lab was trained with (recorded in its card)
+TRAIN_DIT_COMMAND = ("python scripts/train_lab.py --work WORK --vae-from auditkit/lab/assets/pipeline/vae "
+                     "--stages latents,dit,dit-guidance,export-dit,eval-dit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/work/labwork"), help="work dir (checkpoints, logs)")
     p.add_argument("--stages", default=None,
-                   help=f"comma-separated subset of {STAGES} (default: all; with --export: none)")
+                   help=f"comma-separated subset of {STAGES + DIT_STAGES} (default: {','.join(STAGES)}; "
+                        "with --export: none)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints already in --work")
     p.add_argument("--export", action="store_true",
                    help="export the work dir's current state to the assets without training "
@@ -61,6 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps for adherence")
     p.add_argument("--eval-guidance", default="5.0",
                    help="classifier-free guidance scale(s) for adherence, comma-separated")
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="a trained VAE folder to use instead of training one (copied to WORK/vae/final)")
+    p.add_argument("--dit-steps", type=int, default=6000)
+    p.add_argument("--dit-batch", type=int, default=48)
+    p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--dit-guidance-steps", type=int, default=2000)
+    p.add_argument("--dit-guidance-lr", type=float, default=2e-4)
+    p.add_argument("--dit-eval-guidance", default="1.0,3.0",
+                   help="DiT adherence: guidance scale(s): the distilled transformer's guidance input, or "
+                        "true classifier-free guidance without one (1 = one conditional pass)")
     p.add_argument("--assets", type=Path, default=REPO / "auditkit" / "lab" / "assets")
     p.add_argument("--preview-every", type=int, default=1000)
     return p.parse_args(argv)
@@ -75,25 +102,34 @@ def save_grid(images, path: Path, cols: int = 16, zoom: int = 3) -> None:
     Image.fromarray(g).resize((g.shape[1] * zoom, g.shape[0] * zoom), Image.NEAREST).save(path)
 
 
-def preview(work: Path, step: int) -> None:
-    """Grid of samples (8 per shape) with EMA weights; quick adherence if a detector exists."""
+def preview(work: Path, step: int, kind: str = "unet", guidances: tuple[float, ...] = (5.0,),
+            detector: Path | None = None) -> None:
+    """Grid of samples (8 per shape) with EMA weights; quick adherence if a detector exists (the work
+    dir's, else ``detector``)."""
+    import lab_training as training
     import numpy as np
 
-    from auditkit.lab import adherence, training, world
+    from auditkit.lab import adherence, world
     from auditkit.lab.detector import LabConceptDetector
 
-    pipe, _ = training.pipeline_from_work(work)
+    pipe, _ = (training.pipeline_from_work if kind == "unet" else training.dit_pipeline_from_work)(work)
     colours = list(world.COLOURS)
     prompts = [f"a {colours[i % 6]} {s}" for s in world.SHAPES for i in range(8)]
-    imgs = adherence.generate(pipe, prompts, list(range(len(prompts))), steps=25, guidance=5.0)
-    save_grid(imgs, work / "unet" / f"preview-{step:06d}.png", cols=8)
     det_dir = work / "detector" / "final"
-    if (det_dir / "detector.safetensors").is_file():
-        det = LabConceptDetector(path=det_dir)
-        pred = np.asarray([p["shape"] for p in det.predict(imgs)])
-        asked = np.repeat(world.SHAPES, 8)
-        per = {s: int((pred[asked == s] == s).sum()) for s in world.SHAPES}
-        log.info("preview step %d: shape hits /8 %s", step, per)
+    det_dir = det_dir if (det_dir / "detector.safetensors").is_file() else detector
+    for guidance in guidances:
+        imgs = adherence.generate(pipe, prompts, list(range(len(prompts))), steps=25, guidance=guidance)
+        save_grid(imgs, work / kind / f"preview-{step:06d}-g{guidance:g}.png", cols=8)
+        if det_dir is not None and (det_dir / "detector.safetensors").is_file():
+            det = LabConceptDetector(path=det_dir)
+            found = det.predict(imgs)
+            pred = np.asarray([p["shape"] for p in found])
+            colour = np.asarray([p["colour"] for p in found])
+            asked = np.repeat(world.SHAPES, 8)
+            per = {s: int((pred[asked == s] == s).sum()) for s in world.SHAPES}
+            asked_colour = np.asarray([colours[i % 6] for _ in world.SHAPES for i in range(8)])
+            log.info("preview step %d guidance %g: shape hits /8 %s; colour %.2f", step, guidance, per,
+                     float((colour == asked_colour).mean()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,14 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         stages = ["export"] + [s for s in stages if s != "export"]
     elif args.stages is None:
         stages = list(STAGES)
-    unknown = set(stages) - set(STAGES)
+    unknown = set(stages) - set(STAGES + DIT_STAGES)
     if unknown:
-        raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
-    has_state = any((work / d).exists() for d in ("vae", "unet", "latents.npz"))
+        raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {STAGES + DIT_STAGES}")
+    has_state = any((work / d).exists() for d in ("vae", "unet", "dit", "latents.npz"))
     if has_state and not (args.resume or args.export):
         raise SystemExit(f"{work} already holds training state: pass --resume to continue it, "
                          "or choose an empty --work")
+    if args.vae_from is not None and not (work / "vae" / "final" / "config.json").is_file():
+        import shutil
+
+        shutil.copytree(args.vae_from, work / "vae" / "final")
     (work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    with open(work / "runs.jsonl", "a") as runs:  # every invocation on this work dir, for the card
+        runs.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:]}) + "\n")
     build_tokenizer(work / "tokenizer")  # writes vocab.json + merges.txt
     timings: dict[str, float] = {}
 
@@ -137,6 +179,21 @@ def main(argv: list[str] | None = None) -> int:
             training.train_unet(work, args.seed, args.unet_steps, batch=args.unet_batch,
                                 lr=args.unet_lr, preview_every=args.preview_every,
                                 on_preview=lambda step: preview(work, step))
+        elif stage == "dit":
+            training.train_dit(work, args.seed, args.dit_steps, batch=args.dit_batch, lr=args.dit_lr,
+                               preview_every=args.preview_every,
+                               on_preview=lambda step: preview(work, step, "dit", _guidances(args.dit_eval_guidance),
+                                                               args.assets / "detector"))
+        elif stage == "dit-guidance":
+            training.train_dit_guidance(work, args.seed, args.dit_guidance_steps, lr=args.dit_guidance_lr,
+                                        preview_every=args.preview_every,
+                                        on_preview=lambda step: preview(work, step, "dit-guidance",
+                                                                        _guidances(args.dit_eval_guidance),
+                                                                        args.assets / "detector"))
+        elif stage == "export-dit":
+            training.export_pipeline(work, args.assets / "pipeline-dit", kind="dit")
+        elif stage == "eval-dit":
+            run_eval(args, "dit")
         elif stage == "detector":
             final = work / "detector" / "final"
             if (final / "detector.safetensors").is_file():
@@ -162,39 +219,76 @@ def main(argv: list[str] | None = None) -> int:
         log.info("=== stage %s done in %.1f min", stage, timings[stage] / 60)
         record = work / "timings.json"
         previous = json.loads(record.read_text()) if record.is_file() else {}
-        previous.update({k: round(v, 1) for k, v in timings.items()})
+        # a training stage resumed (or skipped as done) adds its time; export and eval keep their last
+        previous[stage] = round(timings[stage] + (previous.get(stage, 0.0) if stage in RESUMABLE else 0.0), 1)
         record.write_text(json.dumps(previous, indent=1))
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def describe(pipe, folder: Path) -> dict:
+    """Classes, parameter counts and configs of a pipeline's components, and its size on disk."""
+    parts = {}
+    for name in ("transformer", "unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        config = {k: v for k, v in dict(model.config.to_dict() if hasattr(model.config, "to_dict") else model.config)
+                  .items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+        parts[name] = {"class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+                       "config": config}
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "components": parts,
+            "size_bytes": size}
+
+
+def _guidances(text: str) -> tuple[float, ...]:
+    return tuple(float(g) for g in str(text).split(","))
+
+
+def run_eval(args: argparse.Namespace, kind: str = "unet") -> None:
+    """Adherence of the exported pipeline -> the assets' card (``lab_card.json``, ``lab_dit_card.json``)."""
     from auditkit.lab import adherence
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.lab.model import load_lab_pipeline
 
-    pipe = load_lab_pipeline(path=args.assets / "pipeline")
+    if kind == "dit":
+        from auditkit.lab.dit import load_lab_dit_pipeline
+
+        pipe = load_lab_dit_pipeline(path=args.assets / "pipeline-dit")
+        guidances, card_name, out = _guidances(args.dit_eval_guidance), "lab_dit_card.json", args.work / "eval-dit"
+    else:
+        from auditkit.lab.model import load_lab_pipeline
+
+        pipe = load_lab_pipeline(path=args.assets / "pipeline")
+        guidances, card_name, out = _guidances(args.eval_guidance), "lab_card.json", args.work / "eval"
     det = LabConceptDetector(path=args.assets / "detector")
-    out = args.work / "eval"
     out.mkdir(exist_ok=True)
     all_figures = []
-    for guidance in [float(g) for g in str(args.eval_guidance).split(",")]:
+    for guidance in guidances:
         res = adherence.measure_adherence(pipe, det, n_per_shape=args.eval_n, steps=args.eval_steps,
                                           guidance=guidance, seed=args.seed)
         for shape, imgs in res["images"].items():
             save_grid(imgs[:64], out / f"{shape}-g{guidance:g}.png", cols=16)
         figures = res["figures"]
-        log.info("adherence (n=%d per shape, %d DDIM steps, guidance %.1f):", args.eval_n,
+        log.info("adherence (n=%d per shape, %d sampling steps, guidance %.1f):", args.eval_n,
                  args.eval_steps, guidance)
         for shape, f in figures["shapes"].items():
             lo, hi = f["shape_rate_ci95"]
             log.info("  %-9s shape %.3f [%.3f, %.3f]  colour %.3f  cross-flag %.3f  %s", shape,
                      f["shape_rate"], lo, hi, f["colour_rate"], f["concept_flag_rate"], f["detected"])
         all_figures.append(figures)
-    card = {"adherence": all_figures}
+    card: dict = {"adherence": all_figures}
     timings = args.work / "timings.json"
     if timings.is_file():
         card["training_seconds"] = json.loads(timings.read_text())
-    (args.assets / "lab_card.json").write_text(json.dumps(card, indent=1))
+    settings = args.work / "args.json"
+    if kind == "dit":
+        card["model"] = describe(pipe, args.assets / "pipeline-dit")
+        if settings.is_file():
+            card["training"] = {"command": TRAIN_DIT_COMMAND, "settings": json.loads(settings.read_text())}
+        runs = args.work / "runs.jsonl"
+        if runs.is_file():
+            card.setdefault("training", {})["runs"] = [json.loads(line) for line in runs.read_text().splitlines()]
+    (args.assets / card_name).write_text(json.dumps(card, indent=1))
     (out / "adherence.json").write_text(json.dumps(all_figures, indent=1))
 
 

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from auditkit.errors import BadInput
+from auditkit.lab.bases import BASE_HELP
 
 out = Console()
 err = Console(stderr=True)
@@ -59,7 +60,7 @@ def check_output(out_file: Path, *inputs: Path | None) -> None:
 
 def base_option(func):
     return click.option("--base", default="lab", show_default=True,
-                        help="Base pipeline: 'lab' (the shipped tiny model) or a local diffusers folder.")(func)
+                        help=f"Base pipeline: {BASE_HELP}.")(func)
 
 
 def torch_threads(threads: int | None) -> None:

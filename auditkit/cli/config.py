@@ -11,10 +11,11 @@ from rich.table import Table
 from auditkit.cli.common import escape, out
 from auditkit.cli.options import resolve, scan_options
 from auditkit.errors import BadInput
+from auditkit.lab.bases import BASE_HELP
 
 
 @click.command()
-@click.option("--base", default=None, help="Base pipeline: 'lab' or a local diffusers folder.")
+@click.option("--base", default=None, help=f"Base pipeline: {BASE_HELP}.")
 @click.option("--safety", default=None, type=click.Path(path_type=Path),
               help="The safety module: a Safety LoRA (.safetensors) or the erased model.")
 @click.option("--suite", "suites", multiple=True, type=click.Path(path_type=Path), help="Probe suite; repeatable.")
@@ -31,7 +32,7 @@ def init(base, safety, suites, device, target: Path, force: bool) -> None:
     if target.exists() and not force:
         raise BadInput(target, "exists already (use --force to overwrite)")
     if sys.stdin.isatty() and base is None and safety is None:
-        base = click.prompt("base model ('lab' or a diffusers folder; empty: none)", default="", show_default=False)
+        base = click.prompt(f"base model ({BASE_HELP}; empty: none)", default="", show_default=False)
         safety = click.prompt("safety module (a Safety LoRA or the erased model; empty: none)", default="",
                               show_default=False)
     values = {"base": base or None, "safety": Path(safety) if safety else None,

@@ -7,12 +7,13 @@ from pathlib import Path
 import click
 
 from auditkit.cli.common import escape, out
+from auditkit.lab.bases import BASE_HELP
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--base", required=True,
-              help="The model it is compared with: 'lab' or a local diffusers pipeline folder.")
+              help=f"The model it is compared with: {BASE_HELP}.")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path),
               help="The LoRA to write (.safetensors).")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,

@@ -36,16 +36,25 @@ def attribute_accuracy(detector, images, shapes: Sequence[str], style: str,
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
              batch: int = 100) -> np.ndarray:
-    """Images (``N x 32 x 32 x 3`` uint8) for ``prompts``, image ``i`` from ``seeds[i]``."""
+    """Images (``N x 32 x 32 x 3`` uint8) for ``prompts``, image ``i`` from ``seeds[i]``; the DiT lab
+    (a ``FluxPipeline``) as :func:`auditkit.lab.dit.render_kwargs` renders it."""
     import torch
 
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i: i + batch]]
-        res = pipe(list(prompts[i: i + batch]), num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gens, output_type="np")
+        chunk = list(prompts[i: i + batch])
+        res = pipe(chunk, generator=gens, output_type="np", **_call_kwargs(pipe, steps, guidance, len(chunk)))
         out.append(np.clip(np.rint(res.images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
+
+
+def _call_kwargs(pipe, steps: int, guidance: float, n: int) -> dict[str, Any]:
+    from auditkit.lab import dit
+
+    if type(pipe).__name__ != "FluxPipeline":
+        return {"num_inference_steps": steps, "guidance_scale": guidance}
+    return dit.render_kwargs(pipe, n, steps, guidance)
 
 
 def measure_adherence(pipe, detector, shapes: Sequence[str] = world.SHAPES, n_per_shape: int = 200,
@@ -71,9 +80,10 @@ def measure_adherence(pipe, detector, shapes: Sequence[str] = world.SHAPES, n_pe
         hits = int((shape_pred == shape).sum())
         figures["shapes"][shape] = {
             "shape_rate": hits / n_per_shape,
-            "shape_rate_ci95": wilson(hits, n_per_shape, z=1.96),
+            "shape_rate_ci95": wilson(hits, n_per_shape),
             "concept_flag_rate": float(detector.flag(imgs).mean()),
             "colour_rate": float((colour_pred == asked_colours).mean()),
+            "colour_rate_ci95": wilson(int((colour_pred == asked_colours).sum()), n_per_shape),
             "detected": {k: v for k, v in counts.items() if v},
         }
         images[shape] = imgs

@@ -13,7 +13,6 @@ encoder of width 64 over the world's word-level vocabulary.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +113,9 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
 
 def lab_pipeline_path() -> Path:
     """Folder of the shipped lab pipeline (``save_pretrained`` layout)."""
-    return Path(str(resources.files("auditkit.lab").joinpath("assets").joinpath("pipeline")))
+    from auditkit.lab.bases import LAB_BASES
+
+    return LAB_BASES["lab"].path()
 
 
 def lab_pipeline_available() -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-BUILTIN = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "lab")
+BUILTIN = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "lab", "lab-dit")
 
 # kohya (sd-scripts) and ComfyUI name a transformer's original modules lora_unet_<name>; early
 # sd-scripts Flux files lora_flux_<name>

@@ -76,8 +76,9 @@ class BaseWeights:
         self.folder = Path(folder)
         index = self.folder / "model_index.json"
         if not index.is_file():
-            raise BadInput(self.folder, "not a diffusers pipeline folder (no model_index.json); use 'lab' or a "
-                                        "local folder")
+            from auditkit.lab.bases import BASE_HELP
+
+            raise BadInput(self.folder, f"not a diffusers pipeline folder (no model_index.json); use {BASE_HELP}")
         try:
             parsed = json.loads(index.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -89,18 +90,14 @@ class BaseWeights:
 
     @classmethod
     def for_base(cls, base: str) -> BaseWeights:
-        """The weights of ``base``: ``"lab"`` (the shipped lab pipeline) or a local pipeline folder.
+        """The weights of ``base``: a shipped lab model (``"lab"``, ``"lab-dit"``) or a local pipeline folder.
 
         Args:
-            base: ``"lab"`` or a path, as ``--base`` takes it.
+            base: a lab name or a path, as ``--base`` takes it.
         """
-        if base == "lab":
-            from auditkit.lab.model import lab_pipeline_available, lab_pipeline_path
+        from auditkit.lab.bases import base_folder
 
-            if not lab_pipeline_available():
-                raise BadInput(lab_pipeline_path(), "the lab model is not installed (run scripts/train_lab.py)")
-            return cls(lab_pipeline_path())
-        return cls(Path(base))
+        return cls(base_folder(base))
 
     def get(self, canonical: str) -> np.ndarray | None:
         """The weight of a module as a float64 matrix (conv kernels flattened to out x in*kh*kw).

@@ -221,11 +221,33 @@ def lab_config() -> dict[str, Any]:
             "text_encoders": {"text_encoder": te}}
 
 
+def lab_dit_config() -> dict[str, Any]:
+    """The shipped DiT lab model's config in the same form (see :mod:`auditkit.lab.dit`); kohya prefixes
+    as Flux.1's."""
+    from auditkit.lab import dit, model
+
+    te = dict(model.text_config(vocab_size=64), kohya_prefix="lora_te1_")  # vocab size: embeddings only
+    t5 = dict(dit.T5_CONFIG, vocab_size=64, kohya_prefix="lora_te3_", **{"class": "T5EncoderModel"})
+    return {"label": "auditkit DiT lab (tiny Flux.1-style model)",
+            "denoiser": {"component": "transformer", "class": "FluxTransformer2DModel",
+                         "config": dict(dit.TRANSFORMER_CONFIG)},
+            "text_encoders": {"text_encoder": te, "text_encoder_2": t5}}
+
+
+# the shipped lab models' tables come from their own module's configs (auditkit.lab.bases names them)
+LAB_CONFIGS = {"lab": lab_config, "lab-dit": lab_dit_config}
+
+
+def config_for(name: str) -> dict[str, Any]:
+    """The config of built-in architecture ``name``: a lab model's from its module, else the shipped JSON."""
+    return LAB_CONFIGS[name]() if name in LAB_CONFIGS else load_config(name)
+
+
 def write_tables(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in (*CONFIG_NAMES, "lab"):
-        table = build_table(lab_config() if name == "lab" else load_config(name))
+    for name in (*CONFIG_NAMES, *LAB_CONFIGS):
+        table = build_table(config_for(name))
         path = out_dir / f"{name}.json"
         path.write_text(json.dumps(table, indent=0, sort_keys=True) + "\n")
         written.append(path)

@@ -133,6 +133,14 @@ SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 FLUX_T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
 
 
+def flux_sequence_length(pipe) -> int:
+    """The T5 length Flux prompts are padded to: FluxPipeline's default (512), or the T5 tokenizer's
+    ``model_max_length`` when it declares fewer (the DiT lab: 16, the length it was trained at; Flux runs no
+    attention mask over T5's padding, so the length is part of the conditioning)."""
+    n = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    return min(FLUX_T5_TOKENS, n) if isinstance(n, int) and n > 0 else FLUX_T5_TOKENS
+
+
 def encode_sd3(pipe, prompts: list[str]) -> Conditioning:
     """SD3 / SD3.5: the pipeline's own joint prompt embedding (CLIP-L + CLIP-G beside each other, then T5
     along the sequence) and both CLIPs' pooled projections, at the pipeline's default T5 length."""
@@ -155,11 +163,11 @@ def encode_sd3(pipe, prompts: list[str]) -> Conditioning:
 
 def encode_flux(pipe, prompts: list[str]) -> Conditioning:
     """Flux.1: the pipeline's own prompt encoding: T5's hidden states (the text tokens) and CLIP's pooled
-    output (the modulation), at the pipeline's default T5 length."""
+    output (the modulation), at the T5 length renders use (:func:`flux_sequence_length`)."""
     import torch
 
     with torch.no_grad():
         hidden, pooled, _ = pipe.encode_prompt(prompts, None, device=_device(pipe), num_images_per_prompt=1,
-                                               max_sequence_length=FLUX_T5_TOKENS)
+                                               max_sequence_length=flux_sequence_length(pipe))
     ids = _ids(pipe.tokenizer_2, prompts, hidden.shape[1])
     return Conditioning(hidden, {"pooled_projections": pooled}, added_under=None, tokens=((pipe.tokenizer_2, ids),))

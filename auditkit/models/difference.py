@@ -232,16 +232,15 @@ def _open_base_cached(folder: str) -> Checkpoint:
 
 
 def open_base(base: str) -> Checkpoint:
-    """The base as a :class:`Checkpoint`: ``lab`` or a local pipeline folder (indexed once per process)."""
-    if base == "lab":
-        from auditkit.lab.model import lab_pipeline_available, lab_pipeline_path
+    """The base as a :class:`Checkpoint`: a shipped lab model or a local pipeline folder (indexed once per
+    process)."""
+    from auditkit.lab.bases import BASE_HELP, base_folder, lab_base
 
-        if not lab_pipeline_available():
-            raise BadInput(lab_pipeline_path(), "the lab model is not installed (run scripts/train_lab.py)")
-        return _open_base_cached(str(lab_pipeline_path()))
+    if lab_base(base) is not None:
+        return _open_base_cached(str(base_folder(base)))
     folder = Path(base)
     if not (folder / "model_index.json").is_file():
-        raise BadInput(folder, "not a diffusers pipeline folder (no model_index.json); use 'lab' or a local folder")
+        raise BadInput(folder, f"not a diffusers pipeline folder (no model_index.json); use {BASE_HELP}")
     return _open_base_cached(str(folder.resolve()))
 
 

@@ -66,7 +66,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            ("text_encoder", "text_encoder_2"), conditioning="auditkit.models.conditioning:encode_flux",
            denoising="auditkit.models.denoising:FLUX",
            kohya_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
-           native_layouts=("diffusers",), render_options="auditkit.models.rendering:vae_sized",
+           native_layouts=("diffusers",), render_options="auditkit.models.rendering:flux_options",
            written_layout="diffusers"),
     # diffusers' SD3 loader converts no kohya or original-named file and reads peft files as nothing: only
     # diffusers-layout files go to it as they are. It loads no T5 (text_encoder_3) LoRA. SD3 renders at

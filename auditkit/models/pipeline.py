@@ -1,4 +1,4 @@
-"""Loading base pipelines: the shipped lab model (``lab``) or a local diffusers folder of a known family
+"""Loading base pipelines: a shipped lab model (``lab``, ``lab-dit``) or a local diffusers folder of a known family
 (:mod:`auditkit.models.families`: SD 1/2, SDXL, Flux.1), detected from its ``model_index.json``.
 
 Everything is offline: a path must be a ``save_pretrained`` folder on disk; nothing is fetched, and
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from auditkit.errors import BadInput
+from auditkit.lab.bases import BASE_HELP, lab_base
 from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
 from auditkit.models.families import Family, family_of_folder, family_of_pipeline, read_model_index
 
@@ -27,18 +28,15 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(base: str, device: str = "cpu", dtype=None):
-    """The base pipeline named by ``base``: ``lab`` or a local folder of a known family (SD 1/2, SDXL, Flux.1)."""
+    """The base pipeline named by ``base``: a shipped lab model (:mod:`auditkit.lab.bases`: ``lab``,
+    ``lab-dit``) or a local folder of a known family (SD 1/2, SDXL, Flux.1, SD3)."""
     import torch
+
+    from auditkit.lab.bases import base_folder
 
     quiet_libraries()
     dtype = dtype or torch.float32
-    if base == "lab":
-        from auditkit.lab.model import lab_pipeline_available, lab_pipeline_path, load_lab_pipeline
-
-        if not lab_pipeline_available():
-            raise BadInput(lab_pipeline_path(), "the lab model is not installed (run scripts/train_lab.py)")
-        return load_lab_pipeline(device=device, dtype=dtype)
-    path = Path(base)
+    path = base_folder(base)
     family = check_pipeline_folder(path)
     import diffusers
 
@@ -57,7 +55,7 @@ def check_pipeline_folder(path: Path) -> Family:
     """The family of pipeline folder ``path``, after checking that every component with weights has
     ``.safetensors`` ones (BadInput naming the pickle files otherwise); loads nothing."""
     if not (path / "model_index.json").is_file():
-        raise BadInput(path, "not a diffusers pipeline folder (no model_index.json); use 'lab' or a local folder")
+        raise BadInput(path, f"not a diffusers pipeline folder (no model_index.json); use {BASE_HELP}")
     if not list(path.glob("*/*.safetensors")):
         pickles = _pickles(path, "*/*")
         found = f" (it holds {', '.join(pickles[:3])}: pickle files, which auditkit never loads)" if pickles else ""
@@ -147,14 +145,14 @@ def _builtin_or(arch):
 
 
 def base_architecture(base: str, pipeline=None):
-    """The architecture of ``base`` (``lab`` or a pipeline folder): a built-in one when its shapes are, else
+    """The architecture of ``base`` (a lab model or a pipeline folder): a built-in one when its shapes are, else
     built from the loaded ``pipeline`` or the folder's configs on the meta device (no weights read)."""
     from auditkit.models import architectures
 
     if pipeline is not None:
         return architecture_of(pipeline)
-    if base == "lab":
-        return architectures.get("lab")
+    if (lab := lab_base(base)) is not None:
+        return architectures.get(lab.architecture)
     check_pipeline_folder(Path(base))
     return architecture_of_folder(base)
 
@@ -163,10 +161,10 @@ def base_architectures(base: str | None, pipeline=None) -> tuple:
     """The architecture adapters for ``base`` are read against when it is not a built-in one (a custom
     or tiny pipeline), as a tuple for ``read_adapter(extra_architectures=…)``: from the loaded
     ``pipeline`` if given, else from the folder's configs (no weights). Empty without a base, for
-    ``lab`` and for bases whose shapes are a built-in architecture's (those are always considered)."""
+    the lab models and for bases whose shapes are a built-in architecture's (those are always considered)."""
     from auditkit.models import architectures
 
-    if pipeline is None and (base is None or base == "lab"):
+    if pipeline is None and (base is None or lab_base(base) is not None):
         return ()
     arch = base_architecture(base, pipeline)
     return () if arch.name in architectures.BUILTIN else (arch,)

@@ -3,7 +3,8 @@
 ``FluxPipeline`` renders at ``default_sample_size`` (a constant 128) × the VAE factor unless told a size:
 1024 px for Flux.1, and the same for a tiny test pipeline. The VAE's own ``sample_size`` (1024 in
 Flux.1's ``vae/config.json``) is the size the model was built for, so renders use it: the real model
-renders as the pipeline would by default, a small one at its own small size.
+renders as the pipeline would by default, a small one at its own small size. Likewise the T5 length
+(``max_sequence_length``, 512 unless told): the tokenizer's ``model_max_length`` when shorter.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ def render_options(pipe) -> dict:
         return {}
     module, _, attr = hook.partition(":")
     return getattr(importlib.import_module(module), attr)(pipe)
+
+
+def flux_options(pipe) -> dict:
+    """Flux: the VAE's size (:func:`vae_sized`) and the T5 length prompts are padded to
+    (:func:`auditkit.models.conditioning.flux_sequence_length`: 512, or fewer where the tokenizer says so)."""
+    from auditkit.models.conditioning import flux_sequence_length
+
+    return {**vae_sized(pipe), "max_sequence_length": flux_sequence_length(pipe)}
 
 
 def vae_sized(pipe) -> dict:

@@ -92,11 +92,10 @@ def _with_model(targets, safety: Adapter, finetune, arch: Architecture, method: 
 
 
 def _base_folder(base: str) -> Path:
-    if base == "lab":
-        from auditkit.lab.model import lab_pipeline_path
+    from auditkit.lab.bases import lab_base
 
-        return lab_pipeline_path()
-    return Path(base)
+    lab = lab_base(base)
+    return lab.path() if lab is not None else Path(base)
 
 
 LAYOUTS: dict[str, PackLayout] = {

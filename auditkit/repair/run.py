@@ -123,7 +123,9 @@ def _fidelity(req: RepairRequest, before_dir: Path, after_dir: Path) -> dict:
     mults = req.scan.multipliers
     config = f"base+safety+candidate@{1.0 if 1.0 in mults else mults[0]:g}"
     lab_detector = None
-    if req.base == "lab":
+    from auditkit.lab.bases import lab_base
+
+    if lab_base(req.base) is not None:
         from auditkit.lab.detector import LabConceptDetector
 
         lab_detector = LabConceptDetector()

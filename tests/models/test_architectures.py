@@ -13,10 +13,10 @@ from auditkit.models.architectures import block_of, kind_of, metadata_hint, sgm_
 def test_shipped_table_equals_a_fresh_meta_device_build(name):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from auditkit.models.build import build_table, lab_config, load_config
+    from auditkit.models.build import build_table, config_for
 
     shipped = json.loads(resources.files("auditkit.models").joinpath("tables", f"{name}.json").read_text())
-    assert build_table(lab_config() if name == "lab" else load_config(name)) == shipped
+    assert build_table(config_for(name)) == shipped
 
 
 def test_sd15_has_the_known_transformer_modules(sd15):

@@ -261,10 +261,12 @@ def test_reading_base_weights_imports_no_torch(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
-def test_unavailable_lab_is_bad_input(monkeypatch, tmp_path):
-    import auditkit.lab.model as lab_model
+@pytest.mark.parametrize("name", ["lab", "lab-dit"])
+def test_unavailable_lab_is_bad_input(monkeypatch, name):
+    import dataclasses
 
-    monkeypatch.setattr(lab_model, "lab_pipeline_path", lambda: tmp_path / "absent")
-    monkeypatch.setattr(lab_model, "lab_pipeline_available", lambda: False)
-    with pytest.raises(BadInput, match="the lab model is not installed"):
-        BaseWeights.for_base("lab")
+    from auditkit.lab.bases import LAB_BASES
+
+    monkeypatch.setitem(LAB_BASES, name, dataclasses.replace(LAB_BASES[name], folder="absent"))
+    with pytest.raises(BadInput, match=f"the {name} model is not installed"):
+        BaseWeights.for_base(name)

@@ -56,7 +56,8 @@ def test_load_pipeline_detects_flux_from_model_index(folder, pipe):
     assert built.modules == arch.modules and built.original_names == arch.original_names
     from auditkit.models.rendering import render_options
 
-    assert render_options(pipe) == {"height": 32, "width": 32}  # the VAE's sample_size, not Flux's 1024
+    # the VAE's sample_size, not Flux's 1024; the T5 length its tokenizer declares (16), not 512
+    assert render_options(pipe) == {"height": 32, "width": 32, "max_sequence_length": 16}
     out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
                **render_options(pipe))
     assert out.images.shape == (1, 32, 32, 3)
@@ -255,19 +256,20 @@ def test_flux_conditioning_is_the_pipelines_own(pipe):
     from auditkit.models.conditioning import encode
 
     cond = encode(pipe, ["a red cross", "a blue cross"])
-    with torch.no_grad():
-        embeds, pooled, text_ids = pipe.encode_prompt(["a red cross", "a blue cross"], device="cpu")
+    with torch.no_grad():  # at the T5 length renders use: the tokenizer's 16 here (512 for Flux.1's)
+        embeds, pooled, text_ids = pipe.encode_prompt(["a red cross", "a blue cross"], device="cpu",
+                                                      max_sequence_length=16)
     assert torch.equal(cond.hidden, embeds) and torch.equal(cond.added["pooled_projections"], pooled)
     assert set(cond[np.array([1, 0, 1])].kwargs()) == {"encoder_hidden_states", "pooled_projections"}
     (tokenizer, ids), = cond.tokens  # T5's tokens are the sequence (CLIP only pools)
-    assert tokenizer is pipe.tokenizer_2 and ids.shape == embeds.shape[:2] == (2, 512)
+    assert tokenizer is pipe.tokenizer_2 and ids.shape == embeds.shape[:2] == (2, 16)
 
 
 def flux_reference(pipe, x, t, prompts, guidance=3.5):
     """The transformer called on latents x as FluxPipeline calls it and diffusers' Flux DreamBooth script
     unpacks it: packed 2×2 patches, image ids, the pipeline's text ids, timestep / 1000, the guidance."""
     b, c, h, w = x.shape
-    embeds, pooled, text_ids = pipe.encode_prompt(prompts, device="cpu")
+    embeds, pooled, text_ids = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=16)
     out = pipe.transformer(hidden_states=pipe._pack_latents(x, b, c, h, w), timestep=t.expand(b) / 1000,
                            guidance=torch.full((b,), guidance), pooled_projections=pooled, encoder_hidden_states=embeds,
                            txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", x.dtype),

@@ -1,0 +1,62 @@
+"""The shipped lab models as ``--base`` names: one record each, the one home of the list.
+
+Every command that takes ``--base`` (scan, align, finetune, repair, extract, the data-free checks) resolves
+a lab name here to the model's ``save_pretrained`` folder under ``auditkit/lab/assets``; from there on a lab
+base is an ordinary pipeline folder of its family. No torch or diffusers import here.
+
+* ``lab`` -- the SD-style lab (``StableDiffusionPipeline``, UNet, DDPM/DDIM; :mod:`auditkit.lab.model`);
+* ``lab-dit`` -- the Flux-family lab (``FluxPipeline``, MMDiT transformer, flow matching; :mod:`auditkit.lab.dit`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from auditkit.errors import BadInput
+
+
+@dataclass(frozen=True)
+class LabBase:
+    name: str  # as --base takes it
+    label: str
+    folder: str  # under auditkit/lab/assets
+    architecture: str  # the built-in architecture table (auditkit.models.architectures)
+    train: str  # how to (re)build it, for the error when it is missing
+    suites: tuple[str, ...] = ("lab-cross", "lab-neon")  # the default probe suites on this base
+
+    def path(self) -> Path:
+        """The model's ``save_pretrained`` folder (present or not)."""
+        return Path(str(resources.files("auditkit.lab").joinpath("assets").joinpath(self.folder)))
+
+    def available(self) -> bool:
+        return (self.path() / "model_index.json").is_file()
+
+    def require(self) -> Path:
+        """The folder; BadInput saying how to build it when it is not installed."""
+        if not self.available():
+            raise BadInput(self.path(), f"the {self.name} model is not installed ({self.train})")
+        return self.path()
+
+
+LAB_BASES: dict[str, LabBase] = {b.name: b for b in (
+    LabBase("lab", "the SD-style lab (tiny StableDiffusionPipeline)", "pipeline", "lab",
+            "run scripts/train_lab.py"),
+    LabBase("lab-dit", "the Flux-family lab (tiny FluxPipeline, a diffusion transformer)", "pipeline-dit", "lab-dit",
+            "run scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit"),
+)}
+
+BASE_HELP = f"{' or '.join(repr(n) for n in LAB_BASES)} (the shipped lab models) or a local diffusers folder"
+
+
+def lab_base(base: str | None) -> LabBase | None:
+    """The lab model named ``base``, or None when ``base`` is not a lab name (a folder, or no base)."""
+    return LAB_BASES.get(base) if isinstance(base, str) else None
+
+
+def base_folder(base: str) -> Path:
+    """The pipeline folder of ``base`` as ``--base`` takes it: a lab model's (BadInput when it is not
+    installed), else the path itself."""
+    lab = lab_base(base)
+    return lab.require() if lab is not None else Path(base)
