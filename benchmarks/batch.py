@@ -15,8 +15,9 @@ Measured in one run, on this machine:
 4. **On paper**: adapters per day per GPU for SD1.5 and SDXL, and GPUs for 10,000 adapters a day, from the
    per-image cost (benchmarks/results/gpu_throughput.json when a GPU run made it, else the stated assumptions).
 
-Usage: ``python benchmarks/batch.py [--json benchmarks/results/batch.json]``; ``--ci``: 2 candidates, a
-tiny suite, 3 triage files (the test's size; its timings mean nothing); ``--no-ray`` leaves out part 3.
+Usage: ``python benchmarks/batch.py [--json benchmarks/results/batch.json] [--parts batch,triage,ray]``;
+``--ci``: 2 candidates, a tiny suite, 3 triage files (the test's size; its timings mean nothing); ``--no-ray``
+leaves out part 3.
 """
 
 from __future__ import annotations
@@ -206,7 +207,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the suites' sampling steps")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--parts", default="batch,triage,ray",
+                    help="what to measure (comma-separated: batch, triage, ray); with --json, the other parts already "
+                         "in that file are kept, each part recording its own commit")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
+    if parts - {"batch", "triage", "ray"}:
+        raise SystemExit(f"--parts: unknown {sorted(parts - {'batch', 'triage', 'ray'})}")
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -217,13 +224,22 @@ def main() -> None:
 
             suite, n, files = work / "tiny.yaml", 2, 3
             suite.write_text(tiny_cross_suite(steps=2, images_per_prompt=2))
+        old = json.loads(a.json.read_text()) if a.json and a.json.is_file() and parts != {"batch", "triage", "ray"} \
+            else {}
         results = {"benchmark": "batch", **provenance(), "ci": a.ci, "multipliers": a.multipliers,
-                   "suites": str(suite) if suite else "lab defaults (lab-cross, lab-neon)", "steps": a.steps,
-                   "batch_vs_scans": batch_vs_scans(work, n, suite, a.multipliers, a.steps),
-                   "triage": triage_throughput(work, files),
-                   "ray": {"skipped": "--no-ray"} if a.no_ray else ray_overhead(work, n, suite, a.multipliers,
-                                                                                a.steps),
-                   "on_paper": on_paper()}
+                   "suites": str(suite) if suite else "lab defaults (lab-cross, lab-neon)", "steps": a.steps}
+        commit = {"git_commit": results["git_commit"]}
+        if "batch" in parts:
+            results["batch_vs_scans"] = {**batch_vs_scans(work, n, suite, a.multipliers, a.steps), **commit}
+        if "triage" in parts:
+            results["triage"] = {**triage_throughput(work, files), **commit}
+        if "ray" in parts:
+            results["ray"] = {"skipped": "--no-ray"} if a.no_ray else {
+                **ray_overhead(work, n, suite, a.multipliers, a.steps), **commit}
+        for part in ("batch_vs_scans", "triage", "ray"):
+            if part not in results and part in old:
+                results[part] = {"git_commit": old.get("git_commit"), **old[part]}  # measured earlier, kept
+        results["on_paper"] = on_paper()
     emit(results, a.json)
 
 

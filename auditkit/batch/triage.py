@@ -9,6 +9,7 @@ is unpickled: a pickle's bytes are hashed, never loaded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -87,13 +88,38 @@ def _look(entry: Entry, settings: TriageSettings, row: dict) -> None:
                                             if sv["tags"] or sv["triggers"])
     safety = entry.safety or settings.safety
     if safety and safety.lower() != "none" and adapter.update is None:
-        from auditkit.scan import run_static_scan
-
         try:
-            static = run_static_scan(entry.path, safety, settings.thresholds, arch=settings.arch)
-            row["static_cancellation"] = float(static.findings.cancellation)
+            row["static_cancellation"] = _cancellation(entry.path, adapter, safety, settings)
         except AuditkitError as exc:  # e.g. another architecture than the safety module's: the scan says so
             row["triage_error"] = str(exc)
+
+
+def _cancellation(path: Path, candidate, safety: str, settings: TriageSettings) -> float:
+    """The static cancellation of the already read ``candidate`` against ``safety``: the safety module is read
+    once per process (:func:`_safety_adapter`) and the pair compared directly when both are adapters of one
+    architecture; anything else (a full model, two architectures to settle) goes the scan's own way."""
+    from auditkit.analysis.weights import static_scan
+    from auditkit.scan import run_static_scan
+
+    safe = _safety_adapter(safety, settings.arch, *_stamp(safety))
+    if safe is not None and safe.architecture.name == candidate.architecture.name:
+        return float(static_scan(candidate, safe).cancellation)
+    return float(run_static_scan(path, safety, settings.thresholds, arch=settings.arch).findings.cancellation)
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _safety_adapter(path: str, arch: str | None, size: int, mtime_ns: int):
+    """The batch's safety module as an adapter, read once per process while its file is unchanged (None: a full
+    model, which the scan's own reading handles)."""
+    from auditkit.inputs import kind_of
+    from auditkit.lora.adapter import read_adapter
+
+    return read_adapter(path, arch=arch) if kind_of(path) == "adapter" else None
 
 
 def suspicion(row: dict) -> float:
