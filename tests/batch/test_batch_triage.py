@@ -45,3 +45,13 @@ def test_triage_cancellation_equals_the_static_scans_and_the_safety_module_is_re
     os.utime(safety, ns=(1, 1))
     triage_one(Entry("c", cand), settings)
     assert len(reads) == 2
+
+
+def test_triage_workers_run_one_thread_each_and_the_callers_environment_is_restored(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # a count the user set is kept
+    with triage_mod._single_threaded_children():
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OPENBLAS_NUM_THREADS"] in ("1", os.environ.get(
+            "OPENBLAS_NUM_THREADS"))
+        assert os.environ["MKL_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
