@@ -76,11 +76,11 @@ CANDIDATES = {
     "u-modular-concept-r8": Recipe("esd-u", "concept", "modular", "transformer", 8, 150, 1e-3),
     "x-ontop-neon-r8": Recipe("esd-x", "neon", "on-top", "transformer", 8, 400, 1e-3),
     "x-ontop-concept-r8": Recipe("esd-x", "concept", "on-top", "transformer", 8, 150, 1e-3),
-    # issue 15: seeds of three recipes
-    **{f"{n}-s{k}": Recipe(*r[:7], seed=k) for k in (1, 2) for n, r in (
-        ("u-ontop-neon-r8-400", ("esd-u", "neon", "on-top", "transformer", 8, 400, 1e-3)),
-        ("u-modular-neon-r8", ("esd-u", "neon", "modular", "transformer", 8, 400, 1e-3)),
-        ("x-ontop-concept-r8", ("esd-x", "concept", "on-top", "transformer", 8, 150, 1e-3)))},
+}
+# issue 15: seeds of three of those recipes
+CANDIDATES |= {f"{n}-s{k}": CANDIDATES[n]._replace(seed=k) for k in (1, 2)
+               for n in ("u-ontop-neon-r8-400", "u-modular-neon-r8", "x-ontop-concept-r8")}
+CANDIDATES |= {
     # issue 15: near the threshold (fewer steps, a lower learning rate, less data)
     "u-ontop-neon-r8-60": Recipe("esd-u", "neon", "on-top", "transformer", 8, 60, 1e-3),
     "u-ontop-neon-r8-100": Recipe("esd-u", "neon", "on-top", "transformer", 8, 100, 1e-3),
