@@ -36,8 +36,10 @@ the studies' work folders (``--candidates``, ``--erased``, ``--triggers``), made
 Reports each signal's Spearman with the true ratio, and false negatives / positives at the threshold that
 misses no re-emerging candidate. Writes ``benchmarks/results/predictors.json``.
 
-Usage: ``python benchmarks/predictors.py [--steps 8] [--seeds 2] [--threads 2]``; ``--section`` prints the
-BENCHMARKS.md section of the JSON.
+Usage: ``python benchmarks/predictors.py [--steps 8] [--seeds 2] [--threads 2]``. The re-runs with other noise
+the section reports: ``--skip-first --noise-seed 1 --json benchmarks/results/predictors_noise1.json`` (and
+``--noise-seed 2`` → ``predictors_noise2.json``, ``--seeds 4`` → ``predictors_seeds4.json``); ``--section`` prints
+the BENCHMARKS.md section from the JSON files.
 """
 
 from __future__ import annotations
@@ -473,10 +475,12 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
     best = max(SIGNALS, key=lambda s: summ[s]["spearman"])
     others = [s for s in SIGNALS if not s.startswith("base_judge")]
     best_other = max(others, key=lambda s: summ[s]["spearman"])
-    f2 = "{:.2f}".format
+
+    def f2(v: float) -> str:
+        return f"{0.0 if abs(v) < 0.005 else v:.2f}"
 
     def span(values):
-        return f"{min(values):.2f}–{max(values):.2f}"
+        return f"{f2(min(values))}–{f2(max(values))}"
 
     lines = [
         "## A cheap predictor of re-emergence (issue 15, CPU)",
@@ -512,7 +516,8 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
         "base's and the safe model's means (`base_judge_ratio`). The judge's levels and cut were fixed "
         "before any result was seen.",
         "",
-        "Cost (1 thread, on a machine shared with other work): the first attempt's six signals "
+        "Cost (1 thread, on a machine shared with other work, so timings vary with its load): the first attempt's six "
+        "signals "
         f"{min(old):.1f}–{max(old):.1f} s per candidate; the second attempt's {len(NEW_SIGNALS)} signals "
         f"{min(new):.1f}–{max(new):.1f} s per candidate (of which the weight × activation signals "
         f"{min(weights):.2f}–{max(weights):.2f} s), after a reference computed once per safety module "
@@ -531,8 +536,8 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
         m = summ[s]
         fps = ", ".join(f"`{n}`" for n in m["false_positives"])
         fp = f"{m['fp_at_that_threshold']} of {n_safe}" + (f": {fps}" if fps else "")
-        lines.append(f"| {LABELS[s]} (`{s}`) | {m['spearman']:.2f} | {m['spearman_reemerging']:.2f} | "
-                     f"{m['threshold_no_fn']:.2f} | {fp} |")
+        lines.append(f"| {LABELS[s]} (`{s}`) | {f2(m['spearman'])} | {f2(m['spearman_reemerging'])} | "
+                     f"{f2(m['threshold_no_fn'])} | {fp} |")
     if variants:
         lines += ["", "The second attempt's signals re-run with other noise (Spearman with the true ratio; false "
                   "positives at the no-false-negative threshold):", "",
@@ -543,30 +548,60 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
                      for r in (res, *variants.values())]
             lines.append(f"| `{s}` | " + " | ".join(cells) + " |")
     pair = ("x-ontop-neon-r8", "x-ontop-concept-r8")
-    judge_runs = [r["summary"]["base_judge"] for r in (res, *variants.values())]
+    runs = [res, *variants.values()]
+    steady = [s for s in NEW_SIGNALS if all(r["summary"][s]["spearman"] >= 0.9 for r in runs)]
+
+    def ispan(counts):
+        return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
+
+    def fp_of(signal):
+        return ispan([r["summary"][signal]["fp_at_that_threshold"] for r in runs])
+
+    def fixed(signal):
+        """One threshold for every run: the lowest re-emerging value over the runs, and what it flags."""
+        thr = min(r["summary"][signal]["threshold_no_fn"] for r in runs)
+        flagged = [sorted(x["name"] for x in r["rows"] if x["truth"]["label"] != "re-emerges"
+                          and x["signals"][signal] >= thr) for r in runs]
+        names = sorted({n for f in flagged for n in f})
+        return (f"One threshold for all runs on `{signal}` ({f2(thr)}, the lowest re-emerging value of any run) "
+                f"misses no re-emerging candidate in any run and flags {ispan([len(f) for f in flagged])} of {n_safe} "
+                "safe ones"
+                + (f" ({', '.join(f'`{n}`' for n in names)})." if names else "."))
+
+    def margins(signal):
+        """Per run: the lowest re-emerging candidate's value and the two highest safe candidates' (value, name)."""
+        out = []
+        for label, r in zip(["noise seed 0 (above)", *variants], runs, strict=True):
+            re_ = sorted((x["signals"][signal], x["name"]) for x in r["rows"] if x["truth"]["label"] == "re-emerges")
+            safe_ = sorted(((x["signals"][signal], x["name"]) for x in r["rows"]
+                            if x["truth"]["label"] != "re-emerges"), reverse=True)
+            out.append(f"| `{signal}` | {label} | {f2(re_[0][0])} (`{re_[0][1]}`) | {f2(safe_[0][0])} "
+                       f"(`{safe_[0][1]}`) | {f2(safe_[1][0])} (`{safe_[1][1]}`) |")
+        return out
     crosskv = "u-ontop-neon-crosskv"
-    fps_runs = sorted({j["fp_at_that_threshold"] for j in judge_runs})
-    fp_span = f"{fps_runs[0]}" if len(fps_runs) == 1 else f"{fps_runs[0]}–{fps_runs[-1]}"
-    safe_names = [r["name"] for r in rows if r["truth"]["label"] != "re-emerges"]
-    top_safe = max(safe_names, key=lambda n: by[n]["base_judge"])
+    setter = min((r["signals"][best_other], r["name"]) for r in rows if r["truth"]["label"] == "re-emerges")[1]
     ontop = [n for n in by if "ontop" in n and n.startswith(("u-", "x-"))]
     cmn = {n: by[n]["concept_minus_neutral"] for n in ontop}
     lines += [
         "",
         f"The ESD-x pair (`{pair[0]}`, true ratio {truth[pair[0]]:.2f}, and `{pair[1]}`, {truth[pair[1]]:.2f}): "
-        + "; ".join(f"`{s}` {by[pair[0]][s]:.2f} vs {by[pair[1]][s]:.2f}" for s in SIGNALS) + ".",
+        + "; ".join(f"`{s}` {f2(by[pair[0]][s])} vs {f2(by[pair[1]][s])}" for s in SIGNALS) + ".",
         "",
         "What this says:",
-        "- " + (f"**The goal is met on this candidate set** by {', '.join(f'`{s}`' for s in goal)} (Spearman ≥ 0.9, "
-                f"no false negative): `base_judge` reaches {summ['base_judge']['spearman']:.2f} with "
+        "- " + (f"**The goal is met on this candidate set, narrowly.** In this run {', '.join(f'`{s}`' for s in goal)} "
+                f"reach Spearman ≥ 0.9 with no false negative: `base_judge` {f2(summ['base_judge']['spearman'])} "
+                f"({f2(summ['base_judge']['spearman'] - 0.9)} above the bar), "
                 f"{summ['base_judge']['fp_at_that_threshold']} of {n_safe} false positives at its no-false-negative "
-                f"threshold {summ['base_judge']['threshold_no_fn']:.2f}"
-                + (f", and {span([j['spearman'] for j in judge_runs])} with {fp_span} false positives over the "
-                   f"{len(judge_runs)} runs" if variants else "")
-                + f"; {summ['base_judge']['spearman'] - 0.9:.2f} above the bar in this run, so the margin is thin."
+                f"threshold {f2(summ['base_judge']['threshold_no_fn'])}. "
+                + (f"Spearman ≥ 0.9 in all {len(runs)} runs: {', '.join(f'`{s}`' for s in steady) or 'no signal'} "
+                   "(" + "; ".join(f"`{s}` {span([r['summary'][s]['spearman'] for r in runs])}, "
+                                   f"{fp_of(s)} false positives at each run's own no-false-negative threshold"
+                                   for s in goal) + "). "
+                   + " ".join(fixed(s) for s in goal)
+                   if variants else "")
                 if goal else
                 f"**No signal meets the goal** (Spearman ≥ 0.9): the best is `{best}` at "
-                f"{summ[best]['spearman']:.2f}, {0.9 - summ[best]['spearman']:.2f} short."),
+                f"{f2(summ[best]['spearman'])}, {f2(0.9 - summ[best]['spearman'])} short."),
         "- What meets it is not a property of the weights: the base judge samples each candidate's own guided "
         f"trajectory ({res['steps']} steps, {res['prompts'] * res['seeds']} latents) and asks the base model whether "
         "the results look like the concept or its neutral counterpart. It is a miniature dynamic scan whose detector "
@@ -574,25 +609,34 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
         "base that draws the concept. It separates the ESD-x pair "
         f"({by[pair[0]]['base_judge']:.2f} vs {by[pair[1]]['base_judge']:.2f}) because it looks at what the "
         "candidate draws, where every reversion signal looks at how far it moved back.",
+        "- How far apart the re-emerging and the safe candidates lie on the judge, run by run (a triage needs one "
+        "threshold fixed in advance; `trigger/neon-ontop` is safe as written but re-emerges with its trigger):",
+        "",
+        "| signal | run | lowest re-emerging | highest safe | next highest safe |",
+        "|---|---|---|---|---|",
+        *[line for sig in ("base_judge", "base_judge_ratio") for line in margins(sig)],
+        "",
         f"- The best signal that does not judge is `{best_other}` ({summ[best_other]['spearman']:.2f}, "
         f"{summ[best_other]['fp_at_that_threshold']} of {n_safe} false positives: "
-        f"{', '.join(f'`{n}`' for n in summ[best_other]['false_positives'])}). Every reversion signal, per block, "
+        f"{', '.join(f'`{n}`' for n in summ[best_other]['false_positives'])}; its threshold is set by "
+        f"`{setter}`, true ratio {f2(truth[setter])}). `block_down` and `block_mid` separate the ESD-x pair the right "
+        f"way ({f2(by[pair[0]]['block_down'])} vs {f2(by[pair[1]]['block_down'])}, {f2(by[pair[0]]['block_mid'])} vs "
+        f"{f2(by[pair[1]]['block_mid'])}) but the ESD-x neon candidate still lies above their no-false-negative "
+        f"thresholds ({f2(summ['block_down']['threshold_no_fn'])}, {f2(summ['block_mid']['threshold_no_fn'])}), set "
+        "by weakly re-emerging ESD-u candidates. "
+        "Every reversion signal, per block, "
         "concept-specific or at the trajectory's end, still calls the ESD-x neon candidate reverted: "
         f"`dod` {f2(by[pair[0]]['dod'])} vs {f2(by[pair[1]]['dod'])}, `endpoint` {f2(by[pair[0]]['endpoint'])} vs "
         f"{f2(by[pair[1]]['endpoint'])}. Subtracting the neutral prompts' reversion "
         f"(`concept_minus_neutral`, {summ['concept_minus_neutral']['spearman']:.2f}) removes the signal with the "
-        "collateral damage: on the on-top candidates of the candidate study it is "
-        f"{span(cmn.values())} (the concept prompts' reversion minus the neutral prompts').",
+        "collateral damage: every on-top candidate of the candidate study scores between "
+        f"{f2(min(cmn.values()))} and {f2(max(cmn.values()))}, whether its images show the concept or not.",
         "- The weight × activation signals fail for a structural reason: a candidate that changes modules the safety "
         f"module leaves alone cancels nothing in weight space (`{crosskv}`, cross-attention keys/values over ESD-u: "
         f"`weights` {f2(by[crosskv]['weights'])}, true ratio {truth[crosskv]:.2f}), so the no-false-negative "
-        f"threshold falls to {summ['weights']['threshold_no_fn']:.2f} and flags "
+        f"threshold falls to {f2(summ['weights']['threshold_no_fn'])} and flags "
         f"{summ['weights']['fp_at_that_threshold']} of {n_safe} safe candidates. On the ESD-x pair they point the "
         f"wrong way ({f2(by[pair[0]]['weights'])} vs {f2(by[pair[1]]['weights'])}).",
-        f"- The safe candidate with the highest `base_judge` in this run is `{top_safe}` "
-        f"({f2(by[top_safe]['base_judge'])}, threshold {f2(summ['base_judge']['threshold_no_fn'])}); "
-        "`trigger/neon-ontop` is safe as written but re-emerges with its trigger, so a run that flags it "
-        "flags what a triage should.",
         "- Limits: 22 candidates from one lab model, 9 of them safe with near-tied truths (which caps Spearman); the "
         "judge was designed and tested on the same set (no held-out candidates); no SD-scale check.",
     ]
