@@ -636,11 +636,21 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
         f"`weights` {f2(by[crosskv]['weights'])}, true ratio {truth[crosskv]:.2f}), so the no-false-negative "
         f"threshold falls to {f2(summ['weights']['threshold_no_fn'])} and flags "
         f"{summ['weights']['fp_at_that_threshold']} of {n_safe} safe candidates. On the ESD-x pair they point the "
-        f"wrong way ({f2(by[pair[0]]['weights'])} vs {f2(by[pair[1]]['weights'])}).",
-        "- Limits: 22 candidates from one lab model, 9 of them safe with near-tied truths (which caps Spearman); the "
+        f"{'wrong' if by[pair[0]]['weights'] >= by[pair[1]]['weights'] else 'right'} way "
+        f"({f2(by[pair[0]]['weights'])} vs {f2(by[pair[1]]['weights'])}).",
+        f"- Limits: {len(rows)} candidates from one lab model, {n_safe} of them safe with near-tied truths (which "
+        "caps Spearman); the "
         "judge was designed and tested on the same set (no held-out candidates); no SD-scale check.",
     ]
-    return "\n".join(lines) + "\n"
+    import textwrap
+
+    def wrap(line: str) -> str:
+        if line.startswith("|") or len(line) <= 115:
+            return line
+        return textwrap.fill(line, 115, subsequent_indent="  " if line.startswith("- ") else "",
+                             break_long_words=False, break_on_hyphens=False)
+
+    return "\n".join(wrap(line) for line in lines) + "\n"
 
 
 def main() -> None:
