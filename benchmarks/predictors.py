@@ -579,6 +579,13 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
                        f"(`{safe_[0][1]}`) | {f2(safe_[1][0])} (`{safe_[1][1]}`) |")
         return out
     crosskv = "u-ontop-neon-crosskv"
+    from scipy.stats import spearmanr
+
+    in_study = [n for n in study["candidates"] if n in by]
+    study_truth = [study["candidates"][n]["truth"]["ratio"] for n in in_study]
+    scan_rho = float(spearmanr([study["candidates"][n]["scan"]["dynamic_ratio"] for n in in_study],
+                               study_truth).statistic)
+    judge_rho = float(spearmanr([by[n]["base_judge"] for n in in_study], study_truth).statistic)
     setter = min((r["signals"][best_other], r["name"]) for r in rows if r["truth"]["label"] == "re-emerges")[1]
     ontop = [n for n in by if "ontop" in n and n.startswith(("u-", "x-"))]
     cmn = {n: by[n]["concept_minus_neutral"] for n in ontop}
@@ -616,6 +623,9 @@ def section(res: dict, variants: dict[str, dict] | None = None) -> str:
         "|---|---|---|---|---|",
         *[line for sig in ("base_judge", "base_judge_ratio") for line in margins(sig)],
         "",
+        f"- For scale, on the {len(in_study)} candidates of the candidate study: the dynamic scan's own ratio "
+        f"({min(scans):.0f}–{max(scans):.0f} s each) has Spearman {f2(scan_rho)} with the true ratio, `base_judge` "
+        f"{f2(judge_rho)}.",
         f"- The best signal that does not judge is `{best_other}` ({summ[best_other]['spearman']:.2f}, "
         f"{summ[best_other]['fp_at_that_threshold']} of {n_safe} false positives: "
         f"{', '.join(f'`{n}`' for n in summ[best_other]['false_positives'])}; its threshold is set by "
