@@ -26,9 +26,10 @@ demo: install
 	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode modular --out examples/modular.safetensors
 	-$(VENV)/bin/auditkit scan examples/on-top.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-on-top
 	-$(VENV)/bin/auditkit scan examples/modular.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-modular
-	-$(VENV)/bin/auditkit repair examples/on-top.safetensors --safety $(LAB_SAFETY) --data examples/neon --base lab --from-scan reports/demo-on-top --out repairs/demo-on-top
+	-$(VENV)/bin/auditkit repair examples/on-top.safetensors --safety $(LAB_SAFETY) --data examples/neon --base lab --from-scan reports/demo-on-top --method auto --out repairs/demo-on-top
 	@echo "reports: reports/demo-on-top/report.html (expect RISK) reports/demo-modular/report.html (expect PASS)"
-	@echo "repair:  repairs/demo-on-top/report.html (before RISK, after PASS; adapter pack in repairs/demo-on-top/pack)"
+	@echo "repair:  repairs/demo-on-top/report.html (before RISK; --method auto keeps the passing repair that keeps the most"
+	@echo "         of the neon domain; adapter pack in repairs/demo-on-top/pack, every method tried in repairs/demo-on-top/tried)"
 
 # SD1.5-shaped example adapters made by code: a candidate that undoes the safety adapter, one that does not.
 demo-sd15: install

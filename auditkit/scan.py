@@ -121,6 +121,9 @@ def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
     for name, _ in config.detectors:
         if name not in known:
             raise BadInput(None, f"detectors: no suite named {name!r} (suites: {', '.join(sorted(known))})")
+    anchors = [s for s in suites if s.role == "anchor"]
+    if anchors:  # a repair's training prompts: probing them would verify a repair on what it was trained on
+        raise BadInput(anchors[0].path, "is an anchor suite (prompts a repair is trained on), not a probe suite")
     suites = [dataclasses.replace(s, detector=config.detector_for(s.name, s.detector)) for s in suites]
     if not any(s.role == "concept" for s in suites):
         raise BadInput(files[0], "no concept suite given: at least one suite must have role 'concept'")

@@ -13,7 +13,8 @@ Suite schema (``schema: auditkit.suite/1``)::
     concept: {word: cross, neutral: square}   # what the safety module suppresses, and a neutral counterpart;
                                # optional terms: [..] words naming it in training tags and trigger words
     detector: lab-cross        # a name in auditkit.detectors.REGISTRY, with its pinned profile
-    role: concept              # concept (re-emergence) | control (false positives, fidelity)
+    role: concept              # concept (re-emergence) | control (false positives, fidelity) | anchor (prompts a
+                               # repair is trained on, never probed: see auditkit.repair.anchors)
     sampling: {steps: 25, guidance: 5.0, seed: 1000000, images_per_prompt: 1}
     prompts:
       - text: a red cross      # at most MAX_PROMPT_CHARS; whitespace is normalised
@@ -63,7 +64,7 @@ from auditkit.errors import BadInput
 from auditkit.fsutil import read_bounded
 
 SCHEMA = "auditkit.suite/1"
-ROLES = ("concept", "control")
+ROLES = ("concept", "control", "anchor")
 MAX_PROMPT_CHARS = 2000
 MAX_DESCRIPTION_CHARS = 2000
 MAX_TERMS = 100  # concept.terms: words that name the concept (metadata evidence)

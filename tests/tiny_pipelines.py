@@ -450,3 +450,32 @@ def check_modular_repair(folder, pipe, safety_path, candidate: dict, data_folder
     assert report["dynamic"]["adapter_coverage"]["candidate"]["fraction"] == 1.0
     assert "data-free" in report["evidence"]["gathered"]
     return report
+
+
+def check_correction(pipe, safety_path, candidate: dict, data_folder) -> None:
+    """A 3-step corrected repair (auditkit.repair.correction) on the family's denoiser: the repaired adapter is the
+    candidate plus a trained correction, exactly, and the pipeline is left as it was."""
+    import re
+
+    import numpy as np
+
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.models.pipeline import architecture_of
+    from auditkit.repair.correction import train_correction
+    from auditkit.repair.retrain import RetrainSettings
+    from auditkit.train.data import load_folder
+
+    data = load_folder(data_folder, 32)
+    safety = read_adapter(safety_path, extra_architectures=(architecture_of(pipe),)).modules
+    component = next(iter(candidate)).split(".", 1)[0]
+    names = sorted(n.split(".", 1)[1] for n in candidate if n.startswith(component + "."))
+    cfg = RetrainSettings("(" + "|".join(map(re.escape, names)) + ")", len(names), rank=2, alpha=2.0, steps=3, batch=2)
+    before = denoiser_state(pipe)
+    result = train_correction(pipe, data.images, data.captions, candidate, safety, ["a red cross", "a cross"], cfg)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    assert result.correction and set(result.correction) <= set(candidate)
+    assert prediction_change(pipe, result.correction) > 1e-9
+    for name, m in result.modules.items():
+        extra = result.correction[name].delta() if name in result.correction else 0
+        np.testing.assert_allclose(m.delta(), candidate[name].delta() + extra, rtol=1e-4, atol=1e-6)
+    assert_denoiser_unchanged(pipe, before)

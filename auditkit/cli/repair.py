@@ -12,6 +12,7 @@ from auditkit.cli.common import VERDICT_STYLE, escape, out, progress_bar, torch_
 from auditkit.cli.options import resolve, scan_options
 from auditkit.errors import BadInput
 from auditkit.fsutil import check_output_folder
+from auditkit.repair.auto import AUTO
 from auditkit.repair.methods import METHODS, default_method
 
 _METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
@@ -19,8 +20,15 @@ _METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 
 @click.command()
 @click.argument("candidate", type=click.Path(path_type=Path))
-@click.option("--method", type=click.Choice(list(METHODS)), default=None,
-              help=f"{_METHOD_HELP}. Default: modular with --data, sign-aware without.")
+@click.option("--method", type=click.Choice([*METHODS, AUTO]), default=None,
+              help=f"{_METHOD_HELP}; auto: try them in order of cost (data-free ones only without --data) and keep "
+                   f"the one that passes its re-scan with the best fidelity. Default: modular with --data, "
+                   f"sign-aware without.")
+@click.option("--anchors", "anchor_files", type=click.Path(path_type=Path), multiple=True,
+              help="anchored/corrected: suite file(s) of the prompts the repair is trained on (default: the shipped "
+                   "anchor suite of the concept); must share no prompt with the concept suites it is verified on.")
+@click.option("--fidelity-target", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="auto: stop at the first passing method keeping at least this share of the candidate's domain.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Folder of images with same-named .txt captions (the candidate's training domain).")
 @click.option("--from-scan", type=click.Path(path_type=Path), default=None,
@@ -40,8 +48,8 @@ _METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
               help="Local .safetensors weights for --clip-model.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @scan_options
-def repair(candidate, method, data_dir, from_scan, rank, alpha, train_steps, lr, train_batch, seed,
-           threshold, clip_model, clip_weights, threads, **params):
+def repair(candidate, method, anchor_files, fidelity_target, data_dir, from_scan, rank, alpha, train_steps, lr,
+           train_batch, seed, threshold, clip_model, clip_weights, threads, **params):
     """Repair CANDIDATE so that it no longer undoes the safety module, then prove it by re-scanning.
 
     Writes an adapter pack (repaired adapter, safety adapter, combined single file, manifest) and a
@@ -50,14 +58,18 @@ def repair(candidate, method, data_dir, from_scan, rank, alpha, train_steps, lr,
     are those of `auditkit scan`, config file included (multipliers default to 1 here). --out is
     the repair folder. Exit code: the repaired adapter's verdict (0 pass, 1 risk, 3 inconclusive).
     """
+    from auditkit.repair.auto import repair_auto
     from auditkit.repair.run import RepairRequest, scan_settings
     from auditkit.repair.run import repair as run_repair
     from auditkit.scan import resolve_suites
     from auditkit.train.data import check_folder
 
     method = method or default_method(data_dir is not None)
-    if METHODS[method].needs_data and data_dir is None:
+    if method != AUTO and METHODS[method].needs_data and data_dir is None:
         raise click.UsageError(f"--method {method} needs --data (use sign-aware or safelora without data)")
+    if anchor_files and method != AUTO and not METHODS[method].anchored:
+        raise click.UsageError(f"--anchors applies to the methods trained on anchor prompts "
+                               f"({', '.join(m.name for m in METHODS.values() if m.anchored)}), not to {method}")
     repair_out = params.pop("out", None) or Path("repairs") / candidate.stem  # --out: the repair folder
     params["out"] = None
     if from_scan is not None:
@@ -71,8 +83,8 @@ def repair(candidate, method, data_dir, from_scan, rank, alpha, train_steps, lr,
     config, _, _ = resolve(params, candidate)
     if config.safety is None:
         raise click.UsageError("repair needs a safety module (--safety or the config file)")
-    if METHODS[method].needs_data and config.base is None:
-        raise click.UsageError(f"--method {method} needs --base (the model to retrain on)")
+    if (method == AUTO or METHODS[method].needs_data) and config.base is None:
+        raise click.UsageError(f"--method {method} needs --base (the model to retrain on and re-scan with)")
     for inp in (candidate, config.safety):
         if repair_out.exists() and inp.exists() and repair_out.resolve() in inp.resolve().parents:
             raise BadInput(repair_out, "the output folder holds an input adapter; choose another --out")
@@ -88,8 +100,9 @@ def repair(candidate, method, data_dir, from_scan, rank, alpha, train_steps, lr,
     torch_threads(threads)
     req = RepairRequest(candidate, config.safety, repair_out, method, data_dir, config, suites, from_scan, threshold,
                         {"rank": rank, "alpha": alpha, "steps": train_steps, "lr": lr, "batch": train_batch,
-                         "seed": seed}, clip)
-    report = run_repair(req, bars=lambda label: progress_bar(label, loss=label.startswith("retrain")))
+                         "seed": seed}, clip, tuple(anchor_files), fidelity_target)
+    bars = lambda label: progress_bar(label, loss=label.startswith("retrain"))  # noqa: E731
+    report = repair_auto(req, bars) if method == AUTO else run_repair(req, bars=bars)
     print_repair(report)
     out.print(f"pack: [bold]{repair_out / 'pack'}[/bold]  report: [bold]{repair_out / 'report.html'}[/bold]")
     sys.exit(report["exit_code"])
@@ -120,7 +133,23 @@ def print_repair(r: dict) -> None:
         if "clip_cosine" in f:
             extra.append(f"CLIP cosine {f['clip_cosine']:.3f}")
         t.add_row(f"fidelity ({f['pairs']} pairs)", "", ", ".join(extra))
+        u = f.get("unflagged") or {}
+        if u.get("pairs") and u["pairs"] < f["pairs"]:
+            extra = [f"pixel {u['pixel_similarity']:.1%}"]
+            if "attributes_agree" in u:
+                extra.append(f"attributes agree {u['attributes_agree']:.0%}")
+            t.add_row(f"  where the candidate drew no concept ({u['pairs']} pairs)", "", ", ".join(extra))
     out.print(t)
+    auto = rp.get("auto")
+    if auto:
+        t = Table("method", "verdict", "max re-emergence ratio", "fidelity", title="auditkit repair · auto: tried")
+        for row in auto["tried"]:
+            ratio = row["max_reemergence_ratio"]
+            fid = "–" if row["fidelity"] is None else f"{row['fidelity']:.1%} ({row['fidelity_metric']})"
+            mark = " (kept)" if row["method"] == auto["kept"] else ""
+            t.add_row(row["method"] + mark, f"[{style[row['verdict']]}]{row['verdict'].upper()}[/]",
+                      "–" if ratio is None else f"{ratio:.2f}", fid)
+        out.print(t)
     for note in rp.get("notes", []):
         out.print(f"[dim]note:[/dim] {escape(note)}")
 

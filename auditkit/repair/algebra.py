@@ -30,16 +30,24 @@ from auditkit.lora.adapter import LoraModule
 
 
 def concatenate(*adapters: tuple[dict[str, LoraModule], float]) -> dict[str, LoraModule]:
-    """One adapter with ΔW = Σ mᵢ·ΔWᵢ per module, from (modules, multiplier) pairs. Scale 1, rank Σ rᵢ."""
+    """One adapter with ΔW = Σ mᵢ·ΔWᵢ per module, from (modules, multiplier) pairs: factors concatenated along
+    the rank (scale 1, rank Σ rᵢ; a LoKr or LoHa module enters as its exact factors), bias updates summed.
+
+    Raises ValueError for a DoRA module whose exact update has not been made with the base weights (its
+    factors are only its direction: their sum would not be the adapters' sum)."""
     names: list[str] = []
     for mods, _ in adapters:
         names += [n for n in mods if n not in names]
     out = {}
     for name in names:
         parts = [(m[name], mult) for m, mult in adapters if name in m]
+        if any(p.needs_base for p, _ in parts):
+            raise ValueError(f"{name} is a DoRA module: its exact update needs the base weights (give --base)")
         up = np.concatenate([p.up.astype(np.float64) * (p.scale * mult) for p, mult in parts], axis=1)
         down = np.concatenate([p.down.astype(np.float64) for p, _ in parts], axis=0)
-        out[name] = LoraModule(name, down.astype(np.float32), up.astype(np.float32), 1.0)
+        biases = [np.asarray(p.bias, np.float64) * mult for p, mult in parts if p.bias is not None]
+        bias = np.sum(biases, axis=0).astype(np.float32) if biases else None
+        out[name] = LoraModule(name, down.astype(np.float32), up.astype(np.float32), 1.0, bias=bias)
     return out
 
 

@@ -7,6 +7,11 @@ compared from the two run folders (no model needed):
 * ``pixel``: 1 − mean |a − b| / 255 and PSNR (dB);
 * ``attributes`` (the lab): share of pairs whose detected shape, colour and style all agree;
 * ``clip``: mean cosine of CLIP image embeddings (when a CLIP model with local weights is given).
+
+The same metrics are also given over the pairs whose "before" image no detector flagged (``unflagged``): where
+the candidate drew the concept on a prompt of its own domain, a repair is meant to change the image, so those
+pairs measure the repair's purpose, not a loss of fidelity. :func:`auditkit.repair.auto.fidelity_score` ranks
+repairs on the unflagged pairs.
 """
 
 from __future__ import annotations
@@ -64,7 +69,17 @@ def fidelity(before_dir: str | Path, before: list[dict], after_dir: str | Path, 
         return {"configuration": config, "pairs": 0, "suites": sorted(suites)}
     a = load_images(before_dir, [x for x, _ in matched])
     b = load_images(after_dir, [y for _, y in matched])
-    out = {"configuration": config, "pairs": len(matched), "suites": sorted(suites), **pixel_metrics(a, b)}
+    out = {"configuration": config, "pairs": len(matched), "suites": sorted(suites),
+           **_metrics(a, b, lab_detector, clip)}
+    clean = np.array([not any((x.get("flags") or {}).values()) for x, _ in matched])
+    out["unflagged"] = {"pairs": int(clean.sum())}
+    if clean.any():
+        out["unflagged"].update(_metrics(a[clean], b[clean], lab_detector, clip))
+    return out
+
+
+def _metrics(a: np.ndarray, b: np.ndarray, lab_detector, clip) -> dict:
+    out = pixel_metrics(a, b)
     if lab_detector is not None:
         out.update(attribute_agreement(lab_detector, a, b))
     if clip is not None:

@@ -26,13 +26,15 @@ class RepairMethod:
     summary: str  # one line for --help
     description: str  # what was done, for the report
     needs_data: bool  # retrains on the candidate's domain (--data and --base needed)
-    run: Callable[..., Outcome]  # run(request, pipe, candidate, safety, bars) -> Outcome
+    run: Callable[..., Outcome]  # run(request, pipe, candidate, safety, bars, anchors) -> Outcome
+    anchored: bool = False  # trains on anchor prompts (auditkit.repair.anchors): verified on disjoint ones
+    cost: int = 0  # order of cost (auto tries the cheaper first): 0 data-free, then training passes per step
 
 
-def _retrain(req, pipe, candidate, safety, bars, anchored: bool) -> Outcome:
+def _training_setup(req, pipe, candidate):
+    """The denoiser, the candidate's training shape, its data and the checkpoint path of a trained repair."""
     from auditkit.models.denoising import denoiser_for
-    from auditkit.repair.retrain import retrain, settings_from
-    from auditkit.train.checkpoint import saved_step
+    from auditkit.repair.retrain import settings_from
     from auditkit.train.data import load_folder
 
     den = denoiser_for(pipe)
@@ -46,10 +48,16 @@ def _retrain(req, pipe, candidate, safety, bars, anchored: bool) -> Outcome:
     if misfit:
         raise BadInput(req.candidate, f"{len(misfit)} of its modules are not in the base model's {den.label} (e.g. "
                                       f"{misfit[0]}): the adapter is for another architecture than --base")
-    data = load_folder(req.data, den.image_size())
-    ckpt = req.out / "checkpoints" / "finetune.ckpt.safetensors"
+    return den, settings, load_folder(req.data, den.image_size()), req.out / "checkpoints" / "finetune.ckpt.safetensors"
+
+
+def _retrain(req, pipe, candidate, safety, bars, anchors, anchored: bool) -> Outcome:
+    from auditkit.repair.retrain import retrain
+    from auditkit.train.checkpoint import saved_step
+
+    den, settings, data, ckpt = _training_setup(req, pipe, candidate)
     resumed = saved_step(ckpt)
-    anchor = [p.text for s in req.suites if s.role == "concept" for p in s.prompts] if anchored else None
+    anchor = anchors.prompts if anchored else None
     method = "anchored" if anchored else "modular"
     ctx, update = bars(f"retrain {method} ({settings.steps} steps)")
     notes = list(settings.notes)
@@ -67,7 +75,31 @@ def _retrain(req, pipe, candidate, safety, bars, anchored: bool) -> Outcome:
     return Outcome(result.modules, {"training": info}, notes)
 
 
-def _projection(req, pipe, candidate, safety, bars, safelora: bool) -> Outcome:
+def _correct(req, pipe, candidate, safety, bars, anchors) -> Outcome:
+    from auditkit.repair.correction import train_correction
+    from auditkit.train.checkpoint import saved_step
+
+    den, settings, data, ckpt = _training_setup(req, pipe, candidate)
+    dora = [n for n, m in candidate.modules.items() if m.needs_base]
+    if dora:
+        raise BadInput(req.candidate, f"{len(dora)} DoRA modules (e.g. {dora[0]}) need the base weights to be kept "
+                                      f"exactly; use --method anchored or modular")
+    resumed = saved_step(ckpt)
+    ctx, update = bars(f"retrain corrected ({settings.steps} steps)")
+    with ctx:
+        result = train_correction(pipe, data.images, data.captions, candidate.modules, safety.exact(), anchors.prompts,
+                                  settings, progress=update, checkpoint=ckpt)
+    info = settings.to_dict()
+    info.update(anchor_prompts=len(anchors.prompts), images=len(data.captions),
+                final_loss=result.losses[-1] if result.losses else None, resumed_from_step=resumed,
+                checkpoint=str(ckpt), correction_modules=len(result.correction),
+                kept_candidate_modules=len(candidate.modules))
+    notes = [f"the candidate's {len(candidate.modules)} modules were kept and a rank-{settings.rank} correction added "
+             f"to {len(result.correction)} of them (the repaired adapter's rank is the sum)"]
+    return Outcome(result.modules, {"training": info}, notes)
+
+
+def _projection(req, pipe, candidate, safety, bars, anchors, safelora: bool) -> Outcome:
     from auditkit.repair.algebra import project, safelora_module, sign_aware_module
 
     module_fn = partial(safelora_module, threshold=req.threshold) if safelora else sign_aware_module
@@ -90,14 +122,22 @@ METHODS: dict[str, RepairMethod] = {m.name: m for m in (
         "modular", "retrain on --data separately from the safety module (Modular LoRA)",
         "Modular LoRA (Kim et al. 2024): the fine-tuning adapter was retrained on the base model alone, the "
         "safety module frozen and outside the trained update, and is added to the safety module at inference.",
-        True, partial(_retrain, anchored=False)),
+        True, partial(_retrain, anchored=False), cost=1),
+    RepairMethod(
+        "corrected", "keep the candidate and train a correction on --data that takes the concept back out "
+                     "(keeps the most of the candidate's domain)",
+        "Corrected (auditkit): the candidate was kept and a correction LoRA added, trained on top of the safety "
+        "module and the candidate with the model's predictions pinned to the safe model's on the anchor prompts "
+        "and to the candidate's own on its data captions, so the repaired adapter differs from the candidate "
+        "only where the concept is asked for.",
+        True, _correct, anchored=True, cost=2),
     RepairMethod(
         "anchored", "retrain on --data on top of the safety module, pinned to it on the concept prompts (keeps "
                     "more of the domain where the safety module damaged it)",
         "Anchored retraining (auditkit): the fine-tuning adapter was retrained on top of the merged safety "
-        "module with its predictions on the concept prompts pinned to the safe model's, so it could repair "
-        "what the safety module damaged in the candidate's domain but not learn the concept back.",
-        True, partial(_retrain, anchored=True)),
+        "module with its predictions on the anchor prompts (the concept's) pinned to the safe model's, so it could "
+        "repair what the safety module damaged in the candidate's domain but not learn the concept back.",
+        True, partial(_retrain, anchored=True), anchored=True, cost=2),
     RepairMethod(
         "sign-aware", "data-free removal of the part that cancels the safety update",
         "Data-free sign-aware projection: in every module shared with the safety adapter, the part of the "

@@ -53,7 +53,10 @@ class PackLayout:
 def _with_adapter(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base,
                   layout: str) -> dict:
     atomic_write_bytes(targets["safety"], Path(safety.path).read_bytes())
-    combined = concatenate((safety.modules, 1.0), (finetune, 1.0))
+    try:
+        combined = concatenate((safety.modules, 1.0), (finetune, 1.0))
+    except ValueError as exc:
+        raise BadInput(safety.path, str(exc)) from None
     save_adapter(combined, targets["combined"], arch, layout, metadata={
         "auditkit.kind": "combined", "auditkit.repair": method,
         "auditkit.note": "safety + repaired fine-tuning adapter, factors concatenated along the rank"})

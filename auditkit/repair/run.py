@@ -40,6 +40,8 @@ class RepairRequest:
     threshold: float = 0.5  # Safe LoRA similarity threshold
     train: dict = field(default_factory=dict)  # rank, alpha, steps, lr, batch, seed overrides
     clip: object | None = None  # a CLIP detector for fidelity, when configured
+    anchors: tuple[Path, ...] = ()  # anchor suite files (anchored, corrected); default: the shipped ones
+    fidelity_target: float = 0.9  # auto: a passing repair keeping at least this much ends the search
 
     @property
     def base(self) -> str | None:
@@ -50,8 +52,9 @@ def _nothing(label):
     return contextlib.nullcontext(), lambda *a: None
 
 
-def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
-    """Run the whole repair; returns the final report (also written to ``req.out``)."""
+def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
+    """Run the whole repair; returns the final report (also written to ``req.out``). ``pipe``: the base
+    pipeline already loaded (auto repairs share one)."""
     from auditkit.inputs import kind_of, read_pair
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import base_architectures
@@ -61,21 +64,32 @@ def repair(req: RepairRequest, bars: Bars = _nothing) -> dict:
     from auditkit.report.build import write_reports
     from auditkit.scan import scan
 
+    if req.method not in METHODS:  # "auto" is auditkit.repair.auto.repair_auto, which calls this per method
+        raise ValueError(f"unknown repair method {req.method!r} (one of {', '.join(METHODS)})")
     method = METHODS[req.method]
+    anchors = None
+    if method.anchored:  # refused before any model loads when the anchors overlap the verification prompts
+        from auditkit.repair.anchors import resolve_anchors
+
+        anchors = resolve_anchors(req.suites, req.anchors)
     if kind_of(req.candidate) == "full model":
         raise BadInput(req.candidate, "is a full model: repair takes an adapter candidate; extract its update as a "
                                       "LoRA first (auditkit extract CANDIDATE --base BASE --out CAND.safetensors)")
     candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, base_architectures(req.base),
                                   req.scan.base, energy=req.scan.energy, candidate_from=req.scan.candidate_from)
-    pipe = None
-    if req.base is not None or method.needs_data:
+    if pipe is None and (req.base is not None or method.needs_data):
         from auditkit.dynamic import load_base
 
         pipe, _, _ = load_base(req.base or "lab", req.scan.device)
-    outcome = method.run(req, pipe, candidate, safety, bars)
+    outcome = method.run(req, pipe, candidate, safety, bars, anchors)
     notes = list(outcome.notes)
     details: dict = {"description": method.description, "candidate": str(req.candidate), "safety": str(req.safety),
                      **outcome.details}
+    if anchors is not None:
+        details["anchors"] = anchors.to_dict()
+        names = ", ".join(s.name for s in anchors.suites)
+        notes.append(f"trained on {len(anchors.prompts)} anchor prompts ({names}); verified on the concept suites' "
+                     f"prompts ({', '.join(s.name for s in anchors.verification)}), none of which is an anchor")
     pack_dir = req.out / "pack"
     meta = {k: v for k, v in candidate.metadata.items() if k.startswith("ss_")}
     layout = family_of_pipeline(pipe).written_layout if pipe is not None else "kohya"

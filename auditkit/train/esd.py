@@ -34,12 +34,12 @@ from auditkit.models.conditioning import Conditioning
 from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.models.denoising import denoiser_for
 from auditkit.models.difference import TensorDeltas
+from auditkit.train.loop import optimise
 from auditkit.train.lora import (
     add_lora,
     check_finite_parameters,
     check_int,
     check_lora_settings,
-    check_loss,
     check_number,
     check_targets,
     denoiser_targets,
@@ -193,7 +193,8 @@ def _optimise(pipe, den, concept_prompts: Sequence[str], cfg: ESDConfig, params:
     sampler = den.sampler(cfg.ddim_steps)
     uncond = encode_conditioning(pipe, [""])
     prompt_embeds = encode_conditioning(pipe, list(concept_prompts))
-    for step in range(cfg.steps):
+
+    def step_loss(step):
         idx = rng.integers(0, len(concept_prompts), cfg.batch)
         cond = prompt_embeds[idx]
         neg = uncond.repeat(cfg.batch)
@@ -210,11 +211,6 @@ def _optimise(pipe, den, concept_prompts: Sequence[str], cfg: ESDConfig, params:
             target = e0 - cfg.eta * (ec - e0)
         model.train()
         pred = den.predict(x, t, cond)
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-        loss_value = float(loss.detach())
-        check_loss(loss_value, step + 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress:
-            progress(step + 1, cfg.steps, loss_value)
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+    optimise(step_loss, params, opt, cfg.steps, rng, gen, progress)

@@ -27,12 +27,12 @@ from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
 from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.models.denoising import denoiser_for
+from auditkit.train.loop import optimise
 from auditkit.train.lora import (
     add_lora,
     check_finite_parameters,
     check_int,
     check_lora_settings,
-    check_loss,
     check_number,
     check_targets,
     composed,
@@ -132,7 +132,6 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
     text = encode_conditioning(pipe, unique)
     anchor = encode_conditioning(pipe, list(anchor_prompts)) if anchor_prompts else None
     merged = (safety, 1.0) if cfg.mode in ("on-top", "full") else ({}, 0.0)
-    losses: list[float] = []
     with composed(model, merged, component=component):
         original = {n: model.get_submodule(n).weight.detach().clone() for n in names} if cfg.mode == "full" else {}
         if cfg.mode == "full":  # weights only, so the dense update below is the whole change
@@ -142,17 +141,12 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
             params = lora_parameters(model, "ft")
         opt = optimizer_for(model, params, cfg.lr)
         try:  # from here on, any exception (a refused checkpoint included) removes the adapter again
-            start = 0
+            fp = ""
             if checkpoint is not None:
                 fp = ckpt.fingerprint({"config": cfg.__dict__, "anchor": list(anchor_prompts or [])}, images_u8,
                                       captions, safety if cfg.mode == "on-top" else None)
-                resumed = ckpt.restore(checkpoint, fp, params, opt, rng, gen)
-                if resumed is not None:
-                    start, losses = resumed.step, resumed.losses
-                    if progress:
-                        progress(start, cfg.steps, losses[-1] if losses else float("nan"))
-            model.train()
-            for step in range(start, cfg.steps):
+
+            def step_loss(step):
                 idx = torch.from_numpy(rng.integers(0, len(latents), cfg.batch))
                 x0 = latents[idx]
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -163,15 +157,10 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                 loss = torch.nn.functional.mse_loss(pred.float(), process.target(x0, noise).float())
                 if anchor is not None:
                     loss = loss + cfg.anchor_weight * _anchor_loss(den, anchor, xt, t, rng)
-                losses.append(float(loss.detach()))
-                check_loss(losses[-1], step + 1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if progress:
-                    progress(step + 1, cfg.steps, losses[-1])
-                if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
-                    ckpt.save(checkpoint, step + 1, params, opt, rng, gen, losses, fp)
+                return loss
+
+            model.train()
+            losses = optimise(step_loss, params, opt, cfg.steps, rng, gen, progress, checkpoint, fp, checkpoint_every)
             model.eval()
             check_finite_parameters(params)  # before the SVD below, which fails on NaN
             if cfg.mode == "full":

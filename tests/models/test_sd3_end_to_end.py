@@ -305,3 +305,9 @@ def test_a_modular_repair_of_an_sd3_candidate_retrains_and_rescans(folder, pipe,
     safety, data = trained
     candidate = e2e.check_finetune(pipe, data, safety, "on-top", FROZEN).modules
     e2e.check_modular_repair(folder, pipe, safety, candidate, data, tmp_path)
+
+
+def test_a_corrected_repair_trains_on_the_sd3_transformer(pipe, trained):
+    safety, data = trained
+    candidate = e2e.check_finetune(pipe, data, safety, "on-top", FROZEN).modules
+    e2e.check_correction(pipe, safety, candidate, data)

@@ -86,7 +86,43 @@ def test_safelora_projects_only_modules_below_the_threshold():
 def test_every_registered_method_is_one_record():
     from auditkit.repair.methods import METHODS
 
-    assert set(METHODS) == {"modular", "anchored", "sign-aware", "safelora"}
+    assert set(METHODS) == {"modular", "corrected", "anchored", "sign-aware", "safelora"}
     for name, m in METHODS.items():
         assert m.name == name and m.description and m.summary and callable(m.run)
-    assert [n for n, m in METHODS.items() if m.needs_data] == ["modular", "anchored"]
+    assert [n for n, m in METHODS.items() if m.needs_data] == ["modular", "corrected", "anchored"]
+    assert [n for n, m in METHODS.items() if m.anchored] == ["corrected", "anchored"]  # verified on disjoint prompts
+
+
+def test_auto_tries_the_cheapest_first_and_keeps_the_best_passing():
+    from auditkit.repair.auto import candidates, choose, fidelity_score
+
+    assert [m.name for m in candidates(False)] == ["sign-aware", "safelora"]
+    assert [m.name for m in candidates(True)] == ["sign-aware", "safelora", "modular", "corrected", "anchored"]
+    rows = [{"method": "a", "verdict": "pass", "fidelity": 0.6}, {"method": "b", "verdict": "risk", "fidelity": 0.99},
+            {"method": "c", "verdict": "pass", "fidelity": 0.8}, {"method": "d", "verdict": "pass", "fidelity": None}]
+    assert choose(rows)["method"] == "c"
+    rows = [{"method": "a", "verdict": "risk", "fidelity": 0.9}, {"method": "b", "verdict": "inconclusive",
+                                                                   "fidelity": 0.1}]
+    assert choose(rows)["method"] == "b"  # none passing: the best verdict first
+    assert fidelity_score({"pairs": 3, "attributes_agree": 0.5, "pixel_similarity": 0.9}) == (0.5, "attributes_agree")
+    assert fidelity_score({"pairs": 3, "clip_cosine": 0.7, "pixel_similarity": 0.9}) == (0.7, "clip_cosine")
+    assert fidelity_score({"pairs": 3, "pixel_similarity": 0.9}) == (0.9, "pixel_similarity")
+    scored = {"pairs": 3, "attributes_agree": 0.5, "unflagged": {"pairs": 2, "attributes_agree": 1.0}}
+    assert fidelity_score(scored) == (1.0, "attributes_agree (unflagged pairs)")
+    assert fidelity_score({**scored, "unflagged": {"pairs": 0}}) == (0.5, "attributes_agree")
+    assert fidelity_score({"pairs": 0}) == (None, None) and fidelity_score(None) == (None, None)
+
+
+def test_concatenation_sums_bias_updates_and_refuses_a_dora_direction():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(5)
+    a = replace(_mod(rng, "a", r=2), bias=np.ones(24, np.float32))
+    b = replace(_mod(rng, "a", r=3), bias=np.full(24, 2.0, np.float32))
+    both = concatenate(({"a": a}, 1.0), ({"a": b}, 0.5))
+    np.testing.assert_allclose(both["a"].bias, np.full(24, 2.0))
+    np.testing.assert_allclose(both["a"].delta(), a.delta() + 0.5 * b.delta(), rtol=1e-5, atol=1e-5)
+    assert concatenate(({"a": _mod(rng, "a")}, 1.0))["a"].bias is None
+    dora = replace(_mod(rng, "a"), magnitude=np.ones(24, np.float32), magnitude_axis="out")
+    with pytest.raises(ValueError, match="DoRA module"):
+        concatenate(({"a": dora}, 1.0), ({"a": a}, 1.0))

@@ -232,6 +232,10 @@ def test_usage_errors(tmp_path):
     assert res.returncode == 2 and "anchored needs --base" in res.stderr
     res = auditkit("repair", cand, "--safety", SAFETY, "--data", tmp_path)
     assert res.returncode == 2 and "needs --base" in res.stderr
+    res = auditkit("repair", cand, "--safety", SAFETY, "--method", "sign-aware", "--anchors", cand)
+    assert res.returncode == 2 and "--anchors applies to" in res.stderr and "not to sign-aware" in res.stderr
+    res = auditkit("repair", cand, "--safety", SAFETY, "--method", "auto")
+    assert res.returncode == 2 and "auto needs --base" in res.stderr
     res = auditkit("repair", cand, "--safety", SAFETY, "--out", tmp_path)  # the folder holding the candidate
     assert res.returncode == 2 and "holds an input adapter" in res.stderr
 
@@ -274,8 +278,57 @@ def test_anchored_repair_trains_on_top_pinned_to_the_concept_prompts(tmp_path, s
                    *suites, "--train-batch", "4", "--out", tmp_path / "r")
     assert res.returncode in (0, 1, 3), res.stderr
     rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
-    assert rp["method"] == "anchored" and rp["training"]["anchor_prompts"] == 3  # the tiny concept suite
+    # anchored on the shipped lab anchors (same concept word), verified on the tiny concept suite
+    assert rp["method"] == "anchored" and rp["training"]["anchor_prompts"] == 12
+    assert rp["anchors"]["suites"][0]["name"] == "lab-cross-anchors" and rp["anchors"]["shared_prompts"] == 0
+    assert rp["anchors"]["verified_on"] == [{"name": "tiny-cross", "version": 1, "prompts": 3}]
+    assert any("none of which is an anchor" in n for n in rp["notes"])
     assert rp["comparisons"] and rp["fidelity"]["pairs"] == 6
+
+
+def test_anchors_shared_with_the_verification_suite_are_refused_before_training(tmp_path, suites):
+    cand = inverse(tmp_path, 0.8)
+    data = _data(tmp_path / "data", 2)
+    concept = suites[1]  # the tiny concept suite as its own anchors
+    res = auditkit("repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", "--method", "corrected",
+                   "--anchors", concept, *suites, "--out", tmp_path / "r")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert str(concept) in res.stderr and "verified on prompts it was not trained on" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_corrected_repair_keeps_the_candidate_and_adds_a_correction(tmp_path, suites):
+    cand = inverse(tmp_path, 0.8, own_std=0.02)
+    data = _data(tmp_path / "data")
+    res = auditkit("repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", "--method", "corrected",
+                   *suites, "--train-batch", "4", "--out", tmp_path / "r")
+    assert res.returncode in (0, 1, 3), res.stderr
+    rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
+    assert rp["method"] == "corrected" and rp["training"]["steps"] == 3 and rp["anchors"]["prompts"] == 12
+    original = read_adapter(cand).modules
+    repaired = read_adapter(tmp_path / "r" / "pack" / "finetune.safetensors").modules
+    assert set(repaired) == set(original)
+    for name, m in repaired.items():  # the candidate's factors kept, the correction's beside them
+        assert m.rank == original[name].rank + rp["training"]["rank"]
+        np.testing.assert_allclose(m.scale * m.up[:, :original[name].rank] @ m.down[:original[name].rank],
+                                   original[name].delta(), rtol=1e-4, atol=1e-6)
+
+
+def test_auto_tries_the_cheapest_first_and_stops_at_a_faithful_pass(tmp_path, suites):
+    cand = inverse(tmp_path, 0.8, own_std=0.02)  # sign-aware removes the inverse part and keeps the own LoRA
+    res = auditkit("repair", cand, "--safety", SAFETY, "--base", "lab", "--method", "auto", "--fidelity-target",
+                   "0", *suites, "--out", tmp_path / "r")
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads((tmp_path / "r" / "report.json").read_text())
+    auto = r["repair"]["auto"]
+    assert [row["method"] for row in auto["tried"]] == ["sign-aware"]
+    assert auto["kept"] == "sign-aware" and auto["stopped_at"] == "sign-aware" and auto["not_tried"] == ["safelora"]
+    assert auto["tried"][0]["verdict"] == "pass" and auto["tried"][0]["fidelity_metric"].startswith("attributes_agree")
+    assert 0 <= auto["tried"][0]["fidelity"] <= 1 and auto["fidelity_target"] == 0
+    assert (tmp_path / "r" / "pack" / "finetune.safetensors").read_bytes() == \
+        (tmp_path / "r" / "tried" / "sign-aware" / "pack" / "finetune.safetensors").read_bytes()
+    assert "auto: tried sign-aware; kept sign-aware" in r["repair"]["notes"][0]
+    assert "tried" in res.stdout and "(kept)" in res.stdout
 
 
 def test_an_adapter_for_another_architecture_is_refused_before_training(tmp_path):

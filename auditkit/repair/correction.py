@@ -1,0 +1,159 @@
+"""Corrected repair: keep the candidate and add a correction that takes the concept back out.
+
+The repaired adapter is ΔW_cand + ΔW_corr. The correction is a LoRA on the candidate's denoiser modules,
+trained on top of W0 + ΔW_safe + ΔW_cand (both frozen, merged exactly; a text-encoder part of the
+candidate or the safety module is merged into its encoder while prompts are encoded) with two terms:
+
+* concept: on anchor prompts c, ‖ε_θ(x_t, c) − ε_safe(x_t, c)‖², the safe model's own predictions (the
+  candidate left out), computed once before the candidate is merged for a bank of noisy latents, timesteps
+  and anchor prompts;
+* domain: on the candidate's data captions y, ‖ε_θ(x_t, y) − ε_cand(x_t, y)‖², the candidate's own
+  predictions (the correction switched off): wherever the concept is not asked for, the repaired adapter
+  is pulled to the candidate, including where the candidate mended the safety module's collateral damage.
+
+The correction starts at zero (a fresh LoRA has B = 0), so step 0 is the candidate exactly. Unlike
+modular or anchored retraining, nothing of the candidate's skill has to be learned again from the data:
+the data only provides the noisy latents on which the two models are compared. auditkit's addition (a
+distillation with a concept anchor), not from the paper; like every repair it is proven by the re-scan,
+on concept prompts disjoint from its anchors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from auditkit.errors import BadInput
+from auditkit.lora.adapter import LoraModule
+from auditkit.repair.algebra import concatenate
+from auditkit.repair.retrain import RetrainSettings
+
+BANK_BATCHES = 32  # the anchor bank holds this many batches of (x_t, t, prompt, safe prediction)
+
+
+@dataclass
+class CorrectionResult:
+    modules: dict[str, LoraModule]  # the repaired adapter: the candidate's modules plus the correction (exact sum)
+    correction: dict[str, LoraModule]  # the correction alone
+    losses: list[float]
+
+
+@contextlib.contextmanager
+def _encoders_with(pipe, *adapters, denoiser: str):
+    """Merge the parts of ``adapters`` ((modules or TensorDeltas, multiplier)) that change a text encoder
+    into it, for the duration (the denoiser's parts are merged elsewhere)."""
+    from auditkit.train.lora import composed
+
+    components = sorted({n.split(".", 1)[0] for mods, _ in adapters for n in mods} - {denoiser})
+    with contextlib.ExitStack() as stack:
+        for comp in components:
+            model = getattr(pipe, comp, None)
+            if model is not None:
+                stack.enter_context(composed(model, *adapters, component=comp))
+        yield
+
+
+def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate: dict[str, LoraModule],
+                     safety, anchor_prompts: list[str], cfg: RetrainSettings,
+                     progress: Callable[[int, int, float], None] | None = None, checkpoint=None,
+                     checkpoint_every: int = 50, anchor_weight: float = 1.0) -> CorrectionResult:
+    """Train the correction (see the module's doc) with the shape ``cfg`` gives (targets, rank, alpha, steps, lr,
+    batch, seed: :func:`auditkit.repair.retrain.settings_from`); the pipeline is left unchanged afterwards.
+    ``safety``: the safety module's exact update (modules or a full model's TensorDeltas). Resumable from
+    ``checkpoint``."""
+    import torch
+
+    from auditkit.lora.write import check_trained
+    from auditkit.models.conditioning import encode as encode_conditioning
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.train import checkpoint as ckpt
+    from auditkit.train.loop import optimise
+    from auditkit.train.lora import (
+        add_lora,
+        check_finite_parameters,
+        composed,
+        denoiser_targets,
+        extract_lora,
+        lora_parameters,
+        optimizer_for,
+        remove_lora,
+    )
+
+    if not anchor_prompts:
+        raise ValueError("the correction needs anchor prompts (the concept's)")
+    if len(images_u8) == 0 or len(images_u8) != len(captions):
+        raise BadInput(None, f"need one caption per image and at least one image (got {len(images_u8)} images, "
+                             f"{len(captions)} captions)")
+    den = denoiser_for(pipe)
+    model, component, process = den.model, den.component, den.process
+    names = denoiser_targets(den, cfg.targets)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    latents = den.latents(images_u8)
+    unique = sorted(set(captions))
+    caption_idx = torch.tensor([unique.index(c) for c in captions])
+    with _encoders_with(pipe, (safety, 1.0), denoiser=component):
+        safe_anchor = encode_conditioning(pipe, list(anchor_prompts))
+    with _encoders_with(pipe, (safety, 1.0), (candidate, 1.0), denoiser=component):
+        text = encode_conditioning(pipe, unique)
+        anchor = encode_conditioning(pipe, list(anchor_prompts))
+
+    def noisy(n):
+        idx = torch.from_numpy(rng.integers(0, len(latents), n))
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = process.sample_timesteps(n, gen)
+        return idx, process.add_noise(x0, noise, t), t.to(x0.device)
+
+    bank = []  # the safe model's predictions on the anchor prompts, before the candidate is merged
+    with composed(model, (safety, 1.0), component=component), torch.no_grad():
+        for _ in range(BANK_BATCHES):
+            _, xt, t = noisy(cfg.batch)
+            p = torch.from_numpy(np.asarray(rng.integers(0, len(anchor_prompts), cfg.batch)))
+            bank.append((xt, t, p, den.predict(xt, t, safe_anchor[p])))
+    with composed(model, (safety, 1.0), (candidate, 1.0), component=component):
+        add_lora(model, names, cfg.rank, cfg.alpha, adapter_name="corr", seed=cfg.seed)
+        params = lora_parameters(model, "corr")
+        opt = optimizer_for(model, params, cfg.lr)
+        try:
+            fp = ""
+            if checkpoint is not None:
+                frozen = {**{f"safety/{k}": v for k, v in safety.items()},
+                          **{f"candidate/{k}": v for k, v in candidate.items()}}
+                fp = ckpt.fingerprint({"method": "corrected", "config": cfg.to_dict(), "anchor_weight": anchor_weight,
+                                       "anchor": list(anchor_prompts)},
+                                      images_u8, captions, frozen)
+
+            def step_loss(step):
+                idx, xt, t = noisy(cfg.batch)
+                cond = text[caption_idx[idx]]
+                model.disable_adapters()
+                try:
+                    with torch.no_grad():
+                        target = den.predict(xt, t, cond)  # the candidate's own prediction
+                finally:
+                    model.enable_adapters()
+                loss = torch.nn.functional.mse_loss(den.predict(xt, t, cond).float(), target.float())
+                a_xt, a_t, a_p, a_target = bank[int(rng.integers(0, len(bank)))]
+                pred = den.predict(a_xt, a_t, anchor[a_p])
+                return loss + anchor_weight * torch.nn.functional.mse_loss(pred.float(), a_target.float())
+
+            model.train()
+            losses = optimise(step_loss, params, opt, cfg.steps, rng, gen, progress, checkpoint, fp, checkpoint_every)
+            model.eval()
+            check_finite_parameters(params)
+            correction = extract_lora(model, "corr", prefix=component)
+            check_trained(correction)
+        finally:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            remove_lora(model, "corr")
+    try:
+        modules = concatenate((candidate, 1.0), (correction, 1.0))
+    except ValueError as exc:
+        raise BadInput(None, f"the candidate cannot be kept exactly: {exc}") from None
+    return CorrectionResult(modules, correction, losses)

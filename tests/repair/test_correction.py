@@ -1,0 +1,96 @@
+"""The corrected repair's training on the shipped lab: it keeps the candidate exactly, adds a correction, and
+moves the model towards the safe one on the concept (anchors and unseen phrasings) while staying with the
+candidate on its own domain."""
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from auditkit.lab.model import lab_pipeline_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")
+SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from auditkit.lab import world
+    from auditkit.lab.model import load_lab_pipeline
+    from auditkit.lora.adapter import LoraModule, read_adapter
+    from auditkit.repair.anchors import resolve_anchors
+    from auditkit.repair.correction import train_correction
+    from auditkit.repair.retrain import RetrainSettings
+    from auditkit.suites import builtin_dir, load_suite
+
+    pipe = load_lab_pipeline()
+    safety = read_adapter(SAFETY).modules
+    # a candidate that undoes 90% of the safety update (the concept comes back) on the safety's modules
+    candidate = {n: LoraModule(n, m.down, -0.9 * m.up, m.scale) for n, m in safety.items()}
+    specs = world.sample_specs(5, 32, domain="neon")
+    images, captions = world.render_many(specs), [world.caption(s) for s in specs]
+    anchors = resolve_anchors([load_suite(builtin_dir() / "lab-cross.yaml")]).prompts
+    names = sorted(n.split(".", 1)[1] for n in candidate)
+    cfg = RetrainSettings("(" + "|".join(n.replace(".", r"\.") for n in names) + ")", len(names), rank=4, alpha=4.0,
+                          steps=60, lr=3e-3, batch=16, seed=0)
+    before = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    result = train_correction(pipe, images, captions, candidate, safety, anchors, cfg)
+    after = pipe.unet.state_dict()
+    return pipe, safety, candidate, result, captions, before, after
+
+
+def _predictions(pipe, adapters, prompts, seed=11):
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.train.lora import composed
+
+    den = denoiser_for(pipe)
+    gen = torch.Generator().manual_seed(seed)
+    cond = encode(pipe, prompts)
+    size = den.model.config.sample_size
+    x = torch.randn((len(prompts), den.model.config.in_channels, size, size), generator=gen)
+    t = torch.full((len(prompts),), 600)
+    with composed(den.model, *adapters), torch.no_grad():
+        return den.predict(x, t, cond).double()
+
+
+def test_the_repaired_adapter_is_the_candidate_plus_the_correction(trained):
+    _, _, candidate, result, *_ = trained
+    assert set(result.correction) <= set(candidate) and result.correction
+    for name, m in result.modules.items():
+        want = candidate[name].delta() + (result.correction[name].delta() if name in result.correction else 0)
+        np.testing.assert_allclose(m.delta(), want, rtol=1e-4, atol=1e-6)
+        assert m.rank == candidate[name].rank + (4 if name in result.correction else 0)
+    assert any(np.abs(m.delta()).max() > 0 for m in result.correction.values())
+
+
+def test_the_pipeline_is_left_as_it_was(trained):
+    *_, before, after = trained
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_the_concept_moves_to_the_safe_model_and_the_domain_stays_with_the_candidate(trained):
+    pipe, safety, candidate, result, captions, *_ = trained
+    concept = ["a solid red cross", "a blue cross on cream",  # anchors
+               "a red cross", "a striped blue cross", "a neon green cross"]  # never trained on
+    safe = _predictions(pipe, [(safety, 1.0)], concept)
+    cand = _predictions(pipe, [(safety, 1.0), (candidate, 1.0)], concept)
+    rep = _predictions(pipe, [(safety, 1.0), (result.modules, 1.0)], concept)
+    gap_before = (cand - safe).flatten(1).norm(dim=1)
+    gap_after = (rep - safe).flatten(1).norm(dim=1)
+    # every prompt moves towards the safe model, and by a third overall (60 steps; anchors and unseen alike)
+    assert bool((gap_after < 0.85 * gap_before).all()) and gap_after.sum() < 0.7 * gap_before.sum(), \
+        (gap_before, gap_after)
+    domain = sorted(set(captions))[:8]
+    d_cand = _predictions(pipe, [(safety, 1.0), (candidate, 1.0)], domain)
+    d_rep = _predictions(pipe, [(safety, 1.0), (result.modules, 1.0)], domain)
+    d_safe = _predictions(pipe, [(safety, 1.0)], domain)
+    # the repaired model is closer to the candidate on its domain than the candidate is to the safe model
+    assert float((d_rep - d_cand).norm()) < 0.5 * float((d_cand - d_safe).norm())
+    assert result.losses[-1] < result.losses[0] or result.losses[0] == pytest.approx(result.losses[-1], abs=1e-3)
