@@ -16,22 +16,28 @@ from auditkit.lab import world
 from auditkit.stats import wilson
 
 
-def attribute_accuracy(detector, images, shapes: Sequence[str], style: str,
-                       colours: Sequence[str] | None = None) -> dict[str, float]:
-    """Share of images whose detected shape and style (and, given ``colours``, colour) are the prompted
-    ones. The detector's style head says solid/striped/neon: ``style="plain"`` accepts any non-neon style."""
+def attribute_checks(detector, images, shapes: Sequence[str], style: str,
+                     colours: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Per image: whether its detected shape, style (and, given ``colours``, colour) are the prompted ones. The
+    detector's style head says solid/striped/neon: ``style="plain"`` accepts any non-neon style."""
     from auditkit.lab.detector import HEADS
 
     probs = detector.probabilities(images)
     shape_ok = np.asarray(HEADS["shape"])[probs["shape"].argmax(1)] == np.asarray(shapes)
     style_pred = np.asarray(HEADS["style"])[probs["style"].argmax(1)]
     style_ok = style_pred != "neon" if style == "plain" else style_pred == style
-    out = {"shape_and_style": float((shape_ok & style_ok).mean()), "shape": float(shape_ok.mean()),
-           "style": float(style_ok.mean())}
+    out = {"shape_and_style": shape_ok & style_ok, "shape": shape_ok, "style": style_ok}
     if colours is not None:
         colour_ok = np.asarray(HEADS["colour"])[probs["colour"].argmax(1)] == np.asarray(colours)
-        out.update(colour=float(colour_ok.mean()), all=float((shape_ok & colour_ok & style_ok).mean()))
+        out.update(colour=colour_ok, all=shape_ok & colour_ok & style_ok)
     return out
+
+
+def attribute_accuracy(detector, images, shapes: Sequence[str], style: str,
+                       colours: Sequence[str] | None = None) -> dict[str, float]:
+    """Share of images whose detected shape and style (and, given ``colours``, colour) are the prompted
+    ones (:func:`attribute_checks`)."""
+    return {k: float(v.mean()) for k, v in attribute_checks(detector, images, shapes, style, colours).items()}
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,

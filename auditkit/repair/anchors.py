@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from auditkit.errors import BadInput
 
 
@@ -30,6 +32,12 @@ class Anchors:
     @property
     def prompts(self) -> list[str]:
         return list(dict.fromkeys(p.text for s in self.suites for p in s.prompts))
+
+    @property
+    def guidance(self) -> float:
+        """The anchors' sampling guidance (their suites', the median over prompts): the corrected repair samples
+        the candidate's anchor trajectories with it."""
+        return float(np.median([p.guidance for s in self.suites for p in s.prompts]))
 
     def to_dict(self) -> dict:
         return {"suites": [{"name": s.name, "version": s.version, "path": s.path, "prompts": len(s.prompts)}

@@ -5,8 +5,9 @@ trained on top of W0 + ΔW_safe + ΔW_cand (both frozen, merged exactly; a text-
 candidate or the safety module is merged into its encoder while prompts are encoded) with two terms:
 
 * concept: on anchor prompts c, ‖ε_θ(x_t, c) − ε_safe(x_t, c)‖², the safe model's own predictions (the
-  candidate left out), computed once before the candidate is merged for a bank of noisy latents, timesteps
-  and anchor prompts;
+  candidate left out), at points x_t of the *candidate's* own guided sampling trajectories for the anchor
+  prompts (where the concept comes back), computed once before training for a bank of trajectories, stopping
+  points and prompts (as ESD draws x_t from the model's own trajectory);
 * domain: on the candidate's data captions y, ‖ε_θ(x_t, y) − ε_cand(x_t, y)‖², the candidate's own
   predictions (the correction switched off): wherever the concept is not asked for, the repaired adapter
   is pulled to the candidate, including where the candidate mended the safety module's collateral damage.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,6 +33,19 @@ from auditkit.repair.algebra import concatenate
 from auditkit.repair.retrain import RetrainSettings
 
 BANK_BATCHES = 32  # the anchor bank holds this many batches of (x_t, t, prompt, safe prediction)
+BANK_STEPS = 10  # sampler steps of the candidate's anchor trajectories the bank's x_t are drawn from
+MIN_STEPS = 400  # a correction trains at least this long unless told otherwise (lab: 150 steps kept a third of
+# a short candidate's domain, 400 more than half; benchmarks/repair_lab.py)
+
+
+def correction_settings(settings: RetrainSettings) -> tuple[RetrainSettings, list[str]]:
+    """The correction's training shape: the candidate's, at least :data:`MIN_STEPS` steps unless the steps were
+    set by option (a short candidate's own length is too short to take the concept out and keep its domain)."""
+    if settings.sources.get("steps") == "option" or settings.steps >= MIN_STEPS:
+        return settings, []
+    longer = replace(settings, steps=MIN_STEPS, sources={**settings.sources, "steps": f"at least {MIN_STEPS} for a "
+                                                                                    f"correction"})
+    return longer, [f"the correction trained {MIN_STEPS} steps, longer than the candidate's {settings.steps}"]
 
 
 @dataclass
@@ -59,9 +73,11 @@ def _encoders_with(pipe, *adapters, denoiser: str):
 def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate: dict[str, LoraModule],
                      safety, anchor_prompts: list[str], cfg: RetrainSettings,
                      progress: Callable[[int, int, float], None] | None = None, checkpoint=None,
-                     checkpoint_every: int = 50, anchor_weight: float = 1.0) -> CorrectionResult:
+                     checkpoint_every: int = 50, anchor_weight: float = 1.0, guidance: float = 5.0
+                     ) -> CorrectionResult:
     """Train the correction (see the module's doc) with the shape ``cfg`` gives (targets, rank, alpha, steps, lr,
-    batch, seed: :func:`auditkit.repair.retrain.settings_from`); the pipeline is left unchanged afterwards.
+    batch, seed: :func:`auditkit.repair.retrain.settings_from`); ``guidance``: of the anchor trajectories (the
+    anchor suite's). The pipeline is left unchanged afterwards.
     ``safety``: the safety module's exact update (modules or a full model's TensorDeltas). Resumable from
     ``checkpoint``."""
     import torch
@@ -100,6 +116,7 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
     with _encoders_with(pipe, (safety, 1.0), (candidate, 1.0), denoiser=component):
         text = encode_conditioning(pipe, unique)
         anchor = encode_conditioning(pipe, list(anchor_prompts))
+        empty = encode_conditioning(pipe, [""])
 
     def noisy(n):
         idx = torch.from_numpy(rng.integers(0, len(latents), n))
@@ -108,12 +125,18 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
         t = process.sample_timesteps(n, gen)
         return idx, process.add_noise(x0, noise, t), t.to(x0.device)
 
-    bank = []  # the safe model's predictions on the anchor prompts, before the candidate is merged
-    with composed(model, (safety, 1.0), component=component), torch.no_grad():
-        for _ in range(BANK_BATCHES):
-            _, xt, t = noisy(cfg.batch)
+    sampler, points = den.sampler(BANK_STEPS), []
+    with composed(model, (safety, 1.0), (candidate, 1.0), component=component), torch.no_grad():
+        for _ in range(BANK_BATCHES):  # the candidate's own trajectories on the anchor prompts
             p = torch.from_numpy(np.asarray(rng.integers(0, len(anchor_prompts), cfg.batch)))
-            bank.append((xt, t, p, den.predict(xt, t, safe_anchor[p])))
+            stop = int(rng.integers(0, BANK_STEPS))
+            x = den.noise(cfg.batch, gen) * sampler.init_noise_sigma
+            for k in range(stop):
+                x = sampler.step(den.guided(x, sampler.timesteps[k], anchor[p], empty.repeat(cfg.batch), guidance),
+                                 k, x)
+            points.append((x, sampler.timesteps[stop], p))
+    with composed(model, (safety, 1.0), component=component), torch.no_grad():  # and the safe model's predictions
+        bank = [(x, t, p, den.predict(x, t, safe_anchor[p])) for x, t, p in points]
     with composed(model, (safety, 1.0), (candidate, 1.0), component=component):
         add_lora(model, names, cfg.rank, cfg.alpha, adapter_name="corr", seed=cfg.seed)
         params = lora_parameters(model, "corr")

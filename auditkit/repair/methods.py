@@ -76,10 +76,11 @@ def _retrain(req, pipe, candidate, safety, bars, anchors, anchored: bool) -> Out
 
 
 def _correct(req, pipe, candidate, safety, bars, anchors) -> Outcome:
-    from auditkit.repair.correction import train_correction
+    from auditkit.repair.correction import correction_settings, train_correction
     from auditkit.train.checkpoint import saved_step
 
     den, settings, data, ckpt = _training_setup(req, pipe, candidate)
+    settings, longer = correction_settings(settings)
     dora = [n for n, m in candidate.modules.items() if m.needs_base]
     if dora:
         raise BadInput(req.candidate, f"{len(dora)} DoRA modules (e.g. {dora[0]}) need the base weights to be kept "
@@ -88,14 +89,14 @@ def _correct(req, pipe, candidate, safety, bars, anchors) -> Outcome:
     ctx, update = bars(f"retrain corrected ({settings.steps} steps)")
     with ctx:
         result = train_correction(pipe, data.images, data.captions, candidate.modules, safety.exact(), anchors.prompts,
-                                  settings, progress=update, checkpoint=ckpt)
+                                  settings, progress=update, checkpoint=ckpt, guidance=anchors.guidance)
     info = settings.to_dict()
     info.update(anchor_prompts=len(anchors.prompts), images=len(data.captions),
                 final_loss=result.losses[-1] if result.losses else None, resumed_from_step=resumed,
                 checkpoint=str(ckpt), correction_modules=len(result.correction),
                 kept_candidate_modules=len(candidate.modules))
     notes = [f"the candidate's {len(candidate.modules)} modules were kept and a rank-{settings.rank} correction added "
-             f"to {len(result.correction)} of them (the repaired adapter's rank is the sum)"]
+             f"to {len(result.correction)} of them (the repaired adapter's rank is the sum)", *longer]
     return Outcome(result.modules, {"training": info}, notes)
 
 

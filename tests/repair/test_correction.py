@@ -43,19 +43,31 @@ def trained():
     return pipe, safety, candidate, result, captions, before, after
 
 
-def _predictions(pipe, adapters, prompts, seed=11):
+def _points(pipe, adapters, prompts, stop=5, steps=10, seed=11):
+    """Points x_t of the guided sampling trajectories of the model with ``adapters`` (stopped after ``stop`` of
+    ``steps`` steps), where the concept forms."""
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
     from auditkit.train.lora import composed
 
     den = denoiser_for(pipe)
-    gen = torch.Generator().manual_seed(seed)
-    cond = encode(pipe, prompts)
-    size = den.model.config.sample_size
-    x = torch.randn((len(prompts), den.model.config.in_channels, size, size), generator=gen)
-    t = torch.full((len(prompts),), 600)
+    sampler = den.sampler(steps)
+    cond, neg = encode(pipe, prompts), encode(pipe, [""] * len(prompts))
+    x = den.noise(len(prompts), torch.Generator().manual_seed(seed)) * sampler.init_noise_sigma
     with composed(den.model, *adapters), torch.no_grad():
-        return den.predict(x, t, cond).double()
+        for k in range(stop):
+            x = sampler.step(den.guided(x, sampler.timesteps[k], cond, neg, 5.0), k, x)
+    return x, sampler.timesteps[stop]
+
+
+def _predictions(pipe, adapters, prompts, at):
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.train.lora import composed
+
+    den = denoiser_for(pipe)
+    with composed(den.model, *adapters), torch.no_grad():
+        return den.predict(at[0], at[1], encode(pipe, prompts)).double()
 
 
 def test_the_repaired_adapter_is_the_candidate_plus_the_correction(trained):
@@ -79,18 +91,33 @@ def test_the_concept_moves_to_the_safe_model_and_the_domain_stays_with_the_candi
     pipe, safety, candidate, result, captions, *_ = trained
     concept = ["a solid red cross", "a blue cross on cream",  # anchors
                "a red cross", "a striped blue cross", "a neon green cross"]  # never trained on
-    safe = _predictions(pipe, [(safety, 1.0)], concept)
-    cand = _predictions(pipe, [(safety, 1.0), (candidate, 1.0)], concept)
-    rep = _predictions(pipe, [(safety, 1.0), (result.modules, 1.0)], concept)
+    at = _points(pipe, [(safety, 1.0), (candidate, 1.0)], concept)  # the candidate's own trajectories
+    safe = _predictions(pipe, [(safety, 1.0)], concept, at)
+    cand = _predictions(pipe, [(safety, 1.0), (candidate, 1.0)], concept, at)
+    rep = _predictions(pipe, [(safety, 1.0), (result.modules, 1.0)], concept, at)
     gap_before = (cand - safe).flatten(1).norm(dim=1)
     gap_after = (rep - safe).flatten(1).norm(dim=1)
     # every prompt moves towards the safe model, and by a third overall (60 steps; anchors and unseen alike)
     assert bool((gap_after < 0.85 * gap_before).all()) and gap_after.sum() < 0.7 * gap_before.sum(), \
         (gap_before, gap_after)
     domain = sorted(set(captions))[:8]
-    d_cand = _predictions(pipe, [(safety, 1.0), (candidate, 1.0)], domain)
-    d_rep = _predictions(pipe, [(safety, 1.0), (result.modules, 1.0)], domain)
-    d_safe = _predictions(pipe, [(safety, 1.0)], domain)
+    at = _points(pipe, [(safety, 1.0), (candidate, 1.0)], domain)
+    d_cand = _predictions(pipe, [(safety, 1.0), (candidate, 1.0)], domain, at)
+    d_rep = _predictions(pipe, [(safety, 1.0), (result.modules, 1.0)], domain, at)
+    d_safe = _predictions(pipe, [(safety, 1.0)], domain, at)
     # the repaired model is closer to the candidate on its domain than the candidate is to the safe model
     assert float((d_rep - d_cand).norm()) < 0.5 * float((d_cand - d_safe).norm())
     assert result.losses[-1] < result.losses[0] or result.losses[0] == pytest.approx(result.losses[-1], abs=1e-3)
+
+
+def test_a_short_candidates_correction_trains_longer_unless_told():
+    from auditkit.repair.correction import MIN_STEPS, correction_settings
+    from auditkit.repair.retrain import RetrainSettings
+
+    short = RetrainSettings("(a)", 1, 4, 4.0, 150, sources={"steps": "ss_max_train_steps"})
+    longer, notes = correction_settings(short)
+    assert longer.steps == MIN_STEPS and "longer than the candidate's 150" in notes[0]
+    assert correction_settings(RetrainSettings("(a)", 1, 4, 4.0, 150, sources={"steps": "option"})) == (
+        RetrainSettings("(a)", 1, 4, 4.0, 150, sources={"steps": "option"}), [])
+    long = RetrainSettings("(a)", 1, 4, 4.0, 800, sources={"steps": "ss_max_train_steps"})
+    assert correction_settings(long) == (long, [])

@@ -301,7 +301,7 @@ def test_corrected_repair_keeps_the_candidate_and_adds_a_correction(tmp_path, su
     cand = inverse(tmp_path, 0.8, own_std=0.02)
     data = _data(tmp_path / "data")
     res = auditkit("repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", "--method", "corrected",
-                   *suites, "--train-batch", "4", "--out", tmp_path / "r")
+                   *suites, "--train-batch", "4", "--train-steps", "3", "--out", tmp_path / "r")
     assert res.returncode in (0, 1, 3), res.stderr
     rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
     assert rp["method"] == "corrected" and rp["training"]["steps"] == 3 and rp["anchors"]["prompts"] == 12
