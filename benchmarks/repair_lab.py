@@ -30,13 +30,15 @@ the held-out phrasings, keeping ≥ 90% of the candidate's domain attributes (th
 images the candidate drew right — shape, style and colour as prompted, no cross — whose repaired image, same
 prompt and seed, is still right in all three; images the candidate got wrong count neither way).
 
-Writes ``benchmarks/results/repair_lab.json`` and prints a Markdown table.
+Writes ``benchmarks/results/repair_lab.json`` and prints a Markdown table; ``--only A,B`` re-measures those
+candidates and keeps the other rows of the JSON (each candidate's git commit is recorded).
 Usage: ``python benchmarks/repair_lab.py [--work /tmp/auditkit-candidates] [--threads 2]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -140,7 +142,15 @@ def main() -> None:
                "safety_rate": float(safe_flags.mean()), "held_out_base_rate": float(h_base.mean()),
                "held_out_safety_rate": float(h_safe.mean()), "candidates": {}}
     names = args.only.split(",") if args.only else CANDIDATES
-    methods = args.methods.split(",")
+    results["candidate_commits"] = {}
+    if args.only and args.json.exists():  # re-measure some candidates: keep the others' rows and their commits
+        earlier = json.loads(args.json.read_text())
+        if earlier.get("methods") == methods_arg(args):
+            kept = {n: r for n, r in earlier["candidates"].items() if n not in names}
+            results["candidates"].update(kept)
+            results["candidate_commits"] = {n: earlier.get("candidate_commits", {}).get(n, earlier["git_commit"])
+                                            for n in kept}
+    methods = methods_arg(args)
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(sorted(unknown))}")
@@ -154,7 +164,9 @@ def main() -> None:
         d_prompts, d_seeds, d_shapes, d_colours, d_style = domain_prompts(data_kind)
         variants = {"candidate": (cand.modules, {})}
         images, captions = study.make_data(data_kind)
+        # the candidate's own training length, as auditkit repair reads it from ss_max_train_steps (not an option)
         settings = settings_from(cand, steps=study.CANDIDATES[name][5])
+        settings = dataclasses.replace(settings, sources={**settings.sources, "steps": "the candidate's recipe"})
         for method in methods:
             t0 = time.perf_counter()
             mods, info = build(method, pipe, images, captions, settings, cand.modules, safety, anchor_prompts)
@@ -196,8 +208,15 @@ def main() -> None:
             print(f"[{name}] {label}: ratio {row[label]['ratio']:.2f} skill {row[label]['domain_skill']} "
                   f"kept {row[label]['kept']['still_right']:.0%}", flush=True)
         results["candidates"][name] = row
+        results["candidate_commits"][name] = results["git_commit"]
+        order = [n for n in (*CANDIDATES, *names) if n in results["candidates"]]
+        results["candidates"] = {n: results["candidates"][n] for n in dict.fromkeys(order)}
         atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     print(table(results))
+
+
+def methods_arg(args) -> list[str]:
+    return args.methods.split(",")
 
 
 def build(method, pipe, images, captions, settings, candidate, safety, anchor_prompts):
