@@ -266,9 +266,9 @@ def table(results) -> str:
         for label, r in row.items():
             v = r["vs_candidate"]
             skill = f"{r['domain_skill']['shape_and_style']:.0%} | {r['domain_skill']['colour']:.0%}"
-            k = r["kept"]
-            same = (f"{v['attributes_agree']:.0%} | {k['still_right']:.0%} of {k['candidate_right']} "
-                    f"| {v['pixel_similarity']:.1%}")
+            k = r.get("kept")
+            kept = "–" if k is None else f"{k['still_right']:.0%} of {k['candidate_right']}"
+            same = f"{v['attributes_agree']:.0%} | {kept} | {v['pixel_similarity']:.1%}"
             if "ratio" not in r:
                 lines.append(f"| {name} | {label} | – | – | – | – | {skill} | {same} | – |")
                 continue
