@@ -46,6 +46,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 from record import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +98,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/auditkit-candidates"))
     ap.add_argument("--only", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--section", action="store_true", help="print the BENCHMARKS.md figures from --json and exit")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "repair_lab.json")
     args = ap.parse_args()
+    if args.section:
+        print(section(json.loads(args.json.read_text())))
+        return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
@@ -253,6 +258,67 @@ def goal(r: dict) -> dict:
              "kept": (kept, kept >= GOAL_KEPT)}
     return {"met": all(ok for _, ok in terms.values()), "kept_shortfall": max(0.0, GOAL_KEPT - kept),
             "terms": {k: {"value": v, "met": ok} for k, (v, ok) in terms.items()}}
+
+
+def section(d: dict) -> str:
+    """The figures of the BENCHMARKS.md section, from the JSON (its interpretation is written there, no numbers)."""
+    methods, cands = d["methods"], d["candidates"]
+
+    def mean(method, get):
+        return float(np.mean([get(row[method]) for row in cands.values()]))
+
+    lines = []
+    for m in ["candidate", *methods]:
+        text = (f"- **{m}**: ratio {mean(m, lambda r: r['ratio']):.2f}, held-out ratio at most "
+                f"{max(row[m]['held_out_ratio'] for row in cands.values()):.2f}, shape+style "
+                f"{mean(m, lambda r: r['domain_skill']['shape_and_style']):.0%}, colour "
+                f"{mean(m, lambda r: r['domain_skill']['colour']):.0%}")
+        if m != "candidate":
+            seconds = [row[m]["seconds"] for row in cands.values()]
+            text += (f", kept {mean(m, lambda r: r['kept']['still_right']):.0%}, goal met on "
+                     f"{sum(row[m]['goal']['met'] for row in cands.values())} of {len(cands)}, "
+                     f"{min(seconds):.0f}–{max(seconds):.0f} s")
+        lines.append(text)
+    concept_terms = ("ratio", "upper", "held_out_ratio", "held_out_upper")
+    best_lines = []
+    for name, row in cands.items():
+        holding = [(row[m]["kept"]["still_right"], m) for m in methods
+                   if all(row[m]["goal"]["terms"][t]["met"] for t in concept_terms)]
+        if not holding:
+            best_lines.append(f"- {name}: no method holds the concept at the goal level")
+            continue
+        kept, m = max(holding)
+        best_lines.append(f"- {name}: {m} keeps {kept:.0%} " + ("(**goal met**)" if kept >= GOAL_KEPT else
+                                                                f"(short of 90% by {GOAL_KEPT - kept:.0%})"))
+    limits = {"ratio": ("≤", GOAL_RATIO), "upper": ("<", GOAL_UPPER), "held_out_ratio": ("≤", GOAL_RATIO),
+              "held_out_upper": ("<", GOAL_UPPER), "kept": ("≥", GOAL_KEPT)}
+    near, met = [], []
+    for name, row in cands.items():
+        for m in methods:
+            terms = row[m]["goal"]["terms"]
+            missed = [k for k, t in terms.items() if not t["met"]]
+            if not missed:
+                met.append(f"{m} on {name}")
+            elif len(missed) == 1 and abs(terms[missed[0]]["value"] - limits[missed[0]][1]) <= 0.05:
+                op, lim = limits[missed[0]]
+                near.append(f"{m} on {name}: {missed[0].replace('_', ' ')} {terms[missed[0]]['value']:.3f} "
+                            f"(goal {op} {lim})")
+    goal = (f"Goal met by: {', '.join(met) or 'no repair'} ({len(met)} of {len(cands) * len(methods)} repairs). "
+            f"Missing one term only, by at most 0.05: {'; '.join(near) or 'none'}.")
+    commits = d.get("candidate_commits") or {}
+    if len(set(commits.values())) > 1:
+        goal += "\n\nCommits per candidate (recorded in the JSON): " + ", ".join(
+            f"{n} {c[:12]}" for n, c in commits.items()) + "."
+    head = (f"Command: `.venv/bin/python benchmarks/repair_lab.py --work /tmp/auditkit-candidates --threads 2` after\n"
+            f"`benchmarks/candidate_study.py` (which writes the candidates); results in "
+            f"`benchmarks/results/repair_lab.json`\n(git commit {d['git_commit'][:12]} of the last run; "
+            f"{d['machine']}). Training times are wall time on a machine\nshared with other work. "
+            f"Concept rate: base {d['base_rate']:.0%}, "
+            f"safety {d['safety_rate']:.1%}; held-out phrasings: base {d['held_out_base_rate']:.0%}, safety "
+            f"{d['held_out_safety_rate']:.1%}.")
+    return "\n\n".join([head, table(d), "Means over the six candidates:", "\n".join(lines),
+                        "Per candidate, the repair holding the concept at the goal level that keeps the most:",
+                        "\n".join(best_lines), goal])
 
 
 def table(results) -> str:
