@@ -145,13 +145,20 @@ def print_repair(r: dict) -> None:
         t = Table("method", "verdict", "max re-emergence ratio", "fidelity", title="auditkit repair · auto: tried")
         for row in auto["tried"]:
             ratio = row["max_reemergence_ratio"]
-            fid = "–" if row["fidelity"] is None else f"{row['fidelity']:.1%} ({row['fidelity_metric']})"
+            fid = "–" if row["fidelity"] is None else f"{row['fidelity']:.1%} {_short(row['fidelity_metric'])}"
             mark = " (kept)" if row["method"] == auto["kept"] else ""
             t.add_row(row["method"] + mark, f"[{style[row['verdict']]}]{row['verdict'].upper()}[/]",
                       "–" if ratio is None else f"{ratio:.2f}", fid)
         out.print(t)
     for note in rp.get("notes", []):
         out.print(f"[dim]note:[/dim] {escape(note)}")
+
+
+def _short(metric: str) -> str:
+    """A fidelity metric's name for the terminal: 'attributes_agree (unflagged pairs)' -> 'attributes, unflagged'."""
+    names = {"attributes_agree": "attributes", "clip_cosine": "CLIP", "pixel_similarity": "pixel"}
+    base, _, rest = metric.partition(" (")
+    return names.get(base, base) + (", unflagged" if rest else "")
 
 
 def _ratio(c: dict) -> str:
