@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.repair.algebra import concatenate
 from auditkit.repair.retrain import RetrainSettings
@@ -86,6 +85,7 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
     from auditkit.models.conditioning import encode as encode_conditioning
     from auditkit.models.denoising import denoiser_for
     from auditkit.train import checkpoint as ckpt
+    from auditkit.train.finetune import check_pairs, loss_to_disabled, noisy_batch
     from auditkit.train.loop import optimise
     from auditkit.train.lora import (
         add_lora,
@@ -100,9 +100,10 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
 
     if not anchor_prompts:
         raise ValueError("the correction needs anchor prompts (the concept's)")
-    if len(images_u8) == 0 or len(images_u8) != len(captions):
-        raise BadInput(None, f"need one caption per image and at least one image (got {len(images_u8)} images, "
-                             f"{len(captions)} captions)")
+    dora = [n for n, m in candidate.items() if m.needs_base]
+    if dora:  # before any work: the candidate could not be kept exactly (repair.algebra.concatenate)
+        raise ValueError(f"{dora[0]} is a DoRA module: its exact update needs the base weights")
+    check_pairs(images_u8, captions)
     den = denoiser_for(pipe)
     model, component, process = den.model, den.component, den.process
     names = denoiser_targets(den, cfg.targets)
@@ -118,22 +119,14 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
         anchor = encode_conditioning(pipe, list(anchor_prompts))
         empty = encode_conditioning(pipe, [""])
 
-    def noisy(n):
-        idx = torch.from_numpy(rng.integers(0, len(latents), n))
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        t = process.sample_timesteps(n, gen)
-        return idx, process.add_noise(x0, noise, t), t.to(x0.device)
-
-    sampler, points = den.sampler(BANK_STEPS), []
+    sampler, points, neg = den.sampler(BANK_STEPS), [], empty.repeat(cfg.batch)
     with composed(model, (safety, 1.0), (candidate, 1.0), component=component), torch.no_grad():
         for _ in range(BANK_BATCHES):  # the candidate's own trajectories on the anchor prompts
             p = torch.from_numpy(np.asarray(rng.integers(0, len(anchor_prompts), cfg.batch)))
             stop = int(rng.integers(0, BANK_STEPS))
             x = den.noise(cfg.batch, gen) * sampler.init_noise_sigma
             for k in range(stop):
-                x = sampler.step(den.guided(x, sampler.timesteps[k], anchor[p], empty.repeat(cfg.batch), guidance),
-                                 k, x)
+                x = sampler.step(den.guided(x, sampler.timesteps[k], anchor[p], neg, guidance), k, x)
             points.append((x, sampler.timesteps[stop], p))
     with composed(model, (safety, 1.0), component=component), torch.no_grad():  # and the safe model's predictions
         bank = [(x, t, p, den.predict(x, t, safe_anchor[p])) for x, t, p in points]
@@ -151,15 +144,8 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
                                       images_u8, captions, frozen)
 
             def step_loss(step):
-                idx, xt, t = noisy(cfg.batch)
-                cond = text[caption_idx[idx]]
-                model.disable_adapters()
-                try:
-                    with torch.no_grad():
-                        target = den.predict(xt, t, cond)  # the candidate's own prediction
-                finally:
-                    model.enable_adapters()
-                loss = torch.nn.functional.mse_loss(den.predict(xt, t, cond).float(), target.float())
+                idx, _, _, xt, t = noisy_batch(latents, process, cfg.batch, rng, gen)
+                loss = loss_to_disabled(den, xt, t, text[caption_idx[idx]])  # to the candidate's own prediction
                 a_xt, a_t, a_p, a_target = bank[int(rng.integers(0, len(bank)))]
                 pred = den.predict(a_xt, a_t, anchor[a_p])
                 return loss + anchor_weight * torch.nn.functional.mse_loss(pred.float(), a_target.float())
@@ -175,8 +161,4 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
             for p in model.parameters():
                 p.requires_grad_(False)
             remove_lora(model, "corr")
-    try:
-        modules = concatenate((candidate, 1.0), (correction, 1.0))
-    except ValueError as exc:
-        raise BadInput(None, f"the candidate cannot be kept exactly: {exc}") from None
-    return CorrectionResult(modules, correction, losses)
+    return CorrectionResult(concatenate((candidate, 1.0), (correction, 1.0)), correction, losses)

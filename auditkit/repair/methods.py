@@ -79,12 +79,12 @@ def _correct(req, pipe, candidate, safety, bars, anchors) -> Outcome:
     from auditkit.repair.correction import correction_settings, train_correction
     from auditkit.train.checkpoint import saved_step
 
-    den, settings, data, ckpt = _training_setup(req, pipe, candidate)
-    settings, longer = correction_settings(settings)
     dora = [n for n, m in candidate.modules.items() if m.needs_base]
-    if dora:
+    if dora:  # before the data is read
         raise BadInput(req.candidate, f"{len(dora)} DoRA modules (e.g. {dora[0]}) need the base weights to be kept "
                                       f"exactly; use --method anchored or modular")
+    den, settings, data, ckpt = _training_setup(req, pipe, candidate)
+    settings, longer = correction_settings(settings)
     resumed = saved_step(ckpt)
     ctx, update = bars(f"retrain corrected ({settings.steps} steps)")
     with ctx:

@@ -118,9 +118,7 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
         raise ValueError("checkpoints are supported for LoRA modes only")
     if anchor_prompts and cfg.mode != "on-top":
         raise ValueError("anchor prompts need mode 'on-top' (the safe model is the anchor)")
-    if len(images_u8) == 0 or len(images_u8) != len(captions):
-        raise BadInput(None, f"need one caption per image and at least one image (got {len(images_u8)} images, "
-                             f"{len(captions)} captions)")
+    check_pairs(images_u8, captions)
     den = denoiser_for(pipe)
     model, component, process = den.model, den.component, den.process
     names = denoiser_targets(den, cfg.targets)  # a regex that selects nothing fails before any work
@@ -147,12 +145,7 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                                       captions, safety if cfg.mode == "on-top" else None)
 
             def step_loss(step):
-                idx = torch.from_numpy(rng.integers(0, len(latents), cfg.batch))
-                x0 = latents[idx]
-                noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-                t = process.sample_timesteps(cfg.batch, gen)
-                xt = process.add_noise(x0, noise, t)
-                t = t.to(x0.device)
+                idx, x0, noise, xt, t = noisy_batch(latents, process, cfg.batch, rng, gen)
                 pred = den.predict(xt, t, text[caption_idx[idx]])
                 loss = torch.nn.functional.mse_loss(pred.float(), process.target(x0, noise).float())
                 if anchor is not None:
@@ -184,17 +177,42 @@ def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConf
                 remove_lora(model, "ft")
 
 
+def check_pairs(images_u8: np.ndarray, captions: list[str]) -> None:
+    """Refuse (BadInput) training data without one caption per image, or without any image."""
+    if len(images_u8) == 0 or len(images_u8) != len(captions):
+        raise BadInput(None, f"need one caption per image and at least one image (got {len(images_u8)} images, "
+                             f"{len(captions)} captions)")
+
+
+def noisy_batch(latents, process, n: int, rng: np.random.Generator, gen):
+    """``n`` training points: data indices (numpy stream), clean latents, noise and timesteps (torch stream),
+    and the noised latents: (idx, x0, noise, x_t, t)."""
+    import torch
+
+    idx = torch.from_numpy(rng.integers(0, len(latents), n))
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = process.sample_timesteps(n, gen)
+    return idx, x0, noise, process.add_noise(x0, noise, t), t.to(x0.device)
+
+
+def loss_to_disabled(den, x, t, cond):
+    """‖ε_θ(x, t, c) − ε_off(x, t, c)‖²: the model's prediction against its own with the trained (peft) adapters
+    switched off, which is the target (no gradient)."""
+    import torch
+
+    den.model.disable_adapters()
+    try:
+        with torch.no_grad():
+            target = den.predict(x, t, cond)
+    finally:
+        den.model.enable_adapters()
+    return torch.nn.functional.mse_loss(den.predict(x, t, cond).float(), target.float())
+
+
 def _anchor_loss(den, anchor, xt, t, rng):
     """‖ε_θ(x_t, c) − ε_safe(x_t, c)‖² on anchor prompts c; ε_safe = the model with the trained LoRA disabled."""
     import torch
 
     idx = torch.from_numpy(np.asarray(rng.integers(0, len(anchor), len(xt))))
-    emb = anchor[idx]
-    den.model.disable_adapters()
-    try:
-        with torch.no_grad():
-            target = den.predict(xt, t, emb)
-    finally:
-        den.model.enable_adapters()
-    pred = den.predict(xt, t, emb)
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    return loss_to_disabled(den, xt, t, anchor[idx])

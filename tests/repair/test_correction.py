@@ -121,3 +121,15 @@ def test_a_short_candidates_correction_trains_longer_unless_told():
         RetrainSettings("(a)", 1, 4, 4.0, 150, sources={"steps": "option"}), [])
     long = RetrainSettings("(a)", 1, 4, 4.0, 800, sources={"steps": "ss_max_train_steps"})
     assert correction_settings(long) == (long, [])
+
+
+def test_a_dora_candidate_is_refused_before_any_work():
+    from auditkit.lora.adapter import LoraModule
+    from auditkit.repair.correction import train_correction
+    from auditkit.repair.retrain import RetrainSettings
+
+    dora = LoraModule("unet.a", np.ones((1, 2), np.float32), np.ones((2, 1), np.float32), 1.0,
+                      magnitude=np.ones(2, np.float32), magnitude_axis="out")
+    with pytest.raises(ValueError, match="DoRA module"):  # no pipeline given: it must not get as far as using one
+        train_correction(None, np.zeros((1, 4, 4, 3), np.uint8), ["x"], {"unet.a": dora}, {}, ["a cross"],
+                         RetrainSettings("(a)", 1, 2, 2.0, 3))
