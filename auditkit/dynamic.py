@@ -68,13 +68,17 @@ def truncated_prompts(pipe, suites: list[Suite]) -> dict[str, int]:
     return out
 
 
-def load_base(base: str, device: str | None = None):
-    """(pipeline, device, dtype name) for ``base`` on the chosen device, loaded once per scan."""
+def load_base(base: str, device: str | None = None, full_precision: bool = False):
+    """(pipeline, device, dtype name) for ``base`` on the chosen device, loaded once per scan or training.
+    ``full_precision``: float32 on a GPU too (training the model's own weights; a LoRA trains in float32 on a
+    bf16 model, :func:`auditkit.train.lora.add_lora`)."""
     import torch
 
     from auditkit.models.pipeline import load_pipeline
 
     device, dtype = pick_device(device)
+    if full_precision:
+        dtype = "float32"
     return load_pipeline(base, device=device, dtype=getattr(torch, dtype)), device, dtype
 
 

@@ -63,6 +63,20 @@ def base_option(func):
                         help=f"Base pipeline: {BASE_HELP}.")(func)
 
 
+def _check_device(ctx, param, value):
+    from auditkit.config import _valid_device
+
+    if value is not None and not _valid_device(value):
+        raise click.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:N, mps)")
+    return value
+
+
+def device_option(func):
+    return click.option("--device", default=None, callback=_check_device,
+                        help="torch device (default: cuda if available, else cpu). On a GPU the frozen model is "
+                             "bf16 and a LoRA trains in float32; full-weight training is float32.")(func)
+
+
 def torch_threads(threads: int | None) -> None:
     if threads is not None and not 1 <= threads <= 1024:
         raise click.BadParameter(f"{threads} is not a thread count in [1, 1024]", param_hint="--threads")

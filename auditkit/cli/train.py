@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from auditkit.cli.common import base_option, check_output, out, progress_bar, read_prompts, torch_threads
+from auditkit.cli.common import (
+    base_option,
+    check_output,
+    device_option,
+    out,
+    progress_bar,
+    read_prompts,
+    torch_threads,
+)
 from auditkit.fsutil import check_writable
 
 
@@ -27,16 +35,19 @@ from auditkit.fsutil import check_writable
 @click.option("--eta", default=1.0, show_default=True, help="Negative-guidance strength of the ESD target.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@device_option
 @click.option("--full", is_flag=True, help="Fine-tune the layers' weights themselves, as the original ESD does: "
                                            "--out is a new folder, the erased denoiser (diffusers component "
                                            "folder), usable wherever a safety module is (--rank/--alpha unused).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
-def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, full, out_file):
+def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, device, full,
+          out_file):
     """Train a Safety LoRA that erases a concept (ESD objective), written as a kohya .safetensors (Flux, SD3: in
     the diffusers layout); with --full, the erased model itself."""
+    from auditkit.dynamic import load_base
     from auditkit.lora.write import save_adapter
     from auditkit.models.families import family_of_pipeline
-    from auditkit.models.pipeline import architecture_of, load_pipeline
+    from auditkit.models.pipeline import architecture_of
     from auditkit.models.saving import check_new_folder, save_component
     from auditkit.train.esd import ESDConfig, train_esd, train_esd_full
 
@@ -50,7 +61,7 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
         check_writable(out_file)
     cfg = ESDConfig(method=method, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed)
     torch_threads(threads)
-    pipe = load_pipeline(base)
+    pipe, _, _ = load_base(base, device, full_precision=full)
     bar, update = progress_bar(f"align {method}{' (full)' if full else ''}")
     if full:
         from auditkit.models.denoising import denoiser_for
@@ -90,16 +101,18 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
 @click.option("--seed", default=0, show_default=True)
 @click.option("--extract-rank", default=32, show_default=True, help="full mode: rank of the extracted LoRA.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@device_option
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
-def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batch, seed, extract_rank, threads,
+def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batch, seed, extract_rank, threads, device,
              out_file):
     """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
+    from auditkit.dynamic import load_base
     from auditkit.inputs import read_input
     from auditkit.lora.metadata import kohya_training_metadata
     from auditkit.lora.write import save_adapter
     from auditkit.models.denoising import denoiser_for
     from auditkit.models.families import family_of_pipeline
-    from auditkit.models.pipeline import architecture_of, base_architectures, load_pipeline
+    from auditkit.models.pipeline import architecture_of, base_architectures
     from auditkit.train.data import check_folder, load_folder
     from auditkit.train.finetune import FinetuneConfig
     from auditkit.train.finetune import finetune as run_finetune
@@ -115,7 +128,7 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     if safety is not None:  # read against the base's own architecture when it is a custom one
         read_input(safety, "safety module", base, extra_architectures=base_architectures(base))
     torch_threads(threads)
-    pipe = load_pipeline(base)
+    pipe, _, _ = load_base(base, device, full_precision=mode == "full")
     den = denoiser_for(pipe)
     denoiser_targets(den, cfg.targets)  # a target pattern that selects nothing fails before training
     arch = architecture_of(pipe, "custom")

@@ -369,17 +369,18 @@ class Denoiser:
         return self.process.sampler(steps, (h // self.record.patch) * (w // self.record.patch))
 
     def latents(self, images_u8):
-        """VAE latents (distribution means, shifted and scaled as the pipeline does) of uint8 images N×H×W×3."""
+        """VAE latents (distribution means, shifted and scaled as the pipeline does) of uint8 images N×H×W×3, in
+        the denoiser's device and dtype (a pipeline loaded in bf16 on a GPU encodes in the VAE's own dtype)."""
         import torch
 
         vae = self.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.device)
+        x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.device, vae.dtype)
         out = []
         with torch.no_grad():
             for chunk in x.split(256):
-                out.append((vae.encode(chunk).latent_dist.mean - shift) * vae.config.scaling_factor)
-        return torch.cat(out)
+                out.append((vae.encode(chunk).latent_dist.mean.float() - shift) * vae.config.scaling_factor)
+        return torch.cat(out).to(self.model.device, self.model.dtype)
 
     def text_states(self, cond, paths: list[str], visit: Callable, steps: int, generator) -> None:
         """``visit(path, inputs)`` with what each text key/value projection ``path`` (no component prefix)

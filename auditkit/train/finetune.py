@@ -191,7 +191,7 @@ def noisy_batch(latents, process, n: int, rng: np.random.Generator, gen):
 
     idx = torch.from_numpy(rng.integers(0, len(latents), n))
     x0 = latents[idx]
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
     t = process.sample_timesteps(n, gen)
     return idx, x0, noise, process.add_noise(x0, noise, t), t.to(x0.device)
 

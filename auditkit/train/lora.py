@@ -110,7 +110,8 @@ def check_finite_parameters(params) -> None:
 
 def add_lora(unet, names: list[str], rank: int, alpha: float | None = None, adapter_name: str = "auditkit",
              seed: int = 0) -> None:
-    """Inject a fresh LoRA (B = 0, so the model is unchanged at step 0) into ``names``."""
+    """Inject a fresh LoRA (B = 0, so the model is unchanged at step 0) into ``names``. Its weights are float32
+    whatever the model's dtype (mixed precision on a bf16 GPU model: peft casts each layer's input to them)."""
     import torch
     from peft import LoraConfig
 
@@ -118,6 +119,8 @@ def add_lora(unet, names: list[str], rank: int, alpha: float | None = None, adap
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=names,
                         init_lora_weights=True)
     unet.add_adapter(config, adapter_name=adapter_name)
+    for p in lora_parameters(unet, adapter_name):
+        p.data = p.data.float()
 
 
 def remove_lora(unet, adapter_name: str) -> None:

@@ -211,3 +211,32 @@ def test_anchored_finetune_keeps_the_safe_prediction_on_anchor_prompts(pipe):
     assert drift(pinned.modules) < 0.5 * drift(free.modules)
     with pytest.raises(ValueError, match="on-top"):
         finetune(pipe, images, captions, FinetuneConfig(mode="modular", steps=1), anchor_prompts=anchor)
+
+
+def test_training_runs_on_a_bf16_pipeline_with_float32_adapters():
+    """A GPU loads the frozen model in bf16 (auditkit.dynamic.load_base): encoding the data, noising it, the trained
+    LoRA (float32, mixed precision) and the correction's trajectories all run in the model's dtype. bf16 runs on the
+    CPU too, so this is tested without a GPU; before the fix every training path failed on a bf16 VAE/UNet."""
+    from auditkit.repair.correction import train_correction
+    from auditkit.repair.retrain import RetrainSettings
+    from auditkit.train.lora import add_lora, lora_parameters, remove_lora
+
+    c = build_components(seed=0)
+    pipe = assemble_pipeline(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"]).to(dtype=torch.bfloat16)
+    names = target_modules(pipe.unet, "cross-kv")
+    add_lora(pipe.unet, names, 2)
+    assert {p.dtype for p in lora_parameters(pipe.unet)} == {torch.float32}
+    remove_lora(pipe.unet, "auditkit")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    captions = ["a neon bar", "a neon dash"] * 2
+    before = unet_state(pipe)
+    safety = train_esd(pipe, ["a red cross"], ESDConfig(rank=2, steps=2, batch=2, ddim_steps=2))
+    res = finetune(pipe, images, captions, FinetuneConfig(mode="on-top", rank=2, steps=2, batch=2), safety=safety,
+                   anchor_prompts=["a red cross"])
+    assert len(res.losses) == 2 and all(np.isfinite(res.losses))
+    assert_unchanged(pipe, before)
+    cfg = RetrainSettings(r".*attn2\.to_k", 1, rank=2, alpha=2.0, steps=2, batch=2)
+    out = train_correction(pipe, images, captions, res.modules, safety, ["a red cross"], cfg)
+    assert out.correction and all(np.isfinite(m.delta()).all() for m in out.correction.values())
+    assert_unchanged(pipe, before)

@@ -411,3 +411,14 @@ def test_check_writable_refuses_a_read_only_filesystem(place):
         pytest.skip(f"{place} is writable here")
     with pytest.raises(BadInput, match="not writable"):
         check_writable(Path(place) / "auditkit-out" / "x.safetensors")
+
+
+@pytest.mark.parametrize("command", [["align", "--concept", "a cross"], ["finetune", "--data", "data", "--mode",
+                                                                         "modular"]])
+def test_a_bad_device_is_a_usage_error_before_any_model_loads(tmp_path, command):
+    out = tmp_path / "out.safetensors"
+    res = subprocess.run([sys.executable, "-m", "auditkit", *command, "--device", "gpu0", "--out", str(out)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "'gpu0' is not a torch device" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
