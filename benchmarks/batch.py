@@ -208,12 +208,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--parts", default="batch,triage,ray",
-                    help="what to measure (comma-separated: batch, triage, ray); with --json, the other parts already "
-                         "in that file are kept, each part recording its own commit")
+                    help="what to measure (comma-separated: batch, triage, ray; paper: none, only the on-paper "
+                         "figures again); with --json, the other parts already in that file are kept, each part "
+                         "recording its own commit")
     a = ap.parse_args()
     parts = set(a.parts.split(","))
-    if parts - {"batch", "triage", "ray"}:
-        raise SystemExit(f"--parts: unknown {sorted(parts - {'batch', 'triage', 'ray'})}")
+    if parts - {"batch", "triage", "ray", "paper"}:
+        raise SystemExit(f"--parts: unknown {sorted(parts - {'batch', 'triage', 'ray', 'paper'})}")
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

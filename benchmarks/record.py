@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def provenance() -> dict:
-    """The machine (CPU count, Python, NumPy) and the git commit the figures were measured at."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    """The machine (CPU count, Python, NumPy) and the git commit the figures were measured at (on a machine
+    whose copy of the tree has no git history, such as the device tool's GPU machine: ``AUDITKIT_GIT_COMMIT``)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git at all
+        commit = ""
+    commit = commit or os.environ.get("AUDITKIT_GIT_COMMIT", "")
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
                        f"{platform.python_version()}, numpy {np.__version__}",
             "git_commit": commit or None}
