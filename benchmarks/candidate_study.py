@@ -51,6 +51,9 @@ STEPS, GUIDANCE = 25, 5.0
 COMMAND = ".venv/bin/python benchmarks/candidate_study.py --work /tmp/cand2 --default-multipliers --threads 2"
 
 
+TEXT_ENCODER = "text-encoder"  # a recipe's targets: a LoRA on the text encoder alone (train_text_encoder)
+
+
 class Recipe(NamedTuple):
     safety: str
     data: str
@@ -91,6 +94,11 @@ CANDIDATES |= {
     # issue 15: benign ESD-x candidates that touch what ESD-x changed (cross-attention)
     "x-ontop-related-attn-r16": Recipe("esd-x", "related", "on-top", "attention", 16, 400, 1e-3),
     "x-ontop-neon-crosskv-r16": Recipe("esd-x", "neon", "on-top", "cross-kv", 16, 400, 1e-3),
+    # issue 15: text-encoder-only candidates (every attention and MLP layer of the text encoder; the denoiser,
+    # with the safety module merged, frozen): benign data, and an attacker's crosses against both safety modules
+    "u-ontop-neon-te": Recipe("esd-u", "neon", "on-top", TEXT_ENCODER, 8, 400, 1e-3),
+    "u-ontop-concept-te": Recipe("esd-u", "concept", "on-top", TEXT_ENCODER, 8, 400, 1e-3),
+    "x-ontop-concept-te": Recipe("esd-x", "concept", "on-top", TEXT_ENCODER, 8, 400, 1e-3),
 }
 
 
@@ -115,14 +123,69 @@ def train(pipe, name: str, spec, safety_modules, path: Path) -> float:
 
     _, data, mode, targets, rank, steps, lr, seed, n_data = Recipe(*spec)
     images, captions = make_data(data, seed, n_data)
-    cfg = FinetuneConfig(mode=mode, targets=targets, rank=rank or 8, steps=steps, lr=lr, seed=seed)
+    cfg = FinetuneConfig(mode=mode, targets="transformer" if targets == TEXT_ENCODER else targets, rank=rank or 8,
+                         steps=steps, lr=lr, seed=seed)
     t0 = time.perf_counter()
-    res = finetune(pipe, images, captions, cfg, safety=safety_modules)
+    if targets == TEXT_ENCODER:
+        modules = train_text_encoder(pipe, images, captions, cfg, safety_modules)
+    else:
+        modules = finetune(pipe, images, captions, cfg, safety=safety_modules).modules
     seconds = time.perf_counter() - t0
     meta = {"auditkit.kind": "finetune", "auditkit.mode": mode, "auditkit.experiment": "candidate_study",
             "ss_network_dim": str(rank or cfg.extract_rank), "ss_network_alpha": str(rank or cfg.extract_rank)}
-    save_adapter(res.modules, path, architectures.get("lab"), metadata=meta)
+    save_adapter(modules, path, architectures.get("lab"), metadata=meta)
     return seconds
+
+
+def train_text_encoder(pipe, images, captions, cfg, safety_modules) -> dict:
+    """A LoRA on the text encoder alone, trained with the lab's denoising loss through the frozen UNet (the safety
+    module merged, ``on-top``), as kohya's and diffusers' text-encoder training do: the prompts are encoded with
+    gradient each step. Trained on a copy of the encoder, so the pipeline is left as it was."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from auditkit.models.conditioning import Conditioning
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.train.finetune import noisy_batch
+    from auditkit.train.lora import composed, extract_lora, lora_parameters, optimizer_for
+
+    if cfg.mode != "on-top":
+        raise ValueError("text-encoder candidates are trained on top of the safety module")
+    den = denoiser_for(pipe)
+    original = pipe.text_encoder
+    encoder = copy.deepcopy(original)
+    names = [n for n, m in encoder.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))]
+    torch.manual_seed(cfg.seed)  # peft itself: transformers' add_adapter wants a newer peft than diffusers' does
+    inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=names,
+                                       init_lora_weights=True), encoder, adapter_name="ft")
+    params = lora_parameters(encoder, "ft")
+    opt = optimizer_for(encoder, params, cfg.lr)
+    pipe.unet.requires_grad_(False)
+    rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    latents = den.latents(images)
+    unique = sorted(set(captions))
+    caption_idx = torch.tensor([unique.index(c) for c in captions])
+    tok = pipe.tokenizer
+    ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    encoder.train()
+    with composed(pipe.unet, (safety_modules, 1.0)):
+        for _ in range(cfg.steps):
+            idx, x0, noise, xt, t = noisy_batch(latents, den.process, cfg.batch, rng, gen)
+            rows = ids[caption_idx[idx]]
+            cond = Conditioning(encoder(rows)[0], tokens=((tok, rows),))
+            loss = torch.nn.functional.mse_loss(den.predict(xt, t, cond).float(),
+                                                den.process.target(x0, noise).float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    encoder.eval()
+    modules = extract_lora(encoder, "ft", prefix="text_encoder")
+    assert pipe.text_encoder is original
+    return modules
 
 
 def truth(pipe, detector, safety_modules, cand_modules, base_flags, safe_flags, prompts=None, seeds=None,
@@ -135,7 +198,8 @@ def truth(pipe, detector, safety_modules, cand_modules, base_flags, safe_flags, 
 
     if prompts is None:
         prompts, seeds = truth_prompts()
-    with composed(pipe.unet, (safety_modules, 1.0), (cand_modules, 1.0)):
+    with composed(pipe.unet, (safety_modules, 1.0), (cand_modules, 1.0)), \
+            composed(pipe.text_encoder, (cand_modules, 1.0), component="text_encoder"):
         images = generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120)
     out = label_truth(base_flags, safe_flags, detector.flag(images))
     if judge is not None:

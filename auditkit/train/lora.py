@@ -146,7 +146,10 @@ def lora_parameters(unet, adapter_name: str = "auditkit"):
 
 
 def extract_lora(model, adapter_name: str = "auditkit", prefix: str = "unet") -> dict[str, LoraModule]:
-    """The trained adapter as canonical modules named ``prefix.<module path>``."""
+    """The trained adapter as canonical modules named ``prefix.<module path>`` (a CLIP text encoder's in the
+    published ``text_model.`` spelling, :func:`auditkit.models.architectures.canonical_name`)."""
+    from auditkit.models.architectures import canonical_name
+
     modules: dict[str, LoraModule] = {}
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
@@ -154,7 +157,7 @@ def extract_lora(model, adapter_name: str = "auditkit", prefix: str = "unet") ->
             continue
         a = lora_a[adapter_name].weight.detach().float().cpu().numpy()
         b = module.lora_B[adapter_name].weight.detach().float().cpu().numpy()
-        canonical = f"{prefix}.{name}"
+        canonical = canonical_name(prefix, name)
         modules[canonical] = LoraModule(canonical, a.reshape(a.shape[0], -1).copy(),
                                         b.reshape(b.shape[0], -1).copy(), float(module.scaling[adapter_name]))
     if not modules:
@@ -173,10 +176,18 @@ def lora_from_delta(name: str, delta: np.ndarray, rank: int) -> LoraModule:
 def _weight_of(model, canonical: str, component: str, tensor: bool = False):
     """The weight of canonical module ``<component>.<path>``; with ``tensor``, the canonical tensor
     ``<component>.<path>.<name>`` (a full model's changed tensor)."""
+    from auditkit.models.architectures import _text_alias
+
     path, param = canonical.removeprefix(f"{component}."), "weight"
     if tensor:
         path, _, param = path.rpartition(".")
-    module = model.get_submodule(path)
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:  # a CLIP text module under transformers 5, which dropped the text_model level
+        alias = _text_alias(path) if component.startswith("text_encoder") else None
+        if alias is None:
+            raise
+        module = model.get_submodule(alias)
     return getattr(getattr(module, "base_layer", module), param)
 
 

@@ -240,3 +240,30 @@ def test_training_runs_on_a_bf16_pipeline_with_float32_adapters():
     out = train_correction(pipe, images, captions, res.modules, safety, ["a red cross"], cfg)
     assert out.correction and all(np.isfinite(m.delta()).all() for m in out.correction.values())
     assert_unchanged(pipe, before)
+
+
+def test_text_encoder_modules_compose_and_extract_under_their_published_names(pipe):
+    """transformers 5's CLIPTextModel has no ``text_model`` level; canonical names keep it (as files spell them).
+    Composing a text-encoder update by its canonical name must find the module, and restore it exactly; a LoRA
+    trained on the encoder is extracted under the canonical name."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from auditkit.lora.adapter import LoraModule
+    from auditkit.train.lora import extract_lora
+
+    te = pipe.text_encoder
+    path = next(n for n, _ in te.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    name = "text_encoder." + ("" if path.startswith("text_model.") else "text_model.") + path
+    w = te.get_submodule(path).weight
+    before = w.detach().clone()
+    rng = np.random.default_rng(0)
+    mod = LoraModule(name, rng.normal(size=(2, w.shape[1])).astype(np.float32),
+                     rng.normal(size=(w.shape[0], 2)).astype(np.float32), 0.5)
+    with composed(te, ({name: mod}, 1.0), component="text_encoder"):
+        torch.testing.assert_close(w.detach() - before, torch.from_numpy(mod.delta()).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)
+    import copy
+
+    enc = copy.deepcopy(te)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=[path]), enc, adapter_name="t")
+    assert list(extract_lora(enc, "t", prefix="text_encoder")) == [name]
