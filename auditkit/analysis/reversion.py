@@ -15,8 +15,8 @@ default embedded guidance). The result records which (``prediction``, ``denoiser
 
 The x_t come from the safe model's own sampling trajectory (the family's sampler: DDIM, or Euler for
 flow matching, a few steps) for each prompt, so the predictions are compared where the safe model
-actually goes. Cost: (steps) × 3 denoiser evaluations per prompt batch; the denoiser's adapters are
-composed exactly into the weights.
+actually goes. Cost: (steps) × 3 denoiser evaluations per prompt batch; the adapters are composed exactly
+into the weights, their text-encoder parts too (each model encodes the prompts with its own encoders).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
 
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed
+    from auditkit.train.lora import composed, encoders_composed
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component
@@ -59,11 +59,20 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
     inner = np.zeros(steps)
     energy = np.zeros(steps)
     base_energy = 0.0
-    skipped = sorted({n.split(".", 1)[0] for n in (*candidate, *safety) if not n.startswith(f"{component}.")})
+    parts = {n.split(".", 1)[0] for n in (*candidate, *safety)} - {component}
+    skipped = sorted(c for c in parts if getattr(pipe, c, None) is None)
+    encoders = parts - set(skipped)  # text encoders an adapter changes
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), batch):
         chunk = prompts[i: i + batch]
-        text = encode(pipe, chunk)
+        # each model reads its prompts through its own text encoders (the adapters' text-encoder parts merged)
+        text_base = encode(pipe, chunk)
+        text_safe, text_cand = text_base, text_base
+        if encoders:
+            with encoders_composed(pipe, (safety, 1.0), denoiser=component):
+                text_safe = encode(pipe, chunk)
+            with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser=component):
+                text_cand = encode(pipe, chunk)
         x = den.noise(len(chunk), gen) * sampler.init_noise_sigma
         # the safe trajectory first, then base and safe+candidate at its points: three weight compositions
         # per batch instead of two per step
@@ -72,20 +81,20 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
             for k, t in enumerate(sampler.timesteps):
                 tt = t.to(model.device) if hasattr(t, "to") else t
                 points.append((x, tt))
-                eps = den.predict(x, tt, text)
+                eps = den.predict(x, tt, text_safe)
                 eps_safe.append(eps.double())
                 x = sampler.step(eps, k, x)  # follow the safe model's trajectory
         with torch.no_grad():
-            eps_base = [den.predict(xk, tk, text).double() for xk, tk in points]
+            eps_base = [den.predict(xk, tk, text_base).double() for xk, tk in points]
             with composed(model, (safety, 1.0), (candidate, 1.0), component=component):
-                eps_cand = [den.predict(xk, tk, text).double() for xk, tk in points]
+                eps_cand = [den.predict(xk, tk, text_cand).double() for xk, tk in points]
         for k, (b, sf, c) in enumerate(zip(eps_base, eps_safe, eps_cand, strict=True)):
             d_s, d_c = sf - b, c - sf
             inner[k] += float((d_c * d_s).sum())
             energy[k] += float((d_s * d_s).sum())
             base_energy += float((b * b).sum())
     total = float(energy.sum())
-    note = f"{', '.join(skipped)} modules are not included ({den.label} only)" if skipped else ""
+    note = f"{', '.join(skipped)} modules are not included (the pipeline has no such component)" if skipped else ""
     return Reversion(
         reverted=-float(inner.sum()) / total if total > 0 else 0.0,
         per_step=[float(-a / b) if b > 0 else 0.0 for a, b in zip(inner, energy, strict=True)],

@@ -21,7 +21,6 @@ on concept prompts disjoint from its anchors.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -54,21 +53,6 @@ class CorrectionResult:
     losses: list[float]
 
 
-@contextlib.contextmanager
-def _encoders_with(pipe, *adapters, denoiser: str):
-    """Merge the parts of ``adapters`` ((modules or TensorDeltas, multiplier)) that change a text encoder
-    into it, for the duration (the denoiser's parts are merged elsewhere)."""
-    from auditkit.train.lora import composed
-
-    components = sorted({n.split(".", 1)[0] for mods, _ in adapters for n in mods} - {denoiser})
-    with contextlib.ExitStack() as stack:
-        for comp in components:
-            model = getattr(pipe, comp, None)
-            if model is not None:
-                stack.enter_context(composed(model, *adapters, component=comp))
-        yield
-
-
 def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate: dict[str, LoraModule],
                      safety, anchor_prompts: list[str], cfg: RetrainSettings,
                      progress: Callable[[int, int, float], None] | None = None, checkpoint=None,
@@ -92,6 +76,7 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
         check_finite_parameters,
         composed,
         denoiser_targets,
+        encoders_composed,
         extract_lora,
         lora_parameters,
         optimizer_for,
@@ -112,9 +97,9 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
     latents = den.latents(images_u8)
     unique = sorted(set(captions))
     caption_idx = torch.tensor([unique.index(c) for c in captions])
-    with _encoders_with(pipe, (safety, 1.0), denoiser=component):
+    with encoders_composed(pipe, (safety, 1.0), denoiser=component):
         safe_anchor = encode_conditioning(pipe, list(anchor_prompts))
-    with _encoders_with(pipe, (safety, 1.0), (candidate, 1.0), denoiser=component):
+    with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser=component):
         text = encode_conditioning(pipe, unique)
         anchor = encode_conditioning(pipe, list(anchor_prompts))
         empty = encode_conditioning(pipe, [""])

@@ -227,3 +227,17 @@ def composed(model, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float
         with torch.no_grad():
             for key, w in saved.items():
                 _weight_of(model, key[0], component, key[1]).copy_(w)
+
+
+@contextlib.contextmanager
+def encoders_composed(pipe, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float], denoiser: str):
+    """Merge the parts of ``adapters`` ((modules or TensorDeltas, multiplier)) that change a text encoder of
+    ``pipe`` into it, for the duration (the ``denoiser`` component's parts are merged elsewhere, by
+    :func:`composed`); components the pipeline lacks are left out."""
+    components = sorted({n.split(".", 1)[0] for mods, _ in adapters for n in mods} - {denoiser})
+    with contextlib.ExitStack() as stack:
+        for comp in components:
+            model = getattr(pipe, comp, None)
+            if model is not None:
+                stack.enter_context(composed(model, *adapters, component=comp))
+        yield

@@ -128,3 +128,29 @@ def test_noise_reversion_is_one_for_the_exact_inverse_and_zero_for_nothing():
     assert 0.2 < half.reverted < 0.8
     assert noise_reversion(pipe, prompts, {}, safety, steps=3).reverted == 0.0
     assert noise_reversion(pipe, prompts, safety, safety, steps=3).reverted < 0  # reinforces the safety module
+
+
+def test_noise_reversion_reads_the_prompts_through_each_models_text_encoder():
+    """A safety module that acts through the text encoder, and a candidate whose text-encoder part exactly undoes
+    it: fully reverted (before, text-encoder parts were left out and this read 0)."""
+    pytest.importorskip("torch")
+    from auditkit.analysis.reversion import noise_reversion
+    from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
+    from auditkit.lora.adapter import LoraModule
+    from auditkit.models import architectures
+
+    if not lab_pipeline_available():
+        pytest.skip("lab model not installed")
+    pipe = load_lab_pipeline()
+    arch = architectures.get("lab")
+    rng = np.random.default_rng(0)
+    safety = {}
+    for n, s in arch.modules.items():
+        if n.startswith("text_encoder.") and n.endswith(("v_proj", "fc2")):
+            safety[n] = LoraModule(n, rng.normal(0, 0.3, (4, s.flat_in)).astype(np.float32),
+                                   rng.normal(0, 0.3, (s.out_features, 4)).astype(np.float32), 1.0)
+    prompts = ["a red cross", "a cross"]
+    full = noise_reversion(pipe, prompts, negated(safety), safety, steps=3)
+    assert full.relative_safety_change > 0.01 and full.note == ""
+    assert full.reverted == pytest.approx(1.0, abs=0.05)  # the negation is exact in the weights, not in ε
+    assert noise_reversion(pipe, prompts, {}, safety, steps=3).reverted == 0.0
