@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+from auditkit.batch.threads import limit_own_threads, share
 from auditkit.batch.worker import SharedSpec, Task, Worker, error_row
 
 Result = tuple[Task, dict]
@@ -47,8 +48,9 @@ class LocalEngine:
 _WORKER: Worker | None = None
 
 
-def _init(worker, devices, counter) -> None:
+def _init(worker, devices, counter, threads: int = 1) -> None:
     global _WORKER
+    limit_own_threads(threads)
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -72,8 +74,10 @@ def _pool(engine: LocalEngine, specs: list[SharedSpec], tasks: list[Task]) -> It
     counter = context.Value("i", 0)
 
     def new_pool():
+        # the cores shared out among the workers (each renders with its own BLAS/OpenMP threads; every worker
+        # spinning on every core slowed triage ~12x, measured), set by each worker before it loads anything
         return ProcessPoolExecutor(engine.workers, mp_context=context, initializer=_init,
-                                   initargs=(engine.worker, engine.devices, counter))
+                                   initargs=(engine.worker, engine.devices, counter, share(engine.workers)))
 
     pool = new_pool()
     try:

@@ -9,7 +9,6 @@ is unpickled: a pickle's bytes are hashed, never loaded.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from auditkit.batch.inputs import Entry
+from auditkit.batch.threads import children_threads
 from auditkit.config import StaticThresholds
 from auditkit.errors import AuditkitError
 
@@ -151,7 +151,7 @@ def triage(entries: list[Entry], settings: TriageSettings, workers: int | None =
     # spawned, not forked: the caller may hold threads (a progress display) that a fork would copy locked. One
     # BLAS/OpenMP thread per worker (the processes are the parallelism): with each worker's threads spinning on
     # every core, 2 workers on 2 cores triaged 1.1 files/s where one process alone did 7 (measured).
-    with _single_threaded_children(), \
+    with children_threads(1), \
             ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         chunk = max(1, min(64, len(entries) // (workers * 8)))
         for row in pool.map(_star, [(e, settings) for e in entries], chunksize=chunk):
@@ -159,23 +159,3 @@ def triage(entries: list[Entry], settings: TriageSettings, workers: int | None =
             if progress:
                 progress(len(out), len(entries))
     return out
-
-
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-@contextlib.contextmanager
-def _single_threaded_children():
-    """The environment spawned workers inherit: one thread each, unless the user set a count; restored after."""
-    saved = {k: os.environ.get(k) for k in (*THREAD_VARIABLES, "OMP_WAIT_POLICY")}
-    try:
-        for k in THREAD_VARIABLES:
-            os.environ.setdefault(k, "1")
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -1,6 +1,7 @@
 """Batch state (resume), the results table and index.html's escaping, and the pool's retries of dead workers."""
 
 import json
+import os
 
 import pytest
 
@@ -111,3 +112,31 @@ def test_a_worker_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_path
     assert rows["die-always"]["verdict"] == "error" and "died 3 times" in rows["die-always"]["error"]
     # tasks that shared the pool with the dying one are retried without being counted against them
     assert all(rows[i]["verdict"] == "pass" for i in ids if i.startswith("ok"))
+
+
+class ThreadsWorker:
+    """Reports the thread count its process started with."""
+
+    def __init__(self, device=None):
+        pass
+
+    def render_shared(self, spec):
+        return None
+
+    def scan(self, task):
+        import os
+
+        return {"id": task.id, "threads": os.environ.get("OMP_NUM_THREADS"), "verdict": "pass"}
+
+
+def test_pool_workers_share_the_cores_and_a_users_count_is_kept(tmp_path, monkeypatch):
+    from auditkit.batch.threads import share
+
+    assert share(2, cores=16) == 8 and share(3, cores=2) == 1 and share(1, cores=4) == 4
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    tasks = [Task(i, None, ScanConfig(out=tmp_path / i)) for i in ("a", "b")]
+    rows = [r for _, r in LocalEngine(2, worker=ThreadsWorker).run([], tasks)]
+    assert {r["threads"] for r in rows} == {str(share(2))} and "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    rows = [r for _, r in LocalEngine(2, worker=ThreadsWorker).run([], tasks)]
+    assert {r["threads"] for r in rows} == {"5"}

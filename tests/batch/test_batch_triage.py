@@ -6,6 +6,7 @@ import pytest
 
 from auditkit.batch import triage as triage_mod
 from auditkit.batch.inputs import Entry
+from auditkit.batch.threads import children_threads
 from auditkit.batch.triage import TriageSettings, triage_one
 from auditkit.lora.adapter import LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
@@ -50,7 +51,7 @@ def test_triage_cancellation_equals_the_static_scans_and_the_safety_module_is_re
 def test_triage_workers_run_one_thread_each_and_the_callers_environment_is_restored(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "3")  # a count the user set is kept
-    with triage_mod._single_threaded_children():
+    with children_threads(1):
         assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OPENBLAS_NUM_THREADS"] in ("1", os.environ.get(
             "OPENBLAS_NUM_THREADS"))
         assert os.environ["MKL_NUM_THREADS"] == "3"
