@@ -45,6 +45,7 @@ the BENCHMARKS.md section from the JSON files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -97,12 +98,14 @@ def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, se
 
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed
+    from auditkit.train.lora import composed, encoders_composed
 
     den = denoiser_for(pipe)
     model, comp = den.model, den.component
     sampler = den.sampler(steps)
     text, neg = encode(pipe, prompts), encode(pipe, [""] * len(prompts))
+    with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser=comp):  # the candidate's own encoders
+        cand_text = {"text": encode(pipe, prompts), "neg": encode(pipe, [""] * len(prompts))}
     gen = torch.Generator().manual_seed(seed)
     x0 = den.noise(len(prompts), gen) * sampler.init_noise_sigma
 
@@ -117,8 +120,9 @@ def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, se
                 x = sampler.step(eps, k, x)
         out = {}
         for label, adapters in (("base", ()), ("safe", ((safety, 1.0),)), ("cand", ((safety, 1.0), (candidate, 1.0)))):
+            tx, ng = (cand_text["text"], cand_text["neg"]) if label == "cand" else (text, neg)
             with composed(model, *adapters, component=comp):
-                out[label] = [(den.predict(x, t, text).double(), den.predict(x, t, neg).double()) for x, t in points]
+                out[label] = [(den.predict(x, t, tx).double(), den.predict(x, t, ng).double()) for x, t in points]
         return out
 
     def frac(get, preds, ks):
@@ -207,20 +211,42 @@ class Probe:
                  noise_seed: int = 0):
         import torch
 
-        from auditkit.models.conditioning import Conditioning, encode
         from auditkit.models.denoising import denoiser_for
 
         self.den = denoiser_for(pipe)
-        rows = [p for p in prompts for _ in range(seeds)]
-        rows_n = [p for p in neutral for _ in range(seeds)]
-        self.n, self.guidance = len(rows), guidance
-        self.concept, self.neutral = encode(pipe, rows), encode(pipe, rows_n)
-        self.uncond = encode(pipe, [""] * len(rows))
-        self.guided_cond = Conditioning.cat([self.uncond, self.concept])
-        self.pair_cond = Conditioning.cat([self.concept, self.neutral])
+        self.rows = [p for p in prompts for _ in range(seeds)]
+        self.rows_n = [p for p in neutral for _ in range(seeds)]
+        self.n, self.guidance = len(self.rows), guidance
+        self.encode()
         self.sampler = self.den.sampler(steps)
         self.noise_seed = noise_seed
         self.x0 = self.den.noise(self.n, torch.Generator().manual_seed(noise_seed)) * self.sampler.init_noise_sigma
+
+    def encode(self) -> None:
+        """The conditionings, through the pipeline's text encoders as they are now (see :meth:`encoded_with`)."""
+        from auditkit.models.conditioning import Conditioning, encode
+
+        pipe = self.den.pipe
+        self.concept, self.neutral = encode(pipe, self.rows), encode(pipe, self.rows_n)
+        self.uncond = encode(pipe, [""] * len(self.rows))
+        self.guided_cond = Conditioning.cat([self.uncond, self.concept])
+        self.pair_cond = Conditioning.cat([self.concept, self.neutral])
+
+    @contextlib.contextmanager
+    def encoded_with(self, *adapters):
+        """The conditionings as the model with ``adapters`` reads them (their text-encoder parts merged), for the
+        duration; nothing to do for adapters without such parts."""
+        from auditkit.train.lora import encoders_composed
+
+        if not any(not n.startswith(f"{self.den.component}.") for mods, _ in adapters for n in mods):
+            yield
+            return
+        with encoders_composed(self.den.pipe, *adapters, denoiser=self.den.component):
+            self.encode()
+        try:
+            yield
+        finally:
+            self.encode()
 
     def trajectory(self, on_step=None):
         """The current model's own guided trajectory on the concept prompts: its points and its final latent."""
@@ -361,7 +387,8 @@ def pass_signals(probe: Probe, ref: dict, candidate, safety) -> dict[str, float]
     from auditkit.train.lora import composed
 
     den = probe.den
-    with torch.no_grad(), composed(den.model, (safety, 1.0), (candidate, 1.0), component=den.component):
+    with torch.no_grad(), composed(den.model, (safety, 1.0), (candidate, 1.0), component=den.component), \
+            probe.encoded_with((safety, 1.0), (candidate, 1.0)):  # its own text encoders (text-encoder parts)
         cand = probe.at_points(ref["points"])
         _, end = probe.trajectory()
     with torch.no_grad():
