@@ -27,11 +27,11 @@ def import_ray():
 class _Actor:
     """A :class:`Worker` as a Ray actor (made remote lazily, so that this module imports without Ray)."""
 
-    def __init__(self, device: str | None):
+    def __init__(self, device: str | None, worker=Worker):
         import os
 
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        self.worker = Worker(device)
+        self.worker = worker(device)
 
     def render_shared(self, spec: SharedSpec) -> str | None:
         return self.worker.render_shared(spec)
@@ -50,8 +50,9 @@ class RayEngine:
     with ``num_cpus`` CPUs. ``workers``: actors (default: one per GPU of the cluster, else one per CPU)."""
 
     def __init__(self, address: str | None = None, workers: int | None = None, num_cpus: int | None = None,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, worker=Worker):
         self.address, self.workers, self.num_cpus, self.max_attempts = address, workers, num_cpus, max_attempts
+        self.worker = worker  # the worker class each actor holds
         self.actor_pids: list[int] = []
 
     def run(self, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
@@ -71,7 +72,8 @@ class RayEngine:
         count = self.workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
         remote = ray.remote(**options)(_Actor)
-        return [remote.remote("cuda" if gpus else "cpu") for _ in range(count)], remote, "cuda" if gpus else "cpu"
+        device = "cuda" if gpus else "cpu"
+        return [remote.remote(device, self.worker) for _ in range(count)], remote, device
 
     def _run(self, ray, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
         from ray.exceptions import RayActorError
@@ -85,7 +87,7 @@ class RayEngine:
                     failed.add(spec.run_dir)
             except RayActorError:
                 failed.add(spec.run_dir)
-                actors[0] = remote.remote(device)
+                actors[0] = remote.remote(device, self.worker)
         queue = list(reversed(with_shared(tasks, failed)))
         idle, running = list(actors), {}
         while queue or running:
@@ -99,7 +101,7 @@ class RayEngine:
                     row = ray.get(ref)
                 except RayActorError:  # the actor died with the task: a fresh actor, the task again
                     ray.kill(actor, no_restart=True)
-                    idle.append(remote.remote(device))
+                    idle.append(remote.remote(device, self.worker))
                     retry = dataclasses.replace(task, attempt=task.attempt + 1)
                     if retry.attempt > self.max_attempts:
                         yield task, died(task, self.max_attempts)

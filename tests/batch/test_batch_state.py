@@ -140,3 +140,23 @@ def test_pool_workers_share_the_cores_and_a_users_count_is_kept(tmp_path, monkey
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     rows = [r for _, r in LocalEngine(2, worker=ThreadsWorker).run([], tasks)]
     assert {r["threads"] for r in rows} == {"5"}
+
+
+def test_a_ray_actor_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_path):
+    """The Ray engine's retry path, with actors that really die (the whole process) as the pool test's workers do."""
+    ray = pytest.importorskip("ray")
+    import sys
+
+    from ray import cloudpickle
+
+    from auditkit.batch.ray_engine import RayEngine
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors need not import this test module
+    ids = ("ok1", "die-once", "ok2", "die-always", "ok3")
+    tasks = [Task(i, None, ScanConfig(out=tmp_path / i)) for i in ids]
+    engine = RayEngine(workers=2, num_cpus=2, max_attempts=2, worker=DyingWorker)
+    rows = {t.id: r for t, r in engine.run([], tasks)}
+    assert sorted(rows) == sorted(ids) and not ray.is_initialized()  # one row each; the Ray it started is stopped
+    assert rows["die-once"]["verdict"] == "pass" and rows["die-once"]["attempts"] == 2
+    assert rows["die-always"]["verdict"] == "error" and "died 2 times" in rows["die-always"]["error"]
+    assert all(rows[i]["verdict"] == "pass" and rows[i]["attempts"] == 1 for i in ids if i.startswith("ok"))
