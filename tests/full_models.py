@@ -82,7 +82,8 @@ def original_names() -> dict[str, str]:
 
     names = _original_map(open_base("lab"), architectures.get("lab"))
     out: dict[str, str] = {}
-    for original, canonical in names.items():
+    for original, held in names.items():
+        [(canonical, _)] = held  # the lab's original tensors are each one canonical tensor, whole
         if original.startswith("cond_stage_model.") and "text_model." not in original:
             continue  # the map accepts both transformers spellings; write the published one
         out[canonical] = original

@@ -6,9 +6,11 @@ where parameters have shapes but no storage, and every ``nn.Linear``/``nn.Conv2d
 ``canonical name -> [kind, out, in, kernel_h, kernel_w]``. A transformer denoiser also gets its
 original module names (``configs/original_names.json``) expanded for its blocks and row sizes.
 
-This module needs torch, diffusers and transformers (the ``models`` extra). The static scan does
-not: it reads the JSON tables this module writes (``auditkit/models/tables``), and a test checks
+This module needs torch, diffusers and transformers (the ``models`` extra) to build. The static scan
+does not: it reads the JSON tables this module writes (``auditkit/models/tables``), and a test checks
 the shipped tables against a fresh build, so they cannot drift from the libraries' own classes.
+:func:`original_names` needs none of them (imported at no cost): full checkpoints in a transformer's
+original layout are placed with it, sized by the base's own tensors (:mod:`auditkit.models.checkpoint`).
 Regenerate with ``python -m auditkit.models.build``.
 """
 

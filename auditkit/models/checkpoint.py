@@ -13,11 +13,17 @@ tensors. Forms, one :class:`Form` record each in :data:`FORMS` (the first that m
   component's names with no prefix) or in the original layout of full checkpoints: LDM/SGM UNets
   (``model.diffusion_model.input_blocks.…``, named by :func:`auditkit.models.architectures.sgm_name`), CLIP
   text encoders under ``cond_stage_model.transformer.`` (SD 1.x) and ``conditioner.embedders.0.transformer.``
-  (SDXL). VAE weights (``first_stage_model.``) and training bookkeeping are left out (the base's VAE
-  renders). Not mapped yet: OpenCLIP text encoders in the original layout (SD 2.x, SDXL's second) and
-  Flux/SD3 transformers under their original names; their tensors count as unmapped (never assumed
-  unchanged), and converting the file to diffusers format (``from_single_file``, ``save_pretrained``)
-  makes it readable.
+  (SDXL), and Flux.1 transformers under BFL's names (``double_blocks.0.img_attn.qkv.weight``, ``img_in.…``,
+  bare or under ``model.diffusion_model.``). BFL fuses tensors diffusers keeps apart: a canonical tensor can
+  be row ranges of a stored one (:class:`TensorSource`), ``img_attn.qkv`` holding ``to_q``, ``to_k`` and
+  ``to_v``, ``single_blocks.N.linear1`` those and ``proj_mlp``, ``final_layer.adaLN_modulation.1``
+  ``norm_out.linear`` with its halves swapped. The modules' original names and row pieces are the
+  architecture's (``configs/original_names.json``, sized by the base's own tensors), the other tensors
+  (q/k norms) are ``configs/original_tensors.json``: what diffusers' ``from_single_file`` converter reads.
+  VAE weights (``first_stage_model.``) and training bookkeeping are left out (the base's VAE renders). Not
+  mapped yet: OpenCLIP text encoders in the original layout (SD 2.x, SDXL's second) and SD3 transformers
+  under their original names; their tensors count as unmapped (never assumed unchanged), and converting
+  the file to diffusers format (``from_single_file``, ``save_pretrained``) makes it readable.
 
 Canonical tensor names are ``<component>.<tensor name in the component's weight file>``, CLIP text
 tensors spelled with the ``text_model.`` level as canonical module names are
@@ -33,9 +39,12 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +53,7 @@ from auditkit.errors import BadInput
 from auditkit.lora.io import FLOAT_DTYPES, SafetensorsFile, open_safetensors
 from auditkit.models.architectures import Architecture, canonical_name, sgm_name
 from auditkit.models.base_weights import component_index
+from auditkit.models.build import original_names
 from auditkit.models.families import family_of_folder, read_model_index
 
 # Original (LDM/SGM) prefixes of full single-file checkpoints: prefix -> the component it holds in
@@ -55,22 +65,41 @@ IGNORED_ORIGINAL = re.compile(r"^(first_stage_model\.|model_ema\.|alphas_cumprod
                               r"log_one_minus_alphas_cumprod$|logvar$|posterior_|sqrt_)")
 ORIGINAL_HINT = re.compile(r"^(model\.diffusion_model\.|cond_stage_model\.|conditioner\.|first_stage_model\.|"
                            r"(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.)")
+# Prefixes of a transformer denoiser's tensors in an original-layout single file (BFL: none; ComfyUI and
+# diffusers' single-file saves: model.diffusion_model.), as diffusers' converter strips them.
+ORIGINAL_TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")
+
+Rows = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
 class TensorSource:
-    """Where one canonical tensor lies: a key of a file."""
+    """Where one canonical tensor lies: a key of a file, or row ranges of it stacked in order (``rows``;
+    None: all of it). A fused original tensor is several canonical ones: Flux's ``img_attn.qkv`` is
+    ``to_q`` rows (0, n), ``to_k`` (n, 2n), ``to_v`` (2n, 3n); ``final_layer.adaLN_modulation.1`` is
+    ``norm_out.linear`` with its halves swapped, rows ((n, 2n), (0, n))."""
 
     file: SafetensorsFile
     key: str
+    rows: Rows | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.file.tensors[self.key].shape
+        stored = self.file.tensors[self.key].shape
+        if self.rows is None:
+            return stored
+        return (sum(stop - start for start, stop in self.rows), *stored[1:])
 
     @property
     def is_float(self) -> bool:
         return self.file.tensors[self.key].dtype in FLOAT_DTYPES
+
+    def array(self) -> np.ndarray:
+        """The tensor as stored (float, checked finite), its rows taken when it is a share of a fused one."""
+        value = self.file.float_array(self.key)
+        if self.rows is None:
+            return value
+        return np.concatenate([value[start:stop] for start, stop in self.rows])
 
 
 @dataclass
@@ -101,8 +130,7 @@ class Checkpoint:
 
     def array(self, name: str) -> np.ndarray:
         """The tensor ``name`` as stored (float, checked finite)."""
-        source = self.tensors[name]
-        return source.file.float_array(source.key)
+        return self.tensors[name].array()
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -147,7 +175,8 @@ def open_checkpoint(path: str | Path, base: Checkpoint | None = None, arch: Arch
         path: a pipeline folder, a component folder or a single ``.safetensors`` file.
         base: the base model it is compared with (needed for component folders and single files, to
             place their tensors; a pipeline folder must be of the base's family).
-        arch: the base's architecture (names the original layout's denoiser tensors).
+        arch: the base's architecture (names an original-layout file's UNet tensors; a transformer's
+            original names are sized by the base's own tensors).
 
     Raises:
         BadInput: pickle weights, a folder that is no model, missing components, another family than
@@ -280,7 +309,7 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
             if IGNORED_ORIGINAL.match(key):
                 ignored.append(key)
             elif key in names:
-                tensors[names[key]] = TensorSource(st, key)
+                tensors.update(_placed(st, key, names[key]))
             else:
                 unmapped.append(key)
         if any(k.startswith("first_stage_model.") for k in ignored):
@@ -288,10 +317,12 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
         if any(k.startswith(("cond_stage_model.model.", "conditioner.embedders.1.")) for k in unmapped):
             notes.append("its OpenCLIP text encoder in the original layout is not mapped (its tensors are unmapped): "
                          "convert the checkpoint to diffusers format (from_single_file, then save_pretrained)")
-        if any(re.match(r"(model\.)?(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.", k)
-               for k in unmapped):
-            notes.append("Flux/SD3 transformers in their original layout are not mapped yet: convert the checkpoint "
+        if any(re.match(r"(model\.)?(diffusion_model\.)?joint_blocks\.", k) for k in unmapped):
+            notes.append("SD3 transformers in their original layout are not mapped yet: convert the checkpoint "
                          "to diffusers format (from_single_file, then save_pretrained)")
+        elif any(re.match(r"(model\.)?(diffusion_model\.)?(double|single)_blocks\.", k) for k in unmapped):
+            notes.append("its transformer tensors in Flux.1's original (BFL) layout are read against a Flux.1 base "
+                         "only, named bare or under model.diffusion_model.")
     else:  # one component's diffusers names, no prefix
         naming = "component"
         component = _component_of(path, {k: st.tensors[k].shape for k in keys}, base)
@@ -309,9 +340,10 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
                       dict(st.metadata))
 
 
-def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, str]:
-    """Original (LDM/SGM) key -> canonical tensor, for the base's UNet and first CLIP text encoder."""
-    names: dict[str, str] = {}
+def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
+    """Original key -> the canonical tensors it holds, each with its rows of it (None: all of it): the
+    base's UNet (LDM/SGM names) and first CLIP text encoder, or its transformer (:func:`_transformer_map`)."""
+    names: dict[str, tuple[tuple[str, Rows | None], ...]] = {}
     layout = arch.unet_layout if arch is not None else {}
     for canonical in base.tensors:
         component, _, key = canonical.partition(".")
@@ -319,12 +351,77 @@ def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, str]
             module, _, param = key.rpartition(".")
             original = sgm_name(module, layout)
             if original is not None:
-                names[f"model.diffusion_model.{original}.{param}"] = canonical
+                names[f"model.diffusion_model.{original}.{param}"] = ((canonical, None),)
         for prefix, target in ORIGINAL_TEXT_PREFIXES.items():
             if target == component:
-                names[prefix + key] = canonical
-                names[prefix + key.removeprefix("text_model.")] = canonical  # either transformers spelling
+                names[prefix + key] = ((canonical, None),)
+                names[prefix + key.removeprefix("text_model.")] = ((canonical, None),)  # either transformers spelling
+    names.update(_transformer_map(base))
     return names
+
+
+@cache
+def _original_tensors() -> dict[str, dict[str, str]]:
+    text = resources.files("auditkit.models").joinpath("configs", "original_tensors.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def _transformer_map(base: Checkpoint) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
+    """Original tensor names of the base's transformer (when its class is in ``configs/original_tensors.json``)
+    -> the canonical tensors each holds, with their rows of it.
+
+    A module's original name and its pieces (canonical module, rows) in the original's row order come from
+    ``configs/original_names.json`` expanded for the base's own blocks and row sizes (nothing hard-coded
+    to Flux.1's width); its ``weight`` and ``bias`` are split alike. A canonical tensor's rows are its
+    pieces sorted by their place in it: ``final_layer.adaLN_modulation.1`` lists ``norm_out.linear``'s
+    second half first, so ``norm_out.linear`` reads rows (n, 2n) then (0, n), the halves swapped back.
+    """
+    if base.form != "pipeline folder":
+        return {}
+    component = family_of_folder(base.path).denoiser
+    entry = read_model_index(base.path).get(component)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if class_name not in _original_tensors():
+        return {}
+    shapes = {n: base.tensors[n].shape for n in base.tensors if n.startswith(component + ".")}
+    modules = {n.removesuffix(".weight"): ["conv" if len(s) == 4 else "linear", s[0], s[1], *(s[2:] or (1, 1))]
+               for n, s in shapes.items() if n.endswith(".weight") and len(s) in (2, 4)}
+    names: dict[str, tuple[tuple[str, Rows | None], ...]] = {}
+    for original, pieces in original_names(class_name, component, modules).items():
+        if ".processor." in original:  # XLabs' LoRA modules: no tensor of a full model
+            continue
+        spans: dict[str, list[tuple[int, int, int]]] = {}  # canonical module -> (its row, original rows)
+        total = 0
+        for canonical, start, stop in pieces:
+            spans.setdefault(canonical, []).append((start, total, total + stop - start))
+            total += stop - start
+        for param in ("weight", "bias"):
+            held = tuple((f"{c}.{param}", _rows(s, total)) for c, s in spans.items() if f"{c}.{param}" in shapes)
+            if held:
+                names[f"{original}.{param}"] = held
+    for template, target in _original_tensors()[class_name].items():
+        pattern = re.compile(re.escape(f"{component}.{target}").replace(re.escape("{i}"), r"(\d+)") + "$")
+        for name in shapes:
+            if m := pattern.match(name):
+                names[template.replace("{i}", m.group(1)) if m.groups() else template] = ((name, None),)
+    return {prefix + key: held for key, held in names.items() for prefix in ORIGINAL_TRANSFORMER_PREFIXES}
+
+
+def _rows(spans: list[tuple[int, int, int]], total: int) -> Rows | None:
+    """A canonical tensor's rows of the original one, in its own row order (None: all of it, as it is)."""
+    rows = tuple((a, b) for _, a, b in sorted(spans))
+    return None if rows == ((0, total),) else rows
+
+
+def _placed(st: SafetensorsFile, key: str, held: tuple[tuple[str, Rows | None], ...]) -> dict[str, TensorSource]:
+    """The canonical tensors stored under ``key``; a fused tensor must have the rows its pieces add up to."""
+    need = max((stop for _, rows in held for _, stop in rows or ()), default=None)
+    have = st.tensors[key].shape
+    if need is not None and (not have or have[0] != need):
+        raise BadInput(st.path, f"tensor {key} is {list(have)} here but the base's "
+                                f"{', '.join(c for c, _ in held)} it holds have {need} rows: a model of another "
+                                "architecture than the base")
+    return {canonical: TensorSource(st, key, rows) for canonical, rows in held}
 
 
 def snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
@@ -336,6 +433,9 @@ def snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = "StableDiff
     if checkpoint.form == "component folder":
         (component,) = checkpoint.components
         return load + f"pipe.{component} = type(pipe.{component}).from_pretrained({path!r}, use_safetensors=True)\n"
+    if checkpoint.naming == "original" and checkpoint.components == ("transformer",):  # a BFL transformer file
+        return load + (f"pipe.transformer = type(pipe.transformer).from_single_file({path!r}, config={base!r}, "
+                       'subfolder="transformer")\n')
     if checkpoint.naming == "original":
         return f"pipe = diffusers.{pipeline_class}.from_single_file({path!r}, config={base!r})\n"
     lines = [load, "from safetensors.torch import load_file\n", f"state = load_file({path!r})\n"]
