@@ -367,8 +367,21 @@ def _original_tensors() -> dict[str, dict[str, str]]:
 
 
 def _transformer_map(base: Checkpoint) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
-    """Original tensor names of the base's transformer (when its class is in ``configs/original_tensors.json``)
-    -> the canonical tensors each holds, with their rows of it.
+    """:func:`original_tensor_map` of the base's transformer (its class from the base's model_index.json)."""
+    if base.form != "pipeline folder":
+        return {}
+    component = family_of_folder(base.path).denoiser
+    entry = read_model_index(base.path).get(component)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    return original_tensor_map(class_name, component,
+                               {n: base.tensors[n].shape for n in base.tensors if n.startswith(component + ".")})
+
+
+def original_tensor_map(class_name: str | None, component: str, shapes: dict[str, tuple[int, ...]]
+                        ) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
+    """Original tensor names of a transformer denoiser whose class is in ``configs/original_tensors.json``
+    (``{}`` for any other), bare and under each of :data:`ORIGINAL_TRANSFORMER_PREFIXES` -> the canonical
+    tensors each holds, with their rows of it. ``shapes``: the base's canonical tensors of ``component``.
 
     A module's original name and its pieces (canonical module, rows) in the original's row order come from
     ``configs/original_names.json`` expanded for the base's own blocks and row sizes (nothing hard-coded
@@ -376,14 +389,8 @@ def _transformer_map(base: Checkpoint) -> dict[str, tuple[tuple[str, Rows | None
     pieces sorted by their place in it: ``final_layer.adaLN_modulation.1`` lists ``norm_out.linear``'s
     second half first, so ``norm_out.linear`` reads rows (n, 2n) then (0, n), the halves swapped back.
     """
-    if base.form != "pipeline folder":
-        return {}
-    component = family_of_folder(base.path).denoiser
-    entry = read_model_index(base.path).get(component)
-    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
     if class_name not in _original_tensors():
         return {}
-    shapes = {n: base.tensors[n].shape for n in base.tensors if n.startswith(component + ".")}
     modules = {n.removesuffix(".weight"): ["conv" if len(s) == 4 else "linear", s[0], s[1], *(s[2:] or (1, 1))]
                for n, s in shapes.items() if n.endswith(".weight") and len(s) in (2, 4)}
     names: dict[str, tuple[tuple[str, Rows | None], ...]] = {}
