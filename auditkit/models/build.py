@@ -125,6 +125,12 @@ def _templates() -> dict[str, dict[str, list[str]]]:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
+def block_roots(class_name: str) -> set[str]:
+    """The first name segments of a denoiser class's per-block original modules (``double_blocks`` and
+    ``single_blocks`` for Flux.1, ``joint_blocks`` for SD3): what tells a file in that class's original layout."""
+    return {t.split(".", 1)[0] for t in _templates().get(class_name, {}) if "{i}" in t}
+
+
 def original_names(class_name: str, component: str, modules: dict[str, list]) -> dict[str, list]:
     """The original module names of a denoiser class (``configs/original_names.json``) expanded for the
     blocks and row sizes of ``modules``: original name -> [[canonical module, first row, end row], …],

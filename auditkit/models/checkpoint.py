@@ -13,17 +13,19 @@ tensors. Forms, one :class:`Form` record each in :data:`FORMS` (the first that m
   component's names with no prefix) or in the original layout of full checkpoints: LDM/SGM UNets
   (``model.diffusion_model.input_blocks.…``, named by :func:`auditkit.models.architectures.sgm_name`), CLIP
   text encoders under ``cond_stage_model.transformer.`` (SD 1.x) and ``conditioner.embedders.0.transformer.``
-  (SDXL), and Flux.1 transformers under BFL's names (``double_blocks.0.img_attn.qkv.weight``, ``img_in.…``,
-  bare or under ``model.diffusion_model.``). BFL fuses tensors diffusers keeps apart: a canonical tensor can
-  be row ranges of a stored one (:class:`TensorSource`), ``img_attn.qkv`` holding ``to_q``, ``to_k`` and
-  ``to_v``, ``single_blocks.N.linear1`` those and ``proj_mlp``, ``final_layer.adaLN_modulation.1``
-  ``norm_out.linear`` with its halves swapped. The modules' original names and row pieces are the
-  architecture's (``configs/original_names.json``, sized by the base's own tensors), the other tensors
-  (q/k norms) are ``configs/original_tensors.json``: what diffusers' ``from_single_file`` converter reads.
+  (SDXL), and transformers under their original names, bare or under ``model.diffusion_model.``: Flux.1's
+  (BFL: ``double_blocks.0.img_attn.qkv.weight``, ``img_in.…``) and SD3/SD3.5's (SAI: ``joint_blocks.0.x_block.…``,
+  ``pos_embed``). The originals fuse tensors diffusers keeps apart: a canonical tensor can be row ranges of a
+  stored one (:class:`TensorSource`), ``img_attn.qkv`` holding ``to_q``, ``to_k`` and ``to_v``,
+  ``single_blocks.N.linear1`` those and ``proj_mlp``, ``final_layer.adaLN_modulation.1`` ``norm_out.linear``
+  with its halves swapped. The modules' original names and row pieces are the architecture's
+  (``configs/original_names.json``, sized by the base's own tensors), the other tensors (q/k norms, SD3's
+  position table) are ``configs/original_tensors.json``: what diffusers' ``from_single_file`` converters read.
   VAE weights (``first_stage_model.``) and training bookkeeping are left out (the base's VAE renders). Not
-  mapped yet: OpenCLIP text encoders in the original layout (SD 2.x, SDXL's second) and SD3 transformers
-  under their original names; their tensors count as unmapped (never assumed unchanged), and converting
-  the file to diffusers format (``from_single_file``, ``save_pretrained``) makes it readable.
+  mapped yet: OpenCLIP text encoders in the original layout (SD 2.x, SDXL's second) and the text encoders a
+  ComfyUI Flux/SD3 checkpoint bundles (``text_encoders.…``); their tensors count as unmapped (never assumed
+  unchanged), and converting the file to diffusers format (``from_single_file``, ``save_pretrained``) makes
+  it readable.
 
 Canonical tensor names are ``<component>.<tensor name in the component's weight file>``, CLIP text
 tensors spelled with the ``text_model.`` level as canonical module names are
@@ -53,7 +55,7 @@ from auditkit.errors import BadInput
 from auditkit.lora.io import FLOAT_DTYPES, SafetensorsFile, open_safetensors
 from auditkit.models.architectures import Architecture, canonical_name, sgm_name
 from auditkit.models.base_weights import component_index
-from auditkit.models.build import original_names
+from auditkit.models.build import block_roots, original_names
 from auditkit.models.families import family_of_folder, read_model_index
 
 # Original (LDM/SGM) prefixes of full single-file checkpoints: prefix -> the component it holds in
@@ -304,6 +306,7 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
             else:
                 unmapped.append(key)
     elif any(ORIGINAL_HINT.match(k) for k in keys):
+        _check_layout(path, keys, base)
         naming, names = "original", _original_map(base, arch)
         for key in keys:
             if IGNORED_ORIGINAL.match(key):
@@ -317,12 +320,10 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
         if any(k.startswith(("cond_stage_model.model.", "conditioner.embedders.1.")) for k in unmapped):
             notes.append("its OpenCLIP text encoder in the original layout is not mapped (its tensors are unmapped): "
                          "convert the checkpoint to diffusers format (from_single_file, then save_pretrained)")
-        if any(re.match(r"(model\.)?(diffusion_model\.)?joint_blocks\.", k) for k in unmapped):
-            notes.append("SD3 transformers in their original layout are not mapped yet: convert the checkpoint "
-                         "to diffusers format (from_single_file, then save_pretrained)")
-        elif any(re.match(r"(model\.)?(diffusion_model\.)?(double|single)_blocks\.", k) for k in unmapped):
-            notes.append("its transformer tensors in Flux.1's original (BFL) layout are read against a Flux.1 base "
-                         "only, named bare or under model.diffusion_model.")
+        if any(re.match(r"(model\.)?(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.", k)
+               for k in unmapped):
+            notes.append("a transformer in its original layout (Flux.1's double_blocks…, SD3's joint_blocks…) is read "
+                         "against a base of that model only, its tensors named bare or under model.diffusion_model.")
     else:  # one component's diffusers names, no prefix
         naming = "component"
         component = _component_of(path, {k: st.tensors[k].shape for k in keys}, base)
@@ -366,13 +367,30 @@ def _original_tensors() -> dict[str, dict[str, str]]:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-def _transformer_map(base: Checkpoint) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
-    """:func:`original_tensor_map` of the base's transformer (its class from the base's model_index.json)."""
+def _denoiser(base: Checkpoint) -> tuple[str, str | None]:
+    """The base's denoiser component and its class (from its model_index.json; None when unknown)."""
     if base.form != "pipeline folder":
-        return {}
+        return "", None
     component = family_of_folder(base.path).denoiser
     entry = read_model_index(base.path).get(component)
-    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    return component, (entry[1] if isinstance(entry, list) and len(entry) == 2 else None)
+
+
+def _check_layout(path: Path, keys: list[str], base: Checkpoint) -> None:
+    """BadInput when the file holds a transformer in the original layout of another class than the base's
+    denoiser (a Flux.1 file against an SD3 or SD 1.x base: some names, final_layer's, are common to both)."""
+    roots = {k.removeprefix("model.diffusion_model.").split(".", 1)[0] for k in keys}
+    found = next((c for c in _original_tensors() if roots & block_roots(c)), None)
+    theirs = _denoiser(base)[1]
+    if found is not None and found != theirs:
+        raise BadInput(path, f"its tensors are a {found} in its original layout "
+                             f"({', '.join(sorted(roots & block_roots(found)))}) but the base's denoiser is "
+                             f"{theirs or 'unknown'}: a model of another architecture than the base")
+
+
+def _transformer_map(base: Checkpoint) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
+    """:func:`original_tensor_map` of the base's transformer (its class from the base's model_index.json)."""
+    component, class_name = _denoiser(base)
     return original_tensor_map(class_name, component,
                                {n: base.tensors[n].shape for n in base.tensors if n.startswith(component + ".")})
 
