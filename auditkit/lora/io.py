@@ -60,8 +60,9 @@ class SafetensorsFile:
     _map: mmap.mmap | None = field(default=None, repr=False)
     _sha256: str | None = field(default=None, repr=False)
 
-    def array(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as a NumPy array (a zero-copy view unless it is bfloat16)."""
+    def array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor ``name`` as a NumPy array (a zero-copy view unless it is bfloat16); only its rows
+        ``start:stop`` when ``rows`` is given (a share of a fused tensor: nothing else is decoded)."""
         info = self.tensors[name]
         np_dtype, _ = _DTYPES[info.dtype]
         count = int(np.prod(info.shape, dtype=np.int64)) if info.shape else 1
@@ -69,16 +70,19 @@ class SafetensorsFile:
             raw = np.zeros(0, dtype=np_dtype)
         else:
             raw = np.frombuffer(self._map, dtype=np_dtype, count=count, offset=info.start)
+        raw = raw.reshape(info.shape)
+        if rows is not None:
+            raw = raw[rows[0]:rows[1]]
         if info.dtype == "BF16":
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.reshape(info.shape)
+        return raw
 
-    def float_array(self, name: str) -> np.ndarray:
-        """A floating-point tensor, checked to be finite (NaN/Inf weights are refused)."""
+    def float_array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A floating-point tensor (or its rows ``start:stop``), checked to be finite (NaN/Inf weights are refused)."""
         info = self.tensors[name]
         if info.dtype not in FLOAT_DTYPES:
             raise BadInput(self.path, f"tensor '{name}' has dtype {info.dtype}, expected a float type")
-        arr = self.array(name)
+        arr = self.array(name, rows)
         if not np.isfinite(arr).all():
             raise BadInput(self.path, f"tensor '{name}' contains NaN or Inf values")
         return arr

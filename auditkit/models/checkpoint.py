@@ -97,11 +97,11 @@ class TensorSource:
         return self.file.tensors[self.key].dtype in FLOAT_DTYPES
 
     def array(self) -> np.ndarray:
-        """The tensor as stored (float, checked finite), its rows taken when it is a share of a fused one."""
-        value = self.file.float_array(self.key)
+        """The tensor as stored (float, checked finite), its rows taken when it is a share of a fused one
+        (only they are read: a bfloat16 file's fused tensor is not decoded whole for each share)."""
         if self.rows is None:
-            return value
-        return np.concatenate([value[start:stop] for start, stop in self.rows])
+            return self.file.float_array(self.key)
+        return np.concatenate([self.file.float_array(self.key, rows) for rows in self.rows])
 
 
 @dataclass

@@ -128,6 +128,22 @@ def test_every_canonical_tensor_is_what_diffusers_converter_makes_of_the_bfl_fil
                               bfl["final_layer.adaLN_modulation.1.weight"])  # swapped halves, not a rename
 
 
+def test_a_bfloat16_bfl_file_reads_as_diffusers_converter_makes_it(tmp_path, dit):
+    """BFL publishes Flux.1 in bfloat16: each share of a fused tensor is decoded from its own rows."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    config, width = dit
+    bfl = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in random_bfl(config, seed=3).items()}
+    reference = diffusers_conversion({k: v.float().numpy() for k, v in bfl.items()}, width)  # bf16 values, exact
+    path = tmp_path / "flux-bf16.safetensors"
+    save_file(bfl, str(path))
+    ckpt = open_checkpoint(path, base=open_base("lab-dit"))
+    assert set(ckpt.tensors) == {f"transformer.{k}" for k in reference} and ckpt.unmapped == []
+    for key, value in reference.items():
+        np.testing.assert_array_equal(ckpt.array(f"transformer.{key}"), value, err_msg=key)
+
+
 def test_a_schnell_file_against_a_schnell_base_and_a_dev_file_against_it(tmp_path, dit):
     """No guidance embedder (FLUX.1-schnell): nothing of it is looked for; a dev file's guidance_in tensors,
     which such a base lacks, are unmapped, never dropped."""
