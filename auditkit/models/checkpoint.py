@@ -112,7 +112,7 @@ class Checkpoint:
         path: the folder or file as given.
         form: a :data:`FORMS` name.
         naming: how a single file names its tensors: ``diffusers`` (component prefixes), ``component``
-            (one component's names, no prefix: ``component`` says which) or ``original`` (LDM/SGM).
+            (one component's names, no prefix: ``component`` says which) or ``original`` (LDM/SGM, BFL, SAI).
         tensors: canonical tensor name -> where it lies.
         unmapped: keys of the files that name no tensor auditkit can place (count against coverage).
         ignored: keys deliberately left out (VAE of an original checkpoint, bookkeeping, integer buffers).
