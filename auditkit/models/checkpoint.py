@@ -458,7 +458,7 @@ def snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = "StableDiff
     if checkpoint.form == "component folder":
         (component,) = checkpoint.components
         return load + f"pipe.{component} = type(pipe.{component}).from_pretrained({path!r}, use_safetensors=True)\n"
-    if checkpoint.naming == "original" and checkpoint.components == ("transformer",):  # a BFL transformer file
+    if checkpoint.naming == "original" and checkpoint.components == ("transformer",):  # a BFL/SAI transformer file
         return load + (f"pipe.transformer = type(pipe.transformer).from_single_file({path!r}, config={base!r}, "
                        'subfolder="transformer")\n')
     if checkpoint.naming == "original":
