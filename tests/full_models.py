@@ -83,7 +83,10 @@ def original_names() -> dict[str, str]:
     names = _original_map(open_base("lab"), architectures.get("lab"))
     out: dict[str, str] = {}
     for original, held in names.items():
-        [(canonical, _)] = held  # the lab's original tensors are each one canonical tensor, whole
+        if original.startswith(("cond_stage_model.model.", "conditioner.embedders.0.model.",
+                                "conditioner.embedders.1.model.")):
+            continue  # OpenCLIP's names of the text encoder (SD 2.x, SDXL's second): the lab's is OpenAI CLIP's
+        [(canonical, _, _)] = held  # the lab's original tensors are each one canonical tensor, whole
         if original.startswith("cond_stage_model.") and "text_model." not in original:
             continue  # the map accepts both transformers spellings; write the published one
         out[canonical] = original

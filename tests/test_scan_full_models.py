@@ -168,8 +168,9 @@ def test_the_overlay_renders_the_erased_weights_and_puts_the_base_back(made, pip
 
 
 def test_a_model_with_tensors_that_cannot_be_placed_is_never_rendered_in_part(made, pipe, tmp_path):
-    """An original checkpoint whose OpenCLIP text encoder is not mapped: the static scan reports the unmapped
-    keys (coverage below 1); the dynamic scan refuses to render it without them (exit 3)."""
+    """An original checkpoint with an OpenCLIP text encoder tensor the base has no place for (a resblock its text
+    encoder lacks): the static scan reports the unmapped keys (coverage below 1); the dynamic scan refuses to
+    render it without them (exit 3)."""
     from auditkit.errors import Unscannable
     from auditkit.lora.io import open_safetensors, serialize
     from auditkit.models.difference import read_full_model
@@ -178,11 +179,11 @@ def test_a_model_with_tensors_that_cannot_be_placed_is_never_rendered_in_part(ma
     paths, _ = made
     st = open_safetensors(paths["erased-u-file"])
     tensors = {k: st.array(k) for k in st.tensors}
-    tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] = np.zeros((6, 2), np.float32)
+    tensors["cond_stage_model.model.transformer.resblocks.7.attn.in_proj_weight"] = np.zeros((6, 2), np.float32)
     path = tmp_path / "erased-openclip.safetensors"
     path.write_bytes(serialize(tensors))
     erased = read_full_model(path, "lab", architectures.get("lab"))
-    assert erased.coverage.unmapped == ["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert erased.coverage.unmapped == ["cond_stage_model.model.transformer.resblocks.7.attn.in_proj_weight"]
     assert erased.coverage.fraction < 1 and any("OpenCLIP" in n for n in erased.notes)
     with pytest.raises(Unscannable, match="could not be placed"):
         Overlay(pipe, {"safety": erased})

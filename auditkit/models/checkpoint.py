@@ -72,25 +72,30 @@ ORIGINAL_HINT = re.compile(r"^(model\.diffusion_model\.|cond_stage_model\.|condi
 ORIGINAL_TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")
 
 Rows = tuple[tuple[int, int], ...]
+# One canonical tensor an original key holds: its name, its rows of the stored tensor (None: all of it), transposed.
+Share = tuple[str, Rows | None, bool]
 
 
 @dataclass(frozen=True)
 class TensorSource:
     """Where one canonical tensor lies: a key of a file, or row ranges of it stacked in order (``rows``;
-    None: all of it). A fused original tensor is several canonical ones: Flux's ``img_attn.qkv`` is
-    ``to_q`` rows (0, n), ``to_k`` (n, 2n), ``to_v`` (2n, 3n); ``final_layer.adaLN_modulation.1`` is
-    ``norm_out.linear`` with its halves swapped, rows ((n, 2n), (0, n))."""
+    None: all of it), transposed when ``transpose`` (after its rows are taken). A fused original tensor
+    is several canonical ones: Flux's ``img_attn.qkv`` is ``to_q`` rows (0, n), ``to_k`` (n, 2n), ``to_v``
+    (2n, 3n); ``final_layer.adaLN_modulation.1`` is ``norm_out.linear`` with its halves swapped, rows
+    ((n, 2n), (0, n)). OpenCLIP's ``text_projection`` (width, embed dim) is diffusers'
+    ``text_projection.weight`` transposed."""
 
     file: SafetensorsFile
     key: str
     rows: Rows | None = None
+    transpose: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
         stored = self.file.tensors[self.key].shape
-        if self.rows is None:
-            return stored
-        return (sum(stop - start for start, stop in self.rows), *stored[1:])
+        if self.rows is not None:
+            stored = (sum(stop - start for start, stop in self.rows), *stored[1:])
+        return tuple(reversed(stored)) if self.transpose else tuple(stored)
 
     @property
     def is_float(self) -> bool:
@@ -98,10 +103,13 @@ class TensorSource:
 
     def array(self) -> np.ndarray:
         """The tensor as stored (float, checked finite), its rows taken when it is a share of a fused one
-        (only they are read: a bfloat16 file's fused tensor is not decoded whole for each share)."""
+        (only they are read: a bfloat16 file's fused tensor is not decoded whole for each share), transposed
+        when it is stored transposed."""
         if self.rows is None:
-            return self.file.float_array(self.key)
-        return np.concatenate([self.file.float_array(self.key, rows) for rows in self.rows])
+            value = self.file.float_array(self.key)
+        else:
+            value = np.concatenate([self.file.float_array(self.key, rows) for rows in self.rows])
+        return np.ascontiguousarray(value.T) if self.transpose else value
 
 
 @dataclass
@@ -308,8 +316,10 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
     elif any(ORIGINAL_HINT.match(k) for k in keys):
         _check_layout(path, keys, base)
         naming, names = "original", _original_map(base, arch)
+        left_out = openclip_ignored({n: t.shape for n, t in base.tensors.items()})
+        left_out_under = tuple(p for p in left_out if p.endswith("."))
         for key in keys:
-            if IGNORED_ORIGINAL.match(key):
+            if IGNORED_ORIGINAL.match(key) or key in left_out or key.startswith(left_out_under):
                 ignored.append(key)
             elif key in names:
                 tensors.update(_placed(st, key, names[key]))
@@ -317,9 +327,12 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
                 unmapped.append(key)
         if any(k.startswith("first_stage_model.") for k in ignored):
             notes.append("its VAE (first_stage_model) is not compared: images are decoded with the base's VAE")
-        if any(k.startswith(("cond_stage_model.model.", "conditioner.embedders.1.")) for k in unmapped):
-            notes.append("its OpenCLIP text encoder in the original layout is not mapped (its tensors are unmapped): "
-                         "convert the checkpoint to diffusers format (from_single_file, then save_pretrained)")
+        under = sorted({p for p in _text_encoder_tables()["openclip"]["prefixes"] if any(k.startswith(p)
+                                                                                         for k in unmapped)})
+        if under:
+            notes.append(f"its OpenCLIP text encoder tensors under {', '.join(under)} fit no text encoder of the base "
+                         "(they are unmapped): a model of another architecture than the base, or a text encoder "
+                         "the base lacks")
         if any(re.match(r"(model\.)?(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.", k)
                for k in unmapped):
             notes.append("a transformer in its original layout (Flux.1's double_blocks…, SD3's joint_blocks…) is read "
@@ -341,10 +354,11 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
                       dict(st.metadata))
 
 
-def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
-    """Original key -> the canonical tensors it holds, each with its rows of it (None: all of it): the
-    base's UNet (LDM/SGM names) and first CLIP text encoder, or its transformer (:func:`_transformer_map`)."""
-    names: dict[str, tuple[tuple[str, Rows | None], ...]] = {}
+def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tuple[Share, ...]]:
+    """Original key -> the canonical tensors it holds (:data:`Share`: each with its rows of it, None: all of
+    it, and whether it is stored transposed): the base's UNet (LDM/SGM names), first CLIP text encoder and
+    OpenCLIP text encoder (:func:`openclip_tensor_map`), or its transformer (:func:`_transformer_map`)."""
+    names: dict[str, tuple[Share, ...]] = {}
     layout = arch.unet_layout if arch is not None else {}
     for canonical in base.tensors:
         component, _, key = canonical.partition(".")
@@ -352,13 +366,75 @@ def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tupl
             module, _, param = key.rpartition(".")
             original = sgm_name(module, layout)
             if original is not None:
-                names[f"model.diffusion_model.{original}.{param}"] = ((canonical, None),)
+                names[f"model.diffusion_model.{original}.{param}"] = ((canonical, None, False),)
         for prefix, target in ORIGINAL_TEXT_PREFIXES.items():
             if target == component:
-                names[prefix + key] = ((canonical, None),)
-                names[prefix + key.removeprefix("text_model.")] = ((canonical, None),)  # either transformers spelling
-    names.update(_transformer_map(base))
+                names[prefix + key] = ((canonical, None, False),)
+                names[prefix + key.removeprefix("text_model.")] = ((canonical, None, False),)  # either spelling
+    names.update(openclip_tensor_map({n: t.shape for n, t in base.tensors.items()}))
+    names.update({k: tuple((c, rows, False) for c, rows in held) for k, held in _transformer_map(base).items()})
     return names
+
+
+@cache
+def _text_encoder_tables() -> dict:
+    text = resources.files("auditkit.models").joinpath("configs", "original_text_encoders.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def _layers(shapes: dict[str, tuple[int, ...]], component: str) -> list[int]:
+    """The layer indices of a CLIP text encoder (its canonical ``text_model.encoder.layers.N`` tensors)."""
+    pattern = re.compile(re.escape(f"{component}.text_model.encoder.layers.") + r"(\d+)\.")
+    return sorted({int(m.group(1)) for n in shapes if (m := pattern.match(n))})
+
+
+def openclip_tensor_map(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[Share, ...]]:
+    """Original OpenCLIP text tower names (``configs/original_text_encoders.json``), under each prefix whose
+    component the base has, expanded for that component's layers -> the canonical tensors each holds: a
+    fused ``in_proj_weight``/``in_proj_bias`` is q, k, v stacked by rows (each as many as the base's own
+    tensor has), ``text_projection`` is diffusers' ``text_projection.weight`` transposed. A target the base's
+    component lacks (SD 2.x's text encoder has no projection) leaves its original name out. ``shapes``: the
+    base's canonical tensors."""
+    spec = _text_encoder_tables()["openclip"]
+    names: dict[str, tuple[Share, ...]] = {}
+    for prefix, component in spec["prefixes"].items():
+        layers = _layers(shapes, component)
+        for template, target in spec["tensors"].items():
+            for i in (layers if "{i}" in template else [None]):
+                plain = [target] if isinstance(target, str) else [target["transposed"]] if isinstance(target, dict) \
+                    else target
+                targets = [_at(component, t, i) for t in plain]
+                if not all(t in shapes for t in targets):
+                    continue  # the base's component lacks it (SD 2.x's text encoder has no projection)
+                if isinstance(target, list):  # fused: the targets' rows stacked in the order listed
+                    ends = np.cumsum([shapes[t][0] for t in targets]).tolist()
+                    held: tuple[Share, ...] = tuple((t, ((end - shapes[t][0], end),), False)
+                                                    for t, end in zip(targets, ends, strict=True))
+                else:
+                    held = ((targets[0], None, isinstance(target, dict)),)
+                names[prefix + template.replace("{i}", str(i))] = held
+    return names
+
+
+def _at(component: str, template: str, i: int | None) -> str:
+    return f"{component}.{template.replace('{i}', str(i))}"
+
+
+def openclip_ignored(shapes: dict[str, tuple[int, ...]]) -> frozenset[str]:
+    """Original OpenCLIP names diffusers' converter leaves out, under each prefix whose component the base
+    has (``configs/original_text_encoders.json``); one ending in ``.`` is a prefix of names. SD 2.x's last
+    resblock (the base's layer count: SD 2.1's text encoder has 23 layers, its file 24) is one. ``shapes``:
+    the base's canonical tensors."""
+    spec = _text_encoder_tables()["openclip"]
+    out = set()
+    for prefix, component in spec["prefixes"].items():
+        layers = _layers(shapes, component)
+        if not layers:
+            continue
+        for where, entries in spec["ignored"].items():
+            if where in ("", prefix):
+                out.update(prefix + e.replace("{layers}", str(len(layers))) for e in entries)
+    return frozenset(out)
 
 
 @cache
@@ -438,15 +514,15 @@ def _rows(spans: list[tuple[int, int, int]], total: int) -> Rows | None:
     return None if rows == ((0, total),) else rows
 
 
-def _placed(st: SafetensorsFile, key: str, held: tuple[tuple[str, Rows | None], ...]) -> dict[str, TensorSource]:
+def _placed(st: SafetensorsFile, key: str, held: tuple[Share, ...]) -> dict[str, TensorSource]:
     """The canonical tensors stored under ``key``; a fused tensor must have the rows its pieces add up to."""
-    need = max((stop for _, rows in held for _, stop in rows or ()), default=None)
+    need = max((stop for _, rows, _ in held for _, stop in rows or ()), default=None)
     have = st.tensors[key].shape
     if need is not None and (not have or have[0] != need):
         raise BadInput(st.path, f"tensor {key} is {list(have)} here but the base's "
-                                f"{', '.join(c for c, _ in held)} it holds have {need} rows: a model of another "
+                                f"{', '.join(c for c, _, _ in held)} it holds have {need} rows: a model of another "
                                 "architecture than the base")
-    return {canonical: TensorSource(st, key, rows) for canonical, rows in held}
+    return {canonical: TensorSource(st, key, rows, transpose) for canonical, rows, transpose in held}
 
 
 def snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
