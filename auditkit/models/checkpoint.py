@@ -66,7 +66,7 @@ ORIGINAL_TEXT_PREFIXES = {"cond_stage_model.transformer.": "text_encoder",
 IGNORED_ORIGINAL = re.compile(r"^(first_stage_model\.|model_ema\.|alphas_cumprod|alphas_cumprod_prev$|betas$|"
                               r"log_one_minus_alphas_cumprod$|logvar$|posterior_|sqrt_)")
 ORIGINAL_HINT = re.compile(r"^(model\.diffusion_model\.|cond_stage_model\.|conditioner\.|first_stage_model\.|"
-                           r"(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.)")
+                           r"text_encoders\.|(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.)")
 # Prefixes of a transformer denoiser's tensors in an original-layout single file (BFL: none; ComfyUI and
 # diffusers' single-file saves: model.diffusion_model.), as diffusers' converter strips them.
 ORIGINAL_TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")
@@ -316,7 +316,7 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
     elif any(ORIGINAL_HINT.match(k) for k in keys):
         _check_layout(path, keys, base)
         naming, names = "original", _original_map(base, arch)
-        left_out = openclip_ignored({n: t.shape for n, t in base.tensors.items()})
+        left_out = openclip_ignored({n: t.shape for n, t in base.tensors.items()}) | _bundled(base)[1]
         left_out_under = tuple(p for p in left_out if p.endswith("."))
         for key in keys:
             if IGNORED_ORIGINAL.match(key) or key in left_out or key.startswith(left_out_under):
@@ -333,6 +333,9 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
             notes.append(f"its OpenCLIP text encoder tensors under {', '.join(under)} fit no text encoder of the base "
                          "(they are unmapped): a model of another architecture than the base, or a text encoder "
                          "the base lacks")
+        if any(k.startswith("text_encoders.") for k in unmapped):
+            notes.append("text encoders bundled under text_encoders.… (ComfyUI's all-in-one files) are read against a "
+                         "Flux.1 or SD3/SD3.5 base only, each into the base's component of that model")
         if any(re.match(r"(model\.)?(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.", k)
                for k in unmapped):
             notes.append("a transformer in its original layout (Flux.1's double_blocks…, SD3's joint_blocks…) is read "
@@ -360,6 +363,7 @@ def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tupl
     OpenCLIP text encoder (:func:`openclip_tensor_map`), or its transformer (:func:`_transformer_map`)."""
     names: dict[str, tuple[Share, ...]] = {}
     layout = arch.unet_layout if arch is not None else {}
+    text_prefixes = {**ORIGINAL_TEXT_PREFIXES, **_bundled(base)[0]}
     for canonical in base.tensors:
         component, _, key = canonical.partition(".")
         if component == "unet" and layout:
@@ -367,13 +371,21 @@ def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tupl
             original = sgm_name(module, layout)
             if original is not None:
                 names[f"model.diffusion_model.{original}.{param}"] = ((canonical, None, False),)
-        for prefix, target in ORIGINAL_TEXT_PREFIXES.items():
+        for prefix, target in text_prefixes.items():
             if target == component:
                 names[prefix + key] = ((canonical, None, False),)
                 names[prefix + key.removeprefix("text_model.")] = ((canonical, None, False),)  # either spelling
     names.update(openclip_tensor_map({n: t.shape for n, t in base.tensors.items()}))
     names.update({k: tuple((c, rows, False) for c, rows in held) for k, held in _transformer_map(base).items()})
     return names
+
+
+def _bundled(base: Checkpoint) -> tuple[dict[str, str], frozenset[str]]:
+    """The text encoders an all-in-one file of the base's denoiser class bundles (ComfyUI's Flux.1 and SD3
+    files: ``text_encoders.clip_l.transformer.…``): prefix -> component, and the names diffusers discards."""
+    tables = _text_encoder_tables()["bundled"]
+    prefixes = tables["prefixes"].get(_denoiser(base)[1], {})
+    return prefixes, frozenset(n for n in tables["ignored"] if n.startswith(tuple(prefixes)))
 
 
 @cache
