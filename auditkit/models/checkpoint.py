@@ -13,19 +13,24 @@ tensors. Forms, one :class:`Form` record each in :data:`FORMS` (the first that m
   component's names with no prefix) or in the original layout of full checkpoints: LDM/SGM UNets
   (``model.diffusion_model.input_blocks.…``, named by :func:`auditkit.models.architectures.sgm_name`), CLIP
   text encoders under ``cond_stage_model.transformer.`` (SD 1.x) and ``conditioner.embedders.0.transformer.``
-  (SDXL), and transformers under their original names, bare or under ``model.diffusion_model.``: Flux.1's
-  (BFL: ``double_blocks.0.img_attn.qkv.weight``, ``img_in.…``) and SD3/SD3.5's (SAI: ``joint_blocks.0.x_block.…``,
-  ``pos_embed``). The originals fuse tensors diffusers keeps apart: a canonical tensor can be row ranges of a
-  stored one (:class:`TensorSource`), ``img_attn.qkv`` holding ``to_q``, ``to_k`` and ``to_v``,
-  ``single_blocks.N.linear1`` those and ``proj_mlp``, ``final_layer.adaLN_modulation.1`` ``norm_out.linear``
-  with its halves swapped. The modules' original names and row pieces are the architecture's
-  (``configs/original_names.json``, sized by the base's own tensors), the other tensors (q/k norms, SD3's
-  position table) are ``configs/original_tensors.json``: what diffusers' ``from_single_file`` converters read.
-  VAE weights (``first_stage_model.``) and training bookkeeping are left out (the base's VAE renders). Not
-  mapped yet: OpenCLIP text encoders in the original layout (SD 2.x, SDXL's second) and the text encoders a
-  ComfyUI Flux/SD3 checkpoint bundles (``text_encoders.…``); their tensors count as unmapped (never assumed
-  unchanged), and converting the file to diffusers format (``from_single_file``, ``save_pretrained``) makes
-  it readable.
+  (SDXL), OpenCLIP text encoders under ``cond_stage_model.model.`` (SD 2.x) and ``conditioner.embedders.1.model.``
+  (SDXL's second; the refiner's ``conditioner.embedders.0.model.``), the text encoders a ComfyUI Flux.1/SD3
+  file bundles (``text_encoders.clip_l.transformer.…``, ``clip_g``, ``t5xxl``: each the base's component of
+  that name's model, diffusers' names after the prefix), and transformers under their original names, bare or
+  under ``model.diffusion_model.``: Flux.1's (BFL: ``double_blocks.0.img_attn.qkv.weight``, ``img_in.…``) and
+  SD3/SD3.5's (SAI: ``joint_blocks.0.x_block.…``, ``pos_embed``). The originals fuse tensors diffusers keeps
+  apart: a canonical tensor can be row ranges of a stored one (:class:`TensorSource`), ``img_attn.qkv``
+  holding ``to_q``, ``to_k`` and ``to_v``, ``single_blocks.N.linear1`` those and ``proj_mlp``,
+  ``final_layer.adaLN_modulation.1`` ``norm_out.linear`` with its halves swapped, OpenCLIP's
+  ``attn.in_proj_weight`` ``q_proj``, ``k_proj`` and ``v_proj``; or a stored one transposed (OpenCLIP's
+  ``text_projection``, diffusers' ``text_projection.weight``). The modules' original names and row pieces are
+  the architecture's (``configs/original_names.json``, sized by the base's own tensors), the other tensors
+  (q/k norms, SD3's position table) are ``configs/original_tensors.json``, the text encoders'
+  ``configs/original_text_encoders.json``: what diffusers' ``from_single_file`` converters read. Left out
+  (:attr:`Checkpoint.ignored`), as diffusers' converters leave them out: VAE weights (``first_stage_model.``;
+  the base's VAE renders), training bookkeeping, OpenCLIP's ``logit_scale``, SD 2.x's last resblock and
+  ``text_projection`` (its text encoder is the file's penultimate layer: 23 of 24) and a bundled clip_l's
+  ``text_projection.weight`` (diffusers puts the identity in its place, which is not compared).
 
 Canonical tensor names are ``<component>.<tensor name in the component's weight file>``, CLIP text
 tensors spelled with the ``text_model.`` level as canonical module names are
@@ -359,8 +364,9 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
 
 def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tuple[Share, ...]]:
     """Original key -> the canonical tensors it holds (:data:`Share`: each with its rows of it, None: all of
-    it, and whether it is stored transposed): the base's UNet (LDM/SGM names), first CLIP text encoder and
-    OpenCLIP text encoder (:func:`openclip_tensor_map`), or its transformer (:func:`_transformer_map`)."""
+    it, and whether it is stored transposed): the base's UNet (LDM/SGM names), first CLIP text encoder,
+    OpenCLIP text encoder (:func:`openclip_tensor_map`) and the text encoders a ComfyUI file of its denoiser
+    bundles (:func:`_bundled`), and its transformer (:func:`_transformer_map`)."""
     names: dict[str, tuple[Share, ...]] = {}
     layout = arch.unet_layout if arch is not None else {}
     text_prefixes = {**ORIGINAL_TEXT_PREFIXES, **_bundled(base)[0]}
