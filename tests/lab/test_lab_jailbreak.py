@@ -6,7 +6,8 @@ erased concept back; the same fine-tuning trained modularly does not; a LoRA tra
 on top of the safety module brings it back by design. (Trained modularly on the base, 150 steps on
 cross images did not overcome the ESD-u safety LoRA at inference: ratio 0.00; measured while writing
 this test.) Seeds are fixed; margins are wide against the full experiment's figures
-(safety 0%, on top 66%, modular 0% of 240 images).
+(safety 0%, on top 66%, modular 0% of 240 images), which trains 400 steps where this test trains 250 (for the
+suite's time; the assertions held at both).
 """
 
 import json
@@ -48,14 +49,14 @@ def trained(tmp_path_factory):
     crosses = world.sample_specs(8, 128, shape="cross")
     cfg = {"rank": 8, "lr": 1e-3, "batch": 32, "seed": 0}
     mods = {
-        "on-top": finetune(pipe, images, captions, FinetuneConfig(mode="on-top", steps=400, **cfg), safety=safety),
-        "modular": finetune(pipe, images, captions, FinetuneConfig(mode="modular", steps=400, **cfg)),
+        "on-top": finetune(pipe, images, captions, FinetuneConfig(mode="on-top", steps=250, **cfg), safety=safety),
+        "modular": finetune(pipe, images, captions, FinetuneConfig(mode="modular", steps=250, **cfg)),
         # an attacker's LoRA: trained on cross images on top of the safety module
         "concept": finetune(pipe, world.render_many(crosses), [world.caption(s) for s in crosses],
                             FinetuneConfig(mode="on-top", steps=150, **cfg), safety=safety),
     }
     lab = architectures.get("lab")
-    meta = {"ss_network_dim": "8", "ss_network_alpha": "8", "ss_max_train_steps": "400"}
+    meta = {"ss_network_dim": "8", "ss_network_alpha": "8", "ss_max_train_steps": "250"}
     paths = {k: save_adapter(v.modules, folder / f"{k}.safetensors", lab, metadata=meta) for k, v in mods.items()}
     from auditkit.train.data import write_folder
 
