@@ -145,7 +145,7 @@ def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -
     prompts = [p.text for p in suite.prompts]
     kv = denoiser_for(pipe).record.text_kv
     check = concept_reversion(pipe, prompts, suite.concept_word, candidate.exact_modules(kv),
-                              safety.exact_modules(kv)).to_dict()
+                              safety.exact_modules(kv), encoders=(candidate.exact(), safety.exact())).to_dict()
     check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
     check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.exact(), safety.exact()).to_dict()
     return check

@@ -12,7 +12,9 @@ by ΔS = X·ΔW_sᵀ; a candidate changes them by ΔC = X·ΔW_cᵀ. The reverte
 modules. It needs the base model and the suite's concept prompts, and no image: seconds on a CPU.
 
 Only safety modules among those projections take part; for a safety module elsewhere (ESD-u) the
-check does not apply and says so.
+check does not apply and says so. When the candidate or the safety module also changes a text encoder, each
+model reads the prompts through its own encoders: ΔS = X_s·(W+ΔW_s)ᵀ − X·Wᵀ and ΔC = X_c·(W+ΔW_s+ΔW_c)ᵀ −
+X_s·(W+ΔW_s)ᵀ, compared densely (a candidate acting through the text encoder alone is seen).
 """
 
 from __future__ import annotations
@@ -62,6 +64,25 @@ class KVSums:
         mask = np.asarray(mask, dtype=bool)
         ds = _projected(e, self.safety[name])
         dc = _projected(e, self.candidate[name]) if name in self.candidate else np.zeros_like(ds)
+        self.sums[name] += (float(np.sum(dc * ds)), float(np.sum(ds * ds)),
+                            float(np.sum(dc[mask] * ds[mask])), float(np.sum(ds[mask] * ds[mask])))
+        self._counting = self._counting or name
+        if name == self._counting:
+            self.rows += len(mask)
+            self.concept_rows += int(mask.sum())
+
+    def add_through_encoders(self, name: str, weight: np.ndarray, xs: tuple[np.ndarray, np.ndarray, np.ndarray],
+                             mask: np.ndarray) -> None:
+        """Rows read by module ``name`` under the base's, the safe model's and the candidate's own text encoders
+        (``xs``: x_b, x_s, x_c, rows × d each), ``weight`` its base weight (out × d): ΔS = x_s·(W+ΔW_s)ᵀ − x_b·Wᵀ,
+        ΔC = x_c·(W+ΔW_s+ΔW_c)ᵀ − x_s·(W+ΔW_s)ᵀ (with equal rows, exactly :meth:`add`'s ΔS and ΔC)."""
+        xb, xs_, xc = (np.asarray(x, dtype=np.float64) for x in xs)
+        mask = np.asarray(mask, dtype=bool)
+        w = np.asarray(weight, dtype=np.float64)
+        w_s = w + self.safety[name].delta()
+        w_c = w_s + (self.candidate[name].delta() if name in self.candidate else 0.0)
+        ks = xs_ @ w_s.T
+        ds, dc = ks - xb @ w.T, xc @ w_c.T - ks
         self.sums[name] += (float(np.sum(dc * ds)), float(np.sum(ds * ds)),
                             float(np.sum(dc[mask] * ds[mask])), float(np.sum(ds[mask] * ds[mask])))
         self._counting = self._counting or name
@@ -127,10 +148,16 @@ def concept_mask(cond, concept_word: str):
 
 
 def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: dict[str, LoraModule],
-                      safety: dict[str, LoraModule], steps: int = 4, seed: int = 0, batch: int = 64) -> ConceptCheck:
+                      safety: dict[str, LoraModule], steps: int = 4, seed: int = 0, batch: int = 64,
+                      encoders: tuple = ()) -> ConceptCheck:
     """The concept check on ``pipe``'s family: the inputs of its text key/value projections
     (:mod:`auditkit.models.denoising`; an MMDiT's text streams along ``steps`` points of the base model's
-    own trajectory from seeded noise) folded into the sums as they are computed, ``batch`` prompts at a time."""
+    own trajectory from seeded noise) folded into the sums as they are computed, ``batch`` prompts at a time.
+
+    ``encoders``: (the candidate's, the safety module's) whole updates (modules or TensorDeltas); when either
+    changes a text encoder of the pipeline, each model reads the prompts through its own encoders and the
+    projections' outputs are compared densely (:meth:`KVSums.add_through_encoders`): a candidate that acts
+    through the text encoder alone is seen too."""
     import torch
 
     from auditkit.models.conditioning import encode
@@ -139,6 +166,8 @@ def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: di
     den = denoiser_for(pipe)
     sums = KVSums(candidate, safety, den.record.text_kv)
     paths = {n.split(".", 1)[1]: n for n in den.text_kv_modules(sums.names)}
+    if sums.names and _text_encoder_parts(pipe, den.component, encoders):
+        return _through_encoders(pipe, den, prompts, concept_word, sums, paths, encoders, steps, seed, batch)
     generator = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), batch):
         cond = encode(pipe, prompts[i: i + batch])
@@ -151,4 +180,49 @@ def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: di
             sums.add(paths[path], x.float().cpu().numpy().reshape(-1, x.shape[-1]), mask)
 
         den.text_states(cond, list(paths), visit, steps, generator)
+    return sums.result()
+
+
+def _text_encoder_parts(pipe, denoiser: str, encoders: tuple) -> bool:
+    """Whether an update of ``encoders`` changes a text encoder ``pipe`` has."""
+    return any(getattr(pipe, n.split(".", 1)[0], None) is not None and not n.startswith(f"{denoiser}.")
+               for mods in encoders for n in mods)
+
+
+def _through_encoders(pipe, den, prompts, concept_word, sums: KVSums, paths: dict, encoders: tuple, steps: int,
+                      seed: int, batch: int) -> ConceptCheck:
+    """:func:`concept_reversion` when a text encoder changes: each prompt batch encoded by the base's, the safe
+    model's and the candidate's own encoders, the projections' inputs of each gathered along the same seeded
+    trajectory, compared densely with the base weights."""
+    import torch
+
+    from auditkit.models.conditioning import encode
+    from auditkit.train.lora import encoders_composed
+
+    cand_all, safe_all = encoders
+    weights = {}
+    for path in paths:
+        module = den.model.get_submodule(path)
+        w = getattr(module, "base_layer", module).weight.detach()
+        weights[path] = w.double().cpu().numpy().reshape(w.shape[0], -1)
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i: i + batch]
+        conds = [encode(pipe, chunk)]
+        with encoders_composed(pipe, (safe_all, 1.0), denoiser=den.component):
+            conds.append(encode(pipe, chunk))
+        with encoders_composed(pipe, (safe_all, 1.0), (cand_all, 1.0), denoiser=den.component):
+            conds.append(encode(pipe, chunk))
+        mask = concept_mask(conds[0], concept_word).reshape(-1)
+        seen = []
+        for cond in conds:
+            got: dict[str, list] = {p: [] for p in paths}
+
+            def visit(path, x, got=got):
+                got[path].append(x.float().cpu().numpy().reshape(-1, x.shape[-1]))
+
+            den.text_states(cond, list(paths), visit, steps, torch.Generator().manual_seed(seed + i))
+            seen.append(got)
+        for path, name in paths.items():
+            for xs in zip(*(g[path] for g in seen), strict=True):
+                sums.add_through_encoders(name, weights[path], xs, mask)
     return sums.result()

@@ -154,3 +154,48 @@ def test_noise_reversion_reads_the_prompts_through_each_models_text_encoder():
     assert full.relative_safety_change > 0.01 and full.note == ""
     assert full.reverted == pytest.approx(1.0, abs=0.05)  # the negation is exact in the weights, not in ε
     assert noise_reversion(pipe, prompts, {}, safety, steps=3).reverted == 0.0
+
+
+def test_the_concept_check_reads_the_prompts_through_each_models_text_encoders():
+    """A candidate acting through the text encoder (and one cross-attention module): the check against a dense
+    reference built from the pipeline's own modules — each model's keys/values of the concept prompts as its own
+    text encoder and weights compute them. Without ``encoders`` it sees the weight part only, as before."""
+    torch = pytest.importorskip("torch")
+    from importlib import resources
+
+    from auditkit.analysis.concept import KV, concept_reversion
+    from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.models.conditioning import encode
+    from auditkit.train.lora import composed, encoders_composed
+
+    if not lab_pipeline_available():
+        pytest.skip("lab model not installed")
+    pipe = load_lab_pipeline()
+    safety = read_adapter(str(resources.files("auditkit.lab").joinpath(
+        "assets", "adapters", "safety-esd-x.safetensors"))).modules
+    arch = architectures.get("lab")
+    rng = np.random.default_rng(1)
+    kv_name = next(n for n in sorted(safety) if n.endswith(KV))
+    picked = [n for n in arch.modules if n.startswith("text_encoder.") and n.endswith(("v_proj", "fc2"))] + [kv_name]
+    candidate = {n: LoraModule(n, rng.normal(0, 0.2, (4, arch.modules[n].flat_in)).astype(np.float32),
+                               rng.normal(0, 0.2, (arch.modules[n].out_features, 4)).astype(np.float32), 1.0)
+                 for n in picked}
+    prompts = ["a red cross", "a cross on gray"]
+    kv_cand = {n: m for n, m in candidate.items() if n.endswith(KV)}
+    kv_safe = {n: m for n, m in safety.items() if n.endswith(KV)}
+    got = concept_reversion(pipe, prompts, "cross", kv_cand, kv_safe, encoders=(candidate, safety))
+    with torch.no_grad():
+        x_b = encode(pipe, prompts).hidden
+        with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser="unet"):
+            x_c = encode(pipe, prompts).hidden
+        outs = {}
+        both = ((safety, 1.0), (candidate, 1.0))
+        for label, adapters, x in (("b", (), x_b), ("s", ((safety, 1.0),), x_b), ("c", both, x_c)):
+            with composed(pipe.unet, *adapters):
+                outs[label] = {n: pipe.unet.get_submodule(n.split(".", 1)[1])(x).double() for n in kv_safe}
+    inner = sum(float(((outs["c"][n] - outs["s"][n]) * (outs["s"][n] - outs["b"][n])).sum()) for n in kv_safe)
+    energy = sum(float(((outs["s"][n] - outs["b"][n]) ** 2).sum()) for n in kv_safe)
+    assert got.reverted == pytest.approx(-inner / energy, rel=1e-3, abs=1e-4)
+    weights_only = concept_reversion(pipe, prompts, "cross", kv_cand, kv_safe)
+    assert abs(got.reverted - weights_only.reverted) > 0.01  # the text encoder's part counts

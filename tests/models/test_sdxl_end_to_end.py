@@ -337,8 +337,10 @@ def test_a_dynamic_scan_of_an_sdxl_pipeline_runs_and_resumes(arch, folder, pipe,
     assert dyn["adapter_coverage"]["safety"]["expected"] == len(safety_mods)
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
     assert first.verdict.evidence == "behavioural" and "data-free" in first.report["evidence"]["gathered"]
-    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
-    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
+    # the candidate is −0.9 × the safety adapter: exactly linear in it at the keys/values, but both change
+    # text_encoder_2 too, and each model's keys/values are computed from its own encoder's (nonlinear) output
+    cc = first.report["concept_check"]
+    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=5e-3) and abs(cc["reverted"] - 0.9) > 1e-5
     assert cc["noise_reversion"]["prediction"] == "noise" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
