@@ -64,12 +64,7 @@ class KVSums:
         mask = np.asarray(mask, dtype=bool)
         ds = _projected(e, self.safety[name])
         dc = _projected(e, self.candidate[name]) if name in self.candidate else np.zeros_like(ds)
-        self.sums[name] += (float(np.sum(dc * ds)), float(np.sum(ds * ds)),
-                            float(np.sum(dc[mask] * ds[mask])), float(np.sum(ds[mask] * ds[mask])))
-        self._counting = self._counting or name
-        if name == self._counting:
-            self.rows += len(mask)
-            self.concept_rows += int(mask.sum())
+        self._accumulate(name, ds, dc, mask)
 
     def add_through_encoders(self, name: str, weight: np.ndarray, xs: tuple[np.ndarray, np.ndarray, np.ndarray],
                              mask: np.ndarray) -> None:
@@ -83,6 +78,9 @@ class KVSums:
         w_c = w_s + (self.candidate[name].delta() if name in self.candidate else 0.0)
         ks = xs_ @ w_s.T
         ds, dc = ks - xb @ w.T, xc @ w_c.T - ks
+        self._accumulate(name, ds, dc, mask)
+
+    def _accumulate(self, name: str, ds: np.ndarray, dc: np.ndarray, mask: np.ndarray) -> None:
         self.sums[name] += (float(np.sum(dc * ds)), float(np.sum(ds * ds)),
                             float(np.sum(dc[mask] * ds[mask])), float(np.sum(ds[mask] * ds[mask])))
         self._counting = self._counting or name
