@@ -96,22 +96,23 @@ def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, se
     """Every signal of the module docstring for one candidate (adapters composed exactly)."""
     import torch
 
-    from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed, encoders_composed
+    from auditkit.train.lora import composed, encoded_by_each
 
     den = denoiser_for(pipe)
     model, comp = den.model, den.component
     sampler = den.sampler(steps)
-    text, neg = encode(pipe, prompts), encode(pipe, [""] * len(prompts))
-    with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser=comp):  # the candidate's own encoders
-        cand_text = {"text": encode(pipe, prompts), "neg": encode(pipe, [""] * len(prompts))}
+    # (text, neg) as each model reads them, through its own text encoders
+    texts = dict(zip(("base", "safe", "cand"), zip(encoded_by_each(pipe, prompts, safety, candidate, comp),
+                                                   encoded_by_each(pipe, [""] * len(prompts), safety, candidate, comp),
+                                                   strict=True), strict=True))
     gen = torch.Generator().manual_seed(seed)
     x0 = den.noise(len(prompts), gen) * sampler.init_noise_sigma
 
     def run(path_guided: bool):
         """Points of the safe model's trajectory (guided or conditional) and (ε_c, ε_u) there per model."""
         x, points = x0.clone(), []
+        text, neg = texts["safe"]
         with composed(model, (safety, 1.0), component=comp):
             for k, t in enumerate(sampler.timesteps):
                 points.append((x, t))
@@ -120,7 +121,7 @@ def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, se
                 x = sampler.step(eps, k, x)
         out = {}
         for label, adapters in (("base", ()), ("safe", ((safety, 1.0),)), ("cand", ((safety, 1.0), (candidate, 1.0)))):
-            tx, ng = (cand_text["text"], cand_text["neg"]) if label == "cand" else (text, neg)
+            tx, ng = texts[label]
             with composed(model, *adapters, component=comp):
                 out[label] = [(den.predict(x, t, tx).double(), den.predict(x, t, ng).double()) for x, t in points]
         return out
@@ -236,9 +237,9 @@ class Probe:
     def encoded_with(self, *adapters):
         """The conditionings as the model with ``adapters`` reads them (their text-encoder parts merged), for the
         duration; nothing to do for adapters without such parts."""
-        from auditkit.train.lora import encoders_composed
+        from auditkit.train.lora import encoder_parts, encoders_composed
 
-        if not any(not n.startswith(f"{self.den.component}.") for mods, _ in adapters for n in mods):
+        if not encoder_parts(self.den.pipe, *(mods for mods, _ in adapters), denoiser=self.den.component):
             yield
             return
         with encoders_composed(self.den.pipe, *adapters, denoiser=self.den.component):

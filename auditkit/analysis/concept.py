@@ -160,11 +160,12 @@ def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: di
 
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
+    from auditkit.train.lora import encoder_parts
 
     den = denoiser_for(pipe)
     sums = KVSums(candidate, safety, den.record.text_kv)
     paths = {n.split(".", 1)[1]: n for n in den.text_kv_modules(sums.names)}
-    if sums.names and _text_encoder_parts(pipe, den.component, encoders):
+    if sums.names and encoders and encoder_parts(pipe, *encoders, denoiser=den.component):
         return _through_encoders(pipe, den, prompts, concept_word, sums, paths, encoders, steps, seed, batch)
     generator = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), batch):
@@ -181,12 +182,6 @@ def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: di
     return sums.result()
 
 
-def _text_encoder_parts(pipe, denoiser: str, encoders: tuple) -> bool:
-    """Whether an update of ``encoders`` changes a text encoder ``pipe`` has."""
-    return any(getattr(pipe, n.split(".", 1)[0], None) is not None and not n.startswith(f"{denoiser}.")
-               for mods in encoders for n in mods)
-
-
 def _through_encoders(pipe, den, prompts, concept_word, sums: KVSums, paths: dict, encoders: tuple, steps: int,
                       seed: int, batch: int) -> ConceptCheck:
     """:func:`concept_reversion` when a text encoder changes: each prompt batch encoded by the base's, the safe
@@ -194,22 +189,15 @@ def _through_encoders(pipe, den, prompts, concept_word, sums: KVSums, paths: dic
     trajectory, compared densely with the base weights."""
     import torch
 
-    from auditkit.models.conditioning import encode
-    from auditkit.train.lora import encoders_composed
+    from auditkit.train.lora import encoded_by_each, weight_of
 
     cand_all, safe_all = encoders
     weights = {}
-    for path in paths:
-        module = den.model.get_submodule(path)
-        w = getattr(module, "base_layer", module).weight.detach()
+    for path, name in paths.items():
+        w = weight_of(den.model, name, den.component).detach()
         weights[path] = w.double().cpu().numpy().reshape(w.shape[0], -1)
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i: i + batch]
-        conds = [encode(pipe, chunk)]
-        with encoders_composed(pipe, (safe_all, 1.0), denoiser=den.component):
-            conds.append(encode(pipe, chunk))
-        with encoders_composed(pipe, (safe_all, 1.0), (cand_all, 1.0), denoiser=den.component):
-            conds.append(encode(pipe, chunk))
+        conds = encoded_by_each(pipe, prompts[i: i + batch], safe_all, cand_all, den.component)
         mask = concept_mask(conds[0], concept_word).reshape(-1)
         seen = []
         for cond in conds:

@@ -49,9 +49,8 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
     or velocity for flow-matching families)."""
     import torch
 
-    from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed, encoders_composed
+    from auditkit.train.lora import composed, encoded_by_each
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component
@@ -59,20 +58,13 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
     inner = np.zeros(steps)
     energy = np.zeros(steps)
     base_energy = 0.0
-    parts = {n.split(".", 1)[0] for n in (*candidate, *safety)} - {component}
-    skipped = sorted(c for c in parts if getattr(pipe, c, None) is None)
-    encoders = parts - set(skipped)  # text encoders an adapter changes
+    skipped = sorted(c for c in {n.split(".", 1)[0] for n in (*candidate, *safety)} - {component}
+                     if getattr(pipe, c, None) is None)
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), batch):
         chunk = prompts[i: i + batch]
         # each model reads its prompts through its own text encoders (the adapters' text-encoder parts merged)
-        text_base = encode(pipe, chunk)
-        text_safe, text_cand = text_base, text_base
-        if encoders:
-            with encoders_composed(pipe, (safety, 1.0), denoiser=component):
-                text_safe = encode(pipe, chunk)
-            with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser=component):
-                text_cand = encode(pipe, chunk)
+        text_base, text_safe, text_cand = encoded_by_each(pipe, chunk, safety, candidate, component)
         x = den.noise(len(chunk), gen) * sampler.init_noise_sigma
         # the safe trajectory first, then base and safe+candidate at its points: three weight compositions
         # per batch instead of two per step

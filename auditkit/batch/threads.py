@@ -19,14 +19,19 @@ def share(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
 
 
+def _set_unless_set(threads: int) -> None:
+    """``threads`` in every thread-count variable, and passive waiting, where the user set none."""
+    for k in THREAD_VARIABLES:
+        os.environ.setdefault(k, str(threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def limit_own_threads(threads: int) -> None:
     """In a freshly spawned worker, before it imports torch: ``threads`` BLAS/OpenMP threads, unless the user
     set a count (torch already imported: its intra-op threads too)."""
     import sys
 
-    for k in THREAD_VARIABLES:
-        os.environ.setdefault(k, str(threads))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _set_unless_set(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -37,9 +42,7 @@ def children_threads(threads: int) -> Iterator[None]:
     restored after."""
     saved = {k: os.environ.get(k) for k in (*THREAD_VARIABLES, "OMP_WAIT_POLICY")}
     try:
-        for k in THREAD_VARIABLES:
-            os.environ.setdefault(k, str(threads))
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _set_unless_set(threads)
         yield
     finally:
         for k, v in saved.items():

@@ -173,7 +173,7 @@ def lora_from_delta(name: str, delta: np.ndarray, rank: int) -> LoraModule:
     return LoraModule(name, (root[:, None] * vt[:k]).astype(np.float32), (u[:, :k] * root).astype(np.float32), 1.0)
 
 
-def _weight_of(model, canonical: str, component: str, tensor: bool = False):
+def weight_of(model, canonical: str, component: str, tensor: bool = False):
     """The weight of canonical module ``<component>.<path>``; with ``tensor``, the canonical tensor
     ``<component>.<path>.<name>`` (a full model's changed tensor)."""
     from auditkit.models.architectures import _text_alias
@@ -203,7 +203,7 @@ def apply_updates(model, updates: dict[str, LoraModule] | TensorDeltas, multipli
         for name, m in updates.items():
             if not name.startswith(f"{component}."):
                 continue
-            weight = _weight_of(model, name, component, tensors)
+            weight = weight_of(model, name, component, tensors)
             delta = torch.from_numpy(np.asarray(m) if tensors else m.delta()).to(weight.dtype).reshape(weight.shape)
             weight.add_(delta.to(weight.device), alpha=multiplier)
 
@@ -218,7 +218,7 @@ def composed(model, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float
 
     touched = {(name, isinstance(mods, TensorDeltas)) for mods, _ in adapters for name in mods
                if name.startswith(f"{component}.")}
-    saved = {key: _weight_of(model, key[0], component, key[1]).detach().clone() for key in touched}
+    saved = {key: weight_of(model, key[0], component, key[1]).detach().clone() for key in touched}
     try:
         for mods, mult in adapters:
             apply_updates(model, mods, mult, component)
@@ -226,7 +226,13 @@ def composed(model, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float
     finally:
         with torch.no_grad():
             for key, w in saved.items():
-                _weight_of(model, key[0], component, key[1]).copy_(w)
+                weight_of(model, key[0], component, key[1]).copy_(w)
+
+
+def encoder_parts(pipe, *updates: dict[str, LoraModule] | TensorDeltas, denoiser: str) -> list[str]:
+    """The components of ``pipe`` other than the ``denoiser`` (its text encoders) that ``updates`` change."""
+    names = {n.split(".", 1)[0] for mods in updates for n in mods} - {denoiser}
+    return sorted(c for c in names if getattr(pipe, c, None) is not None)
 
 
 @contextlib.contextmanager
@@ -234,10 +240,23 @@ def encoders_composed(pipe, *adapters: tuple[dict[str, LoraModule] | TensorDelta
     """Merge the parts of ``adapters`` ((modules or TensorDeltas, multiplier)) that change a text encoder of
     ``pipe`` into it, for the duration (the ``denoiser`` component's parts are merged elsewhere, by
     :func:`composed`); components the pipeline lacks are left out."""
-    components = sorted({n.split(".", 1)[0] for mods, _ in adapters for n in mods} - {denoiser})
     with contextlib.ExitStack() as stack:
-        for comp in components:
-            model = getattr(pipe, comp, None)
-            if model is not None:
-                stack.enter_context(composed(model, *adapters, component=comp))
+        for comp in encoder_parts(pipe, *(mods for mods, _ in adapters), denoiser=denoiser):
+            stack.enter_context(composed(getattr(pipe, comp), *adapters, component=comp))
         yield
+
+
+def encoded_by_each(pipe, prompts: list[str], safety, candidate, denoiser: str) -> tuple:
+    """The conditioning of ``prompts`` as the base, the safe model and the safe model with the candidate each
+    read them: through their own text encoders (the updates' text-encoder parts merged). Without such parts,
+    the one base encoding three times."""
+    from auditkit.models.conditioning import encode
+
+    base = encode(pipe, prompts)
+    if not encoder_parts(pipe, safety, candidate, denoiser=denoiser):
+        return base, base, base
+    with encoders_composed(pipe, (safety, 1.0), denoiser=denoiser):
+        safe = encode(pipe, prompts)
+    with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser=denoiser):
+        cand = encode(pipe, prompts)
+    return base, safe, cand
