@@ -89,3 +89,21 @@ def assert_one_line_error(func, path, message: str) -> None:
         func()
     text = str(exc.value)
     assert text.startswith(str(path)) and message in text and "\n" not in text, text
+
+
+def load_benchmark(filename: str):
+    """A script of benchmarks/ imported as a module (with benchmarks/ on the path while it loads, for its
+    ``record`` import), so tests can call its pure functions."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{Path(filename).stem}", bench / filename)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(bench))

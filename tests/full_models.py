@@ -111,3 +111,28 @@ def single_file(path: Path, *adapters, naming: str = "diffusers") -> Path:
         tensors["alphas_cumprod"] = np.linspace(1, 0, 10, dtype=np.float32)
     path.write_bytes(serialize(tensors, {"note": json.dumps({"made": "by the tests"})}))
     return path
+
+
+def assert_original_layout_places_like_diffusers(model_class, config: dict, original_of, converter,
+                                                 prefixes=("", "model.diffusion_model.")) -> None:
+    """At a real model's size on the meta device: diffusers' ``converter`` turns the original-layout shapes
+    ``original_of(model config)`` into exactly the model's state dict, and auditkit's original map names every
+    original tensor (under each of ``prefixes``) and places each canonical tensor once, at its shape."""
+    import torch
+
+    from auditkit.models.checkpoint import original_tensor_map
+
+    with torch.device("meta"):
+        model = model_class(**config)
+    original = original_of(dict(model.config))
+    shapes = {f"transformer.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+    converted = converter({k: torch.empty(s, device="meta") for k, s in original.items()})
+    assert {f"transformer.{k}": tuple(v.shape) for k, v in converted.items()} == shapes
+    names = original_tensor_map(model_class.__name__, "transformer", shapes)
+    assert set(names) == {prefix + k for k in original for prefix in prefixes}
+    placed = {}
+    for key, stored in original.items():
+        for canonical, rows in names[key]:
+            assert canonical not in placed
+            placed[canonical] = (sum(b - a for a, b in rows), *stored[1:]) if rows else stored
+    assert placed == shapes

@@ -1,25 +1,13 @@
 """benchmarks/candidate_study.py: the BENCHMARKS section is built from the study's JSON alone, and its error counts
 follow the scanner's rule (an inconclusive verdict on a clear truth counts against the scanner)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("candidate_study_bench", BENCH / "candidate_study.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+    return load_benchmark("candidate_study.py")
 
 
 def _row(ratio, ci, label, judge_label, scan_ratio, verdict, default_verdict, seed=0):

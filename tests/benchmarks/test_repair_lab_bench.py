@@ -1,24 +1,12 @@
 """benchmarks/repair_lab.py's goal and section: pure functions over its JSON (no model)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def rl():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("repair_lab_bench", BENCH / "repair_lab.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_benchmark("repair_lab.py")
 
 
 def row(ratio=0.0, upper=0.01, held=0.0, held_upper=0.01, kept=0.95, right=80):

@@ -17,7 +17,7 @@ from auditkit.errors import BadInput
 from auditkit.lab.bases import LAB_BASES
 from auditkit.lora.io import open_safetensors, serialize
 from auditkit.models import architectures
-from auditkit.models.checkpoint import open_checkpoint, original_tensor_map, snippet
+from auditkit.models.checkpoint import open_checkpoint, snippet
 from auditkit.models.difference import open_base, read_full_model
 
 pytestmark = pytest.mark.skipif(not LAB_BASES["lab-dit"].available(), reason="the DiT lab is not installed")
@@ -206,27 +206,16 @@ def test_the_difference_to_the_base_is_exactly_the_tensors_changed_in_the_bfl_fi
 def test_real_flux1_names_and_shapes_are_what_diffusers_unmodified_converter_makes():
     """Key and shape level on the meta device, at FLUX.1-dev's real size (width 3072, 19 + 38 blocks), with
     the converter as it is: every BFL tensor placed, nothing else, each canonical tensor of its shape."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from full_models import assert_original_layout_places_like_diffusers
 
     from auditkit.models.build import load_config
 
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**load_config("flux")["denoiser"]["config"])
-    shapes = {f"transformer.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
-    bfl = bfl_shapes(dict(model.config))
-    converted = convert_flux_transformer_checkpoint_to_diffusers({k: torch.empty(s, device="meta")
-                                                                  for k, s in bfl.items()})
-    assert {f"transformer.{k}": tuple(v.shape) for k, v in converted.items()} == shapes
-    names = original_tensor_map("FluxTransformer2DModel", "transformer", shapes)
-    assert set(names) == {prefix + k for k in bfl for prefix in PREFIXES}
-    placed = {}
-    for key, stored in bfl.items():
-        for canonical, rows in names[key]:
-            assert canonical not in placed
-            placed[canonical] = (sum(b - a for a, b in rows), *stored[1:]) if rows else stored
-    assert placed == shapes
+    assert_original_layout_places_like_diffusers(FluxTransformer2DModel, load_config("flux")["denoiser"]["config"],
+                                                 bfl_shapes, convert_flux_transformer_checkpoint_to_diffusers,
+                                                 PREFIXES)
 
 
 def sd3_base(tmp_path):

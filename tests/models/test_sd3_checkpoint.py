@@ -14,7 +14,7 @@ import pytest
 
 from auditkit.errors import BadInput
 from auditkit.lora.io import serialize
-from auditkit.models.checkpoint import open_checkpoint, original_tensor_map, snippet
+from auditkit.models.checkpoint import open_checkpoint, snippet
 from auditkit.models.difference import read_full_model
 from auditkit.models.pipeline import architecture_of_folder
 
@@ -112,24 +112,12 @@ def test_real_sd3_names_and_shapes_are_what_diffusers_converter_makes(arch_name)
     """Key and shape level on the meta device, at the real models' sizes."""
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from full_models import assert_original_layout_places_like_diffusers
 
     from auditkit.models.build import load_config
 
-    with torch.device("meta"):
-        model = SD3Transformer2DModel(**load_config(arch_name)["denoiser"]["config"])
-    shapes = {f"transformer.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
-    sai = sai_shapes(dict(model.config))
-    converted = convert_sd3_transformer_checkpoint_to_diffusers({k: torch.empty(s, device="meta")
-                                                                 for k, s in sai.items()})
-    assert {f"transformer.{k}": tuple(v.shape) for k, v in converted.items()} == shapes
-    names = original_tensor_map("SD3Transformer2DModel", "transformer", shapes)
-    assert set(names) == {prefix + k for k in sai for prefix in PREFIXES}
-    placed = {}
-    for key, stored in sai.items():
-        for canonical, rows in names[key]:
-            assert canonical not in placed
-            placed[canonical] = (sum(b - a for a, b in rows), *stored[1:]) if rows else stored
-    assert placed == shapes
+    assert_original_layout_places_like_diffusers(SD3Transformer2DModel, load_config(arch_name)["denoiser"]["config"],
+                                                 sai_shapes, convert_sd3_transformer_checkpoint_to_diffusers, PREFIXES)
 
 
 def test_the_difference_to_the_base_is_exactly_the_tensors_changed_in_the_sai_file(tmp_path, sd3):
