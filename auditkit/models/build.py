@@ -120,9 +120,13 @@ _CHUNK = re.compile(r"^(.+)\[(\d+)/(\d+)\]$")
 
 
 @cache
+def config_table(name: str) -> dict[str, Any]:
+    """A data table of ``configs/`` (``name``.json) without its ``_``-prefixed comment entries; read once."""
+    return {k: v for k, v in load_config(name).items() if not k.startswith("_")}
+
+
 def _templates() -> dict[str, dict[str, list[str]]]:
-    text = resources.files("auditkit.models").joinpath("configs", "original_names.json").read_text()
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    return config_table("original_names")
 
 
 def block_roots(class_name: str) -> set[str]:

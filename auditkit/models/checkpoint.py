@@ -46,12 +46,9 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +57,7 @@ from auditkit.errors import BadInput
 from auditkit.lora.io import FLOAT_DTYPES, SafetensorsFile, open_safetensors
 from auditkit.models.architectures import Architecture, canonical_name, sgm_name
 from auditkit.models.base_weights import component_index
-from auditkit.models.build import block_roots, original_names
+from auditkit.models.build import block_roots, config_table, original_names
 from auditkit.models.families import family_of_folder, read_model_index
 
 # Original (LDM/SGM) prefixes of full single-file checkpoints: prefix -> the component it holds in
@@ -394,10 +391,8 @@ def _bundled(base: Checkpoint) -> tuple[dict[str, str], frozenset[str]]:
     return prefixes, frozenset(n for n in tables["ignored"] if n.startswith(tuple(prefixes)))
 
 
-@cache
 def _text_encoder_tables() -> dict:
-    text = resources.files("auditkit.models").joinpath("configs", "original_text_encoders.json").read_text()
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    return config_table("original_text_encoders")
 
 
 def _layers(shapes: dict[str, tuple[int, ...]], component: str) -> list[int]:
@@ -455,10 +450,8 @@ def openclip_ignored(shapes: dict[str, tuple[int, ...]]) -> frozenset[str]:
     return frozenset(out)
 
 
-@cache
 def _original_tensors() -> dict[str, dict[str, str]]:
-    text = resources.files("auditkit.models").joinpath("configs", "original_tensors.json").read_text()
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    return config_table("original_tensors")
 
 
 def _denoiser(base: Checkpoint) -> tuple[str, str | None]:
