@@ -408,25 +408,7 @@ def main() -> None:
         results["summary"]["scan_default_multipliers_error_rates"] = error_rates(
             results["summary"]["scan_default_multipliers"])
     atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
-    print(table(results))
-
-
-def table(results) -> str:
-    lines = ["| candidate | safety | data | mode | targets | rank | steps | true ratio (95% CI) | truth | static c "
-             "| concept check | noise reversion | scan ratio | static-only verdict | scan verdict |", "|" + "---|" * 15]
-    for name, r in results["candidates"].items():
-        s, t, c = r["spec"], r["truth"], r["scan"]
-        lines.append(f"| {name} | {s['safety']} | {s['data']} | {s['mode']} | {s['targets']} | {s['rank'] or '32*'} "
-                     f"| {s['steps']} | {t['ratio']:.2f} ({t['ci95'][0]:.2f}–{t['ci95'][1]:.2f}) | {t['label']} "
-                     f"| {c['static_cancellation']:.2f} | {_num(c['concept_check'])} | {c['noise_reversion']:.2f} "
-                     f"| {c['dynamic_ratio']:.2f} "
-                     f"| {c['static_verdict']} | {c['verdict']} |")
-    sm = results["summary"]
-    lines.append("")
-    lines.append(f"scan: {sm['scan']}; static only: {sm['static_only']}")
-    lines.append("Spearman vs true ratio: " + ", ".join(f"{k} {_num(v['rho'])} (n={v['n']})"
-                                                        for k, v in sm["spearman_vs_true_ratio"].items()))
-    return "\n".join(lines)
+    print(section(results, COMMAND))
 
 
 def _ci(v, ci) -> str:
