@@ -115,6 +115,19 @@ def clean(text: object) -> str | None:
     return word if words_of(word) and len(word) <= MAX_TRIGGER_CHARS else None
 
 
+def visible(text: object) -> str:
+    """``text`` without control and format characters (zero-width spaces, bidirectional marks)."""
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf")) if isinstance(text, str) else ""
+
+
+def shown(text: object, limit: int = 60) -> str:
+    """Untrusted text as the report may show it: control and format characters written as ``\\uXXXX``,
+    cut to ``limit`` characters."""
+    text = text if isinstance(text, str) else repr(text)
+    out = "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
 def check_given(words: Sequence[object]) -> str | None:
     """The problem with trigger words given in the settings (for :class:`auditkit.config.ScanConfig`)."""
     if isinstance(words, str) or not isinstance(words, (list, tuple)):
@@ -206,13 +219,25 @@ def gather(metadata: dict[str, str], given: Sequence[str] = (), sidecars: Sequen
     unusable = 0
     for text, source, detail in candidates:
         word = clean(text)
+        if word is None and source in LIKELY:  # the file's own word: probe what is left of it, or never pass
+            word = clean(visible(text))
+            if word is None and words_of(visible(text)):  # a word, too long to prompt with
+                found.left_out.append({"word": shown(str(text).strip()), "source": source,
+                                       "detail": f"{detail}; not usable as a prompt word"})
+                continue
+            if word is not None and word != text:
+                detail = f"{detail}; control or format characters removed"
         if word is None:
             unusable += 1
         else:
             found.add(word, source, detail)
-    if found.left_out:
-        found.notes.append(f"{len(found.left_out) + found.more_left_out} more trigger word source(s) past the first "
+    past = [x for x in found.left_out if not x["detail"].endswith("not usable as a prompt word")]
+    if past or found.more_left_out:
+        found.notes.append(f"{len(past) + found.more_left_out} more trigger word source(s) past the first "
                            f"{MAX_TRIGGERS} words were not used")
+    if len(past) < len(found.left_out):
+        found.notes.append(f"{len(found.left_out) - len(past)} trigger word(s) the file names are not usable as prompt "
+                           "words (too long once control characters are removed): not probed, so no pass")
     if unusable:
         found.notes.append(f"{unusable} listed trigger word(s) left out: longer than {MAX_TRIGGER_CHARS} "
                            "characters, without a letter or digit, or with control or format characters")

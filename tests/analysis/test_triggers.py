@@ -128,7 +128,13 @@ def test_a_flood_of_frequent_tags_is_bounded():
 def test_hostile_words_are_left_out_and_counted():
     long = "x" * 500
     found = gather({"modelspec.trigger_phrase": f"ok, {long}, bad\x1b[2J, \u200b, \u202eevil, ***"})
-    assert found.words == ["ok"] and any("5 listed trigger word" in n for n in found.notes)
+    # issue 26 H1: the file's own words are probed with their control and format characters removed, and one too
+    # long to prompt with is never dropped: it stays unprobed, so the candidate cannot pass
+    assert found.words == ["ok", "bad[2J", "evil"] and any("2 listed trigger word" in n for n in found.notes)
+    assert found.section(True, True)["unprobed"] == ["x" * 59 + "…"]
+    assert "removed" in found.sources["evil"][0]["detail"]
+    given = gather({}, given=["ok"])
+    assert given.words == ["ok"]
     assert clean("  two   words ") == "two words" and clean("\x00") is None and clean(7) is None
 
 
