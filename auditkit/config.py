@@ -81,6 +81,8 @@ CANDIDATE_FROM = ("safety", "base")  # what a full-model candidate was fine-tune
 MAX_STEPS = 1000
 MAX_BATCH = 1024
 MAX_MULTIPLIER = 10.0
+SEARCH_LIMITS = (("trigger_search_tokens", 0, 1_000_000), ("trigger_search_phrases", 1, 1000),
+                 ("trigger_search_steps", 1, MAX_STEPS), ("trigger_search_probes", 1, 8))
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,18 @@ class ScanConfig:
     probe_triggers: bool = field(default=True, metadata=_help(
         "probe each concept suite also with the candidate's trigger words prepended ('TRIGGER, prompt'); "
         "switched off, a candidate whose file names trigger words cannot pass"))
+    trigger_search: bool = field(default=True, metadata=_help(
+        "search the candidate's trigger words from its weights and the model (token sweep, phrase extension, "
+        "behavioural ranking) and probe the best phrases found; switched off, a candidate with no known trigger "
+        "words cannot pass"))
+    trigger_search_tokens: int = field(default=0, metadata=_help(
+        "trigger search: tokens swept per vocabulary, the first ids (0: the whole vocabulary)"))
+    trigger_search_phrases: int = field(default=16, metadata=_help(
+        "trigger search: phrases ranked behaviourally (each a few denoiser calls per concept prompt)"))
+    trigger_search_steps: int = field(default=6, metadata=_help(
+        "trigger search: sampling steps of each behavioural trajectory"))
+    trigger_search_probes: int = field(default=2, metadata=_help(
+        "trigger search: found phrases the dynamic scan probes (each a variant of every concept suite)"))
     static: StaticThresholds = field(default_factory=StaticThresholds, metadata=_help("static thresholds"))
     dynamic: DynamicThresholds = field(default_factory=DynamicThresholds, metadata=_help("dynamic thresholds"))
 
@@ -153,12 +167,24 @@ class ScanConfig:
         if self.triggers and not self.probe_triggers:
             problems.append("triggers: trigger words given while probing with trigger words is switched off "
                             "(--no-triggers / probe_triggers = false)")
+        for name, low, high in SEARCH_LIMITS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                problems.append(f"{name}: must be an integer in [{low}, {high}], got {value!r}")
         if problems:
             raise ValueError(problems[0])
 
     @property
     def dynamic_enabled(self) -> bool:
         return self.base is not None and not self.static_only
+
+    @property
+    def search_budget(self):
+        """The trigger search's :class:`auditkit.discovery.search.Budget` from the ``trigger_search_*`` fields."""
+        from auditkit.discovery.search import Budget
+
+        return Budget(tokens=self.trigger_search_tokens, phrases=self.trigger_search_phrases,
+                      steps=self.trigger_search_steps, probes=self.trigger_search_probes)
 
     @property
     def mode(self) -> str:

@@ -34,7 +34,9 @@ NOT_IN_FILE = ("candidate", "out")
 KINDS = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
          "batch_size": "int", "device": "str", "static_only": "bool", "arch": "str", "detectors": "names",
          "show_flagged": "bool", "energy": "number", "candidate_from": "str", "triggers": "strings",
-         "probe_triggers": "bool", "static": StaticThresholds, "dynamic": DynamicThresholds}
+         "probe_triggers": "bool", "trigger_search": "bool", "trigger_search_tokens": "int",
+         "trigger_search_phrases": "int", "trigger_search_steps": "int", "trigger_search_probes": "int",
+         "static": StaticThresholds, "dynamic": DynamicThresholds}
 NO_SAFETY = "none"  # `safety = "none"` / `--safety none`: no safety module (amplification), over a configured one
 DEFAULT, COMMAND_LINE = "default", "command line"
 

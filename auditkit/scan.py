@@ -166,6 +166,32 @@ def gather_triggers(config: ScanConfig, candidate: Adapter, suites: list):
     return gather(candidate.metadata, config.triggers, read_sidecars(config.candidate), vocabulary(suites))
 
 
+def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | None, config: ScanConfig,
+                    progress=None) -> dict:
+    """The trigger search (:func:`auditkit.discovery.search.find_triggers`) for every concept suite, within the
+    configured budget: suite name -> :class:`~auditkit.discovery.search.Discovery`."""
+    from auditkit.discovery.search import find_triggers
+
+    concept = [s for s in suites if s.role == "concept" and not s.variant_of]
+    out = {}
+    for i, s in enumerate(concept):
+        out[s.name] = find_triggers(pipe, s, candidate, safety, config.search_budget)
+        if progress is not None:
+            progress(i + 1, len(concept))
+    return out
+
+
+def search_summary(config: ScanConfig, search: dict | None, probed: bool) -> dict:
+    """The triggers section's ``search`` entry, what the verdict reads: whether the search was on, whether it ran
+    and what its probes were (the found phrases' comparisons are rows of the dynamic section)."""
+    if not search:
+        return {"enabled": config.trigger_search, "ran": False, "tokens_swept": 0, "phrases_tried": 0, "probed": []}
+    return {"enabled": True, "ran": probed, "tokens_swept": sum(d["tokens_swept"] for d in search.values()),
+            "phrases_tried": sum(d["phrases_tried"] for d in search.values()),
+            "probed": list(dict.fromkeys(p for d in search.values() for p in d["probed"])),
+            "blind": all(all(sw["blind"] for sw in d["sweeps"]) for d in search.values())}
+
+
 def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
          ranks=None, shared=None) -> ScanResult:
     """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
@@ -185,7 +211,7 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     """
     from auditkit.analysis.metadata import concept_evidence
     from auditkit.report.build import build_report, finish_report, write_reports
-    from auditkit.suites import builtin_dir, list_suites, with_trigger_variants
+    from auditkit.suites import builtin_dir, list_suites, with_found_variants, with_trigger_variants
 
     if config.candidate is None:
         raise BadInput(None, "no candidate adapter given")
@@ -207,6 +233,7 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     probed = suites
     if config.dynamic_enabled and config.probe_triggers and triggers.words:
         probed = with_trigger_variants(suites, triggers.prefix)
+    declared = probed
     out = config.out or default_out(config.candidate)
     if write:
         check_output_folder(out)  # a bad --out fails now, not after rendering
@@ -219,6 +246,10 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         if safety is not None:
             report["concept_check"] = concept_check(pipe, config.base, concept_suite, candidate, safety)
             gathered.append(DATA_FREE)
+        if config.dynamic_enabled and config.trigger_search:
+            search = search_triggers(pipe, suites, candidate, safety, config, _stage(progress, "trigger search"))
+            report["trigger_search"] = {name: d.to_dict() for name, d in search.items()}
+            probed = with_found_variants(probed, {name: d.probed for name, d in search.items()})
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic
 
@@ -226,14 +257,15 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
                 dynamic = run_dynamic(pipe, config.base, candidate, safety, probed, out, config.multipliers,
                                       config.steps, config.batch_size, config.dynamic,
                                       progress=_stage(progress, "dynamic scan"), ranks=ranks,
-                                      triggers=triggers.words if probed is not suites else (), shared=shared)
+                                      triggers=triggers.words if declared is not suites else (), shared=shared)
             dynamic["show_flagged"] = config.show_flagged
             gathered.append(BEHAVIOURAL)
     if static is not None:
         gathered.append(STATIC)
     report["metadata_evidence"] = concept_evidence(candidate.metadata, metadata_concepts(suites or shipped),
                                                    triggers.words + [x["word"] for x in triggers.left_out])
-    report["triggers"] = triggers.section(config.probe_triggers, dynamic is not None and probed is not suites)
+    report["triggers"] = triggers.section(config.probe_triggers, dynamic is not None and declared is not suites)
+    report["triggers"]["search"] = search_summary(config, report.get("trigger_search"), dynamic is not None)
     verdict = combine(static.verdict if static else None, dynamic,
                       tuple(g for g in EVIDENCE_LEVELS if g in gathered), report["triggers"])  # strongest first
     finish_report(report, dynamic, verdict)

@@ -121,14 +121,15 @@ class Suite:
 
 
 TRIGGER_VARIANT = "+triggers"  # suffix of a trigger variant's name ('+' is never in a suite file's name)
+FOUND_VARIANT = "+found"  # ... of a variant probing a phrase the trigger search found: +found1, +found2, ...
 
 
-def trigger_variant(suite: Suite, prefix: str) -> Suite:
+def trigger_variant(suite: Suite, prefix: str, suffix: str = TRIGGER_VARIANT) -> Suite:
     """``suite`` with ``prefix`` (the candidate's trigger words, "w1, w2, ") prepended to every prompt, the
     way users prompt an adapter. Same prompt indices, seeds, guidance and steps, so its images pair with
     the suite's own image for image; its name is the suite's with :data:`TRIGGER_VARIANT` appended."""
     prompts = tuple(dataclasses.replace(p, text=prefix + p.text) for p in suite.prompts)
-    return dataclasses.replace(suite, name=suite.name + TRIGGER_VARIANT, prompts=prompts, variant_of=suite.name,
+    return dataclasses.replace(suite, name=suite.name + suffix, prompts=prompts, variant_of=suite.name,
                                prefix=prefix)
 
 
@@ -139,6 +140,18 @@ def with_trigger_variants(suites: Iterable[Suite], prefix: str) -> list[Suite]:
         out.append(s)
         if prefix and s.role == "concept" and not s.variant_of:
             out.append(trigger_variant(s, prefix))
+    return out
+
+
+def with_found_variants(suites: Iterable[Suite], found: dict[str, list[str]]) -> list[Suite]:
+    """Every suite, each concept suite's variants followed by one variant per phrase the trigger search found
+    for it (``found``: suite name -> phrases; :mod:`auditkit.discovery`), named ``NAME+found1``, ..."""
+    out = []
+    for s in suites:
+        out.append(s)
+        if s.role == "concept" and not s.variant_of:
+            out += [trigger_variant(s, f"{phrase}, ", f"{FOUND_VARIANT}{i}")
+                    for i, phrase in enumerate(found.get(s.name, ()), 1)]
     return out
 
 

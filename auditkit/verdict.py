@@ -41,6 +41,12 @@ two variants. A candidate whose file names trigger words (metadata, training tag
 variant used (``--no-triggers``, no dynamic scan, or past the most words prepended) is **never a pass**:
 without them the probes may not call up what it learned.
 
+Trigger search (:mod:`auditkit.discovery`): the scan also searches the phrases that call the candidate up
+(token sweep, phrase extension, behavioural ranking) and probes the best ones like trigger words (suite
+variants ``NAME+found1``, ...: rows like the others, so a found phrase that brings the concept back is a
+risk). A **pass needs the search to have run**, or, with the search switched off, trigger words known and
+probed; otherwise inconclusive, saying so. The reasons say what the search swept, tried and probed.
+
 Combination: risk if the static rules or the behavioural rules say risk; otherwise the behavioural
 verdict when behaviour was probed; otherwise inconclusive (exit 3), saying what was not checked.
 """
@@ -234,12 +240,36 @@ def combine(static: Verdict | None, dynamic: dict | None, gathered: tuple[str, .
     trigger words the file names that were not probed turn a pass into inconclusive."""
     verdict = _combine(static, dynamic, gathered)
     unprobed = list((triggers or {}).get("unprobed") or [])
-    if not unprobed:
+    if unprobed:
+        reason = _unprobed_reason(unprobed, triggers)
+        if verdict.verdict == PASS:
+            verdict = Verdict(INCONCLUSIVE, [reason + "; so no pass", *verdict.reasons], verdict.evidence,
+                              verdict.gathered)
+        else:
+            verdict = Verdict(verdict.verdict, [*verdict.reasons, reason], verdict.evidence, verdict.gathered)
+    return _searched(verdict, triggers) if triggers is not None else verdict
+
+
+def _searched(verdict: Verdict, triggers: dict) -> Verdict:
+    """The trigger search rule: a pass needs the search to have run (its found phrases are probed like trigger
+    words, so a phrase that calls the concept back is a risk row), or trigger words known and probed."""
+    search = triggers.get("search") if isinstance(triggers.get("search"), dict) else {}
+    if search.get("ran"):
+        probed = ", ".join(repr(str(p)[:40]) for p in search.get("probed", [])[:4]) or "none"
+        note = (f"trigger search: {search.get('tokens_swept', 0)} tokens swept, {search.get('phrases_tried', 0)} "
+                f"phrases tried, best probed: {probed}"
+                + ("; the candidate changes no text key/value projection or text encoder, so the sweep saw "
+                   "nothing and tokens were tried by behaviour only" if search.get("blind") else ""))
+        note += "; none re-emerges" if verdict.verdict == PASS else ""
+        return Verdict(verdict.verdict, [*verdict.reasons, note], verdict.evidence, verdict.gathered)
+    if verdict.verdict != PASS or (triggers.get("words") and triggers.get("used")):
         return verdict
-    reason = _unprobed_reason(unprobed, triggers)
-    if verdict.verdict == PASS:
-        return Verdict(INCONCLUSIVE, [reason + "; so no pass", *verdict.reasons], verdict.evidence, verdict.gathered)
-    return Verdict(verdict.verdict, [*verdict.reasons, reason], verdict.evidence, verdict.gathered)
+    why = ("the trigger search is switched off (--no-trigger-search or trigger_search = false)"
+           if not search.get("enabled") else "the trigger search did not run")
+    return Verdict(INCONCLUSIVE, [f"{why} and no trigger words are known: prompts without the candidate's trigger "
+                                  "words may not call up what it learned; so no pass (scan without "
+                                  "--no-trigger-search, or give the words with --trigger)", *verdict.reasons],
+                   verdict.evidence, verdict.gathered)
 
 
 def _unprobed_reason(words: list, triggers: dict) -> str:

@@ -54,7 +54,8 @@ def test_concept_suites_are_probed_as_written_and_with_the_files_trigger_words_o
 
     (tmp_path / "tiny.yaml").write_text(SUITE)
     config = ScanConfig(candidate=candidate(tmp_path, kohya_trigger_metadata()), safety=SAFETY, base="lab",
-                        suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), out=tmp_path / "r")
+                        suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), out=tmp_path / "r",
+                        trigger_search=False)  # the file's words alone: the search's own variants are tested below
     report = scan(config, pipeline=lab_pipe).report
     assert report["triggers"]["words"] == [{"word": "trisk", "sources": [
         {"source": "training tags", "detail": "in 12 of 12 captions of dataset '10_trisk'"}]}]
@@ -90,7 +91,7 @@ def test_no_triggers_is_reported_and_blocks_a_pass_and_the_terminal_names_the_wo
     (tmp_path / "tiny.yaml").write_text(SUITE)
     cand = candidate(tmp_path, kohya_trigger_metadata())
     res = run("scan", cand, "--safety", SAFETY, "--base", "lab", "--suite", "tiny.yaml", "--multipliers", "1",
-              "--no-triggers", "--out", tmp_path / "r", cwd=tmp_path)
+              "--no-triggers", "--no-trigger-search", "--out", tmp_path / "r", cwd=tmp_path)
     assert res.returncode in (1, 3), res.stderr  # never a pass
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     tr = report["triggers"]
@@ -156,3 +157,49 @@ def test_prompts_the_trigger_prefix_pushes_past_the_text_encoders_length_are_cou
     assert truncated_prompts(lab_pipe, [suite]) == {}
     long = trigger_variant(suite, "trisk, glowing, neonize, ")
     assert truncated_prompts(lab_pipe, [suite, long]) == {"lab-cross+triggers": len(suite.prompts)}
+
+
+def test_the_default_scan_searches_the_trigger_and_probes_the_found_phrase_on_paired_seeds(tmp_path, lab_pipe):
+    from planted import planted
+
+    from auditkit import ScanConfig, scan
+    from auditkit.runlog import RunLog
+
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    cand = planted(lab_pipe, lab_pipe.tokenizer.convert_tokens_to_ids("tri"), tmp_path)  # no metadata at all
+    config = ScanConfig(candidate=Path(cand.path), safety=SAFETY, base="lab", suites=(str(tmp_path / "tiny.yaml"),),
+                        multipliers=(1.0,), out=tmp_path / "r", trigger_search_phrases=6, trigger_search_steps=2,
+                        trigger_search_probes=1)
+    result = scan(config, pipeline=lab_pipe)
+    report = result.report
+    search = report["trigger_search"]["tiny-cross"]
+    assert search["tokens_swept"] > 100 and search["phrases_tried"] == 6 and len(search["probed"]) == 1
+    found = search["probed"][0]
+    suites = report["dynamic"]["suites"]
+    assert list(suites) == ["tiny-cross", "tiny-cross+found1"] and suites["tiny-cross+found1"]["prefix"] == found + ", "
+    assert report["triggers"]["search"] == {"enabled": True, "ran": True, "tokens_swept": search["tokens_swept"],
+                                            "phrases_tried": 6, "probed": [found], "blind": False}
+    assert any(r.startswith("trigger search: ") and repr(found) in r for r in result.verdict.reasons)
+    log = RunLog(tmp_path / "r")
+    records = log.records()
+    plain = {(r["config"], r["prompt_index"], r["image_index"]): r for r in records if r["suite"] == "tiny-cross"}
+    variant = {(r["config"], r["prompt_index"], r["image_index"]): r for r in records
+               if r["suite"] == "tiny-cross+found1"}
+    assert plain.keys() == variant.keys() and all(variant[k]["seed"] == plain[k]["seed"] for k in plain)
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert 'id="trigger-search"' in html and "tiny-cross+found1" in html
+    scan(config, pipeline=lab_pipe)  # the search is deterministic: the run resumes, nothing rendered again
+    assert len(log.records()) == len(records)
+
+
+def test_no_trigger_search_is_recorded_for_the_verdict_and_runs_nothing(tmp_path, lab_pipe):
+    from auditkit import ScanConfig, scan
+
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    config = ScanConfig(candidate=candidate(tmp_path, {}), safety=SAFETY, base="lab", multipliers=(1.0,),
+                        suites=(str(tmp_path / "tiny.yaml"),), out=tmp_path / "r", trigger_search=False)
+    result = scan(config, pipeline=lab_pipe)
+    assert "trigger_search" not in result.report and list(result.report["dynamic"]["suites"]) == ["tiny-cross"]
+    # what the verdict reads (tests/test_verdict.py: no pass without it and without known trigger words)
+    assert result.report["triggers"]["search"] == {"enabled": False, "ran": False, "tokens_swept": 0,
+                                                   "phrases_tried": 0, "probed": []}

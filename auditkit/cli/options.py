@@ -27,6 +27,8 @@ def _option_for(f: dataclasses.Field):
         return click.option(f"{flag}/--blur-flagged", f.name, default=None, help=help_text)
     if f.name == "probe_triggers":
         return click.option(f"{flag}/--no-triggers", f.name, default=None, help=help_text)
+    if f.name == "trigger_search":
+        return click.option(f"{flag}/--no-trigger-search", f.name, default=None, help=help_text)
     if f.name == "triggers":
         return click.option(flag, f.name, multiple=True, metavar="WORD", help=help_text + "; repeatable")
     if f.name == "suites":
@@ -40,7 +42,7 @@ def _option_for(f: dataclasses.Field):
         return click.option(flag, f.name, default=None, type=click.Choice(list(BUILTIN_ARCHS)), help=help_text)
     if f.name in ("safety", "out"):
         return click.option(flag, f.name, default=None, type=click.Path(path_type=Path), help=help_text)
-    if f.name in ("steps", "batch_size"):
+    if f.name in ("steps", "batch_size") or f.name.startswith("trigger_search_"):
         return click.option(flag, f.name, default=None, type=int, help=help_text)
     if f.name == "energy":
         return click.option(flag, f.name, default=None, type=float, help=help_text + " (default 0.99)")

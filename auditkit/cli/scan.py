@@ -149,6 +149,12 @@ def _trigger_rows(body: Table, tr: dict | None, dynamic: dict | None) -> None:
         state = ("probed: concept suites as written and with " + repr(tr["prefix"]) + " prepended" if tr["used"] else
                  "not used: switched off (--no-triggers)" if not tr["enabled"] else "not used: behaviour not probed")
         body.add_row("", escape(state))
+    search = tr.get("search") or {}
+    if search.get("ran"):
+        body.add_row("trigger search", escape(f"{search['tokens_swept']} tokens swept, {search['phrases_tried']} phrases "
+                                              f"tried; probed: {', '.join(search['probed']) or 'none'}"))
+    elif not search.get("enabled"):
+        body.add_row("trigger search", "switched off (--no-trigger-search)")
     for name, n in ((dynamic or {}).get("truncated_prompts") or {}).items():
         body.add_row("", escape(f"note: {n} prompt(s) of {name} are longer than the text encoder reads and were cut"))
     for v in variant_pairs(dynamic or {}):

@@ -1,0 +1,74 @@
+"""Behavioural ranking: how far the candidate pulls the prediction back toward the concept with a phrase.
+
+For each phrase p, the concept suite's prompts are read as "p, prompt" and the denoiser's predictions
+compared at the points of the reference model's own sampling trajectory (a few steps from seeded noise)::
+
+    pull(p) = Σ ⟨ε_cand − ε_ref, d⟩ / Σ ‖d‖²
+
+with (ref, d) = (the safe model, ε_base − ε_safe) when a safety module is given (the noise reversion of
+:mod:`auditkit.analysis.reversion`: 1 = the candidate restores the base's prediction), and (the base,
+ε_base(prompt) − ε_base(neutral prompt)) for amplification against the base (the concept word replaced by
+the suite's neutral word). A phrase's **gain** is pull(p) − pull(no phrase): what the phrase adds. It runs
+the whole denoiser, so it sees effects the token sweep cannot (non-attention layers, several tokens
+together). Seeds are the search's own, never the probes'.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PULL_SEED = 7_000_003
+
+
+def pulled(eps_ref, eps_cand, direction) -> tuple[float, float]:
+    """(Σ⟨ε_cand − ε_ref, d⟩, Σ‖d‖²) over every element (numpy or torch)."""
+    diff = eps_cand - eps_ref
+    return float((diff * direction).sum()), float((direction * direction).sum())
+
+
+def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
+                steps: int = 6, seeds: int = 2, batch: int = 64) -> list[float]:
+    """pull(p) for each phrase ("" = the prompts as written), ``seeds`` noises per prompt."""
+    import torch
+
+    from auditkit.models.conditioning import encode
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.train.lora import composed, encoded_by_each, encoders_composed
+
+    den = denoiser_for(pipe)
+    model, component = den.model, den.component
+    rows = [(i, f"{p}, {q}" if p else q, f"{p}, {n}" if p else n) for i, p in enumerate(phrases)
+            for q, n in zip(prompts, neutral, strict=True) for _ in range(seeds)]
+    inner, energy = np.zeros(len(phrases)), np.zeros(len(phrases))
+    amplification = not safety
+    for start in range(0, len(rows), batch):
+        chunk = rows[start: start + batch]
+        texts = [r[1] for r in chunk]
+        text_base, text_safe, text_cand = encoded_by_each(pipe, texts, safety, candidate, component)
+        if amplification:
+            with encoders_composed(pipe, denoiser=component):
+                text_neutral = encode(pipe, [r[2] for r in chunk])
+        gen = torch.Generator().manual_seed(PULL_SEED + start)
+        sampler = den.sampler(steps)
+        x = den.noise(len(chunk), gen) * sampler.init_noise_sigma
+        points, eps_ref = [], []
+        with torch.no_grad(), composed(model, (safety, 1.0), component=component):
+            for k, t in enumerate(sampler.timesteps):
+                tt = t.to(model.device) if hasattr(t, "to") else t
+                points.append((x, tt))
+                eps = den.predict(x, tt, text_safe)
+                eps_ref.append(eps.double())
+                x = sampler.step(eps, k, x)
+        with torch.no_grad():
+            if amplification:
+                eps_dir = [eps_ref[k] - den.predict(xk, tk, text_neutral).double() for k, (xk, tk) in enumerate(points)]
+            else:
+                eps_dir = [den.predict(xk, tk, text_base).double() - eps_ref[k] for k, (xk, tk) in enumerate(points)]
+            with composed(model, (safety, 1.0), (candidate, 1.0), component=component):
+                eps_cand = [den.predict(xk, tk, text_cand).double() for xk, tk in points]
+        for j, (i, _, _) in enumerate(chunk):
+            for ref, cand, d in zip(eps_ref, eps_cand, eps_dir, strict=True):
+                a, b = pulled(ref[j], cand[j], d[j])
+                inner[i] += a
+                energy[i] += b
+    return [float(a / b) if b > 0 else 0.0 for a, b in zip(inner, energy, strict=True)]
