@@ -1,6 +1,7 @@
 """Project config: discovery, precedence, errors, `auditkit init` and `auditkit config`."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,137 @@ def test_bad_numbers_on_the_command_line_are_one_line_errors_before_anything_run
     res = run("scan", tmp_path / "missing.safetensors", "--base", "lab", *args, "--out", tmp_path / "r", cwd=tmp_path)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile config files (issue 26): a config file that exists but cannot be read is an error, never
+# skipped; every TOML read is bounded in size and depth.
+
+
+def assert_one_line(exc_info, path, *words):
+    text = str(exc_info.value)
+    assert text.startswith(str(path)) and "\n" not in text and len(text) < 400, text
+    assert all(w in text for w in words), text
+
+
+def test_a_broken_pyproject_naming_tool_auditkit_is_an_error_not_skipped_for_a_parents_config(tmp_path):
+    # issue 26 H3: the parent's auditkit.toml was used instead (RISK could become PASS)
+    (tmp_path / "auditkit.toml").write_text('base = "lab"\nmultipliers = [1]\n')
+    child = tmp_path / "c"
+    child.mkdir()
+    (child / "pyproject.toml").write_text('[project]\nversion = 1.0.0\n[tool.auditkit]\nbase = "lab"\n')
+    with pytest.raises(BadInput) as exc:
+        find(child)
+    assert_one_line(exc, child / "pyproject.toml", "not valid TOML")
+    res = run("config", cwd=child)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "pyproject.toml" in res.stderr, res.stderr
+
+
+def test_a_broken_pyproject_without_auditkit_is_an_error_too(tmp_path):
+    # issue 26 H3: we cannot tell what a file we cannot parse holds, so discovery stops there (as ruff and
+    # pytest do); --no-config or --config FILE skip discovery
+    (tmp_path / "pyproject.toml").write_text("[project]\nversion = 1.0.0\n")
+    with pytest.raises(BadInput) as exc:
+        find(tmp_path)
+    assert_one_line(exc, tmp_path / "pyproject.toml", "not valid TOML", "--no-config")
+    assert resolve({}, use_file=False, start=tmp_path)[2] is None
+
+
+def _dangling(p):
+    p.symlink_to(p.parent / "missing.toml")
+
+
+def _looping(p):
+    p.symlink_to(p)
+
+
+def _folder(p):
+    p.mkdir()
+
+
+def _fifo(p):
+    os.mkfifo(p)
+
+
+def _dev_zero(p):
+    p.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("name", ["auditkit.toml", "pyproject.toml"])
+@pytest.mark.parametrize("make, words", [(_dangling, "cannot read"), (_looping, "cannot read"),
+                                         (_folder, "not a regular file"), (_fifo, "not a regular file"),
+                                         (_dev_zero, "not a regular file")])
+def test_an_unreadable_config_file_is_an_error_not_skipped(tmp_path, name, make, words):
+    # issue 26 H3/M4: a dangling, looping or special-file config was read as "no config"
+    if make in (_fifo, _dev_zero) and not hasattr(os, "mkfifo"):
+        pytest.skip("POSIX only")
+    (tmp_path / "auditkit.toml").write_text('base = "lab"\n')
+    child = tmp_path / "c"
+    child.mkdir()
+    make(child / name)
+    with pytest.raises(BadInput) as exc:
+        resolve({}, start=child)
+    assert_one_line(exc, child / name, words)
+
+
+@pytest.mark.parametrize("name", ["auditkit.toml", "pyproject.toml"])
+@pytest.mark.parametrize("text, words", [
+    ("x = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("x = " + "{a = " * 50_000 + "1" + "}" * 50_000, "nested too deeply"),
+    ("x." * 50_000 + "y = 1\n", "nested too deeply"),
+    ("[" + "a." * 50_000 + "b]\n", "nested too deeply"),
+])
+def test_a_toml_bomb_is_one_line_and_fast(tmp_path, name, text, words):
+    # issue 26 M4: RecursionError in every config-reading command (dotted keys: a minute of parsing)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(BadInput) as exc:
+        resolve({}, start=tmp_path)
+    assert_one_line(exc, tmp_path / name, words)
+
+
+def test_a_non_table_tool_in_a_pyproject_is_one_line(tmp_path):
+    # issue 26 M4: `tool = 5` was a TypeError
+    (tmp_path / "pyproject.toml").write_text("tool = 5\n")
+    with pytest.raises(BadInput) as exc:
+        find(tmp_path)
+    assert_one_line(exc, tmp_path / "pyproject.toml", "tool: must be a table")
+    (tmp_path / "pyproject.toml").write_text("[tool]\nauditkit = 5\n")
+    with pytest.raises(BadInput) as exc:
+        resolve({}, start=tmp_path)
+    assert_one_line(exc, tmp_path / "pyproject.toml", "tool.auditkit: must be a table")
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path, monkeypatch):
+    # issue 26 M17: FileNotFoundError from Path.cwd()
+    gone = tmp_path / "g"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(BadInput) as exc:
+        resolve({})
+    assert "working directory" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("make", [_folder, _fifo])
+def test_config_option_naming_a_folder_or_fifo_says_so(tmp_path, make):
+    # issue 26 L2: "no such config file"
+    make(tmp_path / "x.toml")
+    with pytest.raises(BadInput) as exc:
+        resolve({}, config_file=tmp_path / "x.toml")
+    assert_one_line(exc, tmp_path / "x.toml", "not a regular file")
+    with pytest.raises(BadInput, match="no such config file"):
+        resolve({}, config_file=tmp_path / "missing.toml")
+
+
+def test_config_option_naming_a_file_with_a_tool_auditkit_table_says_where_that_table_is_read(tmp_path):
+    # issue 26 L2: "tool: unknown key"
+    (tmp_path / "x.toml").write_text('[tool.auditkit]\nbase = "lab"\n')
+    with pytest.raises(BadInput) as exc:
+        resolve({}, config_file=tmp_path / "x.toml")
+    assert_one_line(exc, tmp_path / "x.toml", "tool: unknown key", "only pyproject.toml", "top level")
+
+
+def test_a_utf8_bom_is_read(tmp_path):
+    # issue 26 L3: "Invalid statement (at line 1, column 1)"
+    (tmp_path / "auditkit.toml").write_bytes(b'\xef\xbb\xbfbase = "lab"\n')
+    assert resolve({}, start=tmp_path)[0].base == "lab"
