@@ -113,8 +113,7 @@ def load(path: str | Path) -> dict:
             raise BadInput(path, "no [tool.auditkit] table")
     prefix = "tool.auditkit." if path.name == "pyproject.toml" else ""
     values = {}
-    for key, raw in data.items():
-        name = key.replace("-", "_")
+    for name, (key, raw) in _by_field(path, prefix, data).items():
         if name in NOT_IN_FILE:
             raise BadInput(path, f"{prefix}{key}: set per scan on the command line, not in the config file")
         if name not in KINDS:
@@ -129,6 +128,18 @@ def load(path: str | Path) -> dict:
     return values
 
 
+def _by_field(path: Path, prefix: str, table: dict) -> dict[str, tuple[str, object]]:
+    """``table``'s (key, value) by field name (``static-only`` is ``static_only``); a field set twice, in
+    two spellings, is refused (else the later would win silently)."""
+    out: dict[str, tuple[str, object]] = {}
+    for key, raw in table.items():
+        name = key.replace("-", "_")
+        if name in out:
+            raise BadInput(path, f"{prefix}{name}: given twice ({out[name][0]} and {key})")
+        out[name] = (key, raw)
+    return out
+
+
 def _convert(path: Path, key: str, kind, raw):
     def bad(what: str):
         return BadInput(path, f"{key}: {what}, got {type(raw).__name__} {raw!r}"[:300])
@@ -139,8 +150,7 @@ def _convert(path: Path, key: str, kind, raw):
             raise bad("must be a table")
         known = {f.name for f in dataclasses.fields(kind)}
         out = {}
-        for k, v in raw.items():
-            name = k.replace("-", "_")
+        for name, (k, v) in _by_field(path, f"{key}.", raw).items():
             if name not in known:
                 raise BadInput(path, f"{key}.{k}: unknown threshold (known: {', '.join(sorted(known))})")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -254,3 +254,42 @@ def test_a_utf8_bom_is_read(tmp_path):
     # issue 26 L3: "Invalid statement (at line 1, column 1)"
     (tmp_path / "auditkit.toml").write_bytes(b'\xef\xbb\xbfbase = "lab"\n')
     assert resolve({}, start=tmp_path)[0].base == "lab"
+
+
+def test_an_unknown_arch_in_the_config_file_is_refused(tmp_path):
+    # issue 26 M5: `arch = "sd99"` passed `config`, then a KeyError in `scan`
+    (tmp_path / "auditkit.toml").write_text('arch = "sd99"\n')
+    with pytest.raises(BadInput) as exc:
+        resolve({}, start=tmp_path)
+    assert "arch" in str(exc.value) and "sd15" in str(exc.value) and str(tmp_path) in str(exc.value)
+    res = run("config", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_a_huge_value_is_truncated_in_the_error(tmp_path):
+    # issue 26 M19: a 900 KB error line
+    (tmp_path / "auditkit.toml").write_text(f'device = "{"a" * 900_000}"\n')
+    with pytest.raises(BadInput) as exc:
+        resolve({}, start=tmp_path)
+    assert "device" in str(exc.value) and len(str(exc.value)) < 500
+
+
+@pytest.mark.parametrize("given, prefix", [({"static.pass_cancellation": 0.9}, "static.pass_cancellation"),
+                                           ({"static.min_coverage": 2.0}, "static.min_coverage"),
+                                           ({"dynamic.significance": 0.7}, "dynamic.significance")])
+def test_threshold_errors_name_their_table(given, prefix):
+    # issue 26 L3: "pass_cancellation must not exceed ..." without `static.`
+    with pytest.raises(BadInput) as exc:
+        resolve(given, use_file=False)
+    assert str(exc.value).startswith(prefix), str(exc.value)
+
+
+@pytest.mark.parametrize("text, words", [("static-only = true\nstatic_only = false\n", "static_only: given twice"),
+                                         ("[static]\nmin-coverage = 0.5\nmin_coverage = 0.9\n",
+                                          "static.min_coverage: given twice")])
+def test_a_key_given_twice_in_two_spellings_is_refused(tmp_path, text, words):
+    # issue 26 L4: the later one won silently
+    (tmp_path / "auditkit.toml").write_text(text)
+    with pytest.raises(BadInput) as exc:
+        load(tmp_path / "auditkit.toml")
+    assert_one_line(exc, tmp_path / "auditkit.toml", words)
