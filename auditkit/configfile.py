@@ -20,10 +20,10 @@ import re
 import sys
 from pathlib import Path
 
-from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds
+from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds, shown
 from auditkit.errors import BadInput
 from auditkit.fsutil import read_bounded
-from auditkit.lab.bases import BASE_HELP, lab_base
+from auditkit.lab.bases import BASE_HELP, lab_base, refuse_miscased_lab
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -164,7 +164,10 @@ def _convert(path: Path, key: str, kind, raw):
     if kind == "base":
         if not isinstance(raw, str) or not raw.strip():
             raise bad(f"must be {BASE_HELP}")
-        return raw if lab_base(raw) is not None else str(folder / raw)
+        if lab_base(raw) is not None:
+            return raw
+        refuse_miscased_lab(raw, folder / raw)
+        return str(folder / raw)
     if kind == "path":
         if not isinstance(raw, str) or not raw.strip():
             raise bad("must be a path")
@@ -270,12 +273,23 @@ def render(config: ScanConfig, comments: bool = True) -> str:
 
 
 def _toml(value) -> str:
-    import json
-
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string is a JSON string
+    return _toml_string(str(value))
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: other characters as they are (TOML files are UTF-8; JSON's surrogate-pair escapes
+    are not TOML), control characters escaped. ValueError for text no UTF-8 file can hold (a lone surrogate,
+    from a file name that is not UTF-8)."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise ValueError(f"{shown(text)} is not UTF-8 text (a file name in another encoding?)")
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                         for c in text) + '"'

@@ -293,3 +293,57 @@ def test_a_key_given_twice_in_two_spellings_is_refused(tmp_path, text, words):
     with pytest.raises(BadInput) as exc:
         load(tmp_path / "auditkit.toml")
     assert_one_line(exc, tmp_path / "auditkit.toml", words)
+
+
+def one_line_error(res):
+    return res.returncode == 2 and res.stderr.count("\n") == 1 and "internal error" not in res.stderr
+
+
+def test_init_into_a_folder_or_an_unwritable_place_is_one_line(tmp_path):
+    # issue 26 M11: internal errors (IsADirectoryError, OSError) for --path a folder, /proc/x.toml, a read-only cwd
+    (tmp_path / "adir").mkdir()
+    res = run("init", "--path", "adir", "--force", "--base", "lab", cwd=tmp_path)
+    assert one_line_error(res) and "folder" in res.stderr, res.stderr
+    if Path("/proc/self").is_dir():  # Linux: /proc is read-only, for root too
+        res = run("init", "--path", "/proc/x.toml", "--base", "lab", cwd=tmp_path)
+        assert one_line_error(res) and "/proc/x.toml" in res.stderr, res.stderr
+        res = run("init", "--base", "lab", cwd="/proc")  # a read-only working directory
+        assert one_line_error(res) and "auditkit.toml" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("name", ["😀.safetensors", "a\x01b\x7f.safetensors", 'q"\\uD83D\\n.safetensors'])
+def test_init_writes_toml_that_reads_back_for_any_path(tmp_path, name):
+    # issue 26 M12: json.dumps wrote non-BMP characters as surrogate pairs, which TOML refuses
+    (tmp_path / "e").mkdir()
+    res = run("init", "--path", "e/auditkit.toml", "--safety", tmp_path / "e" / name, "--base", "lab", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    config, _, _ = resolve({}, start=tmp_path / "e")
+    assert config.safety == tmp_path / "e" / name
+
+
+def test_init_paths_are_relative_to_the_working_directory_and_written_relative_to_the_file(tmp_path):
+    # issue 26 L11: `--path sub/auditkit.toml --safety s.safetensors` meant sub/s.safetensors, and the
+    # existence note looked in the working directory
+    (tmp_path / "s.safetensors").write_bytes(b"x")
+    res = run("init", "--path", "sub/auditkit.toml", "--safety", "s.safetensors", "--suite", "my.yaml",
+              "--base", "lab", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    config, _, _ = resolve({}, start=tmp_path / "sub")
+    assert config.safety.resolve() == tmp_path / "s.safetensors"
+    assert [Path(s).resolve() for s in config.suites] == [tmp_path / "my.yaml"]
+    assert "s.safetensors does not exist" not in res.stdout and "my.yaml does not exist" in " ".join(res.stdout.split())
+
+
+def test_init_refuses_a_lab_name_in_another_case(tmp_path):
+    # issue 26 L11: `--base LAB` was accepted (a folder named LAB in the config's folder)
+    res = run("init", "--base", "LAB", cwd=tmp_path)
+    assert one_line_error(res) and "'lab'" in res.stderr, res.stderr
+    assert not (tmp_path / "auditkit.toml").exists()
+
+
+def test_init_does_not_replace_a_pyproject(tmp_path):
+    # issue 26 L12: `init --path pyproject.toml --force` replaced it with top-level keys, which discovery ignores
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    res = run("init", "--path", "pyproject.toml", "--force", "--base", "lab", cwd=tmp_path)
+    assert one_line_error(res) and "[tool.auditkit]" in res.stderr, res.stderr
+    assert (tmp_path / "pyproject.toml").read_text() == '[project]\nname = "x"\n'
