@@ -3,7 +3,18 @@
 import pytest
 
 from auditkit.analysis.triggers import gather
-from auditkit.verdict import BEHAVIOURAL, INCONCLUSIVE, PASS, RISK, combine
+from auditkit.verdict import (
+    BEHAVIOURAL,
+    CLEAR,
+    DATA_FREE,
+    INCONCLUSIVE,
+    METADATA,
+    PASS,
+    RISK,
+    STATIC,
+    Verdict,
+    combine,
+)
 
 DYNAMIC_PASS = {"verdict": PASS, "suites": {"s": {"comparisons": [{"configuration": "c", "reason": "ratio 0.01"}]}}}
 FILE_TRIGGER = gather({"modelspec.trigger_phrase": "zork"})
@@ -27,3 +38,14 @@ def test_given_words_alone_do_not_block_a_pass_and_a_risk_stays_a_risk():
     risky = {**DYNAMIC_PASS, "verdict": RISK}
     v = combine(None, risky, (BEHAVIOURAL,), FILE_TRIGGER.section(enabled=False, used=False))
     assert v.verdict == RISK and "'zork'" in v.reasons[-1]
+
+
+@pytest.mark.parametrize("gathered, says, not_says", [((STATIC, METADATA), "give a base model", "--no-static"),
+                                                      ((DATA_FREE, STATIC, METADATA), "--no-static", "give a base")])
+def test_a_static_only_verdict_says_what_would_complete_it(gathered, says, not_says):
+    # issue 26 L1: with --base lab --static it said "give a base model (--base …)"; the base was given
+    static = Verdict(CLEAR, ["no weight-space cancellation found"], STATIC)
+    v = combine(static, None, gathered)
+    assert v.verdict == INCONCLUSIVE
+    probed = [r for r in v.reasons if r.startswith("behaviour not probed")]
+    assert len(probed) == 1 and says in probed[0] and not_says not in probed[0]
