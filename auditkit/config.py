@@ -21,10 +21,14 @@ def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
-def shown(value, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: a setting quoted in an error may be untrusted and huge."""
-    text = repr(value)
+def cut(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters: a setting or key quoted in an error may be untrusted and huge."""
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)``, cut (see :func:`cut`)."""
+    return cut(repr(value), limit)
 
 
 @dataclass(frozen=True)

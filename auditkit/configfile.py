@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds, shown
+from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds, cut, shown
 from auditkit.errors import BadInput
 from auditkit.fsutil import read_bounded
 from auditkit.lab.bases import BASE_HELP, lab_base, refuse_miscased_lab
@@ -133,9 +133,9 @@ def _by_field(path: Path, prefix: str, table: dict) -> dict[str, tuple[str, obje
     two spellings, is refused (else the later would win silently)."""
     out: dict[str, tuple[str, object]] = {}
     for key, raw in table.items():
-        name = key.replace("-", "_")
+        name, key = key.replace("-", "_"), cut(key)  # the key as errors quote it
         if name in out:
-            raise BadInput(path, f"{prefix}{name}: given twice ({out[name][0]} and {key})")
+            raise BadInput(path, f"{prefix}{cut(name)}: given twice ({out[name][0]} and {key})")
         out[name] = (key, raw)
     return out
 
