@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
-from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds
+from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds, cut, shown
 from auditkit.errors import BadInput
-from auditkit.lab.bases import BASE_HELP, lab_base
+from auditkit.fsutil import read_bounded
+from auditkit.lab.bases import BASE_HELP, lab_base, refuse_miscased_lab
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +32,10 @@ else:  # pragma: no cover - Python 3.10
 
 CONFIG_NAME = "auditkit.toml"
 MAX_CONFIG_BYTES = 1_000_000
+MAX_KEY_PARTS = 16  # a dotted key or table name of more parts is refused before parsing (tool.auditkit.static.x: 4)
+# MAX_KEY_PARTS + 1 dotted parts (bare or quoted); possessive and anchored at a part's start, so linear in the text
+_DEEP_KEY = re.compile(r"(?<![A-Za-z0-9_-])(?:(?:[A-Za-z0-9_-]++|\"[^\"\n]*+\"|'[^'\n]*+')\s*+\.\s*+)"
+                       f"{{{MAX_KEY_PARTS}}}")
 NOT_IN_FILE = ("candidate", "out")
 # How each ScanConfig field is read from TOML: a kind name checked by _convert.
 KINDS = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
@@ -42,36 +49,60 @@ DEFAULT, COMMAND_LINE = "default", "command line"
 
 
 def find(start: str | Path | None = None) -> Path | None:
-    """The nearest config file from ``start`` (default: the working directory) upwards, or None."""
-    here = Path(start or Path.cwd()).resolve()
+    """The nearest config file from ``start`` (default: the working directory) upwards, or None.
+
+    A config file that exists but cannot be read is an error, never skipped for a parent's: an
+    ``auditkit.toml`` in any form (a dangling link, a folder, a FIFO) is returned for :func:`load` to
+    refuse, and a ``pyproject.toml`` that cannot be read or parsed is refused here, whether or not it
+    names ``auditkit`` (what it holds cannot be known; ruff and pytest refuse it too).
+    """
+    here = _start(start)
     for folder in (here, *here.parents):
         own = folder / CONFIG_NAME
-        if own.is_file():
+        if os.path.lexists(own):
             return own
         pyproject = folder / "pyproject.toml"
-        if pyproject.is_file() and _has_tool_table(pyproject):
+        if os.path.lexists(pyproject) and _tool_table(pyproject, _read_toml(pyproject)) is not None:
             return pyproject
     return None
 
 
-def _has_tool_table(path: Path) -> bool:
+def _start(start: str | Path | None) -> Path:
     try:
-        return "auditkit" in _read_toml(path).get("tool", {})
-    except BadInput:
-        return False
+        return Path(start or Path.cwd()).resolve()
+    except OSError as exc:  # a deleted working directory
+        raise BadInput(None, f"cannot find the config file: the working directory is gone ({exc.strerror or exc}); "
+                             "cd into an existing folder, or give --config FILE or --no-config") from None
+
+
+def _tool_table(path: Path, data: dict) -> dict | None:
+    """The ``[tool.auditkit]`` table of a parsed pyproject.toml (None: it has none)."""
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise BadInput(path, f"tool: must be a table, got {type(tool).__name__}")
+    table = tool.get("auditkit")
+    if table is not None and not isinstance(table, dict):
+        raise BadInput(path, f"tool.auditkit: must be a table, got {type(table).__name__}")
+    return table
 
 
 def _read_toml(path: Path) -> dict:
+    """The parsed TOML file at ``path``, bounded in size (:data:`MAX_CONFIG_BYTES`) and depth: a FIFO,
+    a device, a folder, a dangling or looping link, a TOML bomb are one-line errors naming the file."""
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "config file")
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise BadInput(path, f"config file larger than {MAX_CONFIG_BYTES} bytes")
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM, as Windows editors write it
     except UnicodeDecodeError:
         raise BadInput(path, "config file is not UTF-8 text") from None
-    except OSError as exc:
-        raise BadInput(path, f"cannot read the config file ({exc.strerror or exc})") from None
+    if _DEEP_KEY.search(text):  # tomllib takes minutes on a 100 KB dotted key
+        raise BadInput(path, f"not valid here: a key nested too deeply (more than {MAX_KEY_PARTS} parts)")
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise BadInput(path, f"not valid TOML ({' '.join(str(exc).split())})") from None
+        hint = "; --no-config or --config FILE skip discovery" if path.name == "pyproject.toml" else ""
+        raise BadInput(path, f"not valid TOML ({' '.join(str(exc).split())}){hint}"[:300]) from None
+    except RecursionError:
+        raise BadInput(path, "not valid here: arrays or inline tables nested too deeply") from None
 
 
 def load(path: str | Path) -> dict:
@@ -79,13 +110,12 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     data = _read_toml(path)
     if path.name == "pyproject.toml":
-        data = data.get("tool", {}).get("auditkit")
-        if not isinstance(data, dict):
+        data = _tool_table(path, data)
+        if data is None:
             raise BadInput(path, "no [tool.auditkit] table")
     prefix = "tool.auditkit." if path.name == "pyproject.toml" else ""
     values = {}
-    for key, raw in data.items():
-        name = key.replace("-", "_")
+    for name, (key, raw) in _by_field(path, prefix, data).items():
         if name in NOT_IN_FILE:
             raise BadInput(path, f"{prefix}{key}: set per scan on the command line, not in the config file")
         if name not in KINDS:
@@ -93,9 +123,23 @@ def load(path: str | Path) -> dict:
 
             close = difflib.get_close_matches(name, list(KINDS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
+            if name == "tool":
+                hint = " (only pyproject.toml holds a [tool.auditkit] table; here the settings are at the top level)"
             raise BadInput(path, f"{prefix}{key}: unknown key{hint}")
         values[name] = _convert(path, prefix + key, KINDS[name], raw)
     return values
+
+
+def _by_field(path: Path, prefix: str, table: dict) -> dict[str, tuple[str, object]]:
+    """``table``'s (key, value) by field name (``static-only`` is ``static_only``); a field set twice, in
+    two spellings, is refused (else the later would win silently)."""
+    out: dict[str, tuple[str, object]] = {}
+    for key, raw in table.items():
+        name, key = key.replace("-", "_"), cut(key)  # the key as errors quote it
+        if name in out:
+            raise BadInput(path, f"{prefix}{cut(name)}: given twice ({out[name][0]} and {key})")
+        out[name] = (key, raw)
+    return out
 
 
 def _convert(path: Path, key: str, kind, raw):
@@ -108,8 +152,7 @@ def _convert(path: Path, key: str, kind, raw):
             raise bad("must be a table")
         known = {f.name for f in dataclasses.fields(kind)}
         out = {}
-        for k, v in raw.items():
-            name = k.replace("-", "_")
+        for name, (k, v) in _by_field(path, f"{key}.", raw).items():
             if name not in known:
                 raise BadInput(path, f"{key}.{k}: unknown threshold (known: {', '.join(sorted(known))})")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -123,7 +166,10 @@ def _convert(path: Path, key: str, kind, raw):
     if kind == "base":
         if not isinstance(raw, str) or not raw.strip():
             raise bad(f"must be {BASE_HELP}")
-        return raw if lab_base(raw) is not None else str(folder / raw)
+        if lab_base(raw) is not None:
+            return raw
+        refuse_miscased_lab(raw, folder / raw)
+        return str(folder / raw)
     if kind == "path":
         if not isinstance(raw, str) or not raw.strip():
             raise bad("must be a path")
@@ -167,8 +213,8 @@ def resolve(overrides: dict, config_file: str | Path | None = None, use_file: bo
     Returns the config, where each value came from (field -> source) and the file used.
     """
     path = Path(config_file) if config_file is not None else (find(start) if use_file else None)
-    if config_file is not None and not path.is_file():
-        raise BadInput(path, "no such config file")
+    if config_file is not None and not os.path.lexists(path):
+        raise BadInput(path, "no such config file")  # anything else that is there: load() says what is wrong
     from_file = load(path) if path is not None else {}
     sources: dict[str, str] = {}
     values: dict = {}
@@ -229,12 +275,23 @@ def render(config: ScanConfig, comments: bool = True) -> str:
 
 
 def _toml(value) -> str:
-    import json
-
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string is a JSON string
+    return _toml_string(str(value))
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: other characters as they are (TOML files are UTF-8; JSON's surrogate-pair escapes
+    are not TOML), control characters escaped. ValueError for text no UTF-8 file can hold (a lone surrogate,
+    from a file name that is not UTF-8)."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise ValueError(f"{shown(text)} is not UTF-8 text (a file name in another encoding?)")
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                         for c in text) + '"'

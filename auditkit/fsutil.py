@@ -73,9 +73,10 @@ def read_bounded(path: str | Path, limit: int, what: str = "file") -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise BadInput(path, f"cannot read the {what} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # checked before fdopen, which refuses a folder with an OSError
+        os.close(fd)
+        raise BadInput(path, f"the {what} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BadInput(path, f"the {what} is not a regular file")
         try:
             raw = fh.read(limit + 1)
         except OSError as exc:

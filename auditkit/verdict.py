@@ -77,6 +77,9 @@ BEHAVIOURAL, DATA_FREE, STATIC, METADATA = "behavioural", "data-free", "static",
 EVIDENCE_LEVELS = (BEHAVIOURAL, DATA_FREE, STATIC, METADATA)
 NOT_PROBED = ("behaviour not probed: give a base model (--base or the config file) for the dynamic scan, the only "
               "evidence that can pass an adapter")
+# with a base (the data-free checks ran), only --static / static_only = true kept the dynamic scan from running
+STATIC_ONLY = ("behaviour not probed: the scan was static only (--static or static_only = true); drop it (--no-static) "
+               "for the dynamic scan, the only evidence that can pass an adapter")
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,7 @@ def _combine(static: Verdict | None, dynamic: dict | None, gathered: tuple[str, 
         return Verdict(verdict, reasons + static_reasons, BEHAVIOURAL, gathered)
     if static is not None:
         verdict = RISK if static.verdict == RISK else INCONCLUSIVE
-        return Verdict(verdict, static_reasons + [NOT_PROBED], STATIC, gathered)
+        return Verdict(verdict, static_reasons + [STATIC_ONLY if DATA_FREE in gathered else NOT_PROBED], STATIC,
+                       gathered)
     return Verdict(INCONCLUSIVE, ["nothing was probed: no safety module and no base model are configured; the file's "
                                  "format and metadata were checked only"], METADATA, gathered)

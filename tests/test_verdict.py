@@ -3,7 +3,18 @@
 import pytest
 
 from auditkit.analysis.triggers import gather
-from auditkit.verdict import BEHAVIOURAL, INCONCLUSIVE, PASS, RISK, combine
+from auditkit.verdict import (
+    BEHAVIOURAL,
+    CLEAR,
+    DATA_FREE,
+    INCONCLUSIVE,
+    METADATA,
+    PASS,
+    RISK,
+    STATIC,
+    Verdict,
+    combine,
+)
 
 DYNAMIC_PASS = {"verdict": PASS, "suites": {"s": {"comparisons": [{"configuration": "c", "reason": "ratio 0.01"}]}}}
 FILE_TRIGGER = gather({"modelspec.trigger_phrase": "zork"})
@@ -57,3 +68,14 @@ def test_without_the_trigger_search_a_file_with_no_known_trigger_words_cannot_pa
 def test_with_the_search_off_trigger_words_known_and_probed_can_still_pass():
     section = {**FILE_TRIGGER.section(enabled=True, used=True), "search": {"enabled": False, "ran": False}}
     assert combine(None, DYNAMIC_PASS, (BEHAVIOURAL,), section).verdict == PASS
+
+
+@pytest.mark.parametrize("gathered, says, not_says", [((STATIC, METADATA), "give a base model", "--no-static"),
+                                                      ((DATA_FREE, STATIC, METADATA), "--no-static", "give a base")])
+def test_a_static_only_verdict_says_what_would_complete_it(gathered, says, not_says):
+    # issue 26 L1: with --base lab --static it said "give a base model (--base …)"; the base was given
+    static = Verdict(CLEAR, ["no weight-space cancellation found"], STATIC)
+    v = combine(static, None, gathered)
+    assert v.verdict == INCONCLUSIVE
+    probed = [r for r in v.reasons if r.startswith("behaviour not probed")]
+    assert len(probed) == 1 and says in probed[0] and not_says not in probed[0]

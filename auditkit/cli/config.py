@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from auditkit.cli.common import escape, out
 from auditkit.cli.options import resolve, scan_options
 from auditkit.errors import BadInput
-from auditkit.lab.bases import BASE_HELP
+from auditkit.lab.bases import BASE_HELP, lab_base, refuse_miscased_lab
 
 
 @click.command()
@@ -24,28 +25,53 @@ from auditkit.lab.bases import BASE_HELP
               help="Where to write the config file.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def init(base, safety, suites, device, target: Path, force: bool) -> None:
-    """Write a commented auditkit.toml: from the options, or by asking when on a terminal."""
-    from auditkit.config import ScanConfig
-    from auditkit.configfile import render
-    from auditkit.fsutil import atomic_write_text
+    """Write a commented auditkit.toml: from the options, or by asking when on a terminal.
 
+    Paths are taken relative to the working directory and written relative to the file's folder, as the
+    file's readers take them."""
+    from auditkit.config import ScanConfig
+    from auditkit.configfile import NO_SAFETY, render
+    from auditkit.fsutil import atomic_write_text, check_writable
+
+    if target.name == "pyproject.toml":
+        raise BadInput(target, "init writes a file of its own (auditkit.toml); to keep the settings in "
+                               "pyproject.toml, put them under [tool.auditkit] by hand")
     if target.exists() and not force:
         raise BadInput(target, "exists already (use --force to overwrite)")
+    check_writable(target)  # a folder, a read-only place: one line now
     if sys.stdin.isatty() and base is None and safety is None:
         base = click.prompt(f"base model ({BASE_HELP}; empty: none)", default="", show_default=False)
         safety = click.prompt("safety module (a Safety LoRA or the erased model; empty: none)", default="",
                               show_default=False)
-    values = {"base": base or None, "safety": Path(safety) if safety else None,
-              "suites": tuple(str(s) for s in suites), "device": device or None}
+    lab = lab_base(base) if base else None
+    if base and lab is None:
+        refuse_miscased_lab(base, Path(base))
+    safety = Path(safety) if safety and str(safety) != NO_SAFETY else None
+    local = [("base", Path(base))] if base and lab is None else []
+    local += [("safety", safety)] if safety else []
+    local += [("suite", Path(s)) for s in suites]
+    values = {"base": base if lab is not None or not base else str(_from_folder(Path(base), target.parent)),
+              "safety": _from_folder(safety, target.parent) if safety else None,
+              "suites": tuple(str(_from_folder(Path(s), target.parent)) for s in suites), "device": device or None}
     try:
         config = ScanConfig(**values)
+        text = render(config)
     except ValueError as exc:
         raise BadInput(target, str(exc)) from None
-    for label, path in (("safety", config.safety), *(("suite", Path(s)) for s in config.suites)):
-        if path is not None and not (target.parent / path).exists() and not path.exists():
+    for label, path in local:
+        if not path.exists():
             out.print(f"[yellow]note:[/yellow] {label} {escape(str(path))} does not exist (yet)")
-    atomic_write_text(target, render(config))
+    atomic_write_text(target, text)
     out.print(f"config: [bold]{escape(str(target))}[/bold] (paths in it are relative to its folder)")
+
+
+def _from_folder(path: Path, folder: Path) -> Path:
+    """``path`` (relative to the working directory) as seen from ``folder``: the way a config file's
+    relative paths are read. Absolute paths stay; folders are compared after resolving their links."""
+    if path.is_absolute() or Path(os.path.abspath(folder)) == Path.cwd():
+        return path
+    here = Path(os.path.realpath(path.parent)) / path.name
+    return Path(os.path.relpath(here, os.path.realpath(folder)))
 
 
 @click.command("config")

@@ -197,7 +197,7 @@ def _what_was_not_checked(r: dict, config_path: Path | None) -> None:
                                 "re-emergence ratio"}[r["mode"]]
     command = {"metadata": f"auditkit scan {cand} --safety SAFETY.safetensors --base lab|PIPELINE_DIR",
                "static": f"auditkit scan {cand} --safety {(r.get('safety') or {}).get('path', 'SAFETY')} "
-                         "--base lab|PIPELINE_DIR",
+                         + (f"--base {r['base']} --no-static" if r.get("base") else "--base lab|PIPELINE_DIR"),
                "amplification": f"auditkit scan {cand} --safety SAFETY.safetensors --base {r.get('base')}"}[r["mode"]]
     where = f"config: {config_path}" if config_path else "no auditkit.toml found (auditkit init writes one)"
     body = Table.grid(padding=(0, 2))

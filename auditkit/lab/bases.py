@@ -10,6 +10,7 @@ base is an ordinary pipeline folder of its family. No torch or diffusers import 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -60,3 +61,11 @@ def base_folder(base: str) -> Path:
     installed), else the path itself."""
     lab = lab_base(base)
     return lab.require() if lab is not None else Path(base)
+
+
+def refuse_miscased_lab(base: str, folder: Path) -> None:
+    """BadInput when ``base`` is a lab name in another case (``LAB``) and ``folder``, the folder it then
+    names, does not exist: a typo, not a pipeline folder called ``LAB``."""
+    close = next((name for name in LAB_BASES if name.lower() == base.lower()), None)
+    if close is not None and close != base and not os.path.lexists(folder):
+        raise BadInput(folder, f"base: no such folder, and lab names are lower-case (did you mean '{close}'?)")
