@@ -8,6 +8,7 @@ times; after that the adapter is an error row saying so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 
@@ -34,6 +35,10 @@ class LocalEngine:
     def __init__(self, workers: int = 1, devices: tuple[str, ...] = (), max_attempts: int = 3, worker=Worker):
         self.workers, self.devices, self.max_attempts = max(1, workers), devices, max_attempts
         self.worker = worker  # the worker class (importable: spawned processes import it by name)
+
+    def connected(self) -> contextlib.AbstractContextManager:
+        """Nothing to connect to on this machine (the Ray engine's connects before the batch writes anything)."""
+        return contextlib.nullcontext()
 
     def run(self, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
         if self.workers == 1:

@@ -8,14 +8,14 @@ import pytest
 from auditkit.batch.engines import LocalEngine
 from auditkit.batch.index import render_index
 from auditkit.batch.results import write_table
-from auditkit.batch.state import BatchState
+from auditkit.batch.state import BatchState, row_key
 from auditkit.batch.worker import Task
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
 
 
 def row(i, verdict="pass", **kw):
-    return {"id": f"a{i}", "sha256": f"{i:064x}", "verdict": verdict, **kw}
+    return {"id": f"a{i}", "sha256": f"{i:064x}", "verdict": verdict} | kw
 
 
 def test_a_line_cut_by_a_kill_is_ignored_and_dropped_before_the_next_append(tmp_path):
@@ -28,15 +28,16 @@ def test_a_line_cut_by_a_kill_is_ignored_and_dropped_before_the_next_append(tmp_
     state.record(row(3, "risk"))
     lines = state.results_path.read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(ln)["id"] for ln in lines)
-    assert state.finished()[("a3", f"{3:064x}")]["verdict"] == "risk"
+    assert state.finished()[row_key(row(3))]["verdict"] == "risk"
 
 
 def test_the_first_line_of_an_adapter_wins_and_a_changed_file_is_not_finished(tmp_path):
     state = BatchState(tmp_path)
     state.record(row(1, "risk"))
     state.record(row(1, "pass"))
-    assert state.finished()[("a1", f"{1:064x}")]["verdict"] == "risk"
-    assert ("a1", "f" * 64) not in state.finished()
+    assert state.finished()[row_key(row(1))]["verdict"] == "risk"
+    assert row_key(row(1, sha256="f" * 64)) not in state.finished()
+    assert row_key(row(1, sidecars_sha256="e" * 64)) not in state.finished()  # issue 26 H2: a sidecar changed
 
 
 def test_a_corrupt_line_in_the_middle_is_a_one_line_error(tmp_path):
