@@ -16,10 +16,10 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from auditkit.batch.children import process_pool
 from auditkit.batch.inputs import Entry
 from auditkit.batch.threads import children_threads
 from auditkit.config import StaticThresholds
@@ -177,13 +177,10 @@ def triage(entries: list[Entry], settings: TriageSettings, workers: int | None =
             if progress:
                 progress(len(out), len(entries))
         return out
-    import multiprocessing
-
-    # spawned, not forked: the caller may hold threads (a progress display) that a fork would copy locked. One
-    # BLAS/OpenMP thread per worker (the processes are the parallelism): with each worker's threads spinning on
-    # every core, 2 workers on 2 cores triaged 1.1 files/s where one process alone did 7 (measured).
-    with children_threads(1), \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawned (process_pool), not forked: the caller may hold threads (a progress display) that a fork would copy
+    # locked. One BLAS/OpenMP thread per worker (the processes are the parallelism): with each worker's threads
+    # spinning on every core, 2 workers on 2 cores triaged 1.1 files/s where one process alone did 7 (measured).
+    with children_threads(1), process_pool(workers) as pool:
         chunk = max(1, min(64, len(entries) // (workers * 8)))
         for row in pool.map(_star, [(e, settings) for e in entries], chunksize=chunk):
             out.append(row)

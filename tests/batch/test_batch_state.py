@@ -82,14 +82,18 @@ def test_the_results_table_is_parquet_and_csv_with_formulas_defused(tmp_path):
     assert csv["path"][0].startswith("'=") and csv["error"][1] == "boom"
 
 
-class DyingWorker:
-    """Dies (the whole process) the first time it scans an id whose marker file does not exist yet."""
+class StandInWorker:
+    """A stand-in for :class:`auditkit.batch.worker.Worker` (no pipeline); subclasses say how it scans."""
 
     def __init__(self, device=None):
         pass
 
     def render_shared(self, spec):
         return None
+
+
+class DyingWorker(StandInWorker):
+    """Dies (the whole process) the first time it scans an id whose marker file does not exist yet."""
 
     def scan(self, task):
         import os
@@ -115,14 +119,8 @@ def test_a_worker_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_path
     assert all(rows[i]["verdict"] == "pass" for i in ids if i.startswith("ok"))
 
 
-class ThreadsWorker:
+class ThreadsWorker(StandInWorker):
     """Reports the thread count its process started with."""
-
-    def __init__(self, device=None):
-        pass
-
-    def render_shared(self, spec):
-        return None
 
     def scan(self, task):
         import os
@@ -161,3 +159,66 @@ def test_a_ray_actor_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_p
     assert rows["die-once"]["verdict"] == "pass" and rows["die-once"]["attempts"] == 2
     assert rows["die-always"]["verdict"] == "error" and "died 2 times" in rows["die-always"]["error"]
     assert all(rows[i]["verdict"] == "pass" and rows[i]["attempts"] == 1 for i in ids if i.startswith("ok"))
+
+
+class SleepingWorker(StandInWorker):
+    """Writes its process id into the task's out folder, then sleeps (a long scan)."""
+
+    def scan(self, task):
+        import os
+        import time
+
+        (task.config.out / f"{os.getpid()}.pid").write_text("")
+        time.sleep(60)
+
+
+ORPHAN_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from auditkit.batch.engines import LocalEngine
+from auditkit.batch.worker import Task
+from auditkit.config import ScanConfig
+from test_batch_state import SleepingWorker
+tasks = [Task(i, None, ScanConfig(out=Path({out!r}))) for i in ("a", "b")]
+list(LocalEngine(2, worker=SleepingWorker).run([], tasks))
+"""
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_pool_workers_exit_when_the_batch_is_killed(tmp_path):
+    # issue 26 M20: kill -9 of a batch left its pool workers (and the resource tracker) blocked forever
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = ORPHAN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path))
+    batch = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline and batch.poll() is None:
+            time.sleep(0.05)
+        workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert len(workers) == 2
+    finally:
+        batch.send_signal(signal.SIGKILL)
+        batch.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in workers if _alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)  # the test's own leftovers, by id
+    assert not alive
