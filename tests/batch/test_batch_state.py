@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -222,3 +223,33 @@ def test_pool_workers_exit_when_the_batch_is_killed(tmp_path):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)  # the test's own leftovers, by id
     assert not alive
+
+
+NODE_DOM = """
+const elements = {};
+function element() {
+  return {value: "", textContent: "", dataset: {}, addEventListener() {}, removeAttribute() {}, setAttribute() {}};
+}
+globalThis.document = {getElementById(id) {
+  if (id === "results") return {tBodies: [{rows: [], appendChild() {}}], tHead: {rows: [{cells: []}]}};
+  return elements[id] || (elements[id] = element());
+}};
+globalThis.location = {hash: HASH};
+globalThis.history = {replaceState() {}};
+SCRIPT
+console.log(JSON.stringify({verdict: elements.verdict.value, q: elements.q.value, shown: elements.shown.textContent}));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+def test_a_malformed_address_fragment_leaves_the_index_page_working():
+    # issue 26 L8: '#q=%E0%A4%A' threw URIError in load(): no initial filter, no "showing N of M"
+    import json
+    import subprocess
+
+    from auditkit.batch.index import SCRIPT
+
+    program = NODE_DOM.replace("HASH", json.dumps("#q=%E0%A4%A&verdict=risk")).replace("SCRIPT", SCRIPT)
+    done = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"verdict": "risk", "q": "", "shown": "showing 0 of 0"}
