@@ -72,7 +72,7 @@ def read_entries(source: str | Path, exclude: Path | None = None) -> list[Entry]
         if suffix in MANIFEST_SUFFIXES:
             entries = _manifest(source, MANIFEST_SUFFIXES[suffix])
         elif suffix in ADAPTER_SUFFIXES:
-            entries = [Entry(source.name, source)]
+            entries = [Entry(source.name, source, problem=problem_of(source))]
         else:
             entries = _list_file(source)
         what = "input"

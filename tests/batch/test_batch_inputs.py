@@ -218,3 +218,12 @@ def test_a_parquet_decompression_bomb_is_refused_before_it_is_read(tmp_path, mon
     assert_one_line_error(lambda: read_entries(tmp_path / "b.parquet"), tmp_path / "b.parquet",
                           "the manifest decompresses to more than")
     assert not read
+
+
+# issue 26 M14: a FIFO given as the batch's input is an entry nothing reads (hashing it would wait forever)
+def test_a_fifo_given_as_the_input_is_an_entry_with_its_problem(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "f.safetensors")
+    (entry,) = read_entries(tmp_path / "f.safetensors")
+    assert "not a regular file" in entry.problem
