@@ -132,16 +132,22 @@ def _check(config: BatchConfig, out: Path, entries: list[Entry]) -> None:
         raise BadInput(out, "not a batch folder (no batch.json) and not empty: choose a new or empty --out, or the "
                             "folder of the batch to resume")
     check_output_folder(out)
-    for entry in entries:  # a row's settings that a scan would refuse (e.g. too many trigger words) fail now
-        try:
-            scan_config(config, entry, out)
-        except ValueError as exc:
-            raise BadInput(config.input, f"{entry.id}: {exc}") from None
+    _check_rows(config, out, entries)
     _check_bases({b for b in (config.scan.base, *(e.base for e in entries)) if b})
     if config.scan.base is not None and not config.scan.static_only:
         from auditkit.scan import resolve_suites
 
         resolve_suites(config.scan)  # a bad suite fails now, not once per adapter
+
+
+def _check_rows(config: BatchConfig, out: Path, entries: list[Entry]) -> None:
+    """A row's own settings that a scan would refuse (e.g. its trigger words with the batch's, more than allowed)
+    fail now, naming the row, not after triage."""
+    for entry in (e for e in entries if e.safety or e.base or e.triggers):
+        try:
+            scan_config(config, entry, out)
+        except ValueError as exc:
+            raise BadInput(config.input, f"{entry.id}: {exc}") from None
 
 
 def _check_bases(bases: set[str]) -> None:
