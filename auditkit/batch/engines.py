@@ -8,9 +8,11 @@ times; after that the adapter is an error row saying so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 
+from auditkit.batch.children import process_pool
 from auditkit.batch.threads import limit_own_threads, share
 from auditkit.batch.worker import SharedSpec, Task, Worker, error_row
 
@@ -34,6 +36,10 @@ class LocalEngine:
     def __init__(self, workers: int = 1, devices: tuple[str, ...] = (), max_attempts: int = 3, worker=Worker):
         self.workers, self.devices, self.max_attempts = max(1, workers), devices, max_attempts
         self.worker = worker  # the worker class (importable: spawned processes import it by name)
+
+    def connected(self) -> contextlib.AbstractContextManager:
+        """Nothing to connect to on this machine (the Ray engine's connects before the batch writes anything)."""
+        return contextlib.nullcontext()
 
     def run(self, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
         if self.workers == 1:
@@ -67,7 +73,7 @@ def _scan(task: Task) -> dict:
 
 def _pool(engine: LocalEngine, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
@@ -76,8 +82,8 @@ def _pool(engine: LocalEngine, specs: list[SharedSpec], tasks: list[Task]) -> It
     def new_pool():
         # the cores shared out among the workers (each renders with its own BLAS/OpenMP threads; every worker
         # spinning on every core slowed triage ~12x, measured), set by each worker before it loads anything
-        return ProcessPoolExecutor(engine.workers, mp_context=context, initializer=_init,
-                                   initargs=(engine.worker, engine.devices, counter, share(engine.workers)))
+        return process_pool(engine.workers, _init, (engine.worker, engine.devices, counter, share(engine.workers)),
+                            context)
 
     pool = new_pool()
     try:

@@ -70,9 +70,10 @@ SCRIPT = r"""
     });
     history.replaceState(null, "", "#" + parts.join("&"));
   }
-  function load() {
+  function load() {  // a part that does not decode (a mistyped or cut link) is ignored, the rest still applies
     location.hash.replace(/^#/, "").split("&").forEach(function (p) {
-      var kv = p.split("="); if (kv.length === 2 && kv[0] in state) state[kv[0]] = decodeURIComponent(kv[1]);
+      var kv = p.split("="); if (kv.length !== 2 || !(kv[0] in state)) return;
+      try { state[kv[0]] = decodeURIComponent(kv[1]); } catch (e) { /* URIError: left as it was */ }
     });
   }
   verdict.addEventListener("change", function () { state.verdict = verdict.value; save(); apply(); });

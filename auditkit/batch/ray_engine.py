@@ -8,6 +8,7 @@ adapter retried, up to ``max_attempts`` times. Ray is imported only here, when `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 
@@ -55,17 +56,29 @@ class RayEngine:
         self.worker = worker  # the worker class each actor holds
         self.actor_pids: list[int] = []
 
-    def run(self, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
+    @contextlib.contextmanager
+    def connected(self) -> Iterator[None]:
+        """Ray connected (started, or joined at ``address``) for the ``with`` block, and shut down after if this
+        call started it; a cluster that cannot be reached is a one-line BadInput, before any work."""
         ray = import_ray()
-        started = not ray.is_initialized()
-        if started:
-            kwargs = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
-            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        if ray.is_initialized():
+            yield
+            return
+        kwargs = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
         try:
-            yield from self._run(ray, specs, tasks)
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            raise BadInput(None, f"--engine ray: cannot start or reach {where} ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]})") from None
+        try:
+            yield
         finally:
-            if started:
-                ray.shutdown()
+            ray.shutdown()
+
+    def run(self, specs: list[SharedSpec], tasks: list[Task]) -> Iterator[Result]:
+        with self.connected():
+            yield from self._run(import_ray(), specs, tasks)
 
     def _actors(self, ray):
         gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -4,8 +4,8 @@
    every bad input fails here, before anything is written.
 2. **Triage** every file in parallel processes (:mod:`auditkit.batch.triage`): hashes, what each file is,
    static cancellation, metadata; it orders the queue (most suspicious first) and never skips a file.
-3. **Deduplicate**: identical files (same SHA-256) with the same settings are scanned once; the others'
-   rows say ``duplicate_of``.
+3. **Deduplicate**: identical files (same SHA-256, same sidecars) with the same settings are scanned once; the
+   others' rows say ``duplicate_of``.
 4. **Scan** every adapter not finished yet (:mod:`auditkit.batch.state`) on an engine
    (:mod:`auditkit.batch.engines`, :mod:`auditkit.batch.ray_engine`): the base and base+safety images are
    rendered once per group (:mod:`auditkit.shared`), each worker keeps its pipeline loaded, each adapter gets
@@ -26,11 +26,12 @@ from auditkit.batch import results as table
 from auditkit.batch.inputs import Entry, read_entries
 from auditkit.batch.state import BatchState, row_key
 from auditkit.batch.triage import TriageSettings, file_sha256, triage
-from auditkit.batch.worker import SharedSpec, Task
+from auditkit.batch.worker import SharedSpec, Task, error_row
 from auditkit.config import ScanConfig
 from auditkit.configfile import NO_SAFETY
 from auditkit.errors import EXIT_INCONCLUSIVE, EXIT_PASS, EXIT_RISK, BadInput
 from auditkit.fsutil import check_output_folder
+from auditkit.lab.bases import base_folder, lab_base
 from auditkit.runlog import locked
 from auditkit.shared import SharedRenders
 
@@ -85,8 +86,9 @@ def run_batch(config: BatchConfig, progress: Progress | None = None) -> BatchRes
     entries = read_entries(config.input, exclude=out)
     entries = [dataclasses.replace(e, path=e.path.absolute()) for e in entries]
     settings = _settings(config)
-    _check(config, out)
-    with locked(out):
+    _check(config, out, entries)
+    engine = _engine(config)
+    with engine.connected(), locked(out):  # a cluster that cannot be reached fails before anything is written
         state = BatchState(out)
         state.start(settings)
         rows = _triage(config, entries, progress)
@@ -97,7 +99,7 @@ def run_batch(config: BatchConfig, progress: Progress | None = None) -> BatchRes
         for position, (_, r) in enumerate(queue, 1):
             r["queue_position"] = position
         todo = [(e, r) for e, r in queue if row_key(r) not in finished]
-        scanned = _scan(config, out, todo, state, finished, progress)
+        scanned = _scan(config, out, todo, state, finished, progress, engine)
         finished = state.finished()
         for r in rows:
             r.update({k: v for k, v in finished.get(row_key(r), {}).items() if k not in ("id", "sha256")})
@@ -117,24 +119,43 @@ def _absolute(config: BatchConfig) -> BatchConfig:
     changes: dict = {"suites": tuple(str(Path(s).absolute()) for s in scan.suites)}
     if scan.safety is not None:
         changes["safety"] = Path(scan.safety).absolute()
-    if scan.base not in (None, "lab"):
+    if scan.base is not None and lab_base(scan.base) is None:  # a lab name is never a path
         changes["base"] = str(Path(scan.base).absolute())
     return dataclasses.replace(config, input=Path(config.input).absolute(), out=Path(config.out).absolute(),
                                scan=dataclasses.replace(scan, **changes))
 
 
-def _check(config: BatchConfig, out: Path) -> None:
+def _check(config: BatchConfig, out: Path, entries: list[Entry]) -> None:
     if out.exists() and not out.is_dir():
         raise BadInput(out, "output is a file; give a folder")
+    if out.is_dir() and not (out / "batch.json").exists() and any(p.name != ".auditkit.lock" for p in out.iterdir()):
+        raise BadInput(out, "not a batch folder (no batch.json) and not empty: choose a new or empty --out, or the "
+                            "folder of the batch to resume")
     check_output_folder(out)
+    _check_rows(config, out, entries)
+    _check_bases({b for b in (config.scan.base, *(e.base for e in entries)) if b})
     if config.scan.base is not None and not config.scan.static_only:
         from auditkit.scan import resolve_suites
 
         resolve_suites(config.scan)  # a bad suite fails now, not once per adapter
-    if config.engine == "ray":
-        from auditkit.batch.ray_engine import import_ray
 
-        import_ray()
+
+def _check_rows(config: BatchConfig, out: Path, entries: list[Entry]) -> None:
+    """A row's own settings that a scan would refuse (e.g. its trigger words with the batch's, more than allowed)
+    fail now, naming the row, not after triage."""
+    for entry in (e for e in entries if e.safety or e.base or e.triggers):
+        try:
+            scan_config(config, entry, out)
+        except ValueError as exc:
+            raise BadInput(config.input, f"{entry.id}: {exc}") from None
+
+
+def _check_bases(bases: set[str]) -> None:
+    """Every base is a lab model or a diffusers pipeline folder, checked before ``batch.json`` pins it."""
+    from auditkit.models.pipeline import check_pipeline_folder
+
+    for base in sorted(bases):
+        check_pipeline_folder(base_folder(base))
 
 
 def _settings(config: BatchConfig) -> dict:
@@ -161,7 +182,11 @@ def _triage(config: BatchConfig, entries: list[Entry], progress: Progress | None
 
 
 def _identity(entry: Entry, row: dict) -> tuple | None:
-    return None if row["sha256"] is None else (row["sha256"], entry.safety, entry.base, entry.triggers)
+    """What makes two rows the same scan: the file, its sidecars (the scan reads their trigger words) and the
+    row's settings."""
+    if row["sha256"] is None:
+        return None
+    return row["sha256"], row["sidecars_sha256"], entry.safety, entry.base, entry.triggers
 
 
 def _deduplicate(entries: list[Entry], rows: list[dict]) -> None:
@@ -178,12 +203,17 @@ def _deduplicate(entries: list[Entry], rows: list[dict]) -> None:
 
 
 def _copy_duplicates(rows: list[dict]) -> None:
+    """A duplicate's row repeats its twin's findings; an error is not repeated (its message names the twin's
+    files), the row says where to read it."""
     by_id = {r["id"]: r for r in rows}
     scanned = ("verdict", "exit_code", "evidence", "mode", "reason", "static_cancellation", "reemergence_ratio",
                "increase", "concept_reverted", "images", "error", "report")
     for r in rows:
         if r.get("duplicate_of"):
-            r.update({k: by_id[r["duplicate_of"]].get(k) for k in scanned})
+            twin = by_id[r["duplicate_of"]]
+            r.update({k: twin.get(k) for k in scanned})
+            if twin.get("error"):
+                r["error"] = f"the same file and sidecars as {twin['id']}, which could not be scanned (see its row)"
 
 
 def scan_config(config: BatchConfig, entry: Entry, out: Path) -> ScanConfig:
@@ -208,23 +238,25 @@ def _group(config: BatchConfig, entry: Entry) -> str:
 
 
 def _scan(config: BatchConfig, out: Path, todo: list[tuple[Entry, dict]], state: BatchState, finished: dict,
-          progress: Progress | None) -> int:
+          progress: Progress | None, engine) -> int:
     specs: dict[str, SharedSpec] = {}
     tasks = []
     for entry, row in todo:
         scan = scan_config(config, entry, out)
+        if entry.problem:  # refused before anything reads it: an error row, never handed to a scan
+            state.record(error_row(Task(entry.id, None, scan), row["triage_error"]))
+            continue
         shared = None
         if scan.dynamic_enabled and row["suspicion"] >= 0:  # a file triage cannot read needs no renders
             group = _group(config, entry)
             spec = specs.setdefault(group, SharedSpec(group, scan, out / "shared" / group))
             shared = SharedRenders(spec.run_dir)
-        tasks.append(Task(entry.id, row["sha256"], scan, shared))
+        tasks.append(Task(entry.id, row["sha256"], scan, shared, sidecars_sha256=row["sidecars_sha256"]))
     verdicts = table.counts(list(finished.values()))
     done = len(finished)
     total = done + len(tasks)
     if progress:
         progress("scan", done, total, verdicts)
-    engine = _engine(config)
     for _, row in engine.run(list(specs.values()), tasks):
         state.record(row)
         verdicts[row["verdict"]] = verdicts.get(row["verdict"], 0) + 1

@@ -20,9 +20,10 @@ SCHEMA = "auditkit.batch/1"
 MAX_STATE_BYTES = 2**30
 
 
-def row_key(row: dict) -> tuple[str, str | None]:
-    """An adapter is finished for its id and content: a file changed under the same id is scanned again."""
-    return row["id"], row.get("sha256")
+def row_key(row: dict) -> tuple[str, str | None, str | None]:
+    """An adapter is finished for its id and content, its sidecars' included: a file or sidecar changed under the
+    same id is scanned again."""
+    return row["id"], row.get("sha256"), row.get("sidecars_sha256")
 
 
 class BatchState:

@@ -1,10 +1,12 @@
 """Stage 1: a static and metadata look at every file, in parallel processes, that orders the queue.
 
-Per file: its SHA-256 (identical files are scanned once), what it is (format, architecture, rank,
-modules), the training tags and trigger words that name a suite's concept, and, given a safety module,
-the static scan's cancellation. Triage never decides a row and never skips a file: every file goes on to
-the scan, most suspicious first (a file triage cannot read goes last; the scan names its problem). Nothing
-is unpickled: a pickle's bytes are hashed, never loaded.
+Per file: its SHA-256 and its sidecars' (identical files with identical sidecars are scanned once), what it
+is (format, architecture, rank, modules), the training tags and trigger words that name a suite's concept,
+and, given a safety module, the static scan's cancellation. Triage never decides a row and never skips a
+file: every file goes on to the scan, most suspicious first (a file triage cannot read goes last; the scan
+names its problem). Nothing is unpickled: a pickle's bytes are hashed, never loaded. A file whose reading
+fails in any way (even a ``RecursionError`` deep in a header) is a row with ``triage_error``, never the end
+of the batch.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from auditkit.batch.children import process_pool
 from auditkit.batch.inputs import Entry
 from auditkit.batch.threads import children_threads
 from auditkit.config import StaticThresholds
-from auditkit.errors import AuditkitError
+from auditkit.errors import AuditkitError, BadInput
+from auditkit.fsutil import read_bounded
 
 CHUNK = 2**20
 
@@ -36,31 +40,58 @@ class TriageSettings:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, or of a folder's files (relative names and contents, in name order)."""
+    """SHA-256 of a file's bytes, or of a folder's files (relative names and contents, in name order). Opened
+    without blocking: a FIFO, socket or device is refused (BadInput), never waited on."""
     digest = hashlib.sha256()
     if path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file_sha256(file).encode())
         return digest.hexdigest()
-    with open(path, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInput(path, "not a regular file (a FIFO, socket or device): not read")
         while block := fh.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
 
 
+def sidecars_sha256(path: Path) -> str | None:
+    """SHA-256 of the sidecars beside ``path`` (``NAME.civitai.info``, ``NAME.json``: their suffixes and contents),
+    None when there are none. The scan reads them (trigger words), so they are part of the input's identity: a
+    copy with other sidecars is not a duplicate, and a changed sidecar is scanned again. An unreadable sidecar
+    counts by its problem (the scan refuses it)."""
+    from auditkit.lora.sidecar import MAX_SIDECAR_BYTES, sidecar_paths
+
+    digest, found = hashlib.sha256(), False
+    for sidecar in sidecar_paths(path):
+        found = True
+        try:
+            content = hashlib.sha256(read_bounded(sidecar, MAX_SIDECAR_BYTES, "sidecar")).hexdigest()
+        except AuditkitError as exc:
+            content = f"unreadable: {exc.problem}"
+        digest.update(sidecar.name.removeprefix(path.stem).encode() + b"\0" + content.encode() + b"\0")
+    return digest.hexdigest() if found else None
+
+
 def triage_one(entry: Entry, settings: TriageSettings) -> dict:
     """The triage fields of one entry (never raises for a bad file: ``triage_error`` says why)."""
-    row: dict = {"sha256": None, "size_bytes": None, "kind": None, "format": None, "architecture": None,
-                 "rank": None, "modules": None, "static_cancellation": None, "metadata_concepts": "",
-                 "triage_error": None}
+    row: dict = {"sha256": None, "sidecars_sha256": None, "size_bytes": None, "kind": None, "format": None,
+                 "architecture": None, "rank": None, "modules": None, "static_cancellation": None,
+                 "metadata_concepts": "", "triage_error": None}
     try:
+        if entry.problem:  # refused before anything reads it (a link out of the folder, a FIFO, ...)
+            raise BadInput(entry.path, entry.problem)
         row["size_bytes"] = entry.path.stat().st_size if entry.path.is_file() else None
         row["sha256"] = file_sha256(entry.path)
+        row["sidecars_sha256"] = sidecars_sha256(entry.path)
         _look(entry, settings, row)
     except AuditkitError as exc:
         row["triage_error"] = str(exc)
     except (OSError, ValueError) as exc:
         row["triage_error"] = " ".join(f"{entry.path}: {exc.strerror if isinstance(exc, OSError) else exc}".split())
+    except Exception as exc:  # noqa: BLE001 - anything else (a RecursionError deep in a header): a row, not the end
+        row["triage_error"] = f"{entry.path}: cannot be read ({type(exc).__name__})"
     row["suspicion"] = suspicion(row)
     return row
 
@@ -146,13 +177,10 @@ def triage(entries: list[Entry], settings: TriageSettings, workers: int | None =
             if progress:
                 progress(len(out), len(entries))
         return out
-    import multiprocessing
-
-    # spawned, not forked: the caller may hold threads (a progress display) that a fork would copy locked. One
-    # BLAS/OpenMP thread per worker (the processes are the parallelism): with each worker's threads spinning on
-    # every core, 2 workers on 2 cores triaged 1.1 files/s where one process alone did 7 (measured).
-    with children_threads(1), \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawned (process_pool), not forked: the caller may hold threads (a progress display) that a fork would copy
+    # locked. One BLAS/OpenMP thread per worker (the processes are the parallelism): with each worker's threads
+    # spinning on every core, 2 workers on 2 cores triaged 1.1 files/s where one process alone did 7 (measured).
+    with children_threads(1), process_pool(workers) as pool:
         chunk = max(1, min(64, len(entries) // (workers * 8)))
         for row in pool.map(_star, [(e, settings) for e in entries], chunksize=chunk):
             out.append(row)

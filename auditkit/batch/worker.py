@@ -34,10 +34,12 @@ class Task:
     config: ScanConfig  # candidate and out set
     shared: SharedRenders | None = None
     attempt: int = 1
+    sidecars_sha256: str | None = None  # part of the adapter's identity (auditkit.batch.triage.sidecars_sha256)
 
 
 def error_row(task: Task, message: str, exit_code: int = 2) -> dict:
-    return {"id": task.id, "sha256": task.sha256, "verdict": "error", "exit_code": exit_code,
+    return {"id": task.id, "sha256": task.sha256, "sidecars_sha256": task.sidecars_sha256, "verdict": "error",
+            "exit_code": exit_code,
             "error": " ".join(message.split())[:1000], "attempts": task.attempt}
 
 
@@ -47,7 +49,8 @@ def result_row(task: Task, report: dict, seconds: float) -> dict:
     dynamic = report.get("dynamic") or {}
     check = report.get("concept_check") or {}
     comparisons = [c for sd in dynamic.get("suites", {}).values() for c in sd.get("comparisons", [])]
-    return {"id": task.id, "sha256": task.sha256, "verdict": report["verdict"], "exit_code": report["exit_code"],
+    return {"id": task.id, "sha256": task.sha256, "sidecars_sha256": task.sidecars_sha256,
+            "verdict": report["verdict"], "exit_code": report["exit_code"],
             "evidence": (report.get("evidence") or {}).get("level"), "mode": report.get("mode"),
             "reason": (report.get("reasons") or [""])[0],
             "static_cancellation": static.get("cancellation"),

@@ -7,19 +7,19 @@ of a diffusers pipeline rather than an adapter. "header length 23369277553509922
 "no LoRA keys recognised" is true but unhelpful; these functions say what the file is instead.
 
 Both functions are pure (no file access) and return ``None`` when unsure. Recognisers are data:
-tuples of records matched in order, first match wins.
+tuples of records matched in order, first match wins. A file's content is never quoted (a batch may be
+pointed at any readable file); only its own metadata (tensor names, ``modelspec`` fields) is.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 # The same limit as auditkit.lora.io.MAX_HEADER_BYTES (kept here so io can import this module).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_SNIPPET = 60  # characters of untrusted text quoted in a message
+_SNIPPET = 60  # characters of a file's metadata (a key name, a modelspec field) quoted in a message
 
 # --------------------------------------------------------------------------------------------
 # identify_bytes: files that cannot be safetensors at all
@@ -64,16 +64,14 @@ def _lfs_pointer(text: str) -> str | None:
 
 
 _HTML_START = re.compile(r"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html|head|body|meta|title)\b", re.I | re.S)
-_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.I | re.S)
 
 
 def _html_page(text: str) -> str | None:
     if not _HTML_START.match(text):
         return None
-    title = _HTML_TITLE.search(text)
-    titled = f" titled {_quote(title.group(1))}" if title and title.group(1).strip() else ""
-    return (f"an HTML page{titled}, not a safetensors file: the download saved a web page (a login, "
-            "consent or error page?) instead of the weights; download the file itself again")
+    # its title is the file's content, not its metadata: never quoted (the file may be anything a link points to)
+    return ("an HTML page, not a safetensors file: the download saved a web page (a login, consent or error "
+            "page?) instead of the weights; download the file itself again")
 
 
 # What a JSON document is, from a key it has: (key, description). First match wins.
@@ -93,12 +91,7 @@ def _json_document(text: str) -> str | None:
     if not stripped.startswith(("{", "[")):
         return None
     if re.match(r'\{\s*"error"\s*:', stripped):  # model hubs answer refused downloads this way
-        try:
-            error = json.loads(stripped).get("error")
-        except (json.JSONDecodeError, AttributeError):
-            error = None
-        said = f" ({_quote(error)})" if isinstance(error, str) and error.strip() else ""
-        return f"a JSON error response{said}, not a safetensors file: the download failed; fetch the file again"
+        return "a JSON error response, not a safetensors file: the download failed; fetch the file again"
     for key, description in _JSON_KINDS:
         if key in stripped:
             return description
@@ -106,8 +99,8 @@ def _json_document(text: str) -> str | None:
 
 
 def _plain_text(text: str) -> str | None:
-    first = next(line for line in text.splitlines() if line.strip())
-    return f"a text file, not a safetensors file (it begins {_quote(first)})"
+    # named, never quoted: a link or a manifest can point at any readable file (a key, a password file)
+    return "a text file, not a safetensors file"
 
 
 # Text recognisers in order; the last one accepts any text.

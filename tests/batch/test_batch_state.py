@@ -2,20 +2,21 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
 from auditkit.batch.engines import LocalEngine
 from auditkit.batch.index import render_index
 from auditkit.batch.results import write_table
-from auditkit.batch.state import BatchState
+from auditkit.batch.state import BatchState, row_key
 from auditkit.batch.worker import Task
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
 
 
 def row(i, verdict="pass", **kw):
-    return {"id": f"a{i}", "sha256": f"{i:064x}", "verdict": verdict, **kw}
+    return {"id": f"a{i}", "sha256": f"{i:064x}", "verdict": verdict} | kw
 
 
 def test_a_line_cut_by_a_kill_is_ignored_and_dropped_before_the_next_append(tmp_path):
@@ -28,15 +29,16 @@ def test_a_line_cut_by_a_kill_is_ignored_and_dropped_before_the_next_append(tmp_
     state.record(row(3, "risk"))
     lines = state.results_path.read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(ln)["id"] for ln in lines)
-    assert state.finished()[("a3", f"{3:064x}")]["verdict"] == "risk"
+    assert state.finished()[row_key(row(3))]["verdict"] == "risk"
 
 
 def test_the_first_line_of_an_adapter_wins_and_a_changed_file_is_not_finished(tmp_path):
     state = BatchState(tmp_path)
     state.record(row(1, "risk"))
     state.record(row(1, "pass"))
-    assert state.finished()[("a1", f"{1:064x}")]["verdict"] == "risk"
-    assert ("a1", "f" * 64) not in state.finished()
+    assert state.finished()[row_key(row(1))]["verdict"] == "risk"
+    assert row_key(row(1, sha256="f" * 64)) not in state.finished()
+    assert row_key(row(1, sidecars_sha256="e" * 64)) not in state.finished()  # issue 26 H2: a sidecar changed
 
 
 def test_a_corrupt_line_in_the_middle_is_a_one_line_error(tmp_path):
@@ -81,14 +83,18 @@ def test_the_results_table_is_parquet_and_csv_with_formulas_defused(tmp_path):
     assert csv["path"][0].startswith("'=") and csv["error"][1] == "boom"
 
 
-class DyingWorker:
-    """Dies (the whole process) the first time it scans an id whose marker file does not exist yet."""
+class StandInWorker:
+    """A stand-in for :class:`auditkit.batch.worker.Worker` (no pipeline); subclasses say how it scans."""
 
     def __init__(self, device=None):
         pass
 
     def render_shared(self, spec):
         return None
+
+
+class DyingWorker(StandInWorker):
+    """Dies (the whole process) the first time it scans an id whose marker file does not exist yet."""
 
     def scan(self, task):
         import os
@@ -114,14 +120,8 @@ def test_a_worker_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_path
     assert all(rows[i]["verdict"] == "pass" for i in ids if i.startswith("ok"))
 
 
-class ThreadsWorker:
+class ThreadsWorker(StandInWorker):
     """Reports the thread count its process started with."""
-
-    def __init__(self, device=None):
-        pass
-
-    def render_shared(self, spec):
-        return None
 
     def scan(self, task):
         import os
@@ -160,3 +160,96 @@ def test_a_ray_actor_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_p
     assert rows["die-once"]["verdict"] == "pass" and rows["die-once"]["attempts"] == 2
     assert rows["die-always"]["verdict"] == "error" and "died 2 times" in rows["die-always"]["error"]
     assert all(rows[i]["verdict"] == "pass" and rows[i]["attempts"] == 1 for i in ids if i.startswith("ok"))
+
+
+class SleepingWorker(StandInWorker):
+    """Writes its process id into the task's out folder, then sleeps (a long scan)."""
+
+    def scan(self, task):
+        import os
+        import time
+
+        (task.config.out / f"{os.getpid()}.pid").write_text("")
+        time.sleep(60)
+
+
+ORPHAN_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from auditkit.batch.engines import LocalEngine
+from auditkit.batch.worker import Task
+from auditkit.config import ScanConfig
+from test_batch_state import SleepingWorker
+tasks = [Task(i, None, ScanConfig(out=Path({out!r}))) for i in ("a", "b")]
+list(LocalEngine(2, worker=SleepingWorker).run([], tasks))
+"""
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_pool_workers_exit_when_the_batch_is_killed(tmp_path):
+    # issue 26 M20: kill -9 of a batch left its pool workers (and the resource tracker) blocked forever
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = ORPHAN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path))
+    batch = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline and batch.poll() is None:
+            time.sleep(0.05)
+        workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert len(workers) == 2
+    finally:
+        batch.send_signal(signal.SIGKILL)
+        batch.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in workers if _alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)  # the test's own leftovers, by id
+    assert not alive
+
+
+NODE_DOM = """
+const elements = {};
+function element() {
+  return {value: "", textContent: "", dataset: {}, addEventListener() {}, removeAttribute() {}, setAttribute() {}};
+}
+globalThis.document = {getElementById(id) {
+  if (id === "results") return {tBodies: [{rows: [], appendChild() {}}], tHead: {rows: [{cells: []}]}};
+  return elements[id] || (elements[id] = element());
+}};
+globalThis.location = {hash: HASH};
+globalThis.history = {replaceState() {}};
+SCRIPT
+console.log(JSON.stringify({verdict: elements.verdict.value, q: elements.q.value, shown: elements.shown.textContent}));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+def test_a_malformed_address_fragment_leaves_the_index_page_working():
+    # issue 26 L8: '#q=%E0%A4%A' threw URIError in load(): no initial filter, no "showing N of M"
+    import json
+    import subprocess
+
+    from auditkit.batch.index import SCRIPT
+
+    program = NODE_DOM.replace("HASH", json.dumps("#q=%E0%A4%A&verdict=risk")).replace("SCRIPT", SCRIPT)
+    done = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"verdict": "risk", "q": "", "shown": "showing 0 of 0"}
