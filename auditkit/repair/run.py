@@ -43,9 +43,32 @@ class RepairRequest:
     anchors: tuple[Path, ...] = ()  # anchor suite files (anchored, corrected); default: the shipped ones
     fidelity_target: float = 0.9  # auto: a passing repair keeping at least this much ends the search
 
+    def __post_init__(self):
+        check_numbers(self.threshold, self.fidelity_target, self.train)
+
     @property
     def base(self) -> str | None:
         return self.scan.base
+
+
+def check_numbers(threshold: float, fidelity_target: float, train: dict) -> None:
+    """Refuse (one line) a numeric repair option that is not finite or out of range, before any work: NaN
+    compares false with everything, so ``--threshold nan`` ran and projected nothing."""
+    from auditkit.train.lora import MAX_SEED, check_int, check_number
+
+    check_number("--threshold", threshold)
+    check_number("--fidelity-target", fidelity_target)
+    if not 0 <= fidelity_target <= 1:
+        raise BadInput(None, f"--fidelity-target must be in 0..1 (got {fidelity_target!r})")
+    optional = {"--rank": (train.get("rank"), 1), "--train-steps": (train.get("steps"), 1)}
+    for flag, (value, minimum) in optional.items():
+        if value is not None:
+            check_int(flag, value, minimum)
+    if train.get("alpha") is not None:
+        check_number("--alpha", train["alpha"], positive=True)
+    check_number("--lr", train.get("lr", 1e-3), positive=True)
+    check_int("--train-batch", train.get("batch", 1), 1)
+    check_int("--seed", train.get("seed", 0), 0, MAX_SEED)
 
 
 def _nothing(label):

@@ -1,0 +1,80 @@
+"""`auditkit repair` on hostile and careless inputs (issue 26): every one a one-line error (exit 2) before any
+work, nothing unpickled, no pack left that looks verified when it is not. In-process and data-free: fast."""
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from auditkit.errors import BadInput  # noqa: E402
+
+SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
+
+
+def repair(*args):
+    """``auditkit repair ARGS`` in this process: its BadInput is raised, not printed."""
+    from auditkit.cli import cli
+
+    cli.main(["repair", *map(str, args)], standalone_mode=False)
+
+
+@pytest.fixture()
+def candidate(tmp_path):
+    from auditkit.lora.adapter import LoraModule, read_adapter
+    from auditkit.lora.write import save_adapter
+    from auditkit.models import architectures
+
+    s = read_adapter(SAFETY)
+    mods = {n: LoraModule(n, m.down, -0.7 * m.up, m.scale) for n, m in s.modules.items()}
+    return save_adapter(mods, tmp_path / "cand.safetensors", architectures.get("lab"))
+
+
+@pytest.fixture()
+def no_open_clip(no_unpickling, monkeypatch):
+    import open_clip
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_unpickling)
+
+
+@pytest.mark.parametrize("name", ["e.PT", "e.pickle", "e.Ckpt", "weights"])
+def test_clip_weights_that_are_not_safetensors_are_refused_before_open_clip(tmp_path, candidate, no_open_clip, name):
+    # issue 26 H5: `--clip-weights e.PT` was unpickled by open_clip (torch.load)
+    import torch
+
+    weights = tmp_path / name
+    torch.serialization.save({"x": torch.zeros(2)}, str(weights))
+    with pytest.raises(BadInput) as exc:
+        repair(candidate, "--no-config", "--safety", SAFETY, "--method", "sign-aware", "--clip-model", "ViT-B-32",
+               "--clip-weights", weights, "--out", tmp_path / "o")
+    assert str(weights) in str(exc.value)
+    assert not (tmp_path / "o" / "pack").exists()
+
+
+def test_clip_weights_without_a_clip_model_are_refused(tmp_path, candidate):
+    import click
+
+    with pytest.raises(click.UsageError, match="--clip-weights needs --clip-model"):
+        repair(candidate, "--no-config", "--safety", SAFETY, "--clip-weights", tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--threshold", "nan"), ("--threshold", "inf"), ("--fidelity-target", "nan"), ("--lr", "nan"),
+    ("--lr", "-inf"), ("--alpha", "nan"), ("--alpha", "inf"), ("--rank", "0"), ("--train-steps", "0"),
+    ("--train-batch", "0"), ("--seed", "-1"),
+])
+def test_non_finite_or_out_of_range_numbers_are_refused_before_any_work(tmp_path, candidate, option, value):
+    # issue 26 L16: `repair --method safelora --threshold nan` ran, projecting nothing
+    with pytest.raises(BadInput, match=f"{option} must be"):
+        repair(candidate, "--no-config", "--safety", SAFETY, "--method", "safelora", option, value,
+               "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_request_with_a_nan_threshold_is_refused_by_the_library_too(tmp_path, candidate):
+    # issue 26 L16
+    from auditkit.repair.run import RepairRequest
+
+    with pytest.raises(BadInput, match="--threshold must be a finite number"):
+        RepairRequest(candidate, SAFETY, tmp_path / "o", "safelora", threshold=float("nan"))
