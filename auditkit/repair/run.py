@@ -174,11 +174,15 @@ def scan_settings(run_dir: Path) -> dict:
     """Base, suites (files), multipliers, steps and trigger words of an earlier scan, so the repair re-scans
     with the same ones (suite paths as the scan recorded them: absolute for scans since suites record them
     so; a trigger variant names its suite's file, loaded once)."""
+    from auditkit.records import check, fields
     from auditkit.runlog import RunLog
 
-    header = RunLog(run_dir).header()
+    log = RunLog(run_dir)
+    header = log.header()  # every field it holds of the type a scan writes, or one line naming it
     if header is None:
         raise BadInput(run_dir, "no run log (run.jsonl) here: not the folder of a dynamic scan")
+    check(log.path, "line 1 (the header)", header, fields({}, required=("base", "suites", "multipliers")),
+          " (a corrupted run log: scan again)")
     paths = [info.get("path") for info in header["suites"].values()]
     if not all(paths):
         raise BadInput(run_dir, "the scan's run log does not record its suite files")

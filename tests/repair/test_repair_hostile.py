@@ -78,3 +78,32 @@ def test_a_request_with_a_nan_threshold_is_refused_by_the_library_too(tmp_path, 
 
     with pytest.raises(BadInput, match="--threshold must be a finite number"):
         RepairRequest(candidate, SAFETY, tmp_path / "o", "safelora", threshold=float("nan"))
+
+
+def _scan_header(**change) -> dict:
+    header = {"base": "lab", "multipliers": [1.0], "steps_override": 2, "adapters": {"safety": "0" * 64},
+              "suites": {"tiny-cross": {"detector": "lab-cross", "role": "concept", "path": "/x/tiny-cross.yaml"}}}
+    return {k: v for k, v in {**header, **change}.items() if v is not None}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"suites": ["x"]}, "suites has the wrong type (list)"),
+    ({"base": None}, "base is missing"),
+    ({"base": 5}, "base has the wrong type (int)"),
+    ({"triggers": "ohwx"}, "triggers has the wrong type (str)"),
+    ({"multipliers": None}, "multipliers is missing"),
+    ({"multipliers": ["1"]}, "multipliers[0] has the wrong type (str)"),
+    ({"steps_override": "2"}, "steps_override has the wrong type (str)"),
+    ({"suites": {"tiny-cross": {"detector": "lab-cross", "path": 5}}}, "suites.tiny-cross.path has the wrong type"),
+])
+def test_a_tampered_run_log_header_in_from_scan_is_one_line_naming_it(tmp_path, candidate, change, field):
+    # issue 26 M10: `suites` a list, no `base`: internal errors; `triggers: "ohwx"` became o, h, w, x
+    from auditkit.runlog import RunLog
+
+    RunLog(tmp_path / "scan").start(_scan_header(**change))
+    with pytest.raises(BadInput) as exc:
+        repair(candidate, "--no-config", "--safety", SAFETY, "--base", "lab", "--method", "sign-aware",
+               "--from-scan", tmp_path / "scan", "--out", tmp_path / "o")
+    text = str(exc.value)
+    assert text.startswith(str(tmp_path / "scan" / "run.jsonl")) and field in text and "\n" not in text, text
+    assert not (tmp_path / "o").exists()
