@@ -2,7 +2,8 @@
 
 Folder layout of a repair (``out``)::
 
-    pack/                 the adapter pack (see :mod:`auditkit.repair.pack`)
+    pack/                 the adapter pack (see :mod:`auditkit.repair.pack`), moved in once re-scanned
+    .pack.unverified/     the pack before its verifying re-scan has run (a failed or killed re-scan leaves it)
     checkpoints/          training state of a retrain (resume)
     scan-before/          run log, images and report of the candidate (skipped with --from-scan)
     scan-after/           run log, images and report of the repaired adapter
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
+from auditkit.fsutil import replace_folder
 
+UNVERIFIED_PACK = ".pack.unverified"  # the pack until its re-scan has run (then moved to pack/)
 Bars = Callable[[str], tuple[contextlib.AbstractContextManager, Callable[[int, int, float], None]]]
 
 
@@ -113,12 +117,17 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
         names = ", ".join(s.name for s in anchors.suites)
         notes.append(f"trained on {len(anchors.prompts)} anchor prompts ({names}); verified on the concept suites' "
                      f"prompts ({', '.join(s.name for s in anchors.verification)}), none of which is an anchor")
-    pack_dir = req.out / "pack"
+    # the pack is written into a staging folder named for what it is, and moved to pack/ only once its re-scan
+    # has run: a failed or killed re-scan leaves nothing in pack/ that looks like a verified repair
+    pack_dir, staged = req.out / "pack", req.out / UNVERIFIED_PACK
+    if staged.exists():
+        shutil.rmtree(staged)  # a killed run's: written again, identical
     meta = {k: v for k, v in candidate.metadata.items() if k.startswith("ss_")}
     layout = family_of_pipeline(pipe).written_layout if pipe is not None else "kohya"
-    details["pack"] = packing.write_pack(pack_dir, outcome.modules, safety, safety.architecture, req.method, meta,
-                                         inputs=(req.candidate, req.safety), base=req.base, layout=layout)
-    repaired = pack_dir / packing.FILES["finetune"]
+    details["pack"] = packing.write_pack(staged, outcome.modules, safety, safety.architecture, req.method, meta,
+                                         inputs=(req.candidate, req.safety), base=req.base, layout=layout,
+                                         final_dir=pack_dir)
+    repaired = staged / packing.FILES["finetune"]
     before_dir = req.from_scan or req.out / "scan-before"
     after_dir = req.out / "scan-after"
     scans = {}
@@ -134,6 +143,8 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
             scans[label] = scan(config, progress=lambda stage, d, n, u=update: u(d, n, 0.0), pipeline=pipe,
                                 write=run_dir != req.from_scan)
     before, after = scans["scan before"].report, scans["scan after"].report
+    replace_folder(staged, pack_dir)  # verified: the re-scan ran; its verdict is the report's
+    after["candidate"]["path"] = str(pack_dir / packing.FILES["finetune"])
     fidelity = None
     if req.scan.dynamic_enabled:
         fidelity = _fidelity(req, before_dir, after_dir)

@@ -107,3 +107,62 @@ def test_a_tampered_run_log_header_in_from_scan_is_one_line_naming_it(tmp_path, 
     text = str(exc.value)
     assert text.startswith(str(tmp_path / "scan" / "run.jsonl")) and field in text and "\n" not in text, text
     assert not (tmp_path / "o").exists()
+
+
+def _request(candidate, out):
+    from auditkit.config import ScanConfig
+    from auditkit.repair.run import RepairRequest
+
+    return RepairRequest(candidate, SAFETY, out, "sign-aware", scan=ScanConfig(multipliers=(1.0,)))
+
+
+def test_a_failed_verifying_rescan_leaves_no_pack_that_looks_verified(tmp_path, candidate, monkeypatch):
+    # issue 26 M13: the pack was written before the re-scan; a re-scan that failed (exit 3) or was killed left
+    # pack/*.safetensors and manifest.json, unmarked
+    import auditkit.scan
+    from auditkit.errors import Unscannable
+    from auditkit.repair.run import UNVERIFIED_PACK, repair
+
+    real = auditkit.scan.scan
+
+    def failing_after(config, **kwargs):
+        if "scan-after" in str(config.out):
+            raise Unscannable(config.candidate, "diffusers cannot load it (the re-scan failed)")
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(auditkit.scan, "scan", failing_after)
+    with pytest.raises(Unscannable):
+        repair(_request(candidate, tmp_path / "o"))
+    assert not (tmp_path / "o" / "pack").exists()
+    assert (tmp_path / "o" / UNVERIFIED_PACK / "manifest.json").is_file()  # kept, and named for what it is
+    # once the re-scan runs, the pack is moved in, and its manifest and report name where it now is
+    monkeypatch.setattr(auditkit.scan, "scan", real)
+    report = repair(_request(candidate, tmp_path / "o"))
+    pack = tmp_path / "o" / "pack"
+    assert not (tmp_path / "o" / UNVERIFIED_PACK).exists()
+    assert {p.name for p in pack.iterdir()} >= {"finetune.safetensors", "manifest.json"}
+    assert str(pack) in report["repair"]["pack"]["diffusers"] and UNVERIFIED_PACK not in report["repair"]["pack"][
+        "diffusers"]
+    assert report["candidate"]["path"] == str(pack / "finetune.safetensors")
+
+
+def test_a_failed_rescan_keeps_the_earlier_verified_pack_as_it_was(tmp_path, candidate, monkeypatch):
+    # issue 26 M13: a second repair into the same folder replaces pack/ only once its own re-scan has run
+    import auditkit.scan
+    from auditkit.repair.run import repair
+
+    repair(_request(candidate, tmp_path / "o"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o" / "pack").iterdir()}
+    real = auditkit.scan.scan
+
+    def failing_after(config, **kwargs):
+        if "scan-after" in str(config.out):
+            raise KeyboardInterrupt  # a kill during the re-scan
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(auditkit.scan, "scan", failing_after)
+    request = _request(candidate, tmp_path / "o")
+    request.method = "safelora"
+    with pytest.raises(KeyboardInterrupt):
+        repair(request)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o" / "pack").iterdir()} == before
