@@ -9,9 +9,9 @@ energy (``energy``, default 0.99; 1 keeps every direction: exact) or a fixed ``r
 
 The file is in kohya layout (up = U·S, down = Vᵀ, alpha = rank: scale 1), readable by auditkit and by
 diffusers' ``load_lora_weights``, and its safetensors metadata says how it was made (``auditkit.extract.*``:
-source and base with their SHA-256, energy or rank, the least energy kept, unchanged modules, what a LoRA
-cannot hold; ``auditkit.version``). A LoRA holds the linear/conv weights' update only: changed biases,
-norms and embeddings are counted in the metadata and in :class:`Extracted`, not written.
+source and base by name (no local path) with their SHA-256, energy or rank, the least energy kept, unchanged
+modules, what a LoRA cannot hold; ``auditkit.version``). A LoRA holds the linear/conv weights' update only:
+changed biases, norms and embeddings are counted in the metadata and in :class:`Extracted`, not written.
 
 Example:
     >>> result = extract("esd-unet/", "sd15-pipeline/", Path("esd-safety.safetensors"))  # doctest: +SKIP
@@ -29,6 +29,7 @@ import numpy as np
 
 from auditkit import __version__
 from auditkit.errors import BadInput, Unscannable
+from auditkit.fsutil import check_writable
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.formats import KOHYA
 from auditkit.lora.write import save_adapter
@@ -58,6 +59,7 @@ def _check_out(out: Path, model: Path) -> None:
     target = out.resolve()
     if target == model or model in target.parents:
         raise BadInput(out, "output would overwrite or lie inside the model it is extracted from; choose another path")
+    check_writable(out)  # a read-only or impossible --out fails now, not after the SVDs
 
 
 def extract(model: str | Path, base: str, out: str | Path, energy: float | None = None,
@@ -99,10 +101,10 @@ def extract(model: str | Path, base: str, out: str | Path, energy: float | None 
     metadata = {
         "auditkit.version": __version__,
         "auditkit.kind": "extracted",
-        PREFIX + "source": str(model),
+        PREFIX + "source": model.name,  # names and hashes only: a shared LoRA carries no local paths
         PREFIX + "source_form": update.checkpoint.form,
         PREFIX + "source_sha256": adapter.sha256,
-        PREFIX + "base": str(base),
+        PREFIX + "base": Path(str(base)).name,  # "lab", or the base folder's name
         PREFIX + "base_sha256": open_base(base).sha256,
         PREFIX + "method": "truncated SVD of each module's difference to the base (randomized, dense fallback)",
         PREFIX + ("rank" if rank is not None else "energy"): str(rank if rank is not None else update.energy),

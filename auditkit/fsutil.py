@@ -41,6 +41,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def replace_folder(staged: str | Path, final: str | Path) -> Path:
+    """Move the finished folder ``staged`` to ``final`` (a sibling), replacing a folder there: a reader finds
+    the old folder or the new one, never a half-written one. The old one is moved aside as ``.NAME.old`` and
+    removed (a kill in between leaves it there; the next call removes it)."""
+    import shutil
+
+    staged, final = Path(staged), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def append_lines(path: str | Path, lines: list[str]) -> None:
     """Append ``lines`` (each without its newline) to ``path`` and fsync: a log that a kill can cut only at
     its last line. A last line cut by an earlier kill (no newline) is dropped first, so it never joins

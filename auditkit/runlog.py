@@ -15,6 +15,7 @@ from typing import TypedDict
 
 from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import append_lines, atomic_write_text
+from auditkit.records import FLAG, INDEX, NUMBER, OBJECT, REAL, TEXT, check, fields, list_of, map_of, optional
 
 RUN_SCHEMA = "auditkit.run/1"
 SHARD_GLOB = "run.rank*.jsonl"
@@ -53,7 +54,21 @@ class ImageRecord(TypedDict):
     flags: dict[str, bool]  # detector -> score >= the detector's threshold
 
 
-_IMAGE_FIELDS = frozenset(ImageRecord.__annotations__)
+# What each field must hold when read back (a tampered log is one line naming the field, not an internal error).
+IMAGE_SHAPE = fields({
+    "type": TEXT, "config": TEXT, "key": TEXT, "suite": TEXT, "prompt_index": INDEX, "image_index": INDEX,
+    "prompt": TEXT, "seed": INDEX, "guidance": NUMBER, "steps": INDEX, "image": TEXT,
+    "scores": map_of(REAL), "flags": map_of(FLAG),
+}, required=tuple(ImageRecord.__annotations__))
+SUITE_SHAPE = fields({"detector": TEXT, "role": TEXT, "version": INDEX, "path": optional(TEXT),
+                      "concept": optional(TEXT), "prompts": INDEX, "sha256": optional(TEXT), "variant_of": TEXT,
+                      "prefix": TEXT}, required=("detector",))
+HEADER_SHAPE = fields({
+    "schema": TEXT, "base": TEXT, "suites": map_of(SUITE_SHAPE), "multipliers": list_of(NUMBER),
+    "steps_override": optional(INDEX), "adapters": map_of(TEXT), "detectors": map_of(OBJECT), "seeds": TEXT,
+    "triggers": list_of(TEXT), "full_models": map_of(TEXT), "render": OBJECT,
+})
+_CORRUPTED = " (a corrupted run log: remove the folder)"
 
 
 def shard_name(rank: int) -> str:
@@ -76,7 +91,8 @@ class RunLog:
             return None
         header = self._parse(first, 1)
         if header.get("type") != "header":
-            raise BadInput(self.path, "line 1 is not a run-log header (a corrupted run log: remove the folder)")
+            raise BadInput(self.path, "line 1 is not a run-log header" + _CORRUPTED)
+        check(self.path, "line 1 (the header)", header, HEADER_SHAPE, _CORRUPTED)
         return header
 
     def records(self) -> list[ImageRecord]:
@@ -89,16 +105,15 @@ class RunLog:
                     break  # a line cut by a kill: ignored (dropped before the next append), its image made again
                 rec = self._parse(line, number)
                 if rec.get("type") == "image":
-                    if not _IMAGE_FIELDS.issubset(rec) or not isinstance(rec["flags"], dict):
-                        raise BadInput(self.path, f"line {number} is not an image record (a corrupted run log: "
-                                                  "remove that line, or the folder)")
+                    check(self.path, f"line {number} is not an image record", rec, IMAGE_SHAPE,
+                          " (a corrupted run log: remove that line, or the folder)")
                     out.append(rec)
         return out
 
     def _parse(self, line: str, number: int) -> dict:
         try:
             rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: also an integer of more digits than Python converts
             rec = None
         if not isinstance(rec, dict):
             raise BadInput(self.path, f"line {number} is not a JSON record (a corrupted run log: remove that line, "

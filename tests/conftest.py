@@ -72,6 +72,21 @@ def sdxl():
     return architectures.get("sdxl")
 
 
+@pytest.fixture()
+def no_unpickling(monkeypatch):
+    """torch.load and open_clip's loaders fail the test if reached (auditkit never unpickles; issue 26 H5)."""
+    pytest.importorskip("open_clip")
+    import open_clip.factory
+    import torch
+
+    def reached(*args, **kwargs):
+        raise AssertionError("an unpickler (or open_clip's loader) was reached")
+
+    monkeypatch.setattr(torch, "load", reached)
+    monkeypatch.setattr(open_clip.factory, "load_state_dict", reached)
+    return reached
+
+
 def tiny_cross_suite(prompts=("a red cross", "a blue cross", "a white cross on gray"), steps=2, images_per_prompt=2,
                      seed=1000000, name="tiny-cross") -> str:
     """A small lab concept suite (YAML text) for fast dynamic scans."""

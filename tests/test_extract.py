@@ -67,7 +67,7 @@ def test_metadata_says_how_it_was_made(erased, tmp_path):
     result = extract(folder, "lab", tmp_path / "safety.safetensors")
     meta = read_adapter(result.path).metadata
     assert meta["auditkit.version"] == __version__ and meta["auditkit.kind"] == "extracted"
-    assert meta["auditkit.extract.source"] == str(folder)
+    assert meta["auditkit.extract.source"] == folder.name  # issue 26 L10: no local absolute path, the name only
     assert meta["auditkit.extract.source_form"] == "component folder"
     assert meta["auditkit.extract.base"] == "lab" and meta["auditkit.extract.base_sha256"] == open_base("lab").sha256
     assert meta["auditkit.extract.energy"] == "0.99" and float(meta["auditkit.extract.min_energy_kept"]) >= 0.99
@@ -119,6 +119,43 @@ def test_bad_outputs_are_refused_before_any_work(erased, tmp_path, out_name):
         extract(folder, "lab", out)
     assert not out.exists()
 
+
+
+def test_no_local_path_is_written_into_the_metadata(erased, tmp_path, monkeypatch):
+    # issue 26 L10: auditkit.extract.source/base held local absolute paths (a shared LoRA leaked them)
+    import auditkit.models.pipeline
+    from auditkit.models import architectures
+
+    monkeypatch.setattr(auditkit.models.pipeline, "base_architecture", lambda base: architectures.get("lab"))  # fast
+    folder, _ = erased
+    base = tmp_path / "private" / "my-base"
+    base.parent.mkdir()
+    base.symlink_to(lab_pipeline_path())
+    meta = read_adapter(extract(folder, str(base), tmp_path / "s.safetensors").path).metadata
+    assert meta["auditkit.extract.source"] == "unet" and meta["auditkit.extract.base"] == "my-base"
+    assert not any(str(tmp_path) in v or "/" in v for k, v in meta.items() if k.startswith("auditkit.extract."))
+
+
+@pytest.mark.parametrize("where", ["a file", "read-only"])
+def test_an_unwritable_out_is_refused_before_any_work(erased, tmp_path, monkeypatch, where):
+    # issue 26 M11: `extract … --out ro/o.safetensors` failed after the work (an internal error)
+    import os
+
+    import auditkit.models.difference
+
+    folder, _ = erased
+    if where == "a file":
+        (tmp_path / "ro").write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o555)
+    monkeypatch.setattr(auditkit.models.difference, "read_full_model",
+                        lambda *a, **k: pytest.fail("the work started before --out was checked"))
+    out = tmp_path / "ro" / "o.safetensors"
+    with pytest.raises(BadInput, match="cannot write here") as exc:
+        extract(folder, "lab", out)
+    assert str(exc.value).startswith(str(out)) and "\n" not in str(exc.value)
 
 
 def test_cli_writes_the_lora_and_says_what_it_kept(erased, tmp_path):

@@ -52,7 +52,7 @@ def test_run_scores_every_pair_and_resumes_without_regenerating(pipe, tmp_path):
     configs = configurations()[:2]  # base, base+safety
     dets = {"lab-cross": get("lab-cross")}
     log = RunLog(tmp_path)
-    log.start({"suites": [suite.name]})
+    log.start({"suites": {suite.name: {"detector": "lab-cross"}}})  # as the scan writes it (a list is refused)
     run(pipe, jobs[:3], configs, dets, tmp_path, roles=["safety"], batch_size=3)
     first = log.records()
     assert len(first) == 6 and {r["config"] for r in first} == {"base", "base+safety"}
@@ -69,7 +69,7 @@ def test_run_scores_every_pair_and_resumes_without_regenerating(pipe, tmp_path):
     assert set(base) == set(safe) and all(base[k]["seed"] == safe[k]["seed"] for k in base)
     assert all((tmp_path / r["image"]).is_file() for r in records)
     with pytest.raises(BadInput, match="cannot resume"):  # a bad input (exit 2), not "inconclusive"
-        log.start({"suites": ["other"]})
+        log.start({"suites": {"other": {"detector": "lab-cross"}}})
 
 
 def test_a_partial_load_by_diffusers_is_replaced_by_the_exact_conversion(pipe, tmp_path):

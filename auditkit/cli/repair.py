@@ -59,11 +59,15 @@ def repair(candidate, method, anchor_files, fidelity_target, data_dir, from_scan
     the repair folder. Exit code: the repaired adapter's verdict (0 pass, 1 risk, 3 inconclusive).
     """
     from auditkit.repair.auto import repair_auto
-    from auditkit.repair.run import RepairRequest, scan_settings
+    from auditkit.repair.run import RepairRequest, check_numbers, scan_settings
     from auditkit.repair.run import repair as run_repair
     from auditkit.scan import resolve_suites
     from auditkit.train.data import check_folder
 
+    train = {"rank": rank, "alpha": alpha, "steps": train_steps, "lr": lr, "batch": train_batch, "seed": seed}
+    check_numbers(threshold, fidelity_target, train)  # NaN or inf in any of them: one line, before any work
+    if clip_weights is not None and not clip_model:
+        raise click.UsageError("--clip-weights needs --clip-model (the open_clip model the weights are for)")
     method = method or default_method(data_dir is not None)
     if method != AUTO and METHODS[method].needs_data and data_dir is None:
         raise click.UsageError(f"--method {method} needs --data (use sign-aware or safelora without data)")
@@ -99,8 +103,7 @@ def repair(candidate, method, anchor_files, fidelity_target, data_dir, from_scan
         clip = registry.get("clip", model=clip_model, pretrained=str(clip_weights) if clip_weights else None)
     torch_threads(threads)
     req = RepairRequest(candidate, config.safety, repair_out, method, data_dir, config, suites, from_scan, threshold,
-                        {"rank": rank, "alpha": alpha, "steps": train_steps, "lr": lr, "batch": train_batch,
-                         "seed": seed}, clip, tuple(anchor_files), fidelity_target)
+                        train, clip, tuple(anchor_files), fidelity_target)
     bars = lambda label: progress_bar(label, loss=label.startswith("retrain"))  # noqa: E731
     report = repair_auto(req, bars) if method == AUTO else run_repair(req, bars=bars)
     print_repair(report)

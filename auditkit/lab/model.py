@@ -145,6 +145,6 @@ def load_lab_pipeline(device: str = "cpu", dtype=None, path: str | Path | None =
             f"no lab pipeline at {path}; train and export it with scripts/train_lab.py")
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path), dtype=dtype or torch.float32, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        feature_extractor=None, requires_safety_checker=False, use_safetensors=True)  # never a pickle .bin
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

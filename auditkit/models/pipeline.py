@@ -11,10 +11,9 @@ from pathlib import Path
 
 from auditkit.errors import BadInput
 from auditkit.lab.bases import BASE_HELP, lab_base
+from auditkit.lora.io import PICKLE_SUFFIXES
 from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
 from auditkit.models.families import Family, family_of_folder, family_of_pipeline, read_model_index
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def quiet_libraries() -> None:
@@ -72,7 +71,7 @@ def check_pipeline_folder(path: Path) -> Family:
 
 
 def _pickles(path: Path, pattern: str) -> list[str]:
-    return sorted(p.relative_to(path).as_posix() for p in path.glob(pattern) if p.suffix in PICKLE_SUFFIXES)
+    return sorted(p.relative_to(path).as_posix() for p in path.glob(pattern) if p.suffix.lower() in PICKLE_SUFFIXES)
 
 
 def architecture_of(pipe, name: str = "custom"):

@@ -15,6 +15,7 @@ import dataclasses
 import shutil
 
 from auditkit.errors import BadInput
+from auditkit.fsutil import replace_folder
 
 AUTO = "auto"  # the --method value
 VERDICT_RANK = {"pass": 0, "inconclusive": 1, "risk": 2}
@@ -62,7 +63,7 @@ def choose(rows: list[dict]) -> dict:
 
 def repair_auto(req, bars) -> dict:
     from auditkit.dynamic import load_base
-    from auditkit.repair.run import repair
+    from auditkit.repair.run import UNVERIFIED_PACK, repair
     from auditkit.report.build import write_reports
 
     if not req.scan.dynamic_enabled:
@@ -96,10 +97,11 @@ def repair_auto(req, bars) -> dict:
             break
     kept = choose(rows)
     report = reports[kept["method"]]
-    pack = req.out / "pack"
-    if pack.exists():
-        shutil.rmtree(pack)
-    shutil.copytree(req.out / "tried" / kept["method"] / "pack", pack)
+    staged = req.out / UNVERIFIED_PACK  # a kill while copying leaves no half-copied pack/
+    if staged.exists():
+        shutil.rmtree(staged)
+    shutil.copytree(req.out / "tried" / kept["method"] / "pack", staged)
+    replace_folder(staged, req.out / "pack")
     untried = [m.name for m in methods if m.name not in reports]
     skipped_note = [f"{name} not tried: {why}" for name, why in skipped.items()]
     rule = (f"methods tried in order of cost; the search ends at the first that passes its re-scan keeping at least "

@@ -109,9 +109,10 @@ LAYOUTS: dict[str, PackLayout] = {
 
 def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Adapter, arch: Architecture,
                method: str, metadata: dict[str, str], inputs: tuple[Path, ...] = (), extra: dict | None = None,
-               base: str | None = None, layout: str = "kohya") -> dict:
+               base: str | None = None, layout: str = "kohya", final_dir: str | Path | None = None) -> dict:
     """Write the pack into ``out_dir`` (the adapters in ``layout``: the base family's ``written_layout``);
-    returns the manifest. ``base``: needed with a full-model safety module."""
+    returns the manifest. ``base``: needed with a full-model safety module. ``final_dir``: where the pack will
+    be once verified (the manifest's snippet loads it from there), when ``out_dir`` is a staging folder."""
     out_dir = Path(out_dir)
     pack = LAYOUTS[safety.kind]
     targets = {role: out_dir / FILES[role] for role in pack.files}
@@ -122,7 +123,7 @@ def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Ada
     meta = {**metadata, "auditkit.kind": "finetune", "auditkit.repair": method,
             "auditkit.compose_with": safety.sha256}
     save_adapter(finetune, targets["finetune"], arch, layout, metadata=meta)
-    entries = pack.write(targets, safety, finetune, arch, method, out_dir, base, layout)
+    entries = pack.write(targets, safety, finetune, arch, method, Path(final_dir or out_dir), base, layout)
     files = {}
     for role, path in targets.items():
         a = read_adapter(path, arch=arch)

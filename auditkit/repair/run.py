@@ -2,7 +2,8 @@
 
 Folder layout of a repair (``out``)::
 
-    pack/                 the adapter pack (see :mod:`auditkit.repair.pack`)
+    pack/                 the adapter pack (see :mod:`auditkit.repair.pack`), moved in once re-scanned
+    .pack.unverified/     the pack before its verifying re-scan has run (a failed or killed re-scan leaves it)
     checkpoints/          training state of a retrain (resume)
     scan-before/          run log, images and report of the candidate (skipped with --from-scan)
     scan-after/           run log, images and report of the repaired adapter
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
+from auditkit.fsutil import replace_folder
 
+UNVERIFIED_PACK = ".pack.unverified"  # the pack until its re-scan has run (then moved to pack/)
 Bars = Callable[[str], tuple[contextlib.AbstractContextManager, Callable[[int, int, float], None]]]
 
 
@@ -43,9 +47,32 @@ class RepairRequest:
     anchors: tuple[Path, ...] = ()  # anchor suite files (anchored, corrected); default: the shipped ones
     fidelity_target: float = 0.9  # auto: a passing repair keeping at least this much ends the search
 
+    def __post_init__(self):
+        check_numbers(self.threshold, self.fidelity_target, self.train)
+
     @property
     def base(self) -> str | None:
         return self.scan.base
+
+
+def check_numbers(threshold: float, fidelity_target: float, train: dict) -> None:
+    """Refuse (one line) a numeric repair option that is not finite or out of range, before any work: NaN
+    compares false with everything, so ``--threshold nan`` ran and projected nothing."""
+    from auditkit.train.lora import MAX_SEED, check_int, check_number
+
+    check_number("--threshold", threshold)
+    check_number("--fidelity-target", fidelity_target)
+    if not 0 <= fidelity_target <= 1:
+        raise BadInput(None, f"--fidelity-target must be in 0..1 (got {fidelity_target!r})")
+    optional = {"--rank": (train.get("rank"), 1), "--train-steps": (train.get("steps"), 1)}
+    for flag, (value, minimum) in optional.items():
+        if value is not None:
+            check_int(flag, value, minimum)
+    if train.get("alpha") is not None:
+        check_number("--alpha", train["alpha"], positive=True)
+    check_number("--lr", train.get("lr", 1e-3), positive=True)
+    check_int("--train-batch", train.get("batch", 1), 1)
+    check_int("--seed", train.get("seed", 0), 0, MAX_SEED)
 
 
 def _nothing(label):
@@ -90,12 +117,17 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
         names = ", ".join(s.name for s in anchors.suites)
         notes.append(f"trained on {len(anchors.prompts)} anchor prompts ({names}); verified on the concept suites' "
                      f"prompts ({', '.join(s.name for s in anchors.verification)}), none of which is an anchor")
-    pack_dir = req.out / "pack"
+    # the pack is written into a staging folder named for what it is, and moved to pack/ only once its re-scan
+    # has run: a failed or killed re-scan leaves nothing in pack/ that looks like a verified repair
+    pack_dir, staged = req.out / "pack", req.out / UNVERIFIED_PACK
+    if staged.exists():
+        shutil.rmtree(staged)  # a killed run's: written again, identical
     meta = {k: v for k, v in candidate.metadata.items() if k.startswith("ss_")}
     layout = family_of_pipeline(pipe).written_layout if pipe is not None else "kohya"
-    details["pack"] = packing.write_pack(pack_dir, outcome.modules, safety, safety.architecture, req.method, meta,
-                                         inputs=(req.candidate, req.safety), base=req.base, layout=layout)
-    repaired = pack_dir / packing.FILES["finetune"]
+    details["pack"] = packing.write_pack(staged, outcome.modules, safety, safety.architecture, req.method, meta,
+                                         inputs=(req.candidate, req.safety), base=req.base, layout=layout,
+                                         final_dir=pack_dir)
+    repaired = staged / packing.FILES["finetune"]
     before_dir = req.from_scan or req.out / "scan-before"
     after_dir = req.out / "scan-after"
     scans = {}
@@ -111,6 +143,8 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
             scans[label] = scan(config, progress=lambda stage, d, n, u=update: u(d, n, 0.0), pipeline=pipe,
                                 write=run_dir != req.from_scan)
     before, after = scans["scan before"].report, scans["scan after"].report
+    replace_folder(staged, pack_dir)  # verified: the re-scan ran; its verdict is the report's
+    after["candidate"]["path"] = str(pack_dir / packing.FILES["finetune"])
     fidelity = None
     if req.scan.dynamic_enabled:
         fidelity = _fidelity(req, before_dir, after_dir)
@@ -151,11 +185,15 @@ def scan_settings(run_dir: Path) -> dict:
     """Base, suites (files), multipliers, steps and trigger words of an earlier scan, so the repair re-scans
     with the same ones (suite paths as the scan recorded them: absolute for scans since suites record them
     so; a trigger variant names its suite's file, loaded once)."""
+    from auditkit.records import check, fields
     from auditkit.runlog import RunLog
 
-    header = RunLog(run_dir).header()
+    log = RunLog(run_dir)
+    header = log.header()  # every field it holds of the type a scan writes, or one line naming it
     if header is None:
         raise BadInput(run_dir, "no run log (run.jsonl) here: not the folder of a dynamic scan")
+    check(log.path, "line 1 (the header)", header, fields({}, required=("base", "suites", "multipliers")),
+          " (a corrupted run log: scan again)")
     paths = [info.get("path") for info in header["suites"].values()]
     if not all(paths):
         raise BadInput(run_dir, "the scan's run log does not record its suite files")

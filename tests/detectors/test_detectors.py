@@ -117,3 +117,56 @@ def test_cli_lists_detectors():
     res = subprocess.run([sys.executable, "-m", "auditkit", "detectors", "ls"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0 and "nudenet-default" in res.stdout and "lab-cross" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["e.PT", "e.pickle", "e.Pth", "e.BIN", "e.npz", "e.txt", "e"])
+def test_clip_weights_other_than_safetensors_never_reach_an_unpickler(tiny_clip, tmp_path, no_unpickling, name):
+    # issue 26 H5: only .pt/.pth/.bin/.ckpt/.pkl (exact case) were refused; .PT, .pickle, ... reached torch.load
+    import pickle
+
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps({"x": [0.0, 0.0]}))
+    with pytest.raises(BadInput) as exc:
+        get("clip", model=tiny_clip, pretrained=str(path))
+    assert str(path) in str(exc.value) and ("pickle" in str(exc.value) or ".safetensors" in str(exc.value))
+
+
+def test_clip_weights_safetensors_in_any_case_are_read_by_auditkit(tiny_clip, tmp_path, no_unpickling):
+    # issue 26 H5: a .SAFETENSORS file is read by auditkit's reader (open_clip would hand it to torch.load)
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    model = open_clip.create_model(tiny_clip, pretrained=None)
+    lower, upper = tmp_path / "clip.safetensors", tmp_path / "CLIP.SafeTensors"
+    for path in (lower, upper):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    imgs = np.random.default_rng(2).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(get("clip", model=tiny_clip, pretrained=str(upper)).score(imgs),
+                               get("clip", model=tiny_clip, pretrained=str(lower)).score(imgs), rtol=1e-5)
+
+
+def test_clip_weights_that_are_a_renamed_pickle_or_do_not_fit_are_one_line(tiny_clip, tmp_path, no_unpickling):
+    # issue 26 H5
+    import torch.serialization
+    from safetensors.numpy import save_file
+
+    fake = tmp_path / "fake.safetensors"
+    torch.serialization.save({"x": 1}, str(fake))  # a zip pickle under a safetensors name
+    with pytest.raises(BadInput, match="pickle"):
+        get("clip", model=tiny_clip, pretrained=str(fake))
+    other = tmp_path / "other.safetensors"
+    save_file({"w": np.zeros(2, np.float32)}, str(other))
+    with pytest.raises(BadInput, match="do not fit"):
+        get("clip", model=tiny_clip, pretrained=str(other))
+    with pytest.raises(BadInput, match="no such file"):
+        get("clip", model=tiny_clip, pretrained=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("model", ["hf-hub:someone/clip", "local-dir:/tmp"])
+def test_clip_models_that_fetch_their_own_weights_are_refused(no_unpickling, model):
+    # issue 26 H5: open_clip's hf-hub:/local-dir: models pick .bin/.pth files and unpickle them
+    pytest.importorskip("open_clip")
+    with pytest.raises(BadInput, match="built-in model names"):
+        get("clip", model=model, pretrained=None)

@@ -166,6 +166,20 @@ def test_pickle_only_component_is_refused_without_reading_it(tmp_path):
     assert str(root / "unet") in str(e.value)
 
 
+def test_a_pickle_component_is_named_whatever_the_case_of_its_suffix(tmp_path):
+    # issue 26 H5: models/pipeline.py had its own, case-sensitive copy of the pickle suffixes
+    from auditkit.models.pipeline import check_pipeline_folder
+
+    root = pipeline(tmp_path, {"vae": {"w": np.ones(2, np.float32)}})
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    (root / "unet").mkdir()
+    (root / "unet" / "diffusion_pytorch_model.BIN").write_bytes(b"\x80\x04 never unpickled")
+    with pytest.raises(BadInput, match=r"component 'unet' has only pickle weights \(unet/diffusion_pytorch_model.BIN"):
+        check_pipeline_folder(root)
+
+
 def test_folder_without_model_index_is_refused(tmp_path):
     with pytest.raises(BadInput, match="no model_index.json"):
         BaseWeights(tmp_path)
