@@ -3,14 +3,17 @@
 For each phrase p, the concept suite's prompts are read as "p, prompt" and the denoiser's predictions
 compared at the points of the reference model's own sampling trajectory (a few steps from seeded noise)::
 
-    pull(p) = Σ ⟨ε_cand − ε_ref, d⟩ / Σ ‖d‖²
+    pull(p) = Σ ⟨ε_cand(p) − ε_ref(p), d(p)⟩ / Σ ‖d(∅)‖²
 
 with (ref, d) = (the safe model, ε_base − ε_safe) when a safety module is given (the noise reversion of
 :mod:`auditkit.analysis.reversion`: 1 = the candidate restores the base's prediction), and (the base,
 ε_base(prompt) − ε_base(neutral prompt)) for amplification against the base (the concept word replaced by
-the suite's neutral word). A phrase's **gain** is pull(p) − pull(no phrase): what the phrase adds. It runs
-the whole denoiser, so it sees effects the token sweep cannot (non-attention layers, several tokens
-together). Seeds are the search's own, never the probes'.
+the suite's neutral word). The denominator is the direction's energy on the prompts as written (∅), not
+with the phrase: a phrase that stops the base itself from drawing the concept shrinks d(p) and scores
+little, instead of dividing a small change by a small direction. A phrase's **gain** is pull(p) − pull(∅):
+what the phrase adds. It runs the whole denoiser, so it sees effects the token sweep cannot (non-attention
+layers, several tokens together). Every phrase is tried on the same noise per (prompt, seed), the search's
+own seeds, never the probes'.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ def pulled(eps_ref, eps_cand, direction) -> tuple[float, float]:
     return float((diff * direction).sum()), float((direction * direction).sum())
 
 
-def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
-                steps: int = 6, seeds: int = 2, batch: int = 64) -> list[float]:
-    """pull(p) for each phrase ("" = the prompts as written), ``seeds`` noises per prompt."""
+def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
+              steps: int = 6, seeds: int = 2, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ⟨ε_cand − ε_ref, d⟩, Σ‖d‖²) for each phrase ("" = the prompts as written), ``seeds`` noises per prompt;
+    pull(p) = inner(p) / energy(∅) (:func:`pull_scores`)."""
     import torch
 
     from auditkit.models.conditioning import encode
@@ -37,8 +41,8 @@ def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str]
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component
-    rows = [(i, f"{p}, {q}" if p else q, f"{p}, {n}" if p else n) for i, p in enumerate(phrases)
-            for q, n in zip(prompts, neutral, strict=True) for _ in range(seeds)]
+    rows = [(i, f"{p}, {q}" if p else q, f"{p}, {n}" if p else n, j * seeds + k) for i, p in enumerate(phrases)
+            for j, (q, n) in enumerate(zip(prompts, neutral, strict=True)) for k in range(seeds)]
     inner, energy = np.zeros(len(phrases)), np.zeros(len(phrases))
     amplification = not safety
     for start in range(0, len(rows), batch):
@@ -48,9 +52,9 @@ def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str]
         if amplification:
             with encoders_composed(pipe, denoiser=component):
                 text_neutral = encode(pipe, [r[2] for r in chunk])
-        gen = torch.Generator().manual_seed(PULL_SEED + start)
         sampler = den.sampler(steps)
-        x = den.noise(len(chunk), gen) * sampler.init_noise_sigma
+        x = torch.cat([den.noise(1, torch.Generator().manual_seed(PULL_SEED + r[3])) for r in chunk])
+        x = x * sampler.init_noise_sigma
         points, eps_ref = [], []
         with torch.no_grad(), composed(model, (safety, 1.0), component=component):
             for k, t in enumerate(sampler.timesteps):
@@ -66,9 +70,16 @@ def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str]
                 eps_dir = [den.predict(xk, tk, text_base).double() - eps_ref[k] for k, (xk, tk) in enumerate(points)]
             with composed(model, (safety, 1.0), (candidate, 1.0), component=component):
                 eps_cand = [den.predict(xk, tk, text_cand).double() for xk, tk in points]
-        for j, (i, _, _) in enumerate(chunk):
+        for j, (i, *_) in enumerate(chunk):
             for ref, cand, d in zip(eps_ref, eps_cand, eps_dir, strict=True):
                 a, b = pulled(ref[j], cand[j], d[j])
                 inner[i] += a
                 energy[i] += b
-    return [float(a / b) if b > 0 else 0.0 for a, b in zip(inner, energy, strict=True)]
+    return inner, energy
+
+
+def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
+                steps: int = 6, seeds: int = 2) -> list[float]:
+    """pull(p) for each phrase, normalised by the direction's energy on the prompts as written."""
+    inner, energy = pull_sums(pipe, ["", *phrases], prompts, neutral, candidate, safety, steps, seeds)
+    return [float(a / energy[0]) if energy[0] > 0 else 0.0 for a in inner[1:]]

@@ -16,24 +16,35 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from auditkit.discovery.phrases import Phrase, extend
-from auditkit.discovery.pull import pull_scores
 from auditkit.discovery.sweep import KVReader, token_sweep
 from auditkit.discovery.tokens import sequence_tokenizers
+
+
+@dataclass
+class Phrase:
+    ids: tuple[int, ...]  # as the swept tokenizer reads it
+    text: str
+    score: float  # the token sweep's key/value change (single tokens; 0 for extensions)
+    how: str  # "token sweep", "vocabulary sample" (a blind sweep) or "phrase extension"
 
 
 @dataclass(frozen=True)
 class Budget:
     """How much the search may do (the scan's ``trigger_search_*`` settings)."""
 
-    tokens: int = 0  # tokens swept per vocabulary (0: all of them)
-    phrases: int = 16  # phrases ranked behaviourally
+    tokens: int = 0  # tokens the data-free sweep reads per vocabulary (0: all of them)
+    phrases: int = 256  # phrases tried behaviourally: half single tokens (the sweep's best), half extensions
     steps: int = 6  # denoiser steps of each behavioural trajectory
     prompts: int = 4  # concept prompts each phrase is tried on
     probes: int = 2  # phrases handed to the dynamic scan
-    top: int = 24  # the sweep's best tokens the phrase extension joins
-    beam: int = 4
+    beam: int = 3  # phrases extended each round
     length: int = 4  # tokens in a phrase at most
+
+    def split(self, vocabulary: int) -> tuple[int, int]:
+        """(single tokens screened, tokens each beam phrase is extended with per round)."""
+        screen = min(vocabulary, (self.phrases + 1) // 2)
+        per_round = (self.phrases - screen) // max(self.length - 1, 1)
+        return screen, max(per_round // max(self.beam, 1), 1)
 
 
 @dataclass
@@ -71,8 +82,6 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
         suite: a concept suite (:class:`auditkit.suites.Suite`).
         candidate, safety: :class:`auditkit.lora.adapter.Adapter` (``safety`` None: amplification).
     """
-    from auditkit.analysis.triggers import clean
-
     start = time.perf_counter()
     found = Discovery(suite.name)
     cand_all = candidate.exact()
@@ -80,42 +89,86 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
     reader = KVReader(pipe, cand_all, safe_all)
     if reader.blind:
         found.notes.append("the candidate changes no text key/value projection and no text encoder: the token sweep "
-                           "sees nothing; tokens spread over the vocabulary are ranked behaviourally instead")
-    phrases: list[Phrase] = []
+                           "sees nothing; tokens spread over the vocabulary are tried behaviourally instead")
+    prompts = spread([p.text for p in suite.prompts], budget.prompts)
+    neutral = [_neutral(q, suite.concept_word, suite.neutral_word) for q in prompts]
+    trial = Trial(pipe, prompts, neutral, cand_all, safe_all, budget.steps)
+    found.baseline_pull = trial.baseline
     for swept in sequence_tokenizers(pipe):
         sweep = token_sweep(reader, swept, budget.tokens)
         found.sweeps.append({"tokenizer": swept, "swept": sweep.swept, "vocabulary": sweep.vocabulary,
                              "blind": sweep.blind, "baseline": sweep.baseline(),
                              "top": [{"id": t, "score": s} for t, s in sweep.ranked[:10]]})
-        if sweep.blind:
-            tokenizer = getattr(pipe, swept)
-            phrases += [Phrase((t,), tokenizer.decode([t]).strip(), 0.0, "vocabulary sample")
-                        for t, _ in spread(sweep.ranked, budget.phrases)]
-        else:
-            phrases += extend(reader, sweep, budget.top, budget.beam, budget.length)
-    tried: dict[str, Phrase] = {}
-    unusable = 0
-    for p in sorted(phrases, key=lambda p: -p.score):
-        text = clean(p.text)
-        if text is None:
-            unusable += 1
-        elif text.lower() not in {t.lower() for t in tried} and len(tried) < budget.phrases:
-            tried[text] = p
-    if unusable:
-        found.notes.append(f"{unusable} phrase(s) left out: their decoded text is no usable prompt word")
-    prompts = spread([p.text for p in suite.prompts], budget.prompts)
-    neutral = [_neutral(q, suite.concept_word, suite.neutral_word) for q in prompts]
-    texts = list(tried)
-    pulls = pull_scores(pipe, ["", *texts], prompts, neutral, cand_all, safe_all, budget.steps)
-    found.baseline_pull = pulls[0]
-    rows = [{"text": t, "how": tried[t].how, "sweep": tried[t].score, "pull": q, "gain": q - pulls[0]}
-            for t, q in zip(texts, pulls[1:], strict=True)]
-    rows.sort(key=lambda r: -r["gain"])
-    found.phrases = rows
-    positive = [r["text"] for r in rows if r["gain"] > 0]
-    found.probed = positive[: max(budget.probes, 1)] or [r["text"] for r in rows[:1]]
+        tokenizer = getattr(pipe, swept)
+        screen, width = budget.split(sweep.swept)
+        kv = dict(sweep.ranked)
+        order = spread(sweep.ranked, screen) if sweep.blind else sweep.ranked[:screen]
+        singles = [Phrase((t,), tokenizer.decode([t]).strip(), kv[t], "token sweep") for t, _ in order]
+        tried = trial.score(singles)
+        pool = [p.ids[0] for p in sorted(tried, key=lambda p: -trial.gain(p))[:width]]
+        beams = sorted(tried, key=lambda p: -trial.gain(p))[: budget.beam]
+        for _ in range(2, budget.length + 1):
+            grown = [Phrase(b.ids + (t,), tokenizer.decode([*b.ids, t]).strip(), 0.0, "phrase extension")
+                     for b in beams for t in pool if t not in b.ids]
+            scored = trial.score(grown)
+            if not scored:
+                break
+            beams = sorted(scored, key=lambda p: -trial.gain(p))[: budget.beam]
+    found.phrases = trial.rows()
+    positive = [r["text"] for r in found.phrases if r["gain"] > 0]
+    found.probed = positive[: max(budget.probes, 1)] or [r["text"] for r in found.phrases[:1]]
+    if trial.unusable:
+        found.notes.append(f"{trial.unusable} phrase(s) left out: their decoded text is no usable prompt word")
     found.seconds = time.perf_counter() - start
     return found
+
+
+class Trial:
+    """The behavioural ranking of phrases (:func:`auditkit.discovery.pull.pull_scores`), each text tried once."""
+
+    def __init__(self, pipe, prompts: list[str], neutral: list[str], candidate: dict, safety: dict, steps: int):
+        from auditkit.discovery.pull import pull_sums
+
+        self.args = (pipe, prompts, neutral, candidate, safety, steps)
+        inner, energy = pull_sums(pipe, [""], prompts, neutral, candidate, safety, steps)
+        self.energy = float(energy[0])
+        self.baseline = float(inner[0]) / self.energy if self.energy > 0 else 0.0
+        self.pulls: dict[str, float] = {}
+        self.phrases: dict[str, Phrase] = {}
+        self.unusable = 0
+
+    def _pull(self, texts: list[str]) -> list[float]:
+        from auditkit.discovery.pull import pull_sums
+
+        inner, _ = pull_sums(self.args[0], texts, *self.args[1:])
+        return [float(a) / self.energy if self.energy > 0 else 0.0 for a in inner]
+
+    def score(self, phrases: list[Phrase]) -> list[Phrase]:
+        """Pull the phrases not tried yet (a text once, whatever its ids); returns every usable one given."""
+        from auditkit.analysis.triggers import clean
+
+        usable, new = [], []
+        for p in phrases:
+            text = clean(p.text)
+            if text is None:
+                self.unusable += 1
+                continue
+            p = Phrase(p.ids, text, p.score, p.how)
+            if text.lower() not in self.phrases and all(text.lower() != q.text.lower() for q in new):
+                new.append(p)
+            usable.append(self.phrases.get(text.lower(), p))
+        for p, q in zip(new, self._pull([p.text for p in new]) if new else [], strict=True):
+            self.phrases[p.text.lower()], self.pulls[p.text.lower()] = p, q
+        return usable
+
+    def gain(self, p: Phrase) -> float:
+        return self.pulls[p.text.lower()] - self.baseline
+
+    def rows(self) -> list[dict]:
+        """Every phrase tried, best gain first: {"text", "how", "sweep", "pull", "gain"}."""
+        out = [{"text": p.text, "how": p.how, "sweep": p.score, "pull": self.pulls[k], "gain": self.gain(p)}
+               for k, p in self.phrases.items()]
+        return sorted(out, key=lambda r: -r["gain"])
 
 
 def _neutral(prompt: str, concept: str, neutral: str) -> str:

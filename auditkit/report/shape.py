@@ -8,7 +8,7 @@ null (a non-finite value is written so).
 
 from __future__ import annotations
 
-from auditkit.records import ANY, NUMBER, OBJECT, TEXT, fields, list_of, map_of, optional
+from auditkit.records import ANY, INDEX, NUMBER, OBJECT, TEXT, fields, list_of, map_of, optional
 
 FIGURE = optional(NUMBER)
 TEXTS = list_of(TEXT)
@@ -40,8 +40,12 @@ STATIC = fields(_figures("cancellation", "cosine", "energy_in_safety_subspace", 
                          thresholds=map_of(ANY), verdict=TEXT, reasons=ITEMS),
                 required=("verdict", "reasons", "groups", "modules", "top_modules"))
 
+SEARCHED = fields({"probed": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX})
 TRIGGERS = fields({"words": list_of(fields({"sources": list_of(OBJECT)})), "unprobed": ITEMS,
-                   "left_out": list_of(OBJECT), "notes": ITEMS, "sidecars": ITEMS})
+                   "left_out": list_of(OBJECT), "notes": ITEMS, "sidecars": ITEMS, "search": optional(SEARCHED)})
+TRIGGER_SEARCH = map_of(fields({"probed": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX, "seconds": NUMBER,
+                                "phrases": list_of(fields(_figures("sweep", "pull", "gain"))), "notes": ITEMS,
+                                "sweeps": list_of(OBJECT)}))
 METADATA_EVIDENCE = fields({"declared_triggers": ITEMS,
                             "suites": map_of(fields({"terms": ITEMS, "tags": list_of(OBJECT), "triggers": ITEMS}))})
 CONCEPT_CHECK = fields(_figures("reverted", "reverted_concept_tokens", noise_reversion=optional(
@@ -68,4 +72,5 @@ REPORT = fields({
     "candidate": ADAPTER, "safety": optional(ADAPTER), "static": optional(STATIC), "triggers": optional(TRIGGERS),
     "metadata_evidence": optional(METADATA_EVIDENCE), "concept_check": optional(CONCEPT_CHECK),
     "dynamic": optional(DYNAMIC), "repair": optional(REPAIR), "evidence": optional(OBJECT),
+    "trigger_search": optional(TRIGGER_SEARCH),
 }, required=("candidate",))

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from planted import hidden_state, kv_names, planted
 
-from auditkit.discovery.phrases import phrase_score
 from auditkit.discovery.pull import pulled
 from auditkit.discovery.sweep import kv_change
 from auditkit.lora.adapter import LoraModule, read_adapter
@@ -38,12 +37,6 @@ def test_pull_is_the_projection_of_the_candidates_change_on_the_direction():
     assert inner / energy == pytest.approx(-1.0)
     other = rng.normal(size=(3, 4))
     assert pulled(ref, other, d)[0] == pytest.approx(float(np.sum((other - ref) * d)))
-
-
-def test_a_phrase_scores_only_what_its_positions_change_above_an_ordinary_token():
-    assert phrase_score([0.1, 0.1, 0.1], 0.1) == pytest.approx(0.0)
-    assert phrase_score([2.1, 0.1], 0.1) == pytest.approx(2.0)
-    assert phrase_score([2.1, 1.1], 0.1) > phrase_score([2.1], 0.1)
 
 
 @pytest.fixture(scope="module")
