@@ -10,7 +10,6 @@ adapter that maps nothing fails closed (exit 3), one whose shapes fit no archite
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from auditkit.errors import BadInput, Unscannable
+from auditkit.fsutil import parse_json, read_json
 from auditkit.lora import algorithms, formats
 from auditkit.lora.io import SafetensorsFile, open_safetensors
 from auditkit.models import architectures
@@ -472,23 +472,14 @@ def _peft_configs(st: SafetensorsFile, path: Path, layout: str, notes: list[str]
     if formats.LAYOUTS[layout].config_file:
         cfg_path = path.with_name("adapter_config.json")
         if cfg_path.exists():
-            from auditkit.fsutil import read_bounded
-
-            raw_cfg = read_bounded(cfg_path, PEFT_CONFIG_LIMIT, "adapter_config.json")  # a FIFO or a huge file: refused
-            try:
-                cfg = json.loads(raw_cfg.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                raise BadInput(cfg_path, "adapter_config.json is not valid JSON") from None
+            cfg = read_json(cfg_path, "adapter_config.json", limit=PEFT_CONFIG_LIMIT, unique="key")
             if not isinstance(cfg, dict):
                 raise BadInput(cfg_path, "adapter_config.json is not a JSON object")
             configs["*"] = _checked_config(cfg, cfg_path)
             notes.append(f"scale from {cfg_path.name}")
     raw = st.metadata.get("lora_adapter_metadata")
     if raw and not configs:
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError:
-            raise BadInput(path, "metadata 'lora_adapter_metadata' is not valid JSON") from None
+        meta = parse_json(raw, path, "metadata 'lora_adapter_metadata'", limit=PEFT_CONFIG_LIMIT, unique="key")
         if not isinstance(meta, dict):
             raise BadInput(path, "metadata 'lora_adapter_metadata' is not a JSON object")
         for key, value in meta.items():

@@ -64,6 +64,12 @@ def test_json_error_response_is_named_without_quoting_the_error():
     assert "download failed" in described
 
 
+def test_a_deeply_nested_json_error_response_is_still_named():  # issue 26 M3: was a RecursionError
+    head = b'{"error":' + b"[" * 1015
+    assert identify_bytes(head) == ("a JSON error response, not a safetensors file: the download failed; "
+                                    "fetch the file again")
+
+
 @pytest.mark.parametrize("head", [b"404: Not Found", b"Entry not found", "Überschrift: kein Modell\n".encode()])
 def test_other_text_is_named_and_never_quoted(head):
     # issue 26 H4: `lora/identify._plain_text` quoted the first 60 characters of any file (a key, /etc/passwd)

@@ -304,3 +304,16 @@ def test_a_hostile_peft_config_is_refused_in_one_line(tmp_path, content, message
     with pytest.raises(BadInput, match=message) as err:
         read_adapter(tmp_path / "adapter_model.safetensors")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("meta, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),  # issue 26 M3: was a RecursionError
+    ('{"r": 4, "r": 8}', "duplicate key 'r'"),
+])
+def test_hostile_lora_adapter_metadata_is_refused_in_one_line(tmp_path, sd15, meta, message):
+    from conftest import assert_one_line_error
+
+    names = [n for n in sd15.modules if n.endswith("attn2.to_k")][:1]
+    path = save_adapter(random_modules(sd15, names), tmp_path / "d.safetensors", sd15, formats.DIFFUSERS,
+                        metadata={"lora_adapter_metadata": meta})
+    assert_one_line_error(lambda: read_adapter(path), path, message)
