@@ -317,3 +317,18 @@ def test_hostile_lora_adapter_metadata_is_refused_in_one_line(tmp_path, sd15, me
     path = save_adapter(random_modules(sd15, names), tmp_path / "d.safetensors", sd15, formats.DIFFUSERS,
                         metadata={"lora_adapter_metadata": meta})
     assert_one_line_error(lambda: read_adapter(path), path, message)
+
+
+@pytest.mark.parametrize("base_model, expected", [
+    ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
+    ("runwayml/stable-diffusion-v1-5", "sd15"),
+])
+def test_a_peft_text_encoder_adapter_is_read_for_the_base_its_config_names(tmp_path, sd15, base_model, expected):
+    # issue 26 (real files): SDXL's first text encoder has SD1.x's shapes; adapter_config.json says which it was
+    names = [n for n in sd15.modules if n.startswith("text_encoder.") and n.endswith("self_attn.q_proj")][:2]
+    path = save_adapter(random_modules(sd15, names), tmp_path / "adapter_model.safetensors", sd15, formats.PEFT)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base_model}))
+    adapter = read_adapter(path)
+    assert adapter.architecture.name == expected and {"sd15", "sdxl"} <= set(adapter.architecture_candidates)
+    assert not any("several" in n for n in adapter.notes)
