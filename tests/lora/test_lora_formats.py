@@ -332,3 +332,18 @@ def test_a_peft_text_encoder_adapter_is_read_for_the_base_its_config_names(tmp_p
     adapter = read_adapter(path)
     assert adapter.architecture.name == expected and {"sd15", "sdxl"} <= set(adapter.architecture_candidates)
     assert not any("several" in n for n in adapter.notes)
+
+
+def test_the_exact_conversion_handed_to_diffusers_warns_of_nothing(tmp_path, sd15):
+    # issue 26 L15: factors read from a memory map are read-only; torch.from_numpy warned of them
+    import warnings
+
+    pytest.importorskip("torch")
+    from auditkit.lora.write import diffusers_source
+
+    names = [n for n in sd15.modules if n.endswith("attn2.to_k")][:2]
+    adapter = read_adapter(save_adapter(random_modules(sd15, names), tmp_path / "a.safetensors", sd15))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = diffusers_source(adapter, ())
+    assert len(state) == 2 * len(names) and all(t.numpy().flags.writeable for t in state.values())
