@@ -231,6 +231,9 @@ def read_adapter(
     if algorithm:
         raise Unscannable(path, f"{algorithm} adapters are not supported yet; LoRA, LoCon, LoHa, LoKr, "
                                 "full-diff and DoRA can be scanned")
+    unreadable = formats.unreadable_layout(keys)
+    if unreadable:
+        raise BadInput(path, f"a file in {unreadable}")
     layout = formats.detect_layout(keys)
     if layout is None:
         raise Unscannable(path, "no LoRA keys recognised (expected kohya, LyCORIS, diffusers or peft layout)"

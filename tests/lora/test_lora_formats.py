@@ -347,3 +347,16 @@ def test_the_exact_conversion_handed_to_diffusers_warns_of_nothing(tmp_path, sd1
         warnings.simplefilter("error")
         state = diffusers_source(adapter, ())
     assert len(state) == 2 * len(names) and all(t.numpy().flags.writeable for t in state.values())
+
+
+def test_cloneofsimos_lora_diffusion_format_is_named_and_refused(tmp_path):
+    # issue 26 (real files): positional keys gave "no LoRA keys recognised"; their module order is not reproduced
+    from conftest import assert_one_line_error
+
+    tensors = {f"{c}:{i}:{p}": np.ones((4, 320) if p == "down" else (320, 4), np.float32)
+               for c, n in (("unet", 3), ("text_encoder", 2)) for i in range(n) for p in ("up", "down")}
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path), metadata={"unet": '["CrossAttention", "Attention", "GEGLU"]',
+                                            "text_encoder": '["CLIPAttention"]'})
+    assert_one_line_error(lambda: read_adapter(path), path, "cloneofsimo's lora_diffusion format")
+    assert_one_line_error(lambda: read_adapter(path), path, "not supported")
