@@ -258,7 +258,10 @@ def read_adapter(
         module, reason = next(iter(incomplete.items()))
         raise Unscannable(path, f"no complete adapter module: '{module}' {reason}")
     hint = _declared_architecture(st, path, layout)
-    chosen, resolved, fitting = _choose_architecture(path, layout, shapes, choices, hint)
+    try:
+        chosen, resolved, fitting = _choose_architecture(path, layout, shapes, choices, hint)
+    except Unscannable as exc:  # names of no architecture: say what the file is when it can be told
+        raise Unscannable(path, exc.problem + _what_it_is(st)) from None
 
     coverage = Coverage(ignored=ignored, unmapped=list(unparsed))
     notes: list[str] = []

@@ -298,3 +298,9 @@ def test_a_module_weight_missing_or_not_float_lowers_coverage_and_is_named(tmp_p
     assert adapter.coverage.fraction < 1 and f"unet.{key}" in adapter.coverage.unmapped
     assert f"unet.{key[:-len('.weight')]}" not in adapter.update.unchanged
     assert any("missing or not floating-point" in n and f"unet.{key}" in n for n in adapter.notes), adapter.notes
+
+
+def test_an_adapter_given_as_a_full_model_is_named_as_an_adapter(lab):  # issue 26 L9: was "another architecture"
+    with pytest.raises(BadInput, match="its keys are a LoRA adapter's, not a full model's") as err:
+        read_full_model(full_models.SAFETY_U, "lab", lab)
+    assert "another architecture" not in str(err.value)
