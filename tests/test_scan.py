@@ -176,7 +176,7 @@ def test_the_configured_min_coverage_reaches_the_loaders_fail_closed_check(tmp_p
     for value in (0.5, 1.0):
         config = auditkit.ScanConfig(candidate=ADAPTERS / "safety-esd-u.safetensors", base="lab",
                                      suites=(str(tmp_path / "tiny.yaml"),), out=tmp_path / "r",
-                                     static=StaticThresholds(min_coverage=value))
+                                     static=StaticThresholds(min_coverage=value), trigger_search=False)
         with pytest.raises(Unscannable, match="stop here"):
             auditkit.scan(config)
     assert asked == [0.5, 1.0]
