@@ -7,7 +7,7 @@ from importlib import metadata
 from pathlib import Path
 
 from auditkit import __version__
-from auditkit.config import DynamicThresholds
+from auditkit.config import DynamicThresholds, StaticThresholds
 from auditkit.distributed import Ranks
 from auditkit.lora.adapter import Adapter
 from auditkit.report.digest import digest
@@ -83,16 +83,17 @@ def load_base(base: str, device: str | None = None, full_precision: bool = False
 
 
 @contextlib.contextmanager
-def loaded(pipe, adapters: dict[str, Adapter]):
+def loaded(pipe, adapters: dict[str, Adapter], min_coverage: float = StaticThresholds.min_coverage):
     """The scan's adapters loaded into ``pipe``: yields (coverage, LoRA roles, the full models' Overlay or
-    None). On leaving, also when loading fails part-way (a safety module loaded, then a candidate refused),
+    None); a LoRA of which diffusers applies less than ``min_coverage`` is refused (Unscannable). On leaving,
+    also when loading fails part-way (a safety module loaded, then a candidate refused),
     the pipeline is put back as it came, so a pipeline reused for the next candidate holds nothing of this
     one."""
     loras = {role: a for role, a in adapters.items() if a.update is None}
     full = {role: a for role, a in adapters.items() if a.update is not None}
     overlay = None
     try:
-        coverage = load_adapters(pipe, loras)
+        coverage = load_adapters(pipe, loras, min_coverage)
         if full:  # full models are rendered as themselves: every changed tensor written per configuration
             from auditkit.models.overlay import Overlay
 
@@ -131,7 +132,8 @@ def render_settings(pipe, batch_size: int) -> dict:
 
 
 def render_shared(pipe, base: str, safety: Adapter | None, suites: list[Suite], run_dir: str | Path,
-                  steps: int | None = None, batch_size: int = 16, progress=None) -> SharedRenders:
+                  steps: int | None = None, batch_size: int = 16, progress=None,
+                  min_coverage: float = StaticThresholds.min_coverage) -> SharedRenders:
     """Render the configurations every candidate shares (base, and base+safety with a safety module) once,
     into ``run_dir`` (resumable); :meth:`SharedRenders.seed` puts them into a candidate's run log, so that
     :func:`run_dynamic` renders only the candidate's configurations. See :mod:`auditkit.shared`."""
@@ -142,7 +144,7 @@ def render_shared(pipe, base: str, safety: Adapter | None, suites: list[Suite], 
     configs = [c for c in configurations((1.0,), with_safety=safety is not None) if c.name in SHARED_CONFIGS]
     header = {**_header(base, suites, (), steps, adapters, detectors, ()), "shared": [c.name for c in configs],
               "render": render_settings(pipe, batch_size)}
-    with loaded(pipe, adapters) as (_, roles, overlay):
+    with loaded(pipe, adapters, min_coverage) as (_, roles, overlay):
         RunLog(run_dir).start(header)
         run(pipe, plan(suites, steps), configs, detectors, run_dir, roles=roles, batch_size=batch_size,
             progress=progress, overlay=overlay)
@@ -153,7 +155,7 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
                 run_dir: str | Path, multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None,
                 batch_size: int = 16, thresholds: DynamicThresholds | None = None, progress=None,
                 ranks: Ranks | None = None, triggers: list[str] | tuple[str, ...] = (),
-                shared: SharedRenders | None = None) -> dict:
+                shared: SharedRenders | None = None, min_coverage: float = StaticThresholds.min_coverage) -> dict:
     """Render with ``pipe`` (from :func:`load_base`), score and digest; resumable in ``run_dir``.
 
     With a safety module: base, base+safety, base+safety+candidate@m and base+candidate@m
@@ -164,6 +166,7 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     recorded in the header, so a run resumed with other trigger words is refused.
     ``shared``: base and base+safety already rendered for these suites (:func:`render_shared`): their
     records and images are taken into this run instead of being rendered again (same images, same report).
+    ``min_coverage``: the configured share of an adapter's modules diffusers must apply (fail closed).
     """
     from auditkit import detectors as registry
     from auditkit.models.pipeline import denoiser_of
@@ -177,7 +180,7 @@ def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, sui
     header = _header(base, suites, multipliers, steps, adapters, detectors, triggers)
     ranks = ranks or Ranks()
     log = RunLog(run_dir)
-    with loaded(pipe, adapters) as (coverage, roles, overlay):
+    with loaded(pipe, adapters, min_coverage) as (coverage, roles, overlay):
         if ranks.main and log.header() is None:
             log.start(header)  # written once, before any rank renders
         if ranks.main and shared is not None:

@@ -6,7 +6,9 @@ second instead of after the work is done.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -99,9 +101,12 @@ def read_bounded(path: str | Path, limit: int, what: str = "file") -> bytes:
         except OSError as exc:
             raise BadInput(path, f"cannot read the {what} ({exc.strerror or exc})") from None
     if len(raw) > limit:
-        size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
-        raise BadInput(path, f"{what} is larger than {size}")
+        raise BadInput(path, f"{what} is larger than {_size(limit)}")
     return raw
+
+
+def _size(limit: int) -> str:
+    return f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
 
 
 def check_writable(path: str | Path) -> Path:
@@ -146,3 +151,76 @@ def check_output_folder(folder: str | Path) -> Path:
         raise BadInput(folder, "output folder inside the installed auditkit package; choose another --out")
     check_writable(folder / "report.json")
     return folder
+
+
+# --- untrusted JSON ---------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # the deepest real file auditkit reads (kohya's ss_datasets) nests 6 levels
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _first_repeat(pairs: list[tuple[str, object]]) -> str:
+    seen: set[str] = set()
+    return next(k for k, _ in pairs if k in seen or seen.add(k))
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in the JSON text ``raw`` (brackets inside strings do not count).
+
+    Counted without recursion, in fixed-size chunks: a 100 MB header of brackets costs milliseconds and
+    a few MB of memory, where :func:`json.loads` would hit Python's recursion limit.
+    """
+    import numpy as np
+
+    skeleton = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    level = peak = 0
+    chunk = 1 << 20
+    for start in range(0, len(skeleton), chunk):
+        part = np.frombuffer(skeleton, np.uint8, count=min(chunk, len(skeleton) - start), offset=start)
+        running = level + np.cumsum(np.where((part == ord("[")) | (part == ord("{")), 1, -1), dtype=np.int64)
+        peak, level = max(peak, int(running.max())), int(running[-1])
+    return peak
+
+
+def parse_json(raw: bytes | str, path: str | Path, what: str, *, limit: int, depth: int = MAX_JSON_DEPTH,
+               unique: str | None = None) -> object:
+    """The untrusted JSON text ``raw`` (UTF-8 bytes, a BOM allowed, or text) as Python data, bounded in size and depth.
+
+    Every problem is a one-line :class:`BadInput` naming ``path`` and saying what ``what`` is: larger than
+    ``limit`` bytes, nested deeper than ``depth``, not UTF-8, not JSON (numbers with thousands of digits
+    included). ``unique`` names what an object's keys are (``"tensor name"``): given, a key repeated in one
+    object is refused ("duplicate tensor name 'x'"; a nested object's repeat is a "duplicate key"), where
+    Python would silently keep the last.
+    """
+    raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(raw) > limit:
+        raise BadInput(path, f"{what} is larger than {_size(limit)}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadInput(path, f"{what} is not valid JSON: not UTF-8 text") from None
+    if json_depth(raw) > depth:
+        raise BadInput(path, f"{what} is not valid JSON (nested deeper than {depth} levels)")
+    repeats: list[tuple[str, dict]] = []  # (repeated key, its object), innermost objects first
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        obj = dict(items)
+        if len(obj) != len(items):
+            repeats.append((_first_repeat(items), obj))
+        return obj
+
+    try:
+        data = json.loads(text, object_pairs_hook=pairs if unique else None)
+    except (ValueError, RecursionError):  # JSONDecodeError; a 5000-digit number
+        raise BadInput(path, f"{what} is not valid JSON") from None
+    if repeats:
+        key, obj = next(((k, o) for k, o in repeats if o is data), repeats[0])
+        raise BadInput(path, f"duplicate {unique if obj is data else 'key'} {key!r} in the {what}")
+    return data
+
+
+def read_json(path: str | Path, what: str, *, limit: int, depth: int = MAX_JSON_DEPTH,
+              unique: str | None = None) -> object:
+    """:func:`parse_json` of the regular file at ``path`` (read with :func:`read_bounded`)."""
+    return parse_json(read_bounded(path, limit, what), path, what, limit=limit, depth=depth, unique=unique)

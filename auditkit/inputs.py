@@ -106,7 +106,25 @@ def read_input(path: str | Path, role: str, base: str | None = None, base_arch: 
         base = _need_base(path, base, role)
         return read_full_model(path, base, base_arch or base_architecture(base), energy=energy,
                                reference=reference, compared_with=compared_with)
-    return with_base_weights(read_adapter(path, arch=arch, extra_architectures=extra_architectures), base)
+    adapter = read_adapter(path, arch=arch, extra_architectures=extra_architectures)
+    if base is not None:
+        from auditkit.models.pipeline import base_architecture
+
+        adapter = for_base(adapter, role, base, base_arch or base_architecture(base), arch is None)
+    return with_base_weights(adapter, base)
+
+
+def for_base(adapter: Adapter, role: str, base: str, base_arch: Architecture, may_reread: bool = True) -> Adapter:
+    """``adapter`` as it changes ``base``, checked before any model loads: read again for the base's
+    architecture when it fits several and another was assumed (``may_reread``: no ``--arch`` was given);
+    BadInput naming both architectures when it does not fit the base at all (an SD1.5 LoRA on an SDXL base
+    would fail deep inside the model, or change nothing)."""
+    if adapter.architecture.name == base_arch.name:
+        return adapter
+    if may_reread and base_arch.name in adapter.architecture_candidates:
+        return read_adapter(adapter.path, arch=base_arch)
+    raise BadInput(adapter.path, f"the {role} adapts {adapter.architecture.name} ({adapter.architecture.label}): "
+                                 f"another architecture than --base {base} ({base_arch.name}: {base_arch.label})")
 
 
 def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from auditkit.config import StaticThresholds
 from auditkit.distributed import Ranks, shard
 from auditkit.errors import Unscannable
 from auditkit.lora.write import diffusers_source
@@ -75,9 +76,11 @@ def plan(suites: Sequence[Suite], steps: int | None = None) -> list[Job]:
     return jobs
 
 
-def load_adapters(pipe, adapters: dict[str, object], min_coverage: float = 0.95) -> dict[str, dict]:
+def load_adapters(pipe, adapters: dict[str, object],
+                  min_coverage: float = StaticThresholds.min_coverage) -> dict[str, dict]:
     """Load each adapter (role -> canonical :class:`~auditkit.lora.adapter.Adapter`) with diffusers and
-    check how many of its modules really received LoRA layers. Fails closed below ``min_coverage``.
+    check how many of its modules really received LoRA layers. Fails closed below ``min_coverage`` (the
+    configured ``min_coverage``: :func:`auditkit.dynamic.run_dynamic` passes it on).
 
     Every module of the adapter counts, in whichever component it is (both SDXL text encoders
     included): a module in a component the pipeline's family does not have was not loaded.

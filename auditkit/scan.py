@@ -257,7 +257,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
                 dynamic = run_dynamic(pipe, config.base, candidate, safety, probed, out, config.multipliers,
                                       config.steps, config.batch_size, config.dynamic,
                                       progress=_stage(progress, "dynamic scan"), ranks=ranks,
-                                      triggers=triggers.words if declared is not suites else (), shared=shared)
+                                      triggers=triggers.words if declared is not suites else (), shared=shared,
+                                      min_coverage=config.static.min_coverage)
             dynamic["show_flagged"] = config.show_flagged
             gathered.append(BEHAVIOURAL)
     if static is not None:
@@ -293,7 +294,7 @@ def render_shared_for(config: ScanConfig, run_dir: str | Path, pipeline=None, pr
         safety = read_input(config.safety, "safety module", config.base, base_arch, config.arch, extra, config.energy)
     pipe, _ = _pipeline(config, pipeline, None)
     return render_shared(pipe, config.base, safety, suites, run_dir, config.steps, config.batch_size,
-                         progress=_stage(progress, "shared renders"))
+                         progress=_stage(progress, "shared renders"), min_coverage=config.static.min_coverage)
 
 
 def _base_architecture(base: str | None, pipeline) -> tuple:

@@ -148,3 +148,35 @@ def test_a_pipeline_folder_with_only_pickle_weights_is_refused_before_loading(tm
 
     with pytest.raises(BadInput, match="no .safetensors weights"):
         load_pipeline(str(folder))
+
+
+def test_the_configured_min_coverage_reaches_the_loaders_fail_closed_check(tmp_path, monkeypatch):
+    """# issue 26: runner.load_adapters was always called with its default 0.95, whatever --min-coverage said.
+    No model loads: the base pipeline is a stand-in and the loader records what it was asked for."""
+    import types
+
+    import auditkit
+    import auditkit.dynamic
+    import auditkit.models.pipeline
+    from auditkit.config import StaticThresholds
+    from auditkit.errors import Unscannable
+
+    asked = []
+
+    def load_adapters(pipe, adapters, min_coverage=None):
+        asked.append(min_coverage)
+        raise Unscannable(None, "stop here: nothing renders in this test")
+
+    denoiser = types.SimpleNamespace(device="cpu", dtype="torch.float32")
+    pipe = types.SimpleNamespace(unload_lora_weights=lambda: None)
+    monkeypatch.setattr(auditkit.dynamic, "load_base", lambda base, device=None: (pipe, "cpu", "float32"))
+    monkeypatch.setattr(auditkit.dynamic, "load_adapters", load_adapters)
+    monkeypatch.setattr(auditkit.models.pipeline, "denoiser_of", lambda pipe: denoiser)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    for value in (0.5, 1.0):
+        config = auditkit.ScanConfig(candidate=ADAPTERS / "safety-esd-u.safetensors", base="lab",
+                                     suites=(str(tmp_path / "tiny.yaml"),), out=tmp_path / "r",
+                                     static=StaticThresholds(min_coverage=value), trigger_search=False)
+        with pytest.raises(Unscannable, match="stop here"):
+            auditkit.scan(config)
+    assert asked == [0.5, 1.0]

@@ -10,7 +10,6 @@ adapter that maps nothing fails closed (exit 3), one whose shapes fit no archite
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from auditkit.errors import BadInput, Unscannable
+from auditkit.fsutil import parse_json, read_json
 from auditkit.lora import algorithms, formats
 from auditkit.lora.io import SafetensorsFile, open_safetensors
 from auditkit.models import architectures
@@ -231,6 +231,9 @@ def read_adapter(
     if algorithm:
         raise Unscannable(path, f"{algorithm} adapters are not supported yet; LoRA, LoCon, LoHa, LoKr, "
                                 "full-diff and DoRA can be scanned")
+    unreadable = formats.unreadable_layout(keys)
+    if unreadable:
+        raise BadInput(path, f"a file in {unreadable}")
     layout = formats.detect_layout(keys)
     if layout is None:
         raise Unscannable(path, "no LoRA keys recognised (expected kohya, LyCORIS, diffusers or peft layout)"
@@ -254,7 +257,11 @@ def read_adapter(
     if not shapes:
         module, reason = next(iter(incomplete.items()))
         raise Unscannable(path, f"no complete adapter module: '{module}' {reason}")
-    chosen, resolved, fitting = _choose_architecture(st, path, layout, shapes, choices)
+    hint = _declared_architecture(st, path, layout)
+    try:
+        chosen, resolved, fitting = _choose_architecture(path, layout, shapes, choices, hint)
+    except Unscannable as exc:  # names of no architecture: say what the file is when it can be told
+        raise Unscannable(path, exc.problem + _what_it_is(st)) from None
 
     coverage = Coverage(ignored=ignored, unmapped=list(unparsed))
     notes: list[str] = []
@@ -279,7 +286,7 @@ def read_adapter(
         notes.append(f"{dora} DoRA module(s): their exact update needs the base weights; without them the "
                      "static scan compares the low-rank direction only")
     coverage.unmapped.sort()
-    if len(fitting) > 1 and architectures.metadata_hint(st.metadata) not in fitting:
+    if len(fitting) > 1 and hint not in fitting:
         notes.append(f"its module names and shapes fit several architectures ({', '.join(fitting)}); "
                      f"{chosen.name} is assumed: pass --arch (or a --base) to say which model it adapts")
     return Adapter(
@@ -395,10 +402,22 @@ def _magnitude(st: SafetensorsFile, path: Path, keyset: dict[str, str], shape: M
     return m.reshape(-1), axis
 
 
+def _declared_architecture(st: SafetensorsFile, path: Path, layout: str) -> str | None:
+    """The architecture the file says it adapts: its metadata's claim (kohya, modelspec), else the base model
+    its peft ``adapter_config.json`` names (``base_model_name_or_path``): what settles a tie between
+    architectures whose shapes the file fits alike (SDXL's first text encoder is SD1.x's)."""
+    claim = architectures.metadata_hint(st.metadata)
+    if claim is None and formats.LAYOUTS[layout].config_file:
+        base = (_peft_config_file(path) or {}).get("base_model_name_or_path")
+        claim = architectures.named_hint(base) if isinstance(base, str) else None
+    return claim
+
+
 def _choose_architecture(
-    st: SafetensorsFile, path: Path, layout: str, shapes: dict, choices: list[Architecture]
+    path: Path, layout: str, shapes: dict, choices: list[Architecture], hint: str | None
 ) -> tuple[Architecture, dict[str, str], list[str]]:
-    """Pick the architecture whose names and shapes fit; fail closed when none does."""
+    """Pick the architecture whose names and shapes fit (ties broken by the file's ``hint``); fail closed
+    when none does."""
     results = []  # (arch, resolved, misfits)
     for arch in choices:
         resolved: dict[str, str] = {}
@@ -426,7 +445,6 @@ def _choose_architecture(
             raise Unscannable(path, f"no module name maps to a known architecture ({names})")
         best = max(with_names, key=lambda r: len(r[1]) + len(r[2]))
         raise BadInput(path, f"shapes fit no known architecture: {best[2][0]}")
-    hint = architectures.metadata_hint(st.metadata)
     best_count = max(len(r[1]) for r in good)
     top = [r for r in good if len(r[1]) == best_count]
     pick = next((r for r in top if r[0].name == hint), top[0])
@@ -469,26 +487,13 @@ PEFT_CONFIG_LIMIT = 1 << 20  # peft's adapter_config.json is a few KiB
 def _peft_configs(st: SafetensorsFile, path: Path, layout: str, notes: list[str]) -> dict[str, dict]:
     """peft LoraConfig dicts per component ('*' = applies to all) from adapter_config.json or metadata."""
     configs: dict[str, dict] = {}
-    if formats.LAYOUTS[layout].config_file:
-        cfg_path = path.with_name("adapter_config.json")
-        if cfg_path.exists():
-            from auditkit.fsutil import read_bounded
-
-            raw_cfg = read_bounded(cfg_path, PEFT_CONFIG_LIMIT, "adapter_config.json")  # a FIFO or a huge file: refused
-            try:
-                cfg = json.loads(raw_cfg.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                raise BadInput(cfg_path, "adapter_config.json is not valid JSON") from None
-            if not isinstance(cfg, dict):
-                raise BadInput(cfg_path, "adapter_config.json is not a JSON object")
-            configs["*"] = _checked_config(cfg, cfg_path)
-            notes.append(f"scale from {cfg_path.name}")
+    cfg = _peft_config_file(path) if formats.LAYOUTS[layout].config_file else None
+    if cfg is not None:
+        configs["*"] = _checked_config(cfg, path.with_name("adapter_config.json"))
+        notes.append("scale from adapter_config.json")
     raw = st.metadata.get("lora_adapter_metadata")
     if raw and not configs:
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError:
-            raise BadInput(path, "metadata 'lora_adapter_metadata' is not valid JSON") from None
+        meta = parse_json(raw, path, "metadata 'lora_adapter_metadata'", limit=PEFT_CONFIG_LIMIT, unique="key")
         if not isinstance(meta, dict):
             raise BadInput(path, "metadata 'lora_adapter_metadata' is not a JSON object")
         for key, value in meta.items():
@@ -500,6 +505,17 @@ def _peft_configs(st: SafetensorsFile, path: Path, layout: str, notes: list[str]
         configs = {c: _checked_config(v, path) for c, v in configs.items()}
         notes.append("scale from the file's lora_adapter_metadata")
     return configs
+
+
+def _peft_config_file(path: Path) -> dict | None:
+    """The ``adapter_config.json`` beside a peft file (None when there is none), bounded and a JSON object."""
+    cfg_path = path.with_name("adapter_config.json")
+    if not (cfg_path.exists() or cfg_path.is_symlink()):
+        return None
+    cfg = read_json(cfg_path, "adapter_config.json", limit=PEFT_CONFIG_LIMIT, unique="key")
+    if not isinstance(cfg, dict):
+        raise BadInput(cfg_path, "adapter_config.json is not a JSON object")
+    return cfg
 
 
 def _checked_config(cfg: dict, where: Path) -> dict:

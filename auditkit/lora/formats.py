@@ -48,6 +48,17 @@ _UNSUPPORTED = (
     (re.compile(r"\.(glora_|ia3_|on_input\b)|\.weight_ia3"), "LyCORIS GLoRA/IA3"),
 )
 
+# Layouts recognised but not read: (a key of the layout matches, what it is and why it is not read).
+_UNREADABLE_LAYOUTS = (
+    # cloneofsimo/lora's lora_diffusion (2022-23): "unet:0:up", "text_encoder:5:down", and metadata listing the
+    # target classes; a module is only its index in a walk over the model's modules of those classes, an order
+    # that depends on the diffusers version it was trained with (attention class names changed since)
+    (re.compile(r"^(unet|text_encoder):\d+:(up|down)$"),
+     "cloneofsimo's lora_diffusion format (positional keys such as 'unet:0:up'), which is not supported: it names "
+     "modules only by their position in the model, which auditkit cannot place with certainty; convert it to the "
+     "kohya or diffusers layout with the tools of the diffusers version it was trained with"),
+)
+
 # Keys that carry no weight update of a scanned module: textual-inversion embeddings bundled by
 # kohya, and framework bookkeeping.
 _IGNORED = re.compile(r"^(bundle_emb\.|emb_params$|clip_l$|clip_g$|string_to_param\.|string_to_token\.)")
@@ -102,6 +113,11 @@ def unsupported_algorithm(keys: list[str]) -> str | None:
             if pattern.search(key):
                 return label
     return None
+
+
+def unreadable_layout(keys: list[str]) -> str | None:
+    """What a file in a layout auditkit recognises but does not read is, and why, if any key is of one."""
+    return next((why for pattern, why in _UNREADABLE_LAYOUTS if any(pattern.match(k) for k in keys)), None)
 
 
 def is_ignored(key: str) -> bool:

@@ -216,6 +216,14 @@ KEY_KINDS: tuple[KeyKind, ...] = (
     # A few dot-free keys (token names) holding vectors: diffusers' save of learned embeddings.
     _kind("ti-tokens", r"(?!weight$|bias$)[^.]{1,80}$", _TI.replace("{layout}", "diffusers format, token {key}"),
           family_format=_FOR, all_keys=True),
+    # Weights and biases of a diffusion model's blocks, but not a whole component (the kinds above match those):
+    # a partial checkpoint, e.g. an erasure method's changed tensors only.
+    _kind("partial", r"(unet\.|transformer\.|text_encoder(_\d)?\.)?(down_blocks\.\d+|mid_block|up_blocks\.\d+|"
+                     r"(single_)?transformer_blocks\.\d+|(text_model\.)?encoder\.layers\.\d+)\..*\.(weight|bias)$",
+          "full weights of part of a model{family}: {n} tensors such as {key}, a partial checkpoint (e.g. only the "
+          "changed tensors) with no LoRA or PEFT adapter layers, " + _NOT_ADAPTER + "; a full model is read whole "
+          "(a pipeline or component folder, or a whole-model file) with --base", family_format=" ({})",
+          all_keys=True),
     # Anything else made only of weights and biases: an ordinary model's parameters.
     _kind("model", r".+\.(weight|bias)$",
           "the weights of an ordinary model ({n} tensors such as {key}) with no LoRA or PEFT adapter layers, "
@@ -242,7 +250,7 @@ FAMILY_BY_KEY: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
 # Cross-attention keys read the text embedding: 768-d (SD1.x), 1024-d (SD2.x), 2048-d (SDXL).
 _CROSS_ATTN = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 1280: "SDXL refiner"}
 FAMILY_BY_WIDTH: tuple[tuple[frozenset[str], re.Pattern[str], int, dict[int, str]], ...] = (
-    (frozenset({"checkpoint", "unet"}), re.compile(r".*attn2\.to_k\.weight$"), 1, _CROSS_ATTN),
+    (frozenset({"checkpoint", "unet", "partial"}), re.compile(r".*attn2\.to_k\.weight$"), 1, _CROSS_ATTN),
     (frozenset({"clip"}), re.compile(r".*self_attn\.q_proj\.weight$"), 0,
      {768: "ViT-L/14, as in SD1.x and SDXL's first text encoder", 1024: "OpenCLIP ViT-H/14, as in SD2.x",
       1280: "OpenCLIP ViT-bigG/14, as in SDXL's second text encoder"}),
@@ -306,6 +314,9 @@ def identify_keys(
         'a full SDXL checkpoint in the original (LDM/SG'
     """
     shapes = shapes or {}
+    bundled = _bundled_with_adapter(keys, shapes)
+    if bundled:
+        return bundled
     found = key_kind(keys, shapes)
     if found is not None:
         kind, key = found
@@ -319,11 +330,33 @@ def identify_keys(
     return None
 
 
+_BUNDLED_MIN_WEIGHTS = 16
+
+
+def looks_like_adapter(keys: list[str]) -> bool:
+    """True when some key is named like an adapter's (LoRA, LyCORIS, DoRA factors or alphas)."""
+    return any(_ADAPTER_HINT.search(k) for k in keys)
+
+
+def _bundled_with_adapter(keys: list[str], shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """A model's full weights saved together with adapter keys (a merged-and-saved UNet with its LoRA beside it):
+    neither an adapter nor a full model auditkit can read as one. A few full weights beside adapter keys say
+    nothing (an adapter layout auditkit does not know may hold some): a component has hundreds."""
+    adapter = [k for k in keys if _ADAPTER_HINT.search(k)]
+    rest = [k for k in keys if not _ADAPTER_HINT.search(k)]
+    found = key_kind(rest, shapes) if adapter and len(rest) >= _BUNDLED_MIN_WEIGHTS else None
+    if found is None or not found[0].extract_hint:
+        return None
+    what = found[0].description.split(" (")[0].replace("{family}", "")
+    return (f"{what} (full weights: {len(rest):,} tensors) bundled with {len(adapter):,} LoRA keys (such as "
+            f"{_quote(adapter[0])}), not an adapter on its own: save the adapter's keys alone to scan them")
+
+
 def key_kind(keys: list[str], shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[KeyKind, str] | None:
     """The first :data:`KEY_KINDS` record a non-adapter file's keys match, with the matching key; None for
     adapter-like keys or keys of no known kind."""
     shapes = shapes or {}
-    if not keys or any(_ADAPTER_HINT.search(k) for k in keys):
+    if not keys or looks_like_adapter(keys):
         return None
     for kind in KEY_KINDS:
         key = _matching_key(kind, keys)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from auditkit.errors import BadInput
+from auditkit.fsutil import parse_json
 from auditkit.lora.identify import identify_bytes
 
 # Pickle-based checkpoints can execute code when loaded; they are refused, never opened with torch.
@@ -65,7 +67,7 @@ class SafetensorsFile:
         ``start:stop`` when ``rows`` is given (a share of a fused tensor: nothing else is decoded)."""
         info = self.tensors[name]
         np_dtype, _ = _DTYPES[info.dtype]
-        count = int(np.prod(info.shape, dtype=np.int64)) if info.shape else 1
+        count = math.prod(info.shape)
         if self._map is None:  # zero-byte data region: only empty tensors exist
             raw = np.zeros(0, dtype=np_dtype)
         else:
@@ -151,10 +153,8 @@ def open_safetensors(path: str | Path) -> SafetensorsFile:
 def _parse_header(
     path: Path, header_bytes: bytes, data_start: int, size: int
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadInput(path, "header is not valid JSON; not a safetensors file or corrupt") from None
+    # the format forbids a repeated tensor name, which Python's JSON would silently read as the last one
+    header = parse_json(header_bytes, path, "header", limit=MAX_HEADER_BYTES, unique="tensor name")
     if not isinstance(header, dict):
         raise BadInput(path, "header is not a JSON object")
     raw_meta = header.pop("__metadata__", None) or {}
@@ -188,7 +188,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len
     ):
         raise BadInput(path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
     begin, end = offsets
-    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1] if shape else _DTYPES[dtype][1]
+    expected = math.prod(shape) * _DTYPES[dtype][1]  # Python ints: NumPy's int64 product wraps around
     if begin < 0 or end < begin:
         raise BadInput(path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
     if end - begin != expected:

@@ -1,7 +1,8 @@
 """Summaries of adapter metadata (kohya ``ss_*``, modelspec). Metadata is untrusted text.
 
-Nothing here evaluates metadata: JSON-valued fields are parsed with ``json.loads`` and anything
-that does not parse is reported as such. Rendering code must escape every value.
+Nothing here evaluates metadata: JSON-valued fields are parsed with :func:`auditkit.fsutil.parse_json`
+(bounded in size and depth) and anything that does not parse is reported as such.
+Rendering code must escape every value.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+
+from auditkit.errors import BadInput
+from auditkit.fsutil import parse_json
+from auditkit.lora.identify import MAX_HEADER_BYTES
 
 MAX_VALUE_CHARS = 4000
 TOP_TAGS = 40
@@ -28,12 +33,14 @@ def truncate(value: str, limit: int = MAX_VALUE_CHARS) -> str:
 
 
 def _json(raw: object, field: str) -> tuple[object, str | None]:
-    """A metadata field's JSON value, or the problem: malformed or hostile JSON (nested past Python's
-    recursion limit) is reported, never raised."""
-    try:
-        return json.loads(raw), None
-    except (json.JSONDecodeError, TypeError, RecursionError):
+    """A metadata field's JSON value, or the problem: malformed or hostile JSON (too deep, too large) is
+    reported, never raised."""
+    if not isinstance(raw, str):
         return None, f"{field} is not valid JSON"
+    try:
+        return parse_json(raw, None, field, limit=MAX_HEADER_BYTES), None
+    except BadInput as exc:
+        return None, exc.problem
 
 
 def _counts(tags: object) -> dict[str, int]:

@@ -7,7 +7,7 @@ Model hubs and UIs keep what a LoRA needs in its prompts beside the file, not in
 * ``NAME.json`` (AUTOMATIC1111's extra-networks user metadata: ``activation text``, a comma-separated
   string; some tools save the civitai JSON here instead, with ``trainedWords``).
 
-A sidecar is untrusted input, read as data only (``json.loads``, never executed): at most
+A sidecar is untrusted input, read as data only (bounded JSON, never executed): at most
 ``MAX_SIDECAR_BYTES``, read without blocking (a FIFO or device is refused), UTF-8 JSON holding an
 object. A sidecar that is present but malformed is a one-line :class:`~auditkit.errors.BadInput`
 naming it, not silently skipped: it is where the publisher says which words call the adapter up, and a
@@ -17,13 +17,12 @@ file away to scan without it.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from auditkit.errors import BadInput
-from auditkit.fsutil import read_bounded
+from auditkit.fsutil import read_json
 
 MAX_SIDECAR_BYTES = 4 * 2**20  # civitai info files carry image metadata too: tens to hundreds of KB
 MAX_WORDS = 1000  # entries read from one field; more is not a list of trigger words
@@ -51,14 +50,10 @@ def sidecar_paths(adapter: str | Path) -> list[Path]:
 def read_sidecar(path: str | Path) -> Sidecar:
     """The trigger-word fields of one sidecar file (see the module docstring for what is refused)."""
     path = Path(path)
-    raw = read_bounded(path, MAX_SIDECAR_BYTES, "sidecar")
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise BadInput(path, "sidecar is not UTF-8 text") from None
-    except (json.JSONDecodeError, RecursionError):
-        raise BadInput(path, "sidecar is not valid JSON (it is read for the adapter's trigger words; fix or "
-                             "move it)") from None
+        data = read_json(path, "sidecar", limit=MAX_SIDECAR_BYTES)
+    except BadInput as exc:
+        raise BadInput(path, f"{exc.problem} (it is read for the adapter's trigger words; fix or move it)") from None
     if not isinstance(data, dict):
         raise BadInput(path, "sidecar is not a JSON object")
     words = {}

@@ -87,7 +87,8 @@ def diffusers_source(adapter, native_layouts: tuple[str, ...] = (formats.KOHYA, 
     import torch
 
     tensors, _ = diffusers_state_dict(adapter.modules, adapter.architecture, np.float32)
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+    # copies: factors read from a memory map are read-only, which torch.from_numpy warns of (and could write to)
+    return {k: torch.from_numpy(np.array(v, order="C")) for k, v in tensors.items()}
 
 
 def kohya_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:

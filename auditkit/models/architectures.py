@@ -271,7 +271,14 @@ def metadata_hint(metadata: dict[str, str]) -> str | None:
     """The architecture a file's own metadata claims (kohya ``ss_*`` or modelspec), if any."""
     claims = " ".join(
         metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture", "ss_v2", "ss_sd_model_name")
-    ).lower()
+    )
+    return named_hint(claims, v2=metadata.get("ss_v2") == "True")
+
+
+def named_hint(claims: str, v2: bool = False) -> str | None:
+    """The architecture a model name or metadata claim says (``stabilityai/stable-diffusion-xl-base-1.0``:
+    sdxl), if any; ``v2``: kohya's ``ss_v2`` flag is set."""
+    claims = claims.lower()
     if "flux" in claims:
         return "flux"
     if re.search(r"sd_?3|stable-diffusion-(v)?3", claims):
@@ -280,7 +287,7 @@ def metadata_hint(metadata: dict[str, str]) -> str | None:
         return "sd3"
     if "xl" in claims:
         return "sdxl"
-    if re.search(r"\bv2|sd_?2|stable-diffusion-v2|ss_v2|\b2\.[01]\b", claims) or metadata.get("ss_v2") == "True":
+    if re.search(r"\bv2|sd_?2|stable-diffusion-v2|ss_v2|\b2\.[01]\b", claims) or v2:
         return "sd2"
     if re.search(r"v1|sd_?1|stable-diffusion-v1|1\.[45]", claims):
         return "sd15"

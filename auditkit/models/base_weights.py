@@ -15,18 +15,20 @@ same files with the ``fp16`` variant (``*.fp16.safetensors``, ``*.safetensors.in
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from auditkit.errors import BadInput
+from auditkit.fsutil import read_json
 from auditkit.lora.io import PICKLE_SUFFIXES, SafetensorsFile, open_safetensors
+from auditkit.models.families import read_model_index
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file names
 VARIANTS = ("", "fp16")  # preferred first: full precision, then the fp16 variant
 _COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SHARD_INDEX_LIMIT = 16 << 20  # T5-XXL's index, the largest real one, is about 100 KiB
 
 
 def weight_files(stem: str, variant: str) -> tuple[str, ...]:
@@ -79,12 +81,7 @@ class BaseWeights:
             from auditkit.lab.bases import BASE_HELP
 
             raise BadInput(self.folder, f"not a diffusers pipeline folder (no model_index.json); use {BASE_HELP}")
-        try:
-            parsed = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise BadInput(index, "is not valid JSON") from None
-        if not isinstance(parsed, dict):
-            raise BadInput(index, "is not a JSON object")
+        read_model_index(self.folder)
         self._keys: dict[str, dict[str, Path] | None] = {}  # component -> tensor name -> file
         self._files: dict[Path, SafetensorsFile] = {}
 
@@ -162,10 +159,7 @@ def component_index(folder: Path, open_file=open_safetensors) -> dict[str, Path]
 
 def _read_shard_index(index: Path) -> dict[str, Path]:
     """Tensor name -> shard file, from a ``*.safetensors.index.json``; every defect names the index."""
-    try:
-        parsed = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise BadInput(index, "shard index is not valid JSON") from None
+    parsed = read_json(index, "shard index", limit=SHARD_INDEX_LIMIT)
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

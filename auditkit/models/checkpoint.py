@@ -282,6 +282,11 @@ def _component_of(path: Path, shapes: dict[str, tuple], base: Checkpoint) -> str
                                 and t.shape == tuple(shape))
     ranked = sorted(scores.items(), key=lambda kv: -kv[1])
     if not ranked or ranked[0][1] == 0:
+        from auditkit.lora.identify import looks_like_adapter
+
+        if looks_like_adapter(list(shapes)):
+            raise BadInput(path, "its keys are a LoRA adapter's, not a full model's: an adapter is scanned as it is "
+                                 "(--base and extract compare fine-tuned or erased models with the base)")
         raise BadInput(path, f"its tensors match no component of the base ({base.path}) by name and shape: "
                              "a model of another architecture than the base" + _what_it_is(shapes))
     if len(ranked) > 1 and ranked[1][1] == ranked[0][1]:

@@ -244,6 +244,15 @@ def open_base(base: str) -> Checkpoint:
     return _open_base_cached(str(folder.resolve()))
 
 
+def missing_weights(checkpoint: Checkpoint, shared: list[str], arch: Architecture) -> list[str]:
+    """Weights of the architecture's modules, in the components ``checkpoint`` holds, that it does not hold
+    as floating-point tensors of the base's (absent, or retyped to integers): they cannot be compared, so they
+    count against coverage instead of passing for unchanged modules."""
+    components, held = set(checkpoint.components), set(shared)
+    return [f"{name}.weight" for name in sorted(arch.modules)
+            if name.split(".", 1)[0] in components and f"{name}.weight" not in held]
+
+
 def read_full_model(path: str | Path, base: str, arch: Architecture, energy: float | None = None,
                     rank: int | None = None, reference: Reference | None = None,
                     compared_with: str = "base") -> Adapter:
@@ -264,7 +273,8 @@ def read_full_model(path: str | Path, base: str, arch: Architecture, energy: flo
     reference = reference or Reference(base_model)
     modules, update = difference(checkpoint, reference, arch, energy, rank, compared_with)
     alone = [n for n in checkpoint.tensors if reference.source(n) is None]
-    coverage = Coverage(mapped=list(update.shared), unmapped=sorted(checkpoint.unmapped + alone),
+    missing = missing_weights(checkpoint, update.shared, arch)
+    coverage = Coverage(mapped=list(update.shared), unmapped=sorted(checkpoint.unmapped + alone + missing),
                         ignored=list(checkpoint.ignored))
     notes = list(checkpoint.notes)
     what = f"rank {rank}" if update.energy is None else f"energy {update.energy:g}"
@@ -275,6 +285,9 @@ def read_full_model(path: str | Path, base: str, arch: Architecture, energy: flo
                      f"{update.outside[0]}): the static scan does not see them; the dynamic scan renders them")
     if alone:
         notes.append(f"{len(alone)} of its tensors are not in the base (e.g. {alone[0]}): not compared, not rendered")
+    if missing:
+        notes.append(f"{len(missing)} module weights of its components are missing or not floating-point (e.g. "
+                     f"{missing[0]}): not compared (counted against coverage); the dynamic scan renders the base's")
     return Adapter(path=checkpoint.path, sha256=checkpoint.sha256, size=checkpoint.size,
                    layout=f"full model ({checkpoint.form})", architecture=arch, modules=modules,
                    metadata=checkpoint.metadata, coverage=coverage, notes=notes, architecture_candidates=[arch.name],

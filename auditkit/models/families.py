@@ -11,11 +11,13 @@ a loaded pipeline's from its class. No torch or diffusers import here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from auditkit.errors import BadInput
+from auditkit.fsutil import read_json
+
+MODEL_INDEX_LIMIT = 1 << 20  # a real model_index.json is under 1 KiB
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,9 @@ def family_of_class(class_name: object, path: str | Path | None = None) -> Famil
 def read_model_index(folder: str | Path) -> dict:
     """``model_index.json`` of a pipeline folder as a dict (BadInput when missing or not a JSON object)."""
     path = Path(folder) / "model_index.json"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(folder, "not a diffusers pipeline folder (no model_index.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise BadInput(path, "not valid JSON") from None
+    if not (path.exists() or path.is_symlink()):
+        raise BadInput(folder, "not a diffusers pipeline folder (no model_index.json)")
+    index = read_json(path, "model_index.json", limit=MODEL_INDEX_LIMIT)
     if not isinstance(index, dict):
         raise BadInput(path, "not a JSON object")
     return index

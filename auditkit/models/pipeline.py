@@ -10,10 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from auditkit.errors import BadInput
+from auditkit.fsutil import read_json
 from auditkit.lab.bases import BASE_HELP, lab_base
 from auditkit.lora.io import PICKLE_SUFFIXES
 from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
 from auditkit.models.families import Family, family_of_folder, family_of_pipeline, read_model_index
+
+CONFIG_LIMIT = 1 << 20  # a component's config.json is a few KiB
 
 
 def quiet_libraries() -> None:
@@ -114,6 +117,7 @@ def architecture_of_folder(folder: str | Path, name: str = "custom"):
         config = folder / component / "config.json"
         if not config.is_file():
             raise BadInput(folder, f"component '{component}' has no config.json")
+        read_json(config, "config.json", limit=CONFIG_LIMIT)  # bounded first: the libraries' readers are not
         try:
             with torch.device("meta"):
                 if hasattr(cls, "from_config"):  # diffusers models

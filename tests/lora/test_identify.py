@@ -64,6 +64,12 @@ def test_json_error_response_is_named_without_quoting_the_error():
     assert "download failed" in described
 
 
+def test_a_deeply_nested_json_error_response_is_still_named():  # issue 26 M3: was a RecursionError
+    head = b'{"error":' + b"[" * 1015
+    assert identify_bytes(head) == ("a JSON error response, not a safetensors file: the download failed; "
+                                    "fetch the file again")
+
+
 @pytest.mark.parametrize("head", [b"404: Not Found", b"Entry not found", "Überschrift: kein Modell\n".encode()])
 def test_other_text_is_named_and_never_quoted(head):
     # issue 26 H4: `lora/identify._plain_text` quoted the first 60 characters of any file (a key, /etc/passwd)
@@ -205,6 +211,16 @@ CASES = {
                                              "as in SDXL's second text encoder), not")),
     "t5 encoder": ({"encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8), "shared.weight": (10, 8)},
                    "a T5 text encoder (full weights), not an adapter"),
+    # issue 26 L9: part of a model's weights (the changed ones only) was "the weights of an ordinary model"
+    "changed tensors only": ({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": (8, 768),
+                              "mid_block.attentions.0.transformer_blocks.0.attn2.to_v.weight": (8, 768)},
+                             "full weights of part of a model (SD1.x): 2 tensors such as "),
+    # issue 26 L9: a UNet saved with LoRA keys beside it was "no module name maps to a known architecture"
+    "unet bundled with lora keys": ({"down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3),
+                                     **{f"down_blocks.0.attentions.0.proj_in.{i}.weight": (8, 8) for i in range(15)},
+                                     "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 8),
+                                     "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (8, 4)},
+                                    "a diffusers UNet (full weights: 16 tensors) bundled with 2 LoRA keys (such as "),
     "ordinary model": ({"fc1.weight": (4, 4), "fc1.bias": (4,)},
                        'the weights of an ordinary model (2 tensors such as "fc1.bias") with no LoRA or PEFT adapter '
                        "layers, not an adapter"),

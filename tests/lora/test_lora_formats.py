@@ -304,3 +304,59 @@ def test_a_hostile_peft_config_is_refused_in_one_line(tmp_path, content, message
     with pytest.raises(BadInput, match=message) as err:
         read_adapter(tmp_path / "adapter_model.safetensors")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("meta, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),  # issue 26 M3: was a RecursionError
+    ('{"r": 4, "r": 8}', "duplicate key 'r'"),
+])
+def test_hostile_lora_adapter_metadata_is_refused_in_one_line(tmp_path, sd15, meta, message):
+    from conftest import assert_one_line_error
+
+    names = [n for n in sd15.modules if n.endswith("attn2.to_k")][:1]
+    path = save_adapter(random_modules(sd15, names), tmp_path / "d.safetensors", sd15, formats.DIFFUSERS,
+                        metadata={"lora_adapter_metadata": meta})
+    assert_one_line_error(lambda: read_adapter(path), path, message)
+
+
+@pytest.mark.parametrize("base_model, expected", [
+    ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
+    ("runwayml/stable-diffusion-v1-5", "sd15"),
+])
+def test_a_peft_text_encoder_adapter_is_read_for_the_base_its_config_names(tmp_path, sd15, base_model, expected):
+    # issue 26 (real files): SDXL's first text encoder has SD1.x's shapes; adapter_config.json says which it was
+    names = [n for n in sd15.modules if n.startswith("text_encoder.") and n.endswith("self_attn.q_proj")][:2]
+    path = save_adapter(random_modules(sd15, names), tmp_path / "adapter_model.safetensors", sd15, formats.PEFT)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base_model}))
+    adapter = read_adapter(path)
+    assert adapter.architecture.name == expected and {"sd15", "sdxl"} <= set(adapter.architecture_candidates)
+    assert not any("several" in n for n in adapter.notes)
+
+
+def test_the_exact_conversion_handed_to_diffusers_warns_of_nothing(tmp_path, sd15):
+    # issue 26 L15: factors read from a memory map are read-only; torch.from_numpy warned of them
+    import warnings
+
+    pytest.importorskip("torch")
+    from auditkit.lora.write import diffusers_source
+
+    names = [n for n in sd15.modules if n.endswith("attn2.to_k")][:2]
+    adapter = read_adapter(save_adapter(random_modules(sd15, names), tmp_path / "a.safetensors", sd15))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = diffusers_source(adapter, ())
+    assert len(state) == 2 * len(names) and all(t.numpy().flags.writeable for t in state.values())
+
+
+def test_cloneofsimos_lora_diffusion_format_is_named_and_refused(tmp_path):
+    # issue 26 (real files): positional keys gave "no LoRA keys recognised"; their module order is not reproduced
+    from conftest import assert_one_line_error
+
+    tensors = {f"{c}:{i}:{p}": np.ones((4, 320) if p == "down" else (320, 4), np.float32)
+               for c, n in (("unet", 3), ("text_encoder", 2)) for i in range(n) for p in ("up", "down")}
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path), metadata={"unet": '["CrossAttention", "Attention", "GEGLU"]',
+                                            "text_encoder": '["CLIPAttention"]'})
+    assert_one_line_error(lambda: read_adapter(path), path, "cloneofsimo's lora_diffusion format")
+    assert_one_line_error(lambda: read_adapter(path), path, "not supported")

@@ -118,3 +118,31 @@ def test_serialized_files_are_deterministic_and_readable_by_the_reference_librar
     (tmp_path / "s.safetensors").write_bytes(blob)
     st = open_safetensors(tmp_path / "s.safetensors")
     assert st.metadata == meta and st.array("s") == 2.0
+
+
+def test_a_deeply_nested_header_is_refused_in_one_line(tmp_path):  # issue 26 M3
+    from conftest import assert_one_line_error
+
+    path = raw_file(tmp_path / "d.safetensors", b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert_one_line_error(lambda: open_safetensors(path), path, "nested deeper than 64 levels")
+
+
+def test_a_duplicate_tensor_name_is_refused(tmp_path):  # issue 26: real files (Python's JSON keeps the last)
+    from conftest import assert_one_line_error
+
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    path = raw_file(tmp_path / "dup.safetensors", f'{{"a.lora_up.weight": {entry}, "a.lora_up.weight": {entry}}}'
+                    .encode(), b"\x00" * 4)
+    assert_one_line_error(lambda: open_safetensors(path), path, "duplicate tensor name 'a.lora_up.weight'")
+    path = raw_file(tmp_path / "dupkey.safetensors", b'{"t": {"dtype": "F32", "dtype": "F16", "shape": [1], '
+                                                     b'"data_offsets": [0, 4]}}', b"\x00" * 4)
+    assert_one_line_error(lambda: open_safetensors(path), path, "duplicate key 'dtype'")
+
+
+@pytest.mark.parametrize("shape, needs", [([2**62, 64], 2**70), ([2**40, 2**40], 2**82)])
+def test_huge_shapes_are_sized_without_overflow(tmp_path, shape, needs):  # issue 26 M7
+    from conftest import assert_one_line_error
+
+    header = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    path = raw_file(tmp_path / "big.safetensors", header)
+    assert_one_line_error(lambda: open_safetensors(path), path, f"spans 0 bytes but shape {shape} needs {needs}")

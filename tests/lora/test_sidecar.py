@@ -52,3 +52,9 @@ def test_a_fifo_or_a_dangling_link_is_refused_not_waited_for(tmp_path):
         assert sidecar_paths(tmp_path / f"{name}.safetensors") == [tmp_path / f"{name}.json"]
         with pytest.raises(BadInput, match="not a regular file|cannot read"):
             read_sidecars(tmp_path / f"{name}.safetensors")
+
+
+def test_a_folder_named_like_a_sidecar_is_refused_in_one_line(tmp_path):  # issue 26 M15: was IsADirectoryError
+    (tmp_path / "m.json").mkdir()
+    assert_one_line_error(lambda: read_sidecars(tmp_path / "m.safetensors"), tmp_path / "m.json",
+                          "the sidecar is not a regular file")

@@ -279,3 +279,28 @@ def test_a_folder_that_is_no_model_is_refused(tmp_path, lab):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="neither a diffusers pipeline folder"):
         read_full_model(tmp_path / "empty", "lab", lab)
+
+
+@pytest.mark.parametrize("tamper", ["missing", "integer"])
+def test_a_module_weight_missing_or_not_float_lowers_coverage_and_is_named(tmp_path, lab, tamper):
+    # issue 26 M18: such a module counted as "unchanged" at 100% coverage
+    tensors = full_models.lab_tensors("unet")
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    if tamper == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = tensors[key].astype(np.int32)
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    shutil.copy(lab_pipeline_path() / "unet" / "config.json", folder)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(serialize(tensors))
+    adapter = read_full_model(folder, "lab", lab)
+    assert adapter.coverage.fraction < 1 and f"unet.{key}" in adapter.coverage.unmapped
+    assert f"unet.{key[:-len('.weight')]}" not in adapter.update.unchanged
+    assert any("missing or not floating-point" in n and f"unet.{key}" in n for n in adapter.notes), adapter.notes
+
+
+def test_an_adapter_given_as_a_full_model_is_named_as_an_adapter(lab):  # issue 26 L9: was "another architecture"
+    with pytest.raises(BadInput, match="its keys are a LoRA adapter's, not a full model's") as err:
+        read_full_model(full_models.SAFETY_U, "lab", lab)
+    assert "another architecture" not in str(err.value)

@@ -2,6 +2,7 @@
 that name real classes and functions."""
 
 import importlib
+import json
 
 import pytest
 
@@ -56,3 +57,28 @@ def test_a_model_index_that_names_no_known_family_is_refused_in_one_line(tmp_pat
 def test_a_folder_without_model_index_is_not_a_pipeline(tmp_path):
     with pytest.raises(BadInput, match="no model_index.json"):
         family_of_folder(tmp_path)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p.write_text('{"a":' + "[" * 100_000 + "]" * 100_000 + "}"), "nested deeper than 64 levels"),  # M3
+    (lambda p: p.mkdir(), "not a regular file"),  # issue 26: read_bounded, never an IsADirectoryError
+    (lambda p: p.write_text(" " * (1 << 20) + "{}"), "larger than 1 MiB"),
+])
+def test_a_hostile_model_index_is_refused_in_one_line(tmp_path, make, match):  # issue 26 M3
+    from conftest import assert_one_line_error
+
+    make(tmp_path / "model_index.json")
+    assert_one_line_error(lambda: family_of_folder(tmp_path), tmp_path / "model_index.json", match)
+
+
+def test_a_deep_component_config_is_refused_in_one_line(tmp_path):  # issue 26 M3: diffusers' reader recursed
+    from conftest import assert_one_line_error
+
+    from auditkit.models.pipeline import architecture_of_folder
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"a":' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert_one_line_error(lambda: architecture_of_folder(tmp_path), tmp_path / "unet" / "config.json",
+                          "nested deeper than 64 levels")
