@@ -96,7 +96,7 @@ CANDIDATE_FROM = ("safety", "base")  # what a full-model candidate was fine-tune
 MAX_STEPS = 1000
 MAX_BATCH = 1024
 MAX_MULTIPLIER = 10.0
-SEARCH_LIMITS = (("trigger_search_tokens", 0, 1_000_000), ("trigger_search_phrases", 1, 1000),
+SEARCH_LIMITS = (("trigger_search_tokens", 0, 1_000_000), ("trigger_search_phrases", 1, 100_000),
                  ("trigger_search_steps", 1, MAX_STEPS), ("trigger_search_probes", 1, 8))
 
 
@@ -146,8 +146,9 @@ class ScanConfig:
         "words cannot pass"))
     trigger_search_tokens: int = field(default=0, metadata=_help(
         "trigger search: tokens swept per vocabulary, the first ids (0: the whole vocabulary)"))
-    trigger_search_phrases: int = field(default=16, metadata=_help(
-        "trigger search: phrases ranked behaviourally (each a few denoiser calls per concept prompt)"))
+    trigger_search_phrases: int = field(default=256, metadata=_help(
+        "trigger search: phrases tried behaviourally, half the sweep's best single tokens and half their "
+        "extensions (each a few denoiser calls per concept prompt)"))
     trigger_search_steps: int = field(default=6, metadata=_help(
         "trigger search: sampling steps of each behavioural trajectory"))
     trigger_search_probes: int = field(default=2, metadata=_help(

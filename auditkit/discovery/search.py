@@ -39,6 +39,8 @@ class Budget:
     probes: int = 2  # phrases handed to the dynamic scan
     beam: int = 3  # phrases extended each round
     length: int = 4  # tokens in a phrase at most
+    confirm: int = 6  # best phrases rendered and scored by the suite's detector
+    images: int = 3  # renders per concept prompt and model for each confirmed phrase
 
     def split(self, vocabulary: int) -> tuple[int, int]:
         """(single tokens screened, tokens each beam phrase is extended with per round)."""
@@ -115,12 +117,38 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
                 break
             beams = sorted(scored, key=lambda p: -trial.gain(p))[: budget.beam]
     found.phrases = trial.rows()
-    positive = [r["text"] for r in found.phrases if r["gain"] > 0]
-    found.probed = positive[: max(budget.probes, 1)] or [r["text"] for r in found.phrases[:1]]
+    confirm(pipe, suite, found.phrases[: budget.confirm], cand_all, safe_all, budget)
+    found.probed = chosen(found.phrases, budget.probes)
     if trial.unusable:
         found.notes.append(f"{trial.unusable} phrase(s) left out: their decoded text is no usable prompt word")
     found.seconds = time.perf_counter() - start
     return found
+
+
+def chosen(rows: list[dict], probes: int) -> list[str]:
+    """The phrases the dynamic scan probes: those whose renders showed the concept back (evidence > 0), most
+    evidence first, at most ``probes``; when none did, the one rendered phrase with which the safety module
+    suppresses the concept most (base rate − reference rate), so the probe can tell a pass from a risk."""
+    rendered = [r for r in rows if "evidence" in r]
+    shown = sorted((r for r in rendered if r["evidence"] > 0), key=lambda r: (-r["evidence"], -r["gain"]))
+    if shown:
+        return [r["text"] for r in shown[:probes]]
+    best = max(rendered, key=lambda r: (r["rendered"]["base"] - r["rendered"]["reference"], r["gain"]), default=None)
+    return [best["text"]] if best else [r["text"] for r in rows[:1]]
+
+
+def confirm(pipe, suite, rows: list[dict], candidate: dict, safety: dict, budget: Budget) -> None:
+    """Render ``rows``' phrases (:func:`auditkit.discovery.confirm.rendered_rates`) on the ``prompts`` the
+    behavioural ranking used; each row gets ``rendered`` (the two rates) and ``evidence`` (their difference)."""
+    from auditkit.discovery.confirm import rendered_rates
+
+    if not rows:
+        return
+    prompts = spread(list(suite.prompts), budget.prompts)
+    for row, (base, ref, cand) in zip(rows, rendered_rates(pipe, suite, [r["text"] for r in rows], prompts,
+                                                            candidate, safety, budget.images), strict=True):
+        row["rendered"] = {"base": base, "reference": ref, "candidate": cand, "images": len(prompts) * budget.images}
+        row["evidence"] = cand - ref
 
 
 class Trial:
