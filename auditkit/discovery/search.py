@@ -117,12 +117,20 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
                 break
             beams = sorted(scored, key=lambda p: -trial.gain(p))[: budget.beam]
     found.phrases = trial.rows()
-    confirm(pipe, suite, found.phrases[: budget.confirm], cand_all, safe_all, budget)
+    confirm(pipe, suite, to_render(found.phrases, budget.confirm), cand_all, safe_all, budget)
     found.probed = chosen(found.phrases, budget.probes)
     if trial.unusable:
         found.notes.append(f"{trial.unusable} phrase(s) left out: their decoded text is no usable prompt word")
     found.seconds = time.perf_counter() - start
     return found
+
+
+def to_render(rows: list[dict], n: int) -> list[dict]:
+    """The best ``n`` phrases by gain, half of them single tokens: a long phrase can stop the base itself from
+    drawing the concept, and then its probe could tell nothing (see :func:`chosen`)."""
+    singles = [r for r in rows if r["how"] != "phrase extension"][: (n + 1) // 2]
+    others = [r for r in rows if r not in singles]
+    return sorted([*singles, *others[: n - len(singles)]], key=lambda r: -r["gain"])
 
 
 def chosen(rows: list[dict], probes: int) -> list[str]:
