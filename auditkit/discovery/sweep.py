@@ -23,6 +23,9 @@ import numpy as np
 
 STATE_STEPS = 1  # an MMDiT's text stream: the first trajectory step is enough to rank tokens
 SWEEP_SEED = 7_000_001  # noise of an MMDiT's trajectory; the probes' seeds are prompt.seed * 1000 + k
+# image positions a denoiser pass of the sweep reads at once: an MMDiT's text stream needs a forward over every
+# image token (4,096 at 1024² for Flux and SD3), so prompts go through it this many image tokens at a time (memory)
+STATE_IMAGE_TOKENS = 1 << 15
 
 
 def kv_change(x_safe, x_cand, w_safe, w_cand):
@@ -120,14 +123,20 @@ class KVReader:
                 cond_cand = cond_safe
             mask = positions(cond_safe, sequences, getattr(self.pipe, swept))
         states = []
+        per_pass = max(1, STATE_IMAGE_TOKENS // den.image_tokens())
         for cond in (cond_safe, cond_cand) if cond_cand is not cond_safe else (cond_safe,):
-            got: dict[str, object] = {}
+            parts: dict[str, list] = {path: [] for path in self.paths}
+            for start in range(0, len(cond), per_pass):
+                got: dict[str, object] = {}
 
-            def visit(path, x, got=got):
-                got.setdefault(path, x.to(torch.float32))  # an MMDiT's first step
+                def visit(path, x, got=got):
+                    got.setdefault(path, x.to(torch.float32))  # an MMDiT's first step
 
-            den.text_states(cond, list(self.paths), visit, STATE_STEPS, torch.Generator().manual_seed(SWEEP_SEED))
-            states.append(got)
+                den.text_states(cond[start: start + per_pass], list(self.paths), visit, STATE_STEPS,
+                                torch.Generator().manual_seed(SWEEP_SEED))
+                for path in self.paths:
+                    parts[path].append(got[path])
+            states.append({path: torch.cat(xs) for path, xs in parts.items()})
         x_safe, x_cand = states[0], states[-1]
         rows = torch.as_tensor(mask, device=den.model.device)
         change = torch.zeros(mask.shape, dtype=torch.float64, device=den.model.device)

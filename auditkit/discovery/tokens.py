@@ -31,6 +31,13 @@ class PinnedTokens:
     def __len__(self) -> int:
         return len(self._tokenizer)
 
+    def tokenize(self, text, **kwargs) -> list[str]:
+        """A pinned prompt's tokens (diffusers' textual-inversion check tokenizes each prompt), others as usual."""
+        value = self._pinned.get(text) if isinstance(text, str) else None
+        if value is None or isinstance(value, str):
+            return self._tokenizer.tokenize(text if value is None else value, **kwargs)
+        return self._tokenizer.convert_ids_to_tokens(list(value))
+
     def __call__(self, text, padding=False, max_length=None, truncation=None, return_tensors=None, **kwargs):
         texts = [text] if isinstance(text, str) else list(text)
         if not any(t in self._pinned for t in texts):
