@@ -8,7 +8,9 @@ tokenizer's own way) and everything else as the tokenizer would, so the family's
 unchanged. Tokenizers of another vocabulary (T5 beside CLIP) read the token's text instead.
 
 ``short``: pinned prompts are padded to the longest in the batch, not to the pipeline's length; exact for
-causal encoders (CLIP: a position never sees the positions after it), an approximation for T5.
+causal encoders (CLIP: a position never sees the positions after it), an approximation for T5 (bidirectional,
+and read without an attention mask by SD3 and Flux: a pinned T5 prompt is the token and ``</s>``, not padded to
+256 or 512 positions). It keeps a T5 vocabulary's sweep short too.
 """
 
 from __future__ import annotations

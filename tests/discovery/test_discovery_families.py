@@ -264,3 +264,44 @@ def test_pinned_t5_prompts_stay_short_with_no_start_token():
     assert pinned.tokenize("\x00b") == tok.convert_ids_to_tokens([5, 6, 7])
     assert PinnedTokens(tok, {"\x00a": [5]}, short=False)(["\x00a"], padding="max_length", max_length=512,
                                                           truncation=True).input_ids[0][:3] == [5, 1, 0]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_an_mmdits_prompts_go_through_the_denoiser_a_few_image_tokens_at_a_time(family, monkeypatch):
+    from auditkit.discovery import sweep as sweep_module
+    from auditkit.discovery.tokens import sweepable_ids
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import architecture_of
+
+    pipe = build(family)
+    arch = architecture_of(pipe)
+    names = kv_modules(pipe, arch)
+    candidate = lora(arch, names, 5)
+    reader = sweep_module.KVReader(pipe, candidate, {})
+    swept = SWEPT[family][0]
+    tokens = sweepable_ids(getattr(pipe, swept))[:LIMIT]
+    monkeypatch.setattr(sweep_module, "STATE_IMAGE_TOKENS", 3 * denoiser_for(pipe).image_tokens())
+    got = dict(sweep_module.token_sweep(reader, swept, limit=LIMIT).ranked)
+    want = [s for i in range(0, LIMIT, 3)
+            for s in hand_scores(family, pipe, arch, swept, tokens[i: i + 3], candidate, {})]
+    assert [got[t] for t in tokens] == pytest.approx(want, rel=1e-4)  # passes of 3 prompts, each on the sweep's noise
+
+
+def test_a_candidate_that_changes_no_text_key_value_is_searched_blind(tmp_path):
+    from auditkit.discovery.search import Budget, find_triggers
+    from auditkit.models.families import family_of_pipeline
+    from auditkit.models.pipeline import architecture_of
+    from auditkit.suites import load_suite
+
+    pipe = build("flux")
+    arch = architecture_of(pipe)
+    image = [n for n in arch.modules if n.startswith("transformer.") and n.endswith("attn.to_q")]
+    layout = family_of_pipeline(pipe).written_layout
+    path = save_adapter(lora(arch, image, 6), tmp_path / "cand.safetensors", arch, layout)
+    (tmp_path / "cross.yaml").write_text(tp.CROSS_SUITE)
+    budget = Budget(tokens=LIMIT, phrases=4, steps=1, prompts=1, length=2, beam=1, probes=1)
+    found = find_triggers(pipe, load_suite(tmp_path / "cross.yaml"), read_adapter(path, extra_architectures=(arch,)),
+                          None, budget).to_dict()
+    assert [s["blind"] for s in found["sweeps"]] == [True] and found["tokens_swept"] == LIMIT
+    assert all(t["score"] == 0 for t in found["sweeps"][0]["top"]) and "sees nothing" in found["notes"][0]
+    assert found["phrases_tried"] >= 1 and found["probed"]
