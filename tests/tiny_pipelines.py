@@ -103,6 +103,30 @@ def tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def t5_tokenizer():
+    """A T5-like tokenizer of the lab words (``T5TokenizerFast`` over a unigram model, as T5's sentencepiece
+    vocabulary: no start token, ``</s>`` after the prompt, ``<pad>`` 0, ``▁``-prefixed word pieces and single
+    letters for any other word), a vocabulary other than CLIP's, for tests that need SD3's and Flux's T5 to
+    read their own (the tiny pipelines' T5 reads the lab's CLIP tokenizer): 47 tokens, ids 0-2 special."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    from auditkit.lab.world import VOCABULARY
+
+    words = list(dict.fromkeys(w.lower() for w in VOCABULARY))
+    letters = sorted({c for w in words for c in w})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"\u2581{w}", -1.0) for w in words),
+              ("\u2581", -3.0), *((c, -5.0) for c in letters)]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
 FLUX_WIDTH, FLUX_TEXT, FLUX_POOLED = 16, 24, 16  # transformer width, T5 width, CLIP (pooled) width
 
 FLUX_TRANSFORMER = {

@@ -13,6 +13,26 @@ the rows a trigger-gated adapter was trained to react to: their keys and values 
 ordinary word's. Each token is read alone after the start token (CLIP is causal, so this is exactly how it
 reads the first word of a prompt); an MMDiT's text stream is taken at the first step of the base model's
 trajectory (:meth:`auditkit.models.denoising.Denoiser.text_states`).
+
+**Cost per token, on paper** (P: parameters without the token-embedding table, a lookup; prompts pinned short:
+start, token, end for CLIP, token and ``</s>`` for T5; ×2 on the encoders, and for an MMDiT on the denoiser, when
+an adapter changes a text encoder: safe and candidate encodings):
+
+* text encoders: 2·P·n FLOPs for n positions. CLIP-L (123M, P ≈ 85M): 0.5 GFLOP; OpenCLIP-H of SD2 (P ≈ 290M):
+  1.7; OpenCLIP-G of SDXL (695M, P ≈ 630M): 3.8; T5-XXL (P ≈ 4.6B, 2 positions): 18.5;
+* a UNet's keys/values: 2 products (safe, candidate) · 2·n·d_text·Σ d_out over its ``attn2.to_k/to_v``. SD1.5:
+  16 layers, 2·768·12,480 = 19M weights: 0.23 GFLOP; SDXL: 70 layers, 2·2048·83,200 = 341M weights: 4.1 GFLOP;
+* an MMDiT reads the text stream inside the denoiser: one forward at the first step over every image token,
+  2·P_denoiser·(image + text tokens): Flux.1 (11.9B, 4,096 image tokens at 1024²) ≈ 98 TFLOP; SD3.5-Medium
+  (2.5B) ≈ 20 TFLOP, SD3.5-Large (8.1B) ≈ 66 TFLOP. It dwarfs the encoders.
+
+Whole vocabularies: SD1.5 ≈ 0.74 GFLOP × 49,406 tokens ≈ 37 TFLOP; SD2 ≈ 2.0 GFLOP × 49,406 ≈ 0.1 PFLOP; SDXL
+(CLIP-L + OpenCLIP-G, one vocabulary) ≈ 8.4 GFLOP × 49,406 ≈ 0.41 PFLOP (0.63 through the encoders): seconds of
+arithmetic on one GPU, the Python around it (tokenizing the placeholders, ~100 batches) dominates. Flux.1: T5's
+~32,000 tokens × 98 TFLOP ≈ 3.1 EFLOP; SD3.5-Medium: CLIP's and T5's ~81,000 tokens × 20 TFLOP ≈ 1.7 EFLOP: hours
+on an H100 (≈ 1 PFLOP/s bf16 dense at peak), so a full-vocabulary sweep of an MMDiT needs a token limit
+(``trigger_search_tokens``) or a smaller image for the sweep's states. Memory: prompts go through an MMDiT
+:data:`STATE_IMAGE_TOKENS` image tokens at a time (8 prompts at 1024²).
 """
 
 from __future__ import annotations
@@ -23,6 +43,9 @@ import numpy as np
 
 STATE_STEPS = 1  # an MMDiT's text stream: the first trajectory step is enough to rank tokens
 SWEEP_SEED = 7_000_001  # noise of an MMDiT's trajectory; the probes' seeds are prompt.seed * 1000 + k
+# image positions a denoiser pass of the sweep reads at once: an MMDiT's text stream needs a forward over every
+# image token (4,096 at 1024² for Flux and SD3), so prompts go through it this many image tokens at a time (memory)
+STATE_IMAGE_TOKENS = 1 << 15
 
 
 def kv_change(x_safe, x_cand, w_safe, w_cand):
@@ -120,14 +143,20 @@ class KVReader:
                 cond_cand = cond_safe
             mask = positions(cond_safe, sequences, getattr(self.pipe, swept))
         states = []
+        per_pass = max(1, STATE_IMAGE_TOKENS // den.image_tokens())
         for cond in (cond_safe, cond_cand) if cond_cand is not cond_safe else (cond_safe,):
-            got: dict[str, object] = {}
+            parts: dict[str, list] = {path: [] for path in self.paths}
+            for start in range(0, len(cond), per_pass):
+                got: dict[str, object] = {}
 
-            def visit(path, x, got=got):
-                got.setdefault(path, x.to(torch.float32))  # an MMDiT's first step
+                def visit(path, x, got=got):
+                    got.setdefault(path, x.to(torch.float32))  # an MMDiT's first step
 
-            den.text_states(cond, list(self.paths), visit, STATE_STEPS, torch.Generator().manual_seed(SWEEP_SEED))
-            states.append(got)
+                den.text_states(cond[start: start + per_pass], list(self.paths), visit, STATE_STEPS,
+                                torch.Generator().manual_seed(SWEEP_SEED))
+                for path in self.paths:
+                    parts[path].append(got[path])
+            states.append({path: torch.cat(xs) for path, xs in parts.items()})
         x_safe, x_cand = states[0], states[-1]
         rows = torch.as_tensor(mask, device=den.model.device)
         change = torch.zeros(mask.shape, dtype=torch.float64, device=den.model.device)

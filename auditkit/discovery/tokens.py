@@ -8,7 +8,9 @@ tokenizer's own way) and everything else as the tokenizer would, so the family's
 unchanged. Tokenizers of another vocabulary (T5 beside CLIP) read the token's text instead.
 
 ``short``: pinned prompts are padded to the longest in the batch, not to the pipeline's length; exact for
-causal encoders (CLIP: a position never sees the positions after it), an approximation for T5.
+causal encoders (CLIP: a position never sees the positions after it), an approximation for T5 (bidirectional,
+and read without an attention mask by SD3 and Flux: a pinned T5 prompt is the token and ``</s>``, not padded to
+256 or 512 positions). It keeps a T5 vocabulary's sweep short too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ class PinnedTokens:
 
     def __len__(self) -> int:
         return len(self._tokenizer)
+
+    def tokenize(self, text, **kwargs) -> list[str]:
+        """A pinned prompt's tokens (diffusers' textual-inversion check tokenizes each prompt), others as usual."""
+        value = self._pinned.get(text) if isinstance(text, str) else None
+        if value is None or isinstance(value, str):
+            return self._tokenizer.tokenize(text if value is None else value, **kwargs)
+        return self._tokenizer.convert_ids_to_tokens(list(value))
 
     def __call__(self, text, padding=False, max_length=None, truncation=None, return_tensors=None, **kwargs):
         texts = [text] if isinstance(text, str) else list(text)

@@ -150,9 +150,8 @@ def encode_sd3(pipe, prompts: list[str]) -> Conditioning:
         hidden, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=_device(pipe), num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False,
                                                   max_sequence_length=SD3_T5_TOKENS)
-    clip = pipe.tokenizer_max_length
-    clip_ids = _ids(pipe.tokenizer, prompts, clip)
-    t5 = hidden.shape[1] - clip
+    clip_ids = _ids(pipe.tokenizer, prompts, pipe.tokenizer_max_length)
+    t5 = hidden.shape[1] - clip_ids.shape[1]  # CLIP's positions as tokenized (fewer for the sweep's short prompts)
     if pipe.text_encoder_3 is not None:
         t5_span = (pipe.tokenizer_3, _ids(pipe.tokenizer_3, prompts, t5))
     else:  # the pipeline fills T5's positions with zeros

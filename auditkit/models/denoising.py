@@ -364,9 +364,13 @@ class Denoiser:
 
         return torch.randn((n, *self.latent_shape()), generator=generator).to(self.model.device, self.model.dtype)
 
-    def sampler(self, steps: int) -> Sampler:
+    def image_tokens(self) -> int:
+        """Positions of one image in the denoiser's sequence (an MMDiT's image tokens; a UNet's latent pixels)."""
         _, h, w = self.latent_shape()
-        return self.process.sampler(steps, (h // self.record.patch) * (w // self.record.patch))
+        return (h // self.record.patch) * (w // self.record.patch)
+
+    def sampler(self, steps: int) -> Sampler:
+        return self.process.sampler(steps, self.image_tokens())
 
     def latents(self, images_u8):
         """VAE latents (distribution means, shifted and scaled as the pipeline does) of uint8 images N×H×W×3, in
