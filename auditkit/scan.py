@@ -135,9 +135,11 @@ def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
 
 
 def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> dict:
-    """The data-free checks on the concept suite's prompts: key/value reversion and noise reversion
-    (the velocity prediction for flow-matching families), for every family. Full models take part
-    exactly (their dense differences), never as their truncation."""
+    """The data-free checks on the concept suite's prompts: key/value reversion, noise reversion (the velocity
+    prediction for flow-matching families) and the base judge (:mod:`auditkit.analysis.base_judge`), for every
+    family. Full models take part exactly (their dense differences), never as their truncation. Data-free
+    evidence: none of it decides the verdict."""
+    from auditkit.analysis.base_judge import base_judge
     from auditkit.analysis.concept import concept_reversion
     from auditkit.analysis.reversion import noise_reversion
     from auditkit.models.denoising import denoiser_for
@@ -148,6 +150,7 @@ def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -
                               safety.exact_modules(kv), encoders=(candidate.exact(), safety.exact())).to_dict()
     check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
     check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.exact(), safety.exact()).to_dict()
+    check["base_judge"] = base_judge(pipe, suite, candidate, safety).to_dict()
     return check
 
 

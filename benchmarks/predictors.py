@@ -29,6 +29,7 @@ trained*, on the concept prompts each drawn ``--seeds`` times, at the points of 
 * ``base_judge`` / ``base_judge_ratio``: the base itself as a zero-shot judge of those final latents (how much
   better it denoises them under the concept prompt than under the neutral one, a diffusion classifier; no
   decoding, no detector): the mean score's, and the fraction judged the concept's, (cand − safe)/(base − safe).
+  Library code: :mod:`auditkit.analysis.base_judge` (the scan reports it as data-free evidence).
 
 Candidates: the candidate study's 12 (safety LoRAs ESD-u, ESD-x), the erased study's 6 (erased models), the
 trigger study's 4 (truth as written); their truths from the committed results JSON; the candidates are read from
@@ -53,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 from record import emit, provenance
+
+from auditkit.analysis.base_judge import LEVELS, neutral_prompts, relative_fraction, relative_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -89,7 +92,7 @@ LABELS = {
     "base_judge": "the base as a zero-shot judge of the final latents: mean score, (cand − safe)/(base − safe)",
     "base_judge_ratio": "the base as a zero-shot judge: latents judged concept, (cand − safe)/(base − safe)",
 }
-JUDGE_LEVELS = (200, 400, 600)  # noise levels (training timesteps) the base judges final latents at
+JUDGE_LEVELS = LEVELS  # noise levels (training timesteps) the base judges final latents at
 
 
 def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, seed: int = 0) -> dict[str, float]:
@@ -197,13 +200,6 @@ def output_change(module, delta, x):
     return F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
 
 
-def neutral_prompts(prompts: list[str], word: str, neutral: str) -> list[str]:
-    """The prompts with the concept word replaced by the suite's neutral counterpart (whole words)."""
-    import re
-
-    return [re.sub(rf"\b{re.escape(word)}\b", neutral, p) for p in prompts]
-
-
 class Probe:
     """The inputs every candidate is evaluated on: concept, neutral and empty conditionings (each prompt ``seeds``
     times), starting noise, the sampler; guided steps batch the unconditional and conditional passes."""
@@ -296,19 +292,14 @@ class Probe:
 def judge(probe: Probe, z):
     """Per sample, how much better the current model (the base, when called so) denoises the final latent ``z``
     noised to JUDGE_LEVELS under its concept prompt than under its neutral prompt: Σ_t ‖ε − ε(z_t, neutral)‖² −
-    ‖ε − ε(z_t, concept)‖² (a diffusion classifier; fixed noise)."""
+    ‖ε − ε(z_t, concept)‖² (a diffusion classifier; fixed noise): :func:`auditkit.analysis.base_judge.judge`."""
     import torch
 
-    den, n = probe.den, probe.n
+    from auditkit.analysis.base_judge import judge as judged_by_base
+
     gen = torch.Generator().manual_seed(probe.noise_seed + 1)
     noise = torch.randn(z.shape, generator=gen).to(z.device, torch.float32)
-    score = torch.zeros(n, dtype=torch.float64)
-    for level in JUDGE_LEVELS:
-        t = torch.full((n,), level, dtype=torch.long)
-        xt = den.process.add_noise(z.float(), noise, t)
-        ec, en = den.predict(torch.cat([xt, xt]), torch.cat([t, t]), probe.pair_cond).double().chunk(2)
-        score += ((noise - en) ** 2).flatten(1).sum(1) - ((noise - ec) ** 2).flatten(1).sum(1)
-    return score
+    return judged_by_base(probe.den, z, probe.concept, probe.neutral, noise, JUDGE_LEVELS, batch=len(z))
 
 
 def reverted(cand: list, safe: list, base: list) -> float:
@@ -415,10 +406,8 @@ def pass_signals(probe: Probe, ref: dict, candidate, safety) -> dict[str, float]
     near_base = (end - z_b).flatten(1).norm(dim=1) < (end - z_s).flatten(1).norm(dim=1)
     out["endpoint_vote"] = float(near_base.double().mean())
     j_s, j_b = ref["judged"]["safe"], ref["judged"]["base"]
-    out["base_judge"] = float((judged.mean() - j_s.mean()) / (j_b.mean() - j_s.mean()))
-    cut = (j_s.mean() + j_b.mean()) / 2  # a latent is judged the concept above the midpoint of the two means
-    f_c, f_s, f_b = (float((j > cut).double().mean()) for j in (judged, j_s, j_b))
-    out["base_judge_ratio"] = (f_c - f_s) / (f_b - f_s) if f_b != f_s else 0.0
+    out["base_judge"] = relative_mean(judged, j_s, j_b)  # the library's formulas (auditkit.analysis.base_judge)
+    out["base_judge_ratio"] = relative_fraction(judged, j_s, j_b)
     return out
 
 

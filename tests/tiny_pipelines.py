@@ -380,7 +380,8 @@ def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
     """The data-free checks on ``pipe`` give numbers: the concept check equals a dense reference on the
     text key/value projections' inputs captured by hand; the exact inverse of the safety adapter reverts
     all of its change to the text keys/values and to the denoiser's prediction (``prediction``: noise or
-    velocity, of the ``label``), nothing reverts none, and the safety adapter itself reinforces."""
+    velocity, of the ``label``), nothing reverts none, and the safety adapter itself reinforces; the base judge
+    reads the exact inverse as the base and nothing as the safe model."""
     import numpy as np
 
     from auditkit.analysis.concept import concept_reversion, kv_reversion
@@ -405,6 +406,13 @@ def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
     assert (rev.prediction, rev.denoiser) == (prediction, label)
     assert noise_reversion(pipe, CONCEPT_PROMPTS, {}, safety, steps=3).reverted == 0.0
     assert noise_reversion(pipe, CONCEPT_PROMPTS, safety, safety, steps=3).reverted < 0
+    # the base judge: the exact inverse draws what the base draws (1), no candidate what the safe model draws (0)
+    from auditkit.analysis.base_judge import judge_updates
+
+    neutral = [p.replace("cross", "square") for p in CONCEPT_PROMPTS]
+    undone = judge_updates(pipe, CONCEPT_PROMPTS, neutral, inverse, safety, steps=2, seeds=1)
+    assert abs(undone.value - 1.0) < 1e-3 and undone.scores["safe"] != undone.scores["base"]
+    assert judge_updates(pipe, CONCEPT_PROMPTS, neutral, {}, safety, steps=2, seeds=1).value == 0.0
 
 
 def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):

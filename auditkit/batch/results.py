@@ -1,8 +1,9 @@
 """The batch's results table: one row per input file, as Parquet and CSV (pandas).
 
 Columns (:data:`COLUMNS`): the file (id, path, sha256, the sidecars' sha256, size, kind, format, architecture, rank,
-modules), triage (suspicion, queue position), the scan (verdict, exit code, evidence level, mode, first reason, key
-figures: static cancellation, largest re-emergence ratio, largest increase over the base, concept check),
+modules), triage (suspicion, the base judge, queue position), the scan (verdict, exit code, evidence level, mode,
+first reason, key figures: static cancellation, largest re-emergence ratio, largest increase over the base, concept
+check),
 and ``error`` (the one-line message of a file that could not be scanned), ``duplicate_of`` (the id of the
 identical file whose scan this row repeats) and ``report`` (the report folder, relative to the batch folder).
 """
@@ -15,11 +16,11 @@ from pathlib import Path
 from auditkit.fsutil import atomic_write_bytes, atomic_write_text
 
 COLUMNS = ("id", "path", "sha256", "sidecars_sha256", "size_bytes", "kind", "format", "architecture", "rank",
-           "modules", "suspicion", "queue_position", "verdict", "exit_code", "evidence", "mode", "reason",
+           "modules", "suspicion", "base_judge", "queue_position", "verdict", "exit_code", "evidence", "mode", "reason",
            "static_cancellation", "reemergence_ratio", "increase", "concept_reverted", "metadata_concepts",
            "images", "error", "duplicate_of", "report", "seconds", "attempts")
-NUMERIC = ("size_bytes", "rank", "modules", "suspicion", "queue_position", "exit_code", "static_cancellation",
-           "reemergence_ratio", "increase", "concept_reverted", "images", "seconds", "attempts")
+NUMERIC = ("size_bytes", "rank", "modules", "suspicion", "base_judge", "queue_position", "exit_code",
+           "static_cancellation", "reemergence_ratio", "increase", "concept_reverted", "images", "seconds", "attempts")
 VERDICTS = ("risk", "inconclusive", "pass", "error")
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 

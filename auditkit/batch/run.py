@@ -3,7 +3,8 @@
 1. **Read** the input (folder, list file, manifest: :mod:`auditkit.batch.inputs`) and check the settings;
    every bad input fails here, before anything is written.
 2. **Triage** every file in parallel processes (:mod:`auditkit.batch.triage`): hashes, what each file is,
-   static cancellation, metadata; it orders the queue (most suspicious first) and never skips a file.
+   static cancellation, metadata; it orders the queue (most suspicious first) and never skips a file. With a base
+   and a safety module, the base judge (:mod:`auditkit.batch.judge`) orders it first (data-free, local engine).
 3. **Deduplicate**: identical files (same SHA-256, same sidecars) with the same settings are scanned once; the
    others' rows say ``duplicate_of``.
 4. **Scan** every adapter not finished yet (:mod:`auditkit.batch.state`) on an engine
@@ -25,7 +26,7 @@ from pathlib import Path
 from auditkit.batch import results as table
 from auditkit.batch.inputs import Entry, read_entries
 from auditkit.batch.state import BatchState, row_key
-from auditkit.batch.triage import TriageSettings, file_sha256, triage
+from auditkit.batch.triage import TriageSettings, file_sha256, priority, triage
 from auditkit.batch.worker import SharedSpec, Task, error_row
 from auditkit.config import ScanConfig
 from auditkit.configfile import NO_SAFETY
@@ -94,8 +95,9 @@ def run_batch(config: BatchConfig, progress: Progress | None = None) -> BatchRes
         rows = _triage(config, entries, progress)
         _deduplicate(entries, rows)
         finished = state.finished()
+        _judge(config, out, entries, rows, finished, progress)
         queue = sorted(((e, r) for e, r in zip(entries, rows, strict=True) if not r.get("duplicate_of")),
-                       key=lambda er: (_group(config, er[0]), -er[1]["suspicion"]))
+                       key=lambda er: (_group(config, er[0]), *(-p for p in priority(er[1]))))
         for position, (_, r) in enumerate(queue, 1):
             r["queue_position"] = position
         todo = [(e, r) for e, r in queue if row_key(r) not in finished]
@@ -181,6 +183,21 @@ def _triage(config: BatchConfig, entries: list[Entry], progress: Progress | None
     return rows
 
 
+def _judge(config: BatchConfig, out: Path, entries: list[Entry], rows: list[dict], finished: dict,
+           progress: Progress | None) -> None:
+    """The base judge of every row still to scan (:mod:`auditkit.batch.judge`, local engine); a finished row keeps
+    the judge its scan measured."""
+    for r in rows:
+        r["base_judge"] = (finished.get(row_key(r)) or {}).get("base_judge")
+    if config.engine != "local" or not config.scan.dynamic_enabled:
+        return
+    from auditkit.batch.judge import judge_rows
+
+    pairs = [(e, r) for e, r in zip(entries, rows, strict=True) if row_key(r) not in finished]
+    report = (lambda done, total: progress("base judge", done, total, {})) if progress else None
+    judge_rows(pairs, lambda e: scan_config(config, e, out), report)
+
+
 def _identity(entry: Entry, row: dict) -> tuple | None:
     """What makes two rows the same scan: the file, its sidecars (the scan reads their trigger words) and the
     row's settings."""
@@ -206,8 +223,8 @@ def _copy_duplicates(rows: list[dict]) -> None:
     """A duplicate's row repeats its twin's findings; an error is not repeated (its message names the twin's
     files), the row says where to read it."""
     by_id = {r["id"]: r for r in rows}
-    scanned = ("verdict", "exit_code", "evidence", "mode", "reason", "static_cancellation", "reemergence_ratio",
-               "increase", "concept_reverted", "images", "error", "report")
+    scanned = ("verdict", "exit_code", "evidence", "mode", "reason", "static_cancellation", "base_judge",
+               "reemergence_ratio", "increase", "concept_reverted", "images", "error", "report")
     for r in rows:
         if r.get("duplicate_of"):
             twin = by_id[r["duplicate_of"]]

@@ -4,9 +4,9 @@ Per file: its SHA-256 and its sidecars' (identical files with identical sidecars
 is (format, architecture, rank, modules), the training tags and trigger words that name a suite's concept,
 and, given a safety module, the static scan's cancellation. Triage never decides a row and never skips a
 file: every file goes on to the scan, most suspicious first (a file triage cannot read goes last; the scan
-names its problem). Nothing is unpickled: a pickle's bytes are hashed, never loaded. A file whose reading
-fails in any way (even a ``RecursionError`` deep in a header) is a row with ``triage_error``, never the end
-of the batch.
+names its problem); with a base and a safety module the base judge orders it first (:func:`priority`).
+Nothing is unpickled: a pickle's bytes are hashed, never loaded. A file whose reading fails in any way (even
+a ``RecursionError`` deep in a header) is a row with ``triage_error``, never the end of the batch.
 """
 
 from __future__ import annotations
@@ -160,6 +160,13 @@ def suspicion(row: dict) -> float:
     if row["triage_error"] and row["architecture"] is None:
         return -1.0
     return (row["static_cancellation"] or 0.0) + (0.5 if row["metadata_concepts"] else 0.0)
+
+
+def priority(row: dict) -> tuple[float, float]:
+    """Queue order (higher first): the base judge where it ran (:mod:`auditkit.batch.judge`; a row it did not
+    judge after every judged one), then :func:`suspicion`."""
+    judged = row.get("base_judge")
+    return (judged if judged is not None and judged == judged else float("-inf"), row["suspicion"])
 
 
 def _star(args):

@@ -57,6 +57,7 @@ def result_row(task: Task, report: dict, seconds: float) -> dict:
             "reemergence_ratio": _max(c.get("reemergence_ratio") for c in comparisons),
             "increase": _max(c.get("increase") for c in comparisons),
             "concept_reverted": check.get("reverted") if check.get("applicable") else None,
+            "base_judge": (check.get("base_judge") or {}).get("value"),
             "images": dynamic.get("images"), "error": None, "seconds": round(seconds, 3), "attempts": task.attempt}
 
 

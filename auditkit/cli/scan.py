@@ -110,6 +110,9 @@ def print_scan(r: dict, top: int, config_path: Path | None = None) -> None:
             body.add_row("noise reversion", f"{nr['reverted']:.3f} of the safety module's change to the concept "
                          f"prompts' {nr.get('prediction', 'noise')} predictions reverted ({nr['prompts']} prompts, "
                          f"{nr['steps']} steps)")
+        bj = cc.get("base_judge")
+        if bj:
+            body.add_row("base judge", _base_judge_text(bj))
     _metadata_rows(body, r.get("metadata_evidence"))
     _trigger_rows(body, r.get("triggers"), r.get("dynamic"))
     out.print(Panel(body, title=f"auditkit scan · {r['architecture']} · {r['mode']}", expand=False))
@@ -121,6 +124,17 @@ def print_scan(r: dict, top: int, config_path: Path | None = None) -> None:
             out.print(f"[yellow]{role}: {cov['unmapped']} unmapped keys[/yellow] ({cov['fraction']:.0%} coverage)")
     if r["mode"] != "full":
         _what_was_not_checked(r, config_path)
+
+
+def _base_judge_text(bj: dict) -> str:
+    """The base judge's row: what it measured, against the threshold the predictor study found (data-free
+    evidence: it never changes the verdict)."""
+    if bj["value"] is None:
+        return f"not measured: {escape(bj['note'])}"
+    side = "at or above" if bj["above"] else "below"
+    return (f"{bj['value']:.2f} of the way from what the safe model draws to what the base draws, judged by the base "
+            f"({bj['samples']} latents, {bj['steps']} steps); {side} the threshold {bj['threshold']:.2f} "
+            "(data-free evidence: never decides the verdict)")
 
 
 def _metadata_rows(body: Table, ev: dict | None) -> None:

@@ -48,8 +48,10 @@ TRIGGER_SEARCH = map_of(fields({"probed": TEXTS, "tokens_swept": INDEX, "phrases
                                 "sweeps": list_of(OBJECT)}))
 METADATA_EVIDENCE = fields({"declared_triggers": ITEMS,
                             "suites": map_of(fields({"terms": ITEMS, "tags": list_of(OBJECT), "triggers": ITEMS}))})
+BASE_JUDGE = fields(_figures("value", "ratio", "threshold", scores=map_of(FIGURE), levels=list_of(FIGURE)))
 CONCEPT_CHECK = fields(_figures("reverted", "reverted_concept_tokens", noise_reversion=optional(
-    fields(_figures("reverted", "relative_safety_change", per_step=list_of(FIGURE))))))
+    fields(_figures("reverted", "relative_safety_change", per_step=list_of(FIGURE)))),
+    base_judge=optional(BASE_JUDGE)))
 DYNAMIC = fields({"thresholds": OBJECT, "truncated_prompts": optional(map_of(ANY)),
                   "adapter_coverage": map_of(fields({"missing": TEXTS}))}, required=("adapter_coverage",))
 

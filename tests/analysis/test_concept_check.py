@@ -1,5 +1,7 @@
 """Data-free concept check: reverted share of the safety update's change to concept keys/values."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import random_modules, select
@@ -99,7 +101,13 @@ def test_scan_reports_the_concept_check(tmp_path):
     assert res.returncode == 1, res.stderr  # cancels half: risk
     cc = json.loads((tmp_path / "r" / "report.json").read_text())["concept_check"]
     assert cc["applicable"] and cc["reverted"] == pytest.approx(0.5, abs=1e-4) and cc["suite"] == "lab-cross"
-    assert "Data-free concept check" in (tmp_path / "r" / "report.html").read_text()
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "Data-free concept check" in html
+    bj = cc["base_judge"]  # data-free evidence beside it, in the JSON, the page and the terminal
+    assert bj["evidence"] == "data-free" and bj["threshold"] == 0.24 and bj["above"] == (bj["value"] >= 0.24)
+    assert bj["samples"] == 2 * cc["prompts"] and bj["scores"]["base"] > bj["scores"]["safe"]
+    assert 'id="base-judge"' in html and f"{bj['value']:.2f}" in html
+    assert "base judge" in res.stdout and "never decides the verdict" in " ".join(res.stdout.split())
     assert scan("--suite", str(builtin_dir() / "lab-cross.yaml")).returncode == 2  # a suite needs --base
     bad = tmp_path / "bad.yaml"
     bad.write_text("schema: nope\n")
@@ -199,3 +207,37 @@ def test_the_concept_check_reads_the_prompts_through_each_models_text_encoders()
     assert got.reverted == pytest.approx(-inner / energy, rel=1e-3, abs=1e-4)
     weights_only = concept_reversion(pipe, prompts, "cross", kv_cand, kv_safe)
     assert abs(got.reverted - weights_only.reverted) > 0.01  # the text encoder's part counts
+
+
+def test_the_base_judge_never_changes_the_verdict(tmp_path, monkeypatch):
+    """Data-free evidence: whatever the judge reads, the verdict and its reasons are the same."""
+    pytest.importorskip("torch")
+    from importlib import resources
+
+    import auditkit.analysis.base_judge as judge_module
+    from auditkit import ScanConfig, scan
+    from auditkit.analysis.base_judge import BaseJudge
+    from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
+    from auditkit.lora.adapter import read_adapter
+    from auditkit.lora.write import save_adapter
+    from auditkit.suites import builtin_dir
+
+    if not lab_pipeline_available():
+        pytest.skip("lab model not installed")
+    safety_path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")
+    safety = read_adapter(safety_path)
+    cand = save_adapter(negated(safety.modules, 0.02), tmp_path / "faint.safetensors", safety.architecture)
+    pipe = load_lab_pipeline()
+    verdicts = []
+    for value in (0.0, 5.0):
+        def reading(*_a, value=value, **_k):
+            return BaseJudge(value, value, {"base": 1.0, "safe": 0.0, "candidate": value}, 0.24, value >= 0.24, 1, 2,
+                             8, [200], 0.0)
+
+        monkeypatch.setattr(judge_module, "base_judge", reading)
+        config = ScanConfig(candidate=cand, safety=Path(str(safety_path)), base="lab", static_only=True,
+                            suites=(str(builtin_dir() / "lab-cross.yaml"),), out=tmp_path / f"r{value}")
+        result = scan(config, pipeline=pipe, write=False)
+        assert result.report["concept_check"]["base_judge"]["value"] == value
+        verdicts.append((result.verdict.verdict, result.verdict.evidence, result.report["reasons"]))
+    assert verdicts[0] == verdicts[1]
