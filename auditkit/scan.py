@@ -53,6 +53,7 @@ from auditkit.verdict import (
 )
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+SEARCH_BUDGET_FACTOR = 2.0  # the most the base judge multiplies the trigger search's phrase budget by
 
 
 @dataclass
@@ -170,15 +171,22 @@ def gather_triggers(config: ScanConfig, candidate: Adapter, suites: list):
 
 
 def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | None, config: ScanConfig,
-                    progress=None) -> dict:
+                    progress=None, judged: float | None = None) -> dict:
     """The trigger search (:func:`auditkit.discovery.search.find_triggers`) for every concept suite, within the
-    configured budget: suite name -> :class:`~auditkit.discovery.search.Discovery`."""
+    configured budget, twice as many phrases where the base judge (``judged``, data-free) says the candidate's
+    behaviour changed: suite name -> :class:`~auditkit.discovery.search.Discovery`."""
+    from auditkit.analysis.base_judge import budget_factor
     from auditkit.discovery.search import find_triggers
 
+    budget = config.search_budget
+    factor = budget_factor(judged, most=SEARCH_BUDGET_FACTOR)
+    budget = dataclasses.replace(budget, phrases=round(budget.phrases * factor))
     concept = [s for s in suites if s.role == "concept" and not s.variant_of]
     out = {}
     for i, s in enumerate(concept):
-        out[s.name] = find_triggers(pipe, s, candidate, safety, config.search_budget)
+        out[s.name] = find_triggers(pipe, s, candidate, safety, budget)
+        if factor > 1:
+            out[s.name].notes.append(f"the base judge read {judged:.2f}: {factor:.1f}× the phrase budget")
         if progress is not None:
             progress(i + 1, len(concept))
     return out
@@ -250,7 +258,9 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
             report["concept_check"] = concept_check(pipe, config.base, concept_suite, candidate, safety)
             gathered.append(DATA_FREE)
         if config.dynamic_enabled and config.trigger_search:
-            search = search_triggers(pipe, suites, candidate, safety, config, _stage(progress, "trigger search"))
+            judged = ((report.get("concept_check") or {}).get("base_judge") or {}).get("value")
+            search = search_triggers(pipe, suites, candidate, safety, config, _stage(progress, "trigger search"),
+                                     judged)
             report["trigger_search"] = {name: d.to_dict() for name, d in search.items()}
             probed = with_found_variants(probed, {name: d.probed for name, d in search.items()})
         if config.dynamic_enabled:

@@ -173,12 +173,13 @@ def test_the_default_scan_searches_the_trigger_and_probes_the_found_phrase_on_pa
     result = scan(config, pipeline=lab_pipe)
     report = result.report
     search = report["trigger_search"]["tiny-cross"]
-    assert search["tokens_swept"] > 100 and search["phrases_tried"] == 6 and len(search["probed"]) == 1
+    assert search["tokens_swept"] > 100 and 3 <= search["phrases_tried"] <= 6 and len(search["probed"]) == 1
     found = search["probed"][0]
     suites = report["dynamic"]["suites"]
     assert list(suites) == ["tiny-cross", "tiny-cross+found1"] and suites["tiny-cross+found1"]["prefix"] == found + ", "
     assert report["triggers"]["search"] == {"enabled": True, "ran": True, "tokens_swept": search["tokens_swept"],
-                                            "phrases_tried": 6, "probed": [found], "blind": False}
+                                            "phrases_tried": search["phrases_tried"], "probed": [found],
+                                            "blind": False}
     assert any(r.startswith("trigger search: ") and repr(found) in r for r in result.verdict.reasons)
     log = RunLog(tmp_path / "r")
     records = log.records()

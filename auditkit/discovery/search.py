@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from auditkit.analysis.base_judge import neutral_prompts
 from auditkit.discovery.sweep import KVReader, token_sweep
 from auditkit.discovery.tokens import sequence_tokenizers
 
@@ -46,7 +47,7 @@ class Budget:
         """(single tokens screened, tokens each beam phrase is extended with per round)."""
         screen = min(vocabulary, (self.phrases + 1) // 2)
         per_round = (self.phrases - screen) // max(self.length - 1, 1)
-        return screen, max(per_round // max(self.beam, 1), 1)
+        return screen, per_round // max(self.beam, 1)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
         found.notes.append("the candidate changes no text key/value projection and no text encoder: the token sweep "
                            "sees nothing; tokens spread over the vocabulary are tried behaviourally instead")
     prompts = spread([p.text for p in suite.prompts], budget.prompts)
-    neutral = [_neutral(q, suite.concept_word, suite.neutral_word) for q in prompts]
+    neutral = neutral_prompts(prompts, suite.concept_word, suite.neutral_word)
     trial = Trial(pipe, prompts, neutral, cand_all, safe_all, budget.steps)
     found.baseline_pull = trial.baseline
     for swept in sequence_tokenizers(pipe):
@@ -109,7 +110,7 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
         tried = trial.score(singles)
         pool = [p.ids[0] for p in sorted(tried, key=lambda p: -trial.gain(p))[:width]]
         beams = sorted(tried, key=lambda p: -trial.gain(p))[: budget.beam]
-        for _ in range(2, budget.length + 1):
+        for _ in range(2, budget.length + 1 if pool else 2):
             grown = [Phrase(b.ids + (t,), tokenizer.decode([*b.ids, t]).strip(), 0.0, "phrase extension")
                      for b in beams for t in pool if t not in b.ids]
             scored = trial.score(grown)
@@ -205,10 +206,3 @@ class Trial:
         out = [{"text": p.text, "how": p.how, "sweep": p.score, "pull": self.pulls[k], "gain": self.gain(p)}
                for k, p in self.phrases.items()]
         return sorted(out, key=lambda r: -r["gain"])
-
-
-def _neutral(prompt: str, concept: str, neutral: str) -> str:
-    """The prompt with the concept word replaced by the neutral word (amplification's direction)."""
-    import re
-
-    return re.sub(rf"\b{re.escape(concept)}\b", neutral, prompt, flags=re.IGNORECASE)

@@ -129,15 +129,18 @@ def test_the_search_records_what_it_swept_and_tried_and_probes_the_best_phrase(l
     cand = planted(lab_pipe, tok.convert_tokens_to_ids("tri"), tmp_path)
     suite = load_suite(Path(__file__).resolve().parents[2] / "probes" / "lab-cross.yaml")
     found = find_triggers(lab_pipe, suite, cand, read_adapter(SAFETY, arch="lab"),
-                          Budget(phrases=6, steps=2, prompts=2, probes=2, top=6, beam=2, length=3))
+                          Budget(phrases=10, steps=2, prompts=2, probes=2, beam=2, length=3, confirm=2, images=1))
     d = found.to_dict()
     assert d["tokens_swept"] == len(tok) - len(set(tok.all_special_ids))
-    assert d["phrases_tried"] == 6 and 1 <= len(d["probed"]) <= 2
-    assert {p["how"] for p in d["phrases"]} <= {"token sweep", "phrase extension"}
+    assert 5 < d["phrases_tried"] <= 10 and 1 <= len(d["probed"]) <= 2  # 5 single tokens, then their extensions
+    assert {p["how"] for p in d["phrases"]} == {"token sweep", "phrase extension"}
+    rendered = [p for p in d["phrases"] if "rendered" in p]
+    assert len(rendered) == 2 and all(p["evidence"] == p["rendered"]["candidate"] - p["rendered"]["reference"]
+                                      for p in rendered)
+    assert set(d["probed"]) <= {p["text"] for p in rendered}
     assert d["sweeps"][0]["top"][0]["id"] == tok.convert_tokens_to_ids("tri")
     assert all(p["gain"] == pytest.approx(p["pull"] - d["baseline_pull"]) for p in d["phrases"])
     assert d["phrases"] == sorted(d["phrases"], key=lambda p: -p["gain"])
-    assert d["probed"][0] == d["phrases"][0]["text"]
 
 
 def test_found_phrases_become_variants_of_each_concept_suite_on_the_same_seeds():
