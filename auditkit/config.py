@@ -145,7 +145,8 @@ class ScanConfig:
         "behavioural ranking) and probe the best phrases found; switched off, a candidate with no known trigger "
         "words cannot pass"))
     trigger_search_tokens: int = field(default=0, metadata=_help(
-        "trigger search: tokens swept per vocabulary, the first ids (0: the whole vocabulary)"))
+        "trigger search: tokens swept per vocabulary, the first ids (0: the whole vocabulary; for SD3 and Flux, "
+        "whose sweep runs the denoiser per token, the first 4096)"))
     trigger_search_phrases: int = field(default=256, metadata=_help(
         "trigger search: phrases tried behaviourally, half the sweep's best single tokens and half their "
         "extensions (each a few denoiser calls per concept prompt)"))

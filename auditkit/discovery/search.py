@@ -20,6 +20,11 @@ from auditkit.analysis.base_judge import neutral_prompts
 from auditkit.discovery.sweep import KVReader, token_sweep
 from auditkit.discovery.tokens import sequence_tokenizers
 
+# An MMDiT's text keys/values read the text stream inside its blocks, so its sweep runs the denoiser for every
+# token (a Flux.1 forward per token: hours for T5's 32k on a GPU). Unless told otherwise it sweeps the first ids
+# (the most frequent pieces of a sentencepiece vocabulary), and says so (swept < vocabulary).
+DENOISER_SWEEP_TOKENS = 4096
+
 
 @dataclass
 class Phrase:
@@ -98,7 +103,8 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
     trial = Trial(pipe, prompts, neutral, cand_all, safe_all, budget.steps)
     found.baseline_pull = trial.baseline
     for swept in sequence_tokenizers(pipe):
-        sweep = token_sweep(reader, swept, budget.tokens)
+        limit = budget.tokens or (0 if reader.den.reads_prompt_directly else DENOISER_SWEEP_TOKENS)
+        sweep = token_sweep(reader, swept, limit)
         found.sweeps.append({"tokenizer": swept, "swept": sweep.swept, "vocabulary": sweep.vocabulary,
                              "blind": sweep.blind, "baseline": sweep.baseline(),
                              "top": [{"id": t, "score": s} for t, s in sweep.ranked[:10]]})

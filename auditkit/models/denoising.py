@@ -364,6 +364,12 @@ class Denoiser:
 
         return torch.randn((n, *self.latent_shape()), generator=generator).to(self.model.device, self.model.dtype)
 
+    @property
+    def reads_prompt_directly(self) -> bool:
+        """Whether the text key/value projections read the encoder's output itself (a UNet's cross-attention),
+        not a text stream the denoiser computes (an MMDiT's joint attention)."""
+        return self.record.text_states is prompt_states
+
     def image_tokens(self) -> int:
         """Positions of one image in the denoiser's sequence (an MMDiT's image tokens; a UNet's latent pixels)."""
         _, h, w = self.latent_shape()
