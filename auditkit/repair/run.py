@@ -199,6 +199,13 @@ def scan_settings(run_dir: Path) -> dict:
         raise BadInput(run_dir, "the scan's run log does not record its suite files")
     if "safety" not in header.get("adapters", {}):
         raise BadInput(run_dir, "the scan was made without a safety module; repair needs one")
-    return {"base": header["base"], "suites": tuple(dict.fromkeys(str(p) for p in paths)),
-            "multipliers": tuple(header["multipliers"]), "steps": header.get("steps_override"),
-            "triggers": tuple(str(w) for w in header.get("triggers") or ())}
+    settings = {"base": header["base"], "suites": tuple(dict.fromkeys(str(p) for p in paths)),
+                "multipliers": tuple(header["multipliers"]), "steps": header.get("steps_override"),
+                "triggers": tuple(str(w) for w in header.get("triggers") or ())}
+    from auditkit.config import ScanConfig
+
+    try:  # checked here, so a bad value names the run log it came from, not the command line
+        ScanConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(log.path, f"line 1 (the header): {exc} (a corrupted run log: scan again)") from None
+    return settings

@@ -95,6 +95,9 @@ def _scan_header(**change) -> dict:
     ({"multipliers": ["1"]}, "multipliers[0] has the wrong type (str)"),
     ({"steps_override": "2"}, "steps_override has the wrong type (str)"),
     ({"suites": {"tiny-cross": {"detector": "lab-cross", "path": 5}}}, "suites.tiny-cross.path has the wrong type"),
+    # well typed, out of range: named as the run log's, not as the command line's
+    ({"steps_override": 5000}, "steps: must be an integer"), ({"multipliers": [99.0]}, "multipliers: 99.0"),
+    ({"triggers": ["a\x1bb"]}, "is not a trigger word"),
 ])
 def test_a_tampered_run_log_header_in_from_scan_is_one_line_naming_it(tmp_path, candidate, change, field):
     # issue 26 M10: `suites` a list, no `base`: internal errors; `triggers: "ohwx"` became o, h, w, x
