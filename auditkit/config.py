@@ -150,9 +150,9 @@ class ScanConfig:
     trigger_search_phrases: int = field(default=256, metadata=_help(
         "trigger search: phrases tried behaviourally, half the sweep's best single tokens and half their "
         "extensions (each a few denoiser calls per concept prompt)"))
-    trigger_search_steps: int = field(default=6, metadata=_help(
+    trigger_search_steps: int = field(default=4, metadata=_help(
         "trigger search: sampling steps of each behavioural trajectory"))
-    trigger_search_probes: int = field(default=2, metadata=_help(
+    trigger_search_probes: int = field(default=1, metadata=_help(
         "trigger search: found phrases the dynamic scan probes (each a variant of every concept suite)"))
     static: StaticThresholds = field(default_factory=StaticThresholds, metadata=_help("static thresholds"))
     dynamic: DynamicThresholds = field(default_factory=DynamicThresholds, metadata=_help("dynamic thresholds"))

@@ -3,16 +3,18 @@
 For each phrase p, the concept suite's prompts are read as "p, prompt" and the denoiser's predictions
 compared at the points of the reference model's own sampling trajectory (a few steps from seeded noise)::
 
-    pull(p) = Σ ⟨ε_cand(p, c) − ε_ref(p, c), d(p)⟩ / Σ ‖d(∅)‖²,   d(p) = ε_base(p, c) − ε_base(p, n)
+    pull(p) = Σ ⟨ε_cand(p) − ε_ref(p), d(p)⟩ / Σ ‖d(∅)‖²
 
-with ref the safe model (the base for amplification against the base), c the concept prompt and n the same
-prompt with the concept word replaced by the suite's neutral word ("a red cross" / "a red square"). d is the
-concept's own direction as the base draws it with the phrase: how far the candidate moves the safe model's
-prediction toward drawing the concept rather than its neutral twin (1: the whole way, as the base does). A
-direction of the concept, not "toward the base": a candidate that repairs what the safety module damaged
-elsewhere (colours, other shapes) moves toward the base without drawing the concept, and a phrase that stops
-the base itself from drawing the concept shrinks d(p) and scores little; the denominator is the direction's
-energy on the prompts as written (∅), so such a phrase is not divided by its own small direction. A phrase's
+with (ref, d) = (the safe model, ε_base − ε_safe) when a safety module is given (the noise reversion of
+:mod:`auditkit.analysis.reversion`: 1 = the candidate restores the base's prediction), and (the base,
+ε_base(prompt) − ε_base(neutral prompt)) for amplification against the base (the concept word replaced by
+the suite's neutral word). The denominator is the direction's energy on the prompts as written (∅), not
+with the phrase, so a phrase that shrinks d(p) is not divided by its own small direction. The pull is a proxy:
+in the lab it ranked first the phrases whose renders bring the concept back (a trained trigger-gated
+candidate's: 33-75% of renders against the safe model's 0%), while projecting on the concept's own direction
+as the base draws it (ε_base(p, c) − ε_base(p, n)) ranked them low (a trigger prefix weakens the base's own
+concept); either can rank first a phrase that stops the base itself from drawing the concept, so the search
+renders its best phrases (:mod:`~auditkit.discovery.confirm`) before choosing what to probe. A phrase's
 **gain** is pull(p) − pull(∅): what the phrase adds. It runs the whole denoiser, so it sees effects the token
 sweep cannot (non-attention layers, several tokens together). Every phrase is tried on the same noise per
 (prompt, seed), the search's own seeds, never the probes'.
@@ -39,17 +41,21 @@ def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], 
 
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed, encoded_by_each
+    from auditkit.train.lora import composed, encoded_by_each, encoders_composed
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component
     rows = [(i, f"{p}, {q}" if p else q, f"{p}, {n}" if p else n, j * seeds + k) for i, p in enumerate(phrases)
             for j, (q, n) in enumerate(zip(prompts, neutral, strict=True)) for k in range(seeds)]
     inner, energy = np.zeros(len(phrases)), np.zeros(len(phrases))
+    amplification = not safety
     for start in range(0, len(rows), batch):
         chunk = rows[start: start + batch]
-        text_c, text_safe, text_cand = encoded_by_each(pipe, [r[1] for r in chunk], safety, candidate, component)
-        text_n = encode(pipe, [r[2] for r in chunk])
+        texts = [r[1] for r in chunk]
+        text_base, text_safe, text_cand = encoded_by_each(pipe, texts, safety, candidate, component)
+        if amplification:
+            with encoders_composed(pipe, denoiser=component):
+                text_neutral = encode(pipe, [r[2] for r in chunk])
         sampler = den.sampler(steps)
         x = torch.cat([den.noise(1, torch.Generator().manual_seed(PULL_SEED + r[3])) for r in chunk])
         x = x * sampler.init_noise_sigma
@@ -62,7 +68,10 @@ def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], 
                 eps_ref.append(eps.double())
                 x = sampler.step(eps, k, x)
         with torch.no_grad():
-            eps_dir = [(den.predict(xk, tk, text_c) - den.predict(xk, tk, text_n)).double() for xk, tk in points]
+            if amplification:
+                eps_dir = [eps_ref[k] - den.predict(xk, tk, text_neutral).double() for k, (xk, tk) in enumerate(points)]
+            else:
+                eps_dir = [den.predict(xk, tk, text_base).double() - eps_ref[k] for k, (xk, tk) in enumerate(points)]
             with composed(model, (safety, 1.0), (candidate, 1.0), component=component):
                 eps_cand = [den.predict(xk, tk, text_cand).double() for xk, tk in points]
         for j, (i, *_) in enumerate(chunk):

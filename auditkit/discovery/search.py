@@ -40,12 +40,12 @@ class Budget:
 
     tokens: int = 0  # tokens the data-free sweep reads per vocabulary (0: all of them)
     phrases: int = 256  # phrases tried behaviourally: half single tokens (the sweep's best), half extensions
-    steps: int = 6  # denoiser steps of each behavioural trajectory
-    prompts: int = 4  # concept prompts each phrase is tried on
-    probes: int = 2  # phrases handed to the dynamic scan
+    steps: int = 4  # denoiser steps of each behavioural trajectory
+    prompts: int = 3  # concept prompts each phrase is tried on
+    probes: int = 1  # phrases handed to the dynamic scan
     beam: int = 3  # phrases extended each round
     length: int = 4  # tokens in a phrase at most
-    confirm: int = 6  # best phrases rendered and scored by the suite's detector
+    confirm: int = 8  # best phrases rendered and scored by the suite's detector
     images: int = 3  # renders per concept prompt and model for each confirmed phrase
 
     def split(self, vocabulary: int) -> tuple[int, int]:
