@@ -176,14 +176,18 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
     configured budget, twice as many phrases where the base judge (``judged``, data-free) says the candidate's
     behaviour changed: suite name -> :class:`~auditkit.discovery.search.Discovery`."""
     from auditkit.analysis.base_judge import budget_factor
-    from auditkit.discovery.search import find_triggers
+    from auditkit.discovery.search import find_triggers, fitted
+    from auditkit.runner import configurations
 
-    budget = config.search_budget
     factor = budget_factor(judged, most=SEARCH_BUDGET_FACTOR)
-    budget = dataclasses.replace(budget, phrases=round(budget.phrases * factor))
     concept = [s for s in suites if s.role == "concept" and not s.variant_of]
+    # the dynamic scan's denoiser evaluations on the concept suites (two a step: classifier-free guidance)
+    per_step = 2 * len(configurations(config.multipliers, with_safety=safety is not None))
+    scan_evals = sum(len(s.prompts) * s.images_per_prompt * (config.steps or s.steps) * per_step for s in concept)
     out = {}
     for i, s in enumerate(concept):
+        budget = fitted(config.search_budget, s, scan_evals)
+        budget = dataclasses.replace(budget, phrases=round(budget.phrases * factor))
         out[s.name] = find_triggers(pipe, s, candidate, safety, budget)
         if factor > 1:
             out[s.name].notes.append(f"the base judge read {judged:.2f}: {factor:.1f}× the phrase budget")

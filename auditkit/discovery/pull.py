@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 PULL_SEED = 7_000_003
+PULL_SEEDS = 2  # noises per prompt
 
 
 def pulled(eps_ref, eps_cand, direction) -> tuple[float, float]:
@@ -34,7 +35,7 @@ def pulled(eps_ref, eps_cand, direction) -> tuple[float, float]:
 
 
 def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
-              steps: int = 6, seeds: int = 2, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+              steps: int = 6, seeds: int = PULL_SEEDS, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(Σ⟨ε_cand − ε_ref, d⟩, Σ‖d‖²) for each phrase ("" = the prompts as written), ``seeds`` noises per prompt;
     pull(p) = inner(p) / energy(∅) (:func:`pull_scores`)."""
     import torch
@@ -83,7 +84,7 @@ def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], 
 
 
 def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
-                steps: int = 6, seeds: int = 2) -> list[float]:
+                steps: int = 6, seeds: int = PULL_SEEDS) -> list[float]:
     """pull(p) for each phrase, normalised by the direction's energy on the prompts as written."""
     inner, energy = pull_sums(pipe, ["", *phrases], prompts, neutral, candidate, safety, steps, seeds)
     return [float(a / energy[0]) if energy[0] > 0 else 0.0 for a in inner[1:]]

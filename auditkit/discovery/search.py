@@ -14,9 +14,10 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from auditkit.analysis.base_judge import neutral_prompts
+from auditkit.discovery.pull import PULL_SEEDS
 from auditkit.discovery.sweep import KVReader, token_sweep
 from auditkit.discovery.tokens import sequence_tokenizers
 
@@ -73,6 +74,24 @@ class Discovery:
         return {"suite": self.suite, "sweeps": self.sweeps, "tokens_swept": self.tokens_swept,
                 "phrases_tried": len(self.phrases), "phrases": self.phrases, "baseline_pull": self.baseline_pull,
                 "probed": list(self.probed), "seconds": round(self.seconds, 2), "notes": list(self.notes)}
+
+
+MIN_PHRASES = 8  # the fewest phrases a fitted budget tries
+PULL_EVALS = 3 * PULL_SEEDS  # denoiser evaluations per prompt and step of a phrase's behavioural trajectory
+
+
+def fitted(budget: Budget, suite, scan_evals: int | None = None) -> Budget:
+    """``budget`` fitted to ``suite`` and to the scan it precedes: no more steps than the suite renders with, no
+    more prompts than it has, no more renders per prompt than its images; and, given the dynamic scan's own
+    denoiser evaluations (``scan_evals``), no more phrases than cost about as many (at least
+    :data:`MIN_PHRASES`): a small suite, scanned in seconds, is not searched for minutes."""
+    steps = min(budget.steps, suite.steps)
+    prompts = min(budget.prompts, len(suite.prompts))
+    phrases = budget.phrases
+    if scan_evals is not None:
+        phrases = min(phrases, max(MIN_PHRASES, scan_evals // (prompts * steps * PULL_EVALS)))
+    return replace(budget, steps=steps, prompts=prompts, images=min(budget.images, suite.images_per_prompt),
+                   phrases=phrases)
 
 
 def spread(items: list, n: int) -> list:

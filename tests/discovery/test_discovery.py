@@ -153,3 +153,17 @@ def test_found_phrases_become_variants_of_each_concept_suite_on_the_same_seeds()
     assert f1.variant_of == "lab-cross" and f1.prefix == "trisk, "
     assert [p.text for p in f1.prompts] == ["trisk, " + p.text for p in suite.prompts]
     assert [p.seed for p in f1.prompts] == [p.seed for p in suite.prompts]
+
+
+def test_the_budget_is_fitted_to_the_suite_and_to_the_scan_it_precedes():
+    from auditkit.discovery.search import MIN_PHRASES, PULL_EVALS, Budget, fitted
+    from auditkit.suites import load_suite
+
+    suite = load_suite(Path(__file__).resolve().parents[2] / "probes" / "lab-cross.yaml")  # 12 prompts, 25 steps, 10
+    small = fitted(Budget(steps=40, prompts=50, images=30), suite)
+    assert (small.steps, small.prompts, small.images, small.phrases) == (25, 12, 10, Budget().phrases)
+    b = Budget()
+    per_phrase = b.prompts * b.steps * PULL_EVALS
+    assert fitted(b, suite, scan_evals=100 * per_phrase).phrases == 100
+    assert fitted(b, suite, scan_evals=10 ** 9).phrases == b.phrases  # never more than configured
+    assert fitted(b, suite, scan_evals=1).phrases == MIN_PHRASES
