@@ -12,8 +12,9 @@ change over the modules::
 token's direction changes that token's keys and values far more than an ordinary word's (a planted trigger is
 ranked first, tests/discovery); a trigger-gated candidate *trained* in the lab changed its trigger tokens' keys
 and values no more than other words' (its gating lives in the whole network), so the sweep orders what the
-behavioural ranking tries first (on a real vocabulary only its best tokens can be), it decides nothing. Each token is read alone after the start token (CLIP is causal, so this is exactly how it
-reads the first word of a prompt); an MMDiT's text stream is taken at the first step of the base model's
+behavioural ranking tries first (on a real vocabulary only its best tokens can be), it decides nothing. Each
+token is read alone after the start token (CLIP is causal, so this is exactly how it reads the first word of a
+prompt); an MMDiT's text stream is taken at the first step of the base model's
 trajectory (:meth:`auditkit.models.denoising.Denoiser.text_states`).
 
 **Cost per token, on paper** (P: parameters without the token-embedding table, a lookup; prompts pinned short:
