@@ -224,7 +224,8 @@ def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, 
     first = auditkit.scan(config, pipeline=pipe)
     dyn = first.report["dynamic"]
     assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
-    assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    # 4 configurations x 4 images, of the suite as written and of the trigger search's phrase
+    assert dyn["images"] == 2 * 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
     assert dyn["adapter_coverage"]["safety"]["expected"] == len([n for n in arch.modules
                                                                  if n.startswith("transformer.")])
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
@@ -234,9 +235,9 @@ def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, 
     assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     assert "change to the transformer's velocity prediction" in (tmp_path / "scan" / "report.html").read_text()
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
-    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
+    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
-    assert len(stamps) == 16
+    assert len(stamps) == 2 * 16
     from PIL import Image
 
     assert all(Image.open(p).size == (32, 32) for p in stamps)

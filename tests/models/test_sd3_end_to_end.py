@@ -209,16 +209,17 @@ def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, 
     first = auditkit.scan(config, pipeline=pipe)
     dyn = first.report["dynamic"]
     assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
-    assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    # 4 configurations x 4 images, of the suite as written and of the trigger search's phrase
+    assert dyn["images"] == 2 * 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)
     assert "data-free" in first.report["evidence"]["gathered"]
     cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
     assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
     assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
-    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
+    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
-    assert len(stamps) == 16
+    assert len(stamps) == 2 * 16
 
     calls = []
     monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))

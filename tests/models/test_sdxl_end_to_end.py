@@ -333,7 +333,8 @@ def test_a_dynamic_scan_of_an_sdxl_pipeline_runs_and_resumes(arch, folder, pipe,
     first = auditkit.scan(config, pipeline=pipe)
     dyn = first.report["dynamic"]
     assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
-    assert dyn["images"] == 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
+    # 4 configurations x 4 images, of the suite as written and of the trigger search's phrase
+    assert dyn["images"] == 2 * 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
     assert dyn["adapter_coverage"]["safety"]["expected"] == len(safety_mods)
     assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
     assert first.verdict.evidence == "behavioural" and "data-free" in first.report["evidence"]["gathered"]
@@ -343,9 +344,9 @@ def test_a_dynamic_scan_of_an_sdxl_pipeline_runs_and_resumes(arch, folder, pipe,
     assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=5e-3) and abs(cc["reverted"] - 0.9) > 1e-5
     assert cc["noise_reversion"]["prediction"] == "noise" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
-    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 16
+    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
-    assert len(stamps) == 16
+    assert len(stamps) == 2 * 16
 
     calls = []
     monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
