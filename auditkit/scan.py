@@ -208,7 +208,7 @@ def search_summary(config: ScanConfig, search: dict | None, probed: bool) -> dic
 
 
 def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
-         ranks=None, shared=None) -> ScanResult:
+         ranks=None, shared=None, phrases: dict[str, list[str]] | None = None) -> ScanResult:
     """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
 
     Args:
@@ -220,6 +220,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         shared: the base and base+safety images already rendered for these settings
             (:func:`auditkit.dynamic.render_shared`, as ``auditkit batch`` does once for many candidates):
             taken into the run instead of rendered again; the report is the same.
+        phrases: per concept suite, phrases to probe first like the trigger search's (``NAME+found1``, …), before
+            those the search finds (``repair`` proves a repair on the phrases that called the candidate up).
 
     Raises:
         BadInput: a bad input (exit 2); Unscannable: nothing auditkit can analyse (exit 3).
@@ -266,7 +268,9 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
             search = search_triggers(pipe, suites, candidate, safety, config, _stage(progress, "trigger search"),
                                      judged)
             report["trigger_search"] = {name: d.to_dict() for name, d in search.items()}
-            probed = with_found_variants(probed, {name: d.probed for name, d in search.items()})
+            found = {name: list(dict.fromkeys([*(phrases or {}).get(name, ()), *d.probed]))
+                     for name, d in search.items()}
+            probed = with_found_variants(probed, found)
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic
 

@@ -138,10 +138,14 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
             if config.triggers != req.scan.triggers:
                 notes.append(f"the repaired adapter was probed with the candidate's trigger words "
                              f"({', '.join(config.triggers)})")
+        phrases = _found_phrases(scans["scan before"].report) if label == "scan after" else None
+        if phrases and any(phrases.values()):
+            notes.append("the repaired adapter was probed with the phrases the candidate's trigger search found ("
+                         + ", ".join(repr(p) for ps in phrases.values() for p in ps) + ")")
         ctx, update = bars(label)
         with ctx:
             scans[label] = scan(config, progress=lambda stage, d, n, u=update: u(d, n, 0.0), pipeline=pipe,
-                                write=run_dir != req.from_scan)
+                                write=run_dir != req.from_scan, phrases=phrases)
     before, after = scans["scan before"].report, scans["scan after"].report
     replace_folder(staged, pack_dir)  # verified: the re-scan ran; its verdict is the report's
     after["candidate"]["path"] = str(pack_dir / packing.FILES["finetune"])
@@ -161,6 +165,12 @@ def _trigger_words(before: dict, settings: ScanConfig) -> tuple[str, ...]:
     repaired file need not carry the candidate's sidecars or modelspec fields."""
     triggers = before.get("triggers") or {}
     return tuple(w["word"] for w in triggers.get("words", [])) if triggers.get("used") else settings.triggers
+
+
+def _found_phrases(before: dict) -> dict[str, list[str]]:
+    """Per concept suite, the phrases the candidate's trigger search found and probed: the repaired adapter is
+    probed with them first (the same variants, so before and after pair), then with what its own search finds."""
+    return {name: list(d.get("probed") or []) for name, d in (before.get("trigger_search") or {}).items()}
 
 
 def _fidelity(req: RepairRequest, before_dir: Path, after_dir: Path) -> dict:

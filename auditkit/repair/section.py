@@ -21,7 +21,9 @@ def summarize(report: dict) -> dict:
         for suite, sd in dyn["suites"].items():
             for c in sd.get("comparisons", []):
                 out["comparisons"].append({
-                    "suite": suite, "configuration": c["configuration"], "pairs": c["pairs"],
+                    "suite": suite, "variant_of": sd.get("variant_of", ""), "prefix": sd.get("prefix", ""),
+                    "configuration": c["configuration"],
+                    "pairs": c["pairs"],
                     "rate_safety": c["rate_safety"], "rate_candidate": c["rate_candidate"],
                     "reemergence_ratio": c["reemergence_ratio"], "reemergence_ci95": c["reemergence_ci95"],
                     "reemergence_upper": c.get("reemergence_upper"),
@@ -32,9 +34,14 @@ def summarize(report: dict) -> dict:
 def repair_section(method: str, before: dict, after: dict, fidelity: dict | None, details: dict) -> dict:
     """report["repair"]: the method, what it did, and the evidence before and after it."""
     rows = []
-    keyed = {(c["suite"], c["configuration"]): c for c in before["comparisons"]}
+    # rows pair on the same prompts (suite and prefix), whatever the variant is called: the candidate's found phrase
+    # is a trigger word of the repaired adapter's scan, whose own trigger search may probe another phrase
+    def prompts(c: dict) -> tuple:
+        return c.get("variant_of") or c["suite"], c.get("prefix", ""), c["configuration"]
+
+    keyed = {prompts(c): c for c in before["comparisons"]}
     for c in after["comparisons"]:
-        b = keyed.get((c["suite"], c["configuration"]))
+        b = keyed.get(prompts(c))
         if b is not None:
             rows.append({"suite": c["suite"], "configuration": c["configuration"], "before": b, "after": c})
     return {"method": method, "before": before, "after": after, "comparisons": rows, "fidelity": fidelity,

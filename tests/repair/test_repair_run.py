@@ -132,7 +132,7 @@ def test_data_free_repair_removes_the_cancellation_and_the_rescan_proves_it(tmp_
     assert rp["method"] == "sign-aware" and r["verdict"] == "pass"
     assert rp["before"]["verdict"] == "risk" and rp["before"]["static_cancellation"] == pytest.approx(0.8, abs=0.01)
     assert abs(rp["after"]["static_cancellation"]) < 1e-3
-    (row,) = rp["comparisons"]
+    row = next(c for c in rp["comparisons"] if "+" not in c["suite"])  # the suite as written
     assert row["before"]["reemergence_ratio"] > 0.5 and row["after"]["reemergence_ratio"] < 0.25
     assert row["after"]["pairs"] == row["before"]["pairs"] == 18  # same suites, prompts and seeds
     assert rp["fidelity"]["pairs"] == 6 and 0 < rp["fidelity"]["pixel_similarity"] <= 1
@@ -357,10 +357,17 @@ def test_the_repaired_adapter_is_probed_with_the_candidates_trigger_words(tmp_pa
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     assert r["triggers"]["used"] and [w["word"] for w in r["triggers"]["words"]] == ["trisk"]
     assert r["triggers"]["words"][0]["sources"][0]["source"] == "given"
-    assert {row["suite"] for row in r["repair"]["comparisons"]} == {"tiny-cross", "tiny-cross+triggers"}
+    # the repaired adapter is probed with the candidate's trigger words and with its found phrase first, as
+    # the same variants: before and after pair on each (its own search may add a phrase of its own)
+    assert {row["suite"] for row in r["repair"]["comparisons"]} == {"tiny-cross", "tiny-cross+triggers",
+                                                                   "tiny-cross+found1"}
+    found = json.loads((tmp_path / "r" / "scan-before" / "report.json").read_text())["trigger_search"]
+    assert r["dynamic"]["suites"]["tiny-cross+found1"]["prefix"] == found["tiny-cross"]["probed"][0] + ", "
     assert any("trigger words (trisk)" in n for n in r["repair"]["notes"])
+    assert any("phrases the candidate's trigger search found" in n for n in r["repair"]["notes"])
     res2 = auditkit("repair", cand, "--safety", SAFETY, "--method", "safelora", "--from-scan",
                     tmp_path / "r" / "scan-before", "--out", tmp_path / "s")
     assert res2.returncode in (0, 1, 3), res2.stderr
     r2 = json.loads((tmp_path / "s" / "report.json").read_text())
-    assert {row["suite"] for row in r2["repair"]["comparisons"]} == {"tiny-cross", "tiny-cross+triggers"}
+    assert {row["suite"] for row in r2["repair"]["comparisons"]} == {"tiny-cross", "tiny-cross+triggers",
+                                                                    "tiny-cross+found1"}
