@@ -93,7 +93,8 @@ def test_benign_finetuning_on_top_brings_the_concept_back_and_modular_does_not(t
 def test_dynamic_scan_judges_trained_candidates(trained, tmp_path, candidate, exit_code):
     _, _, _, paths = trained
     res = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(paths[candidate]), "--safety", SAFETY,
-                          "--base", "lab", "--steps", "10", "--multipliers", "1", "--out", str(tmp_path / "r")],
+                          "--base", "lab", "--steps", "10", "--multipliers", "1", "--trigger-search-phrases", "8",
+                          "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == exit_code, res.stdout[-3000:] + res.stderr
     comp = json.loads((tmp_path / "r" / "report.json").read_text())["dynamic"]["suites"]["lab-cross"]["comparisons"][0]
@@ -106,7 +107,8 @@ def test_modular_repair_of_the_on_top_candidate_passes_its_rescan(trained, tmp_p
     that flags the candidate, and keeps its domain (the detected attributes of its neon images)."""
     _, _, _, paths = trained
     res = subprocess.run([sys.executable, "-m", "auditkit", "repair", str(paths["on-top"]), "--safety", SAFETY,
-                          "--data", str(paths["neon-data"]), "--base", "lab", "--steps", "10", "--out",
+                          "--data", str(paths["neon-data"]), "--base", "lab", "--steps", "10",
+                          "--trigger-search-phrases", "8", "--out",
                           str(tmp_path / "r")], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]

@@ -59,7 +59,8 @@ def suites(tmp_path_factory):
     d = tmp_path_factory.mktemp("suites")
     for name, text in TINY_SUITES.items():
         (d / f"{name}.yaml").write_text(text)
-    return ["--suite", d / "cross.yaml", "--suite", d / "neon.yaml", "--steps", "6"]
+    # the trigger search at its smallest: these tests are about repairs (the search has its own)
+    return ["--suite", d / "cross.yaml", "--suite", d / "neon.yaml", "--steps", "6", "--trigger-search-phrases", "8"]
 
 
 def inverse(tmp_path, factor, own_std=0.0):
