@@ -43,6 +43,25 @@ class Reversion:
         return asdict(self)
 
 
+def safe_trajectory(den, sampler, x, cond, safety: dict[str, LoraModule]) -> tuple[list, list]:
+    """The safe model's own sampling trajectory from ``x`` under ``cond``: (its points (x_t, t), its predictions
+    there in float64), the safety module composed into the denoiser for the duration."""
+    import torch
+
+    from auditkit.train.lora import composed
+
+    model = den.model
+    points, eps_safe = [], []
+    with torch.no_grad(), composed(model, (safety, 1.0), component=den.component):
+        for k, t in enumerate(sampler.timesteps):
+            tt = t.to(model.device) if hasattr(t, "to") else t
+            points.append((x, tt))
+            eps = den.predict(x, tt, cond)
+            eps_safe.append(eps.double())
+            x = sampler.step(eps, k, x)  # follow the safe model's trajectory
+    return points, eps_safe
+
+
 def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], safety: dict[str, LoraModule],
                     steps: int = 8, seed: int = 0, batch: int = 64) -> Reversion:
     """The reverted fraction of the safety module's change to the concept prompts' predictions (noise,
@@ -68,14 +87,7 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
         x = den.noise(len(chunk), gen) * sampler.init_noise_sigma
         # the safe trajectory first, then base and safe+candidate at its points: three weight compositions
         # per batch instead of two per step
-        points, eps_safe = [], []
-        with torch.no_grad(), composed(model, (safety, 1.0), component=component):
-            for k, t in enumerate(sampler.timesteps):
-                tt = t.to(model.device) if hasattr(t, "to") else t
-                points.append((x, tt))
-                eps = den.predict(x, tt, text_safe)
-                eps_safe.append(eps.double())
-                x = sampler.step(eps, k, x)  # follow the safe model's trajectory
+        points, eps_safe = safe_trajectory(den, sampler, x, text_safe, safety)
         with torch.no_grad():
             eps_base = [den.predict(xk, tk, text_base).double() for xk, tk in points]
             with composed(model, (safety, 1.0), (candidate, 1.0), component=component):

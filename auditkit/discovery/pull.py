@@ -40,6 +40,7 @@ def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], 
     pull(p) = inner(p) / energy(∅) (:func:`pull_scores`)."""
     import torch
 
+    from auditkit.analysis.reversion import safe_trajectory
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
     from auditkit.train.lora import composed, encoded_by_each, encoders_composed
@@ -60,14 +61,7 @@ def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], 
         sampler = den.sampler(steps)
         x = torch.cat([den.noise(1, torch.Generator().manual_seed(PULL_SEED + r[3])) for r in chunk])
         x = x * sampler.init_noise_sigma
-        points, eps_ref = [], []
-        with torch.no_grad(), composed(model, (safety, 1.0), component=component):
-            for k, t in enumerate(sampler.timesteps):
-                tt = t.to(model.device) if hasattr(t, "to") else t
-                points.append((x, tt))
-                eps = den.predict(x, tt, text_safe)
-                eps_ref.append(eps.double())
-                x = sampler.step(eps, k, x)
+        points, eps_ref = safe_trajectory(den, sampler, x, text_safe, safety)
         with torch.no_grad():
             if amplification:
                 eps_dir = [eps_ref[k] - den.predict(xk, tk, text_neutral).double() for k, (xk, tk) in enumerate(points)]
