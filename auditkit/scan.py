@@ -204,11 +204,12 @@ def search_summary(config: ScanConfig, search: dict | None, probed: bool) -> dic
     return {"enabled": True, "ran": probed, "tokens_swept": sum(d["tokens_swept"] for d in search.values()),
             "phrases_tried": sum(d["phrases_tried"] for d in search.values()),
             "probed": list(dict.fromkeys(p for d in search.values() for p in d["probed"])),
-            "blind": all(all(sw["blind"] for sw in d["sweeps"]) for d in search.values())}
+            "blind": all(all(sw.get("blind") for sw in d["sweeps"]) for d in search.values())}
 
 
 def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
-         ranks=None, shared=None, phrases: dict[str, list[str]] | None = None) -> ScanResult:
+         ranks=None, shared=None, phrases: dict[str, list[str]] | None = None,
+         searched: dict[str, dict] | None = None) -> ScanResult:
     """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
 
     Args:
@@ -222,6 +223,9 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
             taken into the run instead of rendered again; the report is the same.
         phrases: per concept suite, phrases to probe first like the trigger search's (``NAME+found1``, …), before
             those the search finds (``repair`` proves a repair on the phrases that called the candidate up).
+        searched: the trigger search an earlier scan of the same run recorded (its report's ``trigger_search``):
+            taken as it is instead of searching again, so a reused run probes the phrases it was started with
+            (``repair --from-scan``), whatever the budget configured now.
 
     Raises:
         BadInput: a bad input (exit 2); Unscannable: nothing auditkit can analyse (exit 3).
@@ -263,13 +267,16 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         if safety is not None:
             report["concept_check"] = concept_check(pipe, config.base, concept_suite, candidate, safety)
             gathered.append(DATA_FREE)
-        if config.dynamic_enabled and config.trigger_search:
+        if config.dynamic_enabled and searched is not None:
+            report["trigger_search"] = searched
+        elif config.dynamic_enabled and config.trigger_search:
             judged = ((report.get("concept_check") or {}).get("base_judge") or {}).get("value")
             search = search_triggers(pipe, suites, candidate, safety, config, _stage(progress, "trigger search"),
                                      judged)
             report["trigger_search"] = {name: d.to_dict() for name, d in search.items()}
-            found = {name: list(dict.fromkeys([*(phrases or {}).get(name, ()), *d.probed]))
-                     for name, d in search.items()}
+        if config.dynamic_enabled and report.get("trigger_search"):
+            found = {name: list(dict.fromkeys([*(phrases or {}).get(name, ()), *d["probed"]]))
+                     for name, d in report["trigger_search"].items()}
             probed = with_found_variants(probed, found)
         if config.dynamic_enabled:
             from auditkit.dynamic import run_dynamic

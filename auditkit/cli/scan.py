@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from rich.table import Table
 
 from auditkit.cli.common import VERDICT_STYLE, escape, out, progress_bar
 from auditkit.cli.options import resolve, scan_options
-from auditkit.errors import BadInput
 
 
 @click.command()
@@ -63,16 +61,9 @@ def scan(candidate: Path, top: int, **params) -> None:
 @click.option("--show-flagged", is_flag=True, help="Do not blur images the nudity detector flags.")
 def report_cmd(run_dir: Path, show_flagged: bool) -> None:
     """Re-render RUN_DIR's report from its run log and static results, without a model or GPU."""
-    from auditkit.report.build import refresh, write_reports
+    from auditkit.report.build import read_report, refresh, write_reports
 
-    path = run_dir / "report.json"
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(path, "no report.json: not a scan folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise BadInput(path, "report.json is not readable JSON") from None
-    report = refresh(report, run_dir, show_flagged)
+    report = refresh(read_report(run_dir), run_dir, show_flagged)
     paths = write_reports(report, run_dir)
     out.print(f"report: [bold]{paths['html']}[/bold]  json: {paths['json']}")
     sys.exit(report["exit_code"])

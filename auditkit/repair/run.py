@@ -131,6 +131,9 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
     before_dir = req.from_scan or req.out / "scan-before"
     after_dir = req.out / "scan-after"
     scans = {}
+    # a reused scan is taken with the trigger search it recorded: searching again (another budget, another
+    # version) could find other phrases, and its run log holds the variants it was started with
+    searched = _recorded_search(req.from_scan) if req.from_scan else None
     for label, adapter, run_dir in (("scan before", req.candidate, before_dir), ("scan after", repaired, after_dir)):
         config = dataclasses.replace(req.scan, candidate=adapter, safety=req.safety, out=run_dir)
         if label == "scan after":  # the repair keeps the candidate's trigger words: probe it with them too
@@ -145,7 +148,8 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
         ctx, update = bars(label)
         with ctx:
             scans[label] = scan(config, progress=lambda stage, d, n, u=update: u(d, n, 0.0), pipeline=pipe,
-                                write=run_dir != req.from_scan, phrases=phrases)
+                                write=run_dir != req.from_scan, phrases=phrases,
+                                searched=searched if label == "scan before" else None)
     before, after = scans["scan before"].report, scans["scan after"].report
     replace_folder(staged, pack_dir)  # verified: the re-scan ran; its verdict is the report's
     after["candidate"]["path"] = str(pack_dir / packing.FILES["finetune"])
@@ -165,6 +169,16 @@ def _trigger_words(before: dict, settings: ScanConfig) -> tuple[str, ...]:
     repaired file need not carry the candidate's sidecars or modelspec fields."""
     triggers = before.get("triggers") or {}
     return tuple(w["word"] for w in triggers.get("words", [])) if triggers.get("used") else settings.triggers
+
+
+def _recorded_search(run_dir: Path) -> dict | None:
+    """The trigger search the scan in ``run_dir`` recorded in its report, or None (none ran, or a killed scan
+    wrote no report: the re-scan searches, and a resumed run with other phrases is refused by its run log)."""
+    from auditkit.report.build import read_report
+
+    if not (run_dir / "report.json").exists():
+        return None
+    return read_report(run_dir).get("trigger_search")
 
 
 def _found_phrases(before: dict) -> dict[str, list[str]]:

@@ -21,6 +21,24 @@ from auditkit.lora.metadata import summarize
 SCHEMA = "auditkit.report/2"
 TOP_MODULES = 15
 MIN_CONTRIBUTION = 0.001  # a module adding under 0.1% to the overall cancellation is not worth listing
+REPORT_LIMIT = 64 * 2**20  # a scan of the largest suites writes a few MiB
+
+
+def read_report(run_dir: str | Path) -> dict:
+    """The ``report.json`` of the scan or repair folder ``run_dir``, read bounded and checked by shape (a tampered
+    or corrupted file is a one-line :class:`BadInput` naming it)."""
+    from auditkit.fsutil import read_json
+    from auditkit.records import check
+    from auditkit.report.shape import REPORT
+
+    path = Path(run_dir) / "report.json"
+    if not path.exists():
+        raise BadInput(path, "no report.json: not a scan folder")
+    report = read_json(path, "report.json", limit=REPORT_LIMIT)
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        raise BadInput(path, f"not an auditkit report of schema {SCHEMA}")
+    check(path, "a tampered or corrupted report", report, REPORT)
+    return report
 
 
 def adapter_section(adapter: Adapter) -> dict:

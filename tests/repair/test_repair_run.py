@@ -153,7 +153,8 @@ def test_data_free_repair_removes_the_cancellation_and_the_rescan_proves_it(tmp_
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "r" / "report.json").read_text())["repair"]["comparisons"] == rp["comparisons"]
 
-    # the scan can be reused as "before": same suites and seeds, no image made twice
+    # the scan can be reused as "before": same suites and seeds, no image made twice; its recorded trigger
+    # search is taken as it is, though this command's budget (the default) would search other phrases
     res2 = auditkit("repair", cand, "--safety", SAFETY, "--method", "safelora", "--from-scan",
                     tmp_path / "r" / "scan-before", "--out", tmp_path / "s")
     assert res2.returncode in (0, 1), res2.stderr
