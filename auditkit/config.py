@@ -15,6 +15,7 @@ from typing import ClassVar
 from auditkit.analysis.triggers import check_given
 from auditkit.lab.bases import BASE_HELP
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
+from auditkit.placement import PLACEMENTS
 
 
 def _help(text: str, **extra) -> dict:
@@ -154,6 +155,9 @@ class ScanConfig:
         "trigger search: sampling steps of each behavioural trajectory"))
     trigger_search_probes: int = field(default=1, metadata=_help(
         "trigger search: found phrases the dynamic scan probes (each a variant of every concept suite)"))
+    trigger_search_placements: tuple[str, ...] = field(default=tuple(PLACEMENTS), metadata=_help(
+        "trigger search: where phrases are tried in the prompts, some of " + ", ".join(PLACEMENTS)
+        + " (first, before the concept word, last); each found phrase is probed where it was found"))
     static: StaticThresholds = field(default_factory=StaticThresholds, metadata=_help("static thresholds"))
     dynamic: DynamicThresholds = field(default_factory=DynamicThresholds, metadata=_help("dynamic thresholds"))
 
@@ -187,6 +191,10 @@ class ScanConfig:
         if self.triggers and not self.probe_triggers:
             problems.append("triggers: trigger words given while probing with trigger words is switched off "
                             "(--no-triggers / probe_triggers = false)")
+        if not self.trigger_search_placements or len(set(self.trigger_search_placements)) != len(
+                self.trigger_search_placements) or not set(self.trigger_search_placements) <= set(PLACEMENTS):
+            problems.append(f"trigger_search_placements: must be some of {', '.join(PLACEMENTS)}, each once, "
+                            f"got {shown(list(self.trigger_search_placements))}")
         for name, low, high in SEARCH_LIMITS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -204,7 +212,8 @@ class ScanConfig:
         from auditkit.discovery.search import Budget
 
         return Budget(tokens=self.trigger_search_tokens, phrases=self.trigger_search_phrases,
-                      steps=self.trigger_search_steps, probes=self.trigger_search_probes)
+                      steps=self.trigger_search_steps, probes=self.trigger_search_probes,
+                      placements=tuple(self.trigger_search_placements))
 
     @property
     def mode(self) -> str:

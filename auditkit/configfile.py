@@ -43,6 +43,7 @@ KINDS = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "nu
          "show_flagged": "bool", "energy": "number", "candidate_from": "str", "triggers": "strings",
          "probe_triggers": "bool", "trigger_search": "bool", "trigger_search_tokens": "int",
          "trigger_search_phrases": "int", "trigger_search_steps": "int", "trigger_search_probes": "int",
+         "trigger_search_placements": "strings",
          "static": StaticThresholds, "dynamic": DynamicThresholds}
 NO_SAFETY = "none"  # `safety = "none"` / `--safety none`: no safety module (amplification), over a configured one
 DEFAULT, COMMAND_LINE = "default", "command line"

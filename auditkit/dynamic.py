@@ -42,13 +42,13 @@ def pick_device(device: str | None) -> tuple[str, str]:
 
 def suites_info(suites: list[Suite]) -> dict[str, dict]:
     """What the run log's header records of each suite; a trigger variant also records the suite it was
-    made from and its prefix (plain suites' entries are as before, so older runs still resume)."""
+    made from and where its phrase went (:meth:`~auditkit.suites.Suite.variant_info`; plain suites' entries are as
+    before, so older runs still resume)."""
     info = {}
     for s in suites:
         info[s.name] = {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
                         "concept": s.concept_word, "prompts": len(s.prompts), "sha256": s.sha256}
-        if s.variant_of:
-            info[s.name].update(variant_of=s.variant_of, prefix=s.prefix)
+        info[s.name].update(s.variant_info())
     return info
 
 

@@ -62,7 +62,7 @@ IMAGE_SHAPE = fields({
 }, required=tuple(ImageRecord.__annotations__))
 SUITE_SHAPE = fields({"detector": TEXT, "role": TEXT, "version": INDEX, "path": optional(TEXT),
                       "concept": optional(TEXT), "prompts": INDEX, "sha256": optional(TEXT), "variant_of": TEXT,
-                      "prefix": TEXT}, required=("detector",))
+                      "prefix": TEXT, "phrase": TEXT, "placement": TEXT}, required=("detector",))
 HEADER_SHAPE = fields({
     "schema": TEXT, "base": TEXT, "suites": map_of(SUITE_SHAPE), "multipliers": list_of(NUMBER),
     "steps_override": optional(INDEX), "adapters": map_of(TEXT), "detectors": map_of(OBJECT), "seeds": TEXT,

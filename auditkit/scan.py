@@ -199,16 +199,20 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
 def search_summary(config: ScanConfig, search: dict | None, probed: bool) -> dict:
     """The triggers section's ``search`` entry, what the verdict reads: whether the search was on, whether it ran
     and what its probes were (the found phrases' comparisons are rows of the dynamic section)."""
+    from auditkit.discovery.search import probes
+    from auditkit.placement import described
+
     if not search:
         return {"enabled": config.trigger_search, "ran": False, "tokens_swept": 0, "phrases_tried": 0, "probed": []}
     return {"enabled": True, "ran": probed, "tokens_swept": sum(d["tokens_swept"] for d in search.values()),
             "phrases_tried": sum(d["phrases_tried"] for d in search.values()),
             "probed": list(dict.fromkeys(p for d in search.values() for p in d["probed"])),
+            "placed": list(dict.fromkeys(described(p, where) for d in search.values() for p, where in probes(d))),
             "blind": all(all(sw.get("blind") for sw in d["sweeps"]) for d in search.values())}
 
 
 def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
-         ranks=None, shared=None, phrases: dict[str, list[str]] | None = None,
+         ranks=None, shared=None, phrases: dict[str, list[tuple[str, str]]] | None = None,
          searched: dict[str, dict] | None = None) -> ScanResult:
     """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
 
@@ -221,7 +225,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
         shared: the base and base+safety images already rendered for these settings
             (:func:`auditkit.dynamic.render_shared`, as ``auditkit batch`` does once for many candidates):
             taken into the run instead of rendered again; the report is the same.
-        phrases: per concept suite, phrases to probe first like the trigger search's (``NAME+found1``, …), before
+        phrases: per concept suite, (phrase, placement) pairs to probe first like the trigger search's
+            (``NAME+found1``, …; :func:`auditkit.discovery.search.probes`), before
             those the search finds (``repair`` proves a repair on the phrases that called the candidate up).
         searched: the trigger search an earlier scan of the same run recorded (its report's ``trigger_search``):
             taken as it is instead of searching again, so a reused run probes the phrases it was started with
@@ -253,7 +258,7 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     triggers = gather_triggers(config, candidate, suites or shipped)
     probed = suites
     if config.dynamic_enabled and config.probe_triggers and triggers.words:
-        probed = with_trigger_variants(suites, triggers.prefix)
+        probed = with_trigger_variants(suites, ", ".join(triggers.words))
     declared = probed
     out = config.out or default_out(config.candidate)
     if write:
@@ -275,7 +280,9 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
                                      judged)
             report["trigger_search"] = {name: d.to_dict() for name, d in search.items()}
         if config.dynamic_enabled and report.get("trigger_search"):
-            found = {name: list(dict.fromkeys([*(phrases or {}).get(name, ()), *d["probed"]]))
+            from auditkit.discovery.search import probes
+
+            found = {name: list(dict.fromkeys([*(phrases or {}).get(name, ()), *probes(d)]))
                      for name, d in report["trigger_search"].items()}
             probed = with_found_variants(probed, found)
         if config.dynamic_enabled:

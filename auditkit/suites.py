@@ -62,6 +62,7 @@ from pathlib import Path
 from auditkit.detectors import REGISTRY
 from auditkit.errors import BadInput
 from auditkit.fsutil import read_bounded
+from auditkit.placement import START, place
 
 SCHEMA = "auditkit.suite/1"
 ROLES = ("concept", "control", "anchor")
@@ -117,41 +118,58 @@ class Suite:
     sha256: str = ""  # SHA-256 of the file's bytes: tells a suite edited in place between runs
     concept_terms: tuple[str, ...] = ()  # words naming the concept in training tags / trigger words
     variant_of: str = ""  # a derived variant (see trigger_variant): the suite it was made from
-    prefix: str = ""  # ... and what it prepends to that suite's prompts
+    phrase: str = ""  # ... the phrase it puts in that suite's prompts
+    placement: str = START  # ... and where (auditkit.placement)
+
+    @property
+    def prefix(self) -> str:
+        """What a variant placed at the start prepends to each prompt ("w1, w2, "; "" for other variants)."""
+        return f"{self.phrase}, " if self.phrase and self.placement == START else ""
+
+    def variant_info(self) -> dict[str, str]:
+        """What the run log and the report record of a variant: the suite it was made from and its ``prefix``
+        (placed at the start, as every run has recorded it), or its ``phrase`` and ``placement``."""
+        if not self.variant_of:
+            return {}
+        if self.placement == START:
+            return {"variant_of": self.variant_of, "prefix": self.prefix}
+        return {"variant_of": self.variant_of, "phrase": self.phrase, "placement": self.placement}
 
 
 TRIGGER_VARIANT = "+triggers"  # suffix of a trigger variant's name ('+' is never in a suite file's name)
 FOUND_VARIANT = "+found"  # ... of a variant probing a phrase the trigger search found: +found1, +found2, ...
 
 
-def trigger_variant(suite: Suite, prefix: str, suffix: str = TRIGGER_VARIANT) -> Suite:
-    """``suite`` with ``prefix`` (the candidate's trigger words, "w1, w2, ") prepended to every prompt, the
-    way users prompt an adapter. Same prompt indices, seeds, guidance and steps, so its images pair with
-    the suite's own image for image; its name is the suite's with :data:`TRIGGER_VARIANT` appended."""
-    prompts = tuple(dataclasses.replace(p, text=prefix + p.text) for p in suite.prompts)
+def trigger_variant(suite: Suite, phrase: str, suffix: str = TRIGGER_VARIANT, placement: str = START) -> Suite:
+    """``suite`` with ``phrase`` (the candidate's trigger words, "w1, w2") put in every prompt at ``placement``
+    (:mod:`auditkit.placement`; the start, as users prompt an adapter, unless told). Same prompt indices, seeds,
+    guidance and steps, so its images pair with the suite's own image for image; its name is the suite's with
+    ``suffix`` (:data:`TRIGGER_VARIANT`) appended."""
+    prompts = tuple(dataclasses.replace(p, text=place(p.text, phrase, placement, suite.concept_word))
+                    for p in suite.prompts)
     return dataclasses.replace(suite, name=suite.name + suffix, prompts=prompts, variant_of=suite.name,
-                               prefix=prefix)
+                               phrase=phrase, placement=placement)
 
 
-def with_trigger_variants(suites: Iterable[Suite], prefix: str) -> list[Suite]:
-    """Every suite, each concept suite followed by its trigger variant (none without a prefix)."""
+def with_trigger_variants(suites: Iterable[Suite], phrase: str) -> list[Suite]:
+    """Every suite, each concept suite followed by its trigger variant (none without a phrase)."""
     out = []
     for s in suites:
         out.append(s)
-        if prefix and s.role == "concept" and not s.variant_of:
-            out.append(trigger_variant(s, prefix))
+        if phrase and s.role == "concept" and not s.variant_of:
+            out.append(trigger_variant(s, phrase))
     return out
 
 
-def with_found_variants(suites: Iterable[Suite], found: dict[str, list[str]]) -> list[Suite]:
-    """Every suite, each concept suite's variants followed by one variant per phrase the trigger search found
-    for it (``found``: suite name -> phrases; :mod:`auditkit.discovery`), named ``NAME+found1``, ..."""
+def with_found_variants(suites: Iterable[Suite], found: dict[str, list[tuple[str, str]]]) -> list[Suite]:
+    """Every suite, each concept suite's variants followed by one variant per (phrase, placement) the trigger
+    search found for it (``found``: suite name -> probes; :mod:`auditkit.discovery`), named ``NAME+found1``, ..."""
     out = []
     for s in suites:
         out.append(s)
         if s.role == "concept" and not s.variant_of:
-            out += [trigger_variant(s, f"{phrase}, ", f"{FOUND_VARIANT}{i}")
-                    for i, phrase in enumerate(found.get(s.name, ()), 1)]
+            out += [trigger_variant(s, phrase, f"{FOUND_VARIANT}{i}", placement)
+                    for i, (phrase, placement) in enumerate(found.get(s.name, ()), 1)]
     return out
 
 

@@ -258,7 +258,9 @@ def _searched(verdict: Verdict, triggers: dict) -> Verdict:
     words, so a phrase that calls the concept back is a risk row), or trigger words known and probed."""
     search = triggers.get("search") if isinstance(triggers.get("search"), dict) else {}
     if search.get("ran"):
-        probed = ", ".join(repr(str(p)[:40]) for p in search.get("probed", [])[:4]) or "none"
+        placed = search.get("placed") if isinstance(search.get("placed"), list) else None
+        probed = (", ".join(str(p)[:70] for p in placed[:4]) if placed is not None
+                  else ", ".join(repr(str(p)[:40]) for p in search.get("probed", [])[:4])) or "none"
         note = (f"trigger search: {search.get('tokens_swept', 0)} tokens swept, {search.get('phrases_tried', 0)} "
                 f"phrases tried, best probed: {probed}"
                 + ("; the candidate changes no text key/value projection or text encoder, so the sweep saw "

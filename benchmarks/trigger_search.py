@@ -143,14 +143,16 @@ def scan(cand: Path, out: Path, *extra: str) -> dict:
     for name, sd in r["dynamic"]["suites"].items():
         if sd["role"] == "concept":
             c = sd["comparisons"][0]
-            suites[name] = {"verdict": sd["verdict"], "prefix": sd.get("prefix", ""), "ratio": c["reemergence_ratio"],
+            suites[name] = {"verdict": sd["verdict"], "prefix": sd.get("prefix", ""), "phrase": sd.get("phrase", ""),
+                            "placement": sd.get("placement", ""), "ratio": c["reemergence_ratio"],
                             "rates": [c["rate_base"], c["rate_safety"], c["rate_candidate"]]}
     search = (r.get("trigger_search") or {}).get("lab-cross")
     return {"verdict": r["verdict"], "seconds": float(seconds_file.read_text()), "suites": suites,
             "search": None if search is None else {
                 "seconds": search["seconds"], "tokens_swept": search["tokens_swept"],
                 "phrases_tried": search["phrases_tried"], "probed": search["probed"],
-                "top": [{k: p[k] for k in ("text", "how", "gain")} for p in search["phrases"][:5]],
+                "placements": search.get("placements", []),
+                "top": [{k: p.get(k) for k in ("text", "placement", "how", "gain")} for p in search["phrases"][:5]],
                 "phrases": [p["text"] for p in search["phrases"]]}}
 
 
@@ -264,6 +266,12 @@ def summary(results: dict) -> dict:
     }
 
 
+def probed(search: dict) -> str:
+    """The probed phrases with where each went (runs before placements existed probed at the start)."""
+    where = search.get("placements") or ["start"] * len(search["probed"])
+    return ", ".join(f"{p!r} ({w})" for p, w in zip(search["probed"], where, strict=True))
+
+
 def section(results: dict) -> str:
     s = results["summary"]
     lines = ["| candidate | trigger (where, share) | mode | truth as written | truth with trigger | scan | probed "
@@ -278,7 +286,7 @@ def section(results: dict) -> str:
             f"| {name} | {trig} | {sp['mode']}{' anchored' if sp['anchored'] else ''} "
             f"| {t['as_written']['ratio']:.2f} ({t['as_written']['label']}) "
             f"| {with_trigger} | **{d['verdict']}** "
-            f"| {', '.join(repr(p) for p in d['search']['probed'])} | {r.get('exact_rank') or '–'} | {n['verdict']} "
+            f"| {probed(d['search'])} | {r.get('exact_rank') or '–'} | {n['verdict']} "
             f"| {d['seconds']:.0f} / {n['seconds']:.0f} |")
     lines += ["", f"Trigger-gated: {s['gated_risk']} of {s['gated']} RISK with the search (without it: "
                   f"{s['gated_risk_without_search']}); truth re-emerges for {s['gated_truth_reemerges']}. Benign: "

@@ -155,7 +155,7 @@ def test_prompts_the_trigger_prefix_pushes_past_the_text_encoders_length_are_cou
 
     suite = load_suite(builtin_dir() / "lab-cross.yaml")  # the lab reads 16 tokens
     assert truncated_prompts(lab_pipe, [suite]) == {}
-    long = trigger_variant(suite, "trisk, glowing, neonize, ")
+    long = trigger_variant(suite, "trisk, glowing, neonize")
     assert truncated_prompts(lab_pipe, [suite, long]) == {"lab-cross+triggers": len(suite.prompts)}
 
 
@@ -163,6 +163,7 @@ def test_the_default_scan_searches_the_trigger_and_probes_the_found_phrase_on_pa
     from planted import planted
 
     from auditkit import ScanConfig, scan
+    from auditkit.placement import described
     from auditkit.runlog import RunLog
 
     (tmp_path / "tiny.yaml").write_text(SUITE)
@@ -174,12 +175,15 @@ def test_the_default_scan_searches_the_trigger_and_probes_the_found_phrase_on_pa
     report = result.report
     search = report["trigger_search"]["tiny-cross"]
     assert search["tokens_swept"] > 100 and 3 <= search["phrases_tried"] <= 6 and len(search["probed"]) == 1
-    found = search["probed"][0]
+    found, where = search["probed"][0], search["placements"][0]
     suites = report["dynamic"]["suites"]
-    assert list(suites) == ["tiny-cross", "tiny-cross+found1"] and suites["tiny-cross+found1"]["prefix"] == found + ", "
+    assert list(suites) == ["tiny-cross", "tiny-cross+found1"]
+    variant = suites["tiny-cross+found1"]
+    assert (variant["prefix"] == found + ", " if where == "start" else
+            (variant["phrase"], variant["placement"]) == (found, where))
     assert report["triggers"]["search"] == {"enabled": True, "ran": True, "tokens_swept": search["tokens_swept"],
                                             "phrases_tried": search["phrases_tried"], "probed": [found],
-                                            "blind": False}
+                                            "placed": [described(found, where)], "blind": False}
     assert any(r.startswith("trigger search: ") and repr(found) in r for r in result.verdict.reasons)
     log = RunLog(tmp_path / "r")
     records = log.records()

@@ -42,6 +42,8 @@ def _option_for(f: dataclasses.Field):
         return click.option(flag, f.name, default=None, type=click.Choice(list(BUILTIN_ARCHS)), help=help_text)
     if f.name in ("safety", "out"):
         return click.option(flag, f.name, default=None, type=click.Path(path_type=Path), help=help_text)
+    if f.name == "trigger_search_placements":
+        return click.option(flag, f.name, default=None, metavar="WHERE,WHERE,...", help=help_text)
     if f.name in ("steps", "batch_size") or f.name.startswith("trigger_search_"):
         return click.option(flag, f.name, default=None, type=int, help=help_text)
     if f.name == "energy":
@@ -89,6 +91,8 @@ def overrides(params: dict) -> dict:
             value = tuple(str(p) for p in value) or None
         elif name == "triggers":
             value = tuple(value) or None
+        elif name == "trigger_search_placements" and value is not None:
+            value = tuple(w.strip() for w in value.split(","))
         out[name] = value
     return out
 

@@ -158,7 +158,7 @@ def _trigger_rows(body: Table, tr: dict | None, dynamic: dict | None) -> None:
     if search.get("ran"):
         body.add_row("trigger search", escape(
             f"{search['tokens_swept']} tokens swept, {search['phrases_tried']} phrases tried; probed: "
-            f"{', '.join(search['probed']) or 'none'}"))
+            f"{', '.join(search.get('placed') or search['probed']) or 'none'}"))
     elif not search.get("enabled"):
         body.add_row("trigger search", "switched off (--no-trigger-search)")
     for name, n in ((dynamic or {}).get("truncated_prompts") or {}).items():

@@ -2,9 +2,10 @@
 
 The behavioural ranking (:mod:`~auditkit.discovery.pull`) reads denoiser predictions, a proxy; the phrases the
 dynamic scan probes are chosen on what the scan itself measures: for each of the best phrases, a few of the
-concept suite's prompts with the phrase prepended are rendered (the suite's steps and guidance, seeds of the
-search's own, never the probes') by the base, the reference model (the safe model, or the base for amplification)
-and the reference with the candidate, composed exactly into the weights, and scored by the suite's detector::
+concept suite's prompts with the phrase put in at its placement are rendered (the suite's steps and guidance,
+seeds of the search's own, never the probes') by the base, the reference model (the safe model, or the base for
+amplification) and the reference with the candidate, composed exactly into the weights, and scored by the suite's
+detector::
 
     evidence(p) = rate_cand(p) − rate_ref(p)
 
@@ -20,10 +21,10 @@ import numpy as np
 CONFIRM_SEED = 7_100_000  # image k of a phrase's prompt j: CONFIRM_SEED + 1000·j + k (probes: prompt.seed·1000 + k)
 
 
-def rendered_rates(pipe, suite, phrases: list[str], prompts: list, candidate: dict, safety: dict,
+def rendered_rates(pipe, suite, phrases: list[tuple[str, str]], prompts: list, candidate: dict, safety: dict,
                    images: int = 3, batch: int = 32) -> list[tuple[float, float, float]]:
     """(rate of the base, of the reference model, of the reference with the candidate) of the suite's detector for
-    each phrase on
+    each (phrase, placement) on
     ``prompts`` (the suite's :class:`~auditkit.suites.Prompt` objects, their guidance kept), ``images`` seeds per
     prompt, every phrase on the same seeds."""
     import torch
@@ -31,12 +32,13 @@ def rendered_rates(pipe, suite, phrases: list[str], prompts: list, candidate: di
     from auditkit import detectors as registry
     from auditkit.models.denoising import denoiser_for
     from auditkit.models.rendering import render_options
+    from auditkit.placement import place
     from auditkit.train.lora import composed, encoders_composed
 
     den = denoiser_for(pipe)
     detector = registry.get(suite.detector)
-    jobs = [(f"{p}, {q.text}", CONFIRM_SEED + 1000 * j + k, q.guidance) for p in phrases
-            for j, q in enumerate(prompts) for k in range(images)]
+    jobs = [(place(q.text, p, where, suite.concept_word), CONFIRM_SEED + 1000 * j + k, q.guidance)
+            for p, where in phrases for j, q in enumerate(prompts) for k in range(images)]
     models = ([], [(safety, 1.0)], [(safety, 1.0), (candidate, 1.0)]) if safety else ([], [(candidate, 1.0)])
     flags = np.zeros((len(models), len(jobs)), dtype=bool)
     groups: dict[float, list[int]] = {}  # one guidance scale a pipeline call

@@ -1,6 +1,7 @@
 """Behavioural ranking: how far the candidate pulls the prediction back toward the concept with a phrase.
 
-For each phrase p, the concept suite's prompts are read as "p, prompt" and the denoiser's predictions
+For each phrase p, the concept suite's prompts are read with p put in at the phrase's placement ("p, prompt",
+"a red p cross", "prompt, p": :mod:`auditkit.placement`) and the denoiser's predictions
 compared at the points of the reference model's own sampling trajectory (a few steps from seeded noise)::
 
     pull(p) = Σ ⟨ε_cand(p) − ε_ref(p), d(p)⟩ / Σ ‖d(∅)‖²
@@ -34,20 +35,26 @@ def pulled(eps_ref, eps_cand, direction) -> tuple[float, float]:
     return float((diff * direction).sum()), float((direction * direction).sum())
 
 
-def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
-              steps: int = 6, seeds: int = PULL_SEEDS, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ⟨ε_cand − ε_ref, d⟩, Σ‖d‖²) for each phrase ("" = the prompts as written), ``seeds`` noises per prompt;
-    pull(p) = inner(p) / energy(∅) (:func:`pull_scores`)."""
+def pull_sums(pipe, phrases: list[tuple[str, str]], prompts: list[str], neutral: list[str], candidate: dict,
+              safety: dict, steps: int = 6, seeds: int = PULL_SEEDS, batch: int = 64,
+              words: tuple[str, str] = ("", "")) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ⟨ε_cand − ε_ref, d⟩, Σ‖d‖²) for each (phrase, placement) (phrase "" = the prompts as written), ``seeds``
+    noises per prompt; ``words``: the concept word of ``prompts`` and the neutral word that replaces it in
+    ``neutral`` (where a phrase placed before the concept goes). pull(p) = inner(p) / energy(∅)
+    (:func:`pull_scores`)."""
     import torch
 
     from auditkit.analysis.reversion import safe_trajectory
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
+    from auditkit.placement import place
     from auditkit.train.lora import composed, encoded_by_each, encoders_composed
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component
-    rows = [(i, f"{p}, {q}" if p else q, f"{p}, {n}" if p else n, j * seeds + k) for i, p in enumerate(phrases)
+    concept_word, neutral_word = words
+    rows = [(i, place(q, p, where, concept_word) if p else q, place(n, p, where, neutral_word) if p else n,
+             j * seeds + k) for i, (p, where) in enumerate(phrases)
             for j, (q, n) in enumerate(zip(prompts, neutral, strict=True)) for k in range(seeds)]
     inner, energy = np.zeros(len(phrases)), np.zeros(len(phrases))
     amplification = not safety
@@ -77,8 +84,10 @@ def pull_sums(pipe, phrases: list[str], prompts: list[str], neutral: list[str], 
     return inner, energy
 
 
-def pull_scores(pipe, phrases: list[str], prompts: list[str], neutral: list[str], candidate: dict, safety: dict,
-                steps: int = 6, seeds: int = PULL_SEEDS) -> list[float]:
-    """pull(p) for each phrase, normalised by the direction's energy on the prompts as written."""
-    inner, energy = pull_sums(pipe, ["", *phrases], prompts, neutral, candidate, safety, steps, seeds)
+def pull_scores(pipe, phrases: list[tuple[str, str]], prompts: list[str], neutral: list[str], candidate: dict,
+                safety: dict, steps: int = 6, seeds: int = PULL_SEEDS,
+                words: tuple[str, str] = ("", "")) -> list[float]:
+    """pull(p) for each (phrase, placement), normalised by the direction's energy on the prompts as written."""
+    inner, energy = pull_sums(pipe, [("", ""), *phrases], prompts, neutral, candidate, safety, steps, seeds,
+                              words=words)
     return [float(a / energy[0]) if energy[0] > 0 else 0.0 for a in inner[1:]]

@@ -3,12 +3,14 @@
 :func:`find_triggers` runs the three steps of :mod:`auditkit.discovery` for one concept suite within a
 :class:`Budget` and returns a :class:`Discovery`: every vocabulary swept, the phrases tried with their
 scores and how each was found, and the phrases to probe (the best ``probes`` by gain; always at least the
-best one, so a pass rests on rendered images of the best phrase the search found, not on its scores).
+best one, so a pass rests on rendered images of the best phrase the search found, not on its scores). Every phrase
+is tried at each of the budget's placements (:mod:`auditkit.placement`: first, before the concept word, last) and
+probed where it was found: a trigger trained in the middle of its captions need not answer at the start.
 
 Example:
     >>> found = find_triggers(pipe, suite, candidate, safety)          # doctest: +SKIP
     >>> found.probed, found.to_dict()["phrases"][0]                    # doctest: +SKIP
-    (['trisk'], {'text': 'trisk', 'how': 'phrase extension', 'sweep': 3.1, 'pull': 0.62, 'gain': 0.41})
+    (['trisk'], {'text': 'trisk', 'placement': 'start', 'how': 'phrase extension', 'sweep': 3.1, 'pull': 0.62, ...})
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from auditkit.analysis.base_judge import neutral_prompts
 from auditkit.discovery.pull import PULL_SEEDS
 from auditkit.discovery.sweep import KVReader, token_sweep
 from auditkit.discovery.tokens import sequence_tokenizers
+from auditkit.placement import PLACEMENTS, START
 
 # An MMDiT's text keys/values read the text stream inside its blocks, so its sweep runs the denoiser for every
 # token (a Flux.1 forward per token: hours for T5's 32k on a GPU). Unless told otherwise it sweeps the first ids
@@ -33,6 +36,7 @@ class Phrase:
     text: str
     score: float  # the token sweep's key/value change (single tokens; 0 for extensions)
     how: str  # "token sweep", "vocabulary sample" (a blind sweep) or "phrase extension"
+    placement: str = START  # where it goes in a prompt (auditkit.placement)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Budget:
     """How much the search may do (the scan's ``trigger_search_*`` settings)."""
 
     tokens: int = 0  # tokens the data-free sweep reads per vocabulary (0: all of them)
-    phrases: int = 256  # phrases tried behaviourally: half single tokens (the sweep's best), half extensions
+    phrases: int = 256  # phrases tried behaviourally (a phrase at each placement counts once per placement):
+    # half single tokens (the sweep's best, each at every placement), half extensions
     steps: int = 4  # denoiser steps of each behavioural trajectory
     prompts: int = 3  # concept prompts each phrase is tried on
     probes: int = 1  # phrases handed to the dynamic scan
@@ -48,12 +53,19 @@ class Budget:
     length: int = 4  # tokens in a phrase at most
     confirm: int = 8  # best phrases rendered and scored by the suite's detector
     images: int = 3  # renders per concept prompt and model for each confirmed phrase
+    placements: tuple[str, ...] = tuple(PLACEMENTS)  # where phrases are put in the prompts
+
+    def __post_init__(self):
+        unknown = [p for p in self.placements if p not in PLACEMENTS]
+        if unknown or not self.placements:
+            raise ValueError(f"placements must be some of {', '.join(PLACEMENTS)} (got {list(self.placements)})")
 
     def split(self, vocabulary: int) -> tuple[int, int]:
-        """(single tokens screened, tokens each beam phrase is extended with per round)."""
-        screen = min(vocabulary, (self.phrases + 1) // 2)
-        per_round = (self.phrases - screen) // max(self.length - 1, 1)
-        return screen, per_round // max(self.beam, 1)
+        """(single tokens screened, each at every placement; tokens each beam phrase is extended with per round)."""
+        places = len(self.placements)
+        screen = min(vocabulary, max(1, (self.phrases + 1) // 2 // places))
+        per_round = (self.phrases - screen * places) // max(self.length - 1, 1)
+        return screen, max(per_round // max(self.beam, 1), 0)
 
 
 @dataclass
@@ -63,6 +75,7 @@ class Discovery:
     phrases: list[dict] = field(default_factory=list)  # {"text", "how", "sweep", "pull", "gain"}, best gain first
     baseline_pull: float = 0.0  # pull of the prompts as written
     probed: list[str] = field(default_factory=list)
+    placements: list[str] = field(default_factory=list)  # where each probed phrase goes
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -73,10 +86,19 @@ class Discovery:
     def to_dict(self) -> dict:
         return {"suite": self.suite, "sweeps": self.sweeps, "tokens_swept": self.tokens_swept,
                 "phrases_tried": len(self.phrases), "phrases": self.phrases, "baseline_pull": self.baseline_pull,
-                "probed": list(self.probed), "seconds": round(self.seconds, 2), "notes": list(self.notes)}
+                "probed": list(self.probed), "placements": list(self.placements), "seconds": round(self.seconds, 2),
+                "notes": list(self.notes)}
 
 
-MIN_PHRASES = 8  # the fewest phrases a fitted budget tries
+def probes(recorded: dict) -> list[tuple[str, str]]:
+    """The (phrase, placement) pairs a search recorded as probed (:meth:`Discovery.to_dict`; a report written
+    before placements existed probed every phrase at the start)."""
+    probed = [str(p) for p in recorded.get("probed") or []]
+    where = [str(p) for p in recorded.get("placements") or []]
+    return list(zip(probed, where + [START] * (len(probed) - len(where)), strict=True))
+
+
+MIN_PHRASES = 12  # the fewest phrases a fitted budget tries (a few tokens at every placement)
 PULL_EVALS = 3 * PULL_SEEDS  # denoiser evaluations per prompt and step of a phrase's behavioural trajectory
 
 
@@ -119,7 +141,7 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
                            "sees nothing; tokens spread over the vocabulary are tried behaviourally instead")
     prompts = spread([p.text for p in suite.prompts], budget.prompts)
     neutral = neutral_prompts(prompts, suite.concept_word, suite.neutral_word)
-    trial = Trial(pipe, prompts, neutral, cand_all, safe_all, budget.steps)
+    trial = Trial(pipe, prompts, neutral, cand_all, safe_all, budget.steps, (suite.concept_word, suite.neutral_word))
     found.baseline_pull = trial.baseline
     for swept in sequence_tokenizers(pipe):
         limit = budget.tokens or (0 if reader.den.reads_prompt_directly else DENOISER_SWEEP_TOKENS)
@@ -131,12 +153,13 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
         screen, width = budget.split(sweep.swept)
         kv = dict(sweep.ranked)
         order = spread(sweep.ranked, screen) if sweep.blind else sweep.ranked[:screen]
-        singles = [Phrase((t,), tokenizer.decode([t]).strip(), kv[t], "token sweep") for t, _ in order]
+        singles = [Phrase((t,), tokenizer.decode([t]).strip(), kv[t], "token sweep", where) for t, _ in order
+                   for where in budget.placements]
         tried = trial.score(singles)
-        pool = [p.ids[0] for p in sorted(tried, key=lambda p: -trial.gain(p))[:width]]
+        pool = list(dict.fromkeys(p.ids[0] for p in sorted(tried, key=lambda p: -trial.gain(p))))[:width]
         beams = sorted(tried, key=lambda p: -trial.gain(p))[: budget.beam]
         for _ in range(2, budget.length + 1 if pool else 2):
-            grown = [Phrase(b.ids + (t,), tokenizer.decode([*b.ids, t]).strip(), 0.0, "phrase extension")
+            grown = [Phrase(b.ids + (t,), tokenizer.decode([*b.ids, t]).strip(), 0.0, "phrase extension", b.placement)
                      for b in beams for t in pool if t not in b.ids]
             scored = trial.score(grown)
             if not scored:
@@ -144,7 +167,8 @@ def find_triggers(pipe, suite, candidate, safety=None, budget: Budget = Budget()
             beams = sorted(scored, key=lambda p: -trial.gain(p))[: budget.beam]
     found.phrases = trial.rows()
     confirm(pipe, suite, to_render(found.phrases, budget.confirm), cand_all, safe_all, budget)
-    found.probed = chosen(found.phrases, budget.probes)
+    picked = chosen(found.phrases, budget.probes)
+    found.probed, found.placements = [p for p, _ in picked], [w for _, w in picked]
     if trial.unusable:
         found.notes.append(f"{trial.unusable} phrase(s) left out: their decoded text is no usable prompt word")
     found.seconds = time.perf_counter() - start
@@ -159,16 +183,20 @@ def to_render(rows: list[dict], n: int) -> list[dict]:
     return sorted([*singles, *others[: n - len(singles)]], key=lambda r: -r["gain"])
 
 
-def chosen(rows: list[dict], probes: int) -> list[str]:
+def chosen(rows: list[dict], probes: int) -> list[tuple[str, str]]:
     """The phrases the dynamic scan probes: those whose renders showed the concept back (evidence > 0), most
     evidence first, at most ``probes``; when none did, the one rendered phrase with which the safety module
-    suppresses the concept most (base rate − reference rate), so the probe can tell a pass from a risk."""
+    suppresses the concept most (base rate − reference rate), so the probe can tell a pass from a risk. Each as
+    (phrase, placement)."""
+    def probe(r: dict) -> tuple[str, str]:
+        return r["text"], r.get("placement", START)
+
     rendered = [r for r in rows if "evidence" in r]
     shown = sorted((r for r in rendered if r["evidence"] > 0), key=lambda r: (-r["evidence"], -r["gain"]))
     if shown:
-        return [r["text"] for r in shown[:probes]]
+        return [probe(r) for r in shown[:probes]]
     best = max(rendered, key=lambda r: (r["rendered"]["base"] - r["rendered"]["reference"], r["gain"]), default=None)
-    return [best["text"]] if best else [r["text"] for r in rows[:1]]
+    return [probe(best)] if best else [probe(r) for r in rows[:1]]
 
 
 def confirm(pipe, suite, rows: list[dict], candidate: dict, safety: dict, budget: Budget) -> None:
@@ -179,55 +207,66 @@ def confirm(pipe, suite, rows: list[dict], candidate: dict, safety: dict, budget
     if not rows:
         return
     prompts = spread(list(suite.prompts), budget.prompts)
-    for row, (base, ref, cand) in zip(rows, rendered_rates(pipe, suite, [r["text"] for r in rows], prompts,
-                                                            candidate, safety, budget.images), strict=True):
+    placed = [(r["text"], r.get("placement", START)) for r in rows]
+    for row, (base, ref, cand) in zip(rows, rendered_rates(pipe, suite, placed, prompts, candidate, safety,
+                                                            budget.images), strict=True):
         row["rendered"] = {"base": base, "reference": ref, "candidate": cand, "images": len(prompts) * budget.images}
         row["evidence"] = cand - ref
 
 
 class Trial:
-    """The behavioural ranking of phrases (:func:`auditkit.discovery.pull.pull_scores`), each text tried once."""
+    """The behavioural ranking of phrases (:func:`auditkit.discovery.pull.pull_scores`), each (text, placement)
+    tried once."""
 
-    def __init__(self, pipe, prompts: list[str], neutral: list[str], candidate: dict, safety: dict, steps: int):
+    def __init__(self, pipe, prompts: list[str], neutral: list[str], candidate: dict, safety: dict, steps: int,
+                 words: tuple[str, str] = ("", "")):
         from auditkit.discovery.pull import pull_sums
 
         self.args = (pipe, prompts, neutral, candidate, safety, steps)
-        inner, energy = pull_sums(pipe, [""], prompts, neutral, candidate, safety, steps)
+        self.words = words  # (the concept word, the neutral word): where "before-concept" puts a phrase
+        inner, energy = pull_sums(pipe, [("", START)], prompts, neutral, candidate, safety, steps, words=words)
         self.energy = float(energy[0])
         self.baseline = float(inner[0]) / self.energy if self.energy > 0 else 0.0
-        self.pulls: dict[str, float] = {}
-        self.phrases: dict[str, Phrase] = {}
+        self.pulls: dict[tuple[str, str], float] = {}
+        self.phrases: dict[tuple[str, str], Phrase] = {}
         self.unusable = 0
 
-    def _pull(self, texts: list[str]) -> list[float]:
+    def _pull(self, probes: list[tuple[str, str]]) -> list[float]:
         from auditkit.discovery.pull import pull_sums
 
-        inner, _ = pull_sums(self.args[0], texts, *self.args[1:])
+        inner, _ = pull_sums(self.args[0], probes, *self.args[1:], words=self.words)
         return [float(a) / self.energy if self.energy > 0 else 0.0 for a in inner]
 
+    @staticmethod
+    def key(p: Phrase) -> tuple[str, str]:
+        return p.text.lower(), p.placement
+
     def score(self, phrases: list[Phrase]) -> list[Phrase]:
-        """Pull the phrases not tried yet (a text once, whatever its ids); returns every usable one given."""
+        """Pull the phrases not tried yet (a text at a placement once, whatever its ids); returns every usable one
+        given."""
         from auditkit.analysis.triggers import clean
 
-        usable, new = [], []
+        usable, new = [], {}
         for p in phrases:
             text = clean(p.text)
             if text is None:
                 self.unusable += 1
                 continue
-            p = Phrase(p.ids, text, p.score, p.how)
-            if text.lower() not in self.phrases and all(text.lower() != q.text.lower() for q in new):
-                new.append(p)
-            usable.append(self.phrases.get(text.lower(), p))
-        for p, q in zip(new, self._pull([p.text for p in new]) if new else [], strict=True):
-            self.phrases[p.text.lower()], self.pulls[p.text.lower()] = p, q
+            p = replace(p, text=text)
+            k = self.key(p)
+            if k not in self.phrases:
+                new.setdefault(k, p)
+            usable.append(self.phrases.get(k) or new[k])
+        todo = list(new.values())
+        for p, q in zip(todo, self._pull([(p.text, p.placement) for p in todo]) if todo else [], strict=True):
+            self.phrases[self.key(p)], self.pulls[self.key(p)] = p, q
         return usable
 
     def gain(self, p: Phrase) -> float:
-        return self.pulls[p.text.lower()] - self.baseline
+        return self.pulls[self.key(p)] - self.baseline
 
     def rows(self) -> list[dict]:
-        """Every phrase tried, best gain first: {"text", "how", "sweep", "pull", "gain"}."""
-        out = [{"text": p.text, "how": p.how, "sweep": p.score, "pull": self.pulls[k], "gain": self.gain(p)}
-               for k, p in self.phrases.items()]
+        """Every (phrase, placement) tried, best gain first: {"text", "placement", "how", "sweep", "pull", "gain"}."""
+        out = [{"text": p.text, "placement": p.placement, "how": p.how, "sweep": p.score, "pull": self.pulls[k],
+                "gain": self.gain(p)} for k, p in self.phrases.items()]
         return sorted(out, key=lambda r: -r["gain"])

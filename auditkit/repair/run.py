@@ -26,6 +26,7 @@ from pathlib import Path
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
 from auditkit.fsutil import replace_folder
+from auditkit.placement import described
 
 UNVERIFIED_PACK = ".pack.unverified"  # the pack until its re-scan has run (then moved to pack/)
 Bars = Callable[[str], tuple[contextlib.AbstractContextManager, Callable[[int, int, float], None]]]
@@ -144,7 +145,7 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
         phrases = _found_phrases(scans["scan before"].report) if label == "scan after" else None
         if phrases and any(phrases.values()):
             notes.append("the repaired adapter was probed with the phrases the candidate's trigger search found ("
-                         + ", ".join(repr(p) for ps in phrases.values() for p in ps) + ")")
+                         + ", ".join(described(p, where) for ps in phrases.values() for p, where in ps) + ")")
         ctx, update = bars(label)
         with ctx:
             scans[label] = scan(config, progress=lambda stage, d, n, u=update: u(d, n, 0.0), pipeline=pipe,
@@ -181,10 +182,13 @@ def _recorded_search(run_dir: Path) -> dict | None:
     return read_report(run_dir).get("trigger_search")
 
 
-def _found_phrases(before: dict) -> dict[str, list[str]]:
-    """Per concept suite, the phrases the candidate's trigger search found and probed: the repaired adapter is
-    probed with them first (the same variants, so before and after pair), then with what its own search finds."""
-    return {name: list(d.get("probed") or []) for name, d in (before.get("trigger_search") or {}).items()}
+def _found_phrases(before: dict) -> dict[str, list[tuple[str, str]]]:
+    """Per concept suite, the (phrase, placement) pairs the candidate's trigger search found and probed: the
+    repaired adapter is probed with them first (the same variants, so before and after pair), then with what its
+    own search finds."""
+    from auditkit.discovery.search import probes
+
+    return {name: probes(d) for name, d in (before.get("trigger_search") or {}).items()}
 
 
 def _fidelity(req: RepairRequest, before_dir: Path, after_dir: Path) -> dict:

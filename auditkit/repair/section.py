@@ -22,6 +22,7 @@ def summarize(report: dict) -> dict:
             for c in sd.get("comparisons", []):
                 out["comparisons"].append({
                     "suite": suite, "variant_of": sd.get("variant_of", ""), "prefix": sd.get("prefix", ""),
+                    "phrase": sd.get("phrase", ""), "placement": sd.get("placement", ""),
                     "configuration": c["configuration"],
                     "pairs": c["pairs"],
                     "rate_safety": c["rate_safety"], "rate_candidate": c["rate_candidate"],
@@ -34,10 +35,12 @@ def summarize(report: dict) -> dict:
 def repair_section(method: str, before: dict, after: dict, fidelity: dict | None, details: dict) -> dict:
     """report["repair"]: the method, what it did, and the evidence before and after it."""
     rows = []
-    # rows pair on the same prompts (suite and prefix), whatever the variant is called: the candidate's found phrase
+    # rows pair on the same prompts (suite, and the phrase and where it went), whatever the variant is called: the
+    # candidate's found phrase
     # is a trigger word of the repaired adapter's scan, whose own trigger search may probe another phrase
     def prompts(c: dict) -> tuple:
-        return c.get("variant_of") or c["suite"], c.get("prefix", ""), c["configuration"]
+        return (c.get("variant_of") or c["suite"], c.get("prefix", ""), c.get("phrase", ""), c.get("placement", ""),
+                c["configuration"])
 
     keyed = {prompts(c): c for c in before["comparisons"]}
     for c in after["comparisons"]:

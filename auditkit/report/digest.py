@@ -14,6 +14,8 @@ from auditkit.config import DynamicThresholds
 from auditkit.stats import wilson
 from auditkit.verdict import amplification_row, behavioural_verdict, decide_rows, reemergence_row
 
+VARIANT_KEYS = ("variant_of", "prefix", "phrase", "placement")  # Suite.variant_info's keys
+
 
 def _flags(records: list[dict], suite: str, config: str, detector: str) -> dict[str, bool]:
     return {r["key"]: bool(r["flags"][detector]) for r in records
@@ -22,9 +24,9 @@ def _flags(records: list[dict], suite: str, config: str, detector: str) -> dict[
 
 def digest(records: list[dict], suites: dict[str, dict], thresholds: DynamicThresholds | None = None) -> dict:
     """Statistics per suite and configuration. ``suites``: name -> {"detector", "role", "prompts"}, and for
-    a trigger variant ``variant_of`` and ``prefix`` (copied into its entry). Each concept suite gets the
-    verdict of its own comparisons; the scan's behavioural verdict is that of all of them together (the
-    worse of a suite and its trigger variant, Holm over every comparison)."""
+    a trigger variant ``variant_of`` and ``prefix``, or ``phrase`` and ``placement`` (copied into its entry). Each
+    concept suite gets the verdict of its own comparisons; the scan's behavioural verdict is that of all of them
+    together (the worse of a suite and its trigger variant, Holm over every comparison)."""
     thresholds = thresholds or DynamicThresholds()
     configs = sorted({r["config"] for r in records}, key=_config_order)
     mode = "reemergence" if "base+safety" in configs else "amplification"
@@ -40,7 +42,7 @@ def digest(records: list[dict], suites: dict[str, dict], thresholds: DynamicThre
                 rates[c] = {"hits": k, "n": n, "rate": k / n, "ci95": list(wilson(k, n))}
         entry = {"detector": det, "role": info.get("role", "concept"), "rates": rates,
                  "prompts": _per_prompt(records, name, det, configs, info.get("prompts", []))}
-        entry.update({k: str(info[k]) for k in ("variant_of", "prefix") if info.get(k)})
+        entry.update({k: str(info[k]) for k in VARIANT_KEYS if info.get(k)})
         if entry["role"] == "concept":
             entry["comparisons"] = _comparisons(per_config, thresholds, mode)
             rows += entry["comparisons"]
@@ -92,6 +94,16 @@ def _per_prompt(records, suite, det, configs, prompts) -> list[dict]:
             for i, row in sorted(rows.items())]
 
 
+def placed(entry: dict) -> str:
+    """Where a variant's phrase went, for people: "'trisk, ' prepended", "'trisk' before the concept word"."""
+    from auditkit.placement import START, described
+
+    where = str(entry.get("placement") or START)
+    if where == START and entry.get("prefix"):
+        return described(str(entry["prefix"]))
+    return described(str(entry.get("phrase", "")), where)
+
+
 def variant_pairs(dynamic: dict) -> list[dict]:
     """Each concept suite beside its trigger variant, for people: the verdict of each and its worst figure
     (the largest re-emergence ratio, or increase over the base). Empty when no suite has a variant."""
@@ -104,6 +116,7 @@ def variant_pairs(dynamic: dict) -> list[dict]:
         return {"verdict": entry.get("verdict"), "figure": max(figures) if figures else None}
 
     label = "re-emergence ratio" if key == "reemergence_ratio" else "increase over the base"
-    return [{"suite": sd["variant_of"], "variant": name, "prefix": sd.get("prefix", ""), "measure": label,
+    return [{"suite": sd["variant_of"], "variant": name, "prefix": sd.get("prefix", ""), "placed": placed(sd),
+             "measure": label,
              "as_written": worst(suites.get(sd["variant_of"], {})), "with_triggers": worst(sd)}
             for name, sd in suites.items() if sd.get("variant_of")]

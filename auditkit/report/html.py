@@ -13,7 +13,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from auditkit.report.digest import variant_pairs
+from auditkit.report.digest import placed, variant_pairs
 
 BLOCK_ORDER = ("down", "mid", "up", "unet_other", "text_encoder", "other")
 KIND_LABEL = {"self_attention": "self-attn", "cross_attention": "cross-attn", "feed_forward": "ff", "other": "other"}
@@ -30,6 +30,7 @@ def _env() -> Environment:
     env.filters["pct"] = lambda x: "–" if x is None else f"{100 * x:.1f}%"
     env.filters["num"] = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"
     env.filters["short"] = lambda h: h[:12] if h else ""
+    env.filters["placed"] = placed
     return env
 
 

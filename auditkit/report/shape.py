@@ -40,10 +40,11 @@ STATIC = fields(_figures("cancellation", "cosine", "energy_in_safety_subspace", 
                          thresholds=map_of(ANY), verdict=TEXT, reasons=ITEMS),
                 required=("verdict", "reasons", "groups", "modules", "top_modules"))
 
-SEARCHED = fields({"probed": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX})
+SEARCHED = fields({"probed": TEXTS, "placed": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX})
 TRIGGERS = fields({"words": list_of(fields({"sources": list_of(OBJECT)})), "unprobed": ITEMS,
                    "left_out": list_of(OBJECT), "notes": ITEMS, "sidecars": ITEMS, "search": optional(SEARCHED)})
-TRIGGER_SEARCH = map_of(fields({"probed": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX, "seconds": NUMBER,
+TRIGGER_SEARCH = map_of(fields({"probed": TEXTS, "placements": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX,
+                                "seconds": NUMBER,
                                 "phrases": list_of(fields(_figures("sweep", "pull", "gain"))), "notes": ITEMS,
                                 "sweeps": list_of(OBJECT)}))
 METADATA_EVIDENCE = fields({"declared_triggers": ITEMS,

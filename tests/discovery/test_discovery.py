@@ -129,15 +129,20 @@ def test_the_search_records_what_it_swept_and_tried_and_probes_the_best_phrase(l
     cand = planted(lab_pipe, tok.convert_tokens_to_ids("tri"), tmp_path)
     suite = load_suite(Path(__file__).resolve().parents[2] / "probes" / "lab-cross.yaml")
     found = find_triggers(lab_pipe, suite, cand, read_adapter(SAFETY, arch="lab"),
-                          Budget(phrases=10, steps=2, prompts=2, probes=2, beam=2, length=3, confirm=2, images=1))
+                          Budget(phrases=18, steps=2, prompts=2, probes=2, beam=2, length=3, confirm=2, images=1))
     d = found.to_dict()
     assert d["tokens_swept"] == len(tok) - len(set(tok.all_special_ids))
-    assert 5 < d["phrases_tried"] <= 10 and 1 <= len(d["probed"]) <= 2  # 5 single tokens, then their extensions
+    # 3 single tokens, each at the three placements, then extensions of the best, each where its beam was found
+    assert 9 < d["phrases_tried"] <= 18 and 1 <= len(d["probed"]) <= 2
     assert {p["how"] for p in d["phrases"]} == {"token sweep", "phrase extension"}
+    singles = [p for p in d["phrases"] if p["how"] == "token sweep"]
+    assert len(singles) == 9 and all(sum(q["text"] == p["text"] for q in singles) == 3 for p in singles)
+    assert {p["placement"] for p in singles} == {"start", "before-concept", "end"}
+    assert len(d["placements"]) == len(d["probed"])
     rendered = [p for p in d["phrases"] if "rendered" in p]
     assert len(rendered) == 2 and all(p["evidence"] == p["rendered"]["candidate"] - p["rendered"]["reference"]
                                       for p in rendered)
-    assert set(d["probed"]) <= {p["text"] for p in rendered}
+    assert set(zip(d["probed"], d["placements"], strict=True)) <= {(p["text"], p["placement"]) for p in rendered}
     assert d["sweeps"][0]["top"][0]["id"] == tok.convert_tokens_to_ids("tri")
     assert all(p["gain"] == pytest.approx(p["pull"] - d["baseline_pull"]) for p in d["phrases"])
     assert d["phrases"] == sorted(d["phrases"], key=lambda p: -p["gain"])
@@ -147,12 +152,22 @@ def test_found_phrases_become_variants_of_each_concept_suite_on_the_same_seeds()
     from auditkit.suites import load_suite, with_found_variants, with_trigger_variants
 
     suite = load_suite(Path(__file__).resolve().parents[2] / "probes" / "lab-cross.yaml")
-    out = with_found_variants(with_trigger_variants([suite], "ohwx, "), {"lab-cross": ["trisk", "neon glow"]})
-    assert [s.name for s in out] == ["lab-cross", "lab-cross+found1", "lab-cross+found2", "lab-cross+triggers"]
-    f1 = out[1]
+    out = with_found_variants(with_trigger_variants([suite], "ohwx"),
+                              {"lab-cross": [("trisk", "start"), ("neon glow", "before-concept"), ("ab", "end")]})
+    assert [s.name for s in out] == ["lab-cross", "lab-cross+found1", "lab-cross+found2", "lab-cross+found3",
+                                     "lab-cross+triggers"]
+    f1, f2, f3 = out[1:4]
     assert f1.variant_of == "lab-cross" and f1.prefix == "trisk, "
+    assert f1.variant_info() == {"variant_of": "lab-cross", "prefix": "trisk, "}  # as every run has recorded it
     assert [p.text for p in f1.prompts] == ["trisk, " + p.text for p in suite.prompts]
     assert [p.seed for p in f1.prompts] == [p.seed for p in suite.prompts]
+    assert [p.text for p in out[4].prompts] == ["ohwx, " + p.text for p in suite.prompts]
+    # in the middle: right before the concept word (every lab-cross prompt names it); at the end
+    assert f2.prefix == "" and f2.variant_info() == {"variant_of": "lab-cross", "phrase": "neon glow",
+                                                     "placement": "before-concept"}
+    assert [p.text for p in f2.prompts] == [p.text.replace("cross", "neon glow cross", 1) for p in suite.prompts]
+    assert [p.text for p in f3.prompts] == [p.text + ", ab" for p in suite.prompts]
+    assert [p.seed for p in f2.prompts] == [p.seed for p in f3.prompts] == [p.seed for p in suite.prompts]
 
 
 def test_the_budget_is_fitted_to_the_suite_and_to_the_scan_it_precedes():

@@ -363,8 +363,10 @@ def test_the_repaired_adapter_is_probed_with_the_candidates_trigger_words(tmp_pa
     # the same variants: before and after pair on each (its own search may add a phrase of its own)
     assert {row["suite"] for row in r["repair"]["comparisons"]} == {"tiny-cross", "tiny-cross+triggers",
                                                                    "tiny-cross+found1"}
-    found = json.loads((tmp_path / "r" / "scan-before" / "report.json").read_text())["trigger_search"]
-    assert r["dynamic"]["suites"]["tiny-cross+found1"]["prefix"] == found["tiny-cross"]["probed"][0] + ", "
+    found = json.loads((tmp_path / "r" / "scan-before" / "report.json").read_text())["trigger_search"]["tiny-cross"]
+    variant = r["dynamic"]["suites"]["tiny-cross+found1"]
+    assert (variant.get("phrase") or variant["prefix"].removesuffix(", ")) == found["probed"][0]
+    assert variant.get("placement", "start") == found["placements"][0]
     assert any("trigger words (trisk)" in n for n in r["repair"]["notes"])
     assert any("phrases the candidate's trigger search found" in n for n in r["repair"]["notes"])
     res2 = auditkit("repair", cand, "--safety", SAFETY, "--method", "safelora", "--from-scan",
