@@ -196,6 +196,28 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
     return out
 
 
+def run_search(pipe, suites: list, candidate: Adapter, safety: Adapter | None, config: ScanConfig, out: Path,
+               ranks, progress=None, judged: float | None = None) -> dict:
+    """This run's trigger search (suite name -> its record): read back from the run folder when it was recorded
+    there for these settings (a resumed scan searches no more), else searched (:func:`search_triggers`) and
+    recorded (:mod:`auditkit.discovery.record`). In a distributed launch rank 0 searches and the other ranks read
+    its record after a barrier: every rank probes the same phrases."""
+    from auditkit.discovery import record
+
+    wanted = record.settings(candidate, safety, config.base, suites, config.search_budget)
+    found = record.load(out, wanted) if ranks.main else None
+    if ranks.main and found is None:
+        found = {name: d.to_dict() for name, d in
+                 search_triggers(pipe, suites, candidate, safety, config, progress, judged).items()}
+        record.save(out, wanted, found)
+    ranks.barrier()
+    if not ranks.main:
+        found = record.load(out, wanted)
+        if found is None:
+            raise BadInput(out / record.FILE, "rank 0 recorded no trigger search for this run's settings")
+    return found
+
+
 def search_summary(config: ScanConfig, search: dict | None, probed: bool) -> dict:
     """The triggers section's ``search`` entry, what the verdict reads: whether the search was on, whether it ran
     and what its probes were (the found phrases' comparisons are rows of the dynamic section)."""
@@ -276,9 +298,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
             report["trigger_search"] = searched
         elif config.dynamic_enabled and config.trigger_search:
             judged = ((report.get("concept_check") or {}).get("base_judge") or {}).get("value")
-            search = search_triggers(pipe, suites, candidate, safety, config, _stage(progress, "trigger search"),
-                                     judged)
-            report["trigger_search"] = {name: d.to_dict() for name, d in search.items()}
+            report["trigger_search"] = run_search(pipe, suites, candidate, safety, config, Path(out), ranks,
+                                                  _stage(progress, "trigger search"), judged)
         if config.dynamic_enabled and report.get("trigger_search"):
             from auditkit.discovery.search import probes
 

@@ -208,3 +208,24 @@ def test_no_trigger_search_is_recorded_for_the_verdict_and_runs_nothing(tmp_path
     # what the verdict reads (tests/test_verdict.py: no pass without it and without known trigger words)
     assert result.report["triggers"]["search"] == {"enabled": False, "ran": False, "tokens_swept": 0,
                                                    "phrases_tried": 0, "probed": []}
+
+
+def test_a_resumed_scan_reads_its_search_back_and_other_settings_search_again(tmp_path, lab_pipe, monkeypatch):
+    from planted import planted
+
+    from auditkit import ScanConfig, scan
+    from auditkit.discovery import record, search
+
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    cand = planted(lab_pipe, lab_pipe.tokenizer.convert_tokens_to_ids("tri"), tmp_path)
+    config = ScanConfig(candidate=Path(cand.path), safety=SAFETY, base="lab", suites=(str(tmp_path / "tiny.yaml"),),
+                        multipliers=(1.0,), out=tmp_path / "r", trigger_search_phrases=6, trigger_search_steps=2)
+    first = scan(config, pipeline=lab_pipe).report["trigger_search"]
+    assert (tmp_path / "r" / record.FILE).is_file()
+    searched = []
+    real = search.find_triggers
+    monkeypatch.setattr(search, "find_triggers", lambda *a, **k: searched.append(1) or real(*a, **k))
+    assert scan(config, pipeline=lab_pipe).report["trigger_search"] == first and not searched  # read back
+    other = dataclasses.replace(config, out=tmp_path / "r2", trigger_search_placements=("start",))
+    again = scan(other, pipeline=lab_pipe).report["trigger_search"]
+    assert searched and set(again["tiny-cross"]["placements"]) == {"start"}
