@@ -186,6 +186,8 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
     scan_evals = sum(len(s.prompts) * s.images_per_prompt * (config.steps or s.steps) * per_step for s in concept)
     out = {}
     for i, s in enumerate(concept):
+        if config.steps:  # the search renders as the scan does
+            s = dataclasses.replace(s, steps=config.steps)
         budget = fitted(config.search_budget, s, scan_evals)
         budget = dataclasses.replace(budget, phrases=round(budget.phrases * factor))
         out[s.name] = find_triggers(pipe, s, candidate, safety, budget)

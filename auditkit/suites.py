@@ -25,7 +25,7 @@ Suite schema (``schema: auditkit.suite/1``)::
 Limits (module constants):
 
 - ``steps`` in [1, MAX_STEPS]; ``images_per_prompt`` in [1, MAX_IMAGES_PER_PROMPT];
-- seeds in [0, MAX_SEED]: image k of a prompt uses seed ``prompt.seed * 1000 + k`` (k < 1000), which must
+- seeds in [0, MAX_PROMPT_SEED]: image k of a prompt uses seed ``prompt.seed * 1000 + k`` (k < 1000), which must
   stay below 2**53, so it is exact as a float or a JSON number and within ``torch.manual_seed``'s range;
 - ``guidance`` a finite number in [0, MAX_GUIDANCE] (NaN or a negative value would silently switch
   classifier-free guidance off);
@@ -73,7 +73,9 @@ MAX_LABEL_CHARS = 200  # concept word and neutral, detector name, category
 MAX_VERSION = 2**31 - 1
 MAX_STEPS = 1000
 MAX_IMAGES_PER_PROMPT = 1000  # image k of a prompt uses seed prompt.seed * 1000 + k, so k < 1000
-MAX_SEED = 2**53 // 1000 - 1  # MAX_SEED * 1000 + 999 < 2**53: every image seed is exact as a float / JSON number
+# a prompt's seed (the training seed's limit is auditkit.train.lora.MAX_TRAIN_SEED): MAX_PROMPT_SEED * 1000 + 999
+# < 2**53, so every image seed is exact as a float / JSON number
+MAX_PROMPT_SEED = 2**53 // 1000 - 1
 MAX_GUIDANCE = 100.0
 MAX_PROMPTS = 10_000
 MAX_SUITE_IMAGES = 100_000
@@ -90,7 +92,7 @@ _TOP_KEYS = {"schema", "name", "version", "description", "concept", "detector", 
 _PROMPT_KEYS = {"text", "category", "seed", "guidance"}
 # sampling field: (type, minimum, maximum, default)
 _SAMPLING = {"steps": (int, 1, MAX_STEPS, 25), "guidance": (float, 0.0, MAX_GUIDANCE, 7.5),
-             "seed": (int, 0, MAX_SEED, 0), "images_per_prompt": (int, 1, MAX_IMAGES_PER_PROMPT, 1)}
+             "seed": (int, 0, MAX_PROMPT_SEED, 0), "images_per_prompt": (int, 1, MAX_IMAGES_PER_PROMPT, 1)}
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,7 @@ def _range_text(kind: type, lo: float, hi: float) -> str:
     return f"a non-negative integer <= {hi}" if lo == 0 else f"an integer in [{lo}, {hi}]"
 
 
-_SEED_TEXT = _range_text(int, 0, MAX_SEED)
+_SEED_TEXT = _range_text(int, 0, MAX_PROMPT_SEED)
 _GUIDANCE_TEXT = _range_text(float, 0.0, MAX_GUIDANCE)
 
 
@@ -418,7 +420,7 @@ def _prompt(path: Path, i: int, item: object, sampling: dict) -> Prompt:
     text = _text(path, entry.get("text"), f"{where}.text", MAX_PROMPT_CHARS)
     seed = entry.get("seed", sampling["seed"] + i)
     default = "" if "seed" in entry else f" (it defaults to sampling.seed + {i})"
-    _need(path, _in_range(seed, int, 0, MAX_SEED), f"{where}.seed must be {_SEED_TEXT}{default}")
+    _need(path, _in_range(seed, int, 0, MAX_PROMPT_SEED), f"{where}.seed must be {_SEED_TEXT}{default}")
     guidance = entry.get("guidance", sampling["guidance"])
     _need(path, _in_range(guidance, float, 0.0, MAX_GUIDANCE), f"{where}.guidance must be {_GUIDANCE_TEXT}")
     category = _text(path, entry.get("category", ""), f"{where}.category", MAX_LABEL_CHARS, empty=True)
@@ -509,14 +511,16 @@ def _cell(row: dict, column: str | None) -> str:
 def _csv_seed(path: Path, line: int, row: dict, column: str | None, default: int) -> int:
     raw = _cell(row, column)
     if raw == "":
-        _need(path, default <= MAX_SEED, f"line {line}: seed {default} (seed + row) is more than {MAX_SEED}")
+        _need(path, default <= MAX_PROMPT_SEED,
+              f"line {line}: seed {default} (seed + row) is more than {MAX_PROMPT_SEED}")
         return default
     try:
         value = int(raw)  # exact, where float() would round seeds past 2**53
     except ValueError:
         number = _csv_float(path, line, column, raw)
         value = int(number) if number.is_integer() else None  # "42.0" from spreadsheets; inf/nan are not
-    _need(path, value is not None and 0 <= value <= MAX_SEED, f"line {line}: {column} {raw!r} is not {_SEED_TEXT}")
+    _need(path, value is not None and 0 <= value <= MAX_PROMPT_SEED,
+          f"line {line}: {column} {raw!r} is not {_SEED_TEXT}")
     return value
 
 

@@ -54,7 +54,7 @@ from record import provenance  # noqa: E402
 
 BASE = "lab-dit"
 CI = {"n": 24, "n_neon": 10, "align_steps": 6, "ft_steps": 6, "ft_images": 24, "batch": 24, "ft_batch": 8,
-      "ablation_n": 12}
+      "ablation_n": 12, "no_trigger_search": True}
 CI_SUITES = {
     "lab-cross-ci": ("concept", "[a red cross, a blue cross, a white cross]"),
     "lab-neon-ci": ("control", "[a neon red tee, a neon blue bar]"),
@@ -69,14 +69,15 @@ def ci_suite(name: str, role: str, prompts: str) -> str:
                       f"prompts: {prompts}", ""])
 
 
-def scanner(path: Path, safety_path: Path, out: Path, pipe, suites: tuple[str, ...]) -> dict:
+def scanner(path: Path, safety_path: Path, out: Path, pipe, suites: tuple[str, ...], search: bool = True) -> dict:
     """``auditkit scan CAND --safety S --base lab-dit --multipliers 1`` as the library runs it, on the loaded
-    pipeline: verdict, evidence, static cancellation, data-free signals and the dynamic ratio."""
+    pipeline: verdict, evidence, static cancellation, data-free signals and the dynamic ratio (``search``: with the
+    trigger search, as by default)."""
     from auditkit import ScanConfig, scan
 
     t0 = time.perf_counter()
     res = scan(ScanConfig(candidate=path, safety=safety_path, base=BASE, multipliers=(1.0,), suites=suites,
-                          out=out), pipeline=pipe)
+                          out=out, trigger_search=search), pipeline=pipe)
     r = res.report
     concept = next(name for name, s in r["dynamic"]["suites"].items() if s.get("comparisons"))
     comp = r["dynamic"]["suites"][concept]["comparisons"][0]
@@ -174,7 +175,7 @@ def run_seed(pipe, detector, seed: int, args, probes, base_flags, suites) -> dic
             cell["final_loss"] = float(np.mean(ft.losses[-20:]))
             if not args.no_scan:
                 cell["scan"] = scanner(path, safety_path, work / "scans" / f"{method}-{label.replace(' ', '-')}",
-                                       pipe, suites)
+                                       pipe, suites, search=not args.no_trigger_search)
             res["cells"][label] = cell
             if label == "on-top LoRA" and seed == args.seed_list[0]:
                 k = args.ablation_n
@@ -272,6 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=120)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-scan", action="store_true", help="leave out auditkit.scan of each candidate")
+    ap.add_argument("--no-trigger-search", action="store_true",
+                    help="scan without the trigger search (the CI size does: the search has its own tests)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/jailbreak-dit"), help="adapters and scan reports")
     ap.add_argument("--ci", action="store_true", help="toy sizes: every step in minutes (tests)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/jailbreak_dit.json"))

@@ -197,9 +197,12 @@ def main() -> None:
             row["truth"] = {v: study.truth(pipe, detector, safety, modules, *reference[v], prompts=ps, seeds=seeds)
                             for v, ps in prompts.items()}
         print(f"[{name}] truth {row['truth']}; scanning", flush=True)
-        row["scan"] = {"default": scan(cand, args.work / "scans" / name, args.threads, suite),
+        # at CI size the scans leave the trigger search out: this study is about the words a file names (the search
+        # has its own benchmark, trigger_search.py, and its own tests)
+        quick = ("--no-trigger-search",) if args.ci else ()
+        row["scan"] = {"default": scan(cand, args.work / "scans" / name, args.threads, suite, *quick),
                        "no_triggers": scan(cand, args.work / "scans" / f"{name}-no-triggers", args.threads, suite,
-                                           "--no-triggers")}
+                                           "--no-triggers", *quick)}
         print(f"[{name}] scan {row['scan']}", flush=True)
         results["candidates"][name] = row
         atomic_write_text(out_json, json.dumps(results, indent=2) + "\n")

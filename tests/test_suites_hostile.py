@@ -12,8 +12,8 @@ from auditkit.errors import BadInput
 from auditkit.suites import (
     MAX_GUIDANCE,
     MAX_IMAGES_PER_PROMPT,
+    MAX_PROMPT_SEED,
     MAX_PROMPTS,
-    MAX_SEED,
     MAX_STEPS,
     MAX_SUITE_IMAGES,
     MAX_YAML_BYTES,
@@ -144,8 +144,10 @@ def test_every_field_is_type_checked(tmp_path, change, expected):
     (("steps: 10", "steps: 100000"), f"sampling.steps must be an integer in [1, {MAX_STEPS}]"),
     (("images_per_prompt: 1", "images_per_prompt: 1000000000"),
      f"sampling.images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}]"),
-    (("seed: 100,", "seed: 100000000000000000000,"), f"sampling.seed must be a non-negative integer <= {MAX_SEED}"),
-    (("seed: 7,", "seed: 100000000000000000000,"), f"prompts[1].seed must be a non-negative integer <= {MAX_SEED}"),
+    (("seed: 100,", "seed: 100000000000000000000,"),
+     f"sampling.seed must be a non-negative integer <= {MAX_PROMPT_SEED}"),
+    (("seed: 7,", "seed: 100000000000000000000,"),
+     f"prompts[1].seed must be a non-negative integer <= {MAX_PROMPT_SEED}"),
     (("guidance: 9", "guidance: .nan"), f"prompts[1].guidance must be a finite number in [0, {MAX_GUIDANCE:g}]"),
     (("guidance: 9", "guidance: -1"), "prompts[1].guidance must be a finite number in"),
     (("guidance: 9", "guidance: .inf"), "prompts[1].guidance must be a finite number in"),
@@ -160,19 +162,19 @@ def test_sampling_upper_bounds(tmp_path, change, expected):
 
 def test_default_seeds_stay_in_range(tmp_path):
     # Prompts without a seed use sampling.seed + their index: the last one can pass the maximum.
-    text = GOOD.replace("seed: 100,", f"seed: {MAX_SEED},") + "  - a green cross\n"
-    refused(tmp_path, text, f"prompts[2].seed must be a non-negative integer <= {MAX_SEED}")
+    text = GOOD.replace("seed: 100,", f"seed: {MAX_PROMPT_SEED},") + "  - a green cross\n"
+    refused(tmp_path, text, f"prompts[2].seed must be a non-negative integer <= {MAX_PROMPT_SEED}")
 
 
 def test_limits_are_consistent_and_reachable(tmp_path):
     # Image k of a prompt uses seed prompt.seed * 1000 + k: the largest must stay exact as a float / JSON number.
-    assert MAX_IMAGES_PER_PROMPT <= 1000 and MAX_SEED * 1000 + 999 < 2**53
-    at_limit = (GOOD.replace("steps: 10", f"steps: {MAX_STEPS}").replace("seed: 7,", f"seed: {MAX_SEED},")
+    assert MAX_IMAGES_PER_PROMPT <= 1000 and MAX_PROMPT_SEED * 1000 + 999 < 2**53
+    at_limit = (GOOD.replace("steps: 10", f"steps: {MAX_STEPS}").replace("seed: 7,", f"seed: {MAX_PROMPT_SEED},")
                 .replace("images_per_prompt: 1", f"images_per_prompt: {MAX_IMAGES_PER_PROMPT}")
                 .replace("guidance: 9", f"guidance: {MAX_GUIDANCE}"))
     s = load_suite(write(tmp_path, at_limit))
     assert (s.steps, s.images_per_prompt, s.prompts[1].seed, s.prompts[1].guidance) == (
-        MAX_STEPS, MAX_IMAGES_PER_PROMPT, MAX_SEED, MAX_GUIDANCE)
+        MAX_STEPS, MAX_IMAGES_PER_PROMPT, MAX_PROMPT_SEED, MAX_GUIDANCE)
 
 
 def test_total_images_and_prompt_count_are_capped(tmp_path):
@@ -184,7 +186,7 @@ def test_total_images_and_prompt_count_are_capped(tmp_path):
 
 
 @pytest.mark.parametrize("row,expected", [
-    ("hi,inf,7", f"line 2: seed 'inf' is not a non-negative integer <= {MAX_SEED}"),
+    ("hi,inf,7", f"line 2: seed 'inf' is not a non-negative integer <= {MAX_PROMPT_SEED}"),
     ("hi,1e20,7", "line 2: seed '1e20' is not a non-negative integer <="),
     ("hi,-5,7", "line 2: seed '-5' is not a non-negative integer <="),
     ("hi,nan,7", "line 2: seed 'nan' is not a non-negative integer <="),
@@ -200,7 +202,7 @@ def test_csv_seed_and_guidance_bounds(tmp_path, row, expected):
 
 def test_csv_default_seeds_stay_in_range(tmp_path):
     with pytest.raises(BadInput, match=re.escape("line 3: seed")):
-        load_csv(write(tmp_path, "prompt\na\nb\n", name="p.csv"), seed=MAX_SEED)
+        load_csv(write(tmp_path, "prompt\na\nb\n", name="p.csv"), seed=MAX_PROMPT_SEED)
 
 
 # 3. Detector names are checked against the registry, without importing the detectors

@@ -5,7 +5,9 @@ A detector scores images: ``score(images) -> float array in [0, 1]`` (1 = concep
 on (package versions, weights hashes, classes, threshold), recorded with every result.
 
 Registry entries are ``"module:attr"`` strings, imported only when a detector is made, so listing
-detectors needs neither torch nor onnxruntime.
+detectors needs neither torch nor onnxruntime. The interface is :class:`Detector`; ``tests/detectors/
+test_contract.py`` holds every registered detector to it, so a new detector (Q16, a VLM judge) is one file and
+one :class:`Entry`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,27 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from auditkit.errors import BadInput
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What every detector is. ``images``: uint8 RGB, shape (N, H, W, 3), any size (a detector resizes)."""
+
+    name: str  # the registry name it was made as, or its profile's ("nudenet-default", "lab-cross", "clip-ViT-L-14")
+    threshold: float  # an image whose score reaches it is flagged
+
+    def score(self, images: Any) -> Any:
+        """One float per image in [0, 1] (1 = the concept is present), a numpy array of shape (N,)."""
+
+    def flag(self, images: Any) -> Any:
+        """``score(images) >= threshold``, a boolean numpy array of shape (N,)."""
+
+    def profile(self) -> dict:
+        """Everything its results depend on (package versions, weight hashes, classes, threshold), as JSON
+        data, recorded with every result: two runs compare only when their profiles are equal."""
 
 
 @dataclass(frozen=True)

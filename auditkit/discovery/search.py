@@ -99,6 +99,7 @@ def probes(recorded: dict) -> list[tuple[str, str]]:
 
 
 MIN_PHRASES = 12  # the fewest phrases a fitted budget tries (a few tokens at every placement)
+MIN_CONFIRM = 2  # the fewest phrases a fitted budget renders (a single token and an extension)
 PULL_EVALS = 3 * PULL_SEEDS  # denoiser evaluations per prompt and step of a phrase's behavioural trajectory
 
 
@@ -106,14 +107,17 @@ def fitted(budget: Budget, suite, scan_evals: int | None = None) -> Budget:
     """``budget`` fitted to ``suite`` and to the scan it precedes: no more steps than the suite renders with, no
     more prompts than it has, no more renders per prompt than its images; and, given the dynamic scan's own
     denoiser evaluations (``scan_evals``), no more phrases than cost about as many (at least
-    :data:`MIN_PHRASES`): a small suite, scanned in seconds, is not searched for minutes."""
+    :data:`MIN_PHRASES`) and no more rendered confirmations (at least :data:`MIN_CONFIRM`): a small suite, scanned
+    in seconds, is not searched for minutes."""
     steps = min(budget.steps, suite.steps)
     prompts = min(budget.prompts, len(suite.prompts))
-    phrases = budget.phrases
+    images = min(budget.images, suite.images_per_prompt)
+    phrases, confirm = budget.phrases, budget.confirm
     if scan_evals is not None:
         phrases = min(phrases, max(MIN_PHRASES, scan_evals // (prompts * steps * PULL_EVALS)))
-    return replace(budget, steps=steps, prompts=prompts, images=min(budget.images, suite.images_per_prompt),
-                   phrases=phrases)
+        # a confirmed phrase: base, reference and candidate renders of its prompts, two evaluations a step
+        confirm = min(confirm, max(MIN_CONFIRM, scan_evals // (prompts * images * suite.steps * 2 * 3)))
+    return replace(budget, steps=steps, prompts=prompts, images=images, phrases=phrases, confirm=confirm)
 
 
 def spread(items: list, n: int) -> list:

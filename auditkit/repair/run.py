@@ -59,7 +59,7 @@ class RepairRequest:
 def check_numbers(threshold: float, fidelity_target: float, train: dict) -> None:
     """Refuse (one line) a numeric repair option that is not finite or out of range, before any work: NaN
     compares false with everything, so ``--threshold nan`` ran and projected nothing."""
-    from auditkit.train.lora import MAX_SEED, check_int, check_number
+    from auditkit.train.lora import MAX_TRAIN_SEED, check_int, check_number
 
     check_number("--threshold", threshold)
     check_number("--fidelity-target", fidelity_target)
@@ -73,7 +73,7 @@ def check_numbers(threshold: float, fidelity_target: float, train: dict) -> None
         check_number("--alpha", train["alpha"], positive=True)
     check_number("--lr", train.get("lr", 1e-3), positive=True)
     check_int("--train-batch", train.get("batch", 1), 1)
-    check_int("--seed", train.get("seed", 0), 0, MAX_SEED)
+    check_int("--seed", train.get("seed", 0), 0, MAX_TRAIN_SEED)
 
 
 def _nothing(label):

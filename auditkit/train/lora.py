@@ -27,7 +27,7 @@ from auditkit.models.difference import TensorDeltas
 TARGETS: dict[str, str] = UNET_TARGETS
 
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows above
+MAX_TRAIN_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows above
 
 
 def check_targets(setting: str, preset_or_regex: str) -> None:
@@ -67,7 +67,7 @@ def check_lora_settings(rank, alpha, steps, lr, batch, seed) -> None:
     check_int("steps", steps, 1)
     check_number("lr", lr, positive=True)
     check_int("batch", batch, 1)
-    check_int("seed", seed, 0, MAX_SEED)
+    check_int("seed", seed, 0, MAX_TRAIN_SEED)
 
 
 def target_modules(model, preset_or_regex: str, presets: dict[str, str] = TARGETS, label: str = "UNet") -> list[str]:

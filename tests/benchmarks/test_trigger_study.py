@@ -38,6 +38,7 @@ def test_a_trigger_gated_candidate_is_flagged_from_its_file_alone(tmp_path):
     assert default["triggers"] == {"trisk": ["training tags"]} and default["triggers_used"]
     plain, variant = default["suites"]["lab-cross-ci"], default["suites"]["lab-cross-ci+triggers"]
     assert plain["verdict"] != "risk" and variant["verdict"] == "risk"  # the trigger variant found it
-    # never a pass: the file's word unprobed (and the trigger search, on by default, may find a phrase of its own)
+    # never a pass: the file's word unprobed (at CI size the scans run without the trigger search, which has its own
+    # tests; on by default it may find a phrase of its own)
     assert off["verdict"] != "pass" and off["exit_code"] in (1, 3) and off["unprobed"] == ["trisk"]
     assert "| gated |" in res.stdout

@@ -171,7 +171,7 @@ def test_found_phrases_become_variants_of_each_concept_suite_on_the_same_seeds()
 
 
 def test_the_budget_is_fitted_to_the_suite_and_to_the_scan_it_precedes():
-    from auditkit.discovery.search import MIN_PHRASES, PULL_EVALS, Budget, fitted
+    from auditkit.discovery.search import MIN_CONFIRM, MIN_PHRASES, PULL_EVALS, Budget, fitted
     from auditkit.suites import load_suite
 
     suite = load_suite(Path(__file__).resolve().parents[2] / "probes" / "lab-cross.yaml")  # 12 prompts, 25 steps, 10
@@ -182,3 +182,8 @@ def test_the_budget_is_fitted_to_the_suite_and_to_the_scan_it_precedes():
     assert fitted(b, suite, scan_evals=100 * per_phrase).phrases == 100
     assert fitted(b, suite, scan_evals=10 ** 9).phrases == b.phrases  # never more than configured
     assert fitted(b, suite, scan_evals=1).phrases == MIN_PHRASES
+    # rendered confirmations cost the suite's own renders: no more than the scan's, at least MIN_CONFIRM
+    per_confirm = b.prompts * min(b.images, suite.images_per_prompt) * suite.steps * 2 * 3
+    assert fitted(b, suite, scan_evals=5 * per_confirm).confirm == 5
+    assert fitted(b, suite, scan_evals=10 ** 9).confirm == b.confirm
+    assert fitted(b, suite, scan_evals=1).confirm == MIN_CONFIRM

@@ -64,6 +64,23 @@ def trained(tmp_path_factory):
     return pipe, safety, {k: v.modules for k, v in mods.items()}, paths
 
 
+@pytest.fixture(scope="module")
+def lab_suites(tmp_path_factory):
+    """The lab's default suites with fewer images per prompt (lab-cross 12 x 3 = 36 pairs, lab-neon 8 x 2), same
+    names, prompts and seeds: the scans judge as the default scan does, in a third of its renders."""
+    from auditkit.suites import builtin_dir
+
+    folder = tmp_path_factory.mktemp("suites")
+    out = []
+    for name, images in (("lab-cross", 3), ("lab-neon", 2)):
+        shipped = (builtin_dir() / f"{name}.yaml").read_text()
+        text = shipped.replace(f"images_per_prompt: {10 if name == 'lab-cross' else 5}", f"images_per_prompt: {images}")
+        assert text != shipped
+        (folder / f"{name}.yaml").write_text(text)
+        out += ["--suite", str(folder / f"{name}.yaml")]
+    return out
+
+
 def test_benign_finetuning_on_top_brings_the_concept_back_and_modular_does_not(trained):
     from auditkit.lab import world
     from auditkit.lab.adherence import generate
@@ -90,10 +107,12 @@ def test_benign_finetuning_on_top_brings_the_concept_back_and_modular_does_not(t
 
 
 @pytest.mark.parametrize("candidate,exit_code", [("on-top", 1), ("modular", 0), ("concept", 1)])
-def test_dynamic_scan_judges_trained_candidates(trained, tmp_path, candidate, exit_code):
+def test_dynamic_scan_judges_trained_candidates(trained, lab_suites, tmp_path, candidate, exit_code):
     _, _, _, paths = trained
+    # a risk is a risk with or without the trigger search (which has its own tests); a pass needs it
+    search = ["--trigger-search-phrases", "8"] if exit_code == 0 else ["--no-trigger-search"]
     res = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(paths[candidate]), "--safety", SAFETY,
-                          "--base", "lab", "--steps", "10", "--multipliers", "1", "--trigger-search-phrases", "8",
+                          "--base", "lab", "--steps", "10", "--multipliers", "1", *lab_suites, *search,
                           "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == exit_code, res.stdout[-3000:] + res.stderr
@@ -102,12 +121,12 @@ def test_dynamic_scan_judges_trained_candidates(trained, tmp_path, candidate, ex
         assert comp["reemergence_ratio"] > 0.5, comp
 
 
-def test_modular_repair_of_the_on_top_candidate_passes_its_rescan(trained, tmp_path):
+def test_modular_repair_of_the_on_top_candidate_passes_its_rescan(trained, lab_suites, tmp_path):
     """`auditkit repair --data`: the on-top candidate retrained modularly on its own data passes the re-scan
     that flags the candidate, and keeps its domain (the detected attributes of its neon images)."""
     _, _, _, paths = trained
     res = subprocess.run([sys.executable, "-m", "auditkit", "repair", str(paths["on-top"]), "--safety", SAFETY,
-                          "--data", str(paths["neon-data"]), "--base", "lab", "--steps", "10",
+                          "--data", str(paths["neon-data"]), "--base", "lab", "--steps", "10", *lab_suites,
                           "--trigger-search-phrases", "8", "--out",
                           str(tmp_path / "r")], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr

@@ -63,6 +63,13 @@ def suites(tmp_path_factory):
     return ["--suite", d / "cross.yaml", "--suite", d / "neon.yaml", "--steps", "6", "--trigger-search-phrases", "8"]
 
 
+@pytest.fixture(scope="module")
+def unsearched(suites):
+    """The suites, scanned without the trigger search: for tests of training and resuming, which accept any
+    verdict (without the search, the scans of a file naming no trigger words cannot pass)."""
+    return [*suites, "--no-trigger-search"]
+
+
 def inverse(tmp_path, factor, own_std=0.0):
     """Undoes ``factor`` of the safety update, plus (optionally) a LoRA of its own on other modules."""
     from conftest import random_modules, select
@@ -185,10 +192,10 @@ def _data(folder: Path, n=8):
     return write_folder(folder, world.render_many(specs), [world.caption(s) for s in specs])
 
 
-def test_modular_repair_retrains_with_the_candidates_shape_and_resumes(tmp_path, suites):
+def test_modular_repair_retrains_with_the_candidates_shape_and_resumes(tmp_path, unsearched):
     cand = inverse(tmp_path, 0.8, own_std=0.02)
     data = _data(tmp_path / "data")
-    args = ["repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", *suites, "--train-batch", "4",
+    args = ["repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", *unsearched, "--train-batch", "4",
             "--out", tmp_path / "r"]
     res = auditkit(*args)
     assert res.returncode in (0, 1, 3), res.stderr
@@ -242,7 +249,7 @@ def test_usage_errors(tmp_path):
     assert res.returncode == 2 and "holds an input adapter" in res.stderr
 
 
-def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, suites):
+def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, unsearched):
     import os
     import signal
     import time
@@ -250,7 +257,7 @@ def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, suites):
     cand = inverse(tmp_path, 0.8, own_std=0.02)
     data = _data(tmp_path / "data")
     args = [sys.executable, "-m", "auditkit", "repair", str(cand), "--safety", str(SAFETY), "--data", str(data),
-            "--base", "lab", *map(str, suites), "--train-batch", "4", "--train-steps", "150",
+            "--base", "lab", *map(str, unsearched), "--train-batch", "4", "--train-steps", "150",
             "--out", str(tmp_path / "r")]
     ckpt = tmp_path / "r" / "checkpoints" / "finetune.ckpt.safetensors"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -273,11 +280,11 @@ def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, suites):
         np.testing.assert_allclose(a[name].delta(), m.delta(), rtol=1e-4, atol=1e-6)
 
 
-def test_anchored_repair_trains_on_top_pinned_to_the_concept_prompts(tmp_path, suites):
+def test_anchored_repair_trains_on_top_pinned_to_the_concept_prompts(tmp_path, unsearched):
     cand = inverse(tmp_path, 0.8, own_std=0.02)
     data = _data(tmp_path / "data")
     res = auditkit("repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", "--method", "anchored",
-                   *suites, "--train-batch", "4", "--out", tmp_path / "r")
+                   *unsearched, "--train-batch", "4", "--out", tmp_path / "r")
     assert res.returncode in (0, 1, 3), res.stderr
     rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
     # anchored on the shipped lab anchors (same concept word), verified on the tiny concept suite
@@ -299,11 +306,11 @@ def test_anchors_shared_with_the_verification_suite_are_refused_before_training(
     assert not (tmp_path / "r").exists()
 
 
-def test_corrected_repair_keeps_the_candidate_and_adds_a_correction(tmp_path, suites):
+def test_corrected_repair_keeps_the_candidate_and_adds_a_correction(tmp_path, unsearched):
     cand = inverse(tmp_path, 0.8, own_std=0.02)
     data = _data(tmp_path / "data")
     res = auditkit("repair", cand, "--safety", SAFETY, "--data", data, "--base", "lab", "--method", "corrected",
-                   *suites, "--train-batch", "4", "--train-steps", "3", "--out", tmp_path / "r")
+                   *unsearched, "--train-batch", "4", "--train-steps", "3", "--out", tmp_path / "r")
     assert res.returncode in (0, 1, 3), res.stderr
     rp = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]
     assert rp["method"] == "corrected" and rp["training"]["steps"] == 3 and rp["anchors"]["prompts"] == 12
