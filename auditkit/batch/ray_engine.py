@@ -64,7 +64,9 @@ class RayEngine:
         if ray.is_initialized():
             yield
             return
-        kwargs = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
+        # no address: a local Ray of its own ("local"), never one Ray would find by itself (RAY_ADDRESS, or the
+        # latest cluster started on this machine: another user's, or another batch's)
+        kwargs = {"address": self.address} if self.address else {"address": "local", "num_cpus": self.num_cpus}
         try:
             ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from auditkit.cli.common import VERDICT_STYLE, err, escape, out
+from auditkit.cli.common import VERDICT_STYLE, err, escape, out, print_paths
 from auditkit.cli.options import resolve, scan_options
 
 VERDICT_STYLE_BATCH = {**VERDICT_STYLE, "error": "bold magenta"}
@@ -90,5 +90,4 @@ def _summary(result, out_dir: Path) -> None:
         out.print(f"[magenta]error[/magenta] {escape(r['id'])}: {escape(r.get('error') or '')}")
     if len(errors) > 10:
         out.print(f"… and {len(errors) - 10} more errors (results.csv)")
-    out.print(f"index: [bold]{escape(str(result.paths['index']))}[/bold]  table: {escape(str(result.paths['parquet']))}"
-              f", {escape(str(result.paths['csv']))}")
+    print_paths(index=result.paths["index"], table=result.paths["parquet"], csv=result.paths["csv"])

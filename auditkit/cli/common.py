@@ -23,6 +23,14 @@ def escape(text: str) -> str:
     return _escape(str(text))
 
 
+def print_paths(**paths) -> None:
+    """One line "name: path  name: path" (the first bold), escaped, and never broken at the terminal's width, so a
+    path is copied whole."""
+    parts = [f"{name}: " + (f"[bold]{escape(str(p))}[/bold]" if i == 0 else escape(str(p)))
+             for i, (name, p) in enumerate(paths.items())]
+    out.print("  ".join(parts), soft_wrap=True)
+
+
 def progress_bar(label: str, loss: bool = True):
     """A rich progress bar driven by (step, total, loss) callbacks."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from auditkit.cli.common import VERDICT_STYLE, escape, out, progress_bar, torch_threads
+from auditkit.cli.common import VERDICT_STYLE, escape, out, print_paths, progress_bar, torch_threads
 from auditkit.cli.options import resolve, scan_options
 from auditkit.errors import BadInput
 from auditkit.fsutil import check_output_folder
@@ -107,7 +107,7 @@ def repair(candidate, method, anchor_files, fidelity_target, data_dir, from_scan
     bars = lambda label: progress_bar(label, loss=label.startswith("retrain"))  # noqa: E731
     report = repair_auto(req, bars) if method == AUTO else run_repair(req, bars=bars)
     print_repair(report)
-    out.print(f"pack: [bold]{repair_out / 'pack'}[/bold]  report: [bold]{repair_out / 'report.html'}[/bold]")
+    print_paths(pack=repair_out / "pack", report=repair_out / "report.html")
     sys.exit(report["exit_code"])
 
 

@@ -9,7 +9,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from auditkit.cli.common import VERDICT_STYLE, escape, out, progress_bar
+from auditkit.cli.common import VERDICT_STYLE, escape, out, print_paths, progress_bar
 from auditkit.cli.options import resolve, scan_options
 
 
@@ -52,7 +52,7 @@ def scan(candidate: Path, top: int, **params) -> None:
     if not main:
         sys.exit(result.exit_code)  # other ranks of a distributed launch: same verdict, rank 0 reports it
     print_scan(result.report, top, config_path)
-    out.print(f"report: [bold]{result.paths['html']}[/bold]  json: {result.paths['json']}")
+    print_paths(report=result.paths["html"], json=result.paths["json"])
     sys.exit(result.exit_code)
 
 
@@ -65,7 +65,7 @@ def report_cmd(run_dir: Path, show_flagged: bool) -> None:
 
     report = refresh(read_report(run_dir), run_dir, show_flagged)
     paths = write_reports(report, run_dir)
-    out.print(f"report: [bold]{paths['html']}[/bold]  json: {paths['json']}")
+    print_paths(report=paths["html"], json=paths["json"])
     sys.exit(report["exit_code"])
 
 

@@ -232,7 +232,7 @@ def test_the_same_batch_on_a_local_ray_gives_identical_results(lab_batch):
     from auditkit.batch import run_batch
 
     tmp, config, local = lab_batch
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = run_batch(dataclasses.replace(config, out=tmp / "ray", engine="ray", workers=2))
     finally:

@@ -253,3 +253,25 @@ def test_a_malformed_address_fragment_leaves_the_index_page_working():
     done = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"verdict": "risk", "q": "", "shown": "showing 0 of 0"}
+
+
+def test_without_an_address_the_ray_engine_starts_a_ray_of_its_own(monkeypatch):
+    """Never one Ray finds by itself: RAY_ADDRESS, or the latest cluster started on the machine (another batch's,
+    another user's); an address given is joined as it is."""
+    import sys
+    import types
+
+    from auditkit.batch import ray_engine
+
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: calls.append(kw),
+                                 shutdown=lambda: None)
+    monkeypatch.setattr(ray_engine, "import_ray", lambda: fake)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    with ray_engine.RayEngine(num_cpus=3).connected():
+        pass
+    with ray_engine.RayEngine(address="auto").connected():
+        pass
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 3
+    assert calls[1]["address"] == "auto" and "num_cpus" not in calls[1]

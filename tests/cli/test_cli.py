@@ -179,3 +179,16 @@ def test_unreadable_output_location_is_a_clean_error(tmp_path, examples):
     blocker.write_text("x")
     res = run("scan", examples["benign"], "--safety", examples["safety"], "--static", "--out", blocker / "r")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_printed_paths_are_never_broken_at_the_terminals_width_nor_read_as_markup(monkeypatch):
+    from rich.console import Console
+
+    from auditkit.cli import common
+
+    console = Console(width=40, record=True, color_system=None)
+    monkeypatch.setattr(common, "out", console)
+    long = "/tmp/" + "a" * 120 + "/[bold]x[/bold]/report.html"
+    common.print_paths(report=long, json="/tmp/r.json")
+    text = console.export_text()
+    assert text.strip() == f"report: {long}  json: /tmp/r.json"
