@@ -18,6 +18,9 @@ from auditkit.errors import Unscannable
 from auditkit.runlog import RunLog, merge_shards, shard_name
 from auditkit.runner import Job, batches, configurations
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 # ------------------------------------------------------------------------------------------------
 # pure parts: shares, batches, merging
 

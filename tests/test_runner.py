@@ -15,7 +15,8 @@ from auditkit.runlog import RunLog  # noqa: E402
 from auditkit.runner import configurations, load_adapters, plan, run  # noqa: E402
 from auditkit.suites import builtin_dir, load_suite  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
 
 
 def lab_adapter(name):

@@ -21,7 +21,9 @@ from auditkit.lora.write import save_adapter
 from auditkit.models import architectures
 from auditkit.scan import read_pair, run_static_scan, scan
 
-pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="the lab pipeline is not installed")
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not lab_pipeline_available(), reason="the lab pipeline is not installed")]
 full_models = pytest.importorskip("full_models")
 SAFETY_U, SAFETY_X = full_models.SAFETY_U, full_models.SAFETY_X
 

@@ -17,6 +17,9 @@ from auditkit.lora.adapter import LoraModule, read_adapter
 from auditkit.lora.metadata import kohya_training_metadata
 from auditkit.lora.write import save_adapter
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
 SAFETY = ADAPTERS / "safety-esd-u.safetensors"
 SUITE = tiny_cross_suite()

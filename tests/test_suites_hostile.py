@@ -97,6 +97,7 @@ def test_oversized_suite_file_is_refused_before_parsing(tmp_path):
     refused(tmp_path, padding + GOOD, "larger than")
 
 
+@pytest.mark.slow
 def test_many_values_cannot_exhaust_memory(tmp_path):
     # 5 MB of empty mappings used to take 1.8 GB (and a minute) in PyYAML's composer before any check ran.
     doc = GOOD.replace("a demo suite", "[" + "{}," * (MAX_YAML_BYTES // 3 - 200) + "{}]")

@@ -22,6 +22,9 @@ from auditkit.analysis.base_judge import (  # noqa: E402
 )
 from auditkit.lora.adapter import LoraModule, read_adapter  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 SAFETY = Path(__file__).resolve().parents[2] / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
 
 

@@ -10,6 +10,9 @@ from auditkit.analysis.concept import kv_reversion
 from auditkit.lora.adapter import LoraModule
 from auditkit.models import architectures
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def lab():

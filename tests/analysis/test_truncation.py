@@ -18,6 +18,7 @@ def optimal_rank(w, energy):
     return int(np.searchsorted(np.cumsum(s**2), energy * np.sum(s**2))) + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
 @pytest.mark.parametrize("shape", [(320, 768), (640, 320), (1280, 2880)])
 def test_energy_mode_keeps_at_least_the_stated_energy_exactly_as_reported(shape, energy):

@@ -11,6 +11,9 @@ from auditkit.batch.triage import priority
 from auditkit.lora.adapter import LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
 
 

@@ -108,6 +108,7 @@ class DyingWorker(StandInWorker):
         return {"id": task.id, "sha256": task.sha256, "verdict": "pass", "attempts": task.attempt}
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_path):
     ids = ("ok1", "die-once", "ok2", "die-always", "ok3", "ok4", "ok5")
     tasks = [Task(i, None, ScanConfig(out=tmp_path / i)) for i in ids]
@@ -129,6 +130,7 @@ class ThreadsWorker(StandInWorker):
         return {"id": task.id, "threads": os.environ.get("OMP_NUM_THREADS"), "verdict": "pass"}
 
 
+@pytest.mark.slow
 def test_pool_workers_share_the_cores_and_a_users_count_is_kept(tmp_path, monkeypatch):
     from auditkit.batch.threads import share
 
@@ -142,6 +144,7 @@ def test_pool_workers_share_the_cores_and_a_users_count_is_kept(tmp_path, monkey
     assert {r["threads"] for r in rows} == {"5"}
 
 
+@pytest.mark.slow
 def test_a_ray_actor_killed_mid_scan_has_its_adapter_retried_then_given_up(tmp_path):
     """The Ray engine's retry path, with actors that really die (the whole process) as the pool test's workers do."""
     ray = pytest.importorskip("ray")
@@ -196,6 +199,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_pool_workers_exit_when_the_batch_is_killed(tmp_path):
     # issue 26 M20: kill -9 of a batch left its pool workers (and the resource tracker) blocked forever

@@ -26,6 +26,7 @@ def stamp():
     return RESULTS.stat().st_mtime_ns if RESULTS.exists() else None
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_both_paths_and_counts_flops(tmp_path):
     before = stamp()
     res = bench("--cpu-smoke", "--json", tmp_path / "smoke.json")

@@ -130,6 +130,7 @@ def bad_inputs(tmp_path, examples):
     }
 
 
+@pytest.mark.slow
 def test_every_bad_input_gets_one_line_exit_2_and_no_output(tmp_path, examples):
     for label, (path, expected) in bad_inputs(tmp_path, examples).items():
         out = tmp_path / f"out-{label.replace(' ', '_')}"

@@ -13,6 +13,9 @@ pytest.importorskip("diffusers")
 
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 def run(*args, timeout=300):
     # a bare environment, but the same auditkit as the tests (a worktree run with PYTHONPATH tests its own code)

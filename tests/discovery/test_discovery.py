@@ -121,6 +121,7 @@ def test_a_text_encoder_candidate_is_swept_through_its_encoder(lab_pipe, tmp_pat
     assert sweep.ranked[0][1] == pytest.approx(change / energy, rel=1e-4) and change > 0
 
 
+@pytest.mark.slow
 def test_the_search_records_what_it_swept_and_tried_and_probes_the_best_phrase(lab_pipe, tmp_path):
     from auditkit.discovery.search import Budget, find_triggers
     from auditkit.suites import load_suite

@@ -17,6 +17,9 @@ import tiny_pipelines as tp  # noqa: E402
 from auditkit.lora.adapter import LoraModule, read_adapter  # noqa: E402
 from auditkit.lora.write import save_adapter  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 # sd3-one-vocab: the tiny pipeline as built, its T5 reading the CLIP vocabulary (the token in both spans);
 # sd3-no-t5: SD3 loaded without its T5 encoder (zeros in T5's positions)
 FAMILIES = ("sdxl", "sd3", "sd3-one-vocab", "sd3-no-t5", "flux", "lab-dit")

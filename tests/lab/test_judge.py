@@ -6,6 +6,9 @@ import pytest
 from auditkit.lab import world
 from auditkit.lab.judge import TemplateJudge
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def judge():

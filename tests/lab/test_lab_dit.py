@@ -18,6 +18,9 @@ pytest.importorskip("transformers")
 
 from auditkit.lab.bases import BASE_HELP, LAB_BASES, base_folder, lab_base  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 LAB_DIT = LAB_BASES["lab-dit"]
 needs_dit = pytest.mark.skipif(not LAB_DIT.available(), reason="DiT lab model not exported yet "
                                "(scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit)")

@@ -13,7 +13,8 @@ pytest.importorskip("diffusers")
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
 
 # two short fine-tunes on the lab: about 25 s on 2 cores, under the minute that would make it a slow test
-pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
 full_models = pytest.importorskip("full_models")
 
 

@@ -28,6 +28,7 @@ def sd15_modules(sd15):
     return mods
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [formats.KOHYA, formats.DIFFUSERS])
 def test_layout_round_trip_gives_identical_deltas(tmp_path, sd15, sd15_modules, layout):
     path = save_adapter(sd15_modules, tmp_path / "a.safetensors", sd15, layout)
@@ -58,6 +59,7 @@ def _flux_blocks():
     return arch, random_modules(arch, list(modules), rank=2, scale=0.75)
 
 
+@pytest.mark.slow
 def test_every_registered_layout_writes_files_it_detects_and_reads_back(tmp_path, sd15, sd15_modules):
     unet_only = {k: v for k, v in sd15_modules.items() if k.startswith("unet.")}
     flux, flux_modules = _flux_blocks()
@@ -79,6 +81,7 @@ def test_every_registered_layout_writes_files_it_detects_and_reads_back(tmp_path
         save_adapter(unet_only, tmp_path / "x.safetensors", sd15, "lycoris")
 
 
+@pytest.mark.slow
 def test_kohya_diffusers_and_peft_files_agree(tmp_path, sd15, sd15_modules):
     unet_only = {k: v for k, v in sd15_modules.items() if k.startswith("unet.")}
     read = {lay: read_adapter(save_adapter(unet_only, tmp_path / lay / "adapter_model.safetensors", sd15, lay))

@@ -18,6 +18,9 @@ from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline  # noqa
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 from auditkit.models import architectures  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 if not lab_pipeline_available():  # pragma: no cover - the lab ships with the repository
     pytest.skip("the lab pipeline is not installed", allow_module_level=True)
 

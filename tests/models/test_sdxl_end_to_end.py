@@ -29,6 +29,9 @@ from auditkit.models import architectures  # noqa: E402
 from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline  # noqa: E402
 from auditkit.models.pipeline import architecture_of, architecture_of_folder, load_pipeline  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

@@ -18,7 +18,8 @@ from auditkit.lora.adapter import LoraModule, read_adapter  # noqa: E402
 from auditkit.lora.write import save_adapter  # noqa: E402
 from auditkit.models import architectures  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
 SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
 LAB = architectures.get("lab")
 

@@ -15,6 +15,9 @@ from auditkit.train.esd import ESDConfig, train_esd, train_esd_full  # noqa: E40
 from auditkit.train.finetune import FinetuneConfig, finetune  # noqa: E402
 from auditkit.train.lora import apply_updates, composed, lora_from_delta, target_modules  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pipe():

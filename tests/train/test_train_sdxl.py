@@ -17,6 +17,9 @@ from auditkit.models.pipeline import architecture_of, load_pipeline  # noqa: E40
 from auditkit.train.esd import ESDConfig, train_esd  # noqa: E402
 from auditkit.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
+# slow: it trains, renders or builds pipelines (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 SUITE = """schema: auditkit.suite/1
 name: tiny-cross
 version: 1
