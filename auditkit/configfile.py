@@ -38,7 +38,7 @@ _DEEP_KEY = re.compile(r"(?<![A-Za-z0-9_-])(?:(?:[A-Za-z0-9_-]++|\"[^\"\n]*+\"|'
                        f"{{{MAX_KEY_PARTS}}}")
 NOT_IN_FILE = ("candidate", "out")
 # How each ScanConfig field is read from TOML: a kind name checked by _convert.
-KINDS = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
+TOML_TYPES = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
          "batch_size": "int", "device": "str", "static_only": "bool", "arch": "str", "detectors": "names",
          "show_flagged": "bool", "energy": "number", "candidate_from": "str", "triggers": "strings",
          "probe_triggers": "bool", "trigger_search": "bool", "trigger_search_tokens": "int",
@@ -119,15 +119,15 @@ def load(path: str | Path) -> dict:
     for name, (key, raw) in _by_field(path, prefix, data).items():
         if name in NOT_IN_FILE:
             raise BadInput(path, f"{prefix}{key}: set per scan on the command line, not in the config file")
-        if name not in KINDS:
+        if name not in TOML_TYPES:
             import difflib
 
-            close = difflib.get_close_matches(name, list(KINDS), n=1)
+            close = difflib.get_close_matches(name, list(TOML_TYPES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             if name == "tool":
                 hint = " (only pyproject.toml holds a [tool.auditkit] table; here the settings are at the top level)"
             raise BadInput(path, f"{prefix}{key}: unknown key{hint}")
-        values[name] = _convert(path, prefix + key, KINDS[name], raw)
+        values[name] = _convert(path, prefix + key, TOML_TYPES[name], raw)
     return values
 
 

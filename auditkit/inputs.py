@@ -11,7 +11,7 @@ render the safety update twice. Either way both become an
 :class:`~auditkit.lora.adapter.Adapter` (a full model's modules are its truncated update, its
 ``update`` the exact one; :mod:`auditkit.models.difference`), so every later stage reads one form.
 
-Which kind a path is (:data:`KINDS`, first match wins): a folder, or a ``.safetensors`` file whose keys
+Which kind a path is (:data:`INPUT_KINDS`, first match wins): a folder, or a ``.safetensors`` file whose keys
 are a full model's (:func:`auditkit.lora.identify.is_full_model`), is a full model; anything else is
 read as an adapter (whose reader refuses pickles and names what a file is when it holds no adapter).
 """
@@ -45,13 +45,13 @@ def _full_model(path: Path) -> bool:
     return is_full_model(list(st.tensors), {k: t.shape for k, t in st.tensors.items()})
 
 
-KINDS: tuple[InputKind, ...] = (InputKind("full model", _full_model), InputKind("adapter", lambda p: True))
+INPUT_KINDS: tuple[InputKind, ...] = (InputKind("full model", _full_model), InputKind("adapter", lambda p: True))
 
 
-def kind_of(path: str | Path) -> str:
-    """``full model`` or ``adapter`` (see :data:`KINDS`)."""
+def input_kind(path: str | Path) -> str:
+    """``full model`` or ``adapter`` (see :data:`INPUT_KINDS`)."""
     path = Path(path)
-    return next(k.name for k in KINDS if k.matches(path))
+    return next(k.name for k in INPUT_KINDS if k.matches(path))
 
 
 def _need_base(path: Path, base: str | None, role: str) -> str:
@@ -99,7 +99,7 @@ def read_input(path: str | Path, role: str, base: str | None = None, base_arch: 
         reference, compared_with: what a full model is compared with (default: the base).
     """
     path = Path(path)
-    if kind_of(path) == "full model":
+    if input_kind(path) == "full model":
         from auditkit.models.difference import read_full_model
         from auditkit.models.pipeline import base_architecture
 
@@ -136,7 +136,7 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
     is compared with the model it was fine-tuned from (``candidate_from``)."""
     if candidate_from not in CANDIDATE_FROM:
         raise ValueError(f"candidate_from must be one of {', '.join(CANDIDATE_FROM)}")
-    full = [p for p in (safety_path, candidate_path) if kind_of(p) == "full model"]
+    full = [p for p in (safety_path, candidate_path) if input_kind(p) == "full model"]
     if full:
         from auditkit.models.pipeline import base_architecture
 
@@ -146,7 +146,7 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
     common = {"base": base, "base_arch": base_arch, "arch": arch, "extra_architectures": extra_architectures,
               "energy": energy}
     safety = read_input(safety_path, "safety module", **common)
-    if kind_of(candidate_path) == "full model":
+    if input_kind(candidate_path) == "full model":
         candidate = read_input(candidate_path, "candidate", **common,
                                reference=reference_for(safety, base, candidate_from), compared_with=candidate_from)
         if candidate_from != "safety":  # the static scan compares it with the base; the dynamic scan runs it as is

@@ -439,11 +439,11 @@ def cases(args) -> list[dict]:
 
 def load(path: Path, lab, erased=None):
     """Exact updates: an adapter's modules, or a full model's differences (a fine-tune's to the erased model)."""
-    from auditkit.inputs import kind_of
+    from auditkit.inputs import input_kind
     from auditkit.lora.adapter import read_adapter
     from auditkit.models.difference import TensorDeltas, read_full_model
 
-    if kind_of(path) == "adapter":
+    if input_kind(path) == "adapter":
         return read_adapter(path, arch="lab").modules
     deltas = read_full_model(path, "lab", lab, energy=1.0).exact()
     if erased is None:

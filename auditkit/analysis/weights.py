@@ -23,7 +23,7 @@ from auditkit.analysis.factors import (
     update_energy,
 )
 from auditkit.lora.adapter import Adapter, LoraModule
-from auditkit.models.architectures import block_of, kind_of
+from auditkit.models.architectures import block_of, module_kind
 
 
 @dataclass
@@ -151,7 +151,7 @@ def static_scan(candidate: Adapter, safety: Adapter) -> StaticFindings:
             ModuleFinding(
                 name=name,
                 block=block_of(name),
-                kind=kind_of(name),
+                kind=module_kind(name),
                 cancellation=pm.cancellation,
                 contribution=-pm.inner / total_safety,
                 cosine=pm.cosine,
@@ -176,7 +176,7 @@ def static_scan(candidate: Adapter, safety: Adapter) -> StaticFindings:
     # so block and group aggregates account for the whole safety update.
     records = [(f.block, f.kind, -f.cancellation * f.safety_norm**2, f.safety_norm**2, f.candidate_norm**2,
                 f.energy_in_safety_subspace * f.candidate_norm**2) for f in findings]
-    records += [(block_of(n), kind_of(n), 0.0, e, 0.0, 0.0) for n, e in safety_only.items()]
+    records += [(block_of(n), module_kind(n), 0.0, e, 0.0, 0.0) for n, e in safety_only.items()]
     denom = math.sqrt(total_cand * total_safety)
     return StaticFindings(
         cancellation=-inner_total / total_safety,

@@ -97,14 +97,14 @@ def triage_one(entry: Entry, settings: TriageSettings) -> dict:
 
 
 def _look(entry: Entry, settings: TriageSettings, row: dict) -> None:
-    from auditkit.inputs import kind_of
+    from auditkit.inputs import input_kind
     from auditkit.lora.adapter import read_adapter
     from auditkit.lora.io import PICKLE_SUFFIXES
 
     if entry.path.is_file() and entry.path.suffix.lower() in PICKLE_SUFFIXES:
         row["kind"] = "pickle"  # the reader below refuses it by its name, before reading a byte of it
     else:
-        row["kind"] = kind_of(entry.path)
+        row["kind"] = input_kind(entry.path)
     if row["kind"] == "full model":
         return  # a full model's update needs the base: the scan reads it
     adapter = read_adapter(entry.path, arch=settings.arch)
@@ -148,10 +148,10 @@ def _stamp(path: str) -> tuple[int, int]:
 def _safety_adapter(path: str, arch: str | None, size: int, mtime_ns: int):
     """The batch's safety module as an adapter, read once per process while its file is unchanged (None: a full
     model, which the scan's own reading handles)."""
-    from auditkit.inputs import kind_of
+    from auditkit.inputs import input_kind
     from auditkit.lora.adapter import read_adapter
 
-    return read_adapter(path, arch=arch) if kind_of(path) == "adapter" else None
+    return read_adapter(path, arch=arch) if input_kind(path) == "adapter" else None
 
 
 def suspicion(row: dict) -> float:

@@ -26,7 +26,7 @@ _KEY_FIELDS = (
 )
 
 
-def truncate(value: str, limit: int = MAX_VALUE_CHARS) -> str:
+def shorten(value: str, limit: int = MAX_VALUE_CHARS) -> str:
     if len(value) <= limit:
         return value
     return value[:limit] + f"… (truncated, {len(value)} characters)"
@@ -148,7 +148,7 @@ def dataset_dirs(raw: str) -> tuple[list[dict], str | None]:
 
 def summarize(metadata: dict[str, str]) -> dict:
     """Key fields, training tags and datasets, plus every raw field (long values truncated)."""
-    summary: dict = {"fields": {k: truncate(metadata[k]) for k in _KEY_FIELDS if k in metadata}}
+    summary: dict = {"fields": {k: shorten(metadata[k]) for k in _KEY_FIELDS if k in metadata}}
     problems = []
     if "ss_tag_frequency" in metadata or "ss_datasets" in metadata:
         tags, problem = tag_frequency(metadata)
@@ -159,5 +159,5 @@ def summarize(metadata: dict[str, str]) -> dict:
         summary["datasets"] = dirs
         problems += [problem] if problem else []
     summary["problems"] = problems
-    summary["raw"] = {k: truncate(v) for k, v in sorted(metadata.items())}
+    summary["raw"] = {k: shorten(v) for k, v in sorted(metadata.items())}
     return summary

@@ -198,7 +198,7 @@ _KIND_PATTERNS = (
     (re.compile(r"\.ff\.net\.|\.ff_context\.net\.|\.mlp\.|\.proj_mlp$|\.DenseReluDense\."), "feed_forward"),
 )
 BLOCKS = ("down", "mid", "up", "unet_other", "joint", "single", "transformer_other", "text_encoder")
-KINDS = ("self_attention", "cross_attention", "joint_attention", "feed_forward", "other")
+MODULE_KINDS = ("self_attention", "cross_attention", "joint_attention", "feed_forward", "other")
 
 
 def block_of(name: str) -> str:
@@ -208,7 +208,7 @@ def block_of(name: str) -> str:
     return "other"
 
 
-def kind_of(name: str) -> str:
+def module_kind(name: str) -> str:
     for pattern, kind in _KIND_PATTERNS:
         if pattern.search(name):
             return kind

@@ -83,12 +83,12 @@ def _nothing(label):
 def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
     """Run the whole repair; returns the final report (also written to ``req.out``). ``pipe``: the base
     pipeline already loaded (auto repairs share one)."""
-    from auditkit.inputs import kind_of, read_pair
+    from auditkit.inputs import input_kind, read_pair
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import base_architectures
     from auditkit.repair import pack as packing
     from auditkit.repair.methods import METHODS
-    from auditkit.repair.section import repair_section, summarize
+    from auditkit.repair.section import repair_section, scan_summary
     from auditkit.report.build import write_reports
     from auditkit.scan import scan
 
@@ -100,7 +100,7 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
         from auditkit.repair.anchors import resolve_anchors
 
         anchors = resolve_anchors(req.suites, req.anchors)
-    if kind_of(req.candidate) == "full model":
+    if input_kind(req.candidate) == "full model":
         raise BadInput(req.candidate, "is a full model: repair takes an adapter candidate; extract its update as a "
                                       "LoRA first (auditkit extract CANDIDATE --base BASE --out CAND.safetensors)")
     candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, base_architectures(req.base),
@@ -160,7 +160,7 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
     else:
         notes.append("behaviour was not probed (no --base): before/after compare static evidence only")
     details["notes"] = notes
-    after["repair"] = repair_section(req.method, summarize(before), summarize(after), fidelity, details)
+    after["repair"] = repair_section(req.method, scan_summary(before), scan_summary(after), fidelity, details)
     write_reports(after, req.out)
     return after
 

@@ -4,7 +4,7 @@ dict out). The evidence itself is the two scans; this module only lays it side b
 from __future__ import annotations
 
 
-def summarize(report: dict) -> dict:
+def scan_summary(report: dict) -> dict:
     """The numbers a before/after table needs from one scan report."""
     s = report["static"]
     out = {"verdict": report["verdict"], "static_verdict": s["verdict"], "static_cancellation": s["cancellation"],

@@ -6,7 +6,7 @@ from importlib import resources
 import pytest
 
 from auditkit.models import architectures
-from auditkit.models.architectures import block_of, kind_of, metadata_hint, sgm_name
+from auditkit.models.architectures import block_of, metadata_hint, module_kind, sgm_name
 
 
 @pytest.mark.parametrize("name", architectures.BUILTIN)
@@ -51,7 +51,7 @@ def test_sdxl_shapes(sdxl):
     ("text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_0", "text_encoder", "feed_forward"),
 ])
 def test_block_and_kind(name, block, kind):
-    assert (block_of(name), kind_of(name)) == (block, kind)
+    assert (block_of(name), module_kind(name)) == (block, kind)
 
 
 @pytest.mark.parametrize("path,expected", [
