@@ -16,17 +16,6 @@ from auditkit.lora.adapter import LoraModule
 from auditkit.models import architectures
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules whose every test is slow run first: under xdist (a module per worker, in collection order) the
-    longest start at once and the short ones fill the gaps, instead of one worker finishing a long module alone.
-    Modules move whole (the order inside a module is kept)."""
-    modules: dict[str, list] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    heavy = {m for m, its in modules.items() if all(it.get_closest_marker("slow") for it in its)}
-    items[:] = [it for m in sorted(modules, key=lambda m: m not in heavy) for it in modules[m]]
-
-
 def random_modules(arch, names, rank=4, scale=0.5, seed=0, std=0.05) -> dict[str, LoraModule]:
     rng = np.random.default_rng(seed)
     mods = {}
