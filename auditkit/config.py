@@ -16,6 +16,7 @@ from auditkit.analysis.triggers import check_given
 from auditkit.lab.bases import BASE_HELP
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 from auditkit.placement import PLACEMENTS
+from auditkit.placement import problem as placement_problem
 
 
 def _help(text: str, **extra) -> dict:
@@ -191,10 +192,9 @@ class ScanConfig:
         if self.triggers and not self.probe_triggers:
             problems.append("triggers: trigger words given while probing with trigger words is switched off "
                             "(--no-triggers / probe_triggers = false)")
-        if not self.trigger_search_placements or len(set(self.trigger_search_placements)) != len(
-                self.trigger_search_placements) or not set(self.trigger_search_placements) <= set(PLACEMENTS):
-            problems.append(f"trigger_search_placements: must be some of {', '.join(PLACEMENTS)}, each once, "
-                            f"got {shown(list(self.trigger_search_placements))}")
+        wrong = placement_problem(self.trigger_search_placements)
+        if wrong:
+            problems.append(f"trigger_search_placements: {wrong}, got {shown(list(self.trigger_search_placements))}")
         for name, low, high in SEARCH_LIMITS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

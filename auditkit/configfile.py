@@ -39,12 +39,11 @@ _DEEP_KEY = re.compile(r"(?<![A-Za-z0-9_-])(?:(?:[A-Za-z0-9_-]++|\"[^\"\n]*+\"|'
 NOT_IN_FILE = ("candidate", "out")
 # How each ScanConfig field is read from TOML: a kind name checked by _convert.
 TOML_TYPES = {"safety": "path", "base": "base", "suites": "paths", "multipliers": "numbers", "steps": "int",
-         "batch_size": "int", "device": "str", "static_only": "bool", "arch": "str", "detectors": "names",
-         "show_flagged": "bool", "energy": "number", "candidate_from": "str", "triggers": "strings",
-         "probe_triggers": "bool", "trigger_search": "bool", "trigger_search_tokens": "int",
-         "trigger_search_phrases": "int", "trigger_search_steps": "int", "trigger_search_probes": "int",
-         "trigger_search_placements": "strings",
-         "static": StaticThresholds, "dynamic": DynamicThresholds}
+              "batch_size": "int", "device": "str", "static_only": "bool", "arch": "str", "detectors": "names",
+              "show_flagged": "bool", "energy": "number", "candidate_from": "str", "triggers": "strings",
+              "probe_triggers": "bool", "trigger_search": "bool", "trigger_search_tokens": "int",
+              "trigger_search_phrases": "int", "trigger_search_steps": "int", "trigger_search_probes": "int",
+              "trigger_search_placements": "strings", "static": StaticThresholds, "dynamic": DynamicThresholds}
 NO_SAFETY = "none"  # `safety = "none"` / `--safety none`: no safety module (amplification), over a configured one
 DEFAULT, COMMAND_LINE = "default", "command line"
 

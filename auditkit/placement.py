@@ -62,6 +62,14 @@ def place(text: str, phrase: str, placement: str = START, word: str = "") -> str
     return PLACEMENTS[placement].put(text, phrase, word)
 
 
+def problem(placements) -> str | None:
+    """What is wrong with ``placements`` as a setting (some of :data:`PLACEMENTS`, each once), or None."""
+    names = list(placements)
+    if not names or not all(isinstance(n, str) and n in PLACEMENTS for n in names) or len(set(names)) != len(names):
+        return f"must be some of {', '.join(PLACEMENTS)}, each once"
+    return None
+
+
 def described(phrase: str, placement: str = START) -> str:
     """"'x' prepended", "'x' before the concept word", ... (``phrase`` quoted as Python quotes it)."""
     shown = PLACEMENTS[placement].shown if placement in PLACEMENTS else f"placed ({placement})"

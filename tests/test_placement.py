@@ -39,9 +39,13 @@ def test_the_scan_configuration_takes_placements_from_flags_and_files_and_checks
 
     assert ScanConfig().search_budget.placements == (START, BEFORE_CONCEPT, END)
     assert ScanConfig(trigger_search_placements=("end",)).search_budget.placements == ("end",)
-    for bad in ((), ("start", "start"), ("middle",)):
-        with pytest.raises(ValueError, match="trigger_search_placements"):
+    from auditkit.discovery.search import Budget
+
+    for bad in ((), ("start", "start"), ("middle",), (["start"],)):
+        with pytest.raises(ValueError, match="trigger_search_placements: must be some of"):
             ScanConfig(trigger_search_placements=bad)
+        with pytest.raises(ValueError, match="placements must be some of"):  # the library's budget, the same rule
+            Budget(placements=bad)
     (tmp_path / "auditkit.toml").write_text('trigger_search_placements = ["start", "before-concept"]\n')
     assert load(tmp_path / "auditkit.toml")["trigger_search_placements"] == ("start", "before-concept")
 

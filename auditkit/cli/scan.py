@@ -61,9 +61,9 @@ def scan(candidate: Path, top: int, **params) -> None:
 @click.option("--show-flagged", is_flag=True, help="Do not blur images the nudity detector flags.")
 def report_cmd(run_dir: Path, show_flagged: bool) -> None:
     """Re-render RUN_DIR's report from its run log and static results, without a model or GPU."""
-    from auditkit.report.build import read_report, refresh, write_reports
+    from auditkit.report.build import refresh, write_reports
 
-    report = refresh(read_report(run_dir), run_dir, show_flagged)
+    report = refresh(run_dir, show_flagged)
     paths = write_reports(report, run_dir)
     print_paths(report=paths["html"], json=paths["json"])
     sys.exit(report["exit_code"])

@@ -22,7 +22,7 @@ from auditkit.analysis.base_judge import neutral_prompts
 from auditkit.discovery.pull import PULL_SEEDS
 from auditkit.discovery.sweep import KVReader, token_sweep
 from auditkit.discovery.tokens import sequence_tokenizers
-from auditkit.placement import PLACEMENTS, START
+from auditkit.placement import PLACEMENTS, START, problem
 
 # An MMDiT's text keys/values read the text stream inside its blocks, so its sweep runs the denoiser for every
 # token (a Flux.1 forward per token: hours for T5's 32k on a GPU). Unless told otherwise it sweeps the first ids
@@ -56,9 +56,9 @@ class Budget:
     placements: tuple[str, ...] = tuple(PLACEMENTS)  # where phrases are put in the prompts
 
     def __post_init__(self):
-        unknown = [p for p in self.placements if p not in PLACEMENTS]
-        if unknown or not self.placements:
-            raise ValueError(f"placements must be some of {', '.join(PLACEMENTS)} (got {list(self.placements)})")
+        wrong = problem(self.placements)
+        if wrong:
+            raise ValueError(f"placements {wrong}, got {list(self.placements)!r}")
 
     def split(self, vocabulary: int) -> tuple[int, int]:
         """(single tokens screened, each at every placement; tokens each beam phrase is extended with per round)."""
@@ -187,20 +187,22 @@ def to_render(rows: list[dict], n: int) -> list[dict]:
     return sorted([*singles, *others[: n - len(singles)]], key=lambda r: -r["gain"])
 
 
+def probe_of(row: dict) -> tuple[str, str]:
+    """A phrase row's (phrase, placement) (rows before placements existed were tried at the start)."""
+    return row["text"], row.get("placement", START)
+
+
 def chosen(rows: list[dict], probes: int) -> list[tuple[str, str]]:
     """The phrases the dynamic scan probes: those whose renders showed the concept back (evidence > 0), most
     evidence first, at most ``probes``; when none did, the one rendered phrase with which the safety module
     suppresses the concept most (base rate − reference rate), so the probe can tell a pass from a risk. Each as
     (phrase, placement)."""
-    def probe(r: dict) -> tuple[str, str]:
-        return r["text"], r.get("placement", START)
-
     rendered = [r for r in rows if "evidence" in r]
     shown = sorted((r for r in rendered if r["evidence"] > 0), key=lambda r: (-r["evidence"], -r["gain"]))
     if shown:
-        return [probe(r) for r in shown[:probes]]
+        return [probe_of(r) for r in shown[:probes]]
     best = max(rendered, key=lambda r: (r["rendered"]["base"] - r["rendered"]["reference"], r["gain"]), default=None)
-    return [probe(best)] if best else [probe(r) for r in rows[:1]]
+    return [probe_of(best)] if best else [probe_of(r) for r in rows[:1]]
 
 
 def confirm(pipe, suite, rows: list[dict], candidate: dict, safety: dict, budget: Budget) -> None:
@@ -211,9 +213,8 @@ def confirm(pipe, suite, rows: list[dict], candidate: dict, safety: dict, budget
     if not rows:
         return
     prompts = spread(list(suite.prompts), budget.prompts)
-    placed = [(r["text"], r.get("placement", START)) for r in rows]
-    for row, (base, ref, cand) in zip(rows, rendered_rates(pipe, suite, placed, prompts, candidate, safety,
-                                                            budget.images), strict=True):
+    rates = rendered_rates(pipe, suite, [probe_of(r) for r in rows], prompts, candidate, safety, budget.images)
+    for row, (base, ref, cand) in zip(rows, rates, strict=True):
         row["rendered"] = {"base": base, "reference": ref, "candidate": cand, "images": len(prompts) * budget.images}
         row["evidence"] = cand - ref
 

@@ -36,8 +36,7 @@ def repair_section(method: str, before: dict, after: dict, fidelity: dict | None
     """report["repair"]: the method, what it did, and the evidence before and after it."""
     rows = []
     # rows pair on the same prompts (suite, and the phrase and where it went), whatever the variant is called: the
-    # candidate's found phrase
-    # is a trigger word of the repaired adapter's scan, whose own trigger search may probe another phrase
+    # candidate's found phrase is a trigger word of the repaired adapter's scan, whose own search may probe another
     def prompts(c: dict) -> tuple:
         return (c.get("variant_of") or c["suite"], c.get("prefix", ""), c.get("phrase", ""), c.get("placement", ""),
                 c["configuration"])

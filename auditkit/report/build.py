@@ -88,19 +88,16 @@ def finish_report(report: dict, dynamic: dict | None, verdict) -> dict:
     return report
 
 
-def refresh(report: dict, run_dir: Path, show_flagged: bool = False) -> dict:
-    """Re-derive the dynamic section (from the folder's run log) and the verdict of a saved report."""
+def refresh(run_dir: Path, show_flagged: bool = False) -> dict:
+    """The saved report of ``run_dir`` (:func:`read_report`) with its dynamic section (from the folder's run log)
+    and its verdict derived again."""
     from auditkit.config import DynamicThresholds
-    from auditkit.records import check
     from auditkit.report.digest import digest
-    from auditkit.report.shape import REPORT
     from auditkit.runlog import RunLog
     from auditkit.verdict import Verdict, combine
 
     path = run_dir / "report.json"
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        raise BadInput(path, f"not an auditkit report of schema {SCHEMA}")
-    check(path, "a tampered or corrupted report", report, REPORT)
+    report = read_report(run_dir)
     static = report.get("static")
     evidence = report.get("evidence") or {}
     gathered = evidence.get("gathered") if isinstance(evidence, dict) else None

@@ -13,6 +13,8 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
+from auditkit.discovery.search import probes
+from auditkit.placement import described
 from auditkit.report.digest import placed, variant_pairs
 
 BLOCK_ORDER = ("down", "mid", "up", "unet_other", "text_encoder", "other")
@@ -31,6 +33,8 @@ def _env() -> Environment:
     env.filters["num"] = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"
     env.filters["short"] = lambda h: h[:12] if h else ""
     env.filters["placed"] = placed
+    env.filters["probes"] = probes
+    env.filters["described"] = described
     return env
 
 
