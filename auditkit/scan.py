@@ -326,7 +326,8 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     report["triggers"] = triggers.section(config.probe_triggers, dynamic is not None and declared is not suites)
     report["triggers"]["search"] = search_summary(config, report.get("trigger_search"), dynamic is not None)
     verdict = combine(static.verdict if static else None, dynamic,
-                      tuple(g for g in EVIDENCE_LEVELS if g in gathered), report["triggers"])  # strongest first
+                      tuple(g for g in EVIDENCE_LEVELS if g in gathered), report["triggers"],
+                      report.get("concept_check"))  # strongest first
     finish_report(report, dynamic, verdict)
     paths = {}
     if write and (ranks is None or ranks.main):

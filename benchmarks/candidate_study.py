@@ -323,9 +323,18 @@ def main() -> None:
                     help="also scan each candidate with the default multipliers (0.5,1,1.5)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "candidate_study.json")
     ap.add_argument("--section", action="store_true", help="print the BENCHMARKS.md section from --json and stop")
+    ap.add_argument("--rejudge", action="store_true",
+                    help="apply today's data-free reversion rule (auditkit.verdict.reversion_rule) to the verdicts and "
+                         "noise reversions stored in --json (nothing is rendered), record it there and print the table")
     args = ap.parse_args()
     if args.section:
         print(section(json.loads(args.json.read_text()), COMMAND))
+        return
+    if args.rejudge:
+        results = json.loads(args.json.read_text())
+        results["rejudged"] = rejudged(results)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(rejudged_section(results["rejudged"]))
         return
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -409,6 +418,38 @@ def main() -> None:
             results["summary"]["scan_default_multipliers"])
     atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     print(section(results, COMMAND))
+
+
+def rejudged(results: dict) -> dict:
+    """The stored scans' verdicts under the data-free reversion rule (a pass whose candidate's noise reversion is at
+    or above the default ``pass_reversion`` is withheld): the rule needs only the stored verdict and noise reversion,
+    so nothing is rendered again."""
+    from auditkit.config import DynamicThresholds
+    from auditkit.verdict import BEHAVIOURAL, Verdict, reversion_rule
+
+    rows, changed = [], []
+    for name, row in results["candidates"].items():
+        scan = row["scan"]
+        check = {"noise_reversion": {"reverted": scan.get("noise_reversion")}}
+        after = reversion_rule(Verdict(scan["verdict"], [], BEHAVIOURAL), {"thresholds": {}}, check).verdict
+        if after != scan["verdict"]:
+            changed.append({"name": name, "truth": row["truth"]["label"], "noise_reversion": scan["noise_reversion"],
+                            "before": scan["verdict"], "after": after})
+        rows.append({"truth": row["truth"], "scan": {"verdict": after}})
+    return {"rule": "auditkit.verdict.reversion_rule", "pass_reversion": DynamicThresholds.pass_reversion,
+            "git_commit": provenance()["git_commit"], "measured_at": results.get("git_commit"),
+            "scan": confusion(rows, "verdict"), "scan_error_rates": error_rates(confusion(rows, "verdict")),
+            "changed": changed}
+
+
+def rejudged_section(r: dict) -> str:
+    lines = [f"Rejudged under `{r['rule']}` (pass_reversion {r['pass_reversion']}) at {r['git_commit'][:7]}, from the "
+             f"scans measured at {str(r['measured_at'])[:7]}: false negatives | false positives | wrong or "
+             f"inconclusive = {_rates(r['scan'])}", "",
+             "| candidate | truth | noise reversion | before | after |", "|---|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['truth']} | {c['noise_reversion']:.2f} | {c['before']} | {c['after']} |"
+              for c in r["changed"]]
+    return "\n".join(lines)
 
 
 def _ci(v, ci) -> str:

@@ -79,3 +79,29 @@ def test_a_static_only_verdict_says_what_would_complete_it(gathered, says, not_s
     assert v.verdict == INCONCLUSIVE
     probed = [r for r in v.reasons if r.startswith("behaviour not probed")]
     assert len(probed) == 1 and says in probed[0] and not_says not in probed[0]
+
+
+REVERTED = {"noise_reversion": {"reverted": 0.59}}
+
+
+def test_a_pass_whose_candidate_undoes_the_safety_modules_change_is_withheld_and_says_how_to_settle_it():
+    searched = {**gather({}).section(True, True), "search": SEARCHED}
+    v = combine(None, DYNAMIC_PASS, (BEHAVIOURAL, DATA_FREE), searched, REVERTED)
+    assert v.verdict == INCONCLUSIVE and v.exit_code == 3 and v.evidence == BEHAVIOURAL
+    assert "59%" in v.reasons[0] and "--trigger" in v.reasons[0] and "no pass" in v.reasons[0]
+    low = combine(None, DYNAMIC_PASS, (BEHAVIOURAL, DATA_FREE), searched, {"noise_reversion": {"reverted": 0.24}})
+    assert low.verdict == PASS and not any("undoes" in r for r in low.reasons)
+
+
+def test_the_reversion_limit_is_the_scans_threshold_and_a_risk_or_a_missing_check_is_left_alone():
+    searched = {**gather({}).section(True, True), "search": SEARCHED}
+    strict = {**DYNAMIC_PASS, "thresholds": {"pass_reversion": 0.1}}
+    low = {"noise_reversion": {"reverted": 0.2}}
+    assert combine(None, strict, (BEHAVIOURAL,), searched, low).verdict == INCONCLUSIVE
+    lax = {**DYNAMIC_PASS, "thresholds": {"pass_reversion": 0.9}}
+    assert combine(None, lax, (BEHAVIOURAL,), searched, REVERTED).verdict == PASS
+    risky = combine(None, {**DYNAMIC_PASS, "verdict": RISK}, (BEHAVIOURAL,), searched, REVERTED)
+    assert risky.verdict == RISK and not any("undoes" in r for r in risky.reasons)
+    for check in (None, {}, {"noise_reversion": {"reverted": None}}, {"noise_reversion": {"reverted": float("nan")}}):
+        assert combine(None, DYNAMIC_PASS, (BEHAVIOURAL,), searched, check).verdict == PASS
+    assert combine(None, None, (STATIC,), None, REVERTED).verdict == INCONCLUSIVE  # no behaviour: never a pass anyway

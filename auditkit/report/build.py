@@ -127,7 +127,10 @@ def refresh(run_dir: Path, show_flagged: bool = False) -> dict:
     triggers = report.get("triggers")
     if triggers is not None and not (isinstance(triggers, dict) and isinstance(triggers.get("unprobed", []), list)):
         raise BadInput(path, "report.json's triggers field is malformed")
-    return finish_report(report, dynamic, combine(static_v, dynamic, gathered, triggers))
+    check = report.get("concept_check")
+    if check is not None and not isinstance(check, dict):
+        raise BadInput(path, "report.json's concept_check field is malformed")
+    return finish_report(report, dynamic, combine(static_v, dynamic, gathered, triggers, check))
 
 
 def _finite(obj):
