@@ -33,7 +33,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from record import ROOT, emit, provenance
+from harness import ROOT, emit, provenance
 
 SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
 # per-image cost when no GPU run measured it: FLOPs counted for SD1.5 (BENCHMARKS.md, GPU throughput: 42.7 TFLOP
@@ -107,7 +107,6 @@ def batch_vs_scans(work: Path, n: int, suite: Path | None, multipliers: str, ste
 
 
 def triage_throughput(work: Path, files: int) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from static_scan import make_pair
 
     from auditkit.batch.inputs import Entry

@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from record import emit, provenance
+from harness import emit, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SHEET, COLS, ZOOM, LABEL_H = 48, 8, 4, 14

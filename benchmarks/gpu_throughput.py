@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from record import provenance
+from harness import provenance
 
 from auditkit.dynamic import library_versions
 from auditkit.lora.adapter import LoraModule, read_adapter
