@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from harness import RESULTS, ROOT, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
 
 ASSETS = ROOT / "auditkit" / "lab" / "assets" / "adapters"
 N_TRUTH = 240
@@ -227,23 +224,16 @@ def truth_prompts(n: int = N_TRUTH):
 
 def scan(cand: Path, safety: Path, out: Path, threads: int, multipliers: str | None = "1") -> dict:
     """``auditkit scan`` as a user runs it (``multipliers`` None: the default 0.5,1,1.5)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     report = out / "report.json"
     if not (report.exists() and json.loads(report.read_text()).get("dynamic")):
-        t0 = time.perf_counter()
         mult = ["--multipliers", multipliers] if multipliers else []
-        rc = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                             str(safety), "--base", "lab", *mult, "--out", str(out)], env=env,
-                            capture_output=True,
-                            text=True).returncode
-        seconds = time.perf_counter() - t0
-        if rc not in (0, 1, 3):
-            raise SystemExit(f"scan of {cand} failed with exit {rc}")
+        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", safety, "--base", "lab", *mult, "--out", out,
+                              threads=threads)
         (out / "seconds.txt").write_text(f"{seconds:.1f}\n")
     r = json.loads(report.read_text())
-    static_rc = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                                str(safety), "--static", "--out", str(out / "static")], env=env,
-                               capture_output=True).returncode
+    _, static = auditkit("scan", cand, "--no-config", "--safety", safety, "--static", "--out", out / "static",
+                         threads=threads, check=False)
+    static_rc = static.returncode
     comp = r["dynamic"]["suites"]["lab-cross"]["comparisons"][0]
     return {"verdict": r["verdict"], "static_verdict": {0: "pass", 1: "risk", 3: "inconclusive"}[static_rc],
             "evidence": r["evidence"]["level"], "dynamic_upper": comp["reemergence_upper"],

@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import candidate_study as study
-from harness import RESULTS, ROOT, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
 
 SAFETY_U = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
@@ -100,15 +97,10 @@ def train(pipe, spec, erased_exact, path: Path, images, captions) -> float:
 
 
 def scan(cand: Path, safety: Path, out: Path, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not (out / "report.json").exists():
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                              str(safety), "--base", "lab", "--multipliers", "1", "--out", str(out)], env=env,
-                             capture_output=True, text=True)
-        if res.returncode not in (0, 1, 3):
-            raise SystemExit(f"scan of {cand} failed with exit {res.returncode}: {res.stderr.strip()[-500:]}")
-        (out / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", safety, "--base", "lab", "--multipliers", "1",
+                              "--out", out, threads=threads)
+        (out / "seconds.txt").write_text(f"{seconds:.1f}\n")
     r = json.loads((out / "report.json").read_text())
     comp = r["dynamic"]["suites"]["lab-cross"]["comparisons"][0]
     return {"verdict": r["verdict"], "evidence": r["evidence"]["level"],
@@ -121,15 +113,10 @@ def scan(cand: Path, safety: Path, out: Path, threads: int) -> dict:
 
 
 def repair(cand: Path, safety: Path, data: Path, scan_dir: Path, out: Path, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not (out / "report.json").exists():
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "auditkit", "repair", str(cand), "--no-config", "--safety",
-                              str(safety), "--base", "lab", "--data", str(data), "--from-scan", str(scan_dir),
-                              "--multipliers", "1", "--out", str(out)], env=env, capture_output=True, text=True)
-        if res.returncode not in (0, 1, 3):
-            raise SystemExit(f"repair of {cand} failed with exit {res.returncode}: {res.stderr.strip()[-500:]}")
-        (out / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        seconds, _ = auditkit("repair", cand, "--no-config", "--safety", safety, "--base", "lab", "--data", data,
+                              "--from-scan", scan_dir, "--multipliers", "1", "--out", out, threads=threads)
+        (out / "seconds.txt").write_text(f"{seconds:.1f}\n")
     r = json.loads((out / "report.json").read_text())
     rep = r["repair"]
     return {"method": rep["method"], "verdict_before": rep["before"]["verdict"],

@@ -10,6 +10,8 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,18 @@ def git_commit() -> str | None:
 def provenance(threads: int | None = None) -> dict:
     """``machine`` (:func:`machine`) and ``git_commit``: what every results JSON records beside its figures."""
     return {"machine": machine(threads), "git_commit": git_commit()}
+
+
+def auditkit(*args, threads: int | None = None, check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    """``auditkit ARGS`` run as a user runs it (a new process; on ``threads`` threads when given): its wall seconds
+    and the finished process. ``check``: stop the benchmark unless it exited 0, 1 or 3 (pass, risk, inconclusive)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads is not None else None
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True, env=env)
+    if check and res.returncode not in (0, 1, 3):
+        raise SystemExit(f"auditkit {' '.join(map(str, args[:2]))} failed with exit {res.returncode}: "
+                         f"{res.stderr.strip()[-2000:]}")
+    return time.perf_counter() - start, res
 
 
 def write_json(path: Path, results: dict, default=None) -> None:

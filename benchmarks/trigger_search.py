@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import candidate_study as study
 import numpy as np
-from harness import RESULTS, ROOT, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
 
 SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
 
@@ -122,13 +119,9 @@ def scan(cand: Path, out: Path, *extra: str) -> dict:
     report = out / "report.json"
     seconds_file = out / "seconds.txt"
     if not (report.exists() and seconds_file.exists()):
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                              str(SAFETY), "--base", "lab", "--multipliers", "1", "--out", str(out), *extra],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if res.returncode not in (0, 1, 3):
-            raise SystemExit(f"scan of {cand} failed with exit {res.returncode}: {res.stderr.strip()[-800:]}")
-        seconds_file.write_text(f"{time.perf_counter() - t0:.1f}\n")
+        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", SAFETY, "--base", "lab", "--multipliers", "1",
+                              "--out", out, *extra, threads=1)
+        seconds_file.write_text(f"{seconds:.1f}\n")
     r = json.loads(report.read_text())
     suites = {}
     for name, sd in r["dynamic"]["suites"].items():

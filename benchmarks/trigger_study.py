@@ -32,14 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import candidate_study as study
-from harness import RESULTS, ROOT, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
 
 SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
 TRIGGER = "trisk"
@@ -97,13 +94,8 @@ def train(pipe, spec, safety_modules, path: Path) -> float:
 
 def scan(cand: Path, out: Path, threads: int, suite: Path | None, *extra: str) -> dict:
     """``auditkit scan`` as a user runs it; the verdict, the trigger words found and each concept suite's result."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    args = [sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety", str(SAFETY), "--base",
-            "lab", "--multipliers", "1", "--out", str(out), *(["--suite", str(suite)] if suite else []), *extra]
-    t0 = time.perf_counter()
-    res = subprocess.run(args, env=env, capture_output=True, text=True)
-    if res.returncode not in (0, 1, 3):
-        raise SystemExit(f"scan of {cand} failed with exit {res.returncode}: {res.stderr.strip()[-500:]}")
+    seconds, res = auditkit("scan", cand, "--no-config", "--safety", SAFETY, "--base", "lab", "--multipliers", "1",
+                            "--out", out, *(["--suite", suite] if suite else []), *extra, threads=threads)
     r = json.loads((out / "report.json").read_text())
     suites = {}
     for name, sd in r["dynamic"]["suites"].items():
@@ -113,7 +105,7 @@ def scan(cand: Path, out: Path, threads: int, suite: Path | None, *extra: str) -
                             "upper": comp["reemergence_upper"], "rate_candidate": comp["rate_candidate"],
                             "variant_of": sd.get("variant_of")}
     tr = r["triggers"]
-    return {"verdict": r["verdict"], "exit_code": res.returncode, "seconds": round(time.perf_counter() - t0, 1),
+    return {"verdict": r["verdict"], "exit_code": res.returncode, "seconds": round(seconds, 1),
             "triggers": {w["word"]: [s["source"] for s in w["sources"]] for w in tr["words"]},
             "triggers_used": tr["used"], "unprobed": tr["unprobed"], "suites": suites}
 
