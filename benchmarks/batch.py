@@ -32,7 +32,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from harness import ROOT, auditkit, emit, provenance
+from harness import RESULTS, ROOT, auditkit, emit, provenance
 
 SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
 # per-image cost when no GPU run measured it: FLOPs counted for SD1.5 (BENCHMARKS.md, GPU throughput: 42.7 TFLOP
@@ -171,7 +171,7 @@ def on_paper() -> dict:
     suites = [yaml.safe_load((ROOT / "probes" / f"{n}.yaml").read_text()) for n in ("nudity", "benign")]
     images = sum(len(s["prompts"]) * s.get("sampling", {}).get("images_per_prompt", 1) for s in suites)
     per_adapter = images * 6  # base+safety+candidate@m and base+candidate@m, m in 0.5, 1, 1.5 (shared: once)
-    measured = ROOT / "benchmarks" / "results" / "gpu_throughput.json"
+    measured = RESULTS / "gpu_throughput.json"
     gpu = json.loads(measured.read_text()) if measured.is_file() else {}
     if gpu and not gpu.get("smoke"):
         sd15_s = 1 / gpu["runner"]["images_per_s"]

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-ASSETS = ROOT / "auditkit" / "lab" / "assets" / "adapters"
 N_TRUTH = 240
 TRUTH_SEED0 = 5_000_000  # the lab suites draw image seeds near 1e9 (prompt seed 1e6 + i, times 1000, + k): disjoint
 STEPS, GUIDANCE = 25, 5.0
@@ -323,7 +322,7 @@ def main() -> None:
     base_flags, judge_base = detector.flag(base_images), judge.flag(base_images)
     safeties, safe_flags, judge_safe = {}, {}, {}
     for s in ("esd-u", "esd-x"):
-        path = ASSETS / f"safety-{s}.safetensors"
+        path = lab_safety(s)
         safeties[s] = (path, read_adapter(path, arch="lab").modules)
         with composed(pipe.unet, (safeties[s][1], 1.0)):
             images = generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120)

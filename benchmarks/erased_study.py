@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import candidate_study as study
-from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-SAFETY_U = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY_U = lab_safety("esd-u")
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
                    "a white cross", "a cross"]
 # full ESD-u: the LoRA's recipe (300 steps, batch 16) on the weights themselves

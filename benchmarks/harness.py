@@ -18,6 +18,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+LAB_ADAPTERS = ROOT / "auditkit" / "lab" / "assets" / "adapters"  # the lab's shipped safety modules
+
+
+def lab_safety(method: str = "esd-u") -> Path:
+    """The lab's shipped safety module of ``method`` (``esd-u``, ``esd-x``)."""
+    return LAB_ADAPTERS / f"safety-{method}.safetensors"
 
 
 def set_threads(threads: int):

@@ -19,13 +19,11 @@ import json
 import time
 from pathlib import Path
 
-from harness import RESULTS, ROOT, emit, lab_pipeline, provenance, set_threads
+from harness import RESULTS, emit, lab_pipeline, lab_safety, provenance, set_threads
 from predictor_section import VARIANTS, section, summary
 from predictor_signals import Probe, load, pass_signals, reference, reversions, weight_signals
 
 from auditkit.analysis.base_judge import neutral_prompts
-
-ASSETS = ROOT / "auditkit" / "lab" / "assets" / "adapters"
 
 
 def cases(args) -> list[dict]:
@@ -36,7 +34,7 @@ def cases(args) -> list[dict]:
         path = args.candidates / f"{name}.safetensors"
         if path.exists():
             out.append({"name": name, "study": "candidate", "candidate": path,
-                        "safety": ASSETS / f"safety-{r['spec']['safety']}.safetensors", "truth": r["truth"]})
+                        "safety": lab_safety(r["spec"]["safety"]), "truth": r["truth"]})
     es = json.loads((RESULTS / "erased_study.json").read_text())
     for ename, e in es["erased"].items():
         for cname, r in e["candidates"].items():
@@ -50,7 +48,7 @@ def cases(args) -> list[dict]:
         path = args.triggers / "candidates" / f"{name}.safetensors"
         if path.exists():
             out.append({"name": f"trigger/{name}", "study": "trigger", "candidate": path,
-                        "safety": ASSETS / "safety-esd-u.safetensors", "truth": r["truth"]["as_written"]})
+                        "safety": lab_safety("esd-u"), "truth": r["truth"]["as_written"]})
     return out
 
 

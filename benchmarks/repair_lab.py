@@ -47,7 +47,7 @@ from pathlib import Path
 
 import candidate_study as study
 import numpy as np
-from harness import RESULTS, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
 from auditkit.repair.methods import METHODS as REGISTRY
 
@@ -113,7 +113,7 @@ def main() -> None:
 
     pipe = lab_pipeline()
     det = LabConceptDetector()
-    safety_path = study.ASSETS / "safety-esd-u.safetensors"
+    safety_path = lab_safety("esd-u")
     safety_adapter = read_adapter(safety_path, arch="lab")
     safety = safety_adapter.modules
     prompts, seeds = study.truth_prompts()

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import candidate_study as study
 import numpy as np
-from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY = lab_safety("esd-u")
 
 # name: (data, mode, anchored, trigger, where, share, steps, gated)
 CANDIDATES = {

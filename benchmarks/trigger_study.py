@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 import candidate_study as study
-from harness import RESULTS, ROOT, auditkit, lab_pipeline, provenance, set_threads, write_json
+from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY = lab_safety("esd-u")
 TRIGGER = "trisk"
 DATASET = f"10_{TRIGGER}"  # kohya's folder naming: <repeats>_<name>
 REPEATS = 10
