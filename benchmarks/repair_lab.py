@@ -228,7 +228,7 @@ def build(method: str, pipe, data: Path, candidate, safety_path: Path, safety, a
     req = RepairRequest(candidate=candidate.path, safety=safety_path, out=out, method=method, data=data)
     outcome = REGISTRY[method].run(req, pipe, candidate, safety, lambda label: (contextlib.nullcontext(), None),
                                    anchors)
-    part, keys = RECORDED[method]
+    part, keys = RECORDED.get(method, ("", ()))  # a method added to the registry since: its seconds only
     return outcome.modules, {k: outcome.details[part][k] for k in keys}
 
 
