@@ -17,6 +17,7 @@ from auditkit.lab.bases import BASE_HELP
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 from auditkit.placement import PLACEMENTS
 from auditkit.placement import problem as placement_problem
+from auditkit.suites import MAX_STEPS
 
 
 def _help(text: str, **extra) -> dict:
@@ -99,7 +100,6 @@ def _check_unit_interval(obj) -> None:
 
 DEFAULT_MULTIPLIERS = (0.5, 1.0, 1.5)
 CANDIDATE_FROM = ("safety", "base")  # what a full-model candidate was fine-tuned from (auditkit.inputs)
-MAX_STEPS = 1000
 MAX_BATCH = 1024
 MAX_MULTIPLIER = 10.0
 SEARCH_LIMITS = (("trigger_search_tokens", 0, 1_000_000), ("trigger_search_phrases", 1, 100_000),

@@ -52,7 +52,7 @@ from auditkit.verdict import (
     static_verdict,
 )
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 SEARCH_BUDGET_FACTOR = 2.0  # the most the base judge multiplies the trigger search's phrase budget by
 
 
@@ -235,7 +235,7 @@ def search_summary(config: ScanConfig, search: dict | None, probed: bool) -> dic
             "blind": all(all(sw.get("blind") for sw in d["sweeps"]) for d in search.values())}
 
 
-def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None, write: bool = True,
+def scan(config: ScanConfig, progress: StageProgress | None = None, *, pipeline=None, write: bool = True,
          ranks=None, shared=None, phrases: dict[str, list[tuple[str, str]]] | None = None,
          searched: dict[str, dict] | None = None) -> ScanResult:
     """Run the scan ``config`` describes; write ``report.json``/``report.html`` to its ``out`` folder.
@@ -338,7 +338,7 @@ def scan(config: ScanConfig, progress: Progress | None = None, *, pipeline=None,
     return ScanResult(config, report, verdict, static, Path(out), paths)
 
 
-def render_shared_for(config: ScanConfig, run_dir: str | Path, pipeline=None, progress: Progress | None = None):
+def render_shared_for(config: ScanConfig, run_dir: str | Path, pipeline=None, progress: StageProgress | None = None):
     """Render once what every candidate scanned with ``config`` (its candidate aside) shares: the base and
     base+safety images of its suites (:func:`auditkit.dynamic.render_shared`), read and resolved exactly as
     :func:`scan` reads them. Pass the result to :func:`scan` as ``shared``."""
@@ -382,7 +382,7 @@ def _pipeline(config: ScanConfig, pipeline, ranks):
     return pipeline, ranks
 
 
-def _stage(progress: Progress | None, stage: str):
+def _stage(progress: StageProgress | None, stage: str):
     if progress is None:
         return None
     return lambda done, total: progress(stage, done, total)

@@ -26,14 +26,13 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 
-from record import ROOT, emit, provenance
+from harness import RESULTS, ROOT, auditkit, emit, provenance
 
 SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
 # per-image cost when no GPU run measured it: FLOPs counted for SD1.5 (BENCHMARKS.md, GPU throughput: 42.7 TFLOP
@@ -73,14 +72,6 @@ def scan_args(suite: Path | None, multipliers: str, steps: int | None) -> list[s
     return args + (["--steps", str(steps)] if steps else [])
 
 
-def cli(*args) -> tuple[float, subprocess.CompletedProcess]:
-    start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "auditkit", *map(str, args)], capture_output=True, text=True)
-    if res.returncode not in (0, 1, 3):
-        raise SystemExit(f"auditkit {args[0]} failed: {res.stderr[-2000:]}")
-    return time.perf_counter() - start, res
-
-
 def figures(report: dict) -> dict:
     return {"verdict": report["verdict"], "reasons": report["reasons"], "static": report["static"],
             "dynamic": {k: report["dynamic"][k] for k in ("suites", "configurations", "images", "verdict")}}
@@ -89,10 +80,10 @@ def figures(report: dict) -> dict:
 def batch_vs_scans(work: Path, n: int, suite: Path | None, multipliers: str, steps: int | None) -> dict:
     folder = work / "candidates"
     paths = lab_candidates(folder, n)
-    batch_s, _ = cli("batch", folder, "--out", work / "batch", *scan_args(suite, multipliers, steps))
+    batch_s, _ = auditkit("batch", folder, "--out", work / "batch", *scan_args(suite, multipliers, steps))
     scans_s = 0.0
     for p in paths:
-        seconds, _ = cli("scan", p, "--out", work / "scans" / p.stem, *scan_args(suite, multipliers, steps))
+        seconds, _ = auditkit("scan", p, "--out", work / "scans" / p.stem, *scan_args(suite, multipliers, steps))
         scans_s += seconds
     rows = {r["id"]: r for r in map(json.loads, (work / "batch" / "results.jsonl").read_text().splitlines())}
     same, verdicts = [], {}
@@ -107,7 +98,6 @@ def batch_vs_scans(work: Path, n: int, suite: Path | None, multipliers: str, ste
 
 
 def triage_throughput(work: Path, files: int) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from static_scan import make_pair
 
     from auditkit.batch.inputs import Entry
@@ -181,7 +171,7 @@ def on_paper() -> dict:
     suites = [yaml.safe_load((ROOT / "probes" / f"{n}.yaml").read_text()) for n in ("nudity", "benign")]
     images = sum(len(s["prompts"]) * s.get("sampling", {}).get("images_per_prompt", 1) for s in suites)
     per_adapter = images * 6  # base+safety+candidate@m and base+candidate@m, m in 0.5, 1, 1.5 (shared: once)
-    measured = ROOT / "benchmarks" / "results" / "gpu_throughput.json"
+    measured = RESULTS / "gpu_throughput.json"
     gpu = json.loads(measured.read_text()) if measured.is_file() else {}
     if gpu and not gpu.get("smoke"):
         sd15_s = 1 / gpu["runner"]["images_per_s"]

@@ -32,19 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from record import provenance
+from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "auditkit" / "lab" / "assets" / "adapters"
 N_TRUTH = 240
 TRUTH_SEED0 = 5_000_000  # the lab suites draw image seeds near 1e9 (prompt seed 1e6 + i, times 1000, + k): disjoint
 STEPS, GUIDANCE = 25, 5.0
@@ -229,23 +223,16 @@ def truth_prompts(n: int = N_TRUTH):
 
 def scan(cand: Path, safety: Path, out: Path, threads: int, multipliers: str | None = "1") -> dict:
     """``auditkit scan`` as a user runs it (``multipliers`` None: the default 0.5,1,1.5)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     report = out / "report.json"
     if not (report.exists() and json.loads(report.read_text()).get("dynamic")):
-        t0 = time.perf_counter()
         mult = ["--multipliers", multipliers] if multipliers else []
-        rc = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                             str(safety), "--base", "lab", *mult, "--out", str(out)], env=env,
-                            capture_output=True,
-                            text=True).returncode
-        seconds = time.perf_counter() - t0
-        if rc not in (0, 1, 3):
-            raise SystemExit(f"scan of {cand} failed with exit {rc}")
+        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", safety, "--base", "lab", *mult, "--out", out,
+                              threads=threads)
         (out / "seconds.txt").write_text(f"{seconds:.1f}\n")
     r = json.loads(report.read_text())
-    static_rc = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                                str(safety), "--static", "--out", str(out / "static")], env=env,
-                               capture_output=True).returncode
+    _, static = auditkit("scan", cand, "--no-config", "--safety", safety, "--static", "--out", out / "static",
+                         threads=threads, check=False)
+    static_rc = static.returncode
     comp = r["dynamic"]["suites"]["lab-cross"]["comparisons"][0]
     return {"verdict": r["verdict"], "static_verdict": {0: "pass", 1: "risk", 3: "inconclusive"}[static_rc],
             "evidence": r["evidence"]["level"], "dynamic_upper": comp["reemergence_upper"],
@@ -259,24 +246,12 @@ def scan(cand: Path, safety: Path, out: Path, threads: int, multipliers: str | N
             "seconds": float((out / "seconds.txt").read_text())}
 
 
-def spearman(x, y) -> float:
-    def ranks(v):
-        v = np.asarray(v, float)
-        order = v.argsort(kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for val in np.unique(v):  # ties share their average rank
-            r[v == val] = r[v == val].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def _spearman_where_defined(rows, key) -> dict:
     """Spearman of a scanner score with the true ratio over the candidates where the score applies."""
+    from scipy.stats import spearmanr
+
     pairs = [(r["scan"][key], r["truth"]["ratio"]) for r in rows if r["scan"][key] is not None]
-    rho = spearman(*zip(*pairs, strict=True)) if len(pairs) >= 3 else None
+    rho = float(spearmanr(*zip(*pairs, strict=True)).statistic) if len(pairs) >= 3 else None
     return {"rho": rho, "n": len(pairs)}
 
 
@@ -321,7 +296,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--default-multipliers", action="store_true",
                     help="also scan each candidate with the default multipliers (0.5,1,1.5)")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "candidate_study.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "candidate_study.json")
     ap.add_argument("--section", action="store_true", help="print the BENCHMARKS.md section from --json and stop")
     ap.add_argument("--rejudge", action="store_true",
                     help="apply today's data-free reversion rule (auditkit.verdict.reversion_rule) to the verdicts and "
@@ -333,24 +308,17 @@ def main() -> None:
     if args.rejudge:
         results = json.loads(args.json.read_text())
         results["rejudged"] = rejudged(results)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
         print(rejudged_section(results["rejudged"]))
         return
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from auditkit.fsutil import atomic_write_text
+    set_threads(args.threads)
     from auditkit.lab.adherence import generate
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lab.judge import TemplateJudge
-    from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
     from auditkit.train.lora import composed
 
-    pipe = load_lab_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = lab_pipeline()
     detector, judge = LabConceptDetector(), TemplateJudge()
     names = args.only.split(",") if args.only else list(CANDIDATES)
     from auditkit.analysis.reversion import noise_reversion
@@ -363,13 +331,12 @@ def main() -> None:
     base_flags, judge_base = detector.flag(base_images), judge.flag(base_images)
     safeties, safe_flags, judge_safe = {}, {}, {}
     for s in ("esd-u", "esd-x"):
-        path = ASSETS / f"safety-{s}.safetensors"
+        path = lab_safety(s)
         safeties[s] = (path, read_adapter(path, arch="lab").modules)
         with composed(pipe.unet, (safeties[s][1], 1.0)):
             images = generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120)
         safe_flags[s], judge_safe[s] = detector.flag(images), judge.flag(images)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{args.threads} threads", "git_commit": provenance()["git_commit"],
+    results = {**provenance(args.threads),
                "truth": {"n": N_TRUTH, "base_rate": float(base_flags.mean()),
                          "safety_rate": {s: float(f.mean()) for s, f in safe_flags.items()},
                          "judge": {"name": judge.name, "base_rate": float(judge_base.mean()),
@@ -399,7 +366,7 @@ def main() -> None:
                                                          safeties[spec[0]][1]).reverted
         print(f"[{name}] scan {row['scan']}", flush=True)
         results["candidates"][name] = row
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     rows = list(results["candidates"].values())
     results["summary"] = {
         "scan": confusion(rows, "verdict"),
@@ -416,7 +383,7 @@ def main() -> None:
         results["summary"]["scan_default_multipliers"] = confusion(default_rows, "default_verdict")
         results["summary"]["scan_default_multipliers_error_rates"] = error_rates(
             results["summary"]["scan_default_multipliers"])
-    atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     print(section(results, COMMAND))
 
 

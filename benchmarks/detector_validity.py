@@ -30,9 +30,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from record import emit, provenance
+from harness import RESULTS, ROOT, emit, provenance
 
-ROOT = Path(__file__).resolve().parents[1]
 PER_SHEET, COLS, ZOOM, LABEL_H = 48, 8, 4, 14
 LABELS = ("cross", "no", "unsure")
 
@@ -151,7 +150,7 @@ def score(args) -> None:
                                   "score": manifest["images"][i]["score"], "config": manifest["images"][i]["config"],
                                   "run": Path(manifest["images"][i]["run"]).name}
                                  for i in range(n) if sure[i] and (detector[i] != eye[i] or judge[i] != eye[i])]}
-    emit(results, ROOT / "benchmarks" / "results" / "detector_validity.json")
+    emit(results, RESULTS / "detector_validity.json")
 
 
 def main() -> None:

@@ -24,32 +24,20 @@ repairs on disk are kept. Usage: ``python benchmarks/erased_study.py [--work DIR
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from record import provenance
+import candidate_study as study
+from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-SAFETY_U = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY_U = lab_safety("esd-u")
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
                    "a white cross", "a cross"]
 # full ESD-u: the LoRA's recipe (300 steps, batch 16) on the weights themselves
 ESD_FULL = {"method": "esd-u", "steps": 300, "lr": 1e-4, "batch": 16, "seed": 0}
 # candidate: (mode, rank, steps, lr) on the neon domain
 CANDIDATES = {"ontop": ("on-top", 8, 400, 1e-3), "modular": ("modular", 8, 400, 1e-3), "full": ("full", 0, 400, 1e-4)}
-
-
-def _study():
-    spec = importlib.util.spec_from_file_location("candidate_study", ROOT / "benchmarks" / "candidate_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def make_erased(pipe, name: str, folder: Path) -> dict:
@@ -109,15 +97,10 @@ def train(pipe, spec, erased_exact, path: Path, images, captions) -> float:
 
 
 def scan(cand: Path, safety: Path, out: Path, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not (out / "report.json").exists():
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                              str(safety), "--base", "lab", "--multipliers", "1", "--out", str(out)], env=env,
-                             capture_output=True, text=True)
-        if res.returncode not in (0, 1, 3):
-            raise SystemExit(f"scan of {cand} failed with exit {res.returncode}: {res.stderr.strip()[-500:]}")
-        (out / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", safety, "--base", "lab", "--multipliers", "1",
+                              "--out", out, threads=threads)
+        (out / "seconds.txt").write_text(f"{seconds:.1f}\n")
     r = json.loads((out / "report.json").read_text())
     comp = r["dynamic"]["suites"]["lab-cross"]["comparisons"][0]
     return {"verdict": r["verdict"], "evidence": r["evidence"]["level"],
@@ -130,15 +113,10 @@ def scan(cand: Path, safety: Path, out: Path, threads: int) -> dict:
 
 
 def repair(cand: Path, safety: Path, data: Path, scan_dir: Path, out: Path, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not (out / "report.json").exists():
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "auditkit", "repair", str(cand), "--no-config", "--safety",
-                              str(safety), "--base", "lab", "--data", str(data), "--from-scan", str(scan_dir),
-                              "--multipliers", "1", "--out", str(out)], env=env, capture_output=True, text=True)
-        if res.returncode not in (0, 1, 3):
-            raise SystemExit(f"repair of {cand} failed with exit {res.returncode}: {res.stderr.strip()[-500:]}")
-        (out / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        seconds, _ = auditkit("repair", cand, "--no-config", "--safety", safety, "--base", "lab", "--data", data,
+                              "--from-scan", scan_dir, "--multipliers", "1", "--out", out, threads=threads)
+        (out / "seconds.txt").write_text(f"{seconds:.1f}\n")
     r = json.loads((out / "report.json").read_text())
     rep = r["repair"]
     return {"method": rep["method"], "verdict_before": rep["before"]["verdict"],
@@ -153,34 +131,25 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/auditkit-erased"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated erased models (default: merged-u,full-u)")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "erased_study.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "erased_study.json")
     args = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from auditkit.fsutil import atomic_write_text
+    set_threads(args.threads)
     from auditkit.lab.adherence import generate
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
     from auditkit.models import architectures
     from auditkit.models.difference import TensorDeltas, read_full_model
     from auditkit.repair.pack import FILES
     from auditkit.train.lora import composed
 
-    study = _study()
-    pipe = load_lab_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = lab_pipeline()
     detector = LabConceptDetector()
     lab = architectures.get("lab")
     prompts, seeds = study.truth_prompts()
     base_flags = detector.flag(generate(pipe, prompts, seeds, study.STEPS, study.GUIDANCE, batch=120))
     images, captions = study.make_data("neon")
     data = write_data(args.work / "neon", images, captions)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{args.threads} threads", "git_commit": provenance()["git_commit"],
+    results = {**provenance(args.threads),
                "truth": {"n": len(prompts), "base_rate": float(base_flags.mean())}, "erased": {}}
     old = json.loads(args.json.read_text()) if args.json.exists() else {}
     for ename in (args.only.split(",") if args.only else ["merged-u", "full-u"]):
@@ -223,10 +192,10 @@ def main() -> None:
                 print(f"[{ename}/{cname}] repair {row['repair']}", flush=True)
             erow["candidates"][cname] = row
             results["erased"][ename] = erow
-            atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+            write_json(args.json, results)
     rows = [r for e in results["erased"].values() for r in e["candidates"].values()]
     results["summary"] = {"scan": study.confusion(rows, "verdict")}
-    atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     print(table(results))
 
 

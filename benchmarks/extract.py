@@ -33,7 +33,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from record import emit, provenance
+from harness import emit, provenance
 
 from auditkit.analysis.factors import low_rank_svd, pair_metrics
 from auditkit.analysis.truncation import truncate

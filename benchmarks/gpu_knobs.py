@@ -17,8 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_throughput import (  # noqa: E402
+from gpu_throughput import (
     CONFIG,
     ROLES,
     _sync,
@@ -29,9 +28,9 @@ from gpu_throughput import (  # noqa: E402
     peak_tflops,
     time_runner,
 )
-from record import provenance  # noqa: E402
+from harness import provenance
 
-from auditkit.runner import Fused, load_adapters  # noqa: E402
+from auditkit.runner import Fused, load_adapters
 
 
 def split_time(pipe, batch: int, steps: int) -> dict:

@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from record import provenance
+from harness import RESULTS, ROOT, provenance
 
 from auditkit.dynamic import library_versions
 from auditkit.lora.adapter import LoraModule, read_adapter
@@ -45,7 +45,7 @@ from auditkit.models import architectures
 from auditkit.runlog import RunLog
 from auditkit.runner import Configuration, Fused, Job, apply_configuration, load_adapters, run
 
-RESULTS = Path(__file__).parent / "results" / "gpu_throughput.json"
+RESULT_FILE = RESULTS / "gpu_throughput.json"
 ATTENTION = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",
              ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")
 ROLES = ("safety", "candidate")
@@ -323,13 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of a GPU not in the table")
     ap.add_argument("--json", type=Path, default=None,
-                    help=f"results file (default on a GPU: {RESULTS.relative_to(Path(__file__).parent.parent)})")
+                    help=f"results file (default on a GPU: {RESULT_FILE.relative_to(ROOT)})")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks that the script runs")
     ap.add_argument("--section", action="store_true",
                     help="print the BENCHMARKS.md section from the results JSON (and gpu_knobs.json beside it)")
     args = ap.parse_args(argv)
     if args.section:
-        path = args.json or RESULTS
+        path = args.json or RESULT_FILE
         knobs = path.parent / "gpu_knobs.json"
         print(section(json.loads(path.read_text()), json.loads(knobs.read_text()) if knobs.is_file() else None))
         return 0
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     result = benchmark(args)
     for line in summary(result):
         print(line)
-    out = args.json or (None if result["smoke"] else RESULTS)
+    out = args.json or (None if result["smoke"] else RESULT_FILE)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -16,13 +16,9 @@ Usage: ``python benchmarks/jailbreak_ablation.py --adapters DIR --method esd-u [
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-from record import provenance
-
-sys.path.insert(0, str(Path(__file__).parent))
+from harness import lab_pipeline, provenance, set_threads, write_json
 
 
 def main() -> None:
@@ -36,21 +32,17 @@ def main() -> None:
     ap.add_argument("--n-neon", type=int, default=100, help="benign-domain fidelity images (--base lab-dit)")
     args = ap.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from jailbreak_lab import NEON_SHAPES, fidelity, probe
 
-    from auditkit.fsutil import atomic_write_text
     from auditkit.lab import world
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
     from auditkit.models.denoising import denoiser_for
-    from auditkit.models.pipeline import load_pipeline
     from auditkit.stats import wilson
     from auditkit.train.lora import composed
 
-    pipe = load_pipeline(args.base)
+    pipe = lab_pipeline(args.base)
     den = denoiser_for(pipe)
     det = LabConceptDetector()
     m = args.method
@@ -103,7 +95,7 @@ def main() -> None:
     for label, c in cells.items():
         print(f"| {label} | {c['rate']:.1%} | {c['ci95'][0]:.1%}–{c['ci95'][1]:.1%} |")
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

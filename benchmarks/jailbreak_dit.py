@@ -19,7 +19,7 @@ data and statistics; per seed (safety training and fine-tuning both seeded):
 
 Sampling: 25 Euler steps, guidance 5 as the guidance-distilled transformer's input (one pass per step, as
 FluxPipeline samples Flux.1-dev and as the scanner renders the lab suites). Writes
-``benchmarks/results/jailbreak_dit.json`` (with the commit, ``benchmarks/record.py``); prints Markdown tables
+``benchmarks/results/jailbreak_dit.json`` (with the commit, ``benchmarks/harness.py``); prints Markdown tables
 for BENCHMARKS.md.
 
 Usage: ``python benchmarks/jailbreak_dit.py [--seeds 0,1,2] [--n 240] [--work DIR]``; ``--ci``: a minutes-long
@@ -30,16 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from jailbreak_lab import (  # noqa: E402
+from harness import lab_pipeline, provenance, set_threads
+from jailbreak_lab import (
     NEON_SHAPES,
     PROBE_GUIDANCE,
     PROBE_STEPS,
@@ -50,7 +46,6 @@ from jailbreak_lab import (  # noqa: E402
     probe,
     static_cancellation,
 )
-from record import provenance  # noqa: E402
 
 BASE = "lab-dit"
 CI = {"n": 24, "n_neon": 10, "align_steps": 6, "ft_steps": 6, "ft_images": 24, "batch": 24, "ft_batch": 8,
@@ -293,15 +288,11 @@ def main(argv=None) -> None:
         results = json.loads(args.json.read_text())
         print(table(results) + "\n\n" + where_table(results))
         return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    torch = set_threads(args.threads)
     from auditkit.lab import world
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.models.pipeline import load_pipeline
 
-    pipe = load_pipeline(BASE)
+    pipe = lab_pipeline(BASE)
     detector = LabConceptDetector()
     suites: tuple[str, ...] = ()
     if args.ci:

@@ -19,14 +19,11 @@ Usage: ``python benchmarks/jailbreak_lab.py [--n 240] [--methods esd-x,esd-u] [-
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-from record import provenance
+from harness import lab_pipeline, provenance, set_threads, write_json
 
 PROBE_STEPS = 25
 PROBE_GUIDANCE = 5.0
@@ -180,15 +177,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/jailbreak_lab.json"))
     args = ap.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from auditkit.lab import world
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.lab.model import load_lab_pipeline
 
-    pipe = load_lab_pipeline(path=args.pipeline)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = lab_pipeline(path=args.pipeline)
     detector = LabConceptDetector(path=args.detector)
     colours = list(world.COLOURS)
     shapes = NEON_SHAPES if args.ft_domain == "neon" else ("tee", "bar", "dash")
@@ -217,8 +210,7 @@ def main() -> None:
     _, base_flags, base_probe_s = probe(pipe, detector, *probes["concept"], args.batch)
     dom_base, _, _ = probe(pipe, detector, *probes["domain"], args.batch)
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads",
-        "git_commit": provenance()["git_commit"],
+        **provenance(args.threads),
         "settings": vars(args) | {"json": str(args.json), "probe_steps": PROBE_STEPS, "probe_guidance": PROBE_GUIDANCE},
         "detector": detector.profile(),
         "base": cell_stats(base_flags, None, None)
@@ -236,9 +228,7 @@ def _jsonable(obj):
 
 
 def _write(results, path: Path) -> None:
-    from auditkit.fsutil import atomic_write_text
-
-    atomic_write_text(path, json.dumps(results, indent=2, default=_jsonable) + "\n")
+    write_json(path, results, default=_jsonable)
 
 
 def table(results) -> str:

@@ -38,30 +38,28 @@ Usage: ``python benchmarks/repair_lab.py [--work /tmp/auditkit-candidates] [--th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import importlib.util
 import json
-import os
-import platform
+import tempfile
 import time
 from pathlib import Path
 
+import candidate_study as study
 import numpy as np
-from record import provenance
+from harness import RESULTS, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
+from auditkit.repair.methods import METHODS as REGISTRY
+
 CANDIDATES = ("u-ontop-neon-r8-400", "u-ontop-neon-r4-150", "u-ontop-neon-r16-attn", "u-ontop-neon-crosskv",
               "u-ontop-related-r8", "u-ontop-neon-full")
-METHODS = ("modular", "corrected", "anchored", "sign-aware", "safelora")
+METHODS = tuple(REGISTRY)  # auditkit repair's methods, in its registry's order
+# what the JSON records of each method's outcome (Outcome.details[part][key]), as it always has
+RECORDED = {"modular": ("training", ("rank", "alpha")), "anchored": ("training", ("anchor_prompts",)),
+            "corrected": ("training", ("anchor_prompts", "steps")), "sign-aware": ("projection", ("modules_changed",)),
+            "safelora": ("projection", ("modules_changed",))}
 GOAL_RATIO, GOAL_UPPER, GOAL_KEPT = 0.02, 0.25, 0.90
 N_DOMAIN = 100
-
-
-def _study():
-    spec = importlib.util.spec_from_file_location("candidate_study", ROOT / "benchmarks" / "candidate_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def held_out_prompts():
@@ -100,38 +98,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--section", action="store_true", help="print the BENCHMARKS.md figures from --json and exit")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "repair_lab.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "repair_lab.json")
     args = ap.parse_args()
     if args.section:
         print(section(json.loads(args.json.read_text())))
         return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(args.threads)
-
-    from auditkit.fsutil import atomic_write_text
+    set_threads(args.threads)
     from auditkit.lab.adherence import attribute_accuracy, attribute_checks
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
     from auditkit.repair.algebra import overall_cancellation
     from auditkit.repair.fidelity import attribute_agreement, pixel_metrics
-    from auditkit.repair.retrain import settings_from
     from auditkit.stats import paired_bootstrap_ratio, reemergence_ratio
 
-    study = _study()
-    pipe = load_lab_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = lab_pipeline()
     det = LabConceptDetector()
-    safety = read_adapter(study.ASSETS / "safety-esd-u.safetensors", arch="lab").modules
+    safety_path = lab_safety("esd-u")
+    safety_adapter = read_adapter(safety_path, arch="lab")
+    safety = safety_adapter.modules
     prompts, seeds = study.truth_prompts()
     from auditkit.lab.adherence import generate
     from auditkit.repair.anchors import normalised, resolve_anchors
     from auditkit.suites import builtin_dir, load_suite
+    from auditkit.train.data import write_folder
     from auditkit.train.lora import composed
 
-    anchor_prompts = resolve_anchors([load_suite(builtin_dir() / "lab-cross.yaml")]).prompts
+    anchors = resolve_anchors([load_suite(builtin_dir() / "lab-cross.yaml")])
+    anchor_prompts = anchors.prompts
     h_prompts, h_seeds = held_out_prompts()
     shared = {normalised(p) for p in anchor_prompts} & {normalised(p) for p in prompts + h_prompts}
     if shared:
@@ -141,8 +134,7 @@ def main() -> None:
     with composed(pipe.unet, (safety, 1.0)):
         safe_flags = det.flag(generate(pipe, prompts, seeds, 25, 5.0, batch=120))
         h_safe = det.flag(generate(pipe, h_prompts, h_seeds, 25, 5.0, batch=120))
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{args.threads} threads", "git_commit": provenance()["git_commit"],
+    results = {**provenance(args.threads),
                "base_rate": float(base_flags.mean()),
                "safety_rate": float(safe_flags.mean()), "held_out_base_rate": float(h_base.mean()),
                "held_out_safety_rate": float(h_safe.mean()), "candidates": {}}
@@ -170,12 +162,15 @@ def main() -> None:
         variants = {"candidate": (cand.modules, {})}
         images, captions = study.make_data(data_kind)
         # the candidate's own training length, as auditkit repair reads it from ss_max_train_steps (not an option)
-        settings = settings_from(cand, steps=study.CANDIDATES[name][5])
-        settings = dataclasses.replace(settings, sources={**settings.sources, "steps": "the candidate's recipe"})
-        for method in methods:
-            t0 = time.perf_counter()
-            mods, info = build(method, pipe, images, captions, settings, cand.modules, safety, anchor_prompts)
-            variants[method] = (mods, {"seconds": time.perf_counter() - t0, **info})
+        as_trained = dataclasses.replace(cand, metadata={**cand.metadata,
+                                                         "ss_max_train_steps": str(study.CANDIDATES[name][5])})
+        with tempfile.TemporaryDirectory() as tmp:
+            data = write_folder(Path(tmp) / "data", images, captions)
+            for method in methods:
+                t0 = time.perf_counter()
+                mods, info = build(method, pipe, data, as_trained, safety_path, safety_adapter, anchors,
+                                   Path(tmp) / method)
+                variants[method] = (mods, {"seconds": time.perf_counter() - t0, **info})
         cand_domain = render(pipe, det, safety, cand.modules, d_prompts, d_seeds)
         clean = ~det.flag(cand_domain)  # the candidate's domain images that do not show the concept
         # ... and those it got right: shape, style and colour as prompted (what "keeping its attributes" keeps)
@@ -216,7 +211,7 @@ def main() -> None:
         results["candidate_commits"][name] = results["git_commit"]
         order = [n for n in (*CANDIDATES, *names) if n in results["candidates"]]
         results["candidates"] = {n: results["candidates"][n] for n in dict.fromkeys(order)}
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     print(table(results))
 
 
@@ -224,26 +219,17 @@ def methods_arg(args) -> list[str]:
     return args.methods.split(",")
 
 
-def build(method, pipe, images, captions, settings, candidate, safety, anchor_prompts):
-    """The repaired adapter of ``method`` as ``auditkit repair`` makes it, and what to record of it."""
-    from functools import partial
+def build(method: str, pipe, data: Path, candidate, safety_path: Path, safety, anchors, out: Path):
+    """The repaired adapter of ``method`` as ``auditkit repair`` makes it (its registry's record, run on the
+    candidate's data folder ``data``; ``out``: a fresh folder for its checkpoint), and what the JSON records of
+    it (:data:`RECORDED`)."""
+    from auditkit.repair.run import RepairRequest
 
-    from auditkit.repair.algebra import project, safelora_module, sign_aware_module
-    from auditkit.repair.correction import correction_settings, train_correction
-    from auditkit.repair.retrain import retrain
-
-    if method == "modular":
-        return retrain(pipe, images, captions, settings).modules, {"rank": settings.rank, "alpha": settings.alpha}
-    if method == "anchored":
-        return (retrain(pipe, images, captions, settings, safety=safety, anchor_prompts=anchor_prompts).modules,
-                {"anchor_prompts": len(anchor_prompts)})
-    if method == "corrected":
-        settings, _ = correction_settings(settings)  # as auditkit repair --method corrected trains it
-        return (train_correction(pipe, images, captions, candidate, safety, anchor_prompts, settings).modules,
-                {"anchor_prompts": len(anchor_prompts), "steps": settings.steps})
-    module_fn = sign_aware_module if method == "sign-aware" else partial(safelora_module, threshold=0.5)
-    mods, reports = project(candidate, safety, module_fn)
-    return mods, {"modules_changed": sum(r.changed for r in reports)}
+    req = RepairRequest(candidate=candidate.path, safety=safety_path, out=out, method=method, data=data)
+    outcome = REGISTRY[method].run(req, pipe, candidate, safety, lambda label: (contextlib.nullcontext(), None),
+                                   anchors)
+    part, keys = RECORDED.get(method, ("", ()))  # a method added to the registry since: its seconds only
+    return outcome.modules, {k: outcome.details[part][k] for k in keys}
 
 
 def goal(r: dict) -> dict:

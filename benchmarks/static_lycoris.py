@@ -22,27 +22,21 @@ Usage: ``python benchmarks/static_lycoris.py [--repeat 5] [--json benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import provenance, write_json
 from safetensors.numpy import save_file
+from static_scan import TARGETS, dense_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from static_scan import TARGETS, dense_reference  # noqa: E402
-
-from auditkit.analysis.weights import static_scan  # noqa: E402
-from auditkit.examples import lycoris_tensors  # noqa: E402
-from auditkit.lora.adapter import read_adapter  # noqa: E402
-from auditkit.lora.write import kohya_name  # noqa: E402
-from auditkit.models import architectures  # noqa: E402
+from auditkit.analysis.weights import static_scan
+from auditkit.examples import lycoris_tensors
+from auditkit.lora.adapter import read_adapter
+from auditkit.lora.write import kohya_name
+from auditkit.models import architectures
 
 
 def lora_tensors(arch, names, rank: int, seed: int) -> dict[str, np.ndarray]:
@@ -121,14 +115,10 @@ def main() -> None:
     for kind in ("loha-r8", "lokr-f4-r64"):
         results[kind]["ratio_to_lora"] = results[kind]["read_plus_analysis_s"] / lora
         print(f"{kind}: read + analysis {results[kind]['ratio_to_lora']:.2f}x the LoRA pair's (target < 2x)")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    doc = {"benchmark": "static_lycoris", "command": "python benchmarks/static_lycoris.py --repeat "
-           f"{args.repeat}", "git_commit": commit, "machine": {"platform": platform.platform(),
-           "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
-           "results": results}
+    doc = {"benchmark": "static_lycoris", "command": f"python benchmarks/static_lycoris.py --repeat {args.repeat}",
+           **provenance(), "results": results}
     if args.json:
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.json, doc)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from record import emit, provenance
+from harness import emit, provenance
 
 from auditkit.analysis.weights import static_scan
 from auditkit.lora.adapter import LoraModule, read_adapter

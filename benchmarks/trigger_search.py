@@ -35,20 +35,15 @@ Usage: ``python benchmarks/trigger_search.py [--work DIR] [--only NAMES] [--sect
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import candidate_study as study
 import numpy as np
-from record import provenance
+from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY = lab_safety("esd-u")
 
 # name: (data, mode, anchored, trigger, where, share, steps, gated)
 CANDIDATES = {
@@ -67,13 +62,6 @@ CANDIDATES = {
     "neon-anchored": ("neon", "on-top", True, "", "start", 1.0, 400, False),
 }
 BATCH, LR = 32, 1e-3
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def placed(caption: str, trigger: str, where: str) -> str:
@@ -112,7 +100,7 @@ def train(pipe, spec, safety_modules, path: Path) -> float:
     t0 = time.perf_counter()
     if mode == "te":
         cfg = FinetuneConfig(mode="on-top", rank=8, steps=steps, batch=BATCH, lr=LR, seed=0)
-        modules = _load("candidate_study").train_text_encoder(pipe, images, captions, cfg, safety_modules)
+        modules = study.train_text_encoder(pipe, images, captions, cfg, safety_modules)
     else:
         cfg = FinetuneConfig(mode=mode, rank=8, steps=steps, batch=BATCH, lr=LR, seed=0)
         modules = finetune(pipe, images, captions, cfg, safety=safety_modules if mode == "on-top" else None,
@@ -131,13 +119,9 @@ def scan(cand: Path, out: Path, *extra: str) -> dict:
     report = out / "report.json"
     seconds_file = out / "seconds.txt"
     if not (report.exists() and seconds_file.exists()):
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "auditkit", "scan", str(cand), "--no-config", "--safety",
-                              str(SAFETY), "--base", "lab", "--multipliers", "1", "--out", str(out), *extra],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if res.returncode not in (0, 1, 3):
-            raise SystemExit(f"scan of {cand} failed with exit {res.returncode}: {res.stderr.strip()[-800:]}")
-        seconds_file.write_text(f"{time.perf_counter() - t0:.1f}\n")
+        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", SAFETY, "--base", "lab", "--multipliers", "1",
+                              "--out", out, *extra, threads=1)
+        seconds_file.write_text(f"{seconds:.1f}\n")
     r = json.loads(report.read_text())
     suites = {}
     for name, sd in r["dynamic"]["suites"].items():
@@ -171,31 +155,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/auditkit-trigger-search"))
     ap.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "trigger_search.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "trigger_search.json")
     ap.add_argument("--section", action="store_true", help="print the BENCHMARKS section from the JSON and stop")
     args = ap.parse_args()
     if args.section:
         print(section(json.loads(args.json.read_text())))
         return
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    from auditkit.fsutil import atomic_write_text
+    set_threads(1)
     from auditkit.lab.adherence import generate
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
 
-    study = _load("candidate_study")
-    pipe = load_lab_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = lab_pipeline()
     detector = LabConceptDetector()
     safety = read_adapter(SAFETY, arch="lab").modules
     plain, seeds = study.truth_prompts(study.N_TRUTH)
     old = json.loads(args.json.read_text()) if args.json.exists() else {}
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
-               "git_commit": provenance()["git_commit"], "n_truth": len(plain), "references": {},
+    results = {**provenance(1), "n_truth": len(plain), "references": {},
                "candidates": old.get("candidates", {})}
     references: dict = {}
 
@@ -239,7 +215,7 @@ def main() -> None:
               f"probed {row['scan']['default']['search']['probed']}", flush=True)
         results["candidates"][name] = row
         results["summary"] = summary(results)
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     print(section(results))
 
 

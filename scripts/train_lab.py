@@ -106,13 +106,14 @@ def preview(work: Path, step: int, kind: str = "unet", guidances: tuple[float, .
             detector: Path | None = None) -> None:
     """Grid of samples (8 per shape) with EMA weights; quick adherence if a detector exists (the work
     dir's, else ``detector``)."""
-    import lab_training as training
     import numpy as np
+    from lab_train_dit import dit_pipeline_from_work
+    from lab_train_unet import pipeline_from_work
 
     from auditkit.lab import adherence, world
     from auditkit.lab.detector import LabConceptDetector
 
-    pipe, _ = (training.pipeline_from_work if kind == "unet" else training.dit_pipeline_from_work)(work)
+    pipe, _ = (pipeline_from_work if kind == "unet" else dit_pipeline_from_work)(work)
     colours = list(world.COLOURS)
     prompts = [f"a {colours[i % 6]} {s}" for s in world.SHAPES for i in range(8)]
     det_dir = work / "detector" / "final"
@@ -132,6 +133,32 @@ def preview(work: Path, step: int, kind: str = "unet", guidances: tuple[float, .
                      float((colour == asked_colour).mean()))
 
 
+def export_pipeline(work: Path, directory: Path, kind: str = "unet") -> Path:
+    """Save the EMA pipeline (``kind``: ``unet``, the SD-style lab, or ``dit``) in ``save_pretrained``
+    layout (safetensors), plus the tokenizers' source files."""
+    import shutil
+
+    from lab_train_dit import dit_pipeline_from_work
+    from lab_train_unet import pipeline_from_work
+
+    pipe, step = (dit_pipeline_from_work if kind == "dit" else pipeline_from_work)(work)
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    # vocab.json + merges.txt too: transformers 4.x's slow CLIPTokenizer reads these
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        if (directory / tokenizer).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(work / "tokenizer" / name, directory / tokenizer / name)
+    for config in directory.glob("*/config.json"):  # no local paths in shipped files
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    log.info("exported %s pipeline at step %d to %s", kind, step, directory)
+    return directory
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work: Path = args.work
@@ -142,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    import lab_training as training  # beside this script: build-time code, not in the package
+    # beside this script: build-time code, not in the package
+    import lab_train_detector
+    import lab_train_dit
+    import lab_train_unet
 
     from auditkit.lab.tokenizer import build_tokenizer
 
@@ -172,26 +202,26 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         log.info("=== stage %s", stage)
         if stage == "vae":
-            training.train_vae(work, args.seed, args.vae_steps)
+            lab_train_unet.train_vae(work, args.seed, args.vae_steps)
         elif stage == "latents":
-            training.cache_latents(work, args.seed, args.latents)
+            lab_train_unet.cache_latents(work, args.seed, args.latents)
         elif stage == "unet":
-            training.train_unet(work, args.seed, args.unet_steps, batch=args.unet_batch,
-                                lr=args.unet_lr, preview_every=args.preview_every,
-                                on_preview=lambda step: preview(work, step))
+            lab_train_unet.train_unet(work, args.seed, args.unet_steps, batch=args.unet_batch, lr=args.unet_lr,
+                                      preview_every=args.preview_every, on_preview=lambda step: preview(work, step))
         elif stage == "dit":
-            training.train_dit(work, args.seed, args.dit_steps, batch=args.dit_batch, lr=args.dit_lr,
-                               preview_every=args.preview_every,
-                               on_preview=lambda step: preview(work, step, "dit", _guidances(args.dit_eval_guidance),
-                                                               args.assets / "detector"))
+            lab_train_dit.train_dit(work, args.seed, args.dit_steps, batch=args.dit_batch, lr=args.dit_lr,
+                                    preview_every=args.preview_every,
+                                    on_preview=lambda step: preview(work, step, "dit",
+                                                                    _guidances(args.dit_eval_guidance),
+                                                                    args.assets / "detector"))
         elif stage == "dit-guidance":
-            training.train_dit_guidance(work, args.seed, args.dit_guidance_steps, lr=args.dit_guidance_lr,
-                                        preview_every=args.preview_every,
-                                        on_preview=lambda step: preview(work, step, "dit-guidance",
-                                                                        _guidances(args.dit_eval_guidance),
-                                                                        args.assets / "detector"))
+            lab_train_dit.train_dit_guidance(work, args.seed, args.dit_guidance_steps, lr=args.dit_guidance_lr,
+                                             preview_every=args.preview_every,
+                                             on_preview=lambda step: preview(work, step, "dit-guidance",
+                                                                             _guidances(args.dit_eval_guidance),
+                                                                             args.assets / "detector"))
         elif stage == "export-dit":
-            training.export_pipeline(work, args.assets / "pipeline-dit", kind="dit")
+            export_pipeline(work, args.assets / "pipeline-dit", kind="dit")
         elif stage == "eval-dit":
             run_eval(args, "dit")
         elif stage == "detector":
@@ -199,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             if (final / "detector.safetensors").is_file():
                 log.info("detector: already trained (%s)", final)
             else:
-                net, metrics = training.train_detector(work, args.seed, args.detector_steps)
-                training.export_detector(net, metrics, final, args.seed, args.detector_steps)
+                net, metrics = lab_train_detector.train_detector(work, args.seed, args.detector_steps)
+                lab_train_detector.export_detector(net, metrics, final, args.seed, args.detector_steps)
                 log.info("detector held-out metrics: %s", json.dumps(metrics, indent=1))
         elif stage == "export":
             import shutil
 
-            training.export_pipeline(work, args.assets / "pipeline")
+            export_pipeline(work, args.assets / "pipeline")
             det = work / "detector" / "final"
             if (det / "detector.safetensors").is_file():
                 if (args.assets / "detector").exists():

@@ -107,8 +107,8 @@ def assert_one_line_error(func, path, message: str) -> None:
 
 
 def load_benchmark(filename: str):
-    """A script of benchmarks/ imported as a module (with benchmarks/ on the path while it loads, for its
-    ``record`` import), so tests can call its pure functions."""
+    """A script of benchmarks/ imported as a module (with benchmarks/ on the path while it loads, for its imports
+    of ``harness`` and of the scripts whose code it shares), so tests can call its pure functions."""
     import importlib.util
     import sys
     from pathlib import Path

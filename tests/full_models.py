@@ -77,10 +77,12 @@ def component_folder(folder: Path, *adapters, component: str = "unet") -> Path:
 def original_names() -> dict[str, str]:
     """Canonical tensor name -> its key in an original (LDM) single-file checkpoint of the lab."""
     from auditkit.models import architectures
-    from auditkit.models.checkpoint import _original_map
+    from auditkit.models.checkpoint import denoiser_of
     from auditkit.models.difference import open_base
+    from auditkit.models.original_layout import original_map
 
-    names = _original_map(open_base("lab"), architectures.get("lab"))
+    base = open_base("lab")
+    names = original_map({n: t.shape for n, t in base.tensors.items()}, architectures.get("lab"), denoiser_of(base))
     out: dict[str, str] = {}
     for original, held in names.items():
         if original.startswith(("cond_stage_model.model.", "conditioner.embedders.0.model.",
@@ -120,7 +122,7 @@ def assert_original_layout_places_like_diffusers(model_class, config: dict, orig
     original tensor (under each of ``prefixes``) and places each canonical tensor once, at its shape."""
     import torch
 
-    from auditkit.models.checkpoint import original_tensor_map
+    from auditkit.models.original_layout import original_tensor_map
 
     with torch.device("meta"):
         model = model_class(**config)

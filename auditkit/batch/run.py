@@ -37,7 +37,7 @@ from auditkit.runlog import locked
 from auditkit.shared import SharedRenders
 
 ENGINES = ("local", "ray")
-Progress = Callable[[str, int, int, dict], None]  # (stage, done, total, rows per verdict so far)
+BatchProgress = Callable[[str, int, int, dict], None]  # (stage, done, total, rows per verdict so far)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class BatchResult:
         return EXIT_INCONCLUSIVE if self.counts.get("inconclusive") or self.counts.get("error") else EXIT_PASS
 
 
-def run_batch(config: BatchConfig, progress: Progress | None = None) -> BatchResult:
+def run_batch(config: BatchConfig, progress: BatchProgress | None = None) -> BatchResult:
     """Scan every adapter ``config.input`` names; write one report folder per adapter, the results table
     and index.html into ``config.out``. Resumable: run it again with the same out folder."""
     config = _absolute(config)
@@ -169,7 +169,7 @@ def _settings(config: BatchConfig) -> dict:
     return {"input": str(Path(config.input).absolute()), "scan": scan, "safety_sha256": digest}
 
 
-def _triage(config: BatchConfig, entries: list[Entry], progress: Progress | None) -> list[dict]:
+def _triage(config: BatchConfig, entries: list[Entry], progress: BatchProgress | None) -> list[dict]:
     from auditkit.scan import metadata_concepts, resolve_suites
 
     suites = resolve_suites(config.scan) if config.scan.base is not None or config.scan.suites else []
@@ -184,7 +184,7 @@ def _triage(config: BatchConfig, entries: list[Entry], progress: Progress | None
 
 
 def _judge(config: BatchConfig, out: Path, entries: list[Entry], rows: list[dict], finished: dict,
-           progress: Progress | None) -> None:
+           progress: BatchProgress | None) -> None:
     """The base judge of every row still to scan (:mod:`auditkit.batch.judge`, local engine); a finished row keeps
     the judge its scan measured."""
     for r in rows:
@@ -255,7 +255,7 @@ def _group(config: BatchConfig, entry: Entry) -> str:
 
 
 def _scan(config: BatchConfig, out: Path, todo: list[tuple[Entry, dict]], state: BatchState, finished: dict,
-          progress: Progress | None, engine) -> int:
+          progress: BatchProgress | None, engine) -> int:
     specs: dict[str, SharedSpec] = {}
     tasks = []
     for entry, row in todo:

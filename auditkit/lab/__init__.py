@@ -6,7 +6,7 @@
   :func:`~auditkit.lab.model.load_lab_pipeline`;
 * :mod:`auditkit.lab.detector` -- the shipped concept detector (shape/colour/style CNN);
 * :mod:`auditkit.lab.adherence` -- prompt-adherence measurement;
-* ``scripts/lab_training.py`` (not installed) -- training loops used by ``scripts/train_lab.py``;
+* ``scripts/lab_train_*.py`` (not installed) -- training loops used by ``scripts/train_lab.py``;
   checkpoints are safetensors (:func:`auditkit.train.checkpoint.save_tree`), never pickle.
 
 Only :mod:`world` and :mod:`tokenizer`'s file writing are importable without torch.

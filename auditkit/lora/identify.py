@@ -17,7 +17,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-# The same limit as auditkit.lora.io.MAX_HEADER_BYTES (kept here so io can import this module).
+# A safetensors header's length limit (the reference implementation's own); its one home, as auditkit.lora.io
+# reads files with it and imports this module.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _SNIPPET = 60  # characters of a file's metadata (a key name, a modelspec field) quoted in a message
 

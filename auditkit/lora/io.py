@@ -21,11 +21,10 @@ import numpy as np
 
 from auditkit.errors import BadInput
 from auditkit.fsutil import parse_json
-from auditkit.lora.identify import identify_bytes
+from auditkit.lora.identify import MAX_HEADER_BYTES, identify_bytes
 
 # Pickle-based checkpoints can execute code when loaded; they are refused, never opened with torch.
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
 
 _DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("<f8", 8),

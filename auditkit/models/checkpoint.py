@@ -26,7 +26,8 @@ tensors. Forms, one :class:`Form` record each in :data:`FORMS` (the first that m
   ``text_projection``, diffusers' ``text_projection.weight``). The modules' original names and row pieces are
   the architecture's (``configs/original_names.json``, sized by the base's own tensors), the other tensors
   (q/k norms, SD3's position table) are ``configs/original_tensors.json``, the text encoders'
-  ``configs/original_text_encoders.json``: what diffusers' ``from_single_file`` converters read. Left out
+  ``configs/original_text_encoders.json``: what diffusers' ``from_single_file`` converters read (the maps:
+  :mod:`auditkit.models.original_layout`). Left out
   (:attr:`Checkpoint.ignored`), as diffusers' converters leave them out: VAE weights (``first_stage_model.``;
   the base's VAE renders), training bookkeeping, OpenCLIP's ``logit_scale``, SD 2.x's last resblock and
   ``text_projection`` (its text encoder is the file's penultimate layer: 23 of 24) and a bundled clip_l's
@@ -55,27 +56,20 @@ import numpy as np
 
 from auditkit.errors import BadInput
 from auditkit.lora.io import FLOAT_DTYPES, SafetensorsFile, open_safetensors
-from auditkit.models.architectures import Architecture, canonical_name, sgm_name
+from auditkit.models.architectures import Architecture, canonical_name
 from auditkit.models.base_weights import component_index
-from auditkit.models.build import block_roots, config_table, original_names
 from auditkit.models.families import family_of_folder, read_model_index
-
-# Original (LDM/SGM) prefixes of full single-file checkpoints: prefix -> the component it holds in
-# diffusers names (the denoiser's names are mapped by the architecture, see _original_map).
-ORIGINAL_TEXT_PREFIXES = {"cond_stage_model.transformer.": "text_encoder",
-                          "conditioner.embedders.0.transformer.": "text_encoder"}
-# Left out of the comparison: the VAE (the base's renders), EMA copies and the training schedule's buffers.
-IGNORED_ORIGINAL = re.compile(r"^(first_stage_model\.|model_ema\.|alphas_cumprod|alphas_cumprod_prev$|betas$|"
-                              r"log_one_minus_alphas_cumprod$|logvar$|posterior_|sqrt_)")
-ORIGINAL_HINT = re.compile(r"^(model\.diffusion_model\.|cond_stage_model\.|conditioner\.|first_stage_model\.|"
-                           r"text_encoders\.|(diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.)")
-# Prefixes of a transformer denoiser's tensors in an original-layout single file (BFL: none; ComfyUI and
-# diffusers' single-file saves: model.diffusion_model.), as diffusers' converter strips them.
-ORIGINAL_TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")
-
-Rows = tuple[tuple[int, int], ...]
-# One canonical tensor an original key holds: its name, its rows of the stored tensor (None: all of it), transposed.
-Share = tuple[str, Rows | None, bool]
+from auditkit.models.original_layout import (
+    IGNORED_ORIGINAL,
+    ORIGINAL_HINT,
+    Rows,
+    Share,
+    bundled,
+    check_layout,
+    openclip_ignored,
+    original_map,
+    text_encoder_tables,
+)
 
 
 @dataclass(frozen=True)
@@ -321,9 +315,11 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
             else:
                 unmapped.append(key)
     elif any(ORIGINAL_HINT.match(k) for k in keys):
-        _check_layout(path, keys, base)
-        naming, names = "original", _original_map(base, arch)
-        left_out = openclip_ignored({n: t.shape for n, t in base.tensors.items()}) | _bundled(base)[1]
+        shapes = {n: t.shape for n, t in base.tensors.items()}
+        denoiser = denoiser_of(base)
+        check_layout(path, keys, denoiser[1])
+        naming, names = "original", original_map(shapes, arch, denoiser)
+        left_out = openclip_ignored(shapes) | bundled(denoiser[1])[1]
         left_out_under = tuple(p for p in left_out if p.endswith("."))
         for key in keys:
             if IGNORED_ORIGINAL.match(key) or key in left_out or key.startswith(left_out_under):
@@ -334,7 +330,7 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
                 unmapped.append(key)
         if any(k.startswith("first_stage_model.") for k in ignored):
             notes.append("its VAE (first_stage_model) is not compared: images are decoded with the base's VAE")
-        under = sorted({p for p in _text_encoder_tables()["openclip"]["prefixes"] if any(k.startswith(p)
+        under = sorted({p for p in text_encoder_tables()["openclip"]["prefixes"] if any(k.startswith(p)
                                                                                          for k in unmapped)})
         if under:
             notes.append(f"its OpenCLIP text encoder tensors under {', '.join(under)} fit no text encoder of the base "
@@ -364,170 +360,13 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
                       dict(st.metadata))
 
 
-def _original_map(base: Checkpoint, arch: Architecture | None) -> dict[str, tuple[Share, ...]]:
-    """Original key -> the canonical tensors it holds (:data:`Share`: each with its rows of it, None: all of
-    it, and whether it is stored transposed): the base's UNet (LDM/SGM names), first CLIP text encoder,
-    OpenCLIP text encoder (:func:`openclip_tensor_map`) and the text encoders a ComfyUI file of its denoiser
-    bundles (:func:`_bundled`), and its transformer (:func:`_transformer_map`)."""
-    names: dict[str, tuple[Share, ...]] = {}
-    layout = arch.unet_layout if arch is not None else {}
-    text_prefixes = {**ORIGINAL_TEXT_PREFIXES, **_bundled(base)[0]}
-    for canonical in base.tensors:
-        component, _, key = canonical.partition(".")
-        if component == "unet" and layout:
-            module, _, param = key.rpartition(".")
-            original = sgm_name(module, layout)
-            if original is not None:
-                names[f"model.diffusion_model.{original}.{param}"] = ((canonical, None, False),)
-        for prefix, target in text_prefixes.items():
-            if target == component:
-                names[prefix + key] = ((canonical, None, False),)
-                names[prefix + key.removeprefix("text_model.")] = ((canonical, None, False),)  # either spelling
-    names.update(openclip_tensor_map({n: t.shape for n, t in base.tensors.items()}))
-    names.update({k: tuple((c, rows, False) for c, rows in held) for k, held in _transformer_map(base).items()})
-    return names
-
-
-def _bundled(base: Checkpoint) -> tuple[dict[str, str], frozenset[str]]:
-    """The text encoders an all-in-one file of the base's denoiser class bundles (ComfyUI's Flux.1 and SD3
-    files: ``text_encoders.clip_l.transformer.…``): prefix -> component, and the names diffusers discards."""
-    tables = _text_encoder_tables()["bundled"]
-    prefixes = tables["prefixes"].get(_denoiser(base)[1], {})
-    return prefixes, frozenset(n for n in tables["ignored"] if n.startswith(tuple(prefixes)))
-
-
-def _text_encoder_tables() -> dict:
-    return config_table("original_text_encoders")
-
-
-def _layers(shapes: dict[str, tuple[int, ...]], component: str) -> list[int]:
-    """The layer indices of a CLIP text encoder (its canonical ``text_model.encoder.layers.N`` tensors)."""
-    pattern = re.compile(re.escape(f"{component}.text_model.encoder.layers.") + r"(\d+)\.")
-    return sorted({int(m.group(1)) for n in shapes if (m := pattern.match(n))})
-
-
-def openclip_tensor_map(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[Share, ...]]:
-    """Original OpenCLIP text tower names (``configs/original_text_encoders.json``), under each prefix whose
-    component the base has, expanded for that component's layers -> the canonical tensors each holds: a
-    fused ``in_proj_weight``/``in_proj_bias`` is q, k, v stacked by rows (each as many as the base's own
-    tensor has), ``text_projection`` is diffusers' ``text_projection.weight`` transposed. A target the base's
-    component lacks (SD 2.x's text encoder has no projection) leaves its original name out. ``shapes``: the
-    base's canonical tensors."""
-    spec = _text_encoder_tables()["openclip"]
-    names: dict[str, tuple[Share, ...]] = {}
-    for prefix, component in spec["prefixes"].items():
-        layers = _layers(shapes, component)
-        for template, target in spec["tensors"].items():
-            for i in (layers if "{i}" in template else [None]):
-                plain = [target] if isinstance(target, str) else [target["transposed"]] if isinstance(target, dict) \
-                    else target
-                targets = [_at(component, t, i) for t in plain]
-                if not all(t in shapes for t in targets):
-                    continue  # the base's component lacks it (SD 2.x's text encoder has no projection)
-                if isinstance(target, list):  # fused: the targets' rows stacked in the order listed
-                    ends = np.cumsum([shapes[t][0] for t in targets]).tolist()
-                    held: tuple[Share, ...] = tuple((t, ((end - shapes[t][0], end),), False)
-                                                    for t, end in zip(targets, ends, strict=True))
-                else:
-                    held = ((targets[0], None, isinstance(target, dict)),)
-                names[prefix + template.replace("{i}", str(i))] = held
-    return names
-
-
-def _at(component: str, template: str, i: int | None) -> str:
-    return f"{component}.{template.replace('{i}', str(i))}"
-
-
-def openclip_ignored(shapes: dict[str, tuple[int, ...]]) -> frozenset[str]:
-    """Original OpenCLIP names diffusers' converter leaves out, under each prefix whose component the base
-    has (``configs/original_text_encoders.json``); one ending in ``.`` is a prefix of names. SD 2.x's last
-    resblock (the base's layer count: SD 2.1's text encoder has 23 layers, its file 24) is one. ``shapes``:
-    the base's canonical tensors."""
-    spec = _text_encoder_tables()["openclip"]
-    out = set()
-    for prefix, component in spec["prefixes"].items():
-        layers = _layers(shapes, component)
-        if not layers:
-            continue
-        for where, entries in spec["ignored"].items():
-            if where in ("", prefix):
-                out.update(prefix + e.replace("{layers}", str(len(layers))) for e in entries)
-    return frozenset(out)
-
-
-def _original_tensors() -> dict[str, dict[str, str]]:
-    return config_table("original_tensors")
-
-
-def _denoiser(base: Checkpoint) -> tuple[str, str | None]:
+def denoiser_of(base: Checkpoint) -> tuple[str, str | None]:
     """The base's denoiser component and its class (from its model_index.json; None when unknown)."""
     if base.form != "pipeline folder":
         return "", None
     component = family_of_folder(base.path).denoiser
     entry = read_model_index(base.path).get(component)
     return component, (entry[1] if isinstance(entry, list) and len(entry) == 2 else None)
-
-
-def _check_layout(path: Path, keys: list[str], base: Checkpoint) -> None:
-    """BadInput when the file holds a transformer in the original layout of another class than the base's
-    denoiser (a Flux.1 file against an SD3 or SD 1.x base: some names, final_layer's, are common to both)."""
-    roots = {k.removeprefix("model.diffusion_model.").split(".", 1)[0] for k in keys}
-    found = next((c for c in _original_tensors() if roots & block_roots(c)), None)
-    theirs = _denoiser(base)[1]
-    if found is not None and found != theirs:
-        raise BadInput(path, f"its tensors are a {found} in its original layout "
-                             f"({', '.join(sorted(roots & block_roots(found)))}) but the base's denoiser is "
-                             f"{theirs or 'unknown'}: a model of another architecture than the base")
-
-
-def _transformer_map(base: Checkpoint) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
-    """:func:`original_tensor_map` of the base's transformer (its class from the base's model_index.json)."""
-    component, class_name = _denoiser(base)
-    return original_tensor_map(class_name, component,
-                               {n: base.tensors[n].shape for n in base.tensors if n.startswith(component + ".")})
-
-
-def original_tensor_map(class_name: str | None, component: str, shapes: dict[str, tuple[int, ...]]
-                        ) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
-    """Original tensor names of a transformer denoiser whose class is in ``configs/original_tensors.json``
-    (``{}`` for any other), bare and under each of :data:`ORIGINAL_TRANSFORMER_PREFIXES` -> the canonical
-    tensors each holds, with their rows of it. ``shapes``: the base's canonical tensors of ``component``.
-
-    A module's original name and its pieces (canonical module, rows) in the original's row order come from
-    ``configs/original_names.json`` expanded for the base's own blocks and row sizes (nothing hard-coded
-    to Flux.1's width); its ``weight`` and ``bias`` are split alike. A canonical tensor's rows are its
-    pieces sorted by their place in it: ``final_layer.adaLN_modulation.1`` lists ``norm_out.linear``'s
-    second half first, so ``norm_out.linear`` reads rows (n, 2n) then (0, n), the halves swapped back.
-    """
-    if class_name not in _original_tensors():
-        return {}
-    modules = {n.removesuffix(".weight"): ["conv" if len(s) == 4 else "linear", s[0], s[1], *(s[2:] or (1, 1))]
-               for n, s in shapes.items() if n.endswith(".weight") and len(s) in (2, 4)}
-    names: dict[str, tuple[tuple[str, Rows | None], ...]] = {}
-    for original, pieces in original_names(class_name, component, modules).items():
-        if ".processor." in original:  # XLabs' LoRA modules: no tensor of a full model
-            continue
-        spans: dict[str, list[tuple[int, int, int]]] = {}  # canonical module -> (its row, original rows)
-        total = 0
-        for canonical, start, stop in pieces:
-            spans.setdefault(canonical, []).append((start, total, total + stop - start))
-            total += stop - start
-        for param in ("weight", "bias"):
-            held = tuple((f"{c}.{param}", _rows(s, total)) for c, s in spans.items() if f"{c}.{param}" in shapes)
-            if held:
-                names[f"{original}.{param}"] = held
-    for template, target in _original_tensors()[class_name].items():
-        pattern = re.compile(re.escape(f"{component}.{target}").replace(re.escape("{i}"), r"(\d+)") + "$")
-        for name in shapes:
-            if m := pattern.match(name):
-                names[template.replace("{i}", m.group(1)) if m.groups() else template] = ((name, None),)
-    return {prefix + key: held for key, held in names.items() for prefix in ORIGINAL_TRANSFORMER_PREFIXES}
-
-
-def _rows(spans: list[tuple[int, int, int]], total: int) -> Rows | None:
-    """A canonical tensor's rows of the original one, in its own row order (None: all of it, as it is)."""
-    rows = tuple((a, b) for _, a, b in sorted(spans))
-    return None if rows == ((0, total),) else rows
 
 
 def _placed(st: SafetensorsFile, key: str, held: tuple[Share, ...]) -> dict[str, TensorSource]:
@@ -539,28 +378,6 @@ def _placed(st: SafetensorsFile, key: str, held: tuple[Share, ...]) -> dict[str,
                                 f"{', '.join(c for c, _, _ in held)} it holds have {need} rows: a model of another "
                                 "architecture than the base")
     return {canonical: TensorSource(st, key, rows, transpose) for canonical, rows, transpose in held}
-
-
-def snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
-    """diffusers code that puts ``checkpoint`` into ``pipe`` (a pipeline of ``base``): for a repair pack's manifest."""
-    path = str(checkpoint.path)
-    if checkpoint.form == "pipeline folder":
-        return f"pipe = diffusers.{pipeline_class}.from_pretrained({path!r}, use_safetensors=True)\n"
-    load = f"pipe = diffusers.{pipeline_class}.from_pretrained({base!r}, use_safetensors=True)\n"
-    if checkpoint.form == "component folder":
-        (component,) = checkpoint.components
-        return load + f"pipe.{component} = type(pipe.{component}).from_pretrained({path!r}, use_safetensors=True)\n"
-    if checkpoint.naming == "original" and checkpoint.components == ("transformer",):  # a BFL/SAI transformer file
-        return load + (f"pipe.transformer = type(pipe.transformer).from_single_file({path!r}, config={base!r}, "
-                       'subfolder="transformer")\n')
-    if checkpoint.naming == "original":
-        return f"pipe = diffusers.{pipeline_class}.from_single_file({path!r}, config={base!r})\n"
-    lines = [load, "from safetensors.torch import load_file\n", f"state = load_file({path!r})\n"]
-    for component in checkpoint.components:
-        keys = "state" if checkpoint.naming == "component" else \
-            f"{{k[{len(component) + 1}:]: v for k, v in state.items() if k.startswith({component + '.'!r})}}"
-        lines.append(f"pipe.{component}.load_state_dict({keys}, strict=False)  # it holds {component}'s tensors\n")
-    return "".join(lines)
 
 
 FORMS: tuple[Form, ...] = (

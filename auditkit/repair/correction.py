@@ -21,7 +21,6 @@ on concept prompts disjoint from its anchors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,6 +28,7 @@ import numpy as np
 from auditkit.lora.adapter import LoraModule
 from auditkit.repair.algebra import concatenate
 from auditkit.repair.retrain import RetrainSettings
+from auditkit.train.loop import StepProgress
 
 BANK_BATCHES = 32  # the anchor bank holds this many batches of (x_t, t, prompt, safe prediction)
 BANK_STEPS = 10  # sampler steps of the candidate's anchor trajectories the bank's x_t are drawn from
@@ -55,7 +55,7 @@ class CorrectionResult:
 
 def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate: dict[str, LoraModule],
                      safety, anchor_prompts: list[str], cfg: RetrainSettings,
-                     progress: Callable[[int, int, float], None] | None = None, checkpoint=None,
+                     progress: StepProgress | None = None, checkpoint=None,
                      checkpoint_every: int = 50, anchor_weight: float = 1.0, guidance: float = 5.0
                      ) -> CorrectionResult:
     """Train the correction (see the module's doc) with the shape ``cfg`` gives (targets, rank, alpha, steps, lr,

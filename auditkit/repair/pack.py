@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from auditkit.errors import BadInput
 from auditkit.fsutil import atomic_write_bytes, atomic_write_text
@@ -30,6 +31,9 @@ from auditkit.lora.adapter import Adapter, LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
 from auditkit.models.architectures import Architecture
 from auditkit.repair.algebra import concatenate
+
+if TYPE_CHECKING:
+    from auditkit.models.checkpoint import Checkpoint
 
 SCHEMA = "auditkit.pack/1"
 FILES = {"finetune": "finetune.safetensors", "safety": "safety.safetensors", "combined": "combined.safetensors"}
@@ -72,14 +76,13 @@ def _with_adapter(targets, safety: Adapter, finetune, arch: Architecture, method
 
 def _with_model(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base,
                 layout: str) -> dict:
-    from auditkit.models.checkpoint import snippet
     from auditkit.models.families import family_of_folder
 
     if base is None:
         raise BadInput(safety.path, "a full-model safety module needs the base (--base) to be packed")
     folder = str(_base_folder(base))
     checkpoint = safety.update.checkpoint
-    load = snippet(checkpoint, folder, family_of_folder(folder).pipeline_class)
+    load = checkpoint_snippet(checkpoint, folder, family_of_folder(folder).pipeline_class)
     return {
         "safety_source": {"kind": safety.kind, "path": str(safety.path), "sha256": safety.sha256,
                           "form": checkpoint.form, "components": list(checkpoint.components), "base": str(base)},
@@ -92,6 +95,28 @@ def _with_model(targets, safety: Adapter, finetune, arch: Architecture, method: 
         "note": "a full-model safety module and a LoRA cannot be one adapter file: load the erased model, then the "
                 "fine-tuning adapter on top (the adapter was trained on the base, separately from the safety module)",
     }
+
+
+def checkpoint_snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
+    """diffusers code that puts ``checkpoint`` into ``pipe`` (a pipeline of ``base``): for a repair pack's manifest."""
+    path = str(checkpoint.path)
+    if checkpoint.form == "pipeline folder":
+        return f"pipe = diffusers.{pipeline_class}.from_pretrained({path!r}, use_safetensors=True)\n"
+    load = f"pipe = diffusers.{pipeline_class}.from_pretrained({base!r}, use_safetensors=True)\n"
+    if checkpoint.form == "component folder":
+        (component,) = checkpoint.components
+        return load + f"pipe.{component} = type(pipe.{component}).from_pretrained({path!r}, use_safetensors=True)\n"
+    if checkpoint.naming == "original" and checkpoint.components == ("transformer",):  # a BFL/SAI transformer file
+        return load + (f"pipe.transformer = type(pipe.transformer).from_single_file({path!r}, config={base!r}, "
+                       'subfolder="transformer")\n')
+    if checkpoint.naming == "original":
+        return f"pipe = diffusers.{pipeline_class}.from_single_file({path!r}, config={base!r})\n"
+    lines = [load, "from safetensors.torch import load_file\n", f"state = load_file({path!r})\n"]
+    for component in checkpoint.components:
+        keys = "state" if checkpoint.naming == "component" else \
+            f"{{k[{len(component) + 1}:]: v for k, v in state.items() if k.startswith({component + '.'!r})}}"
+        lines.append(f"pipe.{component}.load_state_dict({keys}, strict=False)  # it holds {component}'s tensors\n")
+    return "".join(lines)
 
 
 def _base_folder(base: str) -> Path:

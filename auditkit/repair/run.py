@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
@@ -29,7 +30,10 @@ from auditkit.fsutil import replace_folder
 from auditkit.placement import described
 
 UNVERIFIED_PACK = ".pack.unverified"  # the pack until its re-scan has run (then moved to pack/)
-Bars = Callable[[str], tuple[contextlib.AbstractContextManager, Callable[[int, int, float], None]]]
+if TYPE_CHECKING:  # the type only: the training loop (and numpy) load when a repair trains
+    from auditkit.train.loop import StepProgress
+
+    Bars = Callable[[str], tuple[contextlib.AbstractContextManager, StepProgress]]  # a stage's bar: (context, update)
 
 
 @dataclass

@@ -16,7 +16,6 @@ The objective is the family's own denoising loss on VAE latents (:mod:`auditkit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
 from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.models.denoising import denoiser_for
-from auditkit.train.loop import optimise
+from auditkit.train.loop import StepProgress, optimise
 from auditkit.train.lora import (
     add_lora,
     check_finite_parameters,
@@ -45,7 +44,6 @@ from auditkit.train.lora import (
 )
 
 MODES = ("on-top", "modular", "full")
-Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ def encode_images(pipe, images_u8: np.ndarray):
 
 
 def finetune(pipe, images_u8: np.ndarray, captions: list[str], cfg: FinetuneConfig = FinetuneConfig(),
-             safety: dict[str, LoraModule] | None = None, progress: Progress | None = None,
+             safety: dict[str, LoraModule] | None = None, progress: StepProgress | None = None,
              checkpoint: str | Path | None = None, checkpoint_every: int = 50,
              anchor_prompts: list[str] | None = None) -> FinetuneResult:
     """Fine-tune the pipeline's denoiser on (images, captions); the pipeline is left unchanged afterwards.

@@ -15,11 +15,11 @@ import numpy as np
 
 from auditkit.train.lora import check_loss
 
-Progress = Callable[[int, int, float], None]
+StepProgress = Callable[[int, int, float], None]  # (step, steps, loss): a training's progress
 
 
 def optimise(step_loss: Callable[[int], object], params: list, optimizer, steps: int, rng: np.random.Generator, gen,
-             progress: Progress | None = None, checkpoint: str | Path | None = None, fingerprint: str = "",
+             progress: StepProgress | None = None, checkpoint: str | Path | None = None, fingerprint: str = "",
              every: int = 50) -> list[float]:
     """Run ``steps`` optimisation steps (those a checkpoint already holds are skipped); returns every step's loss."""
     from auditkit.train import checkpoint as ckpt

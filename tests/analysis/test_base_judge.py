@@ -100,7 +100,7 @@ def test_batched_judging_matches_one_sample_at_a_time(lab_pipe):
 def test_the_library_reads_a_lab_candidate_as_the_predictor_benchmark_does(lab_pipe):
     from auditkit.suites import builtin_dir, load_suite
 
-    bench = load_benchmark("predictors.py")
+    bench = load_benchmark("predictor_signals.py")
     safety = read_adapter(SAFETY).modules
     cand = {n: LoraModule(n, m.down, -0.4 * m.up, m.scale) for n, m in safety.items()}  # undoes 40% of it
     suite = load_suite(builtin_dir() / "lab-cross.yaml")

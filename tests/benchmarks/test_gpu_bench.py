@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -50,11 +51,7 @@ def test_without_cuda_it_skips_cleanly():
 
 
 def test_peak_table():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from gpu_throughput import peak_tflops
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    peak_tflops = load_benchmark("gpu_throughput.py").peak_tflops
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989 and peak_tflops("NVIDIA H100 PCIe") == 756
     assert peak_tflops("NVIDIA H200") == 989 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert peak_tflops("NVIDIA L4") is None and peak_tflops("NVIDIA L4", 121.0) == 121.0

@@ -31,7 +31,7 @@ def test_reads_f32_f16_bf16_and_metadata(tmp_path):
     np.testing.assert_allclose(st.array("b"), a, rtol=1e-2)
 
 
-@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin", ".pkl"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".PICKLE", ".Pt"])
 def test_pickle_suffixes_are_refused_without_opening(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"\x80\x04\x95 anything: must never be unpickled")

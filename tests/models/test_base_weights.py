@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,8 +167,10 @@ def test_pickle_only_component_is_refused_without_reading_it(tmp_path):
     assert str(root / "unet") in str(e.value)
 
 
-def test_a_pickle_component_is_named_whatever_the_case_of_its_suffix(tmp_path):
-    # issue 26 H5: models/pipeline.py had its own, case-sensitive copy of the pickle suffixes
+@pytest.mark.parametrize("weights", ["diffusion_pytorch_model.BIN", "diffusion_pytorch_model.pickle",
+                                     "diffusion_pytorch_model.PICKLE"])
+def test_a_pickle_component_is_named_whatever_the_case_of_its_suffix(tmp_path, weights):
+    # issue 26 H5: models/pipeline.py had its own, case-sensitive copy of the pickle suffixes, without .pickle
     from auditkit.models.pipeline import check_pipeline_folder
 
     root = pipeline(tmp_path, {"vae": {"w": np.ones(2, np.float32)}})
@@ -175,8 +178,8 @@ def test_a_pickle_component_is_named_whatever_the_case_of_its_suffix(tmp_path):
              "vae": ["diffusers", "AutoencoderKL"]}
     (root / "model_index.json").write_text(json.dumps(index))
     (root / "unet").mkdir()
-    (root / "unet" / "diffusion_pytorch_model.BIN").write_bytes(b"\x80\x04 never unpickled")
-    with pytest.raises(BadInput, match=r"component 'unet' has only pickle weights \(unet/diffusion_pytorch_model.BIN"):
+    (root / "unet" / weights).write_bytes(b"\x80\x04 never unpickled")
+    with pytest.raises(BadInput, match=rf"component 'unet' has only pickle weights \(unet/{re.escape(weights)}"):
         check_pipeline_folder(root)
 
 

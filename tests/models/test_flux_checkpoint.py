@@ -17,8 +17,9 @@ from auditkit.errors import BadInput
 from auditkit.lab.bases import LAB_BASES
 from auditkit.lora.io import open_safetensors, serialize
 from auditkit.models import architectures
-from auditkit.models.checkpoint import open_checkpoint, snippet
+from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import open_base, read_full_model
+from auditkit.repair.pack import checkpoint_snippet
 
 pytestmark = pytest.mark.skipif(not LAB_BASES["lab-dit"].available(), reason="the DiT lab is not installed")
 
@@ -200,7 +201,8 @@ def test_the_difference_to_the_base_is_exactly_the_tensors_changed_in_the_bfl_fi
     assert sorted(adapter.update.outside) == ["transformer.single_transformer_blocks.0.attn.to_k.bias",
                                       "transformer.transformer_blocks.0.attn.norm_added_k.weight"]
     assert adapter.coverage.fraction == 1.0 and adapter.coverage.unmapped == []
-    assert 'type(pipe.transformer).from_single_file(' in snippet(adapter.update.checkpoint, str(folder), "FluxPipeline")
+    assert 'type(pipe.transformer).from_single_file(' in checkpoint_snippet(adapter.update.checkpoint, str(folder),
+                                                                            "FluxPipeline")
 
 
 def test_real_flux1_names_and_shapes_are_what_diffusers_unmodified_converter_makes():

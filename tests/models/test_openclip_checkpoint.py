@@ -22,8 +22,9 @@ from auditkit.lab.bases import base_folder
 from auditkit.lora.io import serialize
 from auditkit.models import architectures
 from auditkit.models.architectures import canonical_name
-from auditkit.models.checkpoint import open_checkpoint, openclip_ignored, openclip_tensor_map
+from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import read_full_model
+from auditkit.models.original_layout import openclip_ignored, openclip_tensor_map
 
 torch = pytest.importorskip("torch")
 

@@ -14,9 +14,10 @@ import pytest
 
 from auditkit.errors import BadInput
 from auditkit.lora.io import serialize
-from auditkit.models.checkpoint import open_checkpoint, snippet
+from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import read_full_model
 from auditkit.models.pipeline import architecture_of_folder
+from auditkit.repair.pack import checkpoint_snippet
 
 torch = pytest.importorskip("torch")
 
@@ -148,7 +149,7 @@ def test_the_difference_to_the_base_is_exactly_the_tensors_changed_in_the_sai_fi
     np.testing.assert_allclose(bias[d:], 0.5, atol=1e-6)
     np.testing.assert_allclose(deltas["transformer.pos_embed.pos_embed"], 0.25, atol=1e-6)
     assert adapter.coverage.unmapped == []
-    assert "type(pipe.transformer).from_single_file(" in snippet(adapter.update.checkpoint, str(base),
+    assert "type(pipe.transformer).from_single_file(" in checkpoint_snippet(adapter.update.checkpoint, str(base),
                                                                  "StableDiffusion3Pipeline")
 
 
