@@ -171,7 +171,7 @@ def main() -> None:
     safety = read_adapter(SAFETY, arch="lab").modules
     plain, seeds = study.truth_prompts(study.N_TRUTH)
     old = json.loads(args.json.read_text()) if args.json.exists() else {}
-    results = {**provenance(1), "n_truth": len(plain), "references": {},
+    results = {**provenance(1), "n_truth": len(plain), "references": old.get("references", {}),
                "candidates": old.get("candidates", {})}
     references: dict = {}
 
