@@ -207,15 +207,6 @@ class ScanConfig:
         return self.base is not None and not self.static_only
 
     @property
-    def search_budget(self):
-        """The trigger search's :class:`auditkit.discovery.search.Budget` from the ``trigger_search_*`` fields."""
-        from auditkit.discovery.search import Budget
-
-        return Budget(tokens=self.trigger_search_tokens, phrases=self.trigger_search_phrases,
-                      steps=self.trigger_search_steps, probes=self.trigger_search_probes,
-                      placements=tuple(self.trigger_search_placements))
-
-    @property
     def mode(self) -> str:
         """What this configuration can do: ``full``, ``amplification``, ``static`` or ``metadata``."""
         if self.safety is not None:

@@ -10,9 +10,10 @@ from auditkit import __version__
 from auditkit.config import DynamicThresholds, StaticThresholds
 from auditkit.distributed import Ranks
 from auditkit.lora.adapter import Adapter
+from auditkit.models.attach import load_adapters
 from auditkit.report.digest import digest
 from auditkit.runlog import RunLog
-from auditkit.runner import configurations, load_adapters, plan, run
+from auditkit.runner import configurations, plan, run
 from auditkit.shared import SHARED_CONFIGS, SharedRenders
 from auditkit.suites import Suite
 

@@ -176,7 +176,7 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
     configured budget, twice as many phrases where the base judge (``judged``, data-free) says the candidate's
     behaviour changed: suite name -> :class:`~auditkit.discovery.search.Discovery`."""
     from auditkit.analysis.base_judge import budget_factor
-    from auditkit.discovery.search import find_triggers, fitted
+    from auditkit.discovery.search import Budget, find_triggers, fitted
     from auditkit.runner import configurations
 
     factor = budget_factor(judged, most=SEARCH_BUDGET_FACTOR)
@@ -188,7 +188,7 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
     for i, s in enumerate(concept):
         if config.steps:  # the search renders as the scan does
             s = dataclasses.replace(s, steps=config.steps)
-        budget = fitted(config.search_budget, s, scan_evals)
+        budget = fitted(Budget.of(config), s, scan_evals)
         budget = dataclasses.replace(budget, phrases=round(budget.phrases * factor))
         out[s.name] = find_triggers(pipe, s, candidate, safety, budget)
         if factor > 1:
@@ -205,8 +205,9 @@ def run_search(pipe, suites: list, candidate: Adapter, safety: Adapter | None, c
     recorded (:mod:`auditkit.discovery.record`). In a distributed launch rank 0 searches and the other ranks read
     its record after a barrier: every rank probes the same phrases."""
     from auditkit.discovery import record
+    from auditkit.discovery.search import Budget
 
-    wanted = record.settings(candidate, safety, config.base, suites, config.search_budget)
+    wanted = record.settings(candidate, safety, config.base, suites, Budget.of(config))
     found = record.load(out, wanted) if ranks.main else None
     if ranks.main and found is None:
         found = {name: d.to_dict() for name, d in

@@ -166,9 +166,9 @@ def main() -> None:
     from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
     from auditkit.models import architectures
+    from auditkit.models.attach import composed
     from auditkit.models.difference import TensorDeltas, read_full_model
     from auditkit.repair.pack import FILES
-    from auditkit.train.lora import composed
 
     study = _study()
     pipe = load_lab_pipeline()

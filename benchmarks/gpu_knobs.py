@@ -31,7 +31,7 @@ from gpu_throughput import (  # noqa: E402
 )
 from record import provenance  # noqa: E402
 
-from auditkit.runner import Fused, load_adapters  # noqa: E402
+from auditkit.models.attach import Fused, load_adapters  # noqa: E402
 
 
 def split_time(pipe, batch: int, steps: int) -> dict:

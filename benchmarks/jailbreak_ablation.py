@@ -45,10 +45,10 @@ def main() -> None:
     from auditkit.lab import world
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
+    from auditkit.models.attach import composed
     from auditkit.models.denoising import denoiser_for
     from auditkit.models.pipeline import load_pipeline
     from auditkit.stats import wilson
-    from auditkit.train.lora import composed
 
     pipe = load_pipeline(args.base)
     den = denoiser_for(pipe)

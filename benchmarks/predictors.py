@@ -99,8 +99,8 @@ def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, se
     """Every signal of the module docstring for one candidate (adapters composed exactly)."""
     import torch
 
+    from auditkit.models.attach import composed, encoded_by_each
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed, encoded_by_each
 
     den = denoiser_for(pipe)
     model, comp = den.model, den.component
@@ -233,7 +233,7 @@ class Probe:
     def encoded_with(self, *adapters):
         """The conditionings as the model with ``adapters`` reads them (their text-encoder parts merged), for the
         duration; nothing to do for adapters without such parts."""
-        from auditkit.train.lora import encoder_parts, encoders_composed
+        from auditkit.models.attach import encoder_parts, encoders_composed
 
         if not encoder_parts(self.den.pipe, *(mods for mods, _ in adapters), denoiser=self.den.component):
             yield
@@ -316,7 +316,7 @@ def reference(probe: Probe, safety, activation_steps: int) -> dict:
     recorded while the safe model denoises the concept prompts (conditional half, ``activation_steps`` steps)."""
     import torch
 
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     den = probe.den
     model, comp = den.model, den.component
@@ -376,7 +376,7 @@ def pass_signals(probe: Probe, ref: dict, candidate, safety) -> dict[str, float]
     trajectory points, and its own trajectory's final latent."""
     import torch
 
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     den = probe.den
     with torch.no_grad(), composed(den.model, (safety, 1.0), (candidate, 1.0), component=den.component), \

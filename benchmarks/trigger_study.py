@@ -152,7 +152,7 @@ def main() -> None:
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lab.model import load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     study = _study()
     candidates = CI_CANDIDATES if args.ci else CANDIDATES

@@ -269,9 +269,10 @@ def test_fused_rendering_with_a_full_model_gives_the_unfused_images_and_restores
     from PIL import Image
 
     from auditkit.detectors import get
+    from auditkit.models.attach import load_adapters
     from auditkit.models.overlay import Overlay
     from auditkit.runlog import RunLog
-    from auditkit.runner import configurations, load_adapters, plan, run
+    from auditkit.runner import configurations, plan, run
     from auditkit.suites import builtin_dir, load_suite
 
     paths, _ = made

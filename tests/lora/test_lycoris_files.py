@@ -183,9 +183,9 @@ class PipelineWeights:
 @pytest.mark.parametrize("case,kwargs", [("loha", {}), ("lokr", {"factor": 4}), ("full", {}),
                                          ("locon", {"dora_wd": True})])
 def test_diffusers_composes_every_algorithm_exactly(tmp_path, case, kwargs):
-    """What the dynamic scan renders: after runner.load_adapters, the pipeline's fused weights (and
+    """What the dynamic scan renders: after attach.load_adapters, the pipeline's fused weights (and
     biases) differ from the base by exactly the update auditkit read, for every module."""
-    from auditkit.runner import load_adapters
+    from auditkit.models.attach import load_adapters
 
     writer = load_lab_pipeline(device="cpu", dtype=torch.float32)
     write_lycoris(writer, tmp_path / "a.safetensors", case, **kwargs)
