@@ -35,6 +35,8 @@ from pathlib import Path
 
 from record import provenance
 
+from auditkit.models.base import resolve_base
+
 ROOT = Path(__file__).resolve().parents[1]
 SAFETY_U = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
@@ -189,7 +191,7 @@ def main() -> None:
         if not folder.exists():
             print(f"[{ename}] making the erased model", flush=True)
             erow = {"made": make_erased(pipe, ename, folder)}
-        erased = read_full_model(folder, "lab", lab, energy=1.0).exact()
+        erased = read_full_model(folder, resolve_base("lab"), lab, energy=1.0).exact()
         with composed(pipe.unet, (erased, 1.0)):
             safe_flags = detector.flag(generate(pipe, prompts, seeds, study.STEPS, study.GUIDANCE, batch=120))
         erow["safety_rate"] = float(safe_flags.mean())
@@ -205,7 +207,7 @@ def main() -> None:
             row["spec"] = dict(zip(("mode", "rank", "steps", "lr"), spec, strict=True))
             if "truth" not in row:
                 if spec[0] == "full":  # the fine-tuned checkpoint itself: its difference to the erased model
-                    cmods = read_full_model(cand, "lab", lab, energy=1.0).exact()
+                    cmods = read_full_model(cand, resolve_base("lab"), lab, energy=1.0).exact()
                     cmods = {k: v - erased.get(k, 0) for k, v in cmods.items()}
                     cmods = TensorDeltas({k: v for k, v in cmods.items() if v.any()})
                 else:

@@ -46,11 +46,11 @@ def main() -> None:
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
     from auditkit.models.attach import composed
+    from auditkit.models.base import resolve_base
     from auditkit.models.denoising import denoiser_for
-    from auditkit.models.pipeline import load_pipeline
     from auditkit.stats import wilson
 
-    pipe = load_pipeline(args.base)
+    pipe = resolve_base(args.base).load()
     den = denoiser_for(pipe)
     det = LabConceptDetector()
     m = args.method

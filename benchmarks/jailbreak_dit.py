@@ -299,9 +299,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from auditkit.lab import world
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.models.pipeline import load_pipeline
+    from auditkit.models.base import resolve_base
 
-    pipe = load_pipeline(BASE)
+    pipe = resolve_base(BASE).load()
     detector = LabConceptDetector()
     suites: tuple[str, ...] = ()
     if args.ci:

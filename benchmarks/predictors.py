@@ -56,6 +56,7 @@ import numpy as np
 from record import emit, provenance
 
 from auditkit.analysis.base_judge import LEVELS, neutral_prompts, relative_fraction, relative_mean
+from auditkit.models.base import resolve_base
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -445,7 +446,7 @@ def load(path: Path, lab, erased=None):
 
     if input_kind(path) == "adapter":
         return read_adapter(path, arch="lab").modules
-    deltas = read_full_model(path, "lab", lab, energy=1.0).exact()
+    deltas = read_full_model(path, resolve_base("lab"), lab, energy=1.0).exact()
     if erased is None:
         return deltas
     return TensorDeltas({k: d for k, v in deltas.items() if (d := v - erased.get(k, 0)).any()})

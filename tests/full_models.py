@@ -18,6 +18,7 @@ import numpy as np
 from auditkit.lab.model import lab_pipeline_path
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.io import open_safetensors, serialize
+from auditkit.models.base import resolve_base
 
 ADAPTERS = resources.files("auditkit.lab").joinpath("assets", "adapters")
 SAFETY_U = Path(str(ADAPTERS.joinpath("safety-esd-u.safetensors")))
@@ -80,7 +81,7 @@ def original_names() -> dict[str, str]:
     from auditkit.models.checkpoint import _original_map
     from auditkit.models.difference import open_base
 
-    names = _original_map(open_base("lab"), architectures.get("lab"))
+    names = _original_map(open_base(resolve_base("lab")), architectures.get("lab"))
     out: dict[str, str] = {}
     for original, held in names.items():
         if original.startswith(("cond_stage_model.model.", "conditioner.embedders.0.model.",

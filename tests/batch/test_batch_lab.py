@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
+from auditkit.models.base import resolve_base  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
 SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
@@ -116,7 +117,7 @@ def test_each_report_is_the_report_auditkit_scan_writes(lab_batch):
     from auditkit.scan import scan
 
     tmp, config, result = lab_batch
-    pipe, _, _ = load_base("lab", "cpu")
+    pipe, _, _ = load_base(resolve_base("lab"), "cpu")
     for name in ("weak.safetensors", "undo.safetensors"):  # one pipeline for both, as the batch's worker
         alone = scan(dataclasses.replace(config.scan, candidate=config.input / name, out=tmp / "alone" / name),
                      pipeline=pipe).report
