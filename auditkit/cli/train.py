@@ -71,7 +71,7 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
         component = denoiser_for(pipe).component
         save_component(pipe, component, deltas, out_file)
         out.print(f"erased model ({component}): [bold]{out_file}[/bold] ({len(deltas)} weights changed, {method}, "
-                  "full fine-tuning); use it as --safety with --base " + base)
+                  "full fine-tuning); use it as --safety with --base " + base.name)
         return
     with bar:
         modules = train_esd(pipe, prompts, cfg, progress=update)
