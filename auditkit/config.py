@@ -15,6 +15,7 @@ from typing import ClassVar
 from auditkit.analysis.triggers import check_given
 from auditkit.lab.bases import BASE_HELP
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
+from auditkit.models.base import Base, resolve_base
 from auditkit.placement import PLACEMENTS
 from auditkit.placement import problem as placement_problem
 from auditkit.suites import MAX_STEPS
@@ -116,8 +117,8 @@ class ScanConfig:
     safety: Path | None = field(default=None, metadata=_help(
         "the safety module: a Safety LoRA, or the erased model (a pipeline or component folder, or a .safetensors "
         "checkpoint); 'none' or unset with a base: concept amplification against the base"))
-    base: str | None = field(default=None, metadata=_help(
-        f"base pipeline: {BASE_HELP}; enables the data-free checks and the dynamic scan"))
+    base: Base | None = field(default=None, metadata=_help(
+        f"base pipeline: {BASE_HELP}; enables the data-free checks and the dynamic scan"))  # a name given: resolved
     suites: tuple[str, ...] = field(default=(), metadata=_help(
         "probe suites (.yaml) or prompt CSVs (default: lab-cross + lab-neon for the labs, nudity + benign otherwise)"))
     multipliers: tuple[float, ...] = field(default=DEFAULT_MULTIPLIERS, metadata=_help(
@@ -167,7 +168,11 @@ class ScanConfig:
     dynamic: DynamicThresholds = field(default_factory=DynamicThresholds, metadata=_help("dynamic thresholds"))
 
     def __post_init__(self) -> None:
+        if isinstance(self.base, str):  # the base as a user names it: resolved here, once (auditkit.models.base)
+            object.__setattr__(self, "base", resolve_base(self.base))
         problems = []
+        if self.base is not None and not isinstance(self.base, Base):
+            problems.append(f"base: must be {BASE_HELP}, got {shown(self.base)}")
         if not self.multipliers:
             problems.append("multipliers: at least one candidate multiplier is needed")
         for m in self.multipliers:
@@ -211,15 +216,6 @@ class ScanConfig:
         return self.base is not None and not self.static_only
 
     @property
-    def search_budget(self):
-        """The trigger search's :class:`auditkit.discovery.search.Budget` from the ``trigger_search_*`` fields."""
-        from auditkit.discovery.search import Budget
-
-        return Budget(tokens=self.trigger_search_tokens, phrases=self.trigger_search_phrases,
-                      steps=self.trigger_search_steps, probes=self.trigger_search_probes,
-                      placements=tuple(self.trigger_search_placements))
-
-    @property
     def mode(self) -> str:
         """What this configuration can do: ``full``, ``amplification``, ``static`` or ``metadata``."""
         if self.safety is not None:
@@ -235,6 +231,8 @@ class ScanConfig:
             value = getattr(self, f.name)
             if isinstance(value, (StaticThresholds, DynamicThresholds)):
                 value = value.to_dict()
+            elif isinstance(value, Base):
+                value = value.name  # as the user gave it: report.json, batch.json and run logs as before
             elif isinstance(value, Path):
                 value = str(value)
             elif f.name == "detectors":

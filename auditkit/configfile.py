@@ -23,7 +23,8 @@ from pathlib import Path
 from auditkit.config import DynamicThresholds, ScanConfig, StaticThresholds, cut, shown
 from auditkit.errors import BadInput
 from auditkit.fsutil import read_bounded
-from auditkit.lab.bases import BASE_HELP, lab_base, refuse_miscased_lab
+from auditkit.lab.bases import BASE_HELP
+from auditkit.models.base import resolve_base
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -166,10 +167,7 @@ def _convert(path: Path, key: str, kind, raw):
     if kind == "base":
         if not isinstance(raw, str) or not raw.strip():
             raise bad(f"must be {BASE_HELP}")
-        if lab_base(raw) is not None:
-            return raw
-        refuse_miscased_lab(raw, folder / raw)
-        return str(folder / raw)
+        return resolve_base(raw, relative_to=folder, check_case=True)
     if kind == "path":
         if not isinstance(raw, str) or not raw.strip():
             raise bad("must be a path")

@@ -10,9 +10,11 @@ from auditkit import __version__
 from auditkit.config import DynamicThresholds, StaticThresholds
 from auditkit.distributed import Ranks
 from auditkit.lora.adapter import Adapter
+from auditkit.models.attach import load_adapters
+from auditkit.models.base import Base
 from auditkit.report.digest import digest
 from auditkit.runlog import RunLog
-from auditkit.runner import configurations, load_adapters, plan, run
+from auditkit.runner import configurations, plan, run
 from auditkit.shared import SHARED_CONFIGS, SharedRenders
 from auditkit.suites import Suite
 
@@ -68,18 +70,17 @@ def truncated_prompts(pipe, suites: list[Suite]) -> dict[str, int]:
     return out
 
 
-def load_base(base: str, device: str | None = None, full_precision: bool = False):
-    """(pipeline, device, dtype name) for ``base`` on the chosen device, loaded once per scan or training.
+def load_base(base: Base, device: str | None = None, full_precision: bool = False):
+    """(pipeline, device, dtype name) for ``base`` (:class:`~auditkit.models.base.Base`) on the chosen device,
+    loaded once per scan or training.
     ``full_precision``: float32 on a GPU too (training the model's own weights; a LoRA trains in float32 on a
     bf16 model, :func:`auditkit.train.lora.add_lora`)."""
     import torch
 
-    from auditkit.models.pipeline import load_pipeline
-
     device, dtype = pick_device(device)
     if full_precision:
         dtype = "float32"
-    return load_pipeline(base, device=device, dtype=getattr(torch, dtype)), device, dtype
+    return base.load(device=device, dtype=getattr(torch, dtype)), device, dtype
 
 
 @contextlib.contextmanager
@@ -106,10 +107,10 @@ def loaded(pipe, adapters: dict[str, Adapter], min_coverage: float = StaticThres
         pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
 
 
-def _header(base: str, suites: list[Suite], multipliers, steps: int | None, adapters: dict[str, Adapter],
+def _header(base: Base, suites: list[Suite], multipliers, steps: int | None, adapters: dict[str, Adapter],
             detectors: dict, triggers) -> dict:
-    header = {
-        "base": base, "suites": suites_info(suites), "multipliers": list(multipliers), "steps_override": steps,
+    header = {  # the base as the user named it: older run logs resume
+        "base": str(base), "suites": suites_info(suites), "multipliers": list(multipliers), "steps_override": steps,
         "adapters": {role: a.sha256 for role, a in adapters.items()},
         "detectors": {n: d.profile() for n, d in detectors.items()},
         "seeds": "image k of a prompt uses seed prompt.seed * 1000 + k",
@@ -131,7 +132,7 @@ def render_settings(pipe, batch_size: int) -> dict:
             "dtype": str(denoiser.dtype).removeprefix("torch.")}
 
 
-def render_shared(pipe, base: str, safety: Adapter | None, suites: list[Suite], run_dir: str | Path,
+def render_shared(pipe, base: Base, safety: Adapter | None, suites: list[Suite], run_dir: str | Path,
                   steps: int | None = None, batch_size: int = 16, progress=None,
                   min_coverage: float = StaticThresholds.min_coverage) -> SharedRenders:
     """Render the configurations every candidate shares (base, and base+safety with a safety module) once,
@@ -151,7 +152,7 @@ def render_shared(pipe, base: str, safety: Adapter | None, suites: list[Suite], 
     return SharedRenders(Path(run_dir))
 
 
-def run_dynamic(pipe, base: str, candidate: Adapter, safety: Adapter | None, suites: list[Suite],
+def run_dynamic(pipe, base: Base, candidate: Adapter, safety: Adapter | None, suites: list[Suite],
                 run_dir: str | Path, multipliers: tuple[float, ...] = (0.5, 1.0, 1.5), steps: int | None = None,
                 batch_size: int = 16, thresholds: DynamicThresholds | None = None, progress=None,
                 ranks: Ranks | None = None, triggers: list[str] | tuple[str, ...] = (),

@@ -33,6 +33,7 @@ from auditkit.fsutil import check_writable
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.formats import KOHYA
 from auditkit.lora.write import save_adapter
+from auditkit.models.base import Base
 
 PREFIX = "auditkit.extract."
 
@@ -62,13 +63,13 @@ def _check_out(out: Path, model: Path) -> None:
     check_writable(out)  # a read-only or impossible --out fails now, not after the SVDs
 
 
-def extract(model: str | Path, base: str, out: str | Path, energy: float | None = None,
+def extract(model: str | Path, base: Base, out: str | Path, energy: float | None = None,
             rank: int | None = None) -> Extracted:
     """Write ``model``'s update (its difference to ``base``) to ``out`` as a kohya LoRA.
 
     Args:
         model: a full model: pipeline folder, component folder or single ``.safetensors`` file.
-        base: ``lab`` or the base pipeline folder it is compared with.
+        base: the base it is compared with (:func:`auditkit.models.base.resolve_base`).
         out: the ``.safetensors`` file to write (atomically; nothing is written on an error).
         energy: share of each module's ‖ΔW‖² to keep, in (0, 1] (default 0.99).
         rank: keep this rank per module instead.
@@ -78,7 +79,6 @@ def extract(model: str | Path, base: str, out: str | Path, energy: float | None 
         Unscannable: the model changes no linear/conv module of the base.
     """
     from auditkit.models.difference import open_base, read_full_model
-    from auditkit.models.pipeline import base_architecture
 
     model, out = Path(model), Path(out)
     if energy is not None and rank is not None:
@@ -88,7 +88,7 @@ def extract(model: str | Path, base: str, out: str | Path, energy: float | None 
     if rank is not None and rank < 1:
         raise BadInput(None, f"rank must be at least 1, got {rank}")
     _check_out(out, model)
-    arch = base_architecture(base)
+    arch = base.architecture
     adapter = read_full_model(model, base, arch, energy=energy, rank=rank)
     update = adapter.update
     if not adapter.modules:
@@ -104,7 +104,7 @@ def extract(model: str | Path, base: str, out: str | Path, energy: float | None 
         PREFIX + "source": model.name,  # names and hashes only: a shared LoRA carries no local paths
         PREFIX + "source_form": update.checkpoint.form,
         PREFIX + "source_sha256": adapter.sha256,
-        PREFIX + "base": Path(str(base)).name,  # "lab", or the base folder's name
+        PREFIX + "base": Path(base.name).name,  # "lab", or the base folder's name
         PREFIX + "base_sha256": open_base(base).sha256,
         PREFIX + "method": "truncated SVD of each module's difference to the base (randomized, dense fallback)",
         PREFIX + ("rank" if rank is not None else "energy"): str(rank if rank is not None else update.energy),

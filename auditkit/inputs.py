@@ -28,6 +28,7 @@ from auditkit.lora.adapter import Adapter, read_adapter
 from auditkit.lora.identify import is_full_model
 from auditkit.lora.io import PICKLE_SUFFIXES, open_safetensors
 from auditkit.models.architectures import Architecture
+from auditkit.models.base import Base
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def _need_base(path: Path, base: str | None, role: str) -> str:
     return base
 
 
-def with_base_weights(adapter: Adapter, base: str | None) -> Adapter:
+def with_base_weights(adapter: Adapter, base: Base | None) -> Adapter:
     """The adapter with its DoRA modules made exact from the base's weights (read from the base's
     safetensors, no model loaded); unchanged without DoRA modules or without a base."""
     if base is None or not any(m.needs_base for m in adapter.modules.values()):
@@ -71,7 +72,7 @@ def with_base_weights(adapter: Adapter, base: str | None) -> Adapter:
     return adapter.with_base(BaseWeights.for_base(base))
 
 
-def reference_for(safety: Adapter | None, base: str, candidate_from: str):
+def reference_for(safety: Adapter | None, base: Base, candidate_from: str):
     """The model a full-model candidate is compared with: the safe model (``candidate_from="safety"``:
     the erased model over the base, or the base with the safety adapter merged) or the base."""
     from auditkit.models.difference import Reference, open_base
@@ -84,7 +85,7 @@ def reference_for(safety: Adapter | None, base: str, candidate_from: str):
     return Reference(base_model, lora=safety.modules, label="safe model (base + safety adapter)")
 
 
-def read_input(path: str | Path, role: str, base: str | None = None, base_arch: Architecture | None = None,
+def read_input(path: str | Path, role: str, base: Base | None = None, base_arch: Architecture | None = None,
                arch: str | Architecture | None = None, extra_architectures: tuple = (), energy: float | None = None,
                reference=None, compared_with: str = "base") -> Adapter:
     """One safety module or candidate, adapter or full model, as an :class:`Adapter`.
@@ -92,7 +93,7 @@ def read_input(path: str | Path, role: str, base: str | None = None, base_arch: 
     Args:
         path: the file or folder.
         role: ``safety`` or ``candidate`` (for messages).
-        base: ``lab`` or the base pipeline folder (a full model needs it).
+        base: the resolved base (:func:`auditkit.models.base.resolve_base`; a full model needs it).
         base_arch: the base's architecture (computed from ``base`` when not given).
         arch, extra_architectures: as for :func:`~auditkit.lora.adapter.read_adapter`.
         energy: the share of each full-model module's difference energy the truncation keeps.
@@ -101,20 +102,17 @@ def read_input(path: str | Path, role: str, base: str | None = None, base_arch: 
     path = Path(path)
     if input_kind(path) == "full model":
         from auditkit.models.difference import read_full_model
-        from auditkit.models.pipeline import base_architecture
 
         base = _need_base(path, base, role)
-        return read_full_model(path, base, base_arch or base_architecture(base), energy=energy,
+        return read_full_model(path, base, base_arch or base.architecture, energy=energy,
                                reference=reference, compared_with=compared_with)
     adapter = read_adapter(path, arch=arch, extra_architectures=extra_architectures)
     if base is not None:
-        from auditkit.models.pipeline import base_architecture
-
-        adapter = for_base(adapter, role, base, base_arch or base_architecture(base), arch is None)
+        adapter = for_base(adapter, role, base, base_arch or base.architecture, arch is None)
     return with_base_weights(adapter, base)
 
 
-def for_base(adapter: Adapter, role: str, base: str, base_arch: Architecture, may_reread: bool = True) -> Adapter:
+def for_base(adapter: Adapter, role: str, base: Base, base_arch: Architecture, may_reread: bool = True) -> Adapter:
     """``adapter`` as it changes ``base``, checked before any model loads: read again for the base's
     architecture when it fits several and another was assumed (``may_reread``: no ``--arch`` was given);
     BadInput naming both architectures when it does not fit the base at all (an SD1.5 LoRA on an SDXL base
@@ -128,7 +126,7 @@ def for_base(adapter: Adapter, role: str, base: str, base_arch: Architecture, ma
 
 
 def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | None = None,
-              extra_architectures: tuple = (), base: str | None = None, base_arch: Architecture | None = None,
+              extra_architectures: tuple = (), base: Base | None = None, base_arch: Architecture | None = None,
               energy: float | None = None, candidate_from: str = "safety") -> tuple[Adapter, Adapter]:
     """Read both for one architecture, or refuse: they must change the same model.
 
@@ -138,10 +136,8 @@ def read_pair(candidate_path: str | Path, safety_path: str | Path, arch: str | N
         raise ValueError(f"candidate_from must be one of {', '.join(CANDIDATE_FROM)}")
     full = [p for p in (safety_path, candidate_path) if input_kind(p) == "full model"]
     if full:
-        from auditkit.models.pipeline import base_architecture
-
         base = _need_base(Path(full[0]), base, "safety module" if full[0] == safety_path else "candidate")
-        base_arch = base_arch or base_architecture(base)
+        base_arch = base_arch or base.architecture
         arch = arch or base_arch
     common = {"base": base, "base_arch": base_arch, "arch": arch, "extra_architectures": extra_architectures,
               "energy": energy}

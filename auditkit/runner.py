@@ -4,12 +4,11 @@
   the adapters, so the same key in two configurations is a pair (same prompt, same seed).
 * A **configuration** is a set of adapters with multipliers: ``base``, ``base+safety``,
   ``base+safety+candidate@m``, ``base+candidate@m``.
-* Adapters are loaded with diffusers (``load_lora_weights``) and switched per configuration with
-  ``set_adapters``; every load is checked for key coverage, and a load that applies too few modules
-  stops the run as inconclusive (diffusers has loaded kohya files with zero keys and no warning).
+* Adapters are loaded with diffusers and switched per configuration by :mod:`auditkit.models.attach`
+  (``load_adapters``: key coverage checked, fail closed; ``apply_configuration``; ``Fused``).
 * The run log (``run.jsonl``: a header line, then one line per image) is the contract with the
   digest and the report; a killed run continues where it stopped.
-* On CUDA each configuration's adapters are merged into the weights while it renders (:class:`Fused`),
+* On CUDA each configuration's adapters are merged into the weights while it renders (``Fused``),
   and a batch's images are written while the next batch renders.
 * Under ``accelerate launch`` the batches are split across processes and their records merged into
   the one run log (:mod:`auditkit.distributed`).
@@ -18,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from auditkit.config import StaticThresholds
 from auditkit.distributed import Ranks, shard
-from auditkit.errors import Unscannable
-from auditkit.lora.write import diffusers_source
+from auditkit.models.attach import Fused, apply_configuration
 from auditkit.runlog import RunLog, merge_shards, shard_name
 from auditkit.suites import Suite
 
@@ -76,109 +72,6 @@ def plan(suites: Sequence[Suite], steps: int | None = None) -> list[Job]:
     return jobs
 
 
-def load_adapters(pipe, adapters: dict[str, object],
-                  min_coverage: float = StaticThresholds.min_coverage) -> dict[str, dict]:
-    """Load each adapter (role -> canonical :class:`~auditkit.lora.adapter.Adapter`) with diffusers and
-    check how many of its modules really received LoRA layers. Fails closed below ``min_coverage`` (the
-    configured ``min_coverage``: :func:`auditkit.dynamic.run_dynamic` passes it on).
-
-    Every module of the adapter counts, in whichever component it is (both SDXL text encoders
-    included): a module in a component the pipeline's family does not have was not loaded.
-
-    A file diffusers reads natively is handed over as it is; when diffusers then applies fewer than
-    all of its modules or refuses it (diffusers 0.42: kohya's ``lora_unet_add_embedding_linear_N``
-    dropped, files mixing SGM and diffusers names, diffusers/peft text-encoder files under
-    transformers 5), it is loaded again as auditkit's exact conversion (a diffusers state dict of the
-    same updates), so the scan renders every module the file holds. The coverage record says which
-    source was used and names any module still missing.
-
-    Each loaded module's scale is also checked against the file's own (alpha / rank, read by
-    auditkit): diffusers ignores per-module alphas when a kohya file's alphas differ between modules
-    (measured with diffusers 0.36: 9 of 14 modules got another module's scale). Wrong scales are
-    corrected in place and counted, so the scan renders the adapter the file describes.
-    """
-    from auditkit.models.families import family_of_pipeline
-
-    family = family_of_pipeline(pipe)
-    coverage = {}
-    for role, adapter in adapters.items():
-        expected = set(adapter.modules)
-        source = diffusers_source(adapter, family.native_layouts)
-        layers, failure = _load(pipe, role, source)
-        note = ""
-        if isinstance(source, str) and (failure or not expected <= layers.keys()):
-            note = (f"diffusers refused the file ({failure})" if failure else
-                    f"diffusers applied {len(expected & layers.keys())} of the file's {len(expected)} modules")
-            if not failure:
-                pipe.delete_adapters(role)
-            source = diffusers_source(adapter, ())
-            layers, failure = _load(pipe, role, source)
-        if failure:
-            raise Unscannable(adapter.path, f"diffusers cannot load it into the {family.name} pipeline "
-                                            f"({failure}); the dynamic scan would not test this adapter")
-        got = len(expected & layers.keys())
-        fraction = got / len(expected) if expected else 0.0
-        missing = sorted(expected - layers.keys())
-        if fraction < min_coverage:
-            foreign = sorted({n.split(".", 1)[0] for n in expected} - set(family.lora_components))
-            untouched = sorted({n.split(".", 1)[0] for n in expected} - {n.split(".", 1)[0] for n in layers}
-                               - set(foreign))
-            why = f" ({', '.join(foreign)}: not in a {family.name} pipeline)" if foreign else \
-                f" (diffusers loads none of {', '.join(untouched)}'s modules)" if untouched else \
-                f" (missing: {', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})"
-            raise Unscannable(adapter.path, f"diffusers applied only {got} of {len(expected)} modules "
-                                            f"({fraction:.0%}){why}; the dynamic scan would not test this adapter")
-        corrected = _correct_scales(adapter, role, {n: layers[n] for n in expected & layers.keys()})
-        coverage[role] = {"expected": len(expected), "loaded": got, "fraction": fraction,
-                          "scales_corrected": corrected, "missing": missing[:50],
-                          "source": "file" if isinstance(source, str) else "auditkit conversion",
-                          **({"note": note + "; loaded as auditkit's exact conversion"} if note else {})}
-    return coverage
-
-
-def _load(pipe, role: str, source) -> tuple[dict, str]:
-    """Load ``source`` as adapter ``role``: (its LoRA layers by canonical name, "" or why diffusers refused).
-    A refused load leaves nothing of ``role`` behind, in any component."""
-    try:
-        pipe.load_lora_weights(source, adapter_name=role)
-    except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-        if any(role in names for names in getattr(pipe, "get_list_adapters", dict)().values()):
-            pipe.delete_adapters(role)
-        return {}, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
-    return _lora_layers(pipe, [role]), ""
-
-
-def _correct_scales(adapter, role: str, layers: dict) -> int:
-    """Set peft's alpha and scaling of every loaded layer to the file's scale; returns how many differed."""
-    corrected = 0
-    for name, layer in layers.items():
-        m = adapter.modules[name]
-        rank = layer.lora_A[role].weight.shape[0]
-        if rank != m.rank:
-            raise Unscannable(adapter.path, f"diffusers loaded {name} with rank {rank}, the file has rank {m.rank}")
-        if abs(layer.scaling[role] - m.scale) > 1e-6 * max(1.0, abs(m.scale)):
-            layer.lora_alpha[role] = m.scale * rank
-            layer.scaling[role] = m.scale
-            corrected += 1
-    return corrected
-
-
-def apply_configuration(pipe, config: Configuration, roles: Sequence[str]) -> None:
-    """Activate exactly the configuration's adapters at their multipliers; the others are not active at all.
-
-    An adapter left active at weight 0 is not always absent: a DoRA layer still rescales the base weight by
-    its trained magnitude over the weight's norm (measured: the lab UNet's output moved by 0.8 on a scale of
-    4.4), so base+safety would not be the safe model beside a DoRA candidate."""
-    if not roles:
-        return
-    weights = {r: float(w) for r, w in config.weights if w and r in roles}
-    if not weights:
-        pipe.disable_lora()
-        return
-    pipe.enable_lora()
-    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
-
-
 Batch = tuple[Configuration, list[Job]]
 
 
@@ -209,7 +102,7 @@ def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: 
     ``roles``: the LoRA adapters loaded by diffusers. ``overlay``: the full models of the scan
     (:class:`auditkit.models.overlay.Overlay`), set per configuration before its adapters.
     ``fuse``: merge each configuration's adapters into the weights while it renders (default: on
-    CUDA only; see :class:`Fused`). ``ranks``: this process's share of a distributed run (see
+    CUDA only; see :class:`auditkit.models.attach.Fused`). ``ranks``: this process's share of a distributed run (see
     :mod:`auditkit.distributed`); its records go to its shard log and rank 0 merges them at the end.
     """
     ranks = ranks or Ranks()
@@ -294,78 +187,3 @@ def _write(log: RunLog, images: np.ndarray, records: list[dict]) -> None:
         Image.fromarray(img).save(tmp)
         os.replace(tmp, path)
     log.append(records)
-
-
-class Fused:
-    """Configurations rendered with their adapters merged into the weights (no LoRA branch per layer).
-
-    Merging is diffusers' ``fuse_lora`` of the configuration's adapters at their ``set_adapters``
-    weights; leaving a configuration is ``unfuse_lora`` followed by copying back the weights saved
-    before the first merge: in bf16, subtracting a merged update does not give the original weights
-    back (measured on the lab: 0.002 drift after six merge/unmerge cycles), and the base
-    configuration must render with the base model's own weights.
-    """
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.saved: dict = {}  # LoRA layer -> its base weight before the current merge
-        self.merged = False
-        self.unmerged: set[str] = set()  # configurations rendered unmerged (their adapters update biases)
-
-    def apply(self, config: Configuration, roles: Sequence[str]) -> None:
-        self.restore()
-        names = [r for r, w in config.weights if w and r in roles]
-        if not names:
-            apply_configuration(self.pipe, config, roles)
-            return
-        layers = _lora_layers(self.pipe, names).values()
-        if any(getattr(layer.lora_B[r], "bias", None) is not None for layer in layers for r in names
-               if r in layer.lora_B):
-            # peft cannot merge a LoRA bias into a layer without one, and merging into one that has a bias
-            # would need that bias saved too: bias updates (full-diff diff_b) render unmerged
-            self.unmerged.add(config.name)
-            apply_configuration(self.pipe, config, roles)
-            return
-        weights = dict(config.weights)
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(names, adapter_weights=[float(weights[r]) for r in names])
-        for layer in layers:
-            if layer not in self.saved:
-                self.saved[layer] = layer.get_base_layer().weight.detach().clone()
-        self.pipe.fuse_lora(components=self.components(), adapter_names=names, lora_scale=1.0)
-        self.merged = True
-
-    def components(self) -> list[str]:
-        """Every component diffusers loads LoRAs into: fuse_lora's default is the denoiser alone for Flux
-        (text-encoder LoRAs would render unmerged), the denoiser and text encoders for SD and SDXL."""
-        return [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
-
-    def restore(self) -> None:
-        """Unmerge and put the saved base weights back (exactly)."""
-        if not self.merged:
-            return
-        import torch
-
-        with warnings.catch_warnings():  # peft warns for every layer the configuration did not touch
-            warnings.filterwarnings("ignore", message="Already unmerged")
-            self.pipe.unfuse_lora(components=self.components())
-        with torch.no_grad():
-            for layer, weight in self.saved.items():
-                layer.get_base_layer().weight.copy_(weight)
-        self.saved.clear()  # saved again at the next merge: full models (an Overlay) may change them in between
-        self.merged = False
-
-
-def _lora_layers(pipe, roles: Sequence[str]) -> dict:
-    """Canonical name ("unet.<path>", "text_encoder_2.<path>", …) -> layer, for every layer of the
-    pipeline's LoRA components (see :mod:`auditkit.models.families`) holding a LoRA of one of ``roles``."""
-    from auditkit.models.architectures import canonical_name
-    from auditkit.models.pipeline import lora_components
-
-    layers = {}
-    for component, model in lora_components(pipe).items():
-        for name, module in model.named_modules():
-            lora_a = getattr(module, "lora_A", None)
-            if lora_a is not None and any(r in lora_a for r in roles):
-                layers[canonical_name(component, name)] = module
-    return layers

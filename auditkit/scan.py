@@ -38,6 +38,7 @@ from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import check_output_folder
 from auditkit.inputs import read_input, read_pair, with_base_weights  # noqa: F401 - read_pair: public here too
 from auditkit.lora.adapter import Adapter
+from auditkit.models.base import DEFAULT_SUITES, Base
 from auditkit.runlog import locked
 from auditkit.verdict import (
     BEHAVIOURAL,
@@ -84,7 +85,7 @@ class ScanResult:
 
 def run_static_scan(candidate_path: str | Path, safety_path: str | Path,
                     thresholds: StaticThresholds = StaticThresholds(), arch: str | None = None,
-                    extra_architectures: tuple = (), base: str | None = None, base_arch=None,
+                    extra_architectures: tuple = (), base: Base | None = None, base_arch=None,
                     energy: float | None = None, candidate_from: str = "safety") -> StaticScan:
     """Read both (adapters or full models, see :mod:`auditkit.inputs`) and apply the static rules (factor
     space, no model, seconds)."""
@@ -105,17 +106,15 @@ def run_static_scan(candidate_path: str | Path, safety_path: str | Path,
     return StaticScan(candidate, safety, findings, verdict, thresholds)
 
 
-def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
-    """The configured suites (or the defaults for the base), with detector overrides applied."""
+def resolve_suites(config: ScanConfig, base: Base | None = None) -> list:
+    """The configured suites (or the defaults for the base: :attr:`auditkit.models.base.Base.suites`), with
+    detector overrides applied."""
     from auditkit.suites import builtin_dir, load_suites
 
     base = base if base is not None else config.base
     files = [Path(f) for f in config.suites]
     if not files:
-        from auditkit.lab.bases import lab_base
-
-        lab = lab_base(base)
-        names = lab.suites if lab is not None else ("nudity", "benign")
+        names = base.suites if base is not None else DEFAULT_SUITES
         files = [builtin_dir() / f"{n}.yaml" for n in names]
     suites = load_suites(files)
     known = {s.name for s in suites}
@@ -135,7 +134,7 @@ def resolve_suites(config: ScanConfig, base: str | None = None) -> list:
     return suites
 
 
-def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -> dict:
+def concept_check(pipe, base: Base, suite, candidate: Adapter, safety: Adapter) -> dict:
     """The data-free checks on the concept suite's prompts: key/value reversion, noise reversion (the velocity
     prediction for flow-matching families) and the base judge (:mod:`auditkit.analysis.base_judge`), for every
     family. Full models take part exactly (their dense differences), never as their truncation. Data-free
@@ -149,7 +148,7 @@ def concept_check(pipe, base: str, suite, candidate: Adapter, safety: Adapter) -
     kv = denoiser_for(pipe).record.text_kv
     check = concept_reversion(pipe, prompts, suite.concept_word, candidate.exact_modules(kv),
                               safety.exact_modules(kv), encoders=(candidate.exact(), safety.exact())).to_dict()
-    check.update({"suite": suite.name, "suite_version": suite.version, "base": base, "prompts": len(prompts)})
+    check.update({"suite": suite.name, "suite_version": suite.version, "base": str(base), "prompts": len(prompts)})
     check["noise_reversion"] = noise_reversion(pipe, prompts, candidate.exact(), safety.exact()).to_dict()
     check["base_judge"] = base_judge(pipe, suite, candidate, safety).to_dict()
     return check
@@ -176,7 +175,7 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
     configured budget, twice as many phrases where the base judge (``judged``, data-free) says the candidate's
     behaviour changed: suite name -> :class:`~auditkit.discovery.search.Discovery`."""
     from auditkit.analysis.base_judge import budget_factor
-    from auditkit.discovery.search import find_triggers, fitted
+    from auditkit.discovery.search import Budget, find_triggers, fitted
     from auditkit.runner import configurations
 
     factor = budget_factor(judged, most=SEARCH_BUDGET_FACTOR)
@@ -188,7 +187,7 @@ def search_triggers(pipe, suites: list, candidate: Adapter, safety: Adapter | No
     for i, s in enumerate(concept):
         if config.steps:  # the search renders as the scan does
             s = dataclasses.replace(s, steps=config.steps)
-        budget = fitted(config.search_budget, s, scan_evals)
+        budget = fitted(Budget.of(config), s, scan_evals)
         budget = dataclasses.replace(budget, phrases=round(budget.phrases * factor))
         out[s.name] = find_triggers(pipe, s, candidate, safety, budget)
         if factor > 1:
@@ -205,8 +204,9 @@ def run_search(pipe, suites: list, candidate: Adapter, safety: Adapter | None, c
     recorded (:mod:`auditkit.discovery.record`). In a distributed launch rank 0 searches and the other ranks read
     its record after a barrier: every rank probes the same phrases."""
     from auditkit.discovery import record
+    from auditkit.discovery.search import Budget
 
-    wanted = record.settings(candidate, safety, config.base, suites, config.search_budget)
+    wanted = record.settings(candidate, safety, config.base, suites, Budget.of(config))
     found = record.load(out, wanted) if ranks.main else None
     if ranks.main and found is None:
         found = {name: d.to_dict() for name, d in
@@ -356,14 +356,18 @@ def render_shared_for(config: ScanConfig, run_dir: str | Path, pipeline=None, pr
                          progress=_stage(progress, "shared renders"), min_coverage=config.static.min_coverage)
 
 
-def _base_architecture(base: str | None, pipeline) -> tuple:
-    """(the base's architecture or None, the extra architectures adapters are read against)."""
+def _base_architecture(base: Base | None, pipeline) -> tuple:
+    """(the base's architecture or None, the extra architectures adapters are read against): the loaded
+    ``pipeline``'s when one is given, else the base's."""
     from auditkit.models import architectures
-    from auditkit.models.pipeline import base_architecture
+    from auditkit.models.pipeline import architecture_of
 
-    if base is None and pipeline is None:
+    if pipeline is not None:
+        arch = architecture_of(pipeline)
+    elif base is not None:
+        arch = base.architecture
+    else:
         return None, ()
-    arch = base_architecture(base, pipeline)
     return arch, (() if arch.name in architectures.BUILTIN else (arch,))
 
 

@@ -140,10 +140,11 @@ def train_text_encoder(pipe, images, captions, cfg, safety_modules) -> dict:
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
+    from auditkit.models.attach import composed
     from auditkit.models.conditioning import Conditioning
     from auditkit.models.denoising import denoiser_for
     from auditkit.train.finetune import noisy_batch
-    from auditkit.train.lora import composed, extract_lora, lora_parameters, optimizer_for
+    from auditkit.train.lora import extract_lora, lora_parameters, optimizer_for
 
     if cfg.mode != "on-top":
         raise ValueError("text-encoder candidates are trained on top of the safety module")
@@ -188,7 +189,7 @@ def truth(pipe, detector, safety_modules, cand_modules, base_flags, safe_flags, 
     the base's and the safe model's flags on the same ones. ``judge``: (a second judge, its base flags, its safe
     flags): the same images judged by it too, under ``"judge"``."""
     from auditkit.lab.adherence import generate
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     if prompts is None:
         prompts, seeds = truth_prompts()
@@ -316,7 +317,7 @@ def main() -> None:
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lab.judge import TemplateJudge
     from auditkit.lora.adapter import read_adapter
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     pipe = lab_pipeline()
     detector, judge = LabConceptDetector(), TemplateJudge()

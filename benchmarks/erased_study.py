@@ -31,6 +31,8 @@ from pathlib import Path
 import candidate_study as study
 from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
+from auditkit.models.base import resolve_base
+
 SAFETY_U = lab_safety("esd-u")
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
                    "a white cross", "a cross"]
@@ -138,9 +140,9 @@ def main() -> None:
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
     from auditkit.models import architectures
+    from auditkit.models.attach import composed
     from auditkit.models.difference import TensorDeltas, read_full_model
     from auditkit.repair.pack import FILES
-    from auditkit.train.lora import composed
 
     pipe = lab_pipeline()
     detector = LabConceptDetector()
@@ -158,7 +160,7 @@ def main() -> None:
         if not folder.exists():
             print(f"[{ename}] making the erased model", flush=True)
             erow = {"made": make_erased(pipe, ename, folder)}
-        erased = read_full_model(folder, "lab", lab, energy=1.0).exact()
+        erased = read_full_model(folder, resolve_base("lab"), lab, energy=1.0).exact()
         with composed(pipe.unet, (erased, 1.0)):
             safe_flags = detector.flag(generate(pipe, prompts, seeds, study.STEPS, study.GUIDANCE, batch=120))
         erow["safety_rate"] = float(safe_flags.mean())
@@ -174,7 +176,7 @@ def main() -> None:
             row["spec"] = dict(zip(("mode", "rank", "steps", "lr"), spec, strict=True))
             if "truth" not in row:
                 if spec[0] == "full":  # the fine-tuned checkpoint itself: its difference to the erased model
-                    cmods = read_full_model(cand, "lab", lab, energy=1.0).exact()
+                    cmods = read_full_model(cand, resolve_base("lab"), lab, energy=1.0).exact()
                     cmods = {k: v - erased.get(k, 0) for k, v in cmods.items()}
                     cmods = TensorDeltas({k: v for k, v in cmods.items() if v.any()})
                 else:

@@ -30,7 +30,7 @@ from gpu_throughput import (
 )
 from harness import provenance
 
-from auditkit.runner import Fused, load_adapters
+from auditkit.models.attach import Fused, load_adapters
 
 
 def split_time(pipe, batch: int, steps: int) -> dict:

@@ -10,7 +10,7 @@ The model is SD1.5's architecture with random weights (throughput does not depen
 UNet and CLIP text encoder from ``auditkit/models/configs/sd15.json``, the SD1.5 VAE config below,
 the lab's offline word-level CLIP tokenizer padded to 77 tokens, DDIM with SD1.x's schedule. The
 adapter pair (safety + candidate) are random rank-8 LoRAs on every UNet attention projection
-(to_q, to_k, to_v, to_out.0 of attn1 and attn2), loaded through ``auditkit.runner.load_adapters``.
+(to_q, to_k, to_v, to_out.0 of attn1 and attn2), loaded through ``auditkit.models.attach.load_adapters``.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one classifier-free-guided
 UNet call (batch 2) and one VAE decode (plus the text encoder once per image); per image =
@@ -42,8 +42,9 @@ from auditkit.dynamic import library_versions
 from auditkit.lora.adapter import LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
 from auditkit.models import architectures
+from auditkit.models.attach import Fused, apply_configuration, load_adapters
 from auditkit.runlog import RunLog
-from auditkit.runner import Configuration, Fused, Job, apply_configuration, load_adapters, run
+from auditkit.runner import Configuration, Job, run
 
 RESULT_FILE = RESULTS / "gpu_throughput.json"
 ATTENTION = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",

@@ -99,8 +99,8 @@ def lab_pipeline(base: str | None = None, path: Path | None = None):
 
         pipe = load_lab_pipeline(path=path)
     else:
-        from auditkit.models.pipeline import load_pipeline
+        from auditkit.models.base import resolve_base
 
-        pipe = load_pipeline(base)
+        pipe = resolve_base(base).load()
     pipe.set_progress_bar_config(disable=True)
     return pipe

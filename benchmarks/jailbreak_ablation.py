@@ -38,9 +38,9 @@ def main() -> None:
     from auditkit.lab import world
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
+    from auditkit.models.attach import composed
     from auditkit.models.denoising import denoiser_for
     from auditkit.stats import wilson
-    from auditkit.train.lora import composed
 
     pipe = lab_pipeline(args.base)
     den = denoiser_for(pipe)

@@ -88,8 +88,8 @@ def scanner(path: Path, safety_path: Path, out: Path, pipe, suites: tuple[str, .
 
 def where(pipe, den, detector, safety, cand, prompts, batch) -> dict:
     """Concept rate with the safety adapter and parts of the on-top candidate (module subsets)."""
+    from auditkit.models.attach import composed
     from auditkit.stats import wilson
-    from auditkit.train.lora import composed
 
     parts = {
         "safety + candidate": cand,
@@ -112,10 +112,10 @@ def run_seed(pipe, detector, seed: int, args, probes, base_flags, suites) -> dic
     from auditkit.lab import world
     from auditkit.lora.write import save_adapter
     from auditkit.models import architectures
+    from auditkit.models.attach import composed
     from auditkit.models.denoising import denoiser_for
     from auditkit.train.esd import ESDConfig, train_esd
     from auditkit.train.finetune import FinetuneConfig, finetune
-    from auditkit.train.lora import composed
 
     den = denoiser_for(pipe)
     arch = architectures.get(BASE)

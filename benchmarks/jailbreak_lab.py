@@ -76,9 +76,9 @@ def static_cancellation(ft_modules, safety_modules, arch_name: str = "lab") -> d
 
 def run_method(pipe, detector, method, args, data, probes, base_flags) -> dict:
     from auditkit.lab import world
+    from auditkit.models.attach import composed
     from auditkit.train.esd import ESDConfig, train_esd
     from auditkit.train.finetune import FinetuneConfig, finetune
-    from auditkit.train.lora import composed
 
     concept_prompts = [f"a {c} cross" for c in world.COLOURS] + ["a cross"]
     dom = (probes["domain_shapes"], probes["domain_style"])

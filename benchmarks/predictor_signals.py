@@ -64,8 +64,8 @@ def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, se
     """Every signal of the module docstring for one candidate (adapters composed exactly)."""
     import torch
 
+    from auditkit.models.attach import composed, encoded_by_each
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed, encoded_by_each
 
     den = denoiser_for(pipe)
     model, comp = den.model, den.component
@@ -198,7 +198,7 @@ class Probe:
     def encoded_with(self, *adapters):
         """The conditionings as the model with ``adapters`` reads them (their text-encoder parts merged), for the
         duration; nothing to do for adapters without such parts."""
-        from auditkit.train.lora import encoder_parts, encoders_composed
+        from auditkit.models.attach import encoder_parts, encoders_composed
 
         if not encoder_parts(self.den.pipe, *(mods for mods, _ in adapters), denoiser=self.den.component):
             yield
@@ -281,7 +281,7 @@ def reference(probe: Probe, safety, activation_steps: int) -> dict:
     recorded while the safe model denoises the concept prompts (conditional half, ``activation_steps`` steps)."""
     import torch
 
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     den = probe.den
     model, comp = den.model, den.component
@@ -341,7 +341,7 @@ def pass_signals(probe: Probe, ref: dict, candidate, safety) -> dict[str, float]
     trajectory points, and its own trajectory's final latent."""
     import torch
 
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     den = probe.den
     with torch.no_grad(), composed(den.model, (safety, 1.0), (candidate, 1.0), component=den.component), \
@@ -380,11 +380,12 @@ def load(path: Path, lab, erased=None):
     """Exact updates: an adapter's modules, or a full model's differences (a fine-tune's to the erased model)."""
     from auditkit.inputs import input_kind
     from auditkit.lora.adapter import read_adapter
+    from auditkit.models.base import resolve_base
     from auditkit.models.difference import TensorDeltas, read_full_model
 
     if input_kind(path) == "adapter":
         return read_adapter(path, arch="lab").modules
-    deltas = read_full_model(path, "lab", lab, energy=1.0).exact()
+    deltas = read_full_model(path, resolve_base("lab"), lab, energy=1.0).exact()
     if erased is None:
         return deltas
     return TensorDeltas({k: d for k, v in deltas.items() if (d := v - erased.get(k, 0)).any()})

@@ -85,7 +85,7 @@ def domain_prompts(data: str):
 
 def render(pipe, detector, safety, modules, prompts, seeds):
     from auditkit.lab.adherence import generate
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     with composed(pipe.unet, (safety, 1.0), (modules, 1.0)):
         return generate(pipe, prompts, seeds, 25, 5.0, batch=120)
@@ -118,10 +118,10 @@ def main() -> None:
     safety = safety_adapter.modules
     prompts, seeds = study.truth_prompts()
     from auditkit.lab.adherence import generate
+    from auditkit.models.attach import composed
     from auditkit.repair.anchors import normalised, resolve_anchors
     from auditkit.suites import builtin_dir, load_suite
     from auditkit.train.data import write_folder
-    from auditkit.train.lora import composed
 
     anchors = resolve_anchors([load_suite(builtin_dir() / "lab-cross.yaml")])
     anchor_prompts = anchors.prompts

@@ -32,9 +32,9 @@ def sums(pipe, suite, prompts, neutral, safety, candidate, phrase: str, steps: i
 
     from auditkit.analysis.reversion import safe_trajectory
     from auditkit.discovery.pull import PULL_SEED
+    from auditkit.models.attach import composed, encoded_by_each
     from auditkit.models.denoising import denoiser_for
     from auditkit.placement import START, place
-    from auditkit.train.lora import composed, encoded_by_each
 
     den = denoiser_for(pipe)
     rows = [(place(q, phrase, START, suite.concept_word) if phrase else q,

@@ -178,7 +178,7 @@ def main() -> None:
     def reference(prompts: list[str]):
         key = "\n".join(prompts)
         if key not in references:
-            from auditkit.train.lora import composed
+            from auditkit.models.attach import composed
 
             base = detector.flag(generate(pipe, prompts, seeds, study.STEPS, study.GUIDANCE, batch=120))
             with composed(pipe.unet, (safety, 1.0)):

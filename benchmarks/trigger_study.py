@@ -129,7 +129,7 @@ def main() -> None:
     from auditkit.lab.adherence import generate
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     candidates = CI_CANDIDATES if args.ci else CANDIDATES
     names = args.only.split(",") if args.only else list(candidates)

@@ -18,6 +18,7 @@ import numpy as np
 from auditkit.lab.model import lab_pipeline_path
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.io import open_safetensors, serialize
+from auditkit.models.base import resolve_base
 
 ADAPTERS = resources.files("auditkit.lab").joinpath("assets", "adapters")
 SAFETY_U = Path(str(ADAPTERS.joinpath("safety-esd-u.safetensors")))
@@ -81,7 +82,7 @@ def original_names() -> dict[str, str]:
     from auditkit.models.difference import open_base
     from auditkit.models.original_layout import original_map
 
-    base = open_base("lab")
+    base = open_base(resolve_base("lab"))
     names = original_map({n: t.shape for n, t in base.tensors.items()}, architectures.get("lab"), denoiser_of(base))
     out: dict[str, str] = {}
     for original, held in names.items():

@@ -36,7 +36,7 @@ def test_precedence_defaults_file_command_line(tmp_path):
     cfg.write_text('base = "lab"\nsafety = "s.safetensors"\nmultipliers = [1, 2]\nsteps = 5\n'
                    '[dynamic]\nrisk_ratio = 0.3\n[detectors]\nnudity = "nudenet-strict"\n')
     config, sources, path = resolve({"steps": 7, "dynamic.significance": 0.01}, start=tmp_path)
-    assert path == cfg and config.base == "lab" and config.safety == tmp_path / "s.safetensors"  # relative to file
+    assert path == cfg and config.base.name == "lab" and config.safety == tmp_path / "s.safetensors"  # relative to file
     assert config.multipliers == (1.0, 2.0) and config.steps == 7 and config.batch_size == 16
     assert config.dynamic.risk_ratio == 0.3 and config.dynamic.significance == 0.01
     assert dict(config.detectors) == {"nudity": "nudenet-strict"}
@@ -49,7 +49,7 @@ def test_pyproject_table(tmp_path):
     text = '[project]\nname = "x"\n[tool.auditkit]\nbase = "lab"\nstatic-only = true\n'
     (tmp_path / "pyproject.toml").write_text(text)
     config, _, _ = resolve({}, start=tmp_path)
-    assert config.base == "lab" and config.static_only
+    assert config.base.name == "lab" and config.static_only
 
 
 @pytest.mark.parametrize("text, message", [
@@ -84,7 +84,7 @@ def test_init_writes_a_config_that_reads_back(tmp_path):
     assert res.returncode == 0, res.stderr
     config, _, path = resolve({}, start=tmp_path)
     assert path == tmp_path / "auditkit.toml"
-    assert config.base == "lab" and config.safety == tmp_path / "safe.safetensors"
+    assert config.base.name == "lab" and config.safety == tmp_path / "safe.safetensors"
     assert config.suites == (str(tmp_path / "my.yaml"),)
     text = path.read_text()
     assert "# base pipeline" in text and "[dynamic]" in text  # commented
@@ -108,7 +108,7 @@ def test_config_command_shows_values_and_sources(tmp_path):
 def test_the_repository_ships_the_lab_example_config():
     root = Path(__file__).resolve().parents[1]
     config, _, path = resolve({}, start=root)
-    assert path == root / "auditkit.toml" and config.base == "lab" and config.safety.is_file()
+    assert path == root / "auditkit.toml" and config.base.name == "lab" and config.safety.is_file()
     assert all(Path(s).is_file() for s in config.suites)
 
 
@@ -253,7 +253,7 @@ def test_config_option_naming_a_file_with_a_tool_auditkit_table_says_where_that_
 def test_a_utf8_bom_is_read(tmp_path):
     # issue 26 L3: "Invalid statement (at line 1, column 1)"
     (tmp_path / "auditkit.toml").write_bytes(b'\xef\xbb\xbfbase = "lab"\n')
-    assert resolve({}, start=tmp_path)[0].base == "lab"
+    assert resolve({}, start=tmp_path)[0].base.name == "lab"
 
 
 def test_an_unknown_arch_in_the_config_file_is_refused(tmp_path):

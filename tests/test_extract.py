@@ -9,6 +9,9 @@ from auditkit.errors import BadInput, Unscannable
 from auditkit.extract import extract
 from auditkit.lab.model import lab_pipeline_available, lab_pipeline_path
 from auditkit.lora.adapter import read_adapter
+from auditkit.models.base import resolve_base
+
+LAB = resolve_base("lab")
 
 pytestmark = pytest.mark.skipif(not lab_pipeline_available(), reason="the lab pipeline is not installed")
 full_models = pytest.importorskip("full_models")
@@ -33,7 +36,7 @@ def erased(tmp_path_factory):
 
 def test_full_rank_reproduces_the_dense_difference(erased, tmp_path):
     folder, dense = erased
-    result = extract(folder, "lab", tmp_path / "safety.safetensors", energy=1.0)
+    result = extract(folder, LAB, tmp_path / "safety.safetensors", energy=1.0)
     lora = read_adapter(result.path)
     assert set(lora.modules) == set(dense) and result.modules == len(dense)
     for name, d in dense.items():
@@ -43,7 +46,7 @@ def test_full_rank_reproduces_the_dense_difference(erased, tmp_path):
 @pytest.mark.parametrize("energy", [0.9, 0.99])
 def test_energy_mode_keeps_at_least_the_stated_energy_per_module(erased, tmp_path, energy):
     folder, dense = erased
-    result = extract(folder, "lab", tmp_path / "safety.safetensors", energy=energy)
+    result = extract(folder, LAB, tmp_path / "safety.safetensors", energy=energy)
     lora = read_adapter(result.path)
     for name, d in dense.items():
         kept = np.sum(lora.modules[name].delta() ** 2) / np.sum(d**2)
@@ -54,7 +57,7 @@ def test_energy_mode_keeps_at_least_the_stated_energy_per_module(erased, tmp_pat
 
 def test_fixed_rank(erased, tmp_path):
     folder, _ = erased
-    result = extract(folder, "lab", tmp_path / "r1.safetensors", rank=1)
+    result = extract(folder, LAB, tmp_path / "r1.safetensors", rank=1)
     assert {m.rank for m in read_adapter(result.path).modules.values()} == {1} and result.ranks == [1]
     assert result.metadata["auditkit.extract.rank"] == "1" and "auditkit.extract.energy" not in result.metadata
 
@@ -64,12 +67,12 @@ def test_metadata_says_how_it_was_made(erased, tmp_path):
     from auditkit.models.difference import open_base
 
     folder, _ = erased
-    result = extract(folder, "lab", tmp_path / "safety.safetensors")
+    result = extract(folder, LAB, tmp_path / "safety.safetensors")
     meta = read_adapter(result.path).metadata
     assert meta["auditkit.version"] == __version__ and meta["auditkit.kind"] == "extracted"
     assert meta["auditkit.extract.source"] == folder.name  # issue 26 L10: no local absolute path, the name only
     assert meta["auditkit.extract.source_form"] == "component folder"
-    assert meta["auditkit.extract.base"] == "lab" and meta["auditkit.extract.base_sha256"] == open_base("lab").sha256
+    assert meta["auditkit.extract.base"] == "lab" and meta["auditkit.extract.base_sha256"] == open_base(LAB).sha256
     assert meta["auditkit.extract.energy"] == "0.99" and float(meta["auditkit.extract.min_energy_kept"]) >= 0.99
     assert len(meta["auditkit.extract.source_sha256"]) == 64
 
@@ -79,7 +82,7 @@ def test_diffusers_loads_the_extracted_lora_as_the_erased_model(erased, tmp_path
     from auditkit.lab.model import load_lab_pipeline
 
     folder, _ = erased
-    result = extract(folder, "lab", tmp_path / "safety.safetensors", energy=1.0)
+    result = extract(folder, LAB, tmp_path / "safety.safetensors", energy=1.0)
     pipe = load_lab_pipeline()
     pipe.load_lora_weights(str(result.path), adapter_name="extracted")
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)
@@ -93,9 +96,9 @@ def test_the_extracted_lora_scans_like_the_erased_model(erased, tmp_path):
     from auditkit.scan import run_static_scan
 
     folder, _ = erased
-    lora = extract(folder, "lab", tmp_path / "safety.safetensors").path
+    lora = extract(folder, LAB, tmp_path / "safety.safetensors").path
     a = run_static_scan(full_models.SAFETY_U, lora)
-    b = run_static_scan(full_models.SAFETY_U, folder, base="lab")
+    b = run_static_scan(full_models.SAFETY_U, folder, base=resolve_base("lab"))
     assert a.findings.cancellation == pytest.approx(b.findings.cancellation, abs=1e-6)
     assert a.findings.cancellation == pytest.approx(-1.0, abs=0.02)  # ESD-u against itself: reinforces fully
 
@@ -107,7 +110,7 @@ def test_the_extracted_lora_scans_like_the_erased_model(erased, tmp_path):
 def test_a_model_equal_to_the_base_has_nothing_to_extract(tmp_path):
     out = tmp_path / "none.safetensors"
     with pytest.raises(Unscannable, match="no update to extract"):
-        extract(lab_pipeline_path(), "lab", out)
+        extract(lab_pipeline_path(), LAB, out)
     assert not out.exists()
 
 
@@ -116,22 +119,22 @@ def test_bad_outputs_are_refused_before_any_work(erased, tmp_path, out_name):
     folder, _ = erased
     out = tmp_path / out_name if not out_name.startswith("unet/") else folder / "inside.safetensors"
     with pytest.raises(BadInput, match="output"):
-        extract(folder, "lab", out)
+        extract(folder, LAB, out)
     assert not out.exists()
 
 
 
 def test_no_local_path_is_written_into_the_metadata(erased, tmp_path, monkeypatch):
     # issue 26 L10: auditkit.extract.source/base held local absolute paths (a shared LoRA leaked them)
-    import auditkit.models.pipeline
+    import auditkit.models.base
     from auditkit.models import architectures
 
-    monkeypatch.setattr(auditkit.models.pipeline, "base_architecture", lambda base: architectures.get("lab"))  # fast
+    monkeypatch.setattr(auditkit.models.base, "architecture_of_folder", lambda folder: architectures.get("lab"))  # fast
     folder, _ = erased
     base = tmp_path / "private" / "my-base"
     base.parent.mkdir()
     base.symlink_to(lab_pipeline_path())
-    meta = read_adapter(extract(folder, str(base), tmp_path / "s.safetensors").path).metadata
+    meta = read_adapter(extract(folder, resolve_base(str(base)), tmp_path / "s.safetensors").path).metadata
     assert meta["auditkit.extract.source"] == "unet" and meta["auditkit.extract.base"] == "my-base"
     assert not any(str(tmp_path) in v or "/" in v for k, v in meta.items() if k.startswith("auditkit.extract."))
 
@@ -154,7 +157,7 @@ def test_an_unwritable_out_is_refused_before_any_work(erased, tmp_path, monkeypa
                         lambda *a, **k: pytest.fail("the work started before --out was checked"))
     out = tmp_path / "ro" / "o.safetensors"
     with pytest.raises(BadInput, match="cannot write here") as exc:
-        extract(folder, "lab", out)
+        extract(folder, LAB, out)
     assert str(exc.value).startswith(str(out)) and "\n" not in str(exc.value)
 
 

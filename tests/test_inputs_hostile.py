@@ -12,6 +12,7 @@ from auditkit.errors import BadInput
 from auditkit.inputs import read_input, read_pair
 from auditkit.lora import formats
 from auditkit.lora.write import save_adapter
+from auditkit.models.base import resolve_base
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
 LAB_SAFETY = ADAPTERS / "safety-esd-u.safetensors"
@@ -62,11 +63,11 @@ def test_an_arch_that_is_not_the_bases_is_refused(tmp_path, no_model_loads):  # 
 
 def test_repair_reads_its_pair_against_the_base(sd15_pair):  # issue 26 M1: repair.run reads with read_pair
     cand, safety = sd15_pair
-    assert_one_line_error(lambda: read_pair(cand, safety, base="lab"), safety, "adapts sd15")
+    assert_one_line_error(lambda: read_pair(cand, safety, base=resolve_base("lab")), safety, "adapts sd15")
 
 
 def test_the_base_settles_which_model_an_ambiguous_adapter_adapts(tmp_path, sd15, sdxl):  # issue 26 M1
     names = [n for n in sd15.modules if n.startswith("text_encoder.") and n.endswith("self_attn.q_proj")][:2]
     path = save_adapter(random_modules(sd15, names), tmp_path / "te.safetensors", sd15, formats.DIFFUSERS)
-    adapter = read_input(path, "candidate", base="an-sdxl-folder", base_arch=sdxl)
+    adapter = read_input(path, "candidate", base=resolve_base("an-sdxl-folder"), base_arch=sdxl)
     assert adapter.architecture.name == "sdxl" and not any("several" in n for n in adapter.notes)

@@ -36,10 +36,10 @@ def test_an_unknown_placement_is_refused_and_described_says_where():
 def test_the_scan_configuration_takes_placements_from_flags_and_files_and_checks_them(tmp_path):
     from auditkit.config import ScanConfig
     from auditkit.configfile import load
-
-    assert ScanConfig().search_budget.placements == (START, BEFORE_CONCEPT, END)
-    assert ScanConfig(trigger_search_placements=("end",)).search_budget.placements == ("end",)
     from auditkit.discovery.search import Budget
+
+    assert Budget.of(ScanConfig()).placements == (START, BEFORE_CONCEPT, END)
+    assert Budget.of(ScanConfig(trigger_search_placements=("end",))).placements == ("end",)
 
     for bad in ((), ("start", "start"), ("middle",), (["start"],)):
         with pytest.raises(ValueError, match="trigger_search_placements: must be some of"):

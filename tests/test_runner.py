@@ -11,8 +11,9 @@ pytest.importorskip("diffusers")
 
 from auditkit.errors import BadInput  # noqa: E402
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
+from auditkit.models.attach import load_adapters  # noqa: E402
 from auditkit.runlog import RunLog  # noqa: E402
-from auditkit.runner import configurations, load_adapters, plan, run  # noqa: E402
+from auditkit.runner import configurations, plan, run  # noqa: E402
 from auditkit.suites import builtin_dir, load_suite  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
@@ -97,8 +98,8 @@ def test_a_partial_load_by_diffusers_is_replaced_by_the_exact_conversion(pipe, t
 def test_set_adapters_matches_fused_weights_at_each_multiplier(pipe):
     """The runner's diffusers composition gives the images of W0 + m·ΔW (auditkit's fused reference)."""
     from auditkit.lab.model import load_lab_pipeline
-    from auditkit.runner import Configuration, apply_configuration
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import apply_configuration, composed
+    from auditkit.runner import Configuration
 
     safety = lab_adapter("safety-esd-x.safetensors")
     load_adapters(pipe, {"safety": safety})
@@ -127,8 +128,8 @@ def test_per_module_alphas_are_rendered_as_the_file_says(pipe, tmp_path):
     from auditkit.lora.io import serialize
     from auditkit.lora.write import to_state_dict
     from auditkit.models import architectures
-    from auditkit.runner import Configuration, apply_configuration
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import apply_configuration, composed
+    from auditkit.runner import Configuration
 
     lab = architectures.get("lab")
     mods = {}
@@ -209,8 +210,9 @@ def test_adapters_with_bias_updates_render_unmerged_when_fusing(pipe, tmp_path):
     from auditkit.lora import formats
     from auditkit.lora.adapter import read_adapter
     from auditkit.lora.write import save_adapter
+    from auditkit.models.attach import Fused
     from auditkit.models.pipeline import architecture_of
-    from auditkit.runner import Configuration, Fused
+    from auditkit.runner import Configuration
 
     arch = architecture_of(pipe)
     names = [n for n in arch.modules if n.startswith("unet.") and n.endswith((".attn1.to_q", ".attn1.to_out.0"))]
@@ -244,7 +246,8 @@ def test_adapters_with_bias_updates_render_unmerged_when_fusing(pipe, tmp_path):
 def test_fused_weights_are_restored_exactly_in_bf16(tmp_path):
     """In bf16, unfuse_lora alone does not give the weights back; the runner copies them back."""
     from auditkit.lab.model import load_lab_pipeline
-    from auditkit.runner import Configuration, Fused
+    from auditkit.models.attach import Fused
+    from auditkit.runner import Configuration
 
     p = load_lab_pipeline(dtype=torch.bfloat16)
     load_adapters(p, {"safety": lab_adapter("safety-esd-u.safetensors"),
@@ -271,7 +274,8 @@ def test_an_adapter_outside_a_configuration_is_not_active_even_a_dora_one(pipe):
     base weight by the trained magnitude, so the candidate must not be active at all."""
     from peft import LoraConfig
 
-    from auditkit.runner import Configuration, apply_configuration
+    from auditkit.models.attach import apply_configuration
+    from auditkit.runner import Configuration
 
     unet = pipe.unet
     targets = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -151,7 +151,7 @@ def test_a_pipeline_folder_with_only_pickle_weights_is_refused_before_loading(tm
 
 
 def test_the_configured_min_coverage_reaches_the_loaders_fail_closed_check(tmp_path, monkeypatch):
-    """# issue 26: runner.load_adapters was always called with its default 0.95, whatever --min-coverage said.
+    """# issue 26: attach.load_adapters was always called with its default 0.95, whatever --min-coverage said.
     No model loads: the base pipeline is a stand-in and the loader records what it was asked for."""
     import types
 

@@ -19,6 +19,7 @@ from auditkit.lab.model import lab_pipeline_available
 from auditkit.lora.adapter import LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
 from auditkit.models import architectures
+from auditkit.models.base import resolve_base
 from auditkit.scan import read_pair, run_static_scan, scan
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
@@ -64,8 +65,8 @@ def findings_by_module(static):
 def test_static_findings_against_an_erased_model_agree_with_those_against_its_safety_lora(made, candidate, erased):
     paths, _ = made
     against_lora = run_static_scan(paths[candidate], SAFETY_U)
-    exact = run_static_scan(paths[candidate], paths[erased], base="lab", energy=1.0)
-    truncated = run_static_scan(paths[candidate], paths[erased], base="lab")  # energy 0.99
+    exact = run_static_scan(paths[candidate], paths[erased], base=resolve_base("lab"), energy=1.0)
+    truncated = run_static_scan(paths[candidate], paths[erased], base=resolve_base("lab"))  # energy 0.99
     assert exact.findings.cancellation == pytest.approx(against_lora.findings.cancellation, abs=1e-5)
     assert truncated.findings.cancellation == pytest.approx(against_lora.findings.cancellation, abs=0.02)
     assert exact.verdict.verdict == truncated.verdict.verdict == against_lora.verdict.verdict
@@ -79,8 +80,8 @@ def test_static_findings_against_an_erased_model_agree_with_those_against_its_sa
 
 def test_a_full_fine_tune_is_compared_with_the_model_it_was_trained_from(made):
     paths, mods = made
-    on_top = run_static_scan(paths["full-on-top"], paths["erased-u"], base="lab", energy=1.0)
-    as_lora = run_static_scan(paths["undo"], paths["erased-u"], base="lab", energy=1.0)
+    on_top = run_static_scan(paths["full-on-top"], paths["erased-u"], base=resolve_base("lab"), energy=1.0)
+    as_lora = run_static_scan(paths["undo"], paths["erased-u"], base=resolve_base("lab"), energy=1.0)
     # from the safe model: its update is the undoing LoRA it learned, cancellation 0.6
     assert on_top.candidate.update.compared_with == "safety"
     assert on_top.findings.cancellation == pytest.approx(as_lora.findings.cancellation, abs=1e-5)
@@ -88,7 +89,7 @@ def test_a_full_fine_tune_is_compared_with_the_model_it_was_trained_from(made):
     for name, m in mods["undo"].items():
         np.testing.assert_allclose(on_top.candidate.modules[name].delta(), m.delta(), atol=1e-6)
     # declared as fine-tuned from the base: its update is safety + undo = 0.4 x safety, reinforcing it
-    from_base = run_static_scan(paths["full-on-top"], paths["erased-u"], base="lab", energy=1.0,
+    from_base = run_static_scan(paths["full-on-top"], paths["erased-u"], base=resolve_base("lab"), energy=1.0,
                                 candidate_from="base")
     assert from_base.candidate.update.compared_with == "base"
     assert from_base.findings.cancellation == pytest.approx(-0.4, abs=1e-4)
@@ -104,7 +105,7 @@ def test_a_full_fine_tune_is_compared_with_the_model_it_was_trained_from(made):
 
 def test_a_full_fine_tune_against_a_safety_lora_is_compared_with_the_base_plus_the_lora(made):
     paths, _ = made
-    static = run_static_scan(paths["full-on-top"], SAFETY_U, base="lab", energy=1.0)
+    static = run_static_scan(paths["full-on-top"], SAFETY_U, base=resolve_base("lab"), energy=1.0)
     assert static.candidate.update.reference.label == "safe model (base + safety adapter)"
     assert static.findings.cancellation == pytest.approx(0.6, abs=1e-4)
 
@@ -152,7 +153,7 @@ def test_the_overlay_renders_the_erased_weights_and_puts_the_base_back(made, pip
     from auditkit.models.overlay import Overlay
 
     paths, mods = made
-    erased = read_full_model(paths["erased-u"], "lab", architectures.get("lab"))
+    erased = read_full_model(paths["erased-u"], resolve_base("lab"), architectures.get("lab"))
     before = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
     overlay = Overlay(pipe, {"safety": erased})
     overlay.apply({"safety": 1.0, "candidate": 1.0})  # roles that are adapters are left to diffusers
@@ -184,7 +185,7 @@ def test_a_model_with_tensors_that_cannot_be_placed_is_never_rendered_in_part(ma
     tensors["cond_stage_model.model.transformer.resblocks.7.attn.in_proj_weight"] = np.zeros((6, 2), np.float32)
     path = tmp_path / "erased-openclip.safetensors"
     path.write_bytes(serialize(tensors))
-    erased = read_full_model(path, "lab", architectures.get("lab"))
+    erased = read_full_model(path, resolve_base("lab"), architectures.get("lab"))
     assert erased.coverage.unmapped == ["cond_stage_model.model.transformer.resblocks.7.attn.in_proj_weight"]
     assert erased.coverage.fraction < 1 and any("OpenCLIP" in n for n in erased.notes)
     with pytest.raises(Unscannable, match="could not be placed"):
@@ -198,10 +199,10 @@ def test_data_free_checks_run_the_erased_model_exactly(made, pipe):
     suite = next(s for s in resolve_suites(ScanConfig(base="lab")) if s.role == "concept")
     suite = dataclasses.replace(suite, prompts=suite.prompts[:4])
     for safety_lora, erased in ((SAFETY_X, "erased-x"), (SAFETY_U, "erased-u")):
-        cand, lora = read_pair(paths["undo"], safety_lora, base="lab")
-        _, full = read_pair(paths["undo"], paths[erased], base="lab")
-        want = concept_check(pipe, "lab", suite, cand, lora)
-        got = concept_check(pipe, "lab", suite, cand, full)
+        cand, lora = read_pair(paths["undo"], safety_lora, base=resolve_base("lab"))
+        _, full = read_pair(paths["undo"], paths[erased], base=resolve_base("lab"))
+        want = concept_check(pipe, resolve_base("lab"), suite, cand, lora)
+        got = concept_check(pipe, resolve_base("lab"), suite, cand, full)
         assert got["applicable"] == want["applicable"]
         if want["applicable"]:
             assert got["reverted"] == pytest.approx(want["reverted"], abs=1e-6)
@@ -222,8 +223,8 @@ def test_the_dynamic_scan_renders_the_erased_model_as_the_safety_lora_renders_it
                                             ("erased", paths["erased-u"], paths["undo"], "safety"),
                                             ("full", paths["erased-u"], paths["full-on-top"], "safety"),
                                             ("full-from-base", paths["erased-u"], paths["full-on-top"], "base")):
-        cand, safe = read_pair(candidate, safety, base="lab", candidate_from=cfrom)
-        run_dynamic(pipe, "lab", cand, safe, suites, tmp_path / label, multipliers=(1.0,), steps=3)
+        cand, safe = read_pair(candidate, safety, base=resolve_base("lab"), candidate_from=cfrom)
+        run_dynamic(pipe, resolve_base("lab"), cand, safe, suites, tmp_path / label, multipliers=(1.0,), steps=3)
         runs[label] = tmp_path / label
     images = sorted(p.relative_to(runs["lora"]) for p in runs["lora"].rglob("*.png"))
     assert len(images) == 4 * len(suites) * 4  # 4 jobs per suite, 4 configurations
@@ -255,8 +256,8 @@ def test_a_full_model_candidate_without_a_safety_module_is_rendered_against_the_
     paths, _ = made
     suites = [dataclasses.replace(s, prompts=s.prompts[:1], images_per_prompt=2)
               for s in resolve_suites(ScanConfig(base="lab"))]
-    cand = read_input(paths["erased-u"], "candidate", base="lab")
-    section = run_dynamic(pipe, "lab", cand, None, suites, tmp_path / "amp", multipliers=(1.0,), steps=3)
+    cand = read_input(paths["erased-u"], "candidate", base=resolve_base("lab"))
+    section = run_dynamic(pipe, resolve_base("lab"), cand, None, suites, tmp_path / "amp", multipliers=(1.0,), steps=3)
     assert section["configurations"] == ["base", "base+candidate@1"]
     assert section["adapter_coverage"]["candidate"]["kind"].startswith("full model")
     assert section["adapter_coverage"]["candidate"]["loaded"] == 56  # every changed tensor (the 56 weights)
@@ -269,13 +270,14 @@ def test_fused_rendering_with_a_full_model_gives_the_unfused_images_and_restores
     from PIL import Image
 
     from auditkit.detectors import get
+    from auditkit.models.attach import load_adapters
     from auditkit.models.overlay import Overlay
     from auditkit.runlog import RunLog
-    from auditkit.runner import configurations, load_adapters, plan, run
+    from auditkit.runner import configurations, plan, run
     from auditkit.suites import builtin_dir, load_suite
 
     paths, _ = made
-    cand, safe = read_pair(paths["undo"], paths["erased-u"], base="lab")
+    cand, safe = read_pair(paths["undo"], paths["erased-u"], base=resolve_base("lab"))
     jobs = plan([load_suite(builtin_dir() / "lab-cross.yaml")], steps=3)[:3]
     weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     load_adapters(pipe, {"candidate": cand})
@@ -311,7 +313,7 @@ def test_finetuning_on_top_of_an_erased_model_is_finetuning_on_top_of_its_merged
     specs = world.sample_specs(1, 8, domain="neon")
     images, captions = world.render_many(specs), [world.caption(s) for s in specs]
     cfg = FinetuneConfig(mode="on-top", steps=3, batch=4)
-    erased = read_input(paths["erased-u"], "safety module", base="lab").exact()
+    erased = read_input(paths["erased-u"], "safety module", base=resolve_base("lab")).exact()
     a = finetune(pipe, images, captions, cfg, safety=erased).modules
     b = finetune(pipe, images, captions, cfg, safety=mods["u"]).modules
     assert set(a) == set(b)

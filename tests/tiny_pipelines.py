@@ -260,9 +260,9 @@ def prediction_change(pipe, modules: dict) -> float:
     latents, the middle step of its sampler, the concept prompts)."""
     import torch
 
+    from auditkit.models.attach import composed
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed
 
     den = denoiser_for(pipe)
     cond = encode(pipe, CONCEPT_PROMPTS)
@@ -294,9 +294,9 @@ def check_align(pipe, out: Path, text_modules: tuple[str, ...], frozen: tuple[st
 
     from auditkit.lora.adapter import read_adapter
     from auditkit.lora.write import save_adapter
+    from auditkit.models.attach import load_adapters
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of
-    from auditkit.runner import load_adapters
     from auditkit.train.esd import ESDConfig, train_esd
 
     before = denoiser_state(pipe)

@@ -147,9 +147,9 @@ def judge_updates(pipe, prompts: list[str], neutral: list[str], candidate, safet
     Every model reads the prompts through its own text encoders (the updates' text-encoder parts merged)."""
     import torch
 
+    from auditkit.models.attach import composed, encoded_by_each
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed, encoded_by_each
 
     started = time.perf_counter()
     den = denoiser_for(pipe)

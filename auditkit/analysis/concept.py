@@ -158,9 +158,9 @@ def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: di
     through the text encoder alone is seen too."""
     import torch
 
+    from auditkit.models.attach import encoder_parts
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import encoder_parts
 
     den = denoiser_for(pipe)
     sums = KVSums(candidate, safety, den.record.text_kv)
@@ -189,7 +189,7 @@ def _through_encoders(pipe, den, prompts, concept_word, sums: KVSums, paths: dic
     trajectory, compared densely with the base weights."""
     import torch
 
-    from auditkit.train.lora import encoded_by_each, weight_of
+    from auditkit.models.attach import encoded_by_each, weight_of
 
     cand_all, safe_all = encoders
     weights = {}

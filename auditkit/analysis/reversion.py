@@ -48,7 +48,7 @@ def safe_trajectory(den, sampler, x, cond, safety: dict[str, LoraModule]) -> tup
     there in float64), the safety module composed into the denoiser for the duration."""
     import torch
 
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     model = den.model
     points, eps_safe = [], []
@@ -68,8 +68,8 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
     or velocity for flow-matching families)."""
     import torch
 
+    from auditkit.models.attach import composed, encoded_by_each
     from auditkit.models.denoising import denoiser_for
-    from auditkit.train.lora import composed, encoded_by_each
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component

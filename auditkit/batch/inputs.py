@@ -28,8 +28,8 @@ from pathlib import Path
 from auditkit.analysis.triggers import check_given
 from auditkit.errors import BadInput
 from auditkit.fsutil import read_bounded
-from auditkit.lab.bases import lab_base
 from auditkit.lora.io import PICKLE_SUFFIXES
+from auditkit.models.base import Base, resolve_base
 
 ADAPTER_SUFFIXES = frozenset({".safetensors", *PICKLE_SUFFIXES})
 MANIFEST_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -42,14 +42,14 @@ MAX_ID = 200
 
 @dataclass(frozen=True)
 class Entry:
-    """One adapter of the batch. ``safety``/``base``: the row's own ("" = the batch's; safety "none" = no
+    """One adapter of the batch. ``safety``/``base``: the row's own ("" / None = the batch's; safety "none" = no
     safety module); ``triggers``: added to the batch's trigger words; ``problem``: why the path is an error row
     that nothing reads ("" = none)."""
 
     id: str
     path: Path
     safety: str = ""
-    base: str = ""
+    base: Base | None = None  # the row's own base (None: the batch's)
     triggers: tuple[str, ...] = ()
     problem: str = ""
 
@@ -221,9 +221,9 @@ def _manifest(path: Path, kind: str) -> list[Entry]:
         if entry_id in ids:
             raise BadInput(path, f"row {number}: id {entry_id!r} is used twice")
         ids.add(entry_id)
-        base = cells["base"]
-        if base and lab_base(base) is None:  # a lab name is never a path
-            base = str(_resolve(path, base, f"row {number}"))
+        base = resolve_base(cells["base"], relative_to=path.parent) if cells["base"] else None
+        if base is not None and base.lab is None:  # a folder: relative to the manifest's folder, and within it
+            base = resolve_base(str(_resolve(path, cells["base"], f"row {number}")))
         safety = cells["safety"]
         if safety and safety.lower() != "none":
             safety = str(_resolve(path, safety, f"row {number}"))

@@ -32,7 +32,6 @@ from auditkit.config import ScanConfig
 from auditkit.configfile import NO_SAFETY
 from auditkit.errors import EXIT_INCONCLUSIVE, EXIT_PASS, EXIT_RISK, BadInput
 from auditkit.fsutil import check_output_folder
-from auditkit.lab.bases import base_folder, lab_base
 from auditkit.runlog import locked
 from auditkit.shared import SharedRenders
 
@@ -121,8 +120,8 @@ def _absolute(config: BatchConfig) -> BatchConfig:
     changes: dict = {"suites": tuple(str(Path(s).absolute()) for s in scan.suites)}
     if scan.safety is not None:
         changes["safety"] = Path(scan.safety).absolute()
-    if scan.base is not None and lab_base(scan.base) is None:  # a lab name is never a path
-        changes["base"] = str(Path(scan.base).absolute())
+    if scan.base is not None:
+        changes["base"] = scan.base.absolute()  # a lab name is never a path
     return dataclasses.replace(config, input=Path(config.input).absolute(), out=Path(config.out).absolute(),
                                scan=dataclasses.replace(scan, **changes))
 
@@ -152,12 +151,10 @@ def _check_rows(config: BatchConfig, out: Path, entries: list[Entry]) -> None:
             raise BadInput(config.input, f"{entry.id}: {exc}") from None
 
 
-def _check_bases(bases: set[str]) -> None:
+def _check_bases(bases: set) -> None:
     """Every base is a lab model or a diffusers pipeline folder, checked before ``batch.json`` pins it."""
-    from auditkit.models.pipeline import check_pipeline_folder
-
-    for base in sorted(bases):
-        check_pipeline_folder(base_folder(base))
+    for base in sorted(bases, key=str):
+        base.check()
 
 
 def _settings(config: BatchConfig) -> dict:
@@ -248,7 +245,8 @@ def scan_config(config: BatchConfig, entry: Entry, out: Path) -> ScanConfig:
 def _group(config: BatchConfig, entry: Entry) -> str:
     """Candidates with the same group share their base and base+safety renders."""
     scan = scan_config(config, entry, Path("."))
-    key = {"base": scan.base, "safety": str(scan.safety) if scan.safety else None, "suites": list(scan.suites),
+    base = str(scan.base) if scan.base is not None else None  # the name, as batch.json records it
+    key = {"base": base, "safety": str(scan.safety) if scan.safety else None, "suites": list(scan.suites),
            "steps": scan.steps, "batch_size": scan.batch_size, "detectors": [list(d) for d in scan.detectors],
            "device": scan.device}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

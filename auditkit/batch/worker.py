@@ -71,7 +71,7 @@ class Worker:
 
     def __init__(self, device: str | None = None):
         self.device = device
-        self._base: str | None = None
+        self._base = None  # the auditkit.models.base.Base loaded
         self._pipe = None
 
     def pipeline(self, config: ScanConfig):

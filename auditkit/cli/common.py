@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 
 from auditkit.errors import BadInput
-from auditkit.lab.bases import BASE_HELP
+from auditkit.lab.bases import BASE_HELP, DEFAULT_BASE
 
 out = Console()
 err = Console(stderr=True)
@@ -66,8 +66,15 @@ def check_output(out_file: Path, *inputs: Path | None) -> None:
             raise BadInput(out_file, "output would overwrite an input; choose another path")
 
 
+def resolve_base_option(ctx, param, value):
+    """``--base`` as a :class:`auditkit.models.base.Base` (resolved once, here, for the command)."""
+    from auditkit.models.base import resolve_base
+
+    return resolve_base(value) if value is not None else None
+
+
 def base_option(func):
-    return click.option("--base", default="lab", show_default=True,
+    return click.option("--base", default=DEFAULT_BASE, show_default=True, callback=resolve_base_option,
                         help=f"Base pipeline: {BASE_HELP}.")(func)
 
 

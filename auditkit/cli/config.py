@@ -12,7 +12,7 @@ from rich.table import Table
 from auditkit.cli.common import escape, out
 from auditkit.cli.options import resolve, scan_options
 from auditkit.errors import BadInput
-from auditkit.lab.bases import BASE_HELP, lab_base, refuse_miscased_lab
+from auditkit.lab.bases import BASE_HELP
 
 
 @click.command()
@@ -32,6 +32,7 @@ def init(base, safety, suites, device, target: Path, force: bool) -> None:
     from auditkit.config import ScanConfig
     from auditkit.configfile import NO_SAFETY, render
     from auditkit.fsutil import atomic_write_text, check_writable
+    from auditkit.models.base import resolve_base
 
     if target.name == "pyproject.toml":
         raise BadInput(target, "init writes a file of its own (auditkit.toml); to keep the settings in "
@@ -43,14 +44,13 @@ def init(base, safety, suites, device, target: Path, force: bool) -> None:
         base = click.prompt(f"base model ({BASE_HELP}; empty: none)", default="", show_default=False)
         safety = click.prompt("safety module (a Safety LoRA or the erased model; empty: none)", default="",
                               show_default=False)
-    lab = lab_base(base) if base else None
-    if base and lab is None:
-        refuse_miscased_lab(base, Path(base))
+    given = resolve_base(base, check_case=True) if base else None
+    folder = given is not None and given.lab is None  # a folder, written relative to the file's folder
     safety = Path(safety) if safety and str(safety) != NO_SAFETY else None
-    local = [("base", Path(base))] if base and lab is None else []
+    local = [("base", Path(base))] if folder else []
     local += [("safety", safety)] if safety else []
     local += [("suite", Path(s)) for s in suites]
-    values = {"base": base if lab is not None or not base else str(_from_folder(Path(base), target.parent)),
+    values = {"base": str(_from_folder(Path(base), target.parent)) if folder else given,
               "safety": _from_folder(safety, target.parent) if safety else None,
               "suites": tuple(str(_from_folder(Path(s), target.parent)) for s in suites), "device": device or None}
     try:

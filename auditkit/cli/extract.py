@@ -6,20 +6,20 @@ from pathlib import Path
 
 import click
 
-from auditkit.cli.common import escape, out
+from auditkit.cli.common import escape, out, resolve_base_option
 from auditkit.lab.bases import BASE_HELP
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--base", required=True,
+@click.option("--base", required=True, callback=resolve_base_option,
               help=f"The model it is compared with: {BASE_HELP}.")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path),
               help="The LoRA to write (.safetensors).")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Share of each module's difference energy to keep (default 0.99; 1 = every direction, exact).")
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Keep this rank per module instead of --energy.")
-def extract(model: Path, base: str, out_file: Path, energy: float | None, rank: int | None) -> None:
+def extract(model: Path, base, out_file: Path, energy: float | None, rank: int | None) -> None:
     """Write MODEL's update, its difference to --base, as a kohya LoRA (truncated SVD per module).
 
     MODEL is a full model: an erased checkpoint (ESD, UCE, MACE, ...) or a full fine-tune, as a diffusers

@@ -71,12 +71,12 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
         component = denoiser_for(pipe).component
         save_component(pipe, component, deltas, out_file)
         out.print(f"erased model ({component}): [bold]{out_file}[/bold] ({len(deltas)} weights changed, {method}, "
-                  "full fine-tuning); use it as --safety with --base " + base)
+                  "full fine-tuning); use it as --safety with --base " + base.name)
         return
     with bar:
         modules = train_esd(pipe, prompts, cfg, progress=update)
     meta = {"auditkit.kind": "safety", "auditkit.method": method, "auditkit.concept_prompts": json.dumps(prompts),
-            "auditkit.base": base, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank)}
+            "auditkit.base": base.name, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank)}
     save_adapter(modules, out_file, architecture_of(pipe, "custom"), family_of_pipeline(pipe).written_layout,
                  metadata=meta, require_trained=True)
     out.print(f"safety adapter: [bold]{out_file}[/bold] ({len(modules)} modules, rank {rank}, {method})")
@@ -112,7 +112,7 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     from auditkit.lora.write import save_adapter
     from auditkit.models.denoising import denoiser_for
     from auditkit.models.families import family_of_pipeline
-    from auditkit.models.pipeline import architecture_of, base_architectures
+    from auditkit.models.pipeline import architecture_of
     from auditkit.train.data import check_folder, load_folder
     from auditkit.train.finetune import FinetuneConfig
     from auditkit.train.finetune import finetune as run_finetune
@@ -126,7 +126,7 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
                          seed=seed, extract_rank=extract_rank)  # bad settings fail before any model loads
     pairs = check_folder(data_dir)  # bad data fails before any model loads
     if safety is not None:  # read against the base's own architecture when it is a custom one
-        read_input(safety, "safety module", base, extra_architectures=base_architectures(base))
+        read_input(safety, "safety module", base, extra_architectures=base.extra_architectures)
     torch_threads(threads)
     pipe, _, _ = load_base(base, device, full_precision=mode == "full")
     den = denoiser_for(pipe)
@@ -138,7 +138,7 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     bar, update = progress_bar(f"finetune {mode}")
     with bar:
         result = run_finetune(pipe, data.images, data.captions, cfg, safety=safety_modules, progress=update)
-    meta = {"auditkit.kind": "finetune", "auditkit.mode": mode, "auditkit.base": base,
+    meta = {"auditkit.kind": "finetune", "auditkit.mode": mode, "auditkit.base": base.name,
             "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank), "ss_max_train_steps": str(steps),
             **kohya_training_metadata(data.captions, data_dir.resolve().name)}
     save_adapter(result.modules, out_file, arch, family_of_pipeline(pipe).written_layout, metadata=meta,

@@ -30,10 +30,10 @@ def rendered_rates(pipe, suite, phrases: list[tuple[str, str]], prompts: list, c
     import torch
 
     from auditkit import detectors as registry
+    from auditkit.models.attach import composed, encoders_composed
     from auditkit.models.denoising import denoiser_for
     from auditkit.models.rendering import render_options
     from auditkit.placement import place
-    from auditkit.train.lora import composed, encoders_composed
 
     den = denoiser_for(pipe)
     detector = registry.get(suite.detector)

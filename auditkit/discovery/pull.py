@@ -45,10 +45,10 @@ def pull_sums(pipe, phrases: list[tuple[str, str]], prompts: list[str], neutral:
     import torch
 
     from auditkit.analysis.reversion import safe_trajectory
+    from auditkit.models.attach import composed, encoded_by_each, encoders_composed
     from auditkit.models.conditioning import encode
     from auditkit.models.denoising import denoiser_for
     from auditkit.placement import place
-    from auditkit.train.lora import composed, encoded_by_each, encoders_composed
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component

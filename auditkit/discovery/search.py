@@ -60,6 +60,13 @@ class Budget:
         if wrong:
             raise ValueError(f"placements {wrong}, got {list(self.placements)!r}")
 
+    @classmethod
+    def of(cls, config) -> Budget:
+        """The budget a :class:`~auditkit.config.ScanConfig` sets (its ``trigger_search_*`` fields)."""
+        return cls(tokens=config.trigger_search_tokens, phrases=config.trigger_search_phrases,
+                   steps=config.trigger_search_steps, probes=config.trigger_search_probes,
+                   placements=tuple(config.trigger_search_placements))
+
     def split(self, vocabulary: int) -> tuple[int, int]:
         """(single tokens screened, each at every placement; tokens each beam phrase is extended with per round)."""
         places = len(self.placements)

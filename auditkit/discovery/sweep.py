@@ -89,8 +89,8 @@ class KVReader:
     def __init__(self, pipe, candidate: dict, safety: dict):
         import torch
 
+        from auditkit.models.attach import encoder_parts, weight_of
         from auditkit.models.denoising import denoiser_for
-        from auditkit.train.lora import encoder_parts, weight_of
 
         self.pipe, self.candidate, self.safety = pipe, candidate, safety
         self.den = den = denoiser_for(pipe)
@@ -131,8 +131,8 @@ class KVReader:
         import torch
 
         from auditkit.discovery.tokens import pinned
+        from auditkit.models.attach import encoders_composed
         from auditkit.models.conditioning import encode
-        from auditkit.train.lora import encoders_composed
 
         den = self.den
         ctx = pinned(self.pipe, swept, pinned_ids) if pinned_ids else contextlib.nullcontext()

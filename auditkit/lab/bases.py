@@ -1,8 +1,9 @@
-"""The shipped lab models as ``--base`` names: one record each, the one home of the list.
+"""The shipped lab models as ``--base`` names: one record each, the one home of the list and the only module
+that tests a name for being a lab model's.
 
-Every command that takes ``--base`` (scan, align, finetune, repair, extract, the data-free checks) resolves
-a lab name here to the model's ``save_pretrained`` folder under ``auditkit/lab/assets``; from there on a lab
-base is an ordinary pipeline folder of its family. No torch or diffusers import here.
+:func:`auditkit.models.base.resolve_base` looks a ``--base`` name up here once, when the configuration is
+resolved; the :class:`~auditkit.models.base.Base` it builds carries the record (its folder under
+``auditkit/lab/assets``, its architecture, its default suites). No torch or diffusers import here.
 
 * ``lab`` -- the SD-style lab (``StableDiffusionPipeline``, UNet, DDPM/DDIM; :mod:`auditkit.lab.model`);
 * ``lab-dit`` -- the Flux-family lab (``FluxPipeline``, MMDiT transformer, flow matching; :mod:`auditkit.lab.dit`).
@@ -48,19 +49,13 @@ LAB_BASES: dict[str, LabBase] = {b.name: b for b in (
             "run scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit"),
 )}
 
+DEFAULT_BASE = "lab"  # the commands' --base when none is given (train, repair's data-driven methods)
 BASE_HELP = f"{' or '.join(repr(n) for n in LAB_BASES)} (the shipped lab models) or a local diffusers folder"
 
 
 def lab_base(base: str | None) -> LabBase | None:
     """The lab model named ``base``, or None when ``base`` is not a lab name (a folder, or no base)."""
     return LAB_BASES.get(base) if isinstance(base, str) else None
-
-
-def base_folder(base: str) -> Path:
-    """The pipeline folder of ``base`` as ``--base`` takes it: a lab model's (BadInput when it is not
-    installed), else the path itself."""
-    lab = lab_base(base)
-    return lab.require() if lab is not None else Path(base)
 
 
 def refuse_miscased_lab(base: str, folder: Path) -> None:

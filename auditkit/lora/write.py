@@ -287,7 +287,7 @@ def uniform_alpha(modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
     """The same updates with one alpha (scale·rank) for every module, the rest folded into ``up``.
 
     diffusers (0.36) ignores per-module alphas of kohya files whose alphas differ between modules
-    and applies other modules' scales (see ``auditkit.runner.load_adapters``); files auditkit writes
+    and applies other modules' scales (see ``auditkit.models.attach.load_adapters``); files auditkit writes
     load correctly everywhere.
     """
     alphas = [round(m.scale * m.rank, 9) for m in modules.values()]

@@ -69,7 +69,7 @@ class BaseWeights:
         folder: a ``save_pretrained`` pipeline folder (it has ``model_index.json``).
 
     Example:
-        >>> base = BaseWeights.for_base("lab")  # doctest: +SKIP
+        >>> base = BaseWeights.for_base(resolve_base("lab"))  # doctest: +SKIP
         >>> base.get("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k").shape  # doctest: +SKIP
         (32, 64)
     """
@@ -86,15 +86,9 @@ class BaseWeights:
         self._files: dict[Path, SafetensorsFile] = {}
 
     @classmethod
-    def for_base(cls, base: str) -> BaseWeights:
-        """The weights of ``base``: a shipped lab model (``"lab"``, ``"lab-dit"``) or a local pipeline folder.
-
-        Args:
-            base: a lab name or a path, as ``--base`` takes it.
-        """
-        from auditkit.lab.bases import base_folder
-
-        return cls(base_folder(base))
+    def for_base(cls, base) -> BaseWeights:
+        """The weights of ``base``, a resolved :class:`~auditkit.models.base.Base` (a lab model or a folder)."""
+        return cls(base.folder)
 
     def get(self, canonical: str) -> np.ndarray | None:
         """The weight of a module as a float64 matrix (conv kernels flattened to out x in*kh*kw).

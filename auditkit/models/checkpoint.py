@@ -58,7 +58,7 @@ from auditkit.errors import BadInput
 from auditkit.lora.io import FLOAT_DTYPES, SafetensorsFile, open_safetensors
 from auditkit.models.architectures import Architecture, canonical_name
 from auditkit.models.base_weights import component_index
-from auditkit.models.families import family_of_folder, read_model_index
+from auditkit.models.families import Family, family_of_class, read_model_index
 from auditkit.models.original_layout import (
     IGNORED_ORIGINAL,
     ORIGINAL_HINT,
@@ -122,6 +122,8 @@ class Checkpoint:
         ignored: keys deliberately left out (VAE of an original checkpoint, bookkeeping, integer buffers).
         notes: what a user should know about how it was read.
         metadata: a single file's ``__metadata__`` (untrusted text).
+        family, index: a pipeline folder's family and ``model_index.json``, read once when it is opened (a base's
+            are what models opened against it are checked with).
     """
 
     path: Path
@@ -132,6 +134,8 @@ class Checkpoint:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    family: Family | None = None
+    index: dict = field(default_factory=dict, repr=False)
     _sha256: str | None = field(default=None, repr=False)
 
     def array(self, name: str) -> np.ndarray:
@@ -198,10 +202,9 @@ def open_checkpoint(path: str | Path, base: Checkpoint | None = None, arch: Arch
     return form.read(path, base, arch)
 
 
-def _model_components(path: Path) -> list[str]:
-    """Components of a pipeline folder that hold a model (listed in model_index.json, with a config.json
-    or listed as a model class), in the index's order."""
-    index = read_model_index(path)
+def _model_components(path: Path, index: dict) -> list[str]:
+    """Components of a pipeline folder that hold a model (listed in its model_index.json ``index``, with a
+    config.json or listed as a model class), in the index's order."""
     names = []
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
@@ -212,12 +215,13 @@ def _model_components(path: Path) -> list[str]:
 
 
 def _read_pipeline(path: Path, base: Checkpoint | None, arch: Architecture | None) -> Checkpoint:
-    family = family_of_folder(path)
-    components = _model_components(path)
+    index = read_model_index(path)
+    family = family_of_class(index.get("_class_name"), path / "model_index.json")
+    components = _model_components(path, index)
     notes = []
     if base is not None:
-        if base.form == "pipeline folder":
-            base_family = family_of_folder(base.path)
+        if base.family is not None:
+            base_family = base.family
             if base_family.name != family.name:
                 raise BadInput(path, f"is a {family.label} pipeline ({family.pipeline_class}) but the base is a "
                                      f"{base_family.label} pipeline: a model of another family than the base")
@@ -236,7 +240,7 @@ def _read_pipeline(path: Path, base: Checkpoint | None, arch: Architecture | Non
         if not folder.is_dir():
             raise BadInput(path, f"component '{component}' is listed in model_index.json but its folder is missing")
         tensors.update(_component_tensors(folder, component))
-    return Checkpoint(path, "pipeline folder", tensors, notes=notes)
+    return Checkpoint(path, "pipeline folder", tensors, notes=notes, family=family, index=index)
 
 
 def _component_tensors(folder: Path, component: str) -> dict[str, TensorSource]:
@@ -362,10 +366,10 @@ def _read_file(path: Path, base: Checkpoint | None, arch: Architecture | None) -
 
 def denoiser_of(base: Checkpoint) -> tuple[str, str | None]:
     """The base's denoiser component and its class (from its model_index.json; None when unknown)."""
-    if base.form != "pipeline folder":
+    if base.family is None:
         return "", None
-    component = family_of_folder(base.path).denoiser
-    entry = read_model_index(base.path).get(component)
+    component = base.family.denoiser
+    entry = base.index.get(component)
     return component, (entry[1] if isinstance(entry, list) and len(entry) == 2 else None)
 
 

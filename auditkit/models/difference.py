@@ -15,8 +15,8 @@ modules' weights (norms, embeddings, a bias of an unchanged module) are listed: 
 not see them, the dynamic scan applies them.
 
 Example:
-    >>> base = open_base("lab")                                                  # doctest: +SKIP
-    >>> adapter = read_full_model("esd-unet/", "lab", architectures.get("lab"))  # doctest: +SKIP
+    >>> base = resolve_base("lab")                                               # doctest: +SKIP
+    >>> adapter = read_full_model("esd-unet/", base, base.architecture)          # doctest: +SKIP
     >>> adapter.update.summary()["modules_changed"]                              # doctest: +SKIP
     64
 """
@@ -33,6 +33,7 @@ from auditkit.analysis.truncation import DEFAULT_ENERGY, truncate
 from auditkit.errors import BadInput
 from auditkit.lora.adapter import Adapter, Coverage, LoraModule
 from auditkit.models.architectures import Architecture
+from auditkit.models.base import Base
 from auditkit.models.checkpoint import Checkpoint, open_checkpoint
 
 ALGORITHM = "checkpoint"  # LoraModule.algorithm of a module read from a full model
@@ -231,14 +232,11 @@ def _open_base_cached(folder: str) -> Checkpoint:
     return open_checkpoint(Path(folder))
 
 
-def open_base(base: str) -> Checkpoint:
-    """The base as a :class:`Checkpoint`: a shipped lab model or a local pipeline folder (indexed once per
-    process)."""
-    from auditkit.lab.bases import BASE_HELP, base_folder, lab_base
+def open_base(base: Base) -> Checkpoint:
+    """The base (:class:`~auditkit.models.base.Base`) as a :class:`Checkpoint` (indexed once per process)."""
+    from auditkit.lab.bases import BASE_HELP
 
-    if lab_base(base) is not None:
-        return _open_base_cached(str(base_folder(base)))
-    folder = Path(base)
+    folder = base.folder
     if not (folder / "model_index.json").is_file():
         raise BadInput(folder, f"not a diffusers pipeline folder (no model_index.json); use {BASE_HELP}")
     return _open_base_cached(str(folder.resolve()))
@@ -253,7 +251,7 @@ def missing_weights(checkpoint: Checkpoint, shared: list[str], arch: Architectur
             if name.split(".", 1)[0] in components and f"{name}.weight" not in held]
 
 
-def read_full_model(path: str | Path, base: str, arch: Architecture, energy: float | None = None,
+def read_full_model(path: str | Path, base: Base, arch: Architecture, energy: float | None = None,
                     rank: int | None = None, reference: Reference | None = None,
                     compared_with: str = "base") -> Adapter:
     """A full model (erased checkpoint or full fine-tune) as an :class:`Adapter` whose modules are its
@@ -262,7 +260,7 @@ def read_full_model(path: str | Path, base: str, arch: Architecture, energy: flo
     Args:
         path: a pipeline folder, a component folder or a ``.safetensors`` file (see
             :mod:`auditkit.models.checkpoint`).
-        base: ``lab`` or the base pipeline folder.
+        base: the resolved base (:func:`auditkit.models.base.resolve_base`).
         arch: the base's architecture.
         energy, rank: the truncation (see :func:`difference`).
         reference: the model it was made from (default: the base).

@@ -1,5 +1,6 @@
-"""Loading base pipelines: a shipped lab model (``lab``, ``lab-dit``) or a local diffusers folder of a known family
-(:mod:`auditkit.models.families`: SD 1/2, SDXL, Flux.1), detected from its ``model_index.json``.
+"""Loading pipeline folders: a ``save_pretrained`` folder of a known family (:mod:`auditkit.models.families`:
+SD 1/2, SDXL, Flux.1, SD3), detected from its ``model_index.json``, and the architecture of a folder or a loaded
+pipeline. What ``--base`` names (a lab model or a folder) is resolved once, by :mod:`auditkit.models.base`.
 
 Everything is offline: a path must be a ``save_pretrained`` folder on disk; nothing is fetched, and
 only ``.safetensors`` weights are loaded (a pickle ``.bin`` is never unpickled).
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from auditkit.errors import BadInput
 from auditkit.fsutil import read_json
-from auditkit.lab.bases import BASE_HELP, lab_base
+from auditkit.lab.bases import BASE_HELP
 from auditkit.lora.io import PICKLE_SUFFIXES
 from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
 from auditkit.models.families import Family, family_of_folder, family_of_pipeline, read_model_index
@@ -29,16 +30,14 @@ def quiet_libraries() -> None:
         log.disable_progress_bar()
 
 
-def load_pipeline(base: str, device: str = "cpu", dtype=None):
-    """The base pipeline named by ``base``: a shipped lab model (:mod:`auditkit.lab.bases`: ``lab``,
-    ``lab-dit``) or a local folder of a known family (SD 1/2, SDXL, Flux.1, SD3)."""
+def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None):
+    """The pipeline saved in ``folder`` (a folder of a known family: SD 1/2, SDXL, Flux.1, SD3), after
+    :func:`check_pipeline_folder`; a base is loaded with :meth:`auditkit.models.base.Base.load`."""
     import torch
-
-    from auditkit.lab.bases import base_folder
 
     quiet_libraries()
     dtype = dtype or torch.float32
-    path = base_folder(base)
+    path = Path(folder)
     family = check_pipeline_folder(path)
     import diffusers
 
@@ -145,32 +144,6 @@ def _builtin_or(arch):
         if components(known) == components(arch) and denoiser(known) == denoiser(arch):
             return known
     return arch
-
-
-def base_architecture(base: str, pipeline=None):
-    """The architecture of ``base`` (a lab model or a pipeline folder): a built-in one when its shapes are, else
-    built from the loaded ``pipeline`` or the folder's configs on the meta device (no weights read)."""
-    from auditkit.models import architectures
-
-    if pipeline is not None:
-        return architecture_of(pipeline)
-    if (lab := lab_base(base)) is not None:
-        return architectures.get(lab.architecture)
-    check_pipeline_folder(Path(base))
-    return architecture_of_folder(base)
-
-
-def base_architectures(base: str | None, pipeline=None) -> tuple:
-    """The architecture adapters for ``base`` are read against when it is not a built-in one (a custom
-    or tiny pipeline), as a tuple for ``read_adapter(extra_architectures=…)``: from the loaded
-    ``pipeline`` if given, else from the folder's configs (no weights). Empty without a base, for
-    the lab models and for bases whose shapes are a built-in architecture's (those are always considered)."""
-    from auditkit.models import architectures
-
-    if pipeline is None and (base is None or lab_base(base) is not None):
-        return ()
-    arch = base_architecture(base, pipeline)
-    return () if arch.name in architectures.BUILTIN else (arch,)
 
 
 def lora_components(pipe) -> dict:

@@ -28,7 +28,7 @@ def save_component(pipe, component: str, updates, folder: str | Path) -> Path:
     """Write ``pipe``'s ``component`` with ``updates`` (a :class:`~auditkit.models.difference.TensorDeltas`
     or LoRA modules, canonical names) added exactly, as a component folder at ``folder``; the pipeline is
     left as it was."""
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     folder = check_new_folder(folder)
     model = pipe.components[component]

@@ -66,6 +66,7 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
     import torch
 
     from auditkit.lora.write import check_trained
+    from auditkit.models.attach import composed, encoders_composed
     from auditkit.models.conditioning import encode as encode_conditioning
     from auditkit.models.denoising import denoiser_for
     from auditkit.train import checkpoint as ckpt
@@ -74,9 +75,7 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
     from auditkit.train.lora import (
         add_lora,
         check_finite_parameters,
-        composed,
         denoiser_targets,
-        encoders_composed,
         extract_lora,
         lora_parameters,
         optimizer_for,

@@ -30,6 +30,7 @@ from auditkit.fsutil import atomic_write_bytes, atomic_write_text
 from auditkit.lora.adapter import Adapter, LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
 from auditkit.models.architectures import Architecture
+from auditkit.models.base import Base
 from auditkit.repair.algebra import concatenate
 
 if TYPE_CHECKING:
@@ -76,13 +77,12 @@ def _with_adapter(targets, safety: Adapter, finetune, arch: Architecture, method
 
 def _with_model(targets, safety: Adapter, finetune, arch: Architecture, method: str, out_dir: Path, base,
                 layout: str) -> dict:
-    from auditkit.models.families import family_of_folder
 
     if base is None:
         raise BadInput(safety.path, "a full-model safety module needs the base (--base) to be packed")
-    folder = str(_base_folder(base))
+    folder = str(base.folder)
     checkpoint = safety.update.checkpoint
-    load = checkpoint_snippet(checkpoint, folder, family_of_folder(folder).pipeline_class)
+    load = checkpoint_snippet(checkpoint, folder, base.family.pipeline_class)
     return {
         "safety_source": {"kind": safety.kind, "path": str(safety.path), "sha256": safety.sha256,
                           "form": checkpoint.form, "components": list(checkpoint.components), "base": str(base)},
@@ -119,13 +119,6 @@ def checkpoint_snippet(checkpoint: Checkpoint, base: str, pipeline_class: str = 
     return "".join(lines)
 
 
-def _base_folder(base: str) -> Path:
-    from auditkit.lab.bases import lab_base
-
-    lab = lab_base(base)
-    return lab.path() if lab is not None else Path(base)
-
-
 LAYOUTS: dict[str, PackLayout] = {
     "adapter": PackLayout(("finetune", "safety", "combined"), _with_adapter),
     "full model": PackLayout(("finetune",), _with_model),
@@ -134,7 +127,7 @@ LAYOUTS: dict[str, PackLayout] = {
 
 def write_pack(out_dir: str | Path, finetune: dict[str, LoraModule], safety: Adapter, arch: Architecture,
                method: str, metadata: dict[str, str], inputs: tuple[Path, ...] = (), extra: dict | None = None,
-               base: str | None = None, layout: str = "kohya", final_dir: str | Path | None = None) -> dict:
+               base: Base | None = None, layout: str = "kohya", final_dir: str | Path | None = None) -> dict:
     """Write the pack into ``out_dir`` (the adapters in ``layout``: the base family's ``written_layout``);
     returns the manifest. ``base``: needed with a full-model safety module. ``final_dir``: where the pack will
     be once verified (the manifest's snippet loads it from there), when ``out_dir`` is a staging folder."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from auditkit.config import ScanConfig
 from auditkit.errors import BadInput
 from auditkit.fsutil import replace_folder
+from auditkit.models.base import Base
 from auditkit.placement import described
 
 UNVERIFIED_PACK = ".pack.unverified"  # the pack until its re-scan has run (then moved to pack/)
@@ -56,7 +57,7 @@ class RepairRequest:
         check_numbers(self.threshold, self.fidelity_target, self.train)
 
     @property
-    def base(self) -> str | None:
+    def base(self) -> Base | None:
         return self.scan.base
 
 
@@ -89,7 +90,6 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
     pipeline already loaded (auto repairs share one)."""
     from auditkit.inputs import input_kind, read_pair
     from auditkit.models.families import family_of_pipeline
-    from auditkit.models.pipeline import base_architectures
     from auditkit.repair import pack as packing
     from auditkit.repair.methods import METHODS
     from auditkit.repair.section import repair_section, scan_summary
@@ -107,12 +107,15 @@ def repair(req: RepairRequest, bars: Bars = _nothing, pipe=None) -> dict:
     if input_kind(req.candidate) == "full model":
         raise BadInput(req.candidate, "is a full model: repair takes an adapter candidate; extract its update as a "
                                       "LoRA first (auditkit extract CANDIDATE --base BASE --out CAND.safetensors)")
-    candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, base_architectures(req.base),
-                                  req.scan.base, energy=req.scan.energy, candidate_from=req.scan.candidate_from)
+    extra = req.base.extra_architectures if req.base is not None else ()
+    candidate, safety = read_pair(req.candidate, req.safety, req.scan.arch, extra, req.base, energy=req.scan.energy,
+                                  candidate_from=req.scan.candidate_from)
     if pipe is None and (req.base is not None or method.needs_data):
         from auditkit.dynamic import load_base
+        from auditkit.lab.bases import DEFAULT_BASE
+        from auditkit.models.base import resolve_base
 
-        pipe, _, _ = load_base(req.base or "lab", req.scan.device)
+        pipe, _, _ = load_base(req.base or resolve_base(DEFAULT_BASE), req.scan.device)
     outcome = method.run(req, pipe, candidate, safety, bars, anchors)
     notes = list(outcome.notes)
     details: dict = {"description": method.description, "candidate": str(req.candidate), "safety": str(req.safety),
@@ -203,9 +206,7 @@ def _fidelity(req: RepairRequest, before_dir: Path, after_dir: Path) -> dict:
     mults = req.scan.multipliers
     config = f"base+safety+candidate@{1.0 if 1.0 in mults else mults[0]:g}"
     lab_detector = None
-    from auditkit.lab.bases import lab_base
-
-    if lab_base(req.base) is not None:
+    if req.base is not None and req.base.lab is not None:  # the lab's own concept detector reads its images
         from auditkit.lab.detector import LabConceptDetector
 
         lab_detector = LabConceptDetector()

@@ -68,7 +68,7 @@ def build_report(candidate: Adapter, safety: Adapter | None, static=None, config
         "architecture": (safety or candidate).architecture.name,
         "candidate": adapter_section(candidate),
         "safety": adapter_section(safety) if safety is not None else None,
-        "base": config.base if config is not None else None,
+        "base": config.base.name if config is not None and config.base is not None else None,
         "config": config.to_dict() if config is not None else None,
         "static": static_section(static) if static is not None else None,
         "concept_check": None,

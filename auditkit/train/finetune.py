@@ -24,6 +24,7 @@ import numpy as np
 from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
+from auditkit.models.attach import composed
 from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.models.denoising import denoiser_for
 from auditkit.train.loop import StepProgress, optimise
@@ -34,7 +35,6 @@ from auditkit.train.lora import (
     check_lora_settings,
     check_number,
     check_targets,
-    composed,
     denoiser_targets,
     extract_lora,
     lora_from_delta,

@@ -1,5 +1,5 @@
-"""LoRA wiring for training: target presets, peft injection, extraction to canonical modules,
-and exact composition of canonical updates into a model's weights.
+"""LoRA wiring for training: target presets, peft injection, extraction to canonical modules.
+(Composing updates into a live model's weights is :mod:`auditkit.models.attach`.)
 
 Training uses peft through diffusers (``unet.add_adapter``), the path users' trainers take.
 Trained adapters are extracted as canonical :class:`~auditkit.lora.adapter.LoraModule` objects
@@ -9,18 +9,15 @@ Trained adapters are extracted as canonical :class:`~auditkit.lora.adapter.LoraM
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import re
-from collections.abc import Iterator
 
 import numpy as np
 
 from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.models.denoising import UNET_TARGETS
-from auditkit.models.difference import TensorDeltas
 
 # Which modules each method trains: one table of regexes per kind of denoiser, with the same preset names
 # (auditkit.models.denoising); TARGETS is the UNet's.
@@ -171,92 +168,3 @@ def lora_from_delta(name: str, delta: np.ndarray, rank: int) -> LoraModule:
     k = min(rank, int(np.sum(s > s[0] * 1e-7)) if s.size and s[0] > 0 else 0) or 1
     root = np.sqrt(s[:k])
     return LoraModule(name, (root[:, None] * vt[:k]).astype(np.float32), (u[:, :k] * root).astype(np.float32), 1.0)
-
-
-def weight_of(model, canonical: str, component: str, tensor: bool = False):
-    """The weight of canonical module ``<component>.<path>``; with ``tensor``, the canonical tensor
-    ``<component>.<path>.<name>`` (a full model's changed tensor)."""
-    from auditkit.models.architectures import _text_alias
-
-    path, param = canonical.removeprefix(f"{component}."), "weight"
-    if tensor:
-        path, _, param = path.rpartition(".")
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:  # a CLIP text module under transformers 5, which dropped the text_model level
-        alias = _text_alias(path) if component.startswith("text_encoder") else None
-        if alias is None:
-            raise
-        module = model.get_submodule(alias)
-    return getattr(getattr(module, "base_layer", module), param)
-
-
-def apply_updates(model, updates: dict[str, LoraModule] | TensorDeltas, multiplier: float = 1.0,
-                  component: str = "unet") -> None:
-    """W += multiplier · ΔW for each canonical module of ``component`` (the denoiser ``model``), in place,
-    exact; a full model's :class:`~auditkit.models.difference.TensorDeltas` add to every tensor of
-    ``component`` they change."""
-    import torch
-
-    tensors = isinstance(updates, TensorDeltas)
-    with torch.no_grad():
-        for name, m in updates.items():
-            if not name.startswith(f"{component}."):
-                continue
-            weight = weight_of(model, name, component, tensors)
-            delta = torch.from_numpy(np.asarray(m) if tensors else m.delta()).to(weight.dtype).reshape(weight.shape)
-            weight.add_(delta.to(weight.device), alpha=multiplier)
-
-
-@contextlib.contextmanager
-def composed(model, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float],
-             component: str = "unet") -> Iterator[None]:
-    """Temporarily fuse adapters (modules, multiplier) or full models' updates (TensorDeltas, multiplier)
-    into the weights of ``component`` (the denoiser ``model``); restore on exit. Modules of other
-    components are left out."""
-    import torch
-
-    touched = {(name, isinstance(mods, TensorDeltas)) for mods, _ in adapters for name in mods
-               if name.startswith(f"{component}.")}
-    saved = {key: weight_of(model, key[0], component, key[1]).detach().clone() for key in touched}
-    try:
-        for mods, mult in adapters:
-            apply_updates(model, mods, mult, component)
-        yield
-    finally:
-        with torch.no_grad():
-            for key, w in saved.items():
-                weight_of(model, key[0], component, key[1]).copy_(w)
-
-
-def encoder_parts(pipe, *updates: dict[str, LoraModule] | TensorDeltas, denoiser: str) -> list[str]:
-    """The components of ``pipe`` other than the ``denoiser`` (its text encoders) that ``updates`` change."""
-    names = {n.split(".", 1)[0] for mods in updates for n in mods} - {denoiser}
-    return sorted(c for c in names if getattr(pipe, c, None) is not None)
-
-
-@contextlib.contextmanager
-def encoders_composed(pipe, *adapters: tuple[dict[str, LoraModule] | TensorDeltas, float], denoiser: str):
-    """Merge the parts of ``adapters`` ((modules or TensorDeltas, multiplier)) that change a text encoder of
-    ``pipe`` into it, for the duration (the ``denoiser`` component's parts are merged elsewhere, by
-    :func:`composed`); components the pipeline lacks are left out."""
-    with contextlib.ExitStack() as stack:
-        for comp in encoder_parts(pipe, *(mods for mods, _ in adapters), denoiser=denoiser):
-            stack.enter_context(composed(getattr(pipe, comp), *adapters, component=comp))
-        yield
-
-
-def encoded_by_each(pipe, prompts: list[str], safety, candidate, denoiser: str) -> tuple:
-    """The conditioning of ``prompts`` as the base, the safe model and the safe model with the candidate each
-    read them: through their own text encoders (the updates' text-encoder parts merged). Without such parts,
-    the one base encoding three times."""
-    from auditkit.models.conditioning import encode
-
-    base = encode(pipe, prompts)
-    if not encoder_parts(pipe, safety, candidate, denoiser=denoiser):
-        return base, base, base
-    with encoders_composed(pipe, (safety, 1.0), denoiser=denoiser):
-        safe = encode(pipe, prompts)
-    with encoders_composed(pipe, (safety, 1.0), (candidate, 1.0), denoiser=denoiser):
-        cand = encode(pipe, prompts)
-    return base, safe, cand

@@ -165,7 +165,7 @@ def test_a_lab_base_name_is_never_made_a_path():
     from auditkit.batch.run import _absolute  # issue 26 M2
 
     for base in ("lab", "lab-dit"):
-        assert _absolute(BatchConfig(Path("x"), Path("o"), ScanConfig(base=base))).scan.base == base
+        assert _absolute(BatchConfig(Path("x"), Path("o"), ScanConfig(base=base))).scan.base.name == base
 
 
 # issue 26 M6: a row's trigger words added to the batch's must still be a valid setting, checked before any work

@@ -38,8 +38,8 @@ def test_a_csv_manifest_gives_ids_and_row_settings(tmp_path):
                                     "b.safetensors,,none,lab,zxq style; neon\n"
                                     "c.safetensors,third,s.safetensors,,\n")
     a, b, c = read_entries(tmp_path / "m.csv")
-    assert (a.id, a.path, a.safety, a.base, a.triggers) == ("first", tmp_path / "x" / "a.safetensors", "", "", ())
-    assert (b.id, b.safety, b.base, b.triggers) == ("b.safetensors", "none", "lab", ("zxq style", "neon"))
+    assert (a.id, a.path, a.safety, a.base, a.triggers) == ("first", tmp_path / "x" / "a.safetensors", "", None, ())
+    assert (b.id, b.safety, b.base.name, b.triggers) == ("b.safetensors", "none", "lab", ("zxq style", "neon"))
     assert c.safety == str(tmp_path / "s.safetensors")
 
 
@@ -202,7 +202,8 @@ def test_bad_manifest_trigger_words_are_refused_naming_the_row(tmp_path, cell, m
 @pytest.mark.parametrize("base", ["lab", "lab-dit"])
 def test_a_lab_base_in_a_manifest_stays_a_lab_name(tmp_path, base):
     (tmp_path / "m.csv").write_text(f"path,base\nq.safetensors,{base}\n")
-    assert read_entries(tmp_path / "m.csv")[0].base == base
+    (entry,) = read_entries(tmp_path / "m.csv")
+    assert entry.base.name == base and entry.base.lab is not None
 
 
 # issue 26 M8: a Parquet manifest that would decompress past the limit is refused from its metadata

@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
+from auditkit.models.base import resolve_base  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
 SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
@@ -116,7 +117,7 @@ def test_each_report_is_the_report_auditkit_scan_writes(lab_batch):
     from auditkit.scan import scan
 
     tmp, config, result = lab_batch
-    pipe, _, _ = load_base("lab", "cpu")
+    pipe, _, _ = load_base(resolve_base("lab"), "cpu")
     for name in ("weak.safetensors", "undo.safetensors"):  # one pipeline for both, as the batch's worker
         alone = scan(dataclasses.replace(config.scan, candidate=config.input / name, out=tmp / "alone" / name),
                      pipeline=pipe).report
@@ -137,9 +138,9 @@ def test_a_reused_pipeline_keeps_nothing_of_the_candidates_it_scanned(lab_batch,
 
     import torch
 
-    from auditkit import runner
     from auditkit.batch.worker import Task, Worker
     from auditkit.errors import Unscannable
+    from auditkit.models import attach
 
     tmp, config, _ = lab_batch
     worker = Worker("cpu")
@@ -155,19 +156,19 @@ def test_a_reused_pipeline_keeps_nothing_of_the_candidates_it_scanned(lab_batch,
     assert worker.scan(task)["verdict"] == "risk"
     after = weights()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not runner._lora_layers(pipe, ["safety", "candidate"])
+    assert not attach.lora_layers(pipe, ["safety", "candidate"])
     # a candidate refused while loading (after the safety module loaded) leaves nothing behind either
-    refuse = runner._correct_scales
+    refuse = attach._correct_scales
 
     def refuse_candidate(adapter, role, layers):
         if role == "candidate":
             raise Unscannable(adapter.path, "refused for the test")
         return refuse(adapter, role, layers)
 
-    monkeypatch.setattr(runner, "_correct_scales", refuse_candidate)
+    monkeypatch.setattr(attach, "_correct_scales", refuse_candidate)
     row = worker.scan(dataclasses.replace(task, config=dataclasses.replace(task.config, out=tmp / "leak" / "x")))
     assert row["verdict"] == "error" and "refused for the test" in row["error"]
-    assert not runner._lora_layers(pipe, ["safety", "candidate"])
+    assert not attach.lora_layers(pipe, ["safety", "candidate"])
     assert all(torch.equal(before[k], v) for k, v in weights().items())
 
 

@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from auditkit.lora.adapter import read_adapter  # noqa: E402
+from auditkit.models.base import resolve_base  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
@@ -86,7 +87,7 @@ def test_align_full_writes_the_erased_model_that_scans_as_a_safety_module(tmp_pa
     assert res.returncode == 2 and "already exists" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     from auditkit.inputs import read_input
 
-    safety = read_input(erased, "safety module", str(tiny_base))
+    safety = read_input(erased, "safety module", resolve_base(str(tiny_base)))
     assert safety.kind == "full model" and safety.modules and all(".attn2." in n for n in safety.modules)
 
 

@@ -94,7 +94,7 @@ def test_a_text_encoder_candidate_is_swept_through_its_encoder(lab_pipe, tmp_pat
 
     from auditkit.discovery.sweep import KVReader, token_sweep
     from auditkit.models import architectures
-    from auditkit.train.lora import encoders_composed
+    from auditkit.models.attach import encoders_composed
 
     arch = architectures.get("lab")
     names = [n for n in arch.modules if n.startswith("text_encoder.") and "layers.1." in n and "mlp.fc2" in n]

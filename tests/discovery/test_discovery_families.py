@@ -157,7 +157,7 @@ def kv_inputs(pipe, cond, names: list[str]) -> dict:
 
 def hand_scores(family, pipe, arch, swept, tokens, candidate, safety) -> list[float]:
     """Σ_m ‖x_c·W_cᵀ − x_s·W_sᵀ‖² / Σ_m ‖x_s·W_sᵀ‖² over the token's own positions, by hand."""
-    from auditkit.train.lora import encoders_composed
+    from auditkit.models.attach import encoders_composed
 
     ids = hand_ids(pipe, swept, tokens)
     names = kv_modules(pipe, arch)

@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from auditkit.lab.bases import BASE_HELP, LAB_BASES, base_folder, lab_base  # noqa: E402
+from auditkit.lab.bases import BASE_HELP, LAB_BASES, lab_base  # noqa: E402
+from auditkit.models.base import resolve_base  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
@@ -36,17 +37,16 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from auditkit.models.pipeline import load_pipeline
-
     if not LAB_DIT.available():
         pytest.skip("DiT lab model not exported yet")
-    return load_pipeline("lab-dit")
+    return resolve_base("lab-dit").load()
 
 
 def test_lab_names_resolve_in_one_place():
     assert set(LAB_BASES) == {"lab", "lab-dit"} and "'lab-dit'" in BASE_HELP
     assert lab_base("lab-dit") is LAB_DIT and lab_base("/some/folder") is None and lab_base(None) is None
-    assert base_folder("/some/folder").as_posix() == "/some/folder"
+    folder = resolve_base("/some/folder")
+    assert folder.lab is None and folder.folder.as_posix() == "/some/folder" and resolve_base("lab-dit").lab is LAB_DIT
     assert LAB_DIT.path().name == "pipeline-dit" and LAB_DIT.architecture == "lab-dit"
 
 
@@ -54,7 +54,7 @@ def test_the_default_suites_on_the_dit_lab_are_the_lab_suites():
     from auditkit.config import ScanConfig
     from auditkit.scan import resolve_suites
 
-    assert {s.name for s in resolve_suites(ScanConfig(), base="lab-dit")} == {"lab-cross", "lab-neon"}
+    assert {s.name for s in resolve_suites(ScanConfig(), base=resolve_base("lab-dit"))} == {"lab-cross", "lab-neon"}
 
 
 def test_components_built_from_config_are_flux_at_toy_scale():
@@ -92,11 +92,11 @@ def test_the_dit_lab_loads_by_name_and_renders_32px_images(pipe):
 @needs_dit
 def test_the_shipped_architecture_table_is_the_weights(pipe):
     from auditkit.models import architectures
-    from auditkit.models.pipeline import architecture_of, architecture_of_folder, base_architecture
+    from auditkit.models.pipeline import architecture_of, architecture_of_folder
 
     arch = architectures.get("lab-dit")
     assert architecture_of(pipe) is arch and architecture_of_folder(LAB_DIT.path()) is arch
-    assert base_architecture("lab-dit") is arch
+    assert resolve_base("lab-dit").architecture is arch
     denoiser = {n: s for n, s in arch.modules.items() if n.startswith("transformer.")}
     assert len(denoiser) == sum(isinstance(m, torch.nn.Linear) for m in pipe.transformer.modules())
     for name, shape in denoiser.items():
@@ -110,9 +110,9 @@ def test_base_weights_and_the_checkpoint_index_read_the_dit_lab(pipe):
     from auditkit.models.difference import open_base
 
     name = "transformer.transformer_blocks.0.attn.add_k_proj"
-    w = BaseWeights.for_base("lab-dit").get(name)
+    w = BaseWeights.for_base(resolve_base("lab-dit")).get(name)
     assert np.array_equal(w, pipe.transformer.get_submodule(name.split(".", 1)[1]).weight.detach().numpy())
-    assert open_base("lab-dit") is open_base("lab-dit")  # indexed once per process
+    assert open_base(resolve_base("lab-dit")) is open_base(resolve_base("lab-dit"))  # indexed once per process
 
 
 @needs_dit

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
+from auditkit.models.base import resolve_base  # noqa: E402
 
 # two short fine-tunes on the lab: about 25 s on 2 cores, under the minute that would make it a slow test
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
@@ -33,7 +34,7 @@ def trained(tmp_path_factory):
     lab = architectures.get("lab")
     safety = read_adapter(full_models.SAFETY_U).modules
     erased = full_models.pipeline_folder(folder / "erased", (safety, 1.0))
-    exact = read_full_model(erased, "lab", lab).exact()  # what training on top of the erased model merges
+    exact = read_full_model(erased, resolve_base("lab"), lab).exact()  # what training on top of the erased model merges
     pipe = load_lab_pipeline()
     neon = world.sample_specs(7, 256, domain="neon")
     images, captions = world.render_many(neon), [world.caption(s) for s in neon]
@@ -52,8 +53,8 @@ def test_static_findings_against_the_erased_model_agree_with_those_against_the_s
 
     erased, paths = trained
     lora = run_static_scan(paths[candidate], full_models.SAFETY_U)
-    truncated = run_static_scan(paths[candidate], erased, base="lab")  # energy 0.99 per module
-    exact = run_static_scan(paths[candidate], erased, base="lab", energy=1.0)
+    truncated = run_static_scan(paths[candidate], erased, base=resolve_base("lab"))  # energy 0.99 per module
+    exact = run_static_scan(paths[candidate], erased, base=resolve_base("lab"), energy=1.0)
     assert exact.findings.cancellation == pytest.approx(lora.findings.cancellation, abs=1e-4)
     assert truncated.findings.cancellation == pytest.approx(lora.findings.cancellation, abs=0.01)
     assert truncated.verdict.verdict == lora.verdict.verdict
@@ -71,7 +72,7 @@ def test_the_on_top_candidate_cancels_more_of_the_erased_update_than_the_modular
     from auditkit.scan import run_static_scan
 
     erased, paths = trained
-    on_top = run_static_scan(paths["on-top"], erased, base="lab").findings
-    modular = run_static_scan(paths["modular"], erased, base="lab").findings
+    on_top = run_static_scan(paths["on-top"], erased, base=resolve_base("lab")).findings
+    modular = run_static_scan(paths["modular"], erased, base=resolve_base("lab")).findings
     assert on_top.cancellation > modular.cancellation
     assert on_top.energy_in_safety_subspace > modular.energy_in_safety_subspace

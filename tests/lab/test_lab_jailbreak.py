@@ -85,7 +85,7 @@ def test_benign_finetuning_on_top_brings_the_concept_back_and_modular_does_not(t
     from auditkit.lab import world
     from auditkit.lab.adherence import generate
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.train.lora import composed
+    from auditkit.models.attach import composed
 
     pipe, safety, mods, _ = trained
     detector = LabConceptDetector()

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 def test_prefixless_processor_files_read_and_load_into_diffusers_exactly(tmp_path):
     from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
     from auditkit.models import architectures
-    from auditkit.runner import load_adapters
+    from auditkit.models.attach import load_adapters
 
     if not lab_pipeline_available():  # pragma: no cover
         pytest.skip("the lab pipeline is not installed")
@@ -39,10 +39,10 @@ def test_prefixless_processor_files_read_and_load_into_diffusers_exactly(tmp_pat
     base = {n: pipe.unet.get_submodule(n[len("unet."):]).weight.detach().double().numpy().copy() for n in names}
     # diffusers (0.42) itself applies none of this file's modules, silently; if that is fixed, the
     # file can be handed to diffusers as it is (auditkit.lora.write.diffusers_source)
-    from auditkit.runner import _lora_layers
+    from auditkit.models.attach import lora_layers
 
     pipe.load_lora_weights(str(path), adapter_name="raw")
-    assert not _lora_layers(pipe, ["raw"])
+    assert not lora_layers(pipe, ["raw"])
     pipe.unload_lora_weights()
     # auditkit hands diffusers its exact conversion instead
     assert load_adapters(pipe, {"candidate": adapter})["candidate"]["fraction"] == 1.0

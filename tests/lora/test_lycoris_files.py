@@ -17,6 +17,7 @@ lycoris_kohya = pytest.importorskip("lycoris.kohya")
 from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline  # noqa: E402
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 from auditkit.models import architectures  # noqa: E402
+from auditkit.models.base import resolve_base  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
@@ -183,9 +184,9 @@ class PipelineWeights:
 @pytest.mark.parametrize("case,kwargs", [("loha", {}), ("lokr", {"factor": 4}), ("full", {}),
                                          ("locon", {"dora_wd": True})])
 def test_diffusers_composes_every_algorithm_exactly(tmp_path, case, kwargs):
-    """What the dynamic scan renders: after runner.load_adapters, the pipeline's fused weights (and
+    """What the dynamic scan renders: after attach.load_adapters, the pipeline's fused weights (and
     biases) differ from the base by exactly the update auditkit read, for every module."""
-    from auditkit.runner import load_adapters
+    from auditkit.models.attach import load_adapters
 
     writer = load_lab_pipeline(device="cpu", dtype=torch.float32)
     write_lycoris(writer, tmp_path / "a.safetensors", case, **kwargs)
@@ -252,7 +253,7 @@ def test_a_dora_candidate_is_inconclusive_statically_until_the_base_is_given(lab
     assert direction.verdict.verdict in ("inconclusive", "risk")
     if direction.verdict.verdict == "inconclusive":
         assert "DoRA" in direction.verdict.reasons[0]
-    exact = run_static_scan(path, safety, arch="lab", base="lab")
+    exact = run_static_scan(path, safety, arch="lab", base=resolve_base("lab"))
     assert not any(m.needs_base for m in exact.candidate.modules.values())
     assert any("computed with the base weights" in n for n in exact.candidate.notes)
     forms = {f.candidate_form for f in exact.findings.modules}

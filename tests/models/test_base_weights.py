@@ -15,6 +15,7 @@ import auditkit
 from auditkit.errors import BadInput
 from auditkit.lab.model import lab_pipeline_available, lab_pipeline_path
 from auditkit.lora.io import serialize
+from auditkit.models.base import resolve_base
 from auditkit.models.base_weights import BaseWeights, weight_files
 
 needs_lab = pytest.mark.skipif(not lab_pipeline_available(),
@@ -73,14 +74,14 @@ def pipeline(tmp_path, components: dict[str, dict[str, np.ndarray]], name="model
     f"text_encoder.{Q_PROJ}",
 ])
 def test_lab_weights_equal_the_torch_modules(torch_models, canonical):
-    got = BaseWeights.for_base("lab").get(canonical)
+    got = BaseWeights.for_base(resolve_base("lab")).get(canonical)
     expected = torch_weight(torch_models, canonical)
     assert got.dtype == np.float64 and got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
 
 
 def test_conv_kernels_are_flattened_out_by_in_times_kernel(torch_models):
-    got = BaseWeights.for_base("lab").get(f"unet.{CONV}")
+    got = BaseWeights.for_base(resolve_base("lab")).get(f"unet.{CONV}")
     kernel = torch_models["unet"].get_submodule(CONV).weight
     assert got.shape == (kernel.shape[0], kernel.shape[1] * kernel.shape[2] * kernel.shape[3])
     np.testing.assert_array_equal(got[1, 9:18], kernel[1, 1].detach().numpy().ravel())
@@ -88,7 +89,7 @@ def test_conv_kernels_are_flattened_out_by_in_times_kernel(torch_models):
 
 @needs_lab
 def test_text_encoder_keys_with_or_without_the_text_model_level(tmp_path):
-    lab = BaseWeights.for_base("lab")
+    lab = BaseWeights.for_base(resolve_base("lab"))
     with_level = lab.get(f"text_encoder.{Q_PROJ}")
     assert with_level is not None
     np.testing.assert_array_equal(lab.get("text_encoder.encoder.layers.0.self_attn.q_proj"), with_level)
@@ -190,7 +191,7 @@ def test_folder_without_model_index_is_refused(tmp_path):
     with pytest.raises(BadInput, match="model_index.json: .*not valid JSON"):
         BaseWeights(tmp_path)
     with pytest.raises(BadInput, match="no model_index.json"):
-        BaseWeights.for_base(str(tmp_path / "nowhere"))
+        BaseWeights.for_base(resolve_base(str(tmp_path / "nowhere")))
 
 
 def test_malformed_weight_file_is_named(tmp_path):
@@ -271,7 +272,8 @@ def test_variant_file_names():
 @needs_lab
 def test_reading_base_weights_imports_no_torch(tmp_path):
     code = ("import sys; from auditkit.models.base_weights import BaseWeights; "
-            f"w = BaseWeights.for_base('lab').get('unet.{TO_K}'); assert w.shape == (32, 64), w.shape; "
+            "from auditkit.models.base import resolve_base; "
+            f"w = BaseWeights.for_base(resolve_base('lab')).get('unet.{TO_K}'); assert w.shape == (32, 64), w.shape; "
             "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; assert not heavy, heavy")
     env = {**os.environ, "PYTHONPATH": str(Path(auditkit.__file__).parents[1])}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
@@ -286,7 +288,7 @@ def test_unavailable_lab_is_bad_input(monkeypatch, name):
 
     monkeypatch.setitem(LAB_BASES, name, dataclasses.replace(LAB_BASES[name], folder="absent"))
     with pytest.raises(BadInput, match=f"the {name} model is not installed"):
-        BaseWeights.for_base(name)
+        BaseWeights.for_base(resolve_base(name))
 
 
 def test_a_deep_shard_index_or_model_index_is_refused_in_one_line(tmp_path):  # issue 26 M3

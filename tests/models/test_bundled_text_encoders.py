@@ -14,6 +14,7 @@ import pytest
 from auditkit.lora.io import open_safetensors, serialize
 from auditkit.models import architectures
 from auditkit.models.architectures import canonical_name
+from auditkit.models.base import resolve_base
 from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import read_full_model
 from auditkit.models.pipeline import architecture_of_folder
@@ -129,7 +130,7 @@ def test_the_difference_sees_the_one_bundled_t5_tensor_changed(tmp_path, bases):
     tensors[key] = tensors[key] + change
     path = tmp_path / "flux-aio.safetensors"
     path.write_bytes(serialize(tensors))
-    adapter = read_full_model(path, str(folder), architecture_of_folder(folder), energy=1.0)
+    adapter = read_full_model(path, resolve_base(str(folder)), architecture_of_folder(folder), energy=1.0)
     deltas = adapter.update.deltas()
     assert set(deltas) == {"text_encoder_2.encoder.block.1.layer.0.SelfAttention.q.weight"}
     np.testing.assert_allclose(deltas["text_encoder_2.encoder.block.1.layer.0.SelfAttention.q.weight"], change,
@@ -141,13 +142,12 @@ def test_bundled_text_encoders_against_a_base_of_another_model_are_unmapped_with
     """The lab (SD 1.x-like) bundles no text_encoders.…: a Flux file's are unmapped, never dropped."""
     from full_models import lab_tensors, original_names
 
-    from auditkit.lab.bases import base_folder
 
     names = original_names()
     tensors = {names[canonical_name("unet", k)]: v for k, v in lab_tensors("unet").items()}
     bundled = bundled_file(bases["flux"], "flux")
     path = tmp_path / "mixed.safetensors"
     path.write_bytes(serialize({**tensors, **bundled}))
-    ckpt = open_checkpoint(path, base=open_checkpoint(base_folder("lab")), arch=architectures.get("lab"))
+    ckpt = open_checkpoint(path, base=open_checkpoint(resolve_base("lab").folder), arch=architectures.get("lab"))
     assert ckpt.unmapped == sorted(bundled) and ckpt.components == ("unet",)
     assert any("text_encoders." in n and "Flux.1 or SD3" in n for n in ckpt.notes)

@@ -14,6 +14,7 @@ from auditkit.lora.adapter import read_adapter
 from auditkit.lora.io import serialize
 from auditkit.models import architectures
 from auditkit.models.architectures import canonical_name, sgm_name
+from auditkit.models.base import resolve_base
 from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import open_base, read_full_model
 
@@ -51,7 +52,7 @@ FORMS = ["pipeline folder", "component folder", "single file diffusers", "single
 @pytest.mark.parametrize("form", FORMS)
 def test_every_form_of_an_erased_model_gives_the_merged_update_exactly(tmp_path, lab, safety_u, form):
     path = write_form(tmp_path, form, (safety_u, 1.0))
-    adapter = read_full_model(path, "lab", lab, energy=1.0)
+    adapter = read_full_model(path, resolve_base("lab"), lab, energy=1.0)
     update = adapter.update
     assert adapter.kind == "full model" and update.checkpoint.form == form.removesuffix(
         " diffusers").removesuffix(" component").removesuffix(" original")
@@ -71,7 +72,7 @@ def test_every_form_of_an_erased_model_gives_the_merged_update_exactly(tmp_path,
 
 def test_original_layout_keys_left_out_are_the_vae_and_bookkeeping(tmp_path, lab, safety_u):
     path = full_models.single_file(tmp_path / "erased.safetensors", (safety_u, 1.0), naming="original")
-    ckpt = open_checkpoint(path, open_base("lab"), lab)
+    ckpt = open_checkpoint(path, open_base(resolve_base("lab")), lab)
     assert ckpt.naming == "original" and ckpt.components == ("text_encoder", "unet")
     assert ckpt.ignored == ["alphas_cumprod", "first_stage_model.decoder.conv_out.weight"]
     assert any("VAE" in n for n in ckpt.notes) and ckpt.unmapped == []
@@ -80,7 +81,7 @@ def test_original_layout_keys_left_out_are_the_vae_and_bookkeeping(tmp_path, lab
 @pytest.mark.parametrize("energy", [0.9, 0.99])
 def test_truncation_keeps_the_stated_energy_per_module_and_reports_rank_and_energy(tmp_path, lab, safety_u, energy):
     path = full_models.component_folder(tmp_path / "unet", (safety_u, 1.0))
-    adapter = read_full_model(path, "lab", lab, energy=energy)
+    adapter = read_full_model(path, resolve_base("lab"), lab, energy=energy)
     summary = adapter.summary()["full_model"]
     assert summary["energy"] == energy and summary["modules_changed"] == len(safety_u)
     for name, t in adapter.update.truncation.items():
@@ -94,13 +95,13 @@ def test_truncation_keeps_the_stated_energy_per_module_and_reports_rank_and_ener
 
 def test_a_fixed_rank_truncation(tmp_path, lab, safety_u):
     path = full_models.component_folder(tmp_path / "unet", (safety_u, 1.0))
-    adapter = read_full_model(path, "lab", lab, rank=1)
+    adapter = read_full_model(path, resolve_base("lab"), lab, rank=1)
     assert {m.rank for m in adapter.modules.values()} == {1}
     assert adapter.summary()["full_model"]["rank"] == 1 and adapter.summary()["full_model"]["energy"] is None
 
 
 def test_a_model_identical_to_the_base_changes_nothing_and_counts_every_module_unchanged(lab):
-    adapter = read_full_model(lab_pipeline_path(), "lab", lab)
+    adapter = read_full_model(lab_pipeline_path(), resolve_base("lab"), lab)
     assert adapter.modules == {} and len(adapter.update.unchanged) == len(lab.modules)
     assert adapter.update.deltas() == {}
 
@@ -112,7 +113,7 @@ def test_changed_tensors_outside_the_modules_are_listed_and_exact(tmp_path, lab)
     folder.mkdir()
     shutil.copy(lab_pipeline_path() / "unet" / "config.json", folder)
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(serialize(tensors))
-    adapter = read_full_model(folder, "lab", lab)
+    adapter = read_full_model(folder, resolve_base("lab"), lab)
     assert adapter.modules == {} and adapter.update.outside == ["unet.conv_norm_out.weight"]
     np.testing.assert_allclose(adapter.update.deltas()["unet.conv_norm_out.weight"], 0.5, atol=1e-6)  # float32 sums
     assert any("outside the linear/conv modules" in n for n in adapter.notes)
@@ -123,7 +124,7 @@ def test_a_text_encoder_component_folder_is_placed_by_its_names_and_shapes(tmp_p
 
     te = random_modules(lab, select(lab, "self_attn.q_proj", component="text_encoder."), rank=2, seed=3)
     folder = full_models.component_folder(tmp_path / "renamed", (te, 1.0), component="text_encoder")
-    adapter = read_full_model(folder, "lab", lab, energy=1.0)
+    adapter = read_full_model(folder, resolve_base("lab"), lab, energy=1.0)
     assert adapter.update.checkpoint.components == ("text_encoder",)
     assert set(adapter.modules) == set(te)
     for name, m in te.items():
@@ -189,7 +190,7 @@ def test_pickle_checkpoints_are_refused_and_never_unpickled(tmp_path, lab, suffi
     path = tmp_path / f"erased{suffix}"
     path.write_bytes(pickle.dumps(boom))
     with pytest.raises(BadInput, match="pickle") as exc:
-        read_full_model(path, "lab", lab)
+        read_full_model(path, resolve_base("lab"), lab)
     assert str(path) in str(exc.value) and "\n" not in str(exc.value)
     assert not boom.marker.exists()
 
@@ -200,14 +201,14 @@ def test_a_folder_with_only_pickle_weights_is_refused_naming_them(tmp_path, lab)
     shutil.copy(lab_pipeline_path() / "unet" / "config.json", folder)
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(BadInput, match=r"diffusion_pytorch_model\.bin: pickle"):
-        read_full_model(folder, "lab", lab)
+        read_full_model(folder, resolve_base("lab"), lab)
 
 
 def test_a_pipeline_folder_missing_a_component_is_refused_naming_it(tmp_path, lab):
     folder = shutil.copytree(lab_pipeline_path(), tmp_path / "erased")
     shutil.rmtree(folder / "unet")
     with pytest.raises(BadInput, match="component 'unet' is missing") as exc:
-        read_full_model(folder, "lab", lab)
+        read_full_model(folder, resolve_base("lab"), lab)
     assert str(folder) in str(exc.value)
 
 
@@ -219,7 +220,7 @@ def test_a_component_that_does_not_render_may_be_absent(tmp_path, lab, safety_u)
     index["safety_checker"] = ["diffusers", "AutoencoderKL"]
     (base / "model_index.json").write_text(json.dumps(index))
     erased = full_models.pipeline_folder(tmp_path / "erased", (safety_u, 1.0))
-    adapter = read_full_model(erased, str(base), lab)
+    adapter = read_full_model(erased, resolve_base(str(base)), lab)
     assert set(adapter.modules) == set(safety_u)
 
 
@@ -229,7 +230,7 @@ def test_a_pipeline_whose_index_does_not_list_a_component_is_refused(tmp_path, l
     del index["text_encoder"]
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(BadInput, match="component 'text_encoder' is missing"):
-        read_full_model(folder, "lab", lab)
+        read_full_model(folder, resolve_base("lab"), lab)
 
 
 def test_a_component_the_base_lacks_is_left_out_and_said(tmp_path, lab, safety_u):
@@ -238,7 +239,7 @@ def test_a_component_the_base_lacks_is_left_out_and_said(tmp_path, lab, safety_u
     index = json.loads((folder / "model_index.json").read_text())
     index["safety_checker"] = ["diffusers", "AutoencoderKL"]
     (folder / "model_index.json").write_text(json.dumps(index))
-    adapter = read_full_model(folder, "lab", lab)
+    adapter = read_full_model(folder, resolve_base("lab"), lab)
     assert "safety_checker" not in adapter.update.checkpoint.components and adapter.coverage.fraction == 1.0
     assert any("safety_checker are not in the base" in n for n in adapter.notes)
 
@@ -249,7 +250,7 @@ def test_a_pipeline_of_another_family_is_refused(tmp_path, lab):
     index["_class_name"] = "StableDiffusionXLPipeline"
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(BadInput, match="of another family than the base"):
-        read_full_model(folder, "lab", lab)
+        read_full_model(folder, resolve_base("lab"), lab)
 
 
 def test_a_shape_mismatch_is_refused_naming_the_tensor(tmp_path, lab):
@@ -260,7 +261,7 @@ def test_a_shape_mismatch_is_refused_naming_the_tensor(tmp_path, lab):
     path.write_bytes(serialize(tensors))
     with pytest.raises(BadInput, match=rf"unet\.{key} is \[32, 7\] here but \[32, 64\] in the base: a model of "
                                        "another architecture"):
-        read_full_model(path, "lab", lab)
+        read_full_model(path, resolve_base("lab"), lab)
 
 
 def test_a_unet_of_another_architecture_is_refused(tmp_path, lab):
@@ -272,13 +273,13 @@ def test_a_unet_of_another_architecture_is_refused(tmp_path, lab):
     path = tmp_path / "sd15-unet.safetensors"
     path.write_bytes(serialize(tensors))
     with pytest.raises(BadInput, match="another architecture than the base"):
-        read_full_model(path, "lab", lab)
+        read_full_model(path, resolve_base("lab"), lab)
 
 
 def test_a_folder_that_is_no_model_is_refused(tmp_path, lab):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="neither a diffusers pipeline folder"):
-        read_full_model(tmp_path / "empty", "lab", lab)
+        read_full_model(tmp_path / "empty", resolve_base("lab"), lab)
 
 
 @pytest.mark.parametrize("tamper", ["missing", "integer"])
@@ -294,7 +295,7 @@ def test_a_module_weight_missing_or_not_float_lowers_coverage_and_is_named(tmp_p
     folder.mkdir()
     shutil.copy(lab_pipeline_path() / "unet" / "config.json", folder)
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(serialize(tensors))
-    adapter = read_full_model(folder, "lab", lab)
+    adapter = read_full_model(folder, resolve_base("lab"), lab)
     assert adapter.coverage.fraction < 1 and f"unet.{key}" in adapter.coverage.unmapped
     assert f"unet.{key[:-len('.weight')]}" not in adapter.update.unchanged
     assert any("missing or not floating-point" in n and f"unet.{key}" in n for n in adapter.notes), adapter.notes
@@ -302,5 +303,5 @@ def test_a_module_weight_missing_or_not_float_lowers_coverage_and_is_named(tmp_p
 
 def test_an_adapter_given_as_a_full_model_is_named_as_an_adapter(lab):  # issue 26 L9: was "another architecture"
     with pytest.raises(BadInput, match="its keys are a LoRA adapter's, not a full model's") as err:
-        read_full_model(full_models.SAFETY_U, "lab", lab)
+        read_full_model(full_models.SAFETY_U, resolve_base("lab"), lab)
     assert "another architecture" not in str(err.value)

@@ -17,6 +17,7 @@ from auditkit.errors import BadInput
 from auditkit.lab.bases import LAB_BASES
 from auditkit.lora.io import open_safetensors, serialize
 from auditkit.models import architectures
+from auditkit.models.base import resolve_base
 from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import open_base, read_full_model
 from auditkit.repair.pack import checkpoint_snippet
@@ -113,7 +114,7 @@ def test_every_canonical_tensor_is_what_diffusers_converter_makes_of_the_bfl_fil
     config, width = dit
     bfl = random_bfl(config)
     reference = diffusers_conversion(bfl, width)
-    base = open_base("lab-dit")
+    base = open_base(resolve_base("lab-dit"))
     stored = open_safetensors(LAB_BASES["lab-dit"].path() / "transformer" / WEIGHTS).tensors
     assert {k: tuple(v.shape) for k, v in reference.items()} == {k: t.shape for k, t in stored.items()}
 
@@ -139,7 +140,7 @@ def test_a_bfloat16_bfl_file_reads_as_diffusers_converter_makes_it(tmp_path, dit
     reference = diffusers_conversion({k: v.float().numpy() for k, v in bfl.items()}, width)  # bf16 values, exact
     path = tmp_path / "flux-bf16.safetensors"
     save_file(bfl, str(path))
-    ckpt = open_checkpoint(path, base=open_base("lab-dit"))
+    ckpt = open_checkpoint(path, base=open_base(resolve_base("lab-dit")))
     assert set(ckpt.tensors) == {f"transformer.{k}" for k in reference} and ckpt.unmapped == []
     for key, value in reference.items():
         np.testing.assert_array_equal(ckpt.array(f"transformer.{key}"), value, err_msg=key)
@@ -180,7 +181,7 @@ def test_the_difference_to_the_base_is_exactly_the_tensors_changed_in_the_bfl_fi
     erased["double_blocks.0.txt_attn.norm.key_norm.scale"] += 0.25
     path = write_bfl(tmp_path / "erased.safetensors", erased, "model.diffusion_model.")
 
-    adapter = read_full_model(path, str(folder), architectures.get("lab-dit"), energy=1.0)
+    adapter = read_full_model(path, resolve_base(str(folder)), architectures.get("lab-dit"), energy=1.0)
     deltas = adapter.update.deltas()
     assert set(deltas) == {"transformer.transformer_blocks.1.attn.to_k.weight",
                            "transformer.single_transformer_blocks.0.proj_mlp.weight",
@@ -229,9 +230,8 @@ def sd3_base(tmp_path):
 
 @pytest.mark.parametrize("base", ["lab", "sd3"])
 def test_a_bfl_file_against_a_base_that_is_no_flux_model_is_refused_in_one_line(tmp_path, dit, base):
-    from auditkit.lab.bases import base_folder
 
-    folder = sd3_base(tmp_path) if base == "sd3" else base_folder("lab")
+    folder = sd3_base(tmp_path) if base == "sd3" else resolve_base("lab").folder
     path = write_bfl(tmp_path / "flux.safetensors", random_bfl(dit[0]), "model.diffusion_model.")
     with pytest.raises(BadInput, match="another architecture than the base") as exc:
         open_checkpoint(path, base=open_checkpoint(folder))
@@ -245,4 +245,4 @@ def test_a_fused_tensor_of_another_width_is_refused_naming_it(tmp_path, dit):
     bfl["single_blocks.1.linear1.weight"] = bfl["single_blocks.1.linear1.weight"][:-8]
     path = write_bfl(tmp_path / "flux.safetensors", bfl)
     with pytest.raises(BadInput, match=r"single_blocks\.1\.linear1\.weight is \[888, 128\] here but .* 896 rows"):
-        open_checkpoint(path, base=open_base("lab-dit"))
+        open_checkpoint(path, base=open_base(resolve_base("lab-dit")))

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from auditkit.errors import BadInput
-from auditkit.lab.bases import base_folder
 from auditkit.lora.io import serialize
 from auditkit.models import architectures
 from auditkit.models.architectures import canonical_name
+from auditkit.models.base import resolve_base
 from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import read_full_model
 from auditkit.models.original_layout import openclip_ignored, openclip_tensor_map
@@ -115,13 +115,13 @@ def write(path, tensors: dict[str, np.ndarray]):
 
 
 def sd2_config() -> dict:
-    config = json.loads((base_folder("lab") / "text_encoder" / "config.json").read_text())
+    config = json.loads((resolve_base("lab").folder / "text_encoder" / "config.json").read_text())
     return {**config, "hidden_act": "gelu"}
 
 
 def sd2_base(tmp_path, text_encoder: dict[str, np.ndarray]):
     """A copy of the lab pipeline whose text encoder is an OpenCLIP-shaped CLIPTextModel holding ``text_encoder``."""
-    folder = shutil.copytree(base_folder("lab"), tmp_path / "sd2-base")
+    folder = shutil.copytree(resolve_base("lab").folder, tmp_path / "sd2-base")
     (folder / "text_encoder" / "config.json").write_text(json.dumps(sd2_config()))
     write(folder / "text_encoder" / "model.safetensors", text_encoder)
     return folder
@@ -179,7 +179,7 @@ def test_the_difference_to_the_sd2_base_is_exactly_the_q_rows_changed_in_in_proj
     erased.update({names[canonical_name("unet", k)]: v for k, v in lab_tensors("unet").items()})
     path = write(tmp_path / "erased-sd2.safetensors", erased)
 
-    adapter = read_full_model(path, str(folder), architectures.get("lab"), energy=1.0)
+    adapter = read_full_model(path, resolve_base(str(folder)), architectures.get("lab"), energy=1.0)
     deltas = adapter.update.deltas()
     assert set(deltas) == {"text_encoder.text_model.encoder.layers.1.self_attn.q_proj.weight"}
     np.testing.assert_allclose(deltas["text_encoder.text_model.encoder.layers.1.self_attn.q_proj.weight"], q_rows,

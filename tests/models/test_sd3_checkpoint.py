@@ -14,6 +14,7 @@ import pytest
 
 from auditkit.errors import BadInput
 from auditkit.lora.io import serialize
+from auditkit.models.base import resolve_base
 from auditkit.models.checkpoint import open_checkpoint
 from auditkit.models.difference import read_full_model
 from auditkit.models.pipeline import architecture_of_folder
@@ -138,7 +139,7 @@ def test_the_difference_to_the_base_is_exactly_the_tensors_changed_in_the_sai_fi
     path = tmp_path / "erased.safetensors"
     path.write_bytes(serialize(erased))
 
-    adapter = read_full_model(path, str(base), architecture_of_folder(base, "tiny-sd3"), energy=1.0)
+    adapter = read_full_model(path, resolve_base(str(base)), architecture_of_folder(base, "tiny-sd3"), energy=1.0)
     deltas = adapter.update.deltas()
     assert set(deltas) == {"transformer.transformer_blocks.0.attn2.to_v.weight",
                            "transformer.transformer_blocks.1.norm1_context.linear.bias",

@@ -162,7 +162,8 @@ def _weights(pipe) -> dict:
 
 @pytest.mark.parametrize("naming", WRITERS)
 def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp_path, naming):
-    from auditkit.runner import Configuration, Fused, load_adapters
+    from auditkit.models.attach import Fused, load_adapters
+    from auditkit.runner import Configuration
 
     adapter = read_adapter(WRITERS[naming](arch, tmp_path / "cand.safetensors"), extra_architectures=(arch,))
     assert adapter.architecture is arch and adapter.coverage.fraction == 1.0
@@ -182,7 +183,7 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
 
 
 def test_a_t5_adapter_diffusers_does_not_load_fails_closed(arch, pipe, tmp_path):
-    from auditkit.runner import load_adapters
+    from auditkit.models.attach import load_adapters
 
     rng = np.random.default_rng(0)
     tensors = {}

@@ -218,14 +218,15 @@ def _weights(pipe) -> dict:
 # diffusers (0.42) strips "text_model." from a text encoder's keys when the model has no such level
 # (transformers 5's CLIPTextModel) but not from the target_modules of a file's lora_adapter_metadata, so
 # peft finds none of them: diffusers/peft files adapting the first text encoder do not load (see below).
-# auditkit then loads its exact conversion instead (auditkit.runner.load_adapters), as it does for the
+# auditkit then loads its exact conversion instead (auditkit.models.attach.load_adapters), as it does for the
 # two add_embedding modules diffusers drops from kohya files with diffusers-style names.
 LOADABLE = {"kohya-sgm": "file", "diffusers": "auditkit conversion", "kohya-diffusers-names": "auditkit conversion"}
 
 
 @pytest.mark.parametrize("layout", LOADABLE)
 def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp_path, layout):
-    from auditkit.runner import Configuration, Fused, load_adapters
+    from auditkit.models.attach import Fused, load_adapters
+    from auditkit.runner import Configuration
 
     write, _ = LAYOUTS[layout]
     mods = sdxl_modules(arch, seed=1)
@@ -255,7 +256,7 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
 def test_a_file_diffusers_refuses_or_loads_in_part_is_loaded_as_the_exact_conversion(arch, pipe, tmp_path):
     """diffusers/peft files adapting the first text encoder (transformers 5) and kohya files mixing SGM
     and diffusers names (diffusers keeps one naming, drops the other without a warning)."""
-    from auditkit.runner import load_adapters
+    from auditkit.models.attach import load_adapters
 
     te1 = {n: m for n, m in sdxl_modules(arch).items() if n.startswith("text_encoder.")}
     refused = read_adapter(save_adapter(te1, tmp_path / "te1.safetensors", arch, formats.DIFFUSERS),
@@ -277,30 +278,30 @@ def test_a_file_diffusers_refuses_or_loads_in_part_is_loaded_as_the_exact_conver
 
 def test_an_adapter_diffusers_cannot_apply_even_converted_fails_closed_in_one_line(arch, pipe, tmp_path,
                                                                                   monkeypatch):
-    from auditkit import runner
+    from auditkit.models import attach
 
     mods = sdxl_modules(arch, seed=3)
     adapter = read_adapter(write_kohya(mods, arch, tmp_path / "cand.safetensors", sgm=True),
                            extra_architectures=(arch,))
     lost = sorted(mods)[:5]
-    real = runner._lora_layers
+    real = attach.lora_layers
     sources = []
-    real_load = runner._load
+    real_load = attach._load
 
     def load(pipe, role, source):
         sources.append("file" if isinstance(source, str) else "conversion")
         return real_load(pipe, role, source)
 
     # as if diffusers dropped five modules from the file and from auditkit's conversion alike
-    monkeypatch.setattr(runner, "_lora_layers", lambda p, roles: {k: v for k, v in real(p, roles).items()
+    monkeypatch.setattr(attach, "lora_layers", lambda p, roles: {k: v for k, v in real(p, roles).items()
                                                                   if k not in lost})
-    monkeypatch.setattr(runner, "_load", load)
+    monkeypatch.setattr(attach, "_load", load)
     with pytest.raises(Unscannable, match=rf"diffusers applied only {len(mods) - 5} of {len(mods)} modules "
                                           rf"\(\d+%\) \(missing: {re.escape(lost[0])}, .*, …\)") as err:
-        runner.load_adapters(pipe, {"lossy": adapter}, min_coverage=1.0)
+        attach.load_adapters(pipe, {"lossy": adapter}, min_coverage=1.0)
     assert "\n" not in str(err.value) and sources == ["file", "conversion"]
     pipe.unload_lora_weights()
-    coverage = runner.load_adapters(pipe, {"lossy": adapter}, min_coverage=0.9)["lossy"]
+    coverage = attach.load_adapters(pipe, {"lossy": adapter}, min_coverage=0.9)["lossy"]
     assert coverage["missing"] == lost and coverage["loaded"] == len(mods) - 5
     pipe.unload_lora_weights()
 

@@ -11,9 +11,10 @@ from auditkit.lab.model import assemble_pipeline, build_components  # noqa: E402
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 from auditkit.lora.write import save_adapter  # noqa: E402
 from auditkit.models import architectures  # noqa: E402
+from auditkit.models.attach import apply_updates, composed  # noqa: E402
 from auditkit.train.esd import ESDConfig, train_esd, train_esd_full  # noqa: E402
 from auditkit.train.finetune import FinetuneConfig, finetune  # noqa: E402
-from auditkit.train.lora import apply_updates, composed, lora_from_delta, target_modules  # noqa: E402
+from auditkit.train.lora import lora_from_delta, target_modules  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow

@@ -71,7 +71,7 @@ def test_sdxl_conditioning_is_the_pipelines_own(pipe):
 
 
 def test_align_trains_an_esd_safety_lora_that_loads_whole(pipe, safety):
-    from auditkit.runner import load_adapters
+    from auditkit.models.attach import load_adapters
 
     adapter = read_adapter(safety, extra_architectures=(architecture_of(pipe),))
     assert adapter.modules and all(".attn2." in n for n in adapter.modules)
