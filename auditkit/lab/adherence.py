@@ -111,12 +111,10 @@ def asked(prompt: str) -> dict[str, str]:
 def prompt_adherence(detector, images, prompts: Sequence[str]) -> dict[str, Any]:
     """Share of images whose detected shape / colour is the one their prompt names (:func:`asked`), over the
     images whose prompt names it, with 95% Wilson intervals: ``{"shape": {"rate", "ci95", "n"}, "colour": ...}``."""
-    from auditkit.lab.detector import HEADS
-
     probs = detector.probabilities(images)
     out: dict[str, Any] = {}
     for head in ("shape", "colour"):
-        pred = np.asarray(HEADS[head])[probs[head].argmax(1)]
+        pred = np.asarray(detector.config["heads"][head])[probs[head].argmax(1)]
         pairs = [(p, a[head]) for p, a in zip(pred, map(asked, prompts), strict=True) if head in a]
         n, hits = len(pairs), sum(p == a for p, a in pairs)
         if n:
