@@ -49,6 +49,8 @@ def _methods() -> list[str]:
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--batch", default=16, show_default=True)
 @click.option("--eta", default=1.0, show_default=True, help="Negative-guidance strength of the ESD target.")
+@click.option("--ddim-steps", default=25, show_default=True,
+              help="ESD: steps of the sampled trajectories x_t is drawn from (fewer: faster training).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @device_option
@@ -56,8 +58,8 @@ def _methods() -> list[str]:
                                            "--out is a new folder, the erased denoiser (diffusers component "
                                            "folder), usable wherever a safety module is (--rank/--alpha unused).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
-def align(base, concepts, prompts_file, method, anchor_files, preserve, rank, alpha, steps, lr, batch, eta, seed,
-          threads, device, full, out_file):
+def align(base, concepts, prompts_file, method, anchor_files, preserve, rank, alpha, steps, lr, batch, eta, ddim_steps,
+          seed, threads, device, full, out_file):
     """Train a Safety LoRA that erases a concept (ESD objective, or UCE's closed form), written as a kohya
     .safetensors (Flux, SD3: in the diffusers layout); with --full, the erased model itself. With --anchors, the
     rest of the model is preserved and the module's cost on the anchors is printed."""
@@ -86,7 +88,7 @@ def align(base, concepts, prompts_file, method, anchor_files, preserve, rank, al
         check_output(out_file)
         check_writable(out_file)
     settings = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch": batch, "eta": eta, "seed": seed,
-                "preserve": preserve}
+                "ddim_steps": ddim_steps, "preserve": preserve}
     chosen.check(settings, anchors is not None)  # bad settings fail before any model loads
     torch_threads(threads)
     pipe, _, _ = load_base(base, device, full_precision=full)

@@ -82,7 +82,7 @@ def _esd_config(method: str, settings: dict, anchored: bool):
 
     preserve = settings.get("preserve")
     preserve = (1.0 if preserve is None else preserve) if anchored else 0.0
-    keys = ("rank", "alpha", "steps", "lr", "batch", "eta", "seed")
+    keys = ("rank", "alpha", "steps", "lr", "batch", "eta", "seed", "ddim_steps")
     return ESDConfig(method=method, preserve=preserve, **{k: settings[k] for k in keys if k in settings})
 
 

@@ -20,8 +20,8 @@ def dense_reference(w0, c, v, p, preserve, lam):
 def test_closed_form_edit_matches_a_dense_least_squares_solve(preserve, lam):
     rng = np.random.default_rng(0)
     w0, c, v, p = rng.normal(size=(5, 8)), rng.normal(size=(3, 8)), rng.normal(size=(3, 5)), rng.normal(size=(9, 8))
-    np.testing.assert_allclose(closed_form_edit(w0, c, v, p, preserve, lam), dense_reference(w0, c, v, p, preserve, lam),
-                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(closed_form_edit(w0, c, v, p, preserve, lam),
+                               dense_reference(w0, c, v, p, preserve, lam), rtol=1e-9, atol=1e-9)
 
 
 def test_closed_form_edit_moves_the_concepts_and_keeps_the_preserved_when_both_fit():
