@@ -13,7 +13,7 @@ from auditkit.runlog import RunLog, locked
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
 SAFETY = ADAPTERS / "safety-esd-u.safetensors"
-CAND = ADAPTERS / "safety-esd-x.safetensors"
+CAND = ADAPTERS / "safety-esd-x-destructive.safetensors"
 
 
 def run(*args, env=None):

@@ -141,7 +141,8 @@ def test_a_pipeline_folder_with_only_pickle_weights_is_refused_before_loading(tm
     (folder / "unet").mkdir(parents=True)
     (folder / "model_index.json").write_text("{}")
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    res = run("scan", ADAPTERS / "safety-esd-x.safetensors", "--base", folder, "--out", tmp_path / "r", cwd=tmp_path)
+    res = run("scan", ADAPTERS / "safety-esd-x-destructive.safetensors", "--base", folder, "--out", tmp_path / "r",
+              cwd=tmp_path)
     assert res.returncode == 2 and "pickle" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     from auditkit.errors import BadInput
     from auditkit.models.pipeline import load_pipeline

@@ -12,7 +12,7 @@ from auditkit.errors import BadInput
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
 SAFETY = ADAPTERS / "safety-esd-u.safetensors"
-CAND = ADAPTERS / "safety-esd-x.safetensors"
+CAND = ADAPTERS / "safety-esd-x-destructive.safetensors"
 
 
 def cli(*args):
