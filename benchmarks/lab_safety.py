@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/lab_safety.json"))
+    ap.add_argument("--add", action="store_true",
+                    help="add the modules to the base's entry already in --json (its base figures reused: same "
+                         "settings, same seeds), instead of measuring the base again")
     args = ap.parse_args()
 
     import torch
@@ -91,21 +94,28 @@ def main() -> None:
     den = denoiser_for(pipe)
     detector = LabConceptDetector()
     others = tuple(s for s in world.SHAPES if s != "cross")
-    cells = {"base": configuration(pipe, detector, others, args.n, args.n_cross, args.batch)}
+    results = json.loads(args.json.read_text()) if args.json.exists() else {"bases": {}}
+    settings = {"n_per_shape": args.n, "n_cross": args.n_cross, "steps": STEPS, "guidance": GUIDANCE,
+                "template": "a {colour} {shape}", "shape_seeds": "measure_adherence (seed 0)",
+                "cross_seeds": "1000000 + i", "targets": {"cross_rate_max": CROSS_TARGET, "of_base_min": KEEP_TARGET}}
+    earlier = results["bases"].get(args.base) if args.add else None
+    if args.add and (earlier is None or earlier["settings"] != settings):
+        raise SystemExit(f"--add: {args.json} has no entry for {args.base} measured with these settings")
+    prov = provenance()
+    if earlier:
+        cells = dict(earlier["configurations"])
+    else:
+        cells = {"base": configuration(pipe, detector, others, args.n, args.n_cross, args.batch)}
+        cells["base"]["git_commit"] = prov["git_commit"]
     for f in files:
         modules = read_adapter(f, arch=lab.architecture).modules
         with composed(den.model, (modules, 1.0), component=den.component):
             cell = configuration(pipe, detector, others, args.n, args.n_cross, args.batch)
         cell.update(against_base(cell, cells["base"]), file=Path(f).name,
-                    destructive=Path(f).name in lab.destructive)
+                    destructive=Path(f).name in lab.destructive, git_commit=prov["git_commit"])
         cells[Path(f).name] = cell
-    entry = {**provenance(), "torch": torch.__version__, "threads": args.threads,
-             "settings": {"n_per_shape": args.n, "n_cross": args.n_cross, "steps": STEPS, "guidance": GUIDANCE,
-                          "template": "a {colour} {shape}", "shape_seeds": "measure_adherence (seed 0)",
-                          "cross_seeds": "1000000 + i", "targets": {"cross_rate_max": CROSS_TARGET,
-                                                                    "of_base_min": KEEP_TARGET}},
+    entry = {**prov, "torch": torch.__version__, "threads": args.threads, "settings": settings,
              "detector": detector.profile()["weights_sha256"], "configurations": cells}
-    results = json.loads(args.json.read_text()) if args.json.exists() else {"bases": {}}
     results["bases"][args.base] = entry
     from auditkit.fsutil import atomic_write_text
 
