@@ -116,6 +116,8 @@ def main() -> None:
         cells[Path(f).name] = cell
     entry = {**prov, "torch": torch.__version__, "threads": args.threads, "settings": settings,
              "detector": detector.profile()["weights_sha256"], "configurations": cells}
+    # read again: another base may have been measured into the file meanwhile
+    results = json.loads(args.json.read_text()) if args.json.exists() else {"bases": {}}
     results["bases"][args.base] = entry
     from auditkit.fsutil import atomic_write_text
 
