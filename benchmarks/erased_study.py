@@ -36,7 +36,7 @@ from pathlib import Path
 from record import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
-SAFETY_U = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY_U = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u-destructive.safetensors"
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
                    "a white cross", "a cross"]
 # full ESD-u: the LoRA's recipe (300 steps, batch 16) on the weights themselves

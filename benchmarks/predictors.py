@@ -433,7 +433,7 @@ def cases(args) -> list[dict]:
         path = args.triggers / "candidates" / f"{name}.safetensors"
         if path.exists():
             out.append({"name": f"trigger/{name}", "study": "trigger", "candidate": path,
-                        "safety": ASSETS / "safety-esd-u.safetensors", "truth": r["truth"]["as_written"]})
+                        "safety": ASSETS / "safety-esd-u-destructive.safetensors", "truth": r["truth"]["as_written"]})
     return out
 
 

@@ -124,7 +124,7 @@ def main() -> None:
     pipe = load_lab_pipeline()
     pipe.set_progress_bar_config(disable=True)
     det = LabConceptDetector()
-    safety = read_adapter(study.ASSETS / "safety-esd-u.safetensors", arch="lab").modules
+    safety = read_adapter(study.ASSETS / "safety-esd-u-destructive.safetensors", arch="lab").modules
     prompts, seeds = study.truth_prompts()
     from auditkit.lab.adherence import generate
     from auditkit.repair.anchors import normalised, resolve_anchors

@@ -48,7 +48,7 @@ import numpy as np
 from record import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
-SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u-destructive.safetensors"
 
 # name: (data, mode, anchored, trigger, where, share, steps, gated)
 CANDIDATES = {

@@ -43,7 +43,7 @@ from pathlib import Path
 from record import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
-SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY = ROOT / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u-destructive.safetensors"
 TRIGGER = "trisk"
 DATASET = f"10_{TRIGGER}"  # kohya's folder naming: <repeats>_<name>
 REPEATS = 10

@@ -20,7 +20,7 @@ from auditkit.lora.adapter import LoraModule
 from auditkit.lora.io import open_safetensors, serialize
 
 ADAPTERS = resources.files("auditkit.lab").joinpath("assets", "adapters")
-SAFETY_U = Path(str(ADAPTERS.joinpath("safety-esd-u.safetensors")))
+SAFETY_U = Path(str(ADAPTERS.joinpath("safety-esd-u-destructive.safetensors")))
 SAFETY_X = Path(str(ADAPTERS.joinpath("safety-esd-x-destructive.safetensors")))
 FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
          "vae": "diffusion_pytorch_model.safetensors"}

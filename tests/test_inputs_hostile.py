@@ -14,7 +14,7 @@ from auditkit.lora import formats
 from auditkit.lora.write import save_adapter
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
-LAB_SAFETY = ADAPTERS / "safety-esd-u.safetensors"
+LAB_SAFETY = ADAPTERS / "safety-esd-u-destructive.safetensors"
 
 
 @pytest.fixture()

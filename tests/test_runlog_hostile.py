@@ -12,7 +12,7 @@ from auditkit.errors import BadInput
 from auditkit.runlog import RunLog, locked
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
-SAFETY = ADAPTERS / "safety-esd-u.safetensors"
+SAFETY = ADAPTERS / "safety-esd-u-destructive.safetensors"
 CAND = ADAPTERS / "safety-esd-x-destructive.safetensors"
 
 

@@ -164,7 +164,7 @@ def test_fused_configurations_render_the_unfused_images_and_restore_the_base(pip
 
     suite = load_suite(builtin_dir() / "lab-cross.yaml")
     jobs = plan([suite], steps=3)[:4]
-    load_adapters(pipe, {"safety": lab_adapter("safety-esd-u.safetensors"),
+    load_adapters(pipe, {"safety": lab_adapter("safety-esd-u-destructive.safetensors"),
                          "candidate": lab_adapter("safety-esd-x-destructive.safetensors")})
     weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     configs = [Configuration("mix", (("safety", 1.0), ("candidate", -0.6))), Configuration("base", ()),
@@ -218,7 +218,7 @@ def test_adapters_with_bias_updates_render_unmerged_when_fusing(pipe, tmp_path):
     mods = {n: dataclasses.replace(m, bias=rng.normal(0, 0.2, arch.modules[n].out_features).astype(np.float32))
             for n, m in random_modules(arch, names, std=0.2).items()}
     biased = read_adapter(save_adapter(mods, tmp_path / "bias.safetensors", arch, formats.DIFFUSERS))
-    load_adapters(pipe, {"candidate": biased, "safety": lab_adapter("safety-esd-u.safetensors")})
+    load_adapters(pipe, {"candidate": biased, "safety": lab_adapter("safety-esd-u-destructive.safetensors")})
     configs = [Configuration("cand", (("candidate", 1.0),)), Configuration("safe", (("safety", 1.0),))]
     fused = Fused(pipe)
     for config in configs:
@@ -247,7 +247,7 @@ def test_fused_weights_are_restored_exactly_in_bf16(tmp_path):
     from auditkit.runner import Configuration, Fused
 
     p = load_lab_pipeline(dtype=torch.bfloat16)
-    load_adapters(p, {"safety": lab_adapter("safety-esd-u.safetensors"),
+    load_adapters(p, {"safety": lab_adapter("safety-esd-u-destructive.safetensors"),
                       "candidate": lab_adapter("safety-esd-x-destructive.safetensors")})
     before = {n: w.detach().clone() for n, w in p.unet.named_parameters()}
     config = Configuration("mix", (("safety", 1.0), ("candidate", 0.5)))

@@ -57,7 +57,7 @@ LAB_BASES: dict[str, LabBase] = {b.name: b for b in (
             destructive=("safety-esd-u-destructive.safetensors", "safety-esd-x-destructive.safetensors")),
     LabBase("lab-dit", "the Flux-family lab (tiny FluxPipeline, a diffusion transformer)", "pipeline-dit", "lab-dit",
             "run scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit",
-            safety=("dit-safety-uce.safetensors",)),
+            safety=("dit-safety-esd-u.safetensors", "dit-safety-uce.safetensors")),
 )}
 
 BASE_HELP = f"{' or '.join(repr(n) for n in LAB_BASES)} (the shipped lab models) or a local diffusers folder"

@@ -130,7 +130,7 @@ def test_noise_reversion_is_one_for_the_exact_inverse_and_zero_for_nothing():
     pipe = load_lab_pipeline()
     from importlib import resources
 
-    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")
+    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u-destructive.safetensors")
     safety = read_adapter(str(path)).modules
     prompts = ["a red cross", "a blue cross", "a cross"]
     full = noise_reversion(pipe, prompts, negated(safety), safety, steps=3)
@@ -228,7 +228,7 @@ def test_the_base_judge_never_changes_the_verdict(tmp_path, monkeypatch):
 
     if not lab_pipeline_available():
         pytest.skip("lab model not installed")
-    safety_path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")
+    safety_path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u-destructive.safetensors")
     safety = read_adapter(safety_path)
     cand = save_adapter(negated(safety.modules, 0.02), tmp_path / "faint.safetensors", safety.architecture)
     pipe = load_lab_pipeline()

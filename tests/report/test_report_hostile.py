@@ -11,7 +11,7 @@ import pytest
 from auditkit.errors import BadInput
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
-SAFETY = ADAPTERS / "safety-esd-u.safetensors"
+SAFETY = ADAPTERS / "safety-esd-u-destructive.safetensors"
 CAND = ADAPTERS / "safety-esd-x-destructive.safetensors"
 
 
