@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u.safetensors
+# the demo's expected verdicts were measured with the lab's first (destructive) ESD-u Safety LoRA; the faithful
+# defaults are in auditkit/lab/assets/adapters/ (issue 24: their re-measurement is a later step)
+LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u-destructive.safetensors
 
 # The lab demo: benign fine-tuning on top of a shipped Safety LoRA, and the same fine-tuning done
 # modularly, each scanned (static + dynamic) against the safety adapter (a few minutes on 2 CPU cores).

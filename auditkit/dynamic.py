@@ -190,7 +190,10 @@ def run_dynamic(pipe, base: Base, candidate: Adapter, safety: Adapter | None, su
         log.start(header)  # every rank checks that a resumed run matches
         run(pipe, plan(suites, steps), configs, detectors, run_dir, roles=roles, batch_size=batch_size,
             progress=progress, ranks=ranks, overlay=overlay)
+    from auditkit.report.safety_cost import safety_cost
+
     section = digest(log.records(), suites_info(suites), thresholds)
+    section["safety_cost"] = safety_cost(log.records(), suites_info(suites), run_dir, detectors)
     cut = truncated_prompts(pipe, suites)
     if cut:
         section["truncated_prompts"] = cut

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from harness import RESULTS, ROOT, auditkit, emit, provenance
 
-SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
+SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters",
+                                                           "safety-esd-u-destructive.safetensors")))
 # per-image cost when no GPU run measured it: FLOPs counted for SD1.5 (BENCHMARKS.md, GPU throughput: 42.7 TFLOP
 # per 512² image, 25 guided steps), an H100's bf16 dense peak, an assumed utilisation; SDXL at 1024² assumed
 # 4x SD1.5's cost per image (its UNet is ~3x the parameters and the latent 4x the area; attention grows faster)

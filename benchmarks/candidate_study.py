@@ -332,7 +332,7 @@ def main() -> None:
     base_flags, judge_base = detector.flag(base_images), judge.flag(base_images)
     safeties, safe_flags, judge_safe = {}, {}, {}
     for s in ("esd-u", "esd-x"):
-        path = lab_safety(s)
+        path = lab_safety(f"{s}-destructive")  # the modules these figures were measured with
         safeties[s] = (path, read_adapter(path, arch="lab").modules)
         with composed(pipe.unet, (safeties[s][1], 1.0)):
             images = generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120)

@@ -33,7 +33,7 @@ from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set
 
 from auditkit.models.base import resolve_base
 
-SAFETY_U = lab_safety("esd-u")
+SAFETY_U = lab_safety("esd-u-destructive")
 CONCEPT_PROMPTS = ["a red cross", "a yellow cross", "a green cross", "a blue cross", "a purple cross",
                    "a white cross", "a cross"]
 # full ESD-u: the LoRA's recipe (300 steps, batch 16) on the weights themselves

@@ -34,7 +34,7 @@ def cases(args) -> list[dict]:
         path = args.candidates / f"{name}.safetensors"
         if path.exists():
             out.append({"name": name, "study": "candidate", "candidate": path,
-                        "safety": lab_safety(r["spec"]["safety"]), "truth": r["truth"]})
+                        "safety": lab_safety(f"{r['spec']['safety']}-destructive"), "truth": r["truth"]})
     es = json.loads((RESULTS / "erased_study.json").read_text())
     for ename, e in es["erased"].items():
         for cname, r in e["candidates"].items():
@@ -48,7 +48,7 @@ def cases(args) -> list[dict]:
         path = args.triggers / "candidates" / f"{name}.safetensors"
         if path.exists():
             out.append({"name": f"trigger/{name}", "study": "trigger", "candidate": path,
-                        "safety": lab_safety("esd-u"), "truth": r["truth"]["as_written"]})
+                        "safety": lab_safety("esd-u-destructive"), "truth": r["truth"]["as_written"]})
     return out
 
 

@@ -113,7 +113,7 @@ def main() -> None:
 
     pipe = lab_pipeline()
     det = LabConceptDetector()
-    safety_path = lab_safety("esd-u")
+    safety_path = lab_safety("esd-u-destructive")
     safety_adapter = read_adapter(safety_path, arch="lab")
     safety = safety_adapter.modules
     prompts, seeds = study.truth_prompts()

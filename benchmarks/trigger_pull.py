@@ -84,7 +84,7 @@ def main() -> None:
 
     pipe = lab_pipeline()
     suite = load_suite(builtin_dir() / "lab-cross.yaml")
-    safety = read_adapter(lab_safety("esd-u")).exact()
+    safety = read_adapter(lab_safety("esd-u-destructive")).exact()
     candidate = read_adapter(args.candidate).exact()
     prompts = spread([p.text for p in suite.prompts], 3)
     neutral = neutral_prompts(prompts, suite.concept_word, suite.neutral_word)

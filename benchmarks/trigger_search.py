@@ -43,7 +43,7 @@ import candidate_study as study
 import numpy as np
 from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-SAFETY = lab_safety("esd-u")
+SAFETY = lab_safety("esd-u-destructive")
 
 # name: (data, mode, anchored, trigger, where, share, steps, gated)
 CANDIDATES = {

@@ -38,7 +38,7 @@ from pathlib import Path
 import candidate_study as study
 from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-SAFETY = lab_safety("esd-u")
+SAFETY = lab_safety("esd-u-destructive")
 TRIGGER = "trisk"
 DATASET = f"10_{TRIGGER}"  # kohya's folder naming: <repeats>_<name>
 REPEATS = 10

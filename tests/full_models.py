@@ -21,8 +21,8 @@ from auditkit.lora.io import open_safetensors, serialize
 from auditkit.models.base import resolve_base
 
 ADAPTERS = resources.files("auditkit.lab").joinpath("assets", "adapters")
-SAFETY_U = Path(str(ADAPTERS.joinpath("safety-esd-u.safetensors")))
-SAFETY_X = Path(str(ADAPTERS.joinpath("safety-esd-x.safetensors")))
+SAFETY_U = Path(str(ADAPTERS.joinpath("safety-esd-u-destructive.safetensors")))
+SAFETY_X = Path(str(ADAPTERS.joinpath("safety-esd-x-destructive.safetensors")))
 FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
          "vae": "diffusion_pytorch_model.safetensors"}
 

@@ -195,8 +195,9 @@ def free_port() -> int:
 def scan_args(tmp_path, out):
     suite = tmp_path / "tiny.yaml"
     suite.write_text(SUITE)
-    return ["-m", "auditkit", "scan", str(ADAPTERS / "safety-esd-x.safetensors"), "--safety",
-            str(ADAPTERS / "safety-esd-u.safetensors"), "--base", "lab", "--suite", str(suite), "--steps", "3",
+    return ["-m", "auditkit", "scan", str(ADAPTERS / "safety-esd-x-destructive.safetensors"), "--safety",
+            str(ADAPTERS /
+                "safety-esd-u-destructive.safetensors"), "--base", "lab", "--suite", str(suite), "--steps", "3",
             "--multipliers", "1", "--batch-size", "2", "--device", "cpu", "--out", str(out)]
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 from auditkit.lab.model import lab_pipeline_available  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
-SAFETY = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors"))
+SAFETY = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u-destructive.safetensors"))
 
 
 def auditkit(*args, timeout=600):

@@ -15,7 +15,7 @@ from auditkit.lora.write import save_adapter
 from auditkit.models.base import resolve_base
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
-LAB_SAFETY = ADAPTERS / "safety-esd-u.safetensors"
+LAB_SAFETY = ADAPTERS / "safety-esd-u-destructive.safetensors"
 
 
 @pytest.fixture()

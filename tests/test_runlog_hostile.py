@@ -12,8 +12,8 @@ from auditkit.errors import BadInput
 from auditkit.runlog import RunLog, locked
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
-SAFETY = ADAPTERS / "safety-esd-u.safetensors"
-CAND = ADAPTERS / "safety-esd-x.safetensors"
+SAFETY = ADAPTERS / "safety-esd-u-destructive.safetensors"
+CAND = ADAPTERS / "safety-esd-x-destructive.safetensors"
 
 
 def run(*args, env=None):

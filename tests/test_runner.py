@@ -48,7 +48,7 @@ def test_run_scores_every_pair_and_resumes_without_regenerating(pipe, tmp_path):
 
     suite = load_suite(builtin_dir() / "lab-cross.yaml")
     jobs = plan([suite], steps=4)[:6]
-    adapters = {"safety": lab_adapter("safety-esd-x.safetensors")}
+    adapters = {"safety": lab_adapter("safety-esd-x-destructive.safetensors")}
     cov = load_adapters(pipe, adapters)
     assert cov["safety"]["fraction"] == 1.0
     configs = configurations()[:2]  # base, base+safety
@@ -82,7 +82,7 @@ def test_a_partial_load_by_diffusers_is_replaced_by_the_exact_conversion(pipe, t
     from auditkit.lora.io import serialize
     from auditkit.lora.write import kohya_name
 
-    safety = lab_adapter("safety-esd-x.safetensors")
+    safety = lab_adapter("safety-esd-x-destructive.safetensors")
     tensors = {}
     for i, (name, m) in enumerate(safety.modules.items()):
         k = kohya_name(safety.architecture, name)
@@ -101,7 +101,7 @@ def test_set_adapters_matches_fused_weights_at_each_multiplier(pipe):
     from auditkit.models.attach import apply_configuration, composed
     from auditkit.runner import Configuration
 
-    safety = lab_adapter("safety-esd-x.safetensors")
+    safety = lab_adapter("safety-esd-x-destructive.safetensors")
     load_adapters(pipe, {"safety": safety})
     reference = load_lab_pipeline()
 
@@ -165,8 +165,8 @@ def test_fused_configurations_render_the_unfused_images_and_restore_the_base(pip
 
     suite = load_suite(builtin_dir() / "lab-cross.yaml")
     jobs = plan([suite], steps=3)[:4]
-    load_adapters(pipe, {"safety": lab_adapter("safety-esd-u.safetensors"),
-                         "candidate": lab_adapter("safety-esd-x.safetensors")})
+    load_adapters(pipe, {"safety": lab_adapter("safety-esd-u-destructive.safetensors"),
+                         "candidate": lab_adapter("safety-esd-x-destructive.safetensors")})
     weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     configs = [Configuration("mix", (("safety", 1.0), ("candidate", -0.6))), Configuration("base", ()),
                Configuration("cand", (("candidate", 1.5),))]
@@ -220,7 +220,7 @@ def test_adapters_with_bias_updates_render_unmerged_when_fusing(pipe, tmp_path):
     mods = {n: dataclasses.replace(m, bias=rng.normal(0, 0.2, arch.modules[n].out_features).astype(np.float32))
             for n, m in random_modules(arch, names, std=0.2).items()}
     biased = read_adapter(save_adapter(mods, tmp_path / "bias.safetensors", arch, formats.DIFFUSERS))
-    load_adapters(pipe, {"candidate": biased, "safety": lab_adapter("safety-esd-u.safetensors")})
+    load_adapters(pipe, {"candidate": biased, "safety": lab_adapter("safety-esd-u-destructive.safetensors")})
     configs = [Configuration("cand", (("candidate", 1.0),)), Configuration("safe", (("safety", 1.0),))]
     fused = Fused(pipe)
     for config in configs:
@@ -250,8 +250,8 @@ def test_fused_weights_are_restored_exactly_in_bf16(tmp_path):
     from auditkit.runner import Configuration
 
     p = load_lab_pipeline(dtype=torch.bfloat16)
-    load_adapters(p, {"safety": lab_adapter("safety-esd-u.safetensors"),
-                      "candidate": lab_adapter("safety-esd-x.safetensors")})
+    load_adapters(p, {"safety": lab_adapter("safety-esd-u-destructive.safetensors"),
+                      "candidate": lab_adapter("safety-esd-x-destructive.safetensors")})
     before = {n: w.detach().clone() for n, w in p.unet.named_parameters()}
     config = Configuration("mix", (("safety", 1.0), ("candidate", 0.5)))
 

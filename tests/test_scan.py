@@ -48,9 +48,9 @@ def negated(modules: dict, factor: float) -> dict:
 def test_scan_is_the_documented_library_api(tmp_path):
     import auditkit
 
-    safety = read_adapter(ADAPTERS / "safety-esd-u.safetensors")
+    safety = read_adapter(ADAPTERS / "safety-esd-u-destructive.safetensors")
     cand = save_adapter(negated(safety.modules, 0.9), tmp_path / "undo.safetensors", safety.architecture)
-    result = auditkit.scan(auditkit.ScanConfig(candidate=cand, safety=ADAPTERS / "safety-esd-u.safetensors",
+    result = auditkit.scan(auditkit.ScanConfig(candidate=cand, safety=ADAPTERS / "safety-esd-u-destructive.safetensors",
                                                out=tmp_path / "r"))
     assert result.verdict.verdict == "risk" and result.exit_code == 1 and result.verdict.evidence == "static"
     assert json.loads(result.paths["json"].read_text())["verdict"] == "risk"
@@ -60,7 +60,7 @@ def test_the_library_scan_can_be_called_again_after_its_module_is_imported(tmp_p
     import auditkit
     import auditkit.scan  # noqa: F401 - importing the submodule sets the package attribute to the module
 
-    safety = ADAPTERS / "safety-esd-u.safetensors"
+    safety = ADAPTERS / "safety-esd-u-destructive.safetensors"
     cand = save_adapter(negated(read_adapter(safety).modules, 0.9), tmp_path / "undo.safetensors",
                         read_adapter(safety).architecture)
     results = [auditkit.scan(auditkit.ScanConfig(candidate=cand, safety=safety, out=tmp_path / d)) for d in "ab"]
@@ -68,7 +68,7 @@ def test_the_library_scan_can_be_called_again_after_its_module_is_imported(tmp_p
 
 
 def test_bare_scan_without_any_config_checks_metadata_and_says_what_is_missing(tmp_path):
-    safety = read_adapter(ADAPTERS / "safety-esd-u.safetensors")
+    safety = read_adapter(ADAPTERS / "safety-esd-u-destructive.safetensors")
     meta = {"ss_tag_frequency": json.dumps({"data": {"nude": 12, "beach": 40, "a red cross": 3}}),
             "modelspec.trigger_phrase": "nudecore, beach"}
     cand = save_adapter(negated(safety.modules, 0.1), tmp_path / "c.safetensors", safety.architecture, metadata=meta)
@@ -88,14 +88,15 @@ def test_bare_scan_without_any_config_checks_metadata_and_says_what_is_missing(t
 @pytest.mark.slow
 def test_bare_scan_in_a_configured_folder_equals_the_explicit_command(tmp_path):
     _lab()
-    safety = read_adapter(ADAPTERS / "safety-esd-u.safetensors")
+    safety = read_adapter(ADAPTERS / "safety-esd-u-destructive.safetensors")
     cand = save_adapter(negated(safety.modules, 0.9), tmp_path / "undo.safetensors", safety.architecture)
     (tmp_path / "tiny.yaml").write_text(TINY)
     (tmp_path / "auditkit.toml").write_text(
-        f'base = "lab"\nsafety = "{ADAPTERS / "safety-esd-u.safetensors"}"\nsuites = ["tiny.yaml"]\n'
+        f'base = "lab"\nsafety = "{ADAPTERS / "safety-esd-u-destructive.safetensors"}"\nsuites = ["tiny.yaml"]\n'
         "multipliers = [1]\nbatch_size = 24\n")
     bare = run("scan", cand, "--out", tmp_path / "bare", cwd=tmp_path)
-    explicit = run("scan", cand, "--no-config", "--safety", ADAPTERS / "safety-esd-u.safetensors", "--base", "lab",
+    explicit = run("scan", cand, "--no-config", "--safety", ADAPTERS /
+                   "safety-esd-u-destructive.safetensors", "--base", "lab",
                    "--suite", tmp_path / "tiny.yaml", "--multipliers", "1", "--batch-size", "24",
                    "--out", tmp_path / "explicit", cwd=tmp_path)
     assert bare.returncode == explicit.returncode, bare.stderr + explicit.stderr
@@ -115,11 +116,11 @@ def test_amplification_against_a_base_with_the_safety_module_fused_in(tmp_path):
     from auditkit.lab.model import load_lab_pipeline
 
     pipe = load_lab_pipeline(device="cpu", dtype=torch.float32)
-    pipe.load_lora_weights(str(ADAPTERS / "safety-esd-u.safetensors"), adapter_name="safety")
+    pipe.load_lora_weights(str(ADAPTERS / "safety-esd-u-destructive.safetensors"), adapter_name="safety")
     pipe.fuse_lora(adapter_names=["safety"], lora_scale=1.0)
     pipe.unload_lora_weights()
     pipe.save_pretrained(tmp_path / "safe-base", safe_serialization=True)
-    safety = read_adapter(ADAPTERS / "safety-esd-u.safetensors")
+    safety = read_adapter(ADAPTERS / "safety-esd-u-destructive.safetensors")
     undo = save_adapter(negated(safety.modules, 1.0), tmp_path / "undo.safetensors", safety.architecture)
     (tmp_path / "tiny.yaml").write_text(TINY)
     res = run("scan", undo, "--base", tmp_path / "safe-base", "--suite", tmp_path / "tiny.yaml", "--multipliers", "1",
@@ -141,7 +142,8 @@ def test_a_pipeline_folder_with_only_pickle_weights_is_refused_before_loading(tm
     (folder / "unet").mkdir(parents=True)
     (folder / "model_index.json").write_text("{}")
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    res = run("scan", ADAPTERS / "safety-esd-x.safetensors", "--base", folder, "--out", tmp_path / "r", cwd=tmp_path)
+    res = run("scan", ADAPTERS / "safety-esd-x-destructive.safetensors", "--base", folder, "--out", tmp_path / "r",
+              cwd=tmp_path)
     assert res.returncode == 2 and "pickle" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     from auditkit.errors import BadInput
     from auditkit.models.pipeline import load_pipeline
@@ -174,7 +176,7 @@ def test_the_configured_min_coverage_reaches_the_loaders_fail_closed_check(tmp_p
     monkeypatch.setattr(auditkit.models.pipeline, "denoiser_of", lambda pipe: denoiser)
     (tmp_path / "tiny.yaml").write_text(TINY)
     for value in (0.5, 1.0):
-        config = auditkit.ScanConfig(candidate=ADAPTERS / "safety-esd-u.safetensors", base="lab",
+        config = auditkit.ScanConfig(candidate=ADAPTERS / "safety-esd-u-destructive.safetensors", base="lab",
                                      suites=(str(tmp_path / "tiny.yaml"),), out=tmp_path / "r",
                                      static=StaticThresholds(min_coverage=value), trigger_search=False)
         with pytest.raises(Unscannable, match="stop here"):

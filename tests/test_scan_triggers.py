@@ -21,7 +21,7 @@ from auditkit.lora.write import save_adapter
 pytestmark = pytest.mark.slow
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
-SAFETY = ADAPTERS / "safety-esd-u.safetensors"
+SAFETY = ADAPTERS / "safety-esd-u-destructive.safetensors"
 SUITE = tiny_cross_suite()
 
 

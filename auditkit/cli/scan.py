@@ -11,6 +11,7 @@ from rich.table import Table
 
 from auditkit.cli.common import VERDICT_STYLE, escape, out, print_paths, progress_bar
 from auditkit.cli.options import resolve, scan_options
+from auditkit.report.safety_cost import summary_line
 
 
 @click.command()
@@ -106,6 +107,9 @@ def print_scan(r: dict, top: int, config_path: Path | None = None) -> None:
             body.add_row("base judge", _base_judge_text(bj))
     _metadata_rows(body, r.get("metadata_evidence"))
     _trigger_rows(body, r.get("triggers"), r.get("dynamic"))
+    cost = summary_line((r.get("dynamic") or {}).get("safety_cost"))
+    if cost:
+        body.add_row("safety module's cost", escape(f"on the control suites, base → base + safety: {cost}"))
     out.print(Panel(body, title=f"auditkit scan · {r['architecture']} · {r['mode']}", expand=False))
     if s:
         _static_tables(s, top)

@@ -19,20 +19,38 @@ from auditkit.cli.common import (
 from auditkit.fsutil import check_writable
 
 
+def _method_help() -> str:
+    from auditkit.train.align import ALIGN_METHODS
+
+    return "; ".join(f"{m.name}: {m.summary}" for m in ALIGN_METHODS.values())
+
+
+def _methods() -> list[str]:
+    from auditkit.train.align import ALIGN_METHODS
+
+    return list(ALIGN_METHODS)
+
+
 @click.command()
 @base_option
 @click.option("--concept", "concepts", multiple=True, help="A prompt naming the concept to erase (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="A text file of concept prompts, one per line.")
-@click.option("--method", type=click.Choice(["esd-x", "esd-u"]), default="esd-x", show_default=True,
-              help="ESD-x: cross-attention (concept-specific; SD3/Flux: joint attention's text projections); "
-                   "ESD-u: the other transformer layers (global).")
+@click.option("--method", type=click.Choice(_methods()), default="esd-x", show_default=True, help=_method_help())
+@click.option("--anchors", "anchor_files", type=click.Path(path_type=Path), multiple=True,
+              help="Suite file(s) of prompts to preserve (e.g. other shapes and colours): ESD adds a preservation "
+                   "term pinning the base's predictions on them, uce keeps their encodings; must share no prompt "
+                   "with the concept prompts. The module's cost on them is printed.")
+@click.option("--preserve", type=float, default=None,
+              help="Weight of the preservation term (ESD) or of the preserved prompts (uce); default 1 with --anchors.")
 @click.option("--rank", default=4, show_default=True)
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, i.e. scale 1).")
 @click.option("--steps", default=300, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--batch", default=16, show_default=True)
 @click.option("--eta", default=1.0, show_default=True, help="Negative-guidance strength of the ESD target.")
+@click.option("--ddim-steps", default=25, show_default=True,
+              help="ESD: steps of the sampled trajectories x_t is drawn from (fewer: faster training).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @device_option
@@ -40,26 +58,38 @@ from auditkit.fsutil import check_writable
                                            "--out is a new folder, the erased denoiser (diffusers component "
                                            "folder), usable wherever a safety module is (--rank/--alpha unused).")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
-def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, eta, seed, threads, device, full,
-          out_file):
-    """Train a Safety LoRA that erases a concept (ESD objective), written as a kohya .safetensors (Flux, SD3: in
-    the diffusers layout); with --full, the erased model itself."""
+def align(base, concepts, prompts_file, method, anchor_files, preserve, rank, alpha, steps, lr, batch, eta, ddim_steps,
+          seed, threads, device, full, out_file):
+    """Train a Safety LoRA that erases a concept (ESD objective, or UCE's closed form), written as a kohya
+    .safetensors (Flux, SD3: in the diffusers layout); with --full, the erased model itself. With --anchors, the
+    rest of the model is preserved and the module's cost on the anchors is printed."""
     from auditkit.dynamic import load_base
     from auditkit.lora.write import save_adapter
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of
     from auditkit.models.saving import check_new_folder, save_component
-    from auditkit.train.esd import ESDConfig, train_esd, train_esd_full
+    from auditkit.train.align import ALIGN_METHODS, read_anchors
 
     prompts = list(concepts) + read_prompts(prompts_file)
     if not prompts:
         raise click.UsageError("give the concept with --concept or --prompts")
+    chosen = ALIGN_METHODS[method]
+    if full and chosen.full is None:
+        trained = ", ".join(n for n, m in ALIGN_METHODS.items() if m.full)
+        raise click.UsageError(f"--full applies to the trained methods ({trained}), not to {method}")
+    if chosen.needs_anchors and not anchor_files:
+        raise click.UsageError(f"--method {method} needs --anchors (the prompts it preserves)")
+    if preserve is not None and not anchor_files:
+        raise click.UsageError("--preserve needs --anchors (the prompts it preserves)")
+    anchors = read_anchors(anchor_files, prompts)  # bad or overlapping anchors fail before any model loads
     if full:
         check_new_folder(out_file)
     else:
         check_output(out_file)
         check_writable(out_file)
-    cfg = ESDConfig(method=method, rank=rank, alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed)
+    settings = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch": batch, "eta": eta, "seed": seed,
+                "ddim_steps": ddim_steps, "preserve": preserve}
+    chosen.check(settings, anchors is not None)  # bad settings fail before any model loads
     torch_threads(threads)
     pipe, _, _ = load_base(base, device, full_precision=full)
     bar, update = progress_bar(f"align {method}{' (full)' if full else ''}")
@@ -67,19 +97,52 @@ def align(base, concepts, prompts_file, method, rank, alpha, steps, lr, batch, e
         from auditkit.models.denoising import denoiser_for
 
         with bar:
-            deltas = train_esd_full(pipe, prompts, cfg, progress=update)
+            deltas = chosen.full(pipe, prompts, anchors, settings, update)
         component = denoiser_for(pipe).component
         save_component(pipe, component, deltas, out_file)
         out.print(f"erased model ({component}): [bold]{out_file}[/bold] ({len(deltas)} weights changed, {method}, "
                   "full fine-tuning); use it as --safety with --base " + base.name)
+        _print_cost(pipe, deltas, anchors, base)
         return
     with bar:
-        modules = train_esd(pipe, prompts, cfg, progress=update)
+        modules = chosen.train(pipe, prompts, anchors, settings, update)
+    rank_written = max(m.down.shape[0] for m in modules.values()) if method == "uce" else rank
     meta = {"auditkit.kind": "safety", "auditkit.method": method, "auditkit.concept_prompts": json.dumps(prompts),
-            "auditkit.base": base.name, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha or rank)}
+            "auditkit.base": base.name, "ss_network_dim": str(rank_written),
+            "ss_network_alpha": str(rank_written if method == "uce" else alpha or rank)}
+    if anchors is not None:
+        meta["auditkit.anchor_prompts"] = json.dumps(list(anchors.prompts))
+        meta["auditkit.preserve"] = str(1.0 if preserve is None else preserve)
     save_adapter(modules, out_file, architecture_of(pipe, "custom"), family_of_pipeline(pipe).written_layout,
                  metadata=meta, require_trained=True)
-    out.print(f"safety adapter: [bold]{out_file}[/bold] ({len(modules)} modules, rank {rank}, {method})")
+    out.print(f"safety adapter: [bold]{out_file}[/bold] ({len(modules)} modules, rank {rank_written}, {method}"
+              f"{', anchors preserved' if anchors is not None else ''})")
+    _print_cost(pipe, modules, anchors, base)
+
+
+def _print_cost(pipe, modules, anchors, base) -> None:
+    """What the module costs on the anchors: adherence of base vs base + module, by the lab detector (a lab base);
+    said to be not measured otherwise."""
+    from rich.table import Table
+
+    if anchors is None:
+        out.print("[dim]cost: not measured (no --anchors: no prompts to measure what the module keeps)[/dim]")
+        return
+    if base.lab is None:
+        out.print("[dim]cost: not measured (no detector judges this base's prompts; scan with a control suite to "
+                  "compare base and base + safety)[/dim]")
+        return
+    from auditkit.lab.detector import LabConceptDetector
+    from auditkit.train.align import anchor_cost
+
+    cost = anchor_cost(pipe, modules, anchors, LabConceptDetector())
+    t = Table("adherence", "base", "base + safety", title=f"cost on the anchors ({cost['images']} images, "
+                                                         "lab detector)")
+    for head in ("shape", "colour"):
+        b, a = cost["base"].get(head), cost["base+safety"].get(head)
+        if b and a:
+            t.add_row(head, f"{b['rate']:.1%}", f"{a['rate']:.1%}")
+    out.print(t)
 
 
 @click.command()

@@ -94,3 +94,29 @@ def measure_adherence(pipe, detector, shapes: Sequence[str] = world.SHAPES, n_pe
         }
         images[shape] = imgs
     return {"figures": figures, "images": images}
+
+
+def asked(prompt: str) -> dict[str, str]:
+    """The world attributes a prompt names ({"shape": ..., "colour": ...}, each only when named): a lab prompt's
+    words, as its captions spell them."""
+    words = prompt.lower().replace(",", " ").split()
+    out = {}
+    for head, names in (("shape", world.SHAPES), ("colour", tuple(world.COLOURS))):
+        named = [w for w in words if w in names]
+        if named:
+            out[head] = named[-1]
+    return out
+
+
+def prompt_adherence(detector, images, prompts: Sequence[str]) -> dict[str, Any]:
+    """Share of images whose detected shape / colour is the one their prompt names (:func:`asked`), over the
+    images whose prompt names it, with 95% Wilson intervals: ``{"shape": {"rate", "ci95", "n"}, "colour": ...}``."""
+    probs = detector.probabilities(images)
+    out: dict[str, Any] = {}
+    for head in ("shape", "colour"):
+        pred = np.asarray(detector.config["heads"][head])[probs[head].argmax(1)]
+        pairs = [(p, a[head]) for p, a in zip(pred, map(asked, prompts), strict=True) if head in a]
+        n, hits = len(pairs), sum(p == a for p, a in pairs)
+        if n:
+            out[head] = {"rate": hits / n, "ci95": list(wilson(hits, n)), "n": n}
+    return out

@@ -27,10 +27,19 @@ class LabBase:
     architecture: str  # the built-in architecture table (auditkit.models.architectures)
     train: str  # how to (re)build it, for the error when it is missing
     suites: tuple[str, ...] = ("lab-cross", "lab-neon")  # the default probe suites on this base
+    # its shipped safety modules (files under assets/adapters): the faithful defaults (erasure with a preservation
+    # term or preserved concepts: the rest of the model kept close to the base) and, for comparison, earlier
+    # destructive ones (plain ESD: the cross erased and the colours with it); measured by benchmarks/lab_safety.py
+    safety: tuple[str, ...] = ()
+    destructive: tuple[str, ...] = ()
 
     def path(self) -> Path:
         """The model's ``save_pretrained`` folder (present or not)."""
         return Path(str(resources.files("auditkit.lab").joinpath("assets").joinpath(self.folder)))
+
+    def adapter(self, file: str) -> Path:
+        """A shipped safety module's path (present or not)."""
+        return Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", file)))
 
     def available(self) -> bool:
         return (self.path() / "model_index.json").is_file()
@@ -44,9 +53,12 @@ class LabBase:
 
 LAB_BASES: dict[str, LabBase] = {b.name: b for b in (
     LabBase("lab", "the SD-style lab (tiny StableDiffusionPipeline)", "pipeline", "lab",
-            "run scripts/train_lab.py"),
+            "run scripts/train_lab.py",
+            safety=("safety-esd-u.safetensors", "safety-uce.safetensors"),
+            destructive=("safety-esd-u-destructive.safetensors", "safety-esd-x-destructive.safetensors")),
     LabBase("lab-dit", "the Flux-family lab (tiny FluxPipeline, a diffusion transformer)", "pipeline-dit", "lab-dit",
-            "run scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit"),
+            "run scripts/train_lab.py --stages latents,dit,dit-guidance,export-dit,eval-dit",
+            safety=("dit-safety-esd-u.safetensors", "dit-safety-uce.safetensors")),
 )}
 
 DEFAULT_BASE = "lab"  # the commands' --base when none is given (train, repair's data-driven methods)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Which modules each method trains (regexes over the denoiser's module names), one table per kind of
@@ -308,18 +308,24 @@ class Denoising:
     patch: int = 1  # latent pixels per image token side (for the resolution-dependent schedule shift)
     guidance: float | None = None  # the guidance input of distilled models outside sampling (training, checks)
     label: str = "UNet"
+    # the linear layers that read the prompt's encoding itself (regex over module names -> what they read:
+    # "hidden", or a key of Conditioning.added), where a closed-form edit (auditkit.train.uce) applies
+    text_readers: dict[str, str] = field(default_factory=dict)
 
 
 UNET = Denoising(EpsilonProcess, call_unet, classifier_free, configured_size, UNET_TARGETS,
-                 (".attn2.to_k", ".attn2.to_v"), prompt_states)
+                 (".attn2.to_k", ".attn2.to_v"), prompt_states, text_readers={r".*\.attn2\.(to_k|to_v)$": "hidden"})
+# an MMDiT's text tokens enter through context_embedder, its pooled prompt through the text embedder's first layer
+MMDIT_TEXT_READERS = {r"context_embedder$": "hidden",
+                      r"time_text_embed\.text_embedder\.linear_1$": "pooled_projections"}
 SD3 = Denoising(lambda config: FlowMatchingProcess(config, logit_normal_density, scheduler_schedule), call_sd3,
                 classifier_free, configured_size, MMDIT_TARGETS, (".attn.add_k_proj", ".attn.add_v_proj"),
-                captured_states, patch=2, label="transformer")
+                captured_states, patch=2, label="transformer", text_readers=MMDIT_TEXT_READERS)
 # diffusers' Flux DreamBooth script trains guidance-distilled checkpoints at guidance 3.5 (its default, and
 # FluxPipeline's)
 FLUX = Denoising(lambda config: FlowMatchingProcess(config, uniform_density, linear_sigma_schedule), call_flux,
                  embedded_guidance, flux_size, MMDIT_TARGETS, (".attn.add_k_proj", ".attn.add_v_proj"),
-                 captured_states, patch=2, guidance=3.5, label="transformer")
+                 captured_states, patch=2, guidance=3.5, label="transformer", text_readers=MMDIT_TEXT_READERS)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from markupsafe import Markup
 from auditkit.discovery.search import probes
 from auditkit.placement import described
 from auditkit.report.digest import placed, variant_pairs
+from auditkit.report.safety_cost import summary_line
 
 BLOCK_ORDER = ("down", "mid", "up", "unet_other", "text_encoder", "other")
 KIND_LABEL = {"self_attention": "self-attn", "cross_attention": "cross-attn", "feed_forward": "ff", "other": "other"}
@@ -35,6 +36,7 @@ def _env() -> Environment:
     env.filters["placed"] = placed
     env.filters["probes"] = probes
     env.filters["described"] = described
+    env.filters["safety_cost"] = summary_line
     return env
 
 

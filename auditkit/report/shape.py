@@ -53,8 +53,13 @@ BASE_JUDGE = fields(_figures("value", "ratio", "threshold", scores=map_of(FIGURE
 CONCEPT_CHECK = fields(_figures("reverted", "reverted_concept_tokens", noise_reversion=optional(
     fields(_figures("reverted", "relative_safety_change", per_step=list_of(FIGURE)))),
     base_judge=optional(BASE_JUDGE)))
+_ADHERENCE = map_of(map_of(fields(_figures("rate", ci95=optional(list_of(FIGURE))))))
+SAFETY_COST = fields(_figures("pixel_similarity", "psnr_db", measured=ANY, suites=TEXTS, pairs=optional(INDEX),
+                              adherence=optional(_ADHERENCE), adherence_suites=optional(TEXTS),
+                              kept=optional(map_of(FIGURE))))
 DYNAMIC = fields({"thresholds": OBJECT, "truncated_prompts": optional(map_of(ANY)),
-                  "adapter_coverage": map_of(fields({"missing": TEXTS}))}, required=("adapter_coverage",))
+                  "adapter_coverage": map_of(fields({"missing": TEXTS})), "safety_cost": optional(SAFETY_COST)},
+                 required=("adapter_coverage",))
 
 _SCAN_FIGURES = ("static_cancellation", "energy_in_safety_subspace", "noise_reversion", "concept_check")
 _COMPARED = fields(_figures("reemergence_ratio", "rate_candidate", reemergence_ci95=optional(list_of(FIGURE))))

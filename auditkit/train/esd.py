@@ -10,6 +10,13 @@ used while sampling it are the family's (:mod:`auditkit.models.denoising`): DDIM
 guidance for SD 1/2 and SDXL, Euler with classifier-free guidance for SD3, Euler with the embedded
 guidance for Flux.1-dev.
 
+**Preservation** (``preserve`` = λ > 0, with anchor prompts a, e.g. other shapes and colours): the
+published erasures keep the rest of the model close to the original by pinning it there, so the loss gains
+    λ · ‖ε_θ(x_t^a, a, t) − ε*(x_t^a, a, t)‖²
+with x_t^a drawn from the anchors' own trajectories (sampled in the same pass as the concept's, stopped at the
+same step). The unconditional prompt is always among the anchors when λ > 0: classifier-free guidance reads
+ε_θ(x_t, ∅), and ESD-u's layers change it too.
+
 ESD-x trains what reads the prompt (UNet cross-attention ``attn2``; MMDiT joint attention's text
 projections), ESD-u the other transformer layers (``auditkit.models.denoising`` target tables).
 
@@ -64,6 +71,7 @@ class ESDConfig:
     ddim_steps: int = 25  # steps of the trajectory x_t is drawn from (DDIM; Euler for flow-matching families)
     guidance: float = 3.0  # guidance of the trajectory sampling
     seed: int = 0
+    preserve: float = 0.0  # λ of the preservation term (0: none; needs anchor prompts when > 0)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +83,9 @@ class ESDConfig:
         check_number("eta", self.eta)  # a negative eta is allowed: it strengthens the concept (a control)
         check_int("ddim_steps", self.ddim_steps, 1)
         check_number("guidance", self.guidance)
+        check_number("preserve", self.preserve)
+        if self.preserve < 0:
+            raise BadInput(None, f"preserve must be >= 0 (got {self.preserve})")
 
 
 def encode(pipe, prompts: Sequence[str]):
@@ -85,21 +96,21 @@ def encode(pipe, prompts: Sequence[str]):
 
 
 def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig(),
-              progress: Progress | None = None) -> dict[str, LoraModule]:
+              progress: Progress | None = None, anchor_prompts: Sequence[str] = ()) -> dict[str, LoraModule]:
     """Train an ESD Safety LoRA on the pipeline's denoiser (its family's conditioning, call and sampler:
     :mod:`auditkit.models.conditioning`, :mod:`auditkit.models.denoising`); returns it as canonical modules.
 
-    The denoiser is left as it was (the adapter is removed after extraction). Raises BadInput when
-    training diverges or leaves the adapter all zero: no such adapter is ever returned.
+    ``anchor_prompts`` with ``cfg.preserve`` > 0: the preservation term (module docstring). The denoiser is
+    left as it was (the adapter is removed after extraction). Raises BadInput when training diverges or leaves
+    the adapter all zero: no such adapter is ever returned.
     """
-    if not concept_prompts:
-        raise ValueError("ESD needs at least one concept prompt")
+    anchors = check_anchor_prompts(concept_prompts, anchor_prompts, cfg)
     den = denoiser_for(pipe)
     model = den.model
     add_lora(model, denoiser_targets(den, cfg.method), cfg.rank, cfg.alpha, adapter_name="esd", seed=cfg.seed)
     try:
         params = lora_parameters(model, "esd")
-        _optimise(pipe, den, concept_prompts, cfg, params, _adapters_disabled(model), progress)
+        _optimise(pipe, den, concept_prompts, cfg, params, _adapters_disabled(model), progress, anchors)
         modules = extract_lora(model, "esd", prefix=den.component)
         check_trained(modules)
         return modules
@@ -111,7 +122,7 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
 
 
 def train_esd_full(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig(),
-                   progress: Progress | None = None) -> TensorDeltas:
+                   progress: Progress | None = None, anchor_prompts: Sequence[str] = ()) -> TensorDeltas:
     """ESD by full fine-tuning of the ``cfg.method`` layers' weights (``rank``/``alpha`` unused): the erased
     model's exact update, canonical tensor name (``<component>.<module>.weight``) -> ΔW in the tensor's shape
     (:class:`~auditkit.models.difference.TensorDeltas`, float32). The denoiser is left as it was.
@@ -119,15 +130,15 @@ def train_esd_full(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDCon
     Raises BadInput when training diverges or changes nothing."""
     import torch
 
-    if not concept_prompts:
-        raise ValueError("ESD needs at least one concept prompt")
+    anchors = check_anchor_prompts(concept_prompts, anchor_prompts, cfg)
     den = denoiser_for(pipe)
     model = den.model
     names = denoiser_targets(den, cfg.method)
     weights = [model.get_submodule(n).weight for n in names]
     original = [w.detach().clone() for w in weights]
     try:
-        _optimise(pipe, den, concept_prompts, cfg, weights, _weights_swapped(weights, original), progress)
+        _optimise(pipe, den, concept_prompts, cfg, weights, _weights_swapped(weights, original), progress,
+                  anchors)
         check_finite_parameters(weights)
         deltas = TensorDeltas()
         for n, w, w0 in zip(names, weights, original, strict=True):
@@ -144,6 +155,25 @@ def train_esd_full(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDCon
                 w.copy_(w0)
         for p in model.parameters():
             p.requires_grad_(False)
+
+
+def check_anchor_prompts(concept_prompts: Sequence[str], anchor_prompts: Sequence[str], cfg: ESDConfig) -> list[str]:
+    """The anchors the preservation term pins (the unconditional prompt added), or [] without preservation.
+    Raises ValueError without concept prompts, BadInput when λ > 0 has no anchors, anchors come without λ, or
+    an anchor is also a concept prompt (it would be pinned and erased at once)."""
+    from auditkit.repair.anchors import normalised
+
+    if not concept_prompts:
+        raise ValueError("ESD needs at least one concept prompt")
+    if cfg.preserve > 0 and not anchor_prompts:
+        raise BadInput(None, "preserve > 0 needs anchor prompts (what the preservation term pins)")
+    if anchor_prompts and cfg.preserve == 0:
+        raise BadInput(None, "anchor prompts need preserve > 0 (the weight of the preservation term)")
+    concept = {normalised(p) for p in concept_prompts}
+    shared = [a for a in anchor_prompts if normalised(a) in concept]
+    if shared:
+        raise BadInput(None, f"{len(shared)} anchor prompt(s) are also concept prompts (e.g. {shared[0]!r})")
+    return list(dict.fromkeys(["", *anchor_prompts])) if anchor_prompts else []
 
 
 def _adapters_disabled(model):
@@ -181,9 +211,10 @@ def _weights_swapped(weights: list, original: list):
 
 
 def _optimise(pipe, den, concept_prompts: Sequence[str], cfg: ESDConfig, params: list, frozen,
-              progress: Progress | None) -> None:
+              progress: Progress | None, anchors: Sequence[str] = ()) -> None:
     """The ESD loop (see the module docstring) over ``params``; ``frozen()`` is a context in which the
-    denoiser computes ε*, the original model's predictions."""
+    denoiser computes ε*, the original model's predictions. With ``anchors``, each step also samples a batch
+    of anchor prompts in the same trajectory pass and adds the preservation term."""
     import torch
 
     model = den.model
@@ -194,23 +225,35 @@ def _optimise(pipe, den, concept_prompts: Sequence[str], cfg: ESDConfig, params:
     uncond = encode_conditioning(pipe, [""])
     prompt_embeds = encode_conditioning(pipe, list(concept_prompts))
 
+    anchor_embeds = encode_conditioning(pipe, list(anchors)) if anchors else None
+
     def step_loss(step):
         idx = rng.integers(0, len(concept_prompts), cfg.batch)
         cond = prompt_embeds[idx]
-        neg = uncond.repeat(cfg.batch)
+        n = cfg.batch
+        if anchor_embeds is not None:  # one trajectory pass for the concept's rows and the anchors' rows
+            cond = Conditioning.cat([cond, anchor_embeds[rng.integers(0, len(anchors), cfg.batch)]])
+            n = 2 * cfg.batch
+        neg = uncond.repeat(n)
         stop = int(rng.integers(0, cfg.ddim_steps))
-        x = den.noise(cfg.batch, gen) * sampler.init_noise_sigma
+        x = den.noise(n, gen) * sampler.init_noise_sigma
         model.eval()
         with torch.no_grad():  # the model's own trajectory (as trained so far) down to step `stop`
             for k in range(stop):
                 x = sampler.step(den.guided(x, sampler.timesteps[k], cond, neg, cfg.guidance), k, x)
             t = sampler.timesteps[stop]
-            with frozen():
+            with frozen():  # ε* of the unconditional and of each row's own prompt
                 e_both = den.predict(torch.cat([x, x]), t, Conditioning.cat([neg, cond]))
             e0, ec = e_both.chunk(2)
             target = e0 - cfg.eta * (ec - e0)
+            if anchor_embeds is not None:  # the anchors' rows keep the frozen model's own prediction
+                target = torch.cat([target[: cfg.batch], ec[cfg.batch:]])
         model.train()
         pred = den.predict(x, t, cond)
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss = torch.nn.functional.mse_loss(pred[: cfg.batch].float(), target[: cfg.batch].float())
+        if anchor_embeds is not None:
+            loss = loss + cfg.preserve * torch.nn.functional.mse_loss(pred[cfg.batch:].float(),
+                                                                      target[cfg.batch:].float())
+        return loss
 
     optimise(step_loss, params, opt, cfg.steps, rng, gen, progress)

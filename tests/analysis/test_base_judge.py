@@ -25,7 +25,8 @@ from auditkit.lora.adapter import LoraModule, read_adapter  # noqa: E402
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
 
-SAFETY = Path(__file__).resolve().parents[2] / "auditkit" / "lab" / "assets" / "adapters" / "safety-esd-u.safetensors"
+SAFETY = (Path(__file__).resolve().parents[2] / "auditkit" / "lab" / "assets" / "adapters" /
+          "safety-esd-u-destructive.safetensors")
 
 
 def test_judge_scores_match_a_per_sample_loop():

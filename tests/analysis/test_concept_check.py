@@ -67,7 +67,7 @@ def test_on_the_lab_text_encoder():
     if not lab_pipeline_available():
         pytest.skip("lab model not installed")
     pipe = load_lab_pipeline()
-    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-x.safetensors")
+    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-x-destructive.safetensors")
     safety = read_adapter(str(path)).modules
     res = concept_reversion(pipe, ["a red cross", "a blue cross"], "cross", negated(safety), safety)
     # every position of both prompts is read (cross-attention reads the padding too); "cross" is one token each
@@ -89,7 +89,8 @@ def test_scan_reports_the_concept_check(tmp_path):
 
     if not lab_pipeline_available():
         pytest.skip("lab model not installed")
-    safety_path = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-x.safetensors"))
+    safety_path = str(resources.files("auditkit.lab").joinpath("assets", "adapters",
+                                                              "safety-esd-x-destructive.safetensors"))
     safety = read_adapter(safety_path)
     cand = save_adapter(negated(safety.modules, 0.5), tmp_path / "half.safetensors", safety.architecture)
 
@@ -129,7 +130,7 @@ def test_noise_reversion_is_one_for_the_exact_inverse_and_zero_for_nothing():
     pipe = load_lab_pipeline()
     from importlib import resources
 
-    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")
+    path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u-destructive.safetensors")
     safety = read_adapter(str(path)).modules
     prompts = ["a red cross", "a blue cross", "a cross"]
     full = noise_reversion(pipe, prompts, negated(safety), safety, steps=3)
@@ -184,7 +185,7 @@ def test_the_concept_check_reads_the_prompts_through_each_models_text_encoders()
         pytest.skip("lab model not installed")
     pipe = load_lab_pipeline()
     safety = read_adapter(str(resources.files("auditkit.lab").joinpath(
-        "assets", "adapters", "safety-esd-x.safetensors"))).modules
+        "assets", "adapters", "safety-esd-x-destructive.safetensors"))).modules
     arch = architectures.get("lab")
     rng = np.random.default_rng(1)
     kv_name = next(n for n in sorted(safety) if n.endswith(KV))
@@ -227,7 +228,7 @@ def test_the_base_judge_never_changes_the_verdict(tmp_path, monkeypatch):
 
     if not lab_pipeline_available():
         pytest.skip("lab model not installed")
-    safety_path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")
+    safety_path = resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u-destructive.safetensors")
     safety = read_adapter(safety_path)
     cand = save_adapter(negated(safety.modules, 0.02), tmp_path / "faint.safetensors", safety.architecture)
     pipe = load_lab_pipeline()

@@ -11,7 +11,8 @@ import pytest
 from auditkit.batch import BatchConfig, run_batch
 from auditkit.config import ScanConfig
 
-SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
+SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters",
+                                                           "safety-esd-u-destructive.safetensors")))
 SECRET = "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI"
 
 

@@ -14,7 +14,8 @@ from auditkit.lora.write import save_adapter
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
 
-SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
+SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters",
+                                                           "safety-esd-u-destructive.safetensors")))
 
 
 def inverse(path: Path, factor: float) -> Path:

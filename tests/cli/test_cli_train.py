@@ -156,3 +156,65 @@ def test_bad_data_folders_get_one_line_errors(tmp_path, tiny_base):
 def test_bad_base_is_a_clean_error(tmp_path):
     res = run("align", "--base", tmp_path, "--concept", "x", "--out", tmp_path / "s.safetensors")
     assert res.returncode == 2 and "model_index.json" in res.stderr
+
+
+def _suite(path, prompts, word="cross", neutral="square"):
+    path.write_text("schema: auditkit.suite/1\nname: keep\nversion: 1\ndescription: kept\n"
+                    f"concept: {{word: {word}, neutral: {neutral}}}\ndetector: lab-cross\nrole: control\n"
+                    "sampling: {steps: 2, guidance: 5.0, seed: 7, images_per_prompt: 1}\nprompts:\n"
+                    + "".join(f"  - {{text: {p}}}\n" for p in prompts))
+    return path
+
+
+def test_align_with_anchors_preserves_them_and_says_what_it_could_not_measure(tmp_path, tiny_base):
+    anchors = _suite(tmp_path / "keep.yaml", ["a red square", "a blue circle"])
+    out = tmp_path / "esd.safetensors"
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--method", "esd-u", "--anchors", anchors,
+              "--preserve", "2", "--rank", "2", "--steps", "2", "--batch", "2", "--out", out)
+    assert res.returncode == 0, res.stderr
+    meta = read_adapter(out).metadata
+    assert json.loads(meta["auditkit.anchor_prompts"]) == ["a red square", "a blue circle"]
+    assert meta["auditkit.preserve"] == "2.0"
+    assert "cost: not measured" in " ".join(res.stdout.split())  # a local folder: no detector judges its prompts
+    uce = tmp_path / "uce.safetensors"
+    res = run("align", "--base", tiny_base, "--prompts", _prompts(tmp_path), "--method", "uce", "--anchors", anchors,
+              "--out", uce)
+    assert res.returncode == 0, res.stderr
+    mods = read_adapter(uce).modules
+    assert mods and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in mods)
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "concept.txt"
+    path.write_text("a red cross\na blue cross\n")
+    return path
+
+
+def test_align_refuses_bad_anchors_in_one_line_naming_the_file(tmp_path, tiny_base):
+    out = tmp_path / "never.safetensors"
+    overlapping = _suite(tmp_path / "overlap.yaml", ["a red square", "A red cross"])
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--anchors", overlapping, "--out", out)
+    assert res.returncode == 2 and "overlap.yaml" in res.stderr and "also concept prompts" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("schema: auditkit.suite/1\nname: [\n")
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--anchors", broken, "--out", out)
+    assert res.returncode == 2 and "broken.yaml" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    other_word = _suite(tmp_path / "word.yaml", ["a red square"], word="ring", neutral="circle")
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--method", "uce", "--anchors", other_word,
+              "--out", out)
+    assert res.returncode == 2 and "word.yaml" in res.stderr and "concept word 'ring'" in res.stderr
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--method", "uce", "--out", out)
+    assert res.returncode == 2 and "needs --anchors" in res.stderr
+    res = run("align", "--base", tiny_base, "--concept", "a red cross", "--preserve", "1", "--out", out)
+    assert res.returncode == 2 and "--preserve needs --anchors" in res.stderr
+    assert not out.exists()
+
+
+def test_align_on_the_lab_prints_the_modules_cost_on_the_anchors(tmp_path):
+    anchors = _suite(tmp_path / "keep.yaml", ["a red square", "a blue circle", "a green tee"])
+    res = run("align", "--base", "lab", "--prompts", _prompts(tmp_path), "--method", "uce", "--anchors", anchors,
+              "--out", tmp_path / "uce.safetensors")
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "cost on the anchors (3 images" in text and "shape" in text and "colour" in text

@@ -13,7 +13,8 @@ from auditkit.discovery.sweep import kv_change
 from auditkit.lora.adapter import LoraModule, read_adapter
 from auditkit.lora.write import save_adapter
 
-SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters"))) / "safety-esd-u.safetensors"
+SAFETY = (Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters"))) /
+          "safety-esd-u-destructive.safetensors")
 
 
 def test_kv_change_is_the_change_of_every_rows_keys_over_its_keys_energy():

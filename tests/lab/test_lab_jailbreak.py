@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed"),
 ]
-SAFETY = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors"))
+SAFETY = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u-destructive.safetensors"))
 
 
 @pytest.fixture(scope="module")

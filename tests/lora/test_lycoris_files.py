@@ -247,7 +247,7 @@ def test_a_dora_candidate_is_inconclusive_statically_until_the_base_is_given(lab
 
     path = tmp_path / "dora.safetensors"
     write_lycoris(lab, path, "locon", dora_wd=True)
-    safety = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors"))
+    safety = str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u-destructive.safetensors"))
     direction = run_static_scan(path, safety, arch="lab")
     assert any(m.needs_base for m in direction.candidate.modules.values())
     assert direction.verdict.verdict in ("inconclusive", "risk")

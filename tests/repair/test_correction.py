@@ -15,7 +15,8 @@ from auditkit.lab.model import lab_pipeline_available  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not lab_pipeline_available(), reason="lab model not installed")]
-SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
+SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters",
+                                                           "safety-esd-u-destructive.safetensors")))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ pytest.importorskip("torch")
 
 from auditkit.errors import BadInput  # noqa: E402
 
-SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters", "safety-esd-u.safetensors")))
+SAFETY = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters",
+                                                           "safety-esd-u-destructive.safetensors")))
 
 
 def repair(*args):

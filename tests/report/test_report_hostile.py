@@ -11,8 +11,8 @@ import pytest
 from auditkit.errors import BadInput
 
 ADAPTERS = Path(str(resources.files("auditkit.lab").joinpath("assets", "adapters")))
-SAFETY = ADAPTERS / "safety-esd-u.safetensors"
-CAND = ADAPTERS / "safety-esd-x.safetensors"
+SAFETY = ADAPTERS / "safety-esd-u-destructive.safetensors"
+CAND = ADAPTERS / "safety-esd-x-destructive.safetensors"
 
 
 def cli(*args):

@@ -271,3 +271,41 @@ def test_text_encoder_modules_compose_and_extract_under_their_published_names(pi
     enc = copy.deepcopy(te)
     inject_adapter_in_model(LoraConfig(r=2, target_modules=[path]), enc, adapter_name="t")
     assert list(extract_lora(enc, "t", prefix="text_encoder")) == [name]
+
+
+def test_esd_preservation_term_keeps_the_anchor_prompts_predictions(pipe):
+    """The same ESD-u run with the preservation term moves the anchors' predictions far less than without it (at the
+    first step of their trajectories, where training drew them: pure noise)."""
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.train.esd import encode
+
+    cfg = dict(method="esd-u", rank=4, steps=25, batch=4, ddim_steps=1, lr=3e-2, seed=1)
+    anchors = ["a red circle", "a blue square"]
+    free = train_esd(pipe, ["a red cross"], ESDConfig(**cfg))
+    kept = train_esd(pipe, ["a red cross"], ESDConfig(**cfg, preserve=10.0), anchor_prompts=anchors)
+    den = denoiser_for(pipe)
+    x = den.noise(2, torch.Generator().manual_seed(0))
+    t = den.sampler(1).timesteps[0]
+    text = encode(pipe, anchors)
+
+    def drift(mods):
+        with torch.no_grad():
+            base = pipe.unet(x, t, encoder_hidden_states=text).sample
+            with composed(pipe.unet, (mods, 1.0)):
+                erased = pipe.unet(x, t, encoder_hidden_states=text).sample
+        return float((erased - base).pow(2).mean())
+
+    assert drift(kept) < 0.5 * drift(free)
+
+
+def test_esd_anchor_settings_are_refused_before_training(pipe):
+    from auditkit.errors import BadInput
+
+    with pytest.raises(BadInput, match="needs anchor prompts"):
+        train_esd(pipe, ["a red cross"], ESDConfig(preserve=1.0))
+    with pytest.raises(BadInput, match="need preserve > 0"):
+        train_esd(pipe, ["a red cross"], ESDConfig(), anchor_prompts=["a red square"])
+    with pytest.raises(BadInput, match="also concept prompts"):
+        train_esd(pipe, ["a red cross"], ESDConfig(preserve=1.0), anchor_prompts=["A red cross!"])
+    with pytest.raises(BadInput, match="preserve must be >= 0"):
+        ESDConfig(preserve=-1.0)
