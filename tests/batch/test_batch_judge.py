@@ -51,7 +51,7 @@ def test_the_batch_queue_follows_the_judge_where_it_disagrees_with_the_static_or
     loaded = []
     monkeypatch.setattr(judge, "judge_one", lambda pipe, scan: readings[Path(scan.candidate).stem])
     monkeypatch.setattr(run, "_scan", lambda *a, **k: 0)
-    monkeypatch.setattr("auditkit.dynamic.load_base", lambda base, device=None: loaded.append(base) or ("pipe",))
+    monkeypatch.setattr("auditkit.dynamic.load_base", lambda base, device=None: loaded.append(base.name) or ("pipe",))
     scan = ScanConfig(safety=SAFETY, base="lab", suites=(str(tmp_path / "suite.yaml"),))
     rows = {Path(r["path"]).stem: r for r in run_batch(BatchConfig(folder, tmp_path / "out", scan)).rows}
     assert loaded == ["lab"]  # the base loaded once for the pass

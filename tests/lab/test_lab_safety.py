@@ -56,12 +56,12 @@ def problems(base: dict, module: dict) -> list[str]:
 @pytest.fixture(scope="module", params=list(LAB_BASES))
 def lab(request):
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.models.pipeline import load_pipeline
+    from auditkit.models.base import resolve_base
 
     base = LAB_BASES[request.param]
     if not base.available():
         pytest.skip(f"{base.name} not installed")
-    pipe = load_pipeline(base.name)
+    pipe = resolve_base(base.name).load()
     pipe.set_progress_bar_config(disable=True)
     detector = LabConceptDetector()
     return base, pipe, detector, figures(pipe, detector)
