@@ -15,8 +15,8 @@ import re
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from safetensors.numpy import save_file
+from conftest import low_rank_error, run_cli
+from safetensors.numpy import load_file, save_file
 
 from auditkit.lora.adapter import read_adapter
 from auditkit.models import architectures
@@ -182,3 +182,189 @@ def test_a_partial_read_names_its_best_fit_as_uncertain_and_inspect_fails_closed
     assert result.returncode == 3, result.stdout + result.stderr
     assert "[uncertain: only 50% of the keys map to it]" in plain(result.stdout)
     assert read_adapter(path, arch=adapter.architecture.name).architecture_certainty == "given"
+
+
+# --- the trainers' own layouts -----------------------------------------------------------------------------
+
+RANK, ALPHA = 2, 1.0  # scale 0.5
+
+
+def factor_pair(rng, rows: int, cols: int) -> tuple:
+    return (rng.normal(0, 0.1, (RANK, cols)).astype(np.float32), rng.normal(0, 0.1, (rows, RANK)).astype(np.float32))
+
+
+def write(path, modules: dict[str, tuple], key, down="lora_down.weight", up="lora_up.weight", alpha=True):
+    """modules: file module name -> (down, up); ``key(name)`` spells the name as the file does."""
+    tensors = {}
+    for name, (d, u) in modules.items():
+        tensors[f"{key(name)}.{down}"], tensors[f"{key(name)}.{up}"] = d, u
+        if alpha:
+            tensors[f"{key(name)}.alpha"] = np.asarray(ALPHA, np.float32)
+    save_file(tensors, str(path))
+    return path
+
+
+def kohya(name: str) -> str:
+    return "lora_unet_" + name.replace(".", "_")
+
+
+def comfyui(name: str) -> str:
+    return "diffusion_model." + name
+
+
+def diffusers_updates(pipeline: str, path) -> dict[str, tuple]:
+    """Module -> (A, B, scale) as diffusers' pipeline ``lora_state_dict`` converts the file (its converters
+    bake kohya/musubi alphas into the factors: scale 1)."""
+    diffusers = pytest.importorskip("diffusers")
+    state = getattr(diffusers, pipeline).lora_state_dict(str(path))
+    state = state[0] if isinstance(state, tuple) else state
+    return {k[:-len(".lora_A.weight")]: (a.double().numpy(), state[k.replace("lora_A", "lora_B")].double().numpy(), 1.0)
+            for k, a in state.items() if k.endswith(".lora_A.weight")}
+
+
+def assert_same_updates(adapter, theirs: dict[str, tuple]) -> None:
+    assert set(theirs) == set(adapter.modules)
+    for name, (d, u, s) in theirs.items():
+        m = adapter.modules[name]
+        assert low_rank_error((m.down, m.up, m.scale), (d, u, s)) < 1e-6, name
+
+
+# Qwen-Image and Z-Image name their original modules as diffusers does: musubi-tuner writes
+# lora_unet_<path>, ComfyUI diffusion_model.<path> (diffusers: _convert_non_diffusers_qwen_lora_to_diffusers,
+# _convert_non_diffusers_z_image_lora_to_diffusers)
+SAME_NAMES = {"qwen-image": "QwenImagePipeline", "z-image": "ZImagePipeline"}
+
+
+@pytest.mark.parametrize("name", list(SAME_NAMES))
+@pytest.mark.parametrize("spelling", ["musubi", "comfyui"])
+def test_musubi_and_comfyui_files_of_diffusers_named_families_read_as_diffusers_converts_them(tmp_path, name,
+                                                                                             spelling):
+    arch = architectures.get(name)
+    rng = np.random.default_rng(1)
+    modules = {n.removeprefix(T): factor_pair(rng, arch.shape(n).out_features, arch.shape(n).flat_in)
+               for n in block_modules(name, blocks=2)}
+    path = write(tmp_path / "a.safetensors", modules, kohya if spelling == "musubi" else comfyui)
+    adapter = read_adapter(path)
+    assert adapter.coverage.fraction == 1.0 and adapter.architecture.name == name
+    assert adapter.layout == ("kohya" if spelling == "musubi" else "original")
+    assert_same_updates(adapter, diffusers_updates(SAME_NAMES[name], path))
+
+
+# Wan's original names (the Wan-AI repository's, which musubi-tuner and ComfyUI files use) -> diffusers paths,
+# written out from diffusers' scripts/convert_wan_to_diffusers.py and _convert_musubi_wan_lora_to_diffusers
+WAN_ORIGINAL = {**{f"self_attn.{o}": f"attn1.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+                **{f"cross_attn.{o}": f"attn2.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+                "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+WAN_WIDTH = {"wan21-1.3b": (1536, 8960), "wan21-14b": (5120, 13824)}
+
+
+def wan_originals(name: str, blocks: int = 2) -> dict[str, tuple]:
+    rng = np.random.default_rng(2)
+    dim, ffn = WAN_WIDTH[name]
+    shapes = {"ffn.0": (ffn, dim), "ffn.2": (dim, ffn)}
+    return {f"blocks.{i}.{o}": factor_pair(rng, *shapes.get(o, (dim, dim))) for i in range(blocks) for o in WAN_ORIGINAL}
+
+
+@pytest.mark.parametrize("name", list(WAN_WIDTH))
+@pytest.mark.parametrize("spelling", ["musubi", "comfyui"])
+def test_wan_files_in_original_names_read_as_diffusers_converts_them(tmp_path, name, spelling):
+    originals = wan_originals(name)
+    path = write(tmp_path / "wan.safetensors", originals, kohya if spelling == "musubi" else comfyui)
+    adapter = read_adapter(path)
+    assert adapter.coverage.fraction == 1.0 and adapter.architecture.name == name
+    for original, (d, u) in originals.items():
+        block, _, module = original.partition(".")[2].partition(".")
+        m = adapter.modules[f"{T}blocks.{block}.{WAN_ORIGINAL[module]}"]
+        np.testing.assert_array_equal(m.down, d)
+        assert m.scale == ALPHA / RANK
+    theirs = diffusers_updates("WanPipeline", path)
+    assert_same_updates(adapter, theirs)
+
+
+def test_a_wan_2_2_expert_file_is_named_by_its_metadata(tmp_path):
+    path = tmp_path / "high_noise.safetensors"
+    write(path, wan_originals("wan21-14b"), kohya)
+    assert read_adapter(path).architecture_certainty == "ambiguous"
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "wan2.2_t2v_a14b_high_noise"})
+    adapter = read_adapter(path)
+    assert adapter.architecture.name == "wan22-a14b" and adapter.architecture_certainty == "certain"
+
+
+# Flux.2's original (BFL) names, which ai-toolkit and ComfyUI files use: fused q, k, v in double blocks (rows
+# q | k | v), one fused qkv+MLP linear1 in single blocks (diffusers keeps it fused: to_qkv_mlp_proj)
+# (diffusers scripts/convert_flux2_to_diffusers.py, _convert_non_diffusers_flux2_lora_to_diffusers)
+FLUX2 = {"flux2-dev": 6144, "flux2-klein-4b": 3072, "flux2-klein-9b": 4096}
+
+
+@pytest.mark.parametrize("name", list(FLUX2))
+def test_flux2_files_in_bfl_names_split_their_fused_modules_as_diffusers_does(tmp_path, name):
+    d = FLUX2[name]
+    rng = np.random.default_rng(3)
+    originals = {"double_blocks.0.img_attn.qkv": factor_pair(rng, 3 * d, d),
+                 "double_blocks.0.txt_attn.qkv": factor_pair(rng, 3 * d, d),
+                 "double_blocks.0.img_attn.proj": factor_pair(rng, d, d),
+                 "double_blocks.0.img_mlp.0": factor_pair(rng, 6 * d, d),
+                 "double_blocks.0.img_mlp.2": factor_pair(rng, d, 3 * d),
+                 "single_blocks.1.linear1": factor_pair(rng, 3 * d + 6 * d, d),
+                 "single_blocks.1.linear2": factor_pair(rng, d, d + 3 * d)}
+    path = write(tmp_path / "flux2.safetensors", originals, comfyui, "lora_A.weight", "lora_B.weight", alpha=False)
+    adapter = read_adapter(path)
+    assert adapter.coverage.fraction == 1.0 and adapter.architecture.name == name
+    down, up = originals["double_blocks.0.img_attn.qkv"]
+    for k, module in enumerate(("to_q", "to_k", "to_v")):
+        m = adapter.modules[f"{T}transformer_blocks.0.attn.{module}"]
+        assert low_rank_error((m.down, m.up, m.scale), (down, up[k * d:(k + 1) * d], 1.0)) < 1e-6
+    assert adapter.modules[f"{T}single_transformer_blocks.1.attn.to_qkv_mlp_proj"].up.shape == (9 * d, RANK)
+    assert_same_updates(adapter, diffusers_updates("Flux2Pipeline", path))
+
+
+# HunyuanVideo 1.5's original names (Tencent's repository; diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py).
+# diffusers 0.42 has no LoRA loader for HunyuanVideo 1.5: nothing to compare with.
+HUNYUAN15 = {"img_attn_q": "attn.to_q", "img_attn_k": "attn.to_k", "img_attn_v": "attn.to_v",
+             "img_attn_proj": "attn.to_out.0", "txt_attn_q": "attn.add_q_proj", "txt_attn_proj": "attn.to_add_out",
+             "img_mlp.fc1": "ff.net.0.proj", "txt_mlp.fc2": "ff_context.net.2", "img_mod.linear": "norm1.linear"}
+
+
+def test_hunyuanvideo15_files_in_original_names_read_into_diffusers_modules(tmp_path):
+    rng = np.random.default_rng(4)
+    shapes = {"img_mlp.fc1": (8192, 2048), "txt_mlp.fc2": (2048, 8192), "img_mod.linear": (12288, 2048)}
+    originals = {f"double_blocks.{i}.{o}": factor_pair(rng, *shapes.get(o, (2048, 2048)))
+                 for i in (0, 53) for o in HUNYUAN15}
+    path = write(tmp_path / "hv15.safetensors", originals, comfyui)
+    adapter = read_adapter(path)
+    assert adapter.coverage.fraction == 1.0 and adapter.architecture.name == "hunyuanvideo15"
+    assert adapter.architecture_certainty == "certain"
+    for original, (d, u) in originals.items():
+        _, i, module = original.split(".", 2)
+        np.testing.assert_array_equal(adapter.modules[f"{T}transformer_blocks.{i}.{HUNYUAN15[module]}"].up, u)
+
+
+def test_chroma_files_in_bfl_names_with_the_approximator_are_chroma(tmp_path):
+    """Chroma's blocks have Flux.1's BFL names and shapes; its distilled guidance approximator is its own."""
+    rng = np.random.default_rng(5)
+    originals = {"double_blocks.0.img_attn.qkv": factor_pair(rng, 3 * 3072, 3072),
+                 "single_blocks.3.linear2": factor_pair(rng, 3072, 3072 + 12288),
+                 "distilled_guidance_layer.layers.4.in_layer": factor_pair(rng, 5120, 5120),
+                 "distilled_guidance_layer.out_proj": factor_pair(rng, 3072, 5120)}
+    adapter = read_adapter(write(tmp_path / "chroma.safetensors", originals, comfyui))
+    assert adapter.coverage.fraction == 1.0
+    assert adapter.architecture.name == "chroma" and adapter.architecture_certainty == "certain"
+    assert f"{T}distilled_guidance_layer.layers.4.linear_1" in adapter.modules
+    blocks_only = {k: v for k, v in originals.items() if "distilled" not in k}
+    assert read_adapter(write(tmp_path / "blocks.safetensors", blocks_only, kohya)).architecture_candidates == [
+        "flux", "flux-kontext", "chroma"]
+
+
+def test_z_image_fused_qkv_files_split_into_q_k_v(tmp_path):
+    """kohya-style trainers wrapping Z-Image's original tree write attention.qkv (rows q | k | v) and
+    attention.out (diffusers: the qkv branch of _convert_non_diffusers_z_image_lora_to_diffusers)."""
+    rng = np.random.default_rng(6)
+    qkv, out = factor_pair(rng, 3 * 3840, 3840), factor_pair(rng, 3840, 3840)
+    adapter = read_adapter(write(tmp_path / "z.safetensors", {"layers.29.attention.qkv": qkv,
+                                                              "noise_refiner.1.attention.out": out}, kohya))
+    assert adapter.coverage.fraction == 1.0 and adapter.architecture.name == "z-image"
+    for k, module in enumerate(("to_q", "to_k", "to_v")):
+        m = adapter.modules[f"{T}layers.29.attention.{module}"]
+        np.testing.assert_array_equal(m.up, qkv[1][k * 3840:(k + 1) * 3840])
+    np.testing.assert_array_equal(adapter.modules[f"{T}noise_refiner.1.attention.to_out.0"].up, out[1])
