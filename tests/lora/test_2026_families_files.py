@@ -252,8 +252,9 @@ def test_musubi_and_comfyui_files_of_diffusers_named_families_read_as_diffusers_
 
 # Wan's original names (the Wan-AI repository's, which musubi-tuner and ComfyUI files use) -> diffusers paths,
 # written out from diffusers' scripts/convert_wan_to_diffusers.py and _convert_musubi_wan_lora_to_diffusers
-WAN_ORIGINAL = {**{f"self_attn.{o}": f"attn1.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
-                **{f"cross_attn.{o}": f"attn2.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+_QKVO = dict(zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"), strict=True))
+WAN_ORIGINAL = {**{f"self_attn.{o}": f"attn1.{c}" for o, c in _QKVO.items()},
+                **{f"cross_attn.{o}": f"attn2.{c}" for o, c in _QKVO.items()},
                 "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
 WAN_WIDTH = {"wan21-1.3b": (1536, 8960), "wan21-14b": (5120, 13824)}
 
@@ -262,7 +263,8 @@ def wan_originals(name: str, blocks: int = 2) -> dict[str, tuple]:
     rng = np.random.default_rng(2)
     dim, ffn = WAN_WIDTH[name]
     shapes = {"ffn.0": (ffn, dim), "ffn.2": (dim, ffn)}
-    return {f"blocks.{i}.{o}": factor_pair(rng, *shapes.get(o, (dim, dim))) for i in range(blocks) for o in WAN_ORIGINAL}
+    return {f"blocks.{i}.{o}": factor_pair(rng, *shapes.get(o, (dim, dim)))
+            for i in range(blocks) for o in WAN_ORIGINAL}
 
 
 @pytest.mark.parametrize("name", list(WAN_WIDTH))
@@ -272,7 +274,7 @@ def test_wan_files_in_original_names_read_as_diffusers_converts_them(tmp_path, n
     path = write(tmp_path / "wan.safetensors", originals, kohya if spelling == "musubi" else comfyui)
     adapter = read_adapter(path)
     assert adapter.coverage.fraction == 1.0 and adapter.architecture.name == name
-    for original, (d, u) in originals.items():
+    for original, (d, _) in originals.items():
         block, _, module = original.partition(".")[2].partition(".")
         m = adapter.modules[f"{T}blocks.{block}.{WAN_ORIGINAL[module]}"]
         np.testing.assert_array_equal(m.down, d)
@@ -335,7 +337,7 @@ def test_hunyuanvideo15_files_in_original_names_read_into_diffusers_modules(tmp_
     adapter = read_adapter(path)
     assert adapter.coverage.fraction == 1.0 and adapter.architecture.name == "hunyuanvideo15"
     assert adapter.architecture_certainty == "certain"
-    for original, (d, u) in originals.items():
+    for original, (_, u) in originals.items():
         _, i, module = original.split(".", 2)
         np.testing.assert_array_equal(adapter.modules[f"{T}transformer_blocks.{i}.{HUNYUAN15[module]}"].up, u)
 
