@@ -13,12 +13,14 @@ as kohya trainers save them. Measured in one run, on this machine:
 
 Usage: ``python benchmarks/static_scan.py [--repeat 5] [--json benchmarks/results/static_scan.json]``;
 ``--arch sdxl --rank 32 --dense-sample 40`` (or ``--arch flux --rank 16``) for the large models, whose
-every attention and MLP module is covered (the dense reference then times the first 40 modules).
+every attention and MLP module is covered (the dense reference then times the first 40 modules);
+``--arch qwen-image --layout diffusers`` (any built-in transformer) for the 2026 families.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
@@ -39,16 +41,23 @@ TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0", ".att
            ".attn2.to_v", ".attn2.to_out.0", ".ff.net.0.proj", ".ff.net.2")
 
 
+# A transformer's blocks (Flux/Chroma/Qwen-Image/Flux.2/HunyuanVideo 1.5 transformer_blocks and
+# single_transformer_blocks, Wan blocks, Z-Image layers and refiners) and its modulation linears, which the
+# benchmark leaves out as it always has for Flux.1 (norm1.linear): trainers' defaults target attention and MLPs
+_DIT_BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks|blocks|layers|noise_refiner|"
+                        r"context_refiner)\.\d+\.")
+_MODULATION = re.compile(r"\.norm|_mod\.|adaLN_modulation")
+
+
 def target_modules(arch) -> list[str]:
     """The attention and MLP modules of the denoiser: what LoRA trainers target by default."""
-    if arch.name == "flux":
-        return [n for n in arch.modules if n.startswith(("transformer.transformer_blocks.",
-                                                         "transformer.single_transformer_blocks."))
-                and arch.modules[n].kind == "linear" and ".norm" not in n]
+    if any(n.startswith("transformer.") for n in arch.modules):
+        return [n for n in arch.modules if _DIT_BLOCK.match(n) and arch.modules[n].kind == "linear"
+                and not _MODULATION.search(n)]
     return [n for n in arch.modules if n.startswith("unet.") and n.endswith(TARGETS)]
 
 
-def make_pair(out_dir: Path, rank: int = 32, arch_name: str = "sd15") -> tuple[Path, Path]:
+def make_pair(out_dir: Path, rank: int = 32, arch_name: str = "sd15", layout: str = "kohya") -> tuple[Path, Path]:
     arch = architectures.get(arch_name)
     names = target_modules(arch)
     rng = np.random.default_rng(0)
@@ -65,7 +74,7 @@ def make_pair(out_dir: Path, rank: int = 32, arch_name: str = "sd15") -> tuple[P
                 up = np.concatenate([-sm.up[:, : rank // 2] * sm.scale, up[:, : rank // 2]], axis=1)
             mods[n] = LoraModule(n, down, up, 1.0)
         pair[role] = mods
-    paths = {r: save_adapter(m, out_dir / f"{r}.safetensors", arch, dtype=np.float16) for r, m in pair.items()}
+    paths = {r: save_adapter(m, out_dir / f"{r}.safetensors", arch, layout, dtype=np.float16) for r, m in pair.items()}
     assert arch_name != "sd15" or len(names) == 160, len(names)
     return paths["candidate"], paths["safety"]
 
@@ -152,6 +161,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--arch", default="sd15", help="built-in architecture whose attention/MLP modules the pair covers")
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--layout", default="kohya", help="the layout both files are written in (diffusers: "
+                    "transformer.<path>.lora_A/B, for families whose modules have no kohya original names)")
     ap.add_argument("--dense-sample", type=int, default=0,
                     help="time the dense reference on the first N modules only (0: all), and auditkit's "
                          "analysis on the same N for the speed-up; large models' dense SVDs take hours")
@@ -159,7 +170,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cand_path, safety_path = make_pair(tmp, args.rank, args.arch)
+        cand_path, safety_path = make_pair(tmp, args.rank, args.arch, args.layout)
         files_mb = (cand_path.stat().st_size + safety_path.stat().st_size) / 2**20
 
         t0 = time.perf_counter()
@@ -203,7 +214,9 @@ def main() -> None:
 
     results = {
         **provenance(),
-        "architecture": args.arch, "modules": len(safety.modules), "rank": args.rank,
+        "architecture": args.arch, "layout": args.layout, "modules": len(safety.modules), "rank": args.rank,
+        "named": [cand.architecture.name, safety.architecture.name],
+        "key_coverage": [cand.coverage.fraction, safety.coverage.fraction],
         "files_mb": round(files_mb, 2),
         "read_both_s": round(read_s, 4),
         "analysis_s_median": round(statistics.median(analysis), 4),
