@@ -198,17 +198,24 @@ _BLOCK_PATTERNS = (
     (re.compile(r"^unet\."), "unet_other"),
     (re.compile(r"^transformer\.transformer_blocks\."), "joint"),  # MMDiT blocks (Flux double, SD3 joint)
     (re.compile(r"^transformer\.single_transformer_blocks\."), "single"),  # Flux single-stream blocks
+    # Z-Image's main layers: single-stream attention over image and prompt tokens together
+    (re.compile(r"^transformer\.layers\."), "single"),
+    (re.compile(r"^transformer\.blocks\."), "dit"),  # Wan: self-attention, cross-attention to the prompt, MLP
     (re.compile(r"^transformer\."), "transformer_other"),
     (re.compile(r"^text_encoder(_\d+)?\."), "text_encoder"),
 )
 _KIND_PATTERNS = (
-    (re.compile(r"\.attn1\.|\.self_attn\.|\.SelfAttention\."), "self_attention"),
+    (re.compile(r"^transformer\.layers\.\d+\.attention\."), "joint_attention"),  # Z-Image: image and prompt
+    (re.compile(r"\.attn1\.|\.self_attn\.|\.SelfAttention\.|_refiner\.\d+\.attention\."), "self_attention"),
     (re.compile(r"\.attn2\."), "cross_attention"),
     # MMDiT attention runs over text and image tokens together: image queries read the prompt here
     (re.compile(r"^transformer\..*\.attn\."), "joint_attention"),
     (re.compile(r"\.ff\.net\.|\.ff_context\.net\.|\.mlp\.|\.proj_mlp$|\.DenseReluDense\."), "feed_forward"),
+    # Wan ffn.net, Qwen-Image img_mlp/txt_mlp, Z-Image feed_forward.w1-3, Flux.2 ff(_context).linear_in/out
+    (re.compile(r"\.ffn\.net\.|\.(img|txt)_mlp\.|\.feed_forward\.|\.ff(_context)?\.linear_(in|out)$"),
+     "feed_forward"),
 )
-BLOCKS = ("down", "mid", "up", "unet_other", "joint", "single", "transformer_other", "text_encoder")
+BLOCKS = ("down", "mid", "up", "unet_other", "joint", "single", "dit", "transformer_other", "text_encoder")
 MODULE_KINDS = ("self_attention", "cross_attention", "joint_attention", "feed_forward", "other")
 
 

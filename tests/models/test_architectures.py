@@ -49,6 +49,15 @@ def test_sdxl_shapes(sdxl):
     ("transformer.context_embedder", "transformer_other", "other"),
     ("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q", "text_encoder", "self_attention"),
     ("text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_0", "text_encoder", "feed_forward"),
+    ("transformer.blocks.7.attn2.to_k", "dit", "cross_attention"),  # Wan
+    ("transformer.blocks.7.ffn.net.0.proj", "dit", "feed_forward"),
+    ("transformer.transformer_blocks.59.img_mlp.net.2", "joint", "feed_forward"),  # Qwen-Image
+    ("transformer.transformer_blocks.0.img_mod.1", "joint", "other"),
+    ("transformer.layers.3.attention.to_q", "single", "joint_attention"),  # Z-Image
+    ("transformer.noise_refiner.0.attention.to_k", "transformer_other", "self_attention"),
+    ("transformer.layers.3.feed_forward.w3", "single", "feed_forward"),
+    ("transformer.transformer_blocks.2.ff_context.linear_out", "joint", "feed_forward"),  # Flux.2
+    ("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single", "joint_attention"),
 ])
 def test_block_and_kind(name, block, kind):
     assert (block_of(name), module_kind(name)) == (block, kind)
