@@ -20,6 +20,7 @@ every attention and MLP module is covered (the dense reference then times the fi
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -118,11 +119,12 @@ BARE_TORCH = textwrap.dedent("""
     c, s = load_file(sys.argv[1]), load_file(sys.argv[2])
     inner = total = 0.0
     for k in s:
-        if k.endswith(".lora_down.weight"):
-            base = k[: -len(".lora_down.weight")]
-            ws = s[base + ".lora_up.weight"].float() @ s[k].float()
-            wc = c[base + ".lora_up.weight"].float() @ c[k].float()
-            inner += float((wc * ws).sum()); total += float((ws * ws).sum())
+        for down, up in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
+            if k.endswith(down):
+                base = k[: -len(down)]
+                ws = s[base + up].float() @ s[k].float()
+                wc = c[base + up].float() @ c[k].float()
+                inner += float((wc * ws).sum()); total += float((ws * ws).sum())
     print(-inner / total)
 """)
 BARE_NUMPY = BARE_TORCH.replace("import sys, torch", "import sys").replace(
@@ -176,11 +178,12 @@ def main() -> None:
         t0 = time.perf_counter()
         cand, safety = read_adapter(cand_path), read_adapter(safety_path)
         read_s = time.perf_counter() - t0
-        analysis = []
+        analysis, analysis_cpu = [], []
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             findings = static_scan(cand, safety)
             analysis.append(time.perf_counter() - t0)
+            analysis_cpu.append(time.process_time() - c0)
         sample = sorted(safety.modules)[: args.dense_sample] if args.dense_sample else None
         t0 = time.perf_counter()
         dense = dense_reference(cand, safety, sample)
@@ -220,6 +223,9 @@ def main() -> None:
         "files_mb": round(files_mb, 2),
         "read_both_s": round(read_s, 4),
         "analysis_s_median": round(statistics.median(analysis), 4),
+        # CPU seconds of this process (all its threads): what the analysis costs when others share the machine
+        "analysis_cpu_s_median": round(statistics.median(analysis_cpu), 4),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "dense_reference_s": round(dense_s, 3),
         "dense_reference_modules": len(sample) if sample else len(safety.modules),
         "analysis_speedup_vs_dense": round(dense_s / sample_analysis_s, 1),
