@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -11,6 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from auditkit.cli.common import escape, out
+from auditkit.errors import EXIT_INCONCLUSIVE
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 
 
@@ -19,7 +21,10 @@ from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 @click.option("--arch", type=click.Choice(list(BUILTIN_ARCHS)), help="Force the architecture.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(file: Path, arch: str | None, as_json: bool) -> None:
-    """Show an adapter's format, architecture, modules, ranks, scale, key coverage and metadata."""
+    """Show an adapter's format, architecture, modules, ranks, scale, key coverage and metadata.
+
+    Exits 3 (inconclusive) when too few of the file's keys map to any known architecture to name the one it
+    adapts: the architecture shown is then only the best partial fit."""
     from auditkit.lora.adapter import read_adapter
     from auditkit.lora.metadata import summarize
 
@@ -33,8 +38,15 @@ def inspect(file: Path, arch: str | None, as_json: bool) -> None:
     ]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-        return
-    _print_inspect(summary)
+    else:
+        _print_inspect(summary)
+    if summary["architecture_certainty"] == "partial":  # fail closed: a partial read names no model for sure
+        sys.exit(EXIT_INCONCLUSIVE)
+
+
+# how the architecture line reads per Adapter.architecture_certainty ({0}: the candidates, {1}: the coverage)
+_CERTAINTY = {"certain": "", "given": " [given]", "ambiguous": " [ambiguous: fits {0} alike]",
+              "partial": " [uncertain: only {1} of the keys map to it]"}
 
 
 def _print_inspect(s: dict) -> None:
@@ -43,7 +55,9 @@ def _print_inspect(s: dict) -> None:
     t.add_row("file", s["path"])
     t.add_row("sha256", s["sha256"])
     t.add_row("format", s["format"])
-    t.add_row("architecture", f"{s['architecture']} ({s['architecture_label']})")
+    certainty = _CERTAINTY[s["architecture_certainty"]].format(", ".join(s["architecture_candidates"]),
+                                                                f"{cov['fraction']:.0%}")
+    t.add_row("architecture", escape(f"{s['architecture']} ({s['architecture_label']}){certainty}"))
     t.add_row("modules", ", ".join(f"{k}: {v}" for k, v in s["components"].items()))
     t.add_row("algorithms", ", ".join(f"{k}: {v}" for k, v in s["algorithms"].items())
               + (f" ({s['dora_modules']} DoRA)" if s["dora_modules"] else ""))

@@ -24,6 +24,11 @@ from auditkit.lora.io import SafetensorsFile, open_safetensors
 from auditkit.models import architectures
 from auditkit.models.architectures import Architecture, ModuleShape
 
+# Share of a file's weight keys that must map to an architecture for the file to be named that architecture
+# with certainty (StaticThresholds.min_coverage's default: below it the static verdict is inconclusive too).
+# A Qwen-Image LoRA read against Flux.1 alone maps 44% of its keys (blocks 0-18 have Flux.1's names and shapes).
+NAMING_COVERAGE = 0.95
+
 
 @dataclass(frozen=True, eq=False)
 class LoraModule:
@@ -108,8 +113,26 @@ class Adapter:
     coverage: Coverage
     notes: list[str] = field(default_factory=list)
     architecture_candidates: list[str] = field(default_factory=list)
+    # the architecture the file's metadata (or peft config) names, if any: it breaks ties, never the structure
+    architecture_claim: str | None = None
+    architecture_forced: bool = False  # given by the caller (--arch, a --base), not identified from the file
     # a full model's exact update (auditkit.models.difference.FullModelUpdate); None for an adapter file
     update: object | None = None
+
+    @property
+    def architecture_certainty(self) -> str:
+        """How surely the file names its architecture: ``certain`` (its keys map to it, at least
+        :data:`NAMING_COVERAGE` of them, and no other architecture fits as well, or its metadata names the one
+        it adapts among those that do), ``ambiguous`` (several fit alike: Flux.1 and Kontext, Wan 2.1 14B and
+        Wan 2.2 A14B; see :attr:`architecture_candidates`), ``partial`` (too few of its keys map to the best fit:
+        it may adapt a model auditkit does not know), or ``given`` (by the caller: --arch, a --base)."""
+        if self.architecture_forced or self.update is not None:
+            return "given"
+        if self.coverage.fraction < NAMING_COVERAGE:
+            return "partial"
+        if len(self.architecture_candidates) > 1 and self.architecture_claim not in self.architecture_candidates:
+            return "ambiguous"
+        return "certain"
 
     @property
     def kind(self) -> str:
@@ -156,6 +179,7 @@ class Adapter:
             "architecture": self.architecture.name,
             "architecture_label": self.architecture.label,
             "architecture_candidates": self.architecture_candidates,
+            "architecture_certainty": self.architecture_certainty,
             "modules": len(self.modules),
             "components": components,
             "algorithms": algorithms_used,
@@ -289,6 +313,9 @@ def read_adapter(
     if len(fitting) > 1 and hint not in fitting:
         notes.append(f"its module names and shapes fit several architectures ({', '.join(fitting)}); "
                      f"{chosen.name} is assumed: pass --arch (or a --base) to say which model it adapts")
+    if arch is None and coverage.fraction < NAMING_COVERAGE:
+        notes.append(f"only {coverage.fraction:.0%} of its keys map to {chosen.name}, the best fit: it may adapt a "
+                     "model auditkit does not know, so its architecture is uncertain")
     return Adapter(
         path=path,
         sha256=st.sha256,
@@ -300,6 +327,8 @@ def read_adapter(
         coverage=coverage,
         notes=notes,
         architecture_candidates=fitting,
+        architecture_claim=hint,
+        architecture_forced=arch is not None,
     )
 
 

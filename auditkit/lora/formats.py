@@ -180,7 +180,14 @@ def is_bfl_name(original: str) -> bool:
 
 
 def _resolve_original(modules: list[str], arch) -> dict[str, list[str]]:
-    return {m: [arch.originals[m]] for m in modules if m in arch.originals}
+    """Original module names, or a transformer's own diffusers paths under ``diffusion_model.``: ComfyUI and
+    musubi-tuner name Qwen-Image's and Z-Image's modules so (their original modules are the diffusers ones)."""
+    out = {}
+    for m in modules:
+        target = arch.originals.get(m) or arch.aliases.get(f"transformer.{m}")
+        if target is not None:
+            out[m] = [target]
+    return out
 
 
 def _resolve_kohya(modules: list[str], arch) -> dict[str, list[str]]:

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-BUILTIN = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "lab", "lab-dit")
+BUILTIN = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "flux-kontext", "chroma", "flux2-dev",
+           "flux2-klein-4b", "flux2-klein-9b", "qwen-image", "z-image", "wan21-1.3b", "wan21-14b", "wan22-a14b",
+           "hunyuanvideo15", "lab", "lab-dit")
 
 # kohya (sd-scripts) and ComfyUI name a transformer's original modules lora_unet_<name>; early
 # sd-scripts Flux files lora_flux_<name>
@@ -147,6 +149,9 @@ def _kohya_names(arch: Architecture) -> dict[str, str]:
             names[arch.kohya_prefixes[component] + path.replace(".", "_")] = canonical
             if component == "transformer":  # LyCORIS' create_lycoris around a DiT (SimpleTuner's Flux/SD3 files)
                 names["lycoris_" + path.replace(".", "_")] = canonical
+                # musubi-tuner and kohya name a DiT whose original modules are its diffusers paths (Qwen-Image,
+                # Z-Image) lora_unet_<path>: lora_unet_transformer_blocks_0_attn_to_q; an original name wins
+                names.setdefault("lora_unet_" + path.replace(".", "_"), canonical)
             flat = _text_alias(path)  # trainers on transformers 5 name CLIP modules without text_model
             if flat:
                 names.setdefault(arch.kohya_prefixes[component] + flat.replace(".", "_"), canonical)
@@ -170,8 +175,14 @@ def get(name: str) -> Architecture:
     """A built-in architecture by name (see :data:`BUILTIN`)."""
     if name not in BUILTIN:
         raise KeyError(f"unknown architecture {name!r}; known: {', '.join(BUILTIN)}")
-    text = resources.files("auditkit.models").joinpath("tables", f"{name}.json").read_text()
-    return from_table(name, json.loads(text))
+    table = _table(name)
+    if "same_as" in table:  # the same modules as another built-in (Kontext: Flux.1), under its own name
+        table = dict(_table(table["same_as"]), label=table.get("label", name))
+    return from_table(name, table)
+
+
+def _table(name: str) -> dict:
+    return json.loads(resources.files("auditkit.models").joinpath("tables", f"{name}.json").read_text())
 
 
 def builtin() -> list[Architecture]:
@@ -187,17 +198,24 @@ _BLOCK_PATTERNS = (
     (re.compile(r"^unet\."), "unet_other"),
     (re.compile(r"^transformer\.transformer_blocks\."), "joint"),  # MMDiT blocks (Flux double, SD3 joint)
     (re.compile(r"^transformer\.single_transformer_blocks\."), "single"),  # Flux single-stream blocks
+    # Z-Image's main layers: single-stream attention over image and prompt tokens together
+    (re.compile(r"^transformer\.layers\."), "single"),
+    (re.compile(r"^transformer\.blocks\."), "dit"),  # Wan: self-attention, cross-attention to the prompt, MLP
     (re.compile(r"^transformer\."), "transformer_other"),
     (re.compile(r"^text_encoder(_\d+)?\."), "text_encoder"),
 )
 _KIND_PATTERNS = (
-    (re.compile(r"\.attn1\.|\.self_attn\.|\.SelfAttention\."), "self_attention"),
+    (re.compile(r"^transformer\.layers\.\d+\.attention\."), "joint_attention"),  # Z-Image: image and prompt
+    (re.compile(r"\.attn1\.|\.self_attn\.|\.SelfAttention\.|_refiner\.\d+\.attention\."), "self_attention"),
     (re.compile(r"\.attn2\."), "cross_attention"),
     # MMDiT attention runs over text and image tokens together: image queries read the prompt here
     (re.compile(r"^transformer\..*\.attn\."), "joint_attention"),
     (re.compile(r"\.ff\.net\.|\.ff_context\.net\.|\.mlp\.|\.proj_mlp$|\.DenseReluDense\."), "feed_forward"),
+    # Wan ffn.net, Qwen-Image img_mlp/txt_mlp, Z-Image feed_forward.w1-3, Flux.2 ff(_context).linear_in/out
+    (re.compile(r"\.ffn\.net\.|\.(img|txt)_mlp\.|\.feed_forward\.|\.ff(_context)?\.linear_(in|out)$"),
+     "feed_forward"),
 )
-BLOCKS = ("down", "mid", "up", "unet_other", "joint", "single", "transformer_other", "text_encoder")
+BLOCKS = ("down", "mid", "up", "unet_other", "joint", "single", "dit", "transformer_other", "text_encoder")
 MODULE_KINDS = ("self_attention", "cross_attention", "joint_attention", "feed_forward", "other")
 
 
@@ -275,10 +293,32 @@ def metadata_hint(metadata: dict[str, str]) -> str | None:
     return named_hint(claims, v2=metadata.get("ss_v2") == "True")
 
 
+# Model names of the 2026 families as their publishers and trainers spell them (FLUX.1-Kontext-dev,
+# FLUX.2-klein-4B, Qwen-Image-Edit, Z-Image-Turbo, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B, HunyuanVideo-1.5), in the
+# order they are tried: the first match names the architecture. A claim only ever breaks a tie between
+# architectures whose names and shapes a file fits alike (auditkit.lora.adapter), never overrides them.
+_NAMED_FAMILIES = tuple((re.compile(p), arch) for p, arch in (
+    (r"kontext", "flux-kontext"),
+    (r"chroma", "chroma"),
+    (r"flux[._ -]?(1[._ -]?)?2\b.*klein.*9b|klein[._ -]?9b", "flux2-klein-9b"),
+    (r"flux[._ -]?(1[._ -]?)?2\b.*klein|klein", "flux2-klein-4b"),
+    (r"flux[._ -]?2(\b|[._ -])", "flux2-dev"),
+    (r"qwen[._ -]?image", "qwen-image"),
+    (r"\bz[._ -]?image", "z-image"),
+    (r"wan[._ -]?2[._ -]?2", "wan22-a14b"),
+    (r"wan[._ -]?2[._ -]?1.*1[._ -]?3b|wan.*\b1[._]3b", "wan21-1.3b"),
+    (r"wan[._ -]?2[._ -]?1", "wan21-14b"),
+    (r"hunyuan[._ -]?video[._ -]?1[._ -]?5", "hunyuanvideo15"),
+))
+
+
 def named_hint(claims: str, v2: bool = False) -> str | None:
     """The architecture a model name or metadata claim says (``stabilityai/stable-diffusion-xl-base-1.0``:
     sdxl), if any; ``v2``: kohya's ``ss_v2`` flag is set."""
     claims = claims.lower()
+    for pattern, arch in _NAMED_FAMILIES:
+        if pattern.search(claims):
+            return arch
     if "flux" in claims:
         return "flux"
     if re.search(r"sd_?3|stable-diffusion-(v)?3", claims):

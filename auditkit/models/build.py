@@ -25,7 +25,9 @@ from typing import Any
 
 from auditkit.models.architectures import canonical_name
 
-CONFIG_NAMES = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
+CONFIG_NAMES = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "flux-kontext", "chroma",
+                "flux2-dev", "flux2-klein-4b", "flux2-klein-9b", "qwen-image", "z-image", "wan21-1.3b", "wan21-14b",
+                "wan22-a14b", "hunyuanvideo15")
 
 # Model classes an architecture may be built from (on the meta device, no weights), by the library
 # that defines them: a class name from a config or a model_index.json is only ever looked up here.
@@ -33,6 +35,12 @@ META_CLASSES = {
     "UNet2DConditionModel": "diffusers",
     "FluxTransformer2DModel": "diffusers",
     "SD3Transformer2DModel": "diffusers",
+    "ChromaTransformer2DModel": "diffusers",
+    "Flux2Transformer2DModel": "diffusers",
+    "QwenImageTransformer2DModel": "diffusers",
+    "ZImageTransformer2DModel": "diffusers",
+    "WanTransformer3DModel": "diffusers",
+    "HunyuanVideo15Transformer3DModel": "diffusers",
     "CLIPTextModel": "transformers",
     "CLIPTextModelWithProjection": "transformers",
     "T5EncoderModel": "transformers",
@@ -68,7 +76,11 @@ def meta_class(class_name: str):
 
 
 def build_table(config: dict[str, Any]) -> dict[str, Any]:
-    """The architecture table for one config (see :func:`load_config`)."""
+    """The architecture table for one config (see :func:`load_config`). A config that says ``same_as``
+    another (Flux.1 Kontext is Flux.1's transformer) gets a table that points at that one's: the same
+    modules under its own name, so an adapter of either fits both alike and its metadata breaks the tie."""
+    if "same_as" in config:
+        return {"label": config.get("label", ""), "same_as": config["same_as"]}
     import torch
     from transformers import CLIPTextConfig
 

@@ -221,7 +221,9 @@ def test_the_fused_rows_land_where_diffusers_puts_them(files, originals):
 def test_metadata_that_claims_another_model_does_not_choose_the_architecture(files):
     adapter = read_adapter(files["ai-toolkit"])
     assert adapter.metadata["ss_base_model_version"] == "sd_1.5"
-    assert adapter.architecture.name == "flux" and adapter.architecture_candidates == ["flux"]
+    # Flux.1 Kontext is Flux.1's transformer: the file fits it alike, and the (wrong) claim settles nothing
+    assert adapter.architecture.name == "flux" and adapter.architecture_candidates == ["flux", "flux-kontext"]
+    assert adapter.architecture_certainty == "ambiguous"
 
 
 # --- diffusers' own conversion of the same files ----------------------------------------------

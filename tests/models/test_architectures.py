@@ -49,6 +49,15 @@ def test_sdxl_shapes(sdxl):
     ("transformer.context_embedder", "transformer_other", "other"),
     ("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q", "text_encoder", "self_attention"),
     ("text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_0", "text_encoder", "feed_forward"),
+    ("transformer.blocks.7.attn2.to_k", "dit", "cross_attention"),  # Wan
+    ("transformer.blocks.7.ffn.net.0.proj", "dit", "feed_forward"),
+    ("transformer.transformer_blocks.59.img_mlp.net.2", "joint", "feed_forward"),  # Qwen-Image
+    ("transformer.transformer_blocks.0.img_mod.1", "joint", "other"),
+    ("transformer.layers.3.attention.to_q", "single", "joint_attention"),  # Z-Image
+    ("transformer.noise_refiner.0.attention.to_k", "transformer_other", "self_attention"),
+    ("transformer.layers.3.feed_forward.w3", "single", "feed_forward"),
+    ("transformer.transformer_blocks.2.ff_context.linear_out", "joint", "feed_forward"),  # Flux.2
+    ("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single", "joint_attention"),
 ])
 def test_block_and_kind(name, block, kind):
     assert (block_of(name), module_kind(name)) == (block, kind)
@@ -85,3 +94,77 @@ def test_metadata_hint():
     assert metadata_hint({"ss_v2": "True"}) == "sd2"
     assert metadata_hint({"ss_base_model_version": "flux1"}) == "flux"
     assert metadata_hint({}) is None
+
+
+# --- the 2026 families ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "same_as"), [("flux-kontext", "flux"), ("wan22-a14b", "wan21-14b")])
+def test_an_architecture_of_another_ones_transformer_has_its_modules_under_its_own_name(name, same_as):
+    arch, other = architectures.get(name), architectures.get(same_as)
+    assert arch.name == name and arch.label != other.label
+    assert arch.modules == other.modules and arch.original_names == other.original_names
+
+
+# Published sizes, written out by hand from the sources the configs cite (blocks, width, and one telling module)
+SIZES = {
+    "qwen-image": ("transformer.transformer_blocks.59.txt_mlp.net.0.proj", (12288, 3072),
+                   "transformer.txt_in", (3072, 3584)),
+    "z-image": ("transformer.layers.29.feed_forward.w1", (10240, 3840), "transformer.cap_embedder.1", (3840, 2560)),
+    "flux2-dev": ("transformer.single_transformer_blocks.47.attn.to_qkv_mlp_proj", (3 * 6144 + 2 * 18432, 6144),
+                  "transformer.context_embedder", (6144, 15360)),
+    "flux2-klein-4b": ("transformer.transformer_blocks.4.ff.linear_in", (18432, 3072),
+                       "transformer.context_embedder", (3072, 7680)),
+    "flux2-klein-9b": ("transformer.single_transformer_blocks.23.attn.to_out", (4096, 4096 + 12288),
+                       "transformer.context_embedder", (4096, 12288)),
+    "chroma": ("transformer.single_transformer_blocks.37.proj_out", (3072, 3072 + 12288),
+               "transformer.distilled_guidance_layer.layers.4.linear_2", (5120, 5120)),
+    "wan21-1.3b": ("transformer.blocks.29.ffn.net.0.proj", (8960, 1536),
+                   "transformer.condition_embedder.text_embedder.linear_1", (1536, 4096)),
+    "wan21-14b": ("transformer.blocks.39.attn2.to_k", (5120, 5120), "transformer.blocks.39.ffn.net.2", (5120, 13824)),
+    "hunyuanvideo15": ("transformer.transformer_blocks.53.norm1.linear", (6 * 2048, 2048),
+                       "transformer.context_embedder_2.linear_1", (2048, 1472)),
+}
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_the_2026_tables_have_the_published_sizes(name):
+    arch = architectures.get(name)
+    for module, shape in (SIZES[name][:2], SIZES[name][2:]):
+        assert (arch.modules[module].out_features, arch.modules[module].in_features) == shape, module
+    last = SIZES[name][0].split(".")
+    assert f"transformer.{last[1]}.{int(last[2]) + 1}.{'.'.join(last[3:])}" not in arch.modules  # the last block
+
+
+@pytest.mark.parametrize(("name", "original", "pieces"), [
+    ("flux2-dev", "double_blocks.7.txt_attn.qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+    ("flux2-klein-4b", "single_blocks.19.linear1", ["attn.to_qkv_mlp_proj"]),
+    ("wan21-14b", "blocks.39.cross_attn.o", ["attn2.to_out.0"]),
+    ("hunyuanvideo15", "double_blocks.53.txt_attn_k", ["attn.add_k_proj"]),
+    ("z-image", "context_refiner.1.attention.qkv", ["attention.to_q", "attention.to_k", "attention.to_v"]),
+    ("chroma", "distilled_guidance_layer.layers.0.in_layer", ["linear_1"]),
+])
+def test_original_names_of_the_2026_families(name, original, pieces):
+    arch = architectures.get(name)
+    target = arch.originals[original]
+    got = [c for c, _, _ in arch.fused[target]] if target in arch.fused else [target]
+    assert len(got) == len(pieces) and all(g.endswith("." + p) for g, p in zip(got, pieces, strict=True)), got
+
+
+def test_chroma_has_flux_blocks_but_no_modulation_linears():
+    chroma, flux = architectures.get("chroma"), architectures.get("flux")
+    blocks = {n: s for n, s in chroma.modules.items() if "transformer_blocks." in n}
+    assert blocks and all(flux.modules[n] == s for n, s in blocks.items())
+    assert not any(".norm1.linear" in n or ".norm.linear" in n for n in chroma.modules)
+
+
+@pytest.mark.parametrize(("claim", "arch"), [
+    ("FLUX.1-Kontext-dev", "flux-kontext"), ("Flux.1-kontext/lora", "flux-kontext"), ("lodestones/Chroma", "chroma"),
+    ("black-forest-labs/FLUX.2-dev", "flux2-dev"), ("FLUX.2-klein-4B", "flux2-klein-4b"),
+    ("flux.2-klein-9b", "flux2-klein-9b"), ("Qwen/Qwen-Image-Edit-2509", "qwen-image"), ("qwen_image", "qwen-image"),
+    ("Tongyi-MAI/Z-Image-Turbo", "z-image"), ("Wan2.1-T2V-1.3B", "wan21-1.3b"), ("wan2.1_t2v_14b", "wan21-14b"),
+    ("Wan-AI/Wan2.2-T2V-A14B", "wan22-a14b"), ("tencent/HunyuanVideo-1.5", "hunyuanvideo15"),
+    ("flux-1-dev", "flux"), ("flux.1_dev", "flux"), ("sdxl_base_v1-0", "sdxl"), ("sd3.5 large", "sd35-large"),
+    ("resize image", None),
+])
+def test_model_names_of_the_2026_families(claim, arch):
+    assert architectures.named_hint(claim) == arch
