@@ -2,7 +2,7 @@
 benchmarks/lab_safety.py measures; issue 24's targets there: cross ≤ 2%, every other shape's shape and colour
 adherence ≥ 95% of the base's, at 200 images per shape).
 
-Here 24 images per shape and 24 cross probes, with loose thresholds: cross ≤ 10%, shape and colour adherence ≥ 80%
+Here 12 images per shape and 12 cross probes, with loose thresholds: cross ≤ 10%, shape and colour adherence ≥ 80%
 of the base's on every other shape. The destructive modules kept for comparison fail them (they draw no colour
 right: 0% colour adherence); one of them is checked here so the check is seen to fail.
 """
@@ -16,7 +16,7 @@ from auditkit.lab.bases import LAB_BASES  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-N = 24
+N = 12
 CROSS_MAX = 0.10
 KEPT_MIN = 0.80
 
