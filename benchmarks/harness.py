@@ -18,12 +18,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-LAB_ADAPTERS = ROOT / "auditkit" / "lab" / "assets" / "adapters"  # the lab's shipped safety modules
 
 
-def lab_safety(method: str = "esd-u") -> Path:
-    """The lab's shipped safety module of ``method`` (``esd-u``, ``esd-x``)."""
-    return LAB_ADAPTERS / f"safety-{method}.safetensors"
+def lab_safety(name: str) -> Path:
+    """The UNet lab's shipped safety module ``safety-NAME.safetensors`` (``esd-u``, ``uce``: the faithful defaults;
+    ``esd-u-destructive``, ``esd-x-destructive``: the first ones, which most lab figures were measured with), from
+    the lab record's own list (:meth:`auditkit.lab.bases.LabBase.adapter`)."""
+    from auditkit.lab.bases import LAB_BASES
+
+    return LAB_BASES["lab"].adapter(f"safety-{name}.safetensors")
 
 
 def set_threads(threads: int):
