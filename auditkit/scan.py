@@ -38,7 +38,7 @@ from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import check_output_folder
 from auditkit.inputs import read_input, read_pair, with_base_weights  # noqa: F401 - read_pair: public here too
 from auditkit.lora.adapter import Adapter
-from auditkit.models.base import DEFAULT_SUITES, Base
+from auditkit.models.base import DEFAULT_SUITES, Base, reading_architectures
 from auditkit.runlog import locked
 from auditkit.verdict import (
     BEHAVIOURAL,
@@ -268,7 +268,7 @@ def scan(config: ScanConfig, progress: StageProgress | None = None, *, pipeline=
     # validated before any model loads; without a base, configured suites still name the concepts
     # whose words the metadata evidence looks for
     suites = resolve_suites(config) if config.base is not None or config.suites else []
-    base_arch, extra = _base_architecture(config.base, pipeline)  # adapters for a custom base read against it
+    base_arch, extra = reading_architectures(config.base, pipeline)  # adapters for a custom base read against it
     static = None
     if config.safety is not None:
         static = run_static_scan(config.candidate, config.safety, config.static, arch=config.arch,
@@ -347,28 +347,13 @@ def render_shared_for(config: ScanConfig, run_dir: str | Path, pipeline=None, pr
     if not config.dynamic_enabled:
         raise ValueError("shared renders need a base and the dynamic scan")
     suites = resolve_suites(config)
-    base_arch, extra = _base_architecture(config.base, pipeline)
+    base_arch, extra = reading_architectures(config.base, pipeline)
     safety = None
     if config.safety is not None:
         safety = read_input(config.safety, "safety module", config.base, base_arch, config.arch, extra, config.energy)
     pipe, _ = _pipeline(config, pipeline, None)
     return render_shared(pipe, config.base, safety, suites, run_dir, config.steps, config.batch_size,
                          progress=_stage(progress, "shared renders"), min_coverage=config.static.min_coverage)
-
-
-def _base_architecture(base: Base | None, pipeline) -> tuple:
-    """(the base's architecture or None, the extra architectures adapters are read against): the loaded
-    ``pipeline``'s when one is given, else the base's."""
-    from auditkit.models import architectures
-    from auditkit.models.pipeline import architecture_of
-
-    if pipeline is not None:
-        arch = architecture_of(pipeline)
-    elif base is not None:
-        arch = base.architecture
-    else:
-        return None, ()
-    return arch, (() if arch.name in architectures.BUILTIN else (arch,))
 
 
 def default_out(candidate: Path) -> Path:

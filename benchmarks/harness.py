@@ -20,13 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def lab_safety(name: str) -> Path:
-    """The UNet lab's shipped safety module ``safety-NAME.safetensors`` (``esd-u``, ``uce``: the faithful defaults;
-    ``esd-u-destructive``, ``esd-x-destructive``: the first ones, which most lab figures were measured with), from
-    the lab record's own list (:meth:`auditkit.lab.bases.LabBase.adapter`)."""
+def lab_safety(name: str, base: str = "lab") -> Path:
+    """A lab base's shipped safety module by method name (``esd-u``, ``uce``: the faithful defaults;
+    ``esd-u-destructive``, ``esd-x-destructive``: the UNet lab's first ones, which most lab figures were measured
+    with), from the lab record's own list (:attr:`auditkit.lab.bases.LabBase.safety`, ``.destructive``)."""
     from auditkit.lab.bases import LAB_BASES
 
-    return LAB_BASES["lab"].adapter(f"safety-{name}.safetensors")
+    rec = LAB_BASES[base]
+    files = [f for f in (*rec.safety, *rec.destructive) if f.endswith(f"safety-{name}.safetensors")]
+    if len(files) != 1:
+        shipped = ", ".join(rec.safety + rec.destructive)
+        raise SystemExit(f"{base} ships no safety module named {name!r} (it ships {shipped})")
+    return rec.adapter(files[0])
 
 
 def set_threads(threads: int):

@@ -6,7 +6,7 @@ the safety adapter at reduced multipliers (how fragile is the suppression?), the
 restricted to the modules it shares with the safety adapter or to the modules only it changes,
 the candidate at other multipliers, and the modular candidate at 1.5x.
 
-With ``--base lab-dit`` it reads the adapters of ``benchmarks/jailbreak_dit.py`` (``--work DIR/seedN``) on
+With ``--base lab-dit`` it reads the adapters of ``benchmarks/jailbreak.py`` (``--work DIR/seedN``) on
 the DiT lab, and also measures the benign domain's fidelity with the modular LoRA alone and with the safety
 module (is the modular LoRA itself good, and what does the safety module do to it?).
 

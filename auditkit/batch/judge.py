@@ -15,9 +15,13 @@ Run only on the local engine: a Ray driver may have no accelerator for the base 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from auditkit.batch.inputs import Entry
 from auditkit.config import ScanConfig
+
+if TYPE_CHECKING:
+    from auditkit.runner import Progress
 
 
 def judgeable(entry: Entry, row: dict, scan: ScanConfig) -> bool:
@@ -30,17 +34,18 @@ def judge_one(pipe, scan: ScanConfig) -> float | None:
     """The judge's ``value`` for ``scan``'s candidate against its safety module on its first concept suite (None
     when it cannot be measured or the file cannot be read: the scan says why)."""
     from auditkit.analysis.base_judge import base_judge
-    from auditkit.scan import _base_architecture, read_pair, resolve_suites
+    from auditkit.models.base import reading_architectures
+    from auditkit.scan import read_pair, resolve_suites
 
     suite = next(s for s in resolve_suites(scan) if s.role == "concept")
-    base_arch, extra = _base_architecture(scan.base, pipe)
+    base_arch, extra = reading_architectures(scan.base, pipe)
     candidate, safety = read_pair(scan.candidate, scan.safety, scan.arch, extra, scan.base, base_arch, scan.energy,
                                   scan.candidate_from)
     return base_judge(pipe, suite, candidate, safety).value
 
 
 def judge_rows(pairs: list[tuple[Entry, dict]], scan_for: Callable[[Entry], ScanConfig],
-               progress: Callable[[int, int], None] | None = None, load: Callable | None = None) -> None:
+               progress: Progress | None = None, load: Callable | None = None) -> None:
     """Set ``row["base_judge"]`` for every pair the judge applies to (the others are left as they are).
 
     Args:

@@ -15,9 +15,9 @@ import functools
 import hashlib
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from auditkit.batch.children import process_pool
 from auditkit.batch.inputs import Entry
@@ -25,6 +25,9 @@ from auditkit.batch.threads import children_threads
 from auditkit.config import StaticThresholds
 from auditkit.errors import AuditkitError, BadInput
 from auditkit.fsutil import read_bounded
+
+if TYPE_CHECKING:
+    from auditkit.runner import Progress
 
 CHUNK = 2**20
 
@@ -174,7 +177,7 @@ def _star(args):
 
 
 def triage(entries: list[Entry], settings: TriageSettings, workers: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> list[dict]:
+           progress: Progress | None = None) -> list[dict]:
     """Triage every entry (in ``workers`` processes; 1: in this process); results in the entries' order."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(entries)))
     out: list[dict] = []

@@ -61,6 +61,10 @@ LAB_BASES: dict[str, LabBase] = {b.name: b for b in (
             safety=("dit-safety-esd-u.safetensors", "dit-safety-uce.safetensors")),
 )}
 
+# the sampling settings of both lab models' adherence figures (their cards) and of the lab suites
+SAMPLING_STEPS = 25
+SAMPLING_GUIDANCE = 5.0
+
 DEFAULT_BASE = "lab"  # the commands' --base when none is given (train, repair's data-driven methods)
 BASE_HELP = f"{' or '.join(repr(n) for n in LAB_BASES)} (the shipped lab models) or a local diffusers folder"
 

@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from auditkit.lab.bases import SAMPLING_GUIDANCE, SAMPLING_STEPS
 from auditkit.lab.model import IMAGE_SIZE, TEXT_WIDTH, text_config
 from auditkit.lab.tokenizer import MAX_LENGTH
 
@@ -55,9 +56,6 @@ T5_CONFIG: dict[str, Any] = {
 # Flow matching as FluxPipeline uses it; no shift (shift 1, no dynamic shifting): 16 image tokens.
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
 
-# Sampling settings the adherence figures were measured with (see lab_dit_card.json), the lab suites' own
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 5.0
 
 
 def build_components(vae, seed: int = 0, tokenizer_dir: str | Path | None = None,
@@ -126,7 +124,8 @@ def load_lab_dit_pipeline(device: str = "cpu", dtype=None, path: str | Path | No
     return pipe.to(device)
 
 
-def render_kwargs(pipe, n: int, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict[str, Any]:
+def render_kwargs(pipe, n: int, steps: int = SAMPLING_STEPS,
+                  guidance: float = SAMPLING_GUIDANCE) -> dict[str, Any]:
     """Keyword arguments of a ``FluxPipeline`` call rendering ``n`` DiT lab images as its card measures them:
     a guidance-distilled transformer takes ``guidance`` as its input (``guidance_scale``, as FluxPipeline and
     auditkit sample Flux.1-dev); one without a guidance input is guided classifier-free

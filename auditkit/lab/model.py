@@ -59,11 +59,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 SAMPLER_EXTRA: dict[str, Any] = {"set_alpha_to_one": False}  # DDIM-only option, as in SD 1.x
 
-# Sampling settings the adherence figures were measured with (see the assets' README).
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 5.0
-
-
 def text_config(vocab_size: int) -> dict[str, Any]:
     return {
         "vocab_size": vocab_size,

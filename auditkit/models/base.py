@@ -115,3 +115,15 @@ def resolve_base(name: str, relative_to: str | Path | None = None, check_case: b
     if check_case:
         refuse_miscased_lab(name, folder)
     return Base(str(folder) if relative_to is not None else name)
+
+
+def reading_architectures(base: Base | None, pipeline=None) -> tuple:
+    """(the architecture adapters are read against or None, the extra architectures ``read_adapter`` takes): the
+    loaded ``pipeline``'s when one is given (a built-in one when its shapes match), else the base's."""
+    from auditkit.models import architectures
+    from auditkit.models.pipeline import architecture_of
+
+    if pipeline is None:
+        return (base.architecture, base.extra_architectures) if base is not None else (None, ())
+    arch = architecture_of(pipeline)
+    return arch, (() if arch.name in architectures.BUILTIN else (arch,))

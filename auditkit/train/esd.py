@@ -29,7 +29,7 @@ the denoiser is held).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +41,7 @@ from auditkit.models.conditioning import Conditioning
 from auditkit.models.conditioning import encode as encode_conditioning
 from auditkit.models.denoising import denoiser_for
 from auditkit.models.difference import TensorDeltas
-from auditkit.train.loop import optimise
+from auditkit.train.loop import StepProgress, optimise
 from auditkit.train.lora import (
     add_lora,
     check_finite_parameters,
@@ -55,8 +55,6 @@ from auditkit.train.lora import (
     optimizer_for,
     remove_lora,
 )
-
-Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def encode(pipe, prompts: Sequence[str]):
 
 
 def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig(),
-              progress: Progress | None = None, anchor_prompts: Sequence[str] = ()) -> dict[str, LoraModule]:
+              progress: StepProgress | None = None, anchor_prompts: Sequence[str] = ()) -> dict[str, LoraModule]:
     """Train an ESD Safety LoRA on the pipeline's denoiser (its family's conditioning, call and sampler:
     :mod:`auditkit.models.conditioning`, :mod:`auditkit.models.denoising`); returns it as canonical modules.
 
@@ -122,7 +120,7 @@ def train_esd(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig()
 
 
 def train_esd_full(pipe, concept_prompts: Sequence[str], cfg: ESDConfig = ESDConfig(),
-                   progress: Progress | None = None, anchor_prompts: Sequence[str] = ()) -> TensorDeltas:
+                   progress: StepProgress | None = None, anchor_prompts: Sequence[str] = ()) -> TensorDeltas:
     """ESD by full fine-tuning of the ``cfg.method`` layers' weights (``rank``/``alpha`` unused): the erased
     model's exact update, canonical tensor name (``<component>.<module>.weight``) -> ΔW in the tensor's shape
     (:class:`~auditkit.models.difference.TensorDeltas`, float32). The denoiser is left as it was.
@@ -211,7 +209,7 @@ def _weights_swapped(weights: list, original: list):
 
 
 def _optimise(pipe, den, concept_prompts: Sequence[str], cfg: ESDConfig, params: list, frozen,
-              progress: Progress | None, anchors: Sequence[str] = ()) -> None:
+              progress: StepProgress | None, anchors: Sequence[str] = ()) -> None:
     """The ESD loop (see the module docstring) over ``params``; ``frozen()`` is a context in which the
     denoiser computes ε*, the original model's predictions. With ``anchors``, each step also samples a batch
     of anchor prompts in the same trajectory pass and adds the preservation term."""

@@ -159,12 +159,12 @@ def test_a_few_dit_lab_images_follow_their_prompts(pipe):
     """Adherence smoke check with the shipped detector: one image per shape, each coloured as asked."""
     from auditkit.lab import world
     from auditkit.lab.adherence import generate
+    from auditkit.lab.bases import SAMPLING_GUIDANCE, SAMPLING_STEPS
     from auditkit.lab.detector import LabConceptDetector
-    from auditkit.lab.dit import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     colours = list(world.COLOURS)
     prompts = [f"a {colours[i % len(colours)]} {s}" for i, s in enumerate(world.SHAPES)]
-    images = generate(pipe, prompts, list(range(len(prompts))), DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    images = generate(pipe, prompts, list(range(len(prompts))), SAMPLING_STEPS, SAMPLING_GUIDANCE)
     found = LabConceptDetector().predict(images)
     shapes_ok = sum(f["shape"] == s for f, s in zip(found, world.SHAPES, strict=True))
     colours_ok = sum(f["colour"] == colours[i % len(colours)] for i, f in enumerate(found))

@@ -1,4 +1,4 @@
-"""benchmarks/jailbreak_dit.py at CI size: every step of the DiT experiment runs on the shipped DiT lab (two
+"""benchmarks/jailbreak.py at CI size: every step of the DiT experiment runs on the shipped DiT lab (two
 safety placements, three fine-tuning variants, probes, statistics, static cancellation, the scanner with its
 data-free signals, the module-subset ablation) and the results JSON carries what BENCHMARKS.md quotes."""
 
@@ -17,7 +17,7 @@ from auditkit.lab.bases import LAB_BASES  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not LAB_BASES["lab-dit"].available(), reason="DiT lab model not installed")]
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "jailbreak_dit.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "jailbreak.py"
 
 
 def test_the_dit_experiment_runs_every_cell_at_ci_size(tmp_path):
