@@ -48,7 +48,7 @@ browser:
 # Tests run single-threaded (tests/conftest.py), so one worker per core; a module stays on one worker (its
 # fixtures are made once). TEST_WORKERS=1 runs them in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST := $(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: install browser
 	$(PYTEST)

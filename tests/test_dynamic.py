@@ -34,18 +34,6 @@ def scaled_inverse(tmp_path, factor):
     return save_adapter(mods, tmp_path / f"inverse-{factor}.safetensors", s.architecture)
 
 
-def small_unrelated(tmp_path):
-    """A weak LoRA on cross-attention query projections, which the ESD-u safety adapter does not touch."""
-    from conftest import random_modules, select
-
-    from auditkit.lora.write import save_adapter
-    from auditkit.models import architectures
-
-    lab = architectures.get("lab")
-    mods = random_modules(lab, select(lab, ".attn2.to_q"), rank=2, std=0.02)
-    return save_adapter(mods, tmp_path / "weak.safetensors", lab)
-
-
 @pytest.fixture(scope="module")
 def risky_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dyn")
@@ -92,11 +80,23 @@ def test_report_re_renders_without_a_model(risky_run, tmp_path):
     assert auditkit("report", tmp_path / "nothing").returncode == 2
 
 
-def test_a_candidate_that_keeps_the_safety_passes(tmp_path):
-    res = auditkit("scan", small_unrelated(tmp_path), "--safety", SAFETY, "--base", "lab", "--steps", "8",
-                   "--multipliers", "1", "--out", tmp_path / "run")
+def test_a_candidate_that_keeps_the_safety_passes_unless_the_reversion_bar_is_lower(tmp_path):
+    # undoing 10% of the destructive ESD-u update lets no cross through (the ablation: 25% lets 10% through), and
+    # its noise reversion (measured 0.09) lies under the default pass bar (0.25): a pass
+    cand = scaled_inverse(tmp_path, 0.1)
+    args = ("scan", cand, "--safety", SAFETY, "--base", "lab", "--steps", "8", "--multipliers", "1",
+            "--out", tmp_path / "run")
+    res = auditkit(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["dynamic"]["verdict"] == "pass"
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["dynamic"]["verdict"] == "pass" and 0.02 < report["concept_check"]["noise_reversion"]["reverted"]
+    # the same run folder with --pass-reversion under that figure: nothing re-rendered, the pass withheld
+    res = auditkit(*args, "--pass-reversion", "0.02")
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["verdict"] == "inconclusive" and report["dynamic"]["thresholds"]["pass_reversion"] == 0.02
+    assert any("noise reversion >= 0.02" in r for r in report["reasons"])
+    assert auditkit(*args, "--pass-reversion", "1.5").returncode == 2  # outside [0, 1]: a one-line error
 
 
 @needs_chromium
