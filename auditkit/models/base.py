@@ -27,8 +27,8 @@ from pathlib import Path
 
 from auditkit.errors import BadInput
 from auditkit.lab.bases import BASE_HELP, LabBase, lab_base, refuse_miscased_lab
-from auditkit.models.families import Family, family_of_folder
-from auditkit.models.pipeline import architecture_of_folder, check_pipeline_folder, load_pipeline
+from auditkit.models.families import Family, family_of_index
+from auditkit.models.pipeline import architecture_of_folder, check_pipeline_folder, load_pipeline, require_model_index
 
 DEFAULT_SUITES = ("nudity", "benign")  # the probe suites on a base that is not a lab model
 
@@ -54,14 +54,19 @@ class Base:
         """The pipeline folder; BadInput saying how to build a lab model that is not installed."""
         return self.lab.require() if self.lab is not None else Path(self.name)
 
+    @cached_property
+    def index(self) -> dict:
+        """The folder's ``model_index.json``, read once (BadInput when there is none or it is malformed)."""
+        return require_model_index(self.folder)
+
     def check(self) -> Family:
         """The family, after checking the folder is a pipeline folder with ``.safetensors`` weights only
         (BadInput naming the problem otherwise); loads nothing."""
-        return check_pipeline_folder(self.folder)
+        return check_pipeline_folder(self.folder, self.index)
 
     @cached_property
     def family(self) -> Family:
-        return family_of_folder(self.folder)
+        return family_of_index(self.index, self.folder)
 
     @cached_property
     def architecture(self):
@@ -71,7 +76,7 @@ class Base:
         if self.lab is not None:
             return architectures.get(self.lab.architecture)
         self.check()
-        return architecture_of_folder(self.folder)
+        return architecture_of_folder(self.folder, index=self.index)
 
     @property
     def extra_architectures(self) -> tuple:
@@ -95,7 +100,7 @@ class Base:
 
     def load(self, device: str = "cpu", dtype=None):
         """The diffusers pipeline of this base on ``device`` (see :func:`auditkit.models.pipeline.load_pipeline`)."""
-        return load_pipeline(self.folder, device=device, dtype=dtype)
+        return load_pipeline(self.folder, device=device, dtype=dtype, index=self.index)
 
 
 def resolve_base(name: str, relative_to: str | Path | None = None, check_case: bool = False) -> Base:

@@ -107,7 +107,11 @@ def read_model_index(folder: str | Path) -> dict:
 
 def family_of_folder(folder: str | Path) -> Family:
     """The family of a ``save_pretrained`` pipeline folder, from its ``model_index.json``."""
-    index = read_model_index(folder)
+    return family_of_index(read_model_index(folder), folder)
+
+
+def family_of_index(index: dict, folder: str | Path) -> Family:
+    """The family a pipeline folder's ``model_index.json`` (``index``, already read) names."""
     return family_of_class(index.get("_class_name"), Path(folder) / "model_index.json")
 
 

@@ -15,7 +15,7 @@ from auditkit.fsutil import read_json
 from auditkit.lab.bases import BASE_HELP
 from auditkit.lora.io import PICKLE_SUFFIXES
 from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
-from auditkit.models.families import Family, family_of_folder, family_of_pipeline, read_model_index
+from auditkit.models.families import Family, family_of_index, family_of_pipeline, read_model_index
 
 CONFIG_LIMIT = 1 << 20  # a component's config.json is a few KiB
 
@@ -30,15 +30,16 @@ def quiet_libraries() -> None:
         log.disable_progress_bar()
 
 
-def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None):
+def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None, index: dict | None = None):
     """The pipeline saved in ``folder`` (a folder of a known family: SD 1/2, SDXL, Flux.1, SD3), after
-    :func:`check_pipeline_folder`; a base is loaded with :meth:`auditkit.models.base.Base.load`."""
+    :func:`check_pipeline_folder` (``index``: its ``model_index.json`` when already read); a base is loaded with
+    :meth:`auditkit.models.base.Base.load`."""
     import torch
 
     quiet_libraries()
     dtype = dtype or torch.float32
     path = Path(folder)
-    family = check_pipeline_folder(path)
+    family = check_pipeline_folder(path, index)
     import diffusers
 
     pipeline_class = getattr(diffusers, family.pipeline_class)
@@ -52,24 +53,31 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None):
     return pipe.to(device)
 
 
-def check_pipeline_folder(path: Path) -> Family:
-    """The family of pipeline folder ``path``, after checking that every component with weights has
-    ``.safetensors`` ones (BadInput naming the pickle files otherwise); loads nothing."""
+def require_model_index(path: Path) -> dict:
+    """``model_index.json`` of the pipeline folder a base names; BadInput saying what a base can be when it has
+    none."""
     if not (path / "model_index.json").is_file():
         raise BadInput(path, f"not a diffusers pipeline folder (no model_index.json); use {BASE_HELP}")
+    return read_model_index(path)
+
+
+def check_pipeline_folder(path: Path, index: dict | None = None) -> Family:
+    """The family of pipeline folder ``path`` (``index``: its ``model_index.json`` when already read), after
+    checking that every component with weights has ``.safetensors`` ones (BadInput naming the pickle files
+    otherwise); loads nothing."""
+    index = require_model_index(path) if index is None else index
     if not list(path.glob("*/*.safetensors")):
         pickles = _pickles(path, "*/*")
         found = f" (it holds {', '.join(pickles[:3])}: pickle files, which auditkit never loads)" if pickles else ""
         raise BadInput(path, f"no .safetensors weights in the pipeline folder{found}; save it with "
                              "save_pretrained(..., safe_serialization=True)")
-    index = read_model_index(path)
     for component in sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)):
         folder = path / component
         pickles = _pickles(path, f"{component}/*")
         if folder.is_dir() and pickles and not list(folder.glob("*.safetensors")):
             raise BadInput(path, f"component '{component}' has only pickle weights ({', '.join(pickles[:2])}), which "
                                  "auditkit never loads; save it with save_pretrained(..., safe_serialization=True)")
-    return family_of_folder(path)
+    return family_of_index(index, path)
 
 
 def _pickles(path: Path, pattern: str) -> list[str]:
@@ -90,9 +98,10 @@ def _prefixes(family: Family) -> dict | None:
     return dict(family.kohya_prefixes) or None
 
 
-def architecture_of_folder(folder: str | Path, name: str = "custom"):
+def architecture_of_folder(folder: str | Path, name: str = "custom", index: dict | None = None):
     """The auditkit architecture of a pipeline folder, built from its components' configs on the meta
-    device (no weights read): what adapters for that base are checked against before it loads."""
+    device (no weights read): what adapters for that base are checked against before it loads (``index``: its
+    ``model_index.json`` when already read)."""
     import diffusers
     import torch
     import transformers
@@ -100,8 +109,8 @@ def architecture_of_folder(folder: str | Path, name: str = "custom"):
     from auditkit.models.build import architecture_from_models
 
     folder = Path(folder)
-    family = family_of_folder(folder)
-    index = read_model_index(folder)
+    index = read_model_index(folder) if index is None else index
+    family = family_of_index(index, folder)
     models = {}
     libraries = {"diffusers": diffusers, "transformers": transformers}
     for component in family.lora_components:

@@ -43,12 +43,18 @@ def test_a_folder_base_reads_nothing_until_asked(tmp_path):
 
 @needs_lab
 @pytest.mark.slow  # builds the architecture on the meta device (imports torch, diffusers)
-def test_a_folder_base_has_its_family_and_the_architecture_its_shapes_match(tmp_path):
+def test_a_folder_base_has_its_family_and_the_architecture_its_shapes_match(tmp_path, monkeypatch):
+    from auditkit.models import pipeline
+
+    reads = []
+    monkeypatch.setattr(pipeline, "read_model_index", lambda f, read=pipeline.read_model_index: reads.append(f)
+                        or read(f))
     folder = tmp_path / "my-base"
     folder.symlink_to(LAB_BASES["lab"].path())
     base = resolve_base(str(folder))
     assert base.family.name == "sd" and base.check().name == "sd"
     assert base.architecture is architectures.get("lab") and base.extra_architectures == ()
+    assert reads == [folder]  # model_index.json read once, however often the base is asked
 
 
 def test_the_configuration_resolves_the_base_once_and_records_its_name(tmp_path):
