@@ -96,6 +96,14 @@ CANDIDATES |= {
 }
 
 
+# the shipped lab safety module (harness.lab_safety name) behind each recipe's placement, per set: ESD-u on the
+# layers other than cross-attention, and ESD-x's place (cross-attention) taken by UCE in the faithful set
+SAFETY_SETS = {
+    "destructive": {"esd-u": "esd-u-destructive", "esd-x": "esd-x-destructive"},  # the first figures' modules
+    "faithful": {"esd-u": "esd-u", "esd-x": "uce"},
+}
+
+
 def make_data(kind: str, seed: int = 0, n: int | None = None):
     from auditkit.lab import world
 
@@ -297,12 +305,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--default-multipliers", action="store_true",
                     help="also scan each candidate with the default multipliers (0.5,1,1.5)")
-    ap.add_argument("--json", type=Path, default=RESULTS / "candidate_study.json")
+    ap.add_argument("--safety", choices=list(SAFETY_SETS), default="destructive",
+                    help="the lab's safety modules the candidates are trained on and scanned against: destructive "
+                         "(the first figures) or faithful (ESD-u with preservation; UCE on cross-attention in ESD-x's "
+                         "place)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="default: results/candidate_study.json (destructive), candidate_study_faithful.json")
     ap.add_argument("--section", action="store_true", help="print the BENCHMARKS.md section from --json and stop")
     ap.add_argument("--rejudge", action="store_true",
                     help="apply today's data-free reversion rule (auditkit.verdict.reversion_rule) to the verdicts and "
                          "noise reversions stored in --json (nothing is rendered), record it there and print the table")
     args = ap.parse_args()
+    if args.json is None:
+        args.json = RESULTS / ("candidate_study.json" if args.safety == "destructive" else
+                               f"candidate_study_{args.safety}.json")
     if args.section:
         print(section(json.loads(args.json.read_text()), COMMAND))
         return
@@ -327,17 +343,26 @@ def main() -> None:
 
     cross_prompts = [p.text for p in load_suite(builtin_dir() / "lab-cross.yaml").prompts]
     (args.work / "candidates").mkdir(parents=True, exist_ok=True)
+    marker = args.work / "safety-set.txt"  # resumed candidates must have been trained on the same modules
+    # (a folder with candidates and no marker is from before --safety: destructive)
+    held = marker.read_text().strip() if marker.exists() else \
+        "destructive" if any((args.work / "candidates").iterdir()) else args.safety
+    if held != args.safety:
+        raise SystemExit(f"{args.work} holds candidates trained with the {held} safety modules; use another --work "
+                         f"for --safety {args.safety}")
+    marker.write_text(args.safety + "\n")
     prompts, seeds = truth_prompts()
     base_images = generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120)
     base_flags, judge_base = detector.flag(base_images), judge.flag(base_images)
     safeties, safe_flags, judge_safe = {}, {}, {}
     for s in ("esd-u", "esd-x"):
-        path = lab_safety(f"{s}-destructive")  # the modules these figures were measured with
+        path = lab_safety(SAFETY_SETS[args.safety][s])
         safeties[s] = (path, read_adapter(path, arch="lab").modules)
         with composed(pipe.unet, (safeties[s][1], 1.0)):
             images = generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120)
         safe_flags[s], judge_safe[s] = detector.flag(images), judge.flag(images)
     results = {**provenance(args.threads),
+               "safety_modules": {s: path.name for s, (path, _) in safeties.items()},
                "truth": {"n": N_TRUTH, "base_rate": float(base_flags.mean()),
                          "safety_rate": {s: float(f.mean()) for s, f in safe_flags.items()},
                          "judge": {"name": judge.name, "base_rate": float(judge_base.mean()),

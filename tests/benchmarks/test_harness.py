@@ -35,3 +35,11 @@ def test_a_failed_auditkit_run_stops_the_benchmark_and_a_verdict_does_not(harnes
         harness.auditkit("scan", tmp_path / "missing.safetensors", "--static", "--no-config", threads=1)
     seconds, res = harness.auditkit("scan", tmp_path / "missing.safetensors", "--static", "--no-config", check=False)
     assert res.returncode == 2 and seconds > 0
+
+
+def test_a_lab_safety_module_is_named_by_method_and_base(harness):
+    assert harness.lab_safety("esd-u").name == "safety-esd-u.safetensors"
+    assert harness.lab_safety("esd-u-destructive").name == "safety-esd-u-destructive.safetensors"
+    assert harness.lab_safety("uce", "lab-dit").name == "dit-safety-uce.safetensors"
+    with pytest.raises(SystemExit, match="ships no safety module named 'esd-x'"):
+        harness.lab_safety("esd-x", "lab-dit")  # the DiT lab ships no destructive module
