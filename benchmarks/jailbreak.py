@@ -73,6 +73,7 @@ def scanner(base: str, path: Path, safety_path: Path, out: Path, pipe, suites: t
     pipeline: verdict, evidence, static cancellation, data-free signals and the dynamic ratio (``search``: with the
     trigger search, as by default)."""
     from auditkit import ScanConfig, scan
+    from auditkit.discovery.search import probes as probes_of
 
     t0 = time.perf_counter()
     res = scan(ScanConfig(candidate=path, safety=safety_path, base=base, multipliers=(1.0,), suites=suites,
@@ -81,13 +82,42 @@ def scanner(base: str, path: Path, safety_path: Path, out: Path, pipe, suites: t
     concept = next(name for name, s in r["dynamic"]["suites"].items() if s.get("comparisons"))
     comp = r["dynamic"]["suites"][concept]["comparisons"][0]
     check = r.get("concept_check") or {}
+    found = []  # the trigger search's probed phrases and the dynamic comparison of each probe variant
+    for suite, ts in (r.get("trigger_search") or {}).items():
+        for k, (phrase, placement) in enumerate(probes_of(ts), 1):
+            comps = (r["dynamic"]["suites"].get(f"{suite}+found{k}") or {}).get("comparisons") or [{}]
+            found.append({"phrase": phrase, "placement": placement, "ratio": comps[0].get("reemergence_ratio"),
+                          "ci95": comps[0].get("reemergence_ci95"), "verdict": comps[0].get("verdict")})
     return {"verdict": res.verdict.verdict, "exit_code": res.exit_code, "evidence": r["evidence"]["level"],
             "static_cancellation": r["static"]["cancellation"],
             "energy_in_safety_subspace": r["static"]["energy_in_safety_subspace"],
             "kv_reversion": check.get("reverted"),
             "noise_reversion": (check.get("noise_reversion") or {}).get("reverted"),
             "dynamic_ratio": comp["reemergence_ratio"], "dynamic_ci95": comp["reemergence_ci95"],
-            "dynamic_verdict": r["dynamic"]["verdict"], "seconds": time.perf_counter() - t0}
+            "dynamic_verdict": r["dynamic"]["verdict"], "found": found, "seconds": time.perf_counter() - t0}
+
+
+def variant_truth(pipe, detector, probes, safety, candidate, found: list[dict], batch: int) -> list[dict]:
+    """The truth on the scanner's found phrases: the experiment's concept probes (its seeds, disjoint from the
+    scan suites') with each probed phrase put in at its placement, rendered with the base, base + safety and base +
+    safety + candidate (the file the scanner scanned), scored like the plain probes."""
+    from auditkit.models.attach import composed
+    from auditkit.models.denoising import denoiser_for
+    from auditkit.placement import place
+
+    den = denoiser_for(pipe)
+    prompts, seeds = probes["concept"]
+    out = []
+    for f in found:
+        varied = [place(p, f["phrase"], f["placement"], "cross") for p in prompts]
+        flags = {}
+        for label, adapters in (("base", ()), ("safe", ((safety, 1.0),)), ("cand", ((safety, 1.0), (candidate, 1.0)))):
+            with composed(den.model, *adapters, component=den.component):
+                flags[label] = probe(pipe, detector, varied, seeds, batch)[1]
+        out.append({"phrase": f["phrase"], "placement": f["placement"], "example": varied[0],
+                    "base_rate": float(flags["base"].mean()), "safety_rate": float(flags["safe"].mean()),
+                    **cell_stats(flags["cand"], flags["base"], flags["safe"])})
+    return out
 
 
 def where(pipe, den, detector, safety, cand, prompts, batch, base: str) -> dict:
@@ -191,6 +221,9 @@ def run_seed(pipe, detector, seed: int, args, probes, base_flags, suites) -> dic
                 cell["scan"] = scanner(args.base, path, safety_path,
                                        work / "scans" / f"{method}-{label.replace(' ', '-')}", pipe, suites,
                                        search=not args.no_trigger_search)
+                cell["variant_truth"] = variant_truth(pipe, detector, probes, safety,
+                                                      read_adapter(path, arch=args.base).modules,
+                                                      cell["scan"]["found"], args.batch)
             res["cells"][label] = cell
             if label == "on-top LoRA" and seed == args.seed_list[0]:
                 k = args.ablation_n
@@ -199,6 +232,31 @@ def run_seed(pipe, detector, seed: int, args, probes, base_flags, suites) -> dic
             print(f"[seed {seed}] {method} {label}: rate {cell['rate']:.3f}", flush=True)
         out["methods"][method] = res
     return out
+
+
+def complete(pipe, detector, seed: int, args, probes, seed_res: dict, suites) -> None:
+    """A recorded seed's missing scans (unless ``--no-scan``) and truths on their found phrases, from the adapters
+    its run saved in ``--work`` (a scan whose run folder is there resumes without rendering again)."""
+    from auditkit.lora.adapter import read_adapter
+
+    work = args.work / f"seed{seed}"
+    for method, res in seed_res["methods"].items():
+        safety_path = (lab_safety(method, args.base) if args.safety == "shipped"
+                       else work / f"{method}-safety.safetensors")
+        safety = read_adapter(safety_path, arch=args.base).modules
+        for label, cell in res["cells"].items():
+            if label == "base+safety":
+                continue
+            name = f"{method}-{label.replace(' ', '-')}"
+            path = work / f"{name}.safetensors"
+            if not args.no_scan and "found" not in cell.get("scan", {}):
+                cell["scan"] = scanner(args.base, path, safety_path, work / "scans" / name, pipe, suites,
+                                       search=not args.no_trigger_search)
+            if "scan" in cell and "variant_truth" not in cell:
+                cell["variant_truth"] = variant_truth(pipe, detector, probes, safety,
+                                                      read_adapter(path, arch=args.base).modules,
+                                                      cell["scan"]["found"], args.batch)
+            print(f"[seed {seed}] {method} {label}: completed", flush=True)
 
 
 def summary(results) -> dict:
@@ -263,6 +321,25 @@ def where_table(results) -> str:
     return "\n".join(lines)
 
 
+def found_table(results) -> str:
+    """The scanner's found phrases against the truth on them: the plain probes with the phrase put in."""
+    lines = ["| seed | safety | configuration | scan verdict | found phrase (placement) | scan ratio on it (95% CI) "
+             "| truth on 240 probes: base / safety / candidate | true ratio (95% CI) |", "|" + "---|" * 8]
+    for seed, sr in results["seeds"].items():
+        for method, res in sr["methods"].items():
+            for label, c in res["cells"].items():
+                scan = c.get("scan") or {}
+                for f, t in zip(scan.get("found", []), c.get("variant_truth", []), strict=False):
+                    lo, hi = f["ci95"] or (None, None)
+                    lines.append(
+                        f"| {seed} | {method} | {label} | {scan['verdict']} | '{f['phrase']}' ({f['placement']}) "
+                        f"| {_num(f['ratio'])} ({_num(lo)}–{_num(hi)}) "
+                        f"| {t['base_rate']:.1%} / {t['safety_rate']:.1%} / {t['rate']:.1%} "
+                        f"| {_num(t.get('reemergence_ratio'))} ({_num(t['reemergence_ci95'][0])}–"
+                        f"{_num(t['reemergence_ci95'][1])}) |")
+    return "\n".join(lines)
+
+
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -300,6 +377,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="scan without the trigger search (the CI size does: the search has its own tests)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/jailbreak-dit"), help="adapters and scan reports")
     ap.add_argument("--ci", action="store_true", help="toy sizes: every step in minutes (tests)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the seeds --json already holds, adding what they lack (scans, truths on found "
+                         "phrases) from the adapters in --work; run the others")
     ap.add_argument("--json", type=Path, default=None,
                     help="default: benchmarks/results/jailbreak_dit.json (lab-dit, esd: the first figures), "
                          "else jailbreak_BASE_SAFETY.json")
@@ -321,7 +401,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.tables:
         results = json.loads(args.json.read_text())
-        print(table(results) + "\n\n" + where_table(results))
+        print(table(results) + "\n\n" + where_table(results) + "\n\n" + found_table(results))
         return
     torch = set_threads(args.threads)
     from auditkit.lab import world
@@ -351,17 +431,27 @@ def main(argv=None) -> None:
     dom_base = probe(pipe, detector, *probes["domain"], args.batch)[0]
     base = cell_stats(base_flags, None, None) | {"fidelity": fidelity(detector, dom_base, domain_shapes, style),
                                                  "probe_s": base_probe_s}
-    results = {**provenance(), "torch": torch.__version__, "threads": args.threads,
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-               | {"probe_steps": PROBE_STEPS, "probe_guidance": PROBE_GUIDANCE},
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} \
+        | {"probe_steps": PROBE_STEPS, "probe_guidance": PROBE_GUIDANCE}
+    results = {**provenance(), "torch": torch.__version__, "threads": args.threads, "settings": settings,
                "detector": detector.profile(), "seeds": {}}
+    if args.resume and args.json.exists():
+        results = json.loads(args.json.read_text())
+        if (results["settings"]["base"], results["settings"]["safety"]) != (args.base, args.safety):
+            raise SystemExit(f"{args.json} holds another experiment ({results['settings']['base']}, "
+                             f"{results['settings']['safety']})")
+        results.setdefault("resumed", []).append({**provenance(), "settings": settings})
     for seed in args.seed_list:
         t0 = time.perf_counter()
-        results["seeds"][str(seed)] = {"base": base, **run_seed(pipe, detector, seed, args, probes, base_flags, suites),
-                                       "seconds": time.perf_counter() - t0}
+        if str(seed) in results["seeds"]:  # --resume: what the seed lacks, from its adapters on disk
+            complete(pipe, detector, seed, args, probes, results["seeds"][str(seed)], suites)
+        else:
+            results["seeds"][str(seed)] = {"base": base, "no_scan": args.no_scan,
+                                           **run_seed(pipe, detector, seed, args, probes, base_flags, suites),
+                                           "seconds": time.perf_counter() - t0}
         results["summary"] = summary(results)
         _write(results, args.json)
-    print(table(results) + "\n\n" + where_table(results))
+    print(table(results) + "\n\n" + where_table(results) + "\n\n" + found_table(results))
 
 
 if __name__ == "__main__":
