@@ -261,8 +261,7 @@ def prediction_change(pipe, modules: dict) -> float:
     import torch
 
     from auditkit.models.attach import composed
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     cond = encode(pipe, CONCEPT_PROMPTS)
@@ -424,8 +423,7 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
     import torch
 
     from auditkit.analysis.concept import concept_mask
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     cond = encode(pipe, prompts)

@@ -57,7 +57,7 @@ def test_load_pipeline_detects_flux_from_model_index(folder, pipe):
                                    "text_encoder_2": "lora_te3_"}
     built = architecture_of_folder(folder)  # from the configs on the meta device, before any weight loads
     assert built.modules == arch.modules and built.original_names == arch.original_names
-    from auditkit.models.rendering import render_options
+    from auditkit.models.pipeline import render_options
 
     # the VAE's sample_size, not Flux's 1024; the T5 length its tokenizer declares (16), not 512
     assert render_options(pipe) == {"height": 32, "width": 32, "max_sequence_length": 16}
@@ -258,7 +258,7 @@ def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, 
 # --- training (align, finetune, repair) and the data-free checks ----------------------------------
 
 def test_flux_conditioning_is_the_pipelines_own(pipe):
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     cond = encode(pipe, ["a red cross", "a blue cross"])
     with torch.no_grad():  # at the T5 length renders use: the tokenizer's 16 here (512 for Flux.1's)
@@ -283,8 +283,7 @@ def flux_reference(pipe, x, t, prompts, guidance=3.5):
 
 
 def test_the_denoiser_call_is_the_pipelines(pipe):
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     assert den.latent_shape() == (4, 16, 16) and den.image_size() == 32 and den.prediction == "velocity"

@@ -236,7 +236,7 @@ def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, 
 # --- training (align, finetune, repair) and the data-free checks ----------------------------------
 
 def test_sd3_conditioning_is_the_pipelines_own(pipe):
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     cond = encode(pipe, ["a red cross", "a blue cross"])
     with torch.no_grad():
@@ -257,8 +257,7 @@ def sd3_reference(pipe, x, t, prompts):
 
 
 def test_the_denoiser_call_is_the_pipelines(pipe):
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     assert den.latent_shape() == (4, 16, 16) and den.image_size() == 32 and den.prediction == "velocity"

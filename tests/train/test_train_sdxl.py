@@ -12,8 +12,7 @@ from tiny_pipelines import tiny_sdxl_pipeline  # noqa: E402
 
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 from auditkit.lora.write import save_adapter  # noqa: E402
-from auditkit.models.conditioning import encode  # noqa: E402
-from auditkit.models.pipeline import architecture_of, load_pipeline  # noqa: E402
+from auditkit.models.pipeline import architecture_of, encode, load_pipeline  # noqa: E402
 from auditkit.train.esd import ESDConfig, train_esd  # noqa: E402
 from auditkit.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
