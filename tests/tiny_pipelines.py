@@ -223,7 +223,7 @@ def tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
 
 
 # --- shared end-to-end checks of training and the data-free checks, for any family ---------------
-# The family modules (tests/models/test_{sdxl,flux,sd3}_end_to_end.py) call these with their own pipeline.
+# The family contract (tests/models/test_family_contract.py) calls these with each family's pipeline.
 
 CONCEPT_PROMPTS = ["a red cross", "a blue cross"]
 

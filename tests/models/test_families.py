@@ -12,7 +12,6 @@ import pytest
 from auditkit.errors import BadInput
 from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline
 
-
 PIPELINE_FAMILIES = [f for f in FAMILIES.values() if f.pipeline_class]
 
 
