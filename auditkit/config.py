@@ -128,7 +128,8 @@ class ScanConfig:
     device: str | None = field(default=None, metadata=_help("torch device (default: cuda if available, else cpu)"))
     static_only: bool = field(default=False, metadata=_help(
         "static weight-space scan and data-free checks only: no images (cannot give a pass)"))
-    arch: str | None = field(default=None, metadata=_help("force the adapters' architecture (sd15, sd2, sdxl, lab)"))
+    arch: str | None = field(default=None, metadata=_help(
+        "force the adapters' architecture: a built-in one (" + ", ".join(BUILTIN_ARCHS) + ")"))
     energy: float = field(default=0.99, metadata=_help(
         "full models (erased checkpoints, full fine-tunes): share of each module's difference energy the static "
         "scan keeps in its truncated SVD (1 = exact dense SVD); the dynamic scan always runs the model itself"))

@@ -159,7 +159,7 @@ def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Se
 def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict) -> tuple[np.ndarray, list[dict]]:
     import torch
 
-    from auditkit.models.rendering import render_options
+    from auditkit.models.pipeline import render_options
 
     gens = [torch.Generator().manual_seed(j.seed) for j in batch]
     out = pipe([j.prompt for j in batch], num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance,

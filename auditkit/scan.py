@@ -142,7 +142,7 @@ def concept_check(pipe, base: Base, suite, candidate: Adapter, safety: Adapter) 
     from auditkit.analysis.base_judge import base_judge
     from auditkit.analysis.concept import concept_reversion
     from auditkit.analysis.reversion import noise_reversion
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     prompts = [p.text for p in suite.prompts]
     kv = denoiser_for(pipe).record.text_kv

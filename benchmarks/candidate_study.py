@@ -150,7 +150,7 @@ def train_text_encoder(pipe, images, captions, cfg, safety_modules) -> dict:
 
     from auditkit.models.attach import composed
     from auditkit.models.conditioning import Conditioning
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.train.finetune import noisy_batch
     from auditkit.train.lora import extract_lora, lora_parameters, optimizer_for
 

@@ -155,7 +155,7 @@ def run_seed(pipe, detector, seed: int, args, probes, base_flags, suites) -> dic
     from auditkit.lora.write import save_adapter
     from auditkit.models import architectures
     from auditkit.models.attach import composed
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.train.esd import ESDConfig, train_esd
     from auditkit.train.finetune import FinetuneConfig, finetune
 

@@ -39,7 +39,7 @@ def main() -> None:
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
     from auditkit.models.attach import composed
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.stats import wilson
 
     pipe = lab_pipeline(args.base)

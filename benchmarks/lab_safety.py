@@ -82,7 +82,7 @@ def main() -> None:
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
     from auditkit.models.attach import composed
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     lab = LAB_BASES[args.base]
     files = args.modules.split(",") if args.modules else [str(lab.adapter(f)) for f in lab.safety + lab.destructive]

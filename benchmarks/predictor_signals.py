@@ -65,7 +65,7 @@ def reversions(pipe, prompts, candidate, safety, steps: int, guidance: float, se
     import torch
 
     from auditkit.models.attach import composed, encoded_by_each
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     den = denoiser_for(pipe)
     model, comp = den.model, den.component
@@ -173,7 +173,7 @@ class Probe:
                  noise_seed: int = 0):
         import torch
 
-        from auditkit.models.denoising import denoiser_for
+        from auditkit.models.pipeline import denoiser_for
 
         self.den = denoiser_for(pipe)
         self.rows = [p for p in prompts for _ in range(seeds)]
@@ -186,7 +186,8 @@ class Probe:
 
     def encode(self) -> None:
         """The conditionings, through the pipeline's text encoders as they are now (see :meth:`encoded_with`)."""
-        from auditkit.models.conditioning import Conditioning, encode
+        from auditkit.models.conditioning import Conditioning
+        from auditkit.models.pipeline import encode
 
         pipe = self.den.pipe
         self.concept, self.neutral = encode(pipe, self.rows), encode(pipe, self.rows_n)

@@ -33,7 +33,7 @@ def sums(pipe, suite, prompts, neutral, safety, candidate, phrase: str, steps: i
     from auditkit.analysis.reversion import safe_trajectory
     from auditkit.discovery.pull import PULL_SEED
     from auditkit.models.attach import composed, encoded_by_each
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.placement import START, place
 
     den = denoiser_for(pipe)

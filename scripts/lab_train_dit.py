@@ -25,13 +25,13 @@ def train_dit(work: Path, seed: int, steps: int, batch: int = 48, lr: float = 5e
               dropout: float = 0.1, ckpt_every: int = 250, preview_every: int = 1000,
               on_preview: Callable[[int], None] | None = None) -> Path:
     """Train the Flux transformer and both text encoders jointly from scratch on cached latents with the
-    Flux family's own flow-matching objective (:data:`auditkit.models.denoising.FLUX`: x_t = (1-s) x0 + s e,
+    Flux family's own flow-matching objective (:data:`auditkit.models.family.flux.DENOISING`: x_t = (1-s) x0 + s e,
     velocity target e - x0, uniform timesteps), 10% caption dropout, EMA 0.999."""
     import torch
 
     from auditkit.lab import dit
     from auditkit.models.conditioning import Conditioning
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     mean, std, ids = cached_latents(work)
     vae = dit_vae(work)
@@ -68,7 +68,8 @@ def train_dit_guidance(work: Path, seed: int, steps: int, batch: int = 32, lr: f
     from diffusers import FluxTransformer2DModel
 
     from auditkit.models.conditioning import Conditioning
-    from auditkit.models.denoising import call_flux, denoiser_for
+    from auditkit.models.family.flux import call as call_flux
+    from auditkit.models.pipeline import denoiser_for
 
     teacher_pipe, _ = dit_pipeline_from_work(work, guidance=False)
     teacher, te, te2 = teacher_pipe.transformer, teacher_pipe.text_encoder, teacher_pipe.text_encoder_2

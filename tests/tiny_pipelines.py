@@ -223,7 +223,7 @@ def tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
 
 
 # --- shared end-to-end checks of training and the data-free checks, for any family ---------------
-# The family modules (tests/models/test_{sdxl,flux,sd3}_end_to_end.py) call these with their own pipeline.
+# The family contract (tests/models/test_family_contract.py) calls these with each family's pipeline.
 
 CONCEPT_PROMPTS = ["a red cross", "a blue cross"]
 
@@ -261,8 +261,7 @@ def prediction_change(pipe, modules: dict) -> float:
     import torch
 
     from auditkit.models.attach import composed
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     cond = encode(pipe, CONCEPT_PROMPTS)
@@ -424,8 +423,7 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
     import torch
 
     from auditkit.analysis.concept import concept_mask
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     cond = encode(pipe, prompts)

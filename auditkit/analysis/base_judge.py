@@ -148,8 +148,7 @@ def judge_updates(pipe, prompts: list[str], neutral: list[str], candidate, safet
     import torch
 
     from auditkit.models.attach import composed, encoded_by_each
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     started = time.perf_counter()
     den = denoiser_for(pipe)

@@ -159,8 +159,7 @@ def concept_reversion(pipe, prompts: list[str], concept_word: str, candidate: di
     import torch
 
     from auditkit.models.attach import encoder_parts
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     sums = KVSums(candidate, safety, den.record.text_kv)

@@ -69,7 +69,7 @@ def noise_reversion(pipe, prompts: list[str], candidate: dict[str, LoraModule], 
     import torch
 
     from auditkit.models.attach import composed, encoded_by_each
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     den = denoiser_for(pipe)
     model, component = den.model, den.component

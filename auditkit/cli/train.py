@@ -94,7 +94,7 @@ def align(base, concepts, prompts_file, method, anchor_files, preserve, rank, al
     pipe, _, _ = load_base(base, device, full_precision=full)
     bar, update = progress_bar(f"align {method}{' (full)' if full else ''}")
     if full:
-        from auditkit.models.denoising import denoiser_for
+        from auditkit.models.pipeline import denoiser_for
 
         with bar:
             deltas = chosen.full(pipe, prompts, anchors, settings, update)
@@ -173,9 +173,8 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     from auditkit.inputs import read_input
     from auditkit.lora.metadata import kohya_training_metadata
     from auditkit.lora.write import save_adapter
-    from auditkit.models.denoising import denoiser_for
     from auditkit.models.families import family_of_pipeline
-    from auditkit.models.pipeline import architecture_of
+    from auditkit.models.pipeline import architecture_of, denoiser_for
     from auditkit.train.data import check_folder, load_folder
     from auditkit.train.finetune import FinetuneConfig
     from auditkit.train.finetune import finetune as run_finetune

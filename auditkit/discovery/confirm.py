@@ -31,8 +31,7 @@ def rendered_rates(pipe, suite, phrases: list[tuple[str, str]], prompts: list, c
 
     from auditkit import detectors as registry
     from auditkit.models.attach import composed, encoders_composed
-    from auditkit.models.denoising import denoiser_for
-    from auditkit.models.rendering import render_options
+    from auditkit.models.pipeline import denoiser_for, render_options
     from auditkit.placement import place
 
     den = denoiser_for(pipe)

@@ -46,8 +46,7 @@ def pull_sums(pipe, phrases: list[tuple[str, str]], prompts: list[str], neutral:
 
     from auditkit.analysis.reversion import safe_trajectory
     from auditkit.models.attach import composed, encoded_by_each, encoders_composed
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
     from auditkit.placement import place
 
     den = denoiser_for(pipe)

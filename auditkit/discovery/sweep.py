@@ -90,7 +90,7 @@ class KVReader:
         import torch
 
         from auditkit.models.attach import encoder_parts, weight_of
-        from auditkit.models.denoising import denoiser_for
+        from auditkit.models.pipeline import denoiser_for
 
         self.pipe, self.candidate, self.safety = pipe, candidate, safety
         self.den = den = denoiser_for(pipe)
@@ -132,7 +132,7 @@ class KVReader:
 
         from auditkit.discovery.tokens import pinned
         from auditkit.models.attach import encoders_composed
-        from auditkit.models.conditioning import encode
+        from auditkit.models.pipeline import encode
 
         den = self.den
         ctx = pinned(self.pipe, swept, pinned_ids) if pinned_ids else contextlib.nullcontext()

@@ -4,7 +4,7 @@ The token sweep reads every token of a vocabulary, also the pieces of words that
 ("tri" of "trisk"), so it cannot go through text. :func:`pinned` swaps each tokenizer of a pipeline for a
 :class:`PinnedTokens` that reads some placeholder prompts as fixed token ids (special tokens added the
 tokenizer's own way) and everything else as the tokenizer would, so the family's own encoding
-(:func:`auditkit.models.conditioning.encode`: ``encode_prompt``, penultimate layers, pooled outputs) runs
+(:func:`auditkit.models.pipeline.encode`: ``encode_prompt``, penultimate layers, pooled outputs) runs
 unchanged. Tokenizers of another vocabulary (T5 beside CLIP) read the token's text instead.
 
 ``short``: pinned prompts are padded to the longest in the batch, not to the pipeline's length; exact for
@@ -78,7 +78,7 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 def sequence_tokenizers(pipe) -> list[str]:
     """The pipeline's tokenizer attributes whose tokens the denoiser reads as a sequence, one per vocabulary
     (SD/SDXL: ``tokenizer``; SD3: CLIP's and T5's; Flux: T5's)."""
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     cond = encode(pipe, [""])
     seen, out = [], []

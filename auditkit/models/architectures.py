@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-BUILTIN = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "flux-kontext", "chroma", "flux2-dev",
-           "flux2-klein-4b", "flux2-klein-9b", "qwen-image", "z-image", "wan21-1.3b", "wan21-14b", "wan22-a14b",
-           "hunyuanvideo15", "lab", "lab-dit")
+from auditkit.models.families import family_tables
+
+# The built-in architectures: every family's tables (auditkit.models.family), then the shipped lab models'
+BUILTIN = (*family_tables(), "lab", "lab-dit")
 
 # kohya (sd-scripts) and ComfyUI name a transformer's original modules lora_unet_<name>; early
 # sd-scripts Flux files lora_flux_<name>

@@ -116,7 +116,7 @@ def encoded_by_each(pipe, prompts: list[str], safety, candidate, denoiser: str) 
     """The conditioning of ``prompts`` as the base, the safe model and the safe model with the candidate each
     read them: through their own text encoders (the updates' text-encoder parts merged). Without such parts,
     the one base encoding three times."""
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     base = encode(pipe, prompts)
     if not encoder_parts(pipe, safety, candidate, denoiser=denoiser):

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from auditkit.models.architectures import canonical_name
+from auditkit.models.families import family_tables
 
-CONFIG_NAMES = ("sd15", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "flux-kontext", "chroma",
-                "flux2-dev", "flux2-klein-4b", "flux2-klein-9b", "qwen-image", "z-image", "wan21-1.3b", "wan21-14b",
-                "wan22-a14b", "hunyuanvideo15")
+# every family's architecture tables (auditkit.models.family): configs/<name>.json -> tables/<name>.json
+CONFIG_NAMES = family_tables()
 
 # Model classes an architecture may be built from (on the meta device, no weights), by the library
 # that defines them: a class name from a config or a model_index.json is only ever looked up here.

@@ -1,9 +1,11 @@
 """How each family's denoiser is called, trained and sampled, for the code that drives it directly:
 ``align`` (ESD), ``finetune``, repair's retraining and the data-free checks.
 
-A family names one :class:`Denoising` record (``Family.denoising``, ``"module:attr"``); the training
-loops and the checks only call a :class:`Denoiser` (the record bound to a loaded pipeline), never
-switch on the family. A record combines:
+The shared machinery of every family: the diffusion processes, the UNet call and its record (:data:`UNET`,
+SD 1/2 and SDXL), the MMDiT target tables, guidance and the text-state capture. A family module
+(:mod:`auditkit.models.family`) picks and parametrises them into its :class:`Denoising` record
+(``Family.denoising``); the training loops and the checks only call a :class:`Denoiser` (the record bound to a
+loaded pipeline by :func:`auditkit.models.pipeline.denoiser_for`), never switch on the family. A record combines:
 
 * the **diffusion process** the denoiser was trained with (:class:`EpsilonProcess`,
   :class:`FlowMatchingProcess`): how x_t is drawn from x0 for training, the training target, and the
@@ -18,11 +20,11 @@ switch on the family. A record combines:
     draw it (``train_dreambooth_lora_sd3.py``: logit-normal, the SD3 paper's choice;
     ``…_flux.py``: uniform), with the plain velocity loss (no σ² preconditioning);
 
-* the **call**: what the denoiser takes besides the conditioning (:mod:`auditkit.models.conditioning`):
-  a UNet ``(x, t)``; the SD3 transformer ``hidden_states`` and a batch of timesteps on the 0–1000
-  scale; the Flux transformer its latents packed into 2×2 patches (``FluxPipeline._pack_latents``),
-  their position ids (``_prepare_latent_image_ids``) and zero text ids, the timestep / 1000 and, for
-  guidance-distilled checkpoints (``guidance_embeds``: Flux.1-dev), the guidance as an input;
+* the **call** (the family module's): what the denoiser takes besides the conditioning
+  (:mod:`auditkit.models.conditioning`): a UNet ``(x, t)``; the SD3 transformer ``hidden_states`` and a batch
+  of timesteps on the 0–1000 scale; the Flux transformer its latents packed into 2×2 patches
+  (``FluxPipeline._pack_latents``), their position ids (``_prepare_latent_image_ids``) and zero text ids, the
+  timestep / 1000 and, for guidance-distilled checkpoints (``guidance_embeds``: Flux.1-dev), the guidance as an input;
 * **guidance** in sampling: classifier-free (two passes) or the embedded guidance of distilled models;
 * the **target presets** (which modules ``esd-x``, ``esd-u``, … train) and the text key/value
   projections the data-free concept check reads (UNet cross-attention ``attn2.to_k/to_v``; MMDiT joint
@@ -41,7 +43,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,7 +198,7 @@ class FlowMatchingProcess:
 
 # --- denoiser calls: (model, x, t, cond, guidance) -> prediction shaped like x ---------------------
 
-def _timesteps(t, x):
+def batch_timesteps(t, x):
     """A batch of timesteps for ``x`` from a scalar or a batch."""
     import torch
 
@@ -207,27 +208,6 @@ def _timesteps(t, x):
 
 def call_unet(model, x, t, cond, guidance=None):
     return model(x, t, **cond.kwargs()).sample
-
-
-def call_sd3(model, x, t, cond, guidance=None):
-    """The SD3 transformer: a batch of timesteps on the 0–1000 scale (kept in float32, as the pipeline)."""
-    return model(hidden_states=x, timestep=_timesteps(t, x), **cond.kwargs()).sample
-
-
-def call_flux(model, x, t, cond, guidance=None):
-    """Flux.1 on latents x (batch × c × h × w): packed into 2×2 patches, with position ids, timestep / 1000
-    and (guidance-distilled checkpoints) the guidance as an input; the prediction is unpacked again."""
-    import torch
-    from diffusers import FluxPipeline
-
-    b, c, h, w = x.shape
-    packed = FluxPipeline._pack_latents(x, b, c, h, w)
-    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
-    txt_ids = torch.zeros(cond.hidden.shape[1], 3, device=x.device, dtype=x.dtype)
-    g = torch.full((b,), float(guidance), device=x.device) if model.config.guidance_embeds else None
-    out = model(hidden_states=packed, timestep=_timesteps(t, x).to(x.dtype) / 1000, guidance=g, img_ids=img_ids,
-                txt_ids=txt_ids, **cond.kwargs()).sample
-    return FluxPipeline._unpack_latents(out, h, w, 1)  # h, w are latent sizes: a VAE factor of 1
 
 
 def classifier_free(den: Denoiser, x, t, cond, neg, scale: float):
@@ -252,15 +232,6 @@ def embedded_guidance(den: Denoiser, x, t, cond, neg, scale: float):
 def configured_size(pipe, model) -> tuple[int, int]:
     """(channels, size) of the latents from the denoiser's own config (UNet, SD3 transformer)."""
     return model.config.in_channels, model.config.sample_size
-
-
-def flux_size(pipe, model) -> tuple[int, int]:
-    """Flux: the transformer reads 2×2 patches of the VAE's channels; the image is the VAE's
-    ``sample_size`` (what auditkit renders Flux at, :mod:`auditkit.models.rendering`)."""
-    from auditkit.models.rendering import vae_sized
-
-    pixels = vae_sized(pipe).get("height") or 128 * pipe.vae_scale_factor  # FluxPipeline's default otherwise
-    return model.config.in_channels // 4, pixels // pipe.vae_scale_factor
 
 
 # --- inputs of the text key/value projections, for the data-free concept check --------------------
@@ -318,14 +289,7 @@ UNET = Denoising(EpsilonProcess, call_unet, classifier_free, configured_size, UN
 # an MMDiT's text tokens enter through context_embedder, its pooled prompt through the text embedder's first layer
 MMDIT_TEXT_READERS = {r"context_embedder$": "hidden",
                       r"time_text_embed\.text_embedder\.linear_1$": "pooled_projections"}
-SD3 = Denoising(lambda config: FlowMatchingProcess(config, logit_normal_density, scheduler_schedule), call_sd3,
-                classifier_free, configured_size, MMDIT_TARGETS, (".attn.add_k_proj", ".attn.add_v_proj"),
-                captured_states, patch=2, label="transformer", text_readers=MMDIT_TEXT_READERS)
-# diffusers' Flux DreamBooth script trains guidance-distilled checkpoints at guidance 3.5 (its default, and
-# FluxPipeline's)
-FLUX = Denoising(lambda config: FlowMatchingProcess(config, uniform_density, linear_sigma_schedule), call_flux,
-                 embedded_guidance, flux_size, MMDIT_TARGETS, (".attn.add_k_proj", ".attn.add_v_proj"),
-                 captured_states, patch=2, guidance=3.5, label="transformer", text_readers=MMDIT_TEXT_READERS)
+MMDIT_TEXT_KV = (".attn.add_k_proj", ".attn.add_v_proj")  # the text tokens' keys and values the image attends to
 
 
 @dataclass
@@ -407,15 +371,3 @@ class Denoiser:
         """The names (canonical, ``component.path``) among ``names`` of the text key/value projections."""
         prefix = f"{self.component}."
         return sorted(n for n in names if n.startswith(prefix) and n.endswith(self.record.text_kv))
-
-
-def denoiser_for(pipe) -> Denoiser:
-    """The denoiser of ``pipe``'s family, bound to it."""
-    from auditkit.models.families import family_of_pipeline
-
-    family = family_of_pipeline(pipe)
-    module, _, attr = family.denoising.partition(":")
-    record: Denoising = getattr(importlib.import_module(module), attr)
-    model = getattr(pipe, family.denoiser)
-    return Denoiser(pipe, model, family.denoiser, record, record.process(pipe.scheduler.config))
-

@@ -8,6 +8,7 @@ only ``.safetensors`` weights are loaded (a pickle ``.bin`` is never unpickled).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from auditkit.errors import BadInput
@@ -15,6 +16,8 @@ from auditkit.fsutil import read_json
 from auditkit.lab.bases import BASE_HELP
 from auditkit.lora.io import PICKLE_SUFFIXES
 from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
+from auditkit.models.conditioning import Conditioning
+from auditkit.models.denoising import Denoiser
 from auditkit.models.families import Family, family_of_index, family_of_pipeline, read_model_index
 
 CONFIG_LIMIT = 1 << 20  # a component's config.json is a few KiB
@@ -163,5 +166,30 @@ def lora_components(pipe) -> dict:
 
 def denoiser_of(pipe):
     """The denoising model of a pipeline (its UNet for SD 1/2 and SDXL, its transformer for SD3 and Flux);
-    :func:`auditkit.models.denoising.denoiser_for` binds how to call, train and sample it."""
+    :func:`denoiser_for` binds how to call, train and sample it."""
     return getattr(pipe, family_of_pipeline(pipe).denoiser)
+
+
+# --- what a loaded pipeline's family does its own way (auditkit.models.family) -------------------------
+
+def denoiser_for(pipe) -> Denoiser:
+    """The denoiser of ``pipe``, bound to its family's :class:`~auditkit.models.denoising.Denoising` record."""
+    family = family_of_pipeline(pipe)
+    record, model = family.denoising, getattr(pipe, family.denoiser)
+    return Denoiser(pipe, model, family.denoiser, record, record.process(pipe.scheduler.config))
+
+
+def encode(pipe, prompts: Sequence[str]) -> Conditioning:
+    """The conditioning of ``prompts`` for ``pipe``'s family (no gradient; the text encoders stay frozen):
+    the family's own prompt encoding (:mod:`auditkit.models.conditioning`)."""
+    return family_of_pipeline(pipe).conditioning(pipe, list(prompts))
+
+
+def render_options(pipe) -> dict:
+    """The family's extra render arguments for ``pipe`` ({} for families that need none, and for a
+    pipeline of no known family: a test double renders with its own defaults)."""
+    try:
+        hook = family_of_pipeline(pipe).render_options
+    except BadInput:
+        return {}
+    return hook(pipe) if hook else {}

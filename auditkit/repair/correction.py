@@ -67,8 +67,8 @@ def train_correction(pipe, images_u8: np.ndarray, captions: list[str], candidate
 
     from auditkit.lora.write import check_trained
     from auditkit.models.attach import composed, encoders_composed
-    from auditkit.models.conditioning import encode as encode_conditioning
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
+    from auditkit.models.pipeline import encode as encode_conditioning
     from auditkit.train import checkpoint as ckpt
     from auditkit.train.finetune import check_pairs, loss_to_disabled, noisy_batch
     from auditkit.train.loop import optimise

@@ -33,7 +33,7 @@ class RepairMethod:
 
 def _training_setup(req, pipe, candidate):
     """The denoiser, the candidate's training shape, its data and the checkpoint path of a trained repair."""
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.repair.retrain import settings_from
     from auditkit.train.data import load_folder
 

@@ -133,7 +133,7 @@ def anchor_cost(pipe, modules, anchors: AlignAnchors, detector, batch: int = 64)
 
     from auditkit.lab.adherence import prompt_adherence
     from auditkit.models.attach import composed
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.runner import plan
 
     jobs = plan(list(anchors.suites))

@@ -38,9 +38,9 @@ from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
 from auditkit.models.conditioning import Conditioning
-from auditkit.models.conditioning import encode as encode_conditioning
-from auditkit.models.denoising import denoiser_for
 from auditkit.models.difference import TensorDeltas
+from auditkit.models.pipeline import denoiser_for
+from auditkit.models.pipeline import encode as encode_conditioning
 from auditkit.train.loop import StepProgress, optimise
 from auditkit.train.lora import (
     add_lora,
@@ -89,7 +89,7 @@ class ESDConfig:
 def encode(pipe, prompts: Sequence[str]):
     """Text embeddings of ``prompts`` (no gradient; the text encoder stays frozen): the denoiser's
     ``encoder_hidden_states``. Families with added conditioning (SDXL, SD3, Flux) need
-    :func:`auditkit.models.conditioning.encode`, which this returns the hidden states of."""
+    :func:`auditkit.models.pipeline.encode`, which this returns the hidden states of."""
     return encode_conditioning(pipe, prompts).hidden
 
 

@@ -25,8 +25,8 @@ from auditkit.errors import BadInput
 from auditkit.lora.adapter import LoraModule
 from auditkit.lora.write import check_trained
 from auditkit.models.attach import composed
-from auditkit.models.conditioning import encode as encode_conditioning
-from auditkit.models.denoising import denoiser_for
+from auditkit.models.pipeline import denoiser_for
+from auditkit.models.pipeline import encode as encode_conditioning
 from auditkit.train.loop import StepProgress, optimise
 from auditkit.train.lora import (
     add_lora,

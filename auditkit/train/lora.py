@@ -85,7 +85,7 @@ def target_modules(model, preset_or_regex: str, presets: dict[str, str] = TARGET
 
 
 def denoiser_targets(den, preset_or_regex: str) -> list[str]:
-    """:func:`target_modules` of a bound denoiser (:func:`auditkit.models.denoising.denoiser_for`), with its
+    """:func:`target_modules` of a bound denoiser (:func:`auditkit.models.pipeline.denoiser_for`), with its
     own preset table."""
     return target_modules(den.model, preset_or_regex, den.record.targets, den.label)
 

@@ -102,8 +102,7 @@ def train_uce(pipe, concept_prompts: Sequence[str], guide_prompts: Sequence[str]
     that is also a concept prompt."""
     import re
 
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
     from auditkit.train.esd import ESDConfig, check_anchor_prompts
     from auditkit.train.lora import lora_from_delta
 

@@ -77,8 +77,7 @@ def lab_pipe():
 
 
 def test_batched_judging_matches_one_sample_at_a_time(lab_pipe):
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(lab_pipe)
     g = torch.Generator().manual_seed(3)

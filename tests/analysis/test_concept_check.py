@@ -179,7 +179,7 @@ def test_the_concept_check_reads_the_prompts_through_each_models_text_encoders()
     from auditkit.lab.model import lab_pipeline_available, load_lab_pipeline
     from auditkit.lora.adapter import read_adapter
     from auditkit.models.attach import composed, encoders_composed
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     if not lab_pipeline_available():
         pytest.skip("lab model not installed")

@@ -69,7 +69,7 @@ def lora(arch, names, seed, scale=1.0) -> dict:
 
 
 def kv_modules(pipe, arch) -> list[str]:
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     return denoiser_for(pipe).text_kv_modules(arch.modules)
 
@@ -131,7 +131,7 @@ def kv_inputs(pipe, cond, names: list[str]) -> dict:
     """What each text key/value projection reads: a UNet's the prompt states; an MMDiT's its input captured at the
     first step of the base's trajectory from the sweep's noise."""
     from auditkit.discovery.sweep import SWEEP_SEED
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     den = denoiser_for(pipe)
     if den.label == "UNet":
@@ -273,8 +273,7 @@ def test_pinned_t5_prompts_stay_short_with_no_start_token():
 def test_an_mmdits_prompts_go_through_the_denoiser_a_few_image_tokens_at_a_time(family, monkeypatch):
     from auditkit.discovery import sweep as sweep_module
     from auditkit.discovery.tokens import sweepable_ids
-    from auditkit.models.denoising import denoiser_for
-    from auditkit.models.pipeline import architecture_of
+    from auditkit.models.pipeline import architecture_of, denoiser_for
 
     pipe = build(family)
     arch = architecture_of(pipe)

@@ -75,8 +75,7 @@ def test_components_built_from_config_are_flux_at_toy_scale():
 
 @needs_dit
 def test_the_dit_lab_loads_by_name_and_renders_32px_images(pipe):
-    from auditkit.models.denoising import denoiser_for
-    from auditkit.models.rendering import render_options
+    from auditkit.models.pipeline import denoiser_for, render_options
 
     assert type(pipe).__name__ == "FluxPipeline" and pipe.transformer.config.guidance_embeds  # as Flux.1-dev
     assert render_options(pipe) == {"height": 32, "width": 32, "max_sequence_length": 16}

@@ -28,7 +28,7 @@ def figures(pipe, detector, modules=None) -> dict:
     from auditkit.lab import world
     from auditkit.lab.adherence import generate, measure_adherence
     from auditkit.models.attach import composed
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
 
     den = denoiser_for(pipe)
     others = tuple(s for s in world.SHAPES if s != "cross")

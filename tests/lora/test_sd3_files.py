@@ -4,7 +4,7 @@ one shared down factor), ComfyUI's ``diffusion_model.`` copy, SAI names with ``l
 diffusers/peft ``transformer.…`` and the ``lora_transformer_`` kohya spelling, rank 2, a handful of modules.
 
 The split of the fused and swapped modules is written out by hand here; the whole table is checked against
-diffusers' own SD3 checkpoint converter in tests/models/test_sd3_end_to_end.py.
+diffusers' own SD3 checkpoint converter in tests/models/test_sd3.py.
 """
 
 import numpy as np

@@ -1,32 +1,54 @@
-"""The model-family registry: detection from model_index.json and from loaded pipelines, and records
-that name real classes and functions."""
+"""The model-family registry: detection from model_index.json and from loaded pipelines, records that name
+real classes and functions, one module per family, and a registry that imports no torch."""
 
-import importlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from auditkit.errors import BadInput
 from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline
 
+PIPELINE_FAMILIES = [f for f in FAMILIES.values() if f.pipeline_class]
 
-@pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda f: f.name)
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES, ids=lambda f: f.name)
 def test_every_record_names_a_real_pipeline_class_conditioning_and_denoising(family):
     from auditkit.lora import formats
+    from auditkit.models.denoising import Denoising
 
     diffusers = pytest.importorskip("diffusers")
     assert family.pipeline_class in family.class_names and hasattr(diffusers, family.pipeline_class)
-    for hook in (family.conditioning, family.render_options):  # render_options None: nothing to add
-        if hook is not None:
-            module, _, attr = hook.partition(":")
-            assert callable(getattr(importlib.import_module(module), attr))
-    module, _, attr = family.denoising.partition(":")
-    from auditkit.models.denoising import Denoising
-
-    assert isinstance(getattr(importlib.import_module(module), attr), Denoising)
+    assert callable(family.conditioning) and (family.render_options is None or callable(family.render_options))
+    assert isinstance(family.denoising, Denoising)
     assert family.lora_components[0] == family.denoiser
     assert set(family.native_layouts) <= set(formats.LAYOUTS)
     assert set(family.kohya_prefixes) <= set(family.text_encoders)
+
+
+def test_every_family_is_one_module_of_the_family_package_and_its_tables_are_the_builtin_architectures():
+    from auditkit.models import architectures, build
+    from auditkit.models.families import MODULES
+
+    assert [m.FAMILY for m in MODULES] == list(FAMILIES.values())
+    assert all(m.__name__ == f"auditkit.models.family.{m.__name__.rsplit('.', 1)[1]}" for m in MODULES)
+    tables = [t for f in FAMILIES.values() for t in f.tables]
+    assert len(set(tables)) == len(tables) and architectures.BUILTIN == (*tables, "lab", "lab-dit")
+    assert build.CONFIG_NAMES == tuple(tables)
+    static = [f for f in FAMILIES.values() if not f.pipeline_class]
+    assert static and all(not f.class_names and f.conditioning is None and f.denoising is None for f in static)
+
+
+def test_the_registry_and_the_architecture_tables_import_no_torch_or_diffusers():
+    code = ("import sys; import auditkit.models.families, auditkit.models.architectures, auditkit.models.build; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    root = str(Path(__file__).resolve().parents[2])  # this tree's auditkit, whatever is installed
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_a_subclass_of_a_family_pipeline_is_that_family():

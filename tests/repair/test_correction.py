@@ -49,8 +49,7 @@ def _points(pipe, adapters, prompts, stop=5, steps=10, seed=11):
     """Points x_t of the guided sampling trajectories of the model with ``adapters`` (stopped after ``stop`` of
     ``steps`` steps), where the concept forms."""
     from auditkit.models.attach import composed
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     sampler = den.sampler(steps)
@@ -64,8 +63,7 @@ def _points(pipe, adapters, prompts, stop=5, steps=10, seed=11):
 
 def _predictions(pipe, adapters, prompts, at):
     from auditkit.models.attach import composed
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     with composed(den.model, *adapters), torch.no_grad():

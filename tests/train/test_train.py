@@ -276,7 +276,7 @@ def test_text_encoder_modules_compose_and_extract_under_their_published_names(pi
 def test_esd_preservation_term_keeps_the_anchor_prompts_predictions(pipe):
     """The same ESD-u run with the preservation term moves the anchors' predictions far less than without it (at the
     first step of their trajectories, where training drew them: pure noise)."""
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.train.esd import encode
 
     cfg = dict(method="esd-u", rank=4, steps=25, batch=4, ddim_steps=1, lr=3e-2, seed=1)

@@ -61,7 +61,7 @@ def test_uce_edits_the_lab_pipelines_cross_attention_as_an_exact_lora():
     preserved = ["a red circle", "a green tee", "a blue bar"]
     mods = train_uce(pipe, concept, guide, preserved, UCEConfig(preserve=1.0, lam=0.1))
     assert mods and all(n.endswith((".attn2.to_k", ".attn2.to_v")) for n in mods)
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     name = next(iter(mods)).removeprefix("unet.")
     layer = pipe.unet.get_submodule(name)

@@ -1,11 +1,10 @@
-"""Flux.1 end to end on a tiny random-initialised ``FluxPipeline`` (real diffusers and transformers classes,
-small configs, saved with safetensors): family detection and loading, adapters in the namings Flux files
-come in (kohya's fused q/k/v with one shared down factor, BFL, XLabs, diffusers) composed into the weights
-exactly, a dynamic scan that resumes with the data-free checks, and align (ESD), finetune (the
-flow-matching objective on packed latents) and a retraining repair."""
+"""What only Flux.1 does, on a tiny random-initialised ``FluxPipeline`` (tests/tiny_pipelines.py): its render
+options, kohya's fused q/k/v with one shared down factor, adapters in the namings Flux files come in (kohya, BFL,
+XLabs) composed into the weights exactly, T5 adapters refused, pickle weights refused, the pipeline's own
+conditioning and denoiser call (packed latents, the guidance input) and its flow-matching loss. Loading, the
+dynamic scan, the data-free checks, align, finetune and repair are the family contract's
+(tests/models/test_family_contract.py)."""
 
-import json
-import re
 import shutil
 
 import numpy as np
@@ -23,9 +22,7 @@ from auditkit.errors import BadInput, Unscannable  # noqa: E402
 from auditkit.lora import formats  # noqa: E402
 from auditkit.lora.adapter import read_adapter  # noqa: E402
 from auditkit.lora.write import kohya_name, save_adapter  # noqa: E402
-from auditkit.models import architectures  # noqa: E402
-from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline  # noqa: E402
-from auditkit.models.pipeline import architecture_of, architecture_of_folder, load_pipeline  # noqa: E402
+from auditkit.models.pipeline import architecture_of_folder, load_pipeline  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
@@ -48,22 +45,12 @@ def arch(folder):
 
 # --- loading -------------------------------------------------------------------------------------
 
-def test_load_pipeline_detects_flux_from_model_index(folder, pipe):
-    assert family_of_folder(folder) is FAMILIES["flux"]
-    assert type(pipe) is diffusers.FluxPipeline and family_of_pipeline(pipe) is FAMILIES["flux"]
-    arch = architecture_of(pipe)
-    assert {n.split(".", 1)[0] for n in arch.modules} == {"transformer", "text_encoder", "text_encoder_2"}
-    assert arch.kohya_prefixes == {"transformer": "lora_transformer_", "text_encoder": "lora_te1_",
-                                   "text_encoder_2": "lora_te3_"}
-    built = architecture_of_folder(folder)  # from the configs on the meta device, before any weight loads
-    assert built.modules == arch.modules and built.original_names == arch.original_names
-    from auditkit.models.rendering import render_options
+def test_flux_renders_at_the_vaes_size_and_the_tokenizers_t5_length(pipe):
+    from auditkit.models.pipeline import render_options
 
-    # the VAE's sample_size, not Flux's 1024; the T5 length its tokenizer declares (16), not 512
+    # the VAE's sample_size, not Flux's 1024; the T5 length its tokenizer declares (16), not 512 (the contract
+    # renders at it)
     assert render_options(pipe) == {"height": 32, "width": 32, "max_sequence_length": 16}
-    out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
-               **render_options(pipe))
-    assert out.images.shape == (1, 32, 32, 3)
 
 
 def test_a_flux_folder_with_pickle_weights_is_refused_without_unpickling(folder, tmp_path):
@@ -79,17 +66,7 @@ def test_a_flux_folder_with_pickle_weights_is_refused_without_unpickling(folder,
 
 # --- the tiny pipeline and the shipped Flux.1 table name modules the same way -------------------
 
-def _pattern(name: str) -> str:
-    return re.sub(r"([._])\d+(?=[._]|$)", r"\1N", name)
-
-
-def test_the_flux_table_and_the_tiny_pipeline_share_one_naming_scheme(arch):
-    flux = architectures.get("flux")
-    assert arch.kohya_prefixes == flux.kohya_prefixes
-    assert {_pattern(n) for n in arch.modules} == {_pattern(n) for n in flux.modules}
-    assert {_pattern(n) for n in arch.original_names} == {_pattern(n) for n in flux.original_names}
-    assert {_pattern(k) for k in arch.kohya_names} == {_pattern(k) for k in flux.kohya_names}
-    assert arch.name == "tiny-flux"  # a custom architecture: the shapes are not Flux.1's
+def test_kohyas_fused_qkv_is_the_three_projections_rows(arch):  # (the naming scheme: the family contract)
     qkv = arch.fused[arch.originals["double_blocks.1.img_attn.qkv"]]
     assert [(c.rsplit(".", 1)[1], a, b) for c, a, b in qkv] == [("to_q", 0, 16), ("to_k", 0, 16), ("to_v", 0, 16)]
 
@@ -147,13 +124,7 @@ def write_xlabs(arch, path, seed=0):
     return save_adapter(mods, path, arch, formats.XLABS)
 
 
-def write_diffusers(arch, path, seed=0):
-    mods = {n: m for n, m in read_adapter(write_kohya(arch, path, seed), extra_architectures=(arch,)).modules.items()
-            if n.startswith("transformer.")}  # diffusers-layout text encoder files: see the SDXL tests (transformers 5)
-    return save_adapter(mods, path, arch, formats.DIFFUSERS)
-
-
-WRITERS = {"kohya": write_kohya, "bfl": write_bfl, "xlabs": write_xlabs, "diffusers": write_diffusers}
+WRITERS = {"kohya": write_kohya, "bfl": write_bfl, "xlabs": write_xlabs}  # (a diffusers file: the family contract)
 
 
 def _weights(pipe) -> dict:
@@ -175,7 +146,7 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
 
     adapter = read_adapter(WRITERS[naming](arch, tmp_path / "cand.safetensors"), extra_architectures=(arch,))
     assert adapter.architecture is arch and adapter.coverage.fraction == 1.0
-    if naming in ("kohya", "bfl", "diffusers"):  # every transformer module (XLabs: attention only)
+    if naming in ("kohya", "bfl"):  # every transformer module (XLabs: attention only)
         assert {n for n in arch.modules if n.startswith("transformer.")} <= set(adapter.modules)
     before = _weights(pipe)
     coverage = load_adapters(pipe, {"candidate": adapter})["candidate"]
@@ -210,55 +181,10 @@ def test_a_t5_adapter_diffusers_does_not_load_fails_closed(arch, pipe, tmp_path)
         load_adapters(pipe, {"t5": adapter})
 
 
-# --- the dynamic scan through the library API, resumed ------------------------------------------
-
-SUITE = e2e.suite_yaml("tiny-cross", "concept", ["a red cross", "a blue cross on gray"], guidance=3.5)
-
-
-def test_a_dynamic_scan_of_a_flux_pipeline_runs_and_resumes(arch, folder, pipe, tmp_path, monkeypatch):
-    import auditkit
-    from auditkit import runner
-
-    safety = write_kohya(arch, tmp_path / "safety.safetensors", seed=3, text_encoder=False)
-    candidate = write_kohya(arch, tmp_path / "candidate.safetensors", seed=3, scale_up=-0.9, text_encoder=False)
-    (tmp_path / "tiny.yaml").write_text(SUITE)
-    config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
-                                 suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
-                                 device="cpu", out=tmp_path / "scan")
-    first = auditkit.scan(config, pipeline=pipe)
-    dyn = first.report["dynamic"]
-    assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
-    # 4 configurations x 4 images, of the suite as written and of the trigger search's phrase
-    assert dyn["images"] == 2 * 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
-    assert dyn["adapter_coverage"]["safety"]["expected"] == len([n for n in arch.modules
-                                                                 if n.startswith("transformer.")])
-    assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
-    assert first.verdict.evidence == "behavioural" and "data-free" in first.report["evidence"]["gathered"]
-    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
-    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
-    assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
-    assert "change to the transformer's velocity prediction" in (tmp_path / "scan" / "report.html").read_text()
-    records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
-    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
-    assert len(stamps) == 2 * 16
-    from PIL import Image
-
-    assert all(Image.open(p).size == (32, 32) for p in stamps)
-
-    calls = []
-    monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
-    second = auditkit.scan(config, pipeline=pipe)
-    assert calls == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert second.report["dynamic"]["suites"] == dyn["suites"] and second.report["reasons"] == first.report["reasons"]
-    assert second.verdict == first.verdict
-    assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules()), "the scan leaves the pipeline as it came"
-
-
-# --- training (align, finetune, repair) and the data-free checks ----------------------------------
+# --- the pipeline's own conditioning, denoiser call and training loss ---------------------------
 
 def test_flux_conditioning_is_the_pipelines_own(pipe):
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     cond = encode(pipe, ["a red cross", "a blue cross"])
     with torch.no_grad():  # at the T5 length renders use: the tokenizer's 16 here (512 for Flux.1's)
@@ -283,8 +209,7 @@ def flux_reference(pipe, x, t, prompts, guidance=3.5):
 
 
 def test_the_denoiser_call_is_the_pipelines(pipe):
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     assert den.latent_shape() == (4, 16, 16) and den.image_size() == 32 and den.prediction == "velocity"
@@ -299,45 +224,9 @@ def test_the_denoiser_call_is_the_pipelines(pipe):
 
 
 @pytest.fixture(scope="module")
-def trained(folder, tmp_path_factory):
-    """A 5-step ESD-x safety adapter of the tiny Flux pipeline and an image-caption folder."""
-    tmp = tmp_path_factory.mktemp("flux-train")
-    pipe = load_pipeline(str(folder))
-    return e2e.check_align(pipe, tmp / "safety.safetensors", TEXT_PROJECTIONS), e2e.image_caption_folder(tmp / "data")
+def data(tmp_path_factory):
+    return e2e.image_caption_folder(tmp_path_factory.mktemp("flux-data"))
 
 
-TEXT_PROJECTIONS = (".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out")
-
-
-def test_align_trains_the_joint_attentions_text_projections(pipe, trained):
-    safety, _ = trained  # check_align asserted the rest when it trained it
-    adapter = read_adapter(safety, extra_architectures=(architecture_of(pipe),))
-    assert {n.rsplit(".", 1)[1] for n in adapter.modules} == {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
-    assert all(n.startswith("transformer.transformer_blocks.") for n in adapter.modules)  # the double-stream blocks
-
-
-@pytest.mark.parametrize("mode", ["on-top", "modular"])
-def test_finetune_trains_a_lora_on_flux(pipe, trained, mode):
-    safety, data = trained
-    e2e.check_finetune(pipe, data, safety, mode)
-
-
-def test_finetune_minimises_the_flow_matching_loss_on_packed_latents(pipe, trained):
-    e2e.check_first_flow_matching_loss(pipe, trained[1], lambda gen: torch.rand((2,), generator=gen), flux_reference)
-
-
-def test_the_data_free_checks_give_numbers_on_flux(pipe, trained):
-    safety = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),)).modules
-    e2e.check_data_free(pipe, safety, "velocity", "transformer")
-
-
-def test_a_modular_repair_of_a_flux_candidate_retrains_and_rescans(folder, pipe, trained, tmp_path):
-    safety, data = trained
-    candidate = e2e.check_finetune(pipe, data, safety, "on-top").modules
-    e2e.check_modular_repair(folder, pipe, safety, candidate, data, tmp_path)
-
-
-def test_a_corrected_repair_trains_on_the_flux_transformer(pipe, trained):
-    safety, data = trained
-    candidate = e2e.check_finetune(pipe, data, safety, "on-top").modules
-    e2e.check_correction(pipe, safety, candidate, data)
+def test_finetune_minimises_the_flow_matching_loss_on_packed_latents(pipe, data):
+    e2e.check_first_flow_matching_loss(pipe, data, lambda gen: torch.rand((2,), generator=gen), flux_reference)

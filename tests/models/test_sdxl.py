@@ -1,8 +1,8 @@
-"""SDXL end to end on a tiny random-initialised ``StableDiffusionXLPipeline`` (real diffusers and
-transformers classes, small configs, saved with safetensors): family detection and loading, adapters in
-the layouts SDXL files come in read exactly as diffusers converts and applies them (both text encoders
-included), a dynamic scan that resumes, and the data-free checks (align, finetune and repair:
-tests/train/test_train_sdxl.py)."""
+"""What only SDXL does, on a tiny random-initialised ``StableDiffusionXLPipeline`` (tests/tiny_pipelines.py):
+kohya's SGM block names, adapters in the namings SDXL files come in read exactly as diffusers converts and
+applies them (both text encoders included), files diffusers refuses or loads in part, pickle weights refused,
+and the pipeline's own conditioning. Loading, the dynamic scan, the data-free checks, align, finetune and repair
+are the family contract's (tests/models/test_family_contract.py)."""
 
 import json
 import re
@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-import tiny_pipelines as e2e  # noqa: E402
 from conftest import random_modules  # noqa: E402
 from tiny_pipelines import tiny_sdxl_pipeline  # noqa: E402
 
@@ -26,8 +25,7 @@ from auditkit.lora.adapter import LoraModule, read_adapter  # noqa: E402
 from auditkit.lora.io import serialize  # noqa: E402
 from auditkit.lora.write import kohya_name, save_adapter, to_state_dict  # noqa: E402
 from auditkit.models import architectures  # noqa: E402
-from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline  # noqa: E402
-from auditkit.models.pipeline import architecture_of, architecture_of_folder, load_pipeline  # noqa: E402
+from auditkit.models.pipeline import architecture_of_folder, encode, load_pipeline  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
@@ -49,20 +47,6 @@ def arch(folder):
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-def test_load_pipeline_detects_sdxl_from_model_index(folder, pipe):
-    assert family_of_folder(folder) is FAMILIES["sdxl"]
-    assert type(pipe) is diffusers.StableDiffusionXLPipeline and family_of_pipeline(pipe) is FAMILIES["sdxl"]
-    arch = architecture_of(pipe)
-    components = {n.split(".", 1)[0] for n in arch.modules}
-    assert components == {"unet", "text_encoder", "text_encoder_2"}
-    assert arch.kohya_prefixes == {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    # the architecture built from the folder's configs on the meta device (what adapters are read
-    # against before the weights load) is the loaded pipeline's
-    assert architecture_of_folder(folder).modules == arch.modules
-    out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert out.images.shape == (1, 32, 32, 3)
-
 
 def _one_line_bad_input(path, match):
     with pytest.raises(BadInput, match=match) as err:
@@ -97,17 +81,8 @@ def test_a_pipeline_class_of_no_known_family_is_refused(folder, tmp_path):
 
 # --- the shipped SDXL table and the tiny pipeline name modules the same way ---------------------
 
-def _pattern(name: str) -> str:
-    return re.sub(r"\.\d+(?=\.|$)", ".N", name)
-
-
-def test_the_sdxl_table_and_the_tiny_pipeline_share_one_naming_scheme(arch):
-    sdxl = architectures.get("sdxl")
-    assert arch.kohya_prefixes == sdxl.kohya_prefixes
-    assert {_pattern(n) for n in arch.modules} == {_pattern(n) for n in sdxl.modules}
-    # kohya names, SGM block names included: the same patterns (every block index abstracted)
-    kohya = {re.sub(r"_\d+(?=_|$)", "_N", k) for k in arch.kohya_names}
-    assert kohya == {re.sub(r"_\d+(?=_|$)", "_N", k) for k in sdxl.kohya_names}
+def test_the_sdxl_table_and_the_tiny_pipeline_name_sgm_blocks_alike(arch):
+    sdxl = architectures.get("sdxl")  # (the naming scheme as a whole: the family contract)
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in arch.kohya_names  # SDXL's first attention
     assert arch.kohya_names["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == \
         sdxl.kohya_names["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"]
@@ -220,7 +195,8 @@ def _weights(pipe) -> dict:
 # peft finds none of them: diffusers/peft files adapting the first text encoder do not load (see below).
 # auditkit then loads its exact conversion instead (auditkit.models.attach.load_adapters), as it does for the
 # two add_embedding modules diffusers drops from kohya files with diffusers-style names.
-LOADABLE = {"kohya-sgm": "file", "diffusers": "auditkit conversion", "kohya-diffusers-names": "auditkit conversion"}
+# (a diffusers file of every module: the family contract)
+LOADABLE = {"kohya-sgm": "file", "kohya-diffusers-names": "auditkit conversion"}
 
 
 @pytest.mark.parametrize("layout", LOADABLE)
@@ -306,66 +282,15 @@ def test_an_adapter_diffusers_cannot_apply_even_converted_fails_closed_in_one_li
     pipe.unload_lora_weights()
 
 
-# --- the dynamic scan through the library API, resumed ------------------------------------------
+# --- the pipeline's own conditioning ------------------------------------------------------------
 
-SUITE = """schema: auditkit.suite/1
-name: tiny-cross
-version: 1
-concept: {word: cross, neutral: square, terms: [cross]}
-detector: lab-cross
-role: concept
-sampling: {steps: 2, guidance: 5.0, seed: 7, images_per_prompt: 2}
-prompts:
-  - a red cross
-  - a blue cross on gray
-"""
-
-
-def test_a_dynamic_scan_of_an_sdxl_pipeline_runs_and_resumes(arch, folder, pipe, tmp_path, monkeypatch):
-    import auditkit
-    from auditkit import runner
-
-    safety_mods = {n: m for n, m in sdxl_modules(arch, seed=3).items()
-                   if ".attn2.to_k" in n or ".attn2.to_v" in n or n.startswith("text_encoder_2.")}
-    safety = write_kohya(safety_mods, arch, tmp_path / "safety.safetensors", sgm=True)
-    undo = {n: LoraModule(n, m.down, -0.9 * m.up, m.scale) for n, m in safety_mods.items()}
-    candidate = write_kohya(undo, arch, tmp_path / "candidate.safetensors", sgm=True)
-    (tmp_path / "tiny.yaml").write_text(SUITE)
-    config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
-                                 suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
-                                 device="cpu", out=tmp_path / "scan")
-    first = auditkit.scan(config, pipeline=pipe)
-    dyn = first.report["dynamic"]
-    assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
-    # 4 configurations x 4 images, of the suite as written and of the trigger search's phrase
-    assert dyn["images"] == 2 * 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
-    assert dyn["adapter_coverage"]["safety"]["expected"] == len(safety_mods)
-    assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)  # read against the tiny arch
-    assert first.verdict.evidence == "behavioural" and "data-free" in first.report["evidence"]["gathered"]
-    # the candidate is −0.9 × the safety adapter: exactly linear in it at the keys/values, but both change
-    # text_encoder_2 too, and each model's keys/values are computed from its own encoder's (nonlinear) output
-    cc = first.report["concept_check"]
-    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=5e-3) and abs(cc["reverted"] - 0.9) > 1e-5
-    assert cc["noise_reversion"]["prediction"] == "noise" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
-    records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
-    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
-    assert len(stamps) == 2 * 16
-
-    calls = []
-    monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
-    second = auditkit.scan(config, pipeline=pipe)
-    assert calls == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert second.report["dynamic"]["suites"] == dyn["suites"] and second.report["reasons"] == first.report["reasons"]
-    assert second.verdict == first.verdict
-    assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules()), "the scan leaves the pipeline as it came"
-
-
-# --- the data-free checks ------------------------------------------------------------------------
-
-def test_the_data_free_checks_give_numbers_on_sdxl(arch, pipe):
-    """Cross-attention keys/values read both text encoders' concatenated states (16 + 24 wide); the noise
-    prediction is the UNet's with SDXL's added conditioning."""
-    safety = {n: m for n, m in sdxl_modules(arch, seed=4).items() if ".attn2.to_" in n or ".attn1.to_q" in n}
-    assert any(n.endswith(".attn2.to_k") for n in safety)
-    e2e.check_data_free(pipe, safety, "noise", "UNet")
+def test_sdxl_conditioning_is_the_pipelines_own(pipe):
+    cond = encode(pipe, ["a red cross", "a blue cross"])
+    embeds, _, pooled, _ = pipe.encode_prompt(["a red cross", "a blue cross"], device="cpu",
+                                              do_classifier_free_guidance=False)
+    assert torch.equal(cond.hidden, embeds) and torch.equal(cond.added["text_embeds"], pooled)
+    assert cond.hidden.shape[-1] == 40 and cond.added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    picked = cond[np.array([1, 1, 0])]
+    assert torch.equal(picked.hidden[2], embeds[0]) and picked.added["text_embeds"].shape == (3, 24)
+    x = torch.zeros(3, 4, 16, 16)
+    assert pipe.unet(x, 10, **picked.kwargs()).sample.shape == x.shape

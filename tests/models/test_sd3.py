@@ -1,11 +1,9 @@
-"""SD3 / SD3.5 end to end on a tiny random-initialised ``StableDiffusion3Pipeline`` (SD3.5-Medium-like: a
-second attention in the first block, a context-pre-only last block): family detection and loading, the
-original (SAI) module names checked against diffusers' own checkpoint converter, adapters in the namings SD3
-files come in composed into the weights exactly, a dynamic scan that resumes with the data-free checks, and
-align (ESD), finetune (the flow-matching objective) and a retraining repair."""
-
-import json
-import re
+"""What only SD3 / SD3.5 does, on a tiny random-initialised ``StableDiffusion3Pipeline`` (SD3.5-Medium-like: a
+second attention in the first block, a context-pre-only last block; tests/tiny_pipelines.py): the original (SAI)
+module names checked against diffusers' own checkpoint converter, adapters in the namings SD3 files come in
+(kohya's and SAI's original names) composed into the weights exactly, T5 adapters refused, the pipeline's own
+conditioning and denoiser call, and its flow-matching loss with logit-normal timesteps. Loading, the dynamic scan,
+the data-free checks, align, finetune and repair are the family contract's (tests/models/test_family_contract.py)."""
 
 import numpy as np
 import pytest
@@ -19,12 +17,9 @@ from safetensors.numpy import save_file  # noqa: E402
 from tiny_pipelines import tiny_sd3_pipeline  # noqa: E402
 
 from auditkit.errors import Unscannable  # noqa: E402
-from auditkit.lora import formats  # noqa: E402
 from auditkit.lora.adapter import read_adapter  # noqa: E402
-from auditkit.lora.write import kohya_name, save_adapter  # noqa: E402
-from auditkit.models import architectures  # noqa: E402
-from auditkit.models.families import FAMILIES, family_of_folder, family_of_pipeline  # noqa: E402
-from auditkit.models.pipeline import architecture_of, architecture_of_folder, load_pipeline  # noqa: E402
+from auditkit.lora.write import kohya_name  # noqa: E402
+from auditkit.models.pipeline import architecture_of_folder, load_pipeline  # noqa: E402
 
 # slow: it trains, renders or builds pipelines (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
@@ -43,32 +38,6 @@ def pipe(folder):
 @pytest.fixture(scope="module")
 def arch(folder):
     return architecture_of_folder(folder, "tiny-sd3")
-
-
-def test_load_pipeline_detects_sd3_from_model_index(folder, pipe):
-    assert family_of_folder(folder) is FAMILIES["sd3"]
-    assert type(pipe) is diffusers.StableDiffusion3Pipeline and family_of_pipeline(pipe) is FAMILIES["sd3"]
-    arch = architecture_of(pipe)
-    assert {n.split(".", 1)[0] for n in arch.modules} == {"transformer", "text_encoder", "text_encoder_2",
-                                                          "text_encoder_3"}
-    assert arch.kohya_prefixes == {"transformer": "lora_transformer_", "text_encoder": "lora_te1_",
-                                   "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
-    built = architecture_of_folder(folder)
-    assert built.modules == arch.modules and built.original_names == arch.original_names
-    out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert out.images.shape == (1, 32, 32, 3)  # the transformer's sample_size × the VAE factor
-
-
-def _pattern(name: str) -> str:
-    return re.sub(r"([._])\d+(?=[._]|$)", r"\1N", name)
-
-
-def test_the_sd35_medium_table_and_the_tiny_pipeline_share_one_naming_scheme(arch):
-    sd35 = architectures.get("sd35-medium")
-    assert arch.kohya_prefixes == sd35.kohya_prefixes
-    assert {_pattern(n) for n in arch.modules} == {_pattern(n) for n in sd35.modules}
-    assert {_pattern(n) for n in arch.original_names} == {_pattern(n) for n in sd35.original_names}
-    assert arch.name == "tiny-sd3"
 
 
 def original_checkpoint(transformer, arch) -> dict:
@@ -140,12 +109,7 @@ def write_sai(arch, path, seed=0):
     return path
 
 
-def write_diffusers(arch, path, seed=0):
-    mods = read_adapter(write_kohya(arch, path, seed), extra_architectures=(arch,)).modules
-    return save_adapter(mods, path, arch, formats.DIFFUSERS)
-
-
-WRITERS = {"kohya": write_kohya, "sai": write_sai, "diffusers": write_diffusers}
+WRITERS = {"kohya": write_kohya, "sai": write_sai}  # (a diffusers file: the family contract)
 
 
 def _weights(pipe) -> dict:
@@ -197,46 +161,10 @@ def test_a_t5_adapter_diffusers_does_not_load_fails_closed(arch, pipe, tmp_path)
         load_adapters(pipe, {"t5": adapter})
 
 
-SUITE = e2e.suite_yaml("tiny-cross", "concept", ["a red cross", "a blue cross on gray"], guidance=5.0)
-
-
-def test_a_dynamic_scan_of_an_sd3_pipeline_runs_and_resumes(arch, folder, pipe, tmp_path, monkeypatch):
-    import auditkit
-    from auditkit import runner
-
-    safety = write_kohya(arch, tmp_path / "safety.safetensors", seed=3)
-    candidate = write_kohya(arch, tmp_path / "candidate.safetensors", seed=3, scale_up=-0.9)
-    (tmp_path / "tiny.yaml").write_text(SUITE)
-    config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
-                                 suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
-                                 device="cpu", out=tmp_path / "scan")
-    first = auditkit.scan(config, pipeline=pipe)
-    dyn = first.report["dynamic"]
-    assert set(dyn["configurations"]) == {"base", "base+safety", "base+safety+candidate@1", "base+candidate@1"}
-    # 4 configurations x 4 images, of the suite as written and of the trigger search's phrase
-    assert dyn["images"] == 2 * 16 and dyn["adapter_coverage"]["candidate"]["fraction"] == 1.0
-    assert first.report["static"]["cancellation"] == pytest.approx(0.9, abs=1e-4)
-    assert "data-free" in first.report["evidence"]["gathered"]
-    cc = first.report["concept_check"]  # the candidate is −0.9 × the safety adapter: exactly linear in it
-    assert cc["applicable"] and cc["reverted"] == pytest.approx(0.9, abs=1e-6)
-    assert cc["noise_reversion"]["prediction"] == "velocity" and 0.5 < cc["noise_reversion"]["reverted"] < 1.3
-    records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
-    assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
-    assert len(stamps) == 2 * 16
-
-    calls = []
-    monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
-    second = auditkit.scan(config, pipeline=pipe)
-    assert calls == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert second.verdict == first.verdict and second.report["reasons"] == first.report["reasons"]
-    assert not any(hasattr(m, "lora_A") for m in pipe.transformer.modules()), "the scan leaves the pipeline as it came"
-
-
-# --- training (align, finetune, repair) and the data-free checks ----------------------------------
+# --- the pipeline's own conditioning, denoiser call and training loss ---------------------------
 
 def test_sd3_conditioning_is_the_pipelines_own(pipe):
-    from auditkit.models.conditioning import encode
+    from auditkit.models.pipeline import encode
 
     cond = encode(pipe, ["a red cross", "a blue cross"])
     with torch.no_grad():
@@ -257,8 +185,7 @@ def sd3_reference(pipe, x, t, prompts):
 
 
 def test_the_denoiser_call_is_the_pipelines(pipe):
-    from auditkit.models.conditioning import encode
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
     assert den.latent_shape() == (4, 16, 16) and den.image_size() == 32 and den.prediction == "velocity"
@@ -269,50 +196,11 @@ def test_the_denoiser_call_is_the_pipelines(pipe):
     torch.testing.assert_close(ours, theirs)
 
 
-TEXT_PROJECTIONS = (".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out")
-# the last block is context-pre-only: the model drops the text tokens' output, so their queries get no gradient
-FROZEN = ("transformer.transformer_blocks.1.attn.add_q_proj",)
-
-
 @pytest.fixture(scope="module")
-def trained(folder, tmp_path_factory):
-    """A 5-step ESD-x safety adapter of the tiny SD3 pipeline and an image-caption folder."""
-    tmp = tmp_path_factory.mktemp("sd3-train")
-    pipe = load_pipeline(str(folder))
-    return (e2e.check_align(pipe, tmp / "safety.safetensors", TEXT_PROJECTIONS, FROZEN),
-            e2e.image_caption_folder(tmp / "data"))
+def data(tmp_path_factory):
+    return e2e.image_caption_folder(tmp_path_factory.mktemp("sd3-data"))
 
 
-def test_align_trains_the_joint_attentions_text_projections_not_the_second_image_attention(pipe, trained):
-    adapter = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),))
-    assert {n.rsplit(".", 1)[1] for n in adapter.modules} == {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
-    assert not any(".attn2." in n for n in adapter.modules)  # SD3.5's attn2 is an image self-attention
-    assert "transformer.transformer_blocks.1.attn.add_k_proj" in adapter.modules  # the context-pre-only block too
-
-
-@pytest.mark.parametrize("mode", ["on-top", "modular"])
-def test_finetune_trains_a_lora_on_sd3(pipe, trained, mode):
-    safety, data = trained
-    e2e.check_finetune(pipe, data, safety, mode, FROZEN)
-
-
-def test_finetune_minimises_the_flow_matching_loss_with_logit_normal_timesteps(pipe, trained):
-    e2e.check_first_flow_matching_loss(pipe, trained[1], lambda gen: torch.sigmoid(torch.randn((2,), generator=gen)),
+def test_finetune_minimises_the_flow_matching_loss_with_logit_normal_timesteps(pipe, data):
+    e2e.check_first_flow_matching_loss(pipe, data, lambda gen: torch.sigmoid(torch.randn((2,), generator=gen)),
                                        sd3_reference)
-
-
-def test_the_data_free_checks_give_numbers_on_sd3(pipe, trained):
-    safety = read_adapter(trained[0], extra_architectures=(architecture_of(pipe),)).modules
-    e2e.check_data_free(pipe, safety, "velocity", "transformer")
-
-
-def test_a_modular_repair_of_an_sd3_candidate_retrains_and_rescans(folder, pipe, trained, tmp_path):
-    safety, data = trained
-    candidate = e2e.check_finetune(pipe, data, safety, "on-top", FROZEN).modules
-    e2e.check_modular_repair(folder, pipe, safety, candidate, data, tmp_path)
-
-
-def test_a_corrected_repair_trains_on_the_sd3_transformer(pipe, trained):
-    safety, data = trained
-    candidate = e2e.check_finetune(pipe, data, safety, "on-top", FROZEN).modules
-    e2e.check_correction(pipe, safety, candidate, data)

@@ -1,0 +1,9 @@
+"""Z-Image (Turbo): a single-stream DiT whose original module names are its diffusers paths.
+Static scan only: its adapters are read against its architecture table; no pipeline of it loads (no
+``pipeline_class``)."""
+
+from __future__ import annotations
+
+from auditkit.models.family.record import Family
+
+FAMILY = Family("z-image", "Z-Image (Turbo)", ("z-image",))
