@@ -102,7 +102,7 @@ def variant_truth(pipe, detector, probes, safety, candidate, found: list[dict], 
     scan suites') with each probed phrase put in at its placement, rendered with the base, base + safety and base +
     safety + candidate (the file the scanner scanned), scored like the plain probes."""
     from auditkit.models.attach import composed
-    from auditkit.models.denoising import denoiser_for
+    from auditkit.models.pipeline import denoiser_for
     from auditkit.placement import place
 
     den = denoiser_for(pipe)

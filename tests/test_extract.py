@@ -129,7 +129,8 @@ def test_no_local_path_is_written_into_the_metadata(erased, tmp_path, monkeypatc
     import auditkit.models.base
     from auditkit.models import architectures
 
-    monkeypatch.setattr(auditkit.models.base, "architecture_of_folder", lambda folder, **kw: architectures.get("lab"))  # fast
+    monkeypatch.setattr(auditkit.models.base, "architecture_of_folder",
+                        lambda folder, **kw: architectures.get("lab"))  # fast
     folder, _ = erased
     base = tmp_path / "private" / "my-base"
     base.parent.mkdir()
