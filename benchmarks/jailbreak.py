@@ -252,7 +252,7 @@ def complete(pipe, detector, seed: int, args, probes, seed_res: dict, suites) ->
             if not args.no_scan and "found" not in cell.get("scan", {}):
                 cell["scan"] = scanner(args.base, path, safety_path, work / "scans" / name, pipe, suites,
                                        search=not args.no_trigger_search)
-            if "scan" in cell and "variant_truth" not in cell:
+            if "found" in cell.get("scan", {}) and "variant_truth" not in cell:
                 cell["variant_truth"] = variant_truth(pipe, detector, probes, safety,
                                                       read_adapter(path, arch=args.base).modules,
                                                       cell["scan"]["found"], args.batch)

@@ -48,19 +48,35 @@ def _training_setup(req, pipe, candidate):
     if misfit:
         raise BadInput(req.candidate, f"{len(misfit)} of its modules are not in the base model's {den.label} (e.g. "
                                       f"{misfit[0]}): the adapter is for another architecture than --base")
-    return den, settings, load_folder(req.data, den.image_size()), req.out / "checkpoints" / "finetune.ckpt.safetensors"
+    data, notes = domain_data(req, load_folder(req.data, den.image_size()))
+    return den, settings, data, req.out / "checkpoints" / "finetune.ckpt.safetensors", notes
+
+
+def domain_data(req, data):
+    """The candidate's data without the items whose caption names the concept (the concept suites' word and terms):
+    retrained or distilled on, they would teach the repaired adapter the concept again. BadInput naming the folder
+    when nothing is left; a note saying how many were left out."""
+    words = {w for s in req.suites if s.role == "concept" for w in (s.concept_word, *s.concept_terms)}
+    kept, dropped = data.without(words)
+    if not dropped:
+        return data, []
+    if not kept.captions:
+        raise BadInput(req.data, f"every caption names the concept ({', '.join(sorted(words))}): a repair needs "
+                                 f"the candidate's other data")
+    return kept, [f"{len(dropped)} of the {len(data.captions)} data images have captions naming the concept "
+                  f"({', '.join(sorted(words))}; e.g. {dropped[0].name}) and were left out of the repair's training"]
 
 
 def _retrain(req, pipe, candidate, safety, bars, anchors, anchored: bool) -> Outcome:
     from auditkit.repair.retrain import retrain
     from auditkit.train.checkpoint import saved_step
 
-    den, settings, data, ckpt = _training_setup(req, pipe, candidate)
+    den, settings, data, ckpt, left_out = _training_setup(req, pipe, candidate)
     resumed = saved_step(ckpt)
     anchor = anchors.prompts if anchored else None
     method = "anchored" if anchored else "modular"
     ctx, update = bars(f"retrain {method} ({settings.steps} steps)")
-    notes = list(settings.notes)
+    notes = [*settings.notes, *left_out]
     if anchored and safety.update is not None and safety.update.deltas().components() - {"unet"}:
         notes.append("the erased model's changes outside the UNet are not applied while retraining (UNet only); "
                      "the re-scans render the whole erased model")
@@ -83,7 +99,7 @@ def _correct(req, pipe, candidate, safety, bars, anchors) -> Outcome:
     if dora:  # before the data is read
         raise BadInput(req.candidate, f"{len(dora)} DoRA modules (e.g. {dora[0]}) need the base weights to be kept "
                                       f"exactly; use --method anchored or modular")
-    den, settings, data, ckpt = _training_setup(req, pipe, candidate)
+    den, settings, data, ckpt, left_out = _training_setup(req, pipe, candidate)
     settings, longer = correction_settings(settings)
     resumed = saved_step(ckpt)
     ctx, update = bars(f"retrain corrected ({settings.steps} steps)")
@@ -96,7 +112,7 @@ def _correct(req, pipe, candidate, safety, bars, anchors) -> Outcome:
                 checkpoint=str(ckpt), correction_modules=len(result.correction),
                 kept_candidate_modules=len(candidate.modules))
     notes = [f"the candidate's {len(candidate.modules)} modules were kept and a rank-{settings.rank} correction added "
-             f"to {len(result.correction)} of them (the repaired adapter's rank is the sum)", *longer]
+             f"to {len(result.correction)} of them (the repaired adapter's rank is the sum)", *longer, *left_out]
     return Outcome(result.modules, {"training": info}, notes)
 
 

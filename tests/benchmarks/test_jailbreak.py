@@ -23,11 +23,20 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "jailbreak.py"
 def test_the_dit_experiment_runs_every_cell_at_ci_size(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     out = tmp_path / "out.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--ci", "--seeds", "0,1", "--threads", "1", "--work",
-                          str(tmp_path / "work"), "--json", str(out), "--methods", "esd-x,esd-u"],
-                         capture_output=True, text=True, timeout=1200, env=env)
+    def run(*args):
+        return subprocess.run([sys.executable, str(SCRIPT), "--ci", "--threads", "1", "--work", str(tmp_path / "work"),
+                               "--json", str(out), "--methods", "esd-x,esd-u", *args],
+                              capture_output=True, text=True, timeout=1200, env=env)
+
+    res = run("--seeds", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    first = json.loads(out.read_text())["seeds"]["0"]
+    res = run("--seeds", "0,1", "--resume")  # seed 0 kept (its scans were all made), seed 1 run
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(out.read_text())
+    assert r["seeds"]["0"]["methods"]["esd-u"]["cells"]["on-top LoRA"]["rate"] == \
+        first["methods"]["esd-u"]["cells"]["on-top LoRA"]["rate"] and len(r["resumed"]) == 1
+    assert r["seeds"]["0"]["methods"]["esd-u"]["cells"]["on-top LoRA"]["variant_truth"] == []  # no search at CI size
     assert r["git_commit"] and r["settings"]["base"] == "lab-dit" and set(r["seeds"]) == {"0", "1"}
     for seed in ("0", "1"):
         for method in ("esd-x", "esd-u"):
