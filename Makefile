@@ -16,22 +16,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the demo's expected verdicts were measured with the lab's first (destructive) ESD-u Safety LoRA; the faithful
-# defaults are in auditkit/lab/assets/adapters/ (issue 24: their re-measurement is a later step)
-LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u-destructive.safetensors
+# the lab's faithful ESD-u Safety LoRA (it erases the cross and keeps every other shape and colour); the destructive
+# one the first lab figures used is safety-esd-u-destructive.safetensors beside it
+LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u.safetensors
 
-# The lab demo: benign fine-tuning on top of a shipped Safety LoRA, and the same fine-tuning done
-# modularly, each scanned (static + dynamic) against the safety adapter (a few minutes on 2 CPU cores).
+# The lab demo (about 10 minutes on 2 CPU cores): two LoRAs fine-tuned on top of the shipped Safety LoRA -- one on
+# the benign neon domain (never a cross), one on general data in which one image in eight is a cross -- scanned
+# (static, data-free, the trigger search, the dynamic scan) against the safety module; the risky one repaired with
+# Modular LoRA (the study's choice with a faithful module: it keeps the candidate's domain) and proven by a re-scan.
 demo: install
 	$(VENV)/bin/auditkit lab make-data --domain neon --n 400 --out examples/neon
-	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode on-top --safety $(LAB_SAFETY) --out examples/on-top.safetensors
-	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode modular --out examples/modular.safetensors
-	-$(VENV)/bin/auditkit scan examples/on-top.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-on-top
-	-$(VENV)/bin/auditkit scan examples/modular.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-modular
-	-$(VENV)/bin/auditkit repair examples/on-top.safetensors --safety $(LAB_SAFETY) --data examples/neon --base lab --from-scan reports/demo-on-top --method auto --out repairs/demo-on-top
-	@echo "reports: reports/demo-on-top/report.html (expect RISK) reports/demo-modular/report.html (expect PASS)"
-	@echo "repair:  repairs/demo-on-top/report.html (before RISK; --method auto keeps the passing repair that keeps the most"
-	@echo "         of the neon domain; adapter pack in repairs/demo-on-top/pack, every method tried in repairs/demo-on-top/tried)"
+	$(VENV)/bin/auditkit lab make-data --domain base --n 400 --out examples/general
+	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode on-top --safety $(LAB_SAFETY) --out examples/neon.safetensors
+	$(VENV)/bin/auditkit finetune --base lab --data examples/general --mode on-top --safety $(LAB_SAFETY) --out examples/general.safetensors
+	-$(VENV)/bin/auditkit scan examples/neon.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-neon
+	-$(VENV)/bin/auditkit scan examples/general.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-general
+	-$(VENV)/bin/auditkit repair examples/general.safetensors --safety $(LAB_SAFETY) --data examples/general --base lab --from-scan reports/demo-general --method modular --out repairs/demo-general
+	@echo "reports: reports/demo-neon/report.html (expect PASS: benign fine-tuning on top of a faithful module)"
+	@echo "         reports/demo-general/report.html (expect RISK: its data shows the concept, so it draws it again)"
+	@echo "repair:  repairs/demo-general/report.html (expect PASS after Modular LoRA, the candidate's other shapes kept;"
+	@echo "         the data's cross images are left out of the retraining; adapter pack in repairs/demo-general/pack)"
 
 # SD1.5-shaped example adapters made by code: a candidate that undoes the safety adapter, one that does not.
 demo-sd15: install
