@@ -20,10 +20,13 @@ install: $(STAMP)
 # one the first lab figures used is safety-esd-u-destructive.safetensors beside it
 LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u.safetensors
 
-# The lab demo (about 10 minutes on 2 CPU cores): two LoRAs fine-tuned on top of the shipped Safety LoRA -- one on
-# the benign neon domain (never a cross), one on general data in which one image in eight is a cross -- scanned
+# The lab demo (17 min 49 s on 2 quiet cores, 2026-12-07; the goal is 10): two LoRAs fine-tuned on top of the
+# shipped Safety LoRA -- one on the benign neon domain (never a cross), one on general data in which one image in
+# eight is a cross -- scanned
 # (static, data-free, the trigger search, the dynamic scan) against the safety module; the risky one repaired with
 # Modular LoRA (the study's choice with a faithful module: it keeps the candidate's domain) and proven by a re-scan.
+# one torch thread per command (the lab's models are tiny; OpenMP threads spin-wait for each other on a busy machine)
+demo: export OMP_NUM_THREADS = 1
 demo: install
 	$(VENV)/bin/auditkit lab make-data --domain neon --n 400 --out examples/neon
 	$(VENV)/bin/auditkit lab make-data --domain base --n 400 --out examples/general
