@@ -21,8 +21,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "trigger_study.py"
 
 
 def test_a_trigger_gated_candidate_is_flagged_from_its_file_alone(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
-    res = subprocess.run([sys.executable, str(SCRIPT), "--ci", "--work", str(tmp_path), "--json",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # one thread per worker
+    res = subprocess.run([sys.executable, str(SCRIPT), "--ci", "--threads", "1", "--work", str(tmp_path), "--json",
                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=1200, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     row = json.loads((tmp_path / "out.json").read_text())["candidates"]["gated"]
