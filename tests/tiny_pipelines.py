@@ -247,6 +247,22 @@ def denoiser_state(pipe) -> dict:
     return {k: v.detach().clone() for k, v in denoiser_of(pipe).state_dict().items()}
 
 
+def lora_weights(pipe) -> dict:
+    """A copy of every linear and conv weight of the components adapters change, by canonical module name (to
+    check what loading, fusing and unloading an adapter did to them)."""
+    import torch
+
+    from auditkit.models.architectures import canonical_name
+    from auditkit.models.pipeline import lora_components
+
+    out = {}
+    for component, model in lora_components(pipe).items():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                out[canonical_name(component, name.replace(".base_layer", ""))] = module.weight.detach().clone()
+    return out
+
+
 def assert_denoiser_unchanged(pipe, before: dict) -> None:
     import torch
 

@@ -148,18 +148,6 @@ def adapted_modules(arch, family: str, seed: int = 0) -> dict[str, LoraModule]:
     return random_modules(arch, names, rank=2, scale=0.5, std=0.2, seed=seed)
 
 
-def _weights(pipe) -> dict:
-    from auditkit.models.architectures import canonical_name
-    from auditkit.models.pipeline import lora_components
-
-    out = {}
-    for component, model in lora_components(pipe).items():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                out[canonical_name(component, name.replace(".base_layer", ""))] = module.weight.detach().clone()
-    return out
-
-
 LAYOUTS = (formats.KOHYA, formats.DIFFUSERS, formats.PEFT)
 
 
@@ -180,19 +168,19 @@ def test_an_adapter_in_a_layout_the_family_reads_changes_the_weights_by_exactly_
     assert adapter.architecture is arch and adapter.coverage.fraction == 1.0 and set(adapter.modules) == set(mods)
     for name, module in adapter.modules.items():
         np.testing.assert_allclose(module.delta(), mods[name].delta(), rtol=1e-5, atol=1e-7, err_msg=name)
-    before = _weights(pipe)
+    before = e2e.lora_weights(pipe)
     coverage = load_adapters(pipe, {"candidate": adapter})["candidate"]
     assert (coverage["fraction"], coverage["loaded"], coverage["missing"]) == (1.0, len(mods), [])
     assert coverage["source"] in ("file", "auditkit conversion")
     fused = Fused(pipe)
     fused.apply(Configuration("c@0.5", (("candidate", 0.5),)), ["candidate"])
-    after = _weights(pipe)
+    after = e2e.lora_weights(pipe)
     for name, module in adapter.modules.items():
         delta = (after[name].double() - before[name].double()).flatten(1).numpy()
         np.testing.assert_allclose(delta, 0.5 * module.delta(), rtol=1e-4, atol=1e-6, err_msg=name)
     assert all(torch.equal(after[n], before[n]) for n in set(before) - set(adapter.modules))
     fused.restore()
-    restored = _weights(pipe)
+    restored = e2e.lora_weights(pipe)
     assert all(torch.equal(restored[n], before[n]) for n in adapter.modules)
 
 

@@ -112,18 +112,6 @@ def write_sai(arch, path, seed=0):
 WRITERS = {"kohya": write_kohya, "sai": write_sai}  # (a diffusers file: the family contract)
 
 
-def _weights(pipe) -> dict:
-    from auditkit.models.architectures import canonical_name
-    from auditkit.models.pipeline import lora_components
-
-    out = {}
-    for component, model in lora_components(pipe).items():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                out[canonical_name(component, name.replace(".base_layer", ""))] = module.weight.detach().clone()
-    return out
-
-
 @pytest.mark.parametrize("naming", WRITERS)
 def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp_path, naming):
     from auditkit.models.attach import Fused, load_adapters
@@ -132,17 +120,17 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
     adapter = read_adapter(WRITERS[naming](arch, tmp_path / "cand.safetensors"), extra_architectures=(arch,))
     assert adapter.architecture is arch and adapter.coverage.fraction == 1.0
     assert set(adapter.modules) == {n for n in arch.modules if n.startswith("transformer.")}
-    before = _weights(pipe)
+    before = e2e.lora_weights(pipe)
     coverage = load_adapters(pipe, {"candidate": adapter})["candidate"]
     assert coverage["fraction"] == 1.0 and coverage["loaded"] == len(adapter.modules)
     fused = Fused(pipe)
     fused.apply(Configuration("c@0.5", (("candidate", 0.5),)), ["candidate"])
-    after = _weights(pipe)
+    after = e2e.lora_weights(pipe)
     for name, module in adapter.modules.items():
         delta = (after[name].double() - before[name].double()).flatten(1).numpy()
         np.testing.assert_allclose(delta, 0.5 * module.delta(), rtol=1e-4, atol=1e-6, err_msg=name)
     fused.restore()
-    restored = _weights(pipe)
+    restored = e2e.lora_weights(pipe)
     assert all(torch.equal(restored[n], before[n]) for n in adapter.modules)
 
 

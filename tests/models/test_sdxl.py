@@ -17,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from conftest import random_modules  # noqa: E402
-from tiny_pipelines import tiny_sdxl_pipeline  # noqa: E402
+from tiny_pipelines import lora_weights, tiny_sdxl_pipeline  # noqa: E402
 
 from auditkit.errors import BadInput, Unscannable  # noqa: E402
 from auditkit.lora import formats  # noqa: E402
@@ -178,18 +178,6 @@ def test_auditkit_reads_the_delta_diffusers_converts(arch, folder, tmp_path, lay
         np.testing.assert_allclose(adapter.modules[name].delta(), mods[name].delta(), rtol=1e-5, atol=1e-7)
 
 
-def _weights(pipe) -> dict:
-    from auditkit.models.architectures import canonical_name
-    from auditkit.models.pipeline import lora_components
-
-    out = {}
-    for component, model in lora_components(pipe).items():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                out[canonical_name(component, name.replace(".base_layer", ""))] = module.weight.detach().clone()
-    return out
-
-
 # diffusers (0.42) strips "text_model." from a text encoder's keys when the model has no such level
 # (transformers 5's CLIPTextModel) but not from the target_modules of a file's lora_adapter_metadata, so
 # peft finds none of them: diffusers/peft files adapting the first text encoder do not load (see below).
@@ -207,7 +195,7 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
     write, _ = LAYOUTS[layout]
     mods = sdxl_modules(arch, seed=1)
     adapter = read_adapter(write(mods, arch, tmp_path / "cand.safetensors"), extra_architectures=(arch,))
-    before = _weights(pipe)
+    before = lora_weights(pipe)
     coverage = load_adapters(pipe, {"candidate": adapter})["candidate"]
     source = LOADABLE[layout]
     if source != "file" and layout == "diffusers" and hasattr(pipe.text_encoder, "text_model"):
@@ -219,13 +207,13 @@ def test_loaded_adapters_change_the_weights_by_exactly_the_delta(arch, pipe, tmp
     assert ("note" in coverage) == (source != "file")
     fused = Fused(pipe)
     fused.apply(Configuration("c@0.5", (("candidate", 0.5),)), ["candidate"])
-    after = _weights(pipe)
+    after = lora_weights(pipe)
     for name, module in adapter.modules.items():
         delta = (after[name].double() - before[name].double()).flatten(1).numpy()
         np.testing.assert_allclose(delta, 0.5 * module.delta(), rtol=1e-4, atol=1e-6, err_msg=name)
     assert any(n.startswith("text_encoder_2.") for n in adapter.modules)
     fused.restore()
-    restored = _weights(pipe)
+    restored = lora_weights(pipe)
     assert all(torch.equal(restored[n], before[n]) for n in adapter.modules)
 
 
