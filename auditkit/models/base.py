@@ -82,12 +82,7 @@ class Base:
     def extra_architectures(self) -> tuple:
         """The architecture as ``read_adapter(extra_architectures=…)`` takes it: empty when it is a built-in
         one (those are always considered; a lab model's always is, and is not built from its folder)."""
-        from auditkit.models import architectures
-
-        if self.lab is not None:
-            return ()
-        arch = self.architecture
-        return () if arch.name in architectures.BUILTIN else (arch,)
+        return () if self.lab is not None else _extra(self.architecture)
 
     @property
     def suites(self) -> tuple[str, ...]:
@@ -125,10 +120,17 @@ def resolve_base(name: str, relative_to: str | Path | None = None, check_case: b
 def reading_architectures(base: Base | None, pipeline=None) -> tuple:
     """(the architecture adapters are read against or None, the extra architectures ``read_adapter`` takes): the
     loaded ``pipeline``'s when one is given (a built-in one when its shapes match), else the base's."""
-    from auditkit.models import architectures
     from auditkit.models.pipeline import architecture_of
 
     if pipeline is None:
         return (base.architecture, base.extra_architectures) if base is not None else (None, ())
     arch = architecture_of(pipeline)
-    return arch, (() if arch.name in architectures.BUILTIN else (arch,))
+    return arch, _extra(arch)
+
+
+def _extra(arch) -> tuple:
+    """``arch`` as ``read_adapter(extra_architectures=…)`` takes it: empty for a built-in table (always
+    considered)."""
+    from auditkit.models import architectures
+
+    return () if arch.name in architectures.BUILTIN else (arch,)
