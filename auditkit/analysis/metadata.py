@@ -16,7 +16,9 @@ from auditkit.analysis.triggers import declared
 from auditkit.lora.metadata import training_tags
 
 
-def _pattern(terms: tuple[str, ...]) -> re.Pattern | None:
+def concept_pattern(terms: tuple[str, ...]) -> re.Pattern | None:
+    """A pattern finding any of ``terms`` in a lower-cased text as a whole word, in the plural too (None without
+    terms): what names a suite's concept in tags, trigger words and captions."""
     words = sorted({t.strip().lower() for t in terms if t.strip()}, key=len, reverse=True)
     if not words:
         return None
@@ -55,7 +57,7 @@ def concept_evidence(metadata: dict[str, str], concepts: dict[str, tuple[str, ..
     triggers = declared_triggers(metadata) if triggers is None else list(triggers)
     suites = {}
     for name, terms in concepts.items():
-        pattern = _pattern(terms)
+        pattern = concept_pattern(terms)
         hits = [] if pattern is None else [{"tag": t, "count": n} for t, n in tags.items() if pattern.search(t.lower())]
         hits.sort(key=lambda h: (-h["count"], h["tag"]))
         trig = [] if pattern is None else [w for w in triggers if pattern.search(w.lower())]

@@ -53,18 +53,24 @@ def _training_setup(req, pipe, candidate):
 
 
 def domain_data(req, data):
-    """The candidate's data without the items whose caption names the concept (the concept suites' word and terms):
-    retrained or distilled on, they would teach the repaired adapter the concept again. BadInput naming the folder
-    when nothing is left; a note saying how many were left out."""
-    words = {w for s in req.suites if s.role == "concept" for w in (s.concept_word, *s.concept_terms)}
-    kept, dropped = data.without(words)
+    """The candidate's data without the items whose caption names the concept (the concept suites' word and terms,
+    as metadata evidence finds them in tags): retrained or distilled on, they would teach the repaired adapter the
+    concept again. BadInput naming the folder when nothing is left; a note saying how many were left out."""
+    from auditkit.analysis.metadata import concept_pattern
+    from auditkit.scan import metadata_concepts
+
+    words = sorted({t for terms in metadata_concepts(req.suites).values() for t in terms})
+    pattern = concept_pattern(tuple(words))
+    if pattern is None:
+        return data, []
+    kept, dropped = data.without(lambda caption: pattern.search(caption.lower()) is not None)
     if not dropped:
         return data, []
     if not kept.captions:
-        raise BadInput(req.data, f"every caption names the concept ({', '.join(sorted(words))}): a repair needs "
-                                 f"the candidate's other data")
+        raise BadInput(req.data, f"every caption names the concept ({', '.join(words)}): a repair needs the "
+                                 f"candidate's other data")
     return kept, [f"{len(dropped)} of the {len(data.captions)} data images have captions naming the concept "
-                  f"({', '.join(sorted(words))}; e.g. {dropped[0].name}) and were left out of the repair's training"]
+                  f"({', '.join(words)}; e.g. {dropped[0].name}) and were left out of the repair's training"]
 
 
 def _retrain(req, pipe, candidate, safety, bars, anchors, anchored: bool) -> Outcome:

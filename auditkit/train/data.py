@@ -8,7 +8,6 @@ the data is ever executed), and only after their header's size has been checked.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,23 +32,12 @@ class ImageCaptionSet:
     captions: list[str]
     files: list[Path]
 
-    def without(self, words) -> tuple[ImageCaptionSet, list[Path]]:
-        """The set without the items whose caption names one of ``words`` (whole words, any case), and the files
-        left out."""
-        pattern = names_any(words)
-        if pattern is None:
-            return self, []
-        keep = [i for i, c in enumerate(self.captions) if not pattern.search(c)]
+    def without(self, named) -> tuple[ImageCaptionSet, list[Path]]:
+        """The set without the items whose caption ``named(caption)`` is true for, and the files left out."""
+        keep = [i for i, c in enumerate(self.captions) if not named(c)]
+        kept = set(keep)
         out = ImageCaptionSet(self.images[keep], [self.captions[i] for i in keep], [self.files[i] for i in keep])
-        return out, [f for i, f in enumerate(self.files) if i not in set(keep)]
-
-
-def names_any(words):
-    """A pattern matching any of ``words`` as a whole word, in any case (None without words)."""
-    words = sorted({w.strip() for w in words if w and w.strip()}, key=len, reverse=True)
-    if not words:
-        return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
+        return out, [f for i, f in enumerate(self.files) if i not in kept]
 
 
 def check_folder(folder: str | Path) -> list[tuple[Path, str]]:

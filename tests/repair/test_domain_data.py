@@ -20,8 +20,8 @@ def data(*captions):
 
 
 def request(*suites, folder="data"):
-    return SimpleNamespace(suites=[SimpleNamespace(role=r, concept_word=w, concept_terms=t) for r, w, t in suites],
-                           data=Path(folder))
+    return SimpleNamespace(suites=[SimpleNamespace(name=f"suite{i}", role=r, concept_word=w, concept_terms=t)
+                                   for i, (r, w, t) in enumerate(suites)], data=Path(folder))
 
 
 def test_captions_naming_the_concept_or_its_terms_are_left_out_and_counted():
