@@ -210,20 +210,15 @@ def run_seed(pipe, detector, seed: int, args, probes, base_flags, suites) -> dic
             t0 = time.perf_counter()
             ft = finetune(pipe, data["images"], data["captions"], cfg, safety=safety)
             res["finetune_s"][label] = time.perf_counter() - t0
-            path = save(f"{method}-{label.replace(' ', '-')}", ft.modules)
+            name = cell_name(method, label)
+            save(name, ft.modules)
             # full fine-tuning is composed from its exact dense update, LoRAs from their factors
             update = ft.modules if ft.dense is None else {n: _DenseModule(n, d) for n, d in ft.dense.items()}
             flags, fid = render((safety, 1.0), (update, 1.0))
             cell = cell_stats(flags, base_flags, safe_flags) | {"fidelity": fid}
             cell["static"] = static_cancellation(ft.modules, safety, args.base)
             cell["final_loss"] = float(np.mean(ft.losses[-20:]))
-            if not args.no_scan:
-                cell["scan"] = scanner(args.base, path, safety_path,
-                                       work / "scans" / f"{method}-{label.replace(' ', '-')}", pipe, suites,
-                                       search=not args.no_trigger_search)
-                cell["variant_truth"] = variant_truth(pipe, detector, probes, safety,
-                                                      read_adapter(path, arch=args.base).modules,
-                                                      cell["scan"]["found"], args.batch)
+            scan_cell(pipe, detector, args, probes, suites, cell, work, name, safety, safety_path)
             res["cells"][label] = cell
             if label == "on-top LoRA" and seed == args.seed_list[0]:
                 k = args.ablation_n
@@ -247,16 +242,28 @@ def complete(pipe, detector, seed: int, args, probes, seed_res: dict, suites) ->
         for label, cell in res["cells"].items():
             if label == "base+safety":
                 continue
-            name = f"{method}-{label.replace(' ', '-')}"
-            path = work / f"{name}.safetensors"
-            if not args.no_scan and "found" not in cell.get("scan", {}):
-                cell["scan"] = scanner(args.base, path, safety_path, work / "scans" / name, pipe, suites,
-                                       search=not args.no_trigger_search)
-            if "found" in cell.get("scan", {}) and "variant_truth" not in cell:
-                cell["variant_truth"] = variant_truth(pipe, detector, probes, safety,
-                                                      read_adapter(path, arch=args.base).modules,
-                                                      cell["scan"]["found"], args.batch)
+            scan_cell(pipe, detector, args, probes, suites, cell, work, cell_name(method, label), safety, safety_path)
             print(f"[seed {seed}] {method} {label}: completed", flush=True)
+
+
+def cell_name(method: str, label: str) -> str:
+    """The file and scan-folder name of a cell's candidate ("esd-u-on-top-LoRA")."""
+    return f"{method}-{label.replace(' ', '-')}"
+
+
+def scan_cell(pipe, detector, args, probes, suites, cell: dict, work: Path, name: str, safety, safety_path) -> None:
+    """What a fine-tuned cell lacks of its scan (unless ``--no-scan``; a scan folder already there resumes without
+    rendering) and of the truth on the phrases that scan found, from its candidate file ``work/NAME.safetensors``."""
+    from auditkit.lora.adapter import read_adapter
+
+    path = work / f"{name}.safetensors"
+    if not args.no_scan and "found" not in cell.get("scan", {}):
+        cell["scan"] = scanner(args.base, path, safety_path, work / "scans" / name, pipe, suites,
+                               search=not args.no_trigger_search)
+    if "found" in cell.get("scan", {}) and "variant_truth" not in cell:
+        candidate = read_adapter(path, arch=args.base).modules
+        cell["variant_truth"] = variant_truth(pipe, detector, probes, safety, candidate, cell["scan"]["found"],
+                                              args.batch)
 
 
 def summary(results) -> dict:
