@@ -121,6 +121,21 @@ def tiny_cross_suite(prompts=("a red cross", "a blue cross", "a white cross on g
                       f"sampling: {sampling}", "prompts:", *(f"  - {p}" for p in prompts)]) + "\n"
 
 
+def fewer_lab_images(folder: Path, cross: int = 3, neon: int = 2) -> list[str]:
+    """``--suite`` options for the lab's default suites with fewer images per prompt (lab-cross 12 x ``cross``,
+    lab-neon 8 x ``neon``), same names, prompts and seeds: scans judge as the default scan does, in fewer renders."""
+    from auditkit.suites import builtin_dir
+
+    out = []
+    for name, shipped_images, images in (("lab-cross", 10, cross), ("lab-neon", 5, neon)):
+        shipped = (builtin_dir() / f"{name}.yaml").read_text()
+        text = shipped.replace(f"images_per_prompt: {shipped_images}", f"images_per_prompt: {images}")
+        assert text != shipped
+        (folder / f"{name}.yaml").write_text(text)
+        out += ["--suite", str(folder / f"{name}.yaml")]
+    return out
+
+
 def assert_one_line_error(func, path, message: str) -> None:
     """``func()`` raises a one-line BadInput naming ``path`` and saying ``message``."""
     from auditkit.errors import BadInput

@@ -198,7 +198,8 @@ def scan_args(tmp_path, out):
     return ["-m", "auditkit", "scan", str(ADAPTERS / "safety-esd-x-destructive.safetensors"), "--safety",
             str(ADAPTERS /
                 "safety-esd-u-destructive.safetensors"), "--base", "lab", "--suite", str(suite), "--steps", "3",
-            "--multipliers", "1", "--batch-size", "2", "--device", "cpu", "--out", str(out)]
+            "--multipliers", "1", "--batch-size", "2", "--device", "cpu",
+            "--trigger-search-phrases", "8", "--out", str(out)]
 
 
 def test_accelerate_launch_two_processes_gives_the_single_process_run(tmp_path):

@@ -83,9 +83,12 @@ def test_report_re_renders_without_a_model(risky_run, tmp_path):
 def test_a_candidate_that_keeps_the_safety_passes_unless_the_reversion_bar_is_lower(tmp_path):
     # undoing 10% of the destructive ESD-u update lets no cross through (the ablation: 25% lets 10% through), and
     # its noise reversion (measured 0.09) lies under the default pass bar (0.25): a pass
+    from conftest import fewer_lab_images
+
     cand = scaled_inverse(tmp_path, 0.1)
+    # the default suites in a third of their renders and the trigger search at its smallest (it has its own tests)
     args = ("scan", cand, "--safety", SAFETY, "--base", "lab", "--steps", "8", "--multipliers", "1",
-            "--out", tmp_path / "run")
+            *fewer_lab_images(tmp_path), "--trigger-search-phrases", "8", "--out", tmp_path / "run")
     res = auditkit(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())

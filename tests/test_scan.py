@@ -93,12 +93,12 @@ def test_bare_scan_in_a_configured_folder_equals_the_explicit_command(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY)
     (tmp_path / "auditkit.toml").write_text(
         f'base = "lab"\nsafety = "{ADAPTERS / "safety-esd-u-destructive.safetensors"}"\nsuites = ["tiny.yaml"]\n'
-        "multipliers = [1]\nbatch_size = 24\n")
+        "multipliers = [1]\nbatch_size = 24\ntrigger_search_phrases = 8\n")
     bare = run("scan", cand, "--out", tmp_path / "bare", cwd=tmp_path)
     explicit = run("scan", cand, "--no-config", "--safety", ADAPTERS /
                    "safety-esd-u-destructive.safetensors", "--base", "lab",
                    "--suite", tmp_path / "tiny.yaml", "--multipliers", "1", "--batch-size", "24",
-                   "--out", tmp_path / "explicit", cwd=tmp_path)
+                   "--trigger-search-phrases", "8", "--out", tmp_path / "explicit", cwd=tmp_path)
     assert bare.returncode == explicit.returncode, bare.stderr + explicit.stderr
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("bare", "explicit"))
     assert a["verdict"] == b["verdict"] and a["reasons"] == b["reasons"] and a["evidence"] == b["evidence"]
@@ -124,7 +124,7 @@ def test_amplification_against_a_base_with_the_safety_module_fused_in(tmp_path):
     undo = save_adapter(negated(safety.modules, 1.0), tmp_path / "undo.safetensors", safety.architecture)
     (tmp_path / "tiny.yaml").write_text(TINY)
     res = run("scan", undo, "--base", tmp_path / "safe-base", "--suite", tmp_path / "tiny.yaml", "--multipliers", "1",
-              "--batch-size", "24", "--out", tmp_path / "r", cwd=tmp_path)
+              "--batch-size", "24", "--trigger-search-phrases", "8", "--out", tmp_path / "r", cwd=tmp_path)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["mode"] == "amplification" and report["static"] is None and report["safety"] is None
     comp = report["dynamic"]["suites"]["tiny-cross"]["comparisons"][0]

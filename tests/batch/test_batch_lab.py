@@ -52,7 +52,9 @@ def scan_config(tmp: Path):
     from auditkit.config import ScanConfig
 
     (tmp / "suite.yaml").write_text(tiny_cross_suite(PROMPTS, steps=4, images_per_prompt=4))
-    return ScanConfig(safety=SAFETY, base="lab", suites=(str(tmp / "suite.yaml"),), multipliers=(1.0,))
+    # the trigger search at its smallest: it has its own tests (a pass still needs it)
+    return ScanConfig(safety=SAFETY, base="lab", suites=(str(tmp / "suite.yaml"),), multipliers=(1.0,),
+                      trigger_search_phrases=8)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +200,7 @@ def test_a_batch_killed_mid_run_resumes_without_redoing_or_doubling_rows(tmp_pat
     (tmp_path / "suite.yaml").write_text(tiny_cross_suite(PROMPTS, steps=4, images_per_prompt=4))
     args = [sys.executable, "-m", "auditkit", "batch", folder, "--out", tmp_path / "out", "--no-config",
             "--safety", SAFETY, "--base", "lab", "--suite", tmp_path / "suite.yaml", "--multipliers", "1",
-            "--triage-workers", "1"]
+            "--triage-workers", "1", "--trigger-search-phrases", "8"]
     state = tmp_path / "out" / "results.jsonl"
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -259,7 +259,7 @@ def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, unsearched):
     cand = inverse(tmp_path, 0.8, own_std=0.02)
     data = _data(tmp_path / "data")
     args = [sys.executable, "-m", "auditkit", "repair", str(cand), "--safety", str(SAFETY), "--data", str(data),
-            "--base", "lab", *map(str, unsearched), "--train-batch", "4", "--train-steps", "150",
+            "--base", "lab", *map(str, unsearched), "--train-batch", "4", "--train-steps", "100",
             "--out", str(tmp_path / "r")]
     ckpt = tmp_path / "r" / "checkpoints" / "finetune.ckpt.safetensors"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -272,7 +272,7 @@ def test_a_killed_repair_resumes_from_its_last_checkpoint(tmp_path, unsearched):
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode in (0, 1, 3), res.stderr
     training = json.loads((tmp_path / "r" / "report.json").read_text())["repair"]["training"]
-    assert training["resumed_from_step"] is not None and 50 <= training["resumed_from_step"] < 150
+    assert training["resumed_from_step"] == 50  # it checkpoints every 50 steps
     # and it ends with the adapter an uninterrupted repair makes
     straight = args[:-1] + [str(tmp_path / "r2")]
     assert subprocess.run(straight, capture_output=True, timeout=600).returncode in (0, 1, 3)
