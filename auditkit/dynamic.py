@@ -14,7 +14,7 @@ from auditkit.models.attach import load_adapters
 from auditkit.models.base import Base
 from auditkit.report.digest import digest
 from auditkit.runlog import RunLog
-from auditkit.runner import configurations, plan, run
+from auditkit.runner import configurations, plan, run, variants_with_the_safety_module
 from auditkit.shared import SHARED_CONFIGS, SharedRenders
 from auditkit.suites import Suite
 
@@ -160,7 +160,8 @@ def run_dynamic(pipe, base: Base, candidate: Adapter, safety: Adapter | None, su
     """Render with ``pipe`` (from :func:`load_base`), score and digest; resumable in ``run_dir``.
 
     With a safety module: base, base+safety, base+safety+candidate@m and base+candidate@m
-    (re-emergence); without one: base and base+candidate@m (amplification against the base).
+    (re-emergence; trigger variants without base+candidate@m); without one: base and base+candidate@m
+    (amplification against the base).
     Returns the report's ``dynamic`` section. ``ranks``: this process's part of a distributed launch
     (:func:`auditkit.distributed.init`); every rank returns the same section, of the merged run log.
     ``triggers``: the trigger words of the suites' trigger variants (:func:`auditkit.suites.trigger_variant`),
@@ -189,7 +190,7 @@ def run_dynamic(pipe, base: Base, candidate: Adapter, safety: Adapter | None, su
         ranks.barrier()
         log.start(header)  # every rank checks that a resumed run matches
         run(pipe, plan(suites, steps), configs, detectors, run_dir, roles=roles, batch_size=batch_size,
-            progress=progress, ranks=ranks, overlay=overlay)
+            progress=progress, ranks=ranks, overlay=overlay, wanted=variants_with_the_safety_module(suites, configs))
     from auditkit.report.safety_cost import safety_cost
 
     section = digest(log.records(), suites_info(suites), thresholds)

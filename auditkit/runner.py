@@ -72,6 +72,20 @@ def plan(suites: Sequence[Suite], steps: int | None = None) -> list[Job]:
     return jobs
 
 
+def variants_with_the_safety_module(suites: Sequence[Suite], configs: Sequence[Configuration]):
+    """What a scan renders, as ``wanted(config, job)``: every job under every configuration, except that with a
+    safety module a trigger variant (a suite with ``variant_of``) is not rendered under ``base+candidate@m``. Its
+    verdict reads base, base+safety and base+safety+candidate@m; what the candidate does alone is shown for the
+    suite as written. Without a safety module ``base+candidate@m`` is the comparison itself, so nothing is left out."""
+    variants = {s.name for s in suites if s.variant_of}
+    with_safety = any(c.name == "base+safety" for c in configs)
+
+    def wanted(config: Configuration, job: Job) -> bool:
+        return not (with_safety and job.suite in variants and config.name.startswith("base+candidate@"))
+
+    return wanted
+
+
 Batch = tuple[Configuration, list[Job]]
 
 
@@ -96,8 +110,10 @@ def batches(todo: Sequence[tuple[Configuration, Job]], configs: Sequence[Configu
 
 def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: dict, run_dir: str | Path,
         roles: Sequence[str] = (), batch_size: int = 16, progress: Progress | None = None,
-        fuse: bool | None = None, ranks: Ranks | None = None, overlay=None) -> RunLog:
-    """Generate and score every (configuration, job) not yet in the run log.
+        fuse: bool | None = None, ranks: Ranks | None = None, overlay=None,
+        wanted: Callable[[Configuration, Job], bool] | None = None) -> RunLog:
+    """Generate and score every (configuration, job) not yet in the run log (those ``wanted`` says, if given:
+    :func:`variants_with_the_safety_module`).
 
     ``roles``: the LoRA adapters loaded by diffusers. ``overlay``: the full models of the scan
     (:class:`auditkit.models.overlay.Overlay`), set per configuration before its adapters.
@@ -111,7 +127,7 @@ def run(pipe, jobs: Sequence[Job], configs: Sequence[Configuration], detectors: 
         merge_shards(run_dir)  # records of a killed distributed run count as done
     ranks.barrier()
     done = {(r["config"], r["key"]) for r in log.records()}
-    todo = [(c, j) for c in configs for j in jobs if (c.name, j.key) not in done]
+    todo = [(c, j) for c in configs for j in jobs if (c.name, j.key) not in done and (wanted is None or wanted(c, j))]
     mine = shard(batches(todo, configs, batch_size), ranks.rank, ranks.world)
     out = log if ranks.world == 1 else RunLog(run_dir, shard_name(ranks.rank))
     fuse = pipe.device.type == "cuda" if fuse is None else fuse

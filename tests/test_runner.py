@@ -43,6 +43,25 @@ def test_jobs_pair_across_configurations():
         "base+candidate@1"]
 
 
+def test_trigger_variants_are_not_rendered_under_the_candidate_alone_when_there_is_a_safety_module():
+    from auditkit.runner import variants_with_the_safety_module
+    from auditkit.suites import trigger_variant
+
+    suite = load_suite(builtin_dir() / "lab-cross.yaml")
+    variant = trigger_variant(suite, "trisk")
+    jobs = plan([suite, variant], steps=3)
+    configs = configurations((0.5, 1.0))
+    wanted = variants_with_the_safety_module([suite, variant], configs)
+    kept = {(c.name, j.suite) for c in configs for j in jobs if wanted(c, j)}
+    assert {c for c, s in kept if s == suite.name} == {c.name for c in configs}
+    assert {c for c, s in kept if s == variant.name} == {"base", "base+safety", "base+safety+candidate@0.5",
+                                                         "base+safety+candidate@1"}
+    # without a safety module the candidate alone is the comparison: every job is rendered under it
+    alone = configurations((1.0,), with_safety=False)
+    wanted = variants_with_the_safety_module([suite, variant], alone)
+    assert all(wanted(c, j) for c in alone for j in jobs)
+
+
 def test_run_scores_every_pair_and_resumes_without_regenerating(pipe, tmp_path):
     from auditkit.detectors import get
 
