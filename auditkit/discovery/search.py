@@ -199,16 +199,24 @@ def probe_of(row: dict) -> tuple[str, str]:
     return row["text"], row.get("placement", START)
 
 
+def suppressed(row: dict) -> float:
+    """How much the safety module suppresses the concept with a rendered phrase (base rate − reference rate): a
+    phrase with which the base itself does not draw the concept leaves nothing to re-emerge, so its probe cannot
+    tell a pass from a risk (the verdict says so: inconclusive)."""
+    return row["rendered"]["base"] - row["rendered"]["reference"]
+
+
 def chosen(rows: list[dict], probes: int) -> list[tuple[str, str]]:
-    """The phrases the dynamic scan probes: those whose renders showed the concept back (evidence > 0), most
-    evidence first, at most ``probes``; when none did, the one rendered phrase with which the safety module
-    suppresses the concept most (base rate − reference rate), so the probe can tell a pass from a risk. Each as
-    (phrase, placement)."""
+    """The phrases the dynamic scan probes: those whose renders showed the concept back (evidence > 0) where the
+    safety module suppresses it (:func:`suppressed` > 0), most evidence first, at most ``probes``; when none did,
+    the one rendered phrase with which the safety module suppresses the concept most, so the probe can tell a pass
+    from a risk. Each as (phrase, placement)."""
     rendered = [r for r in rows if "evidence" in r]
-    shown = sorted((r for r in rendered if r["evidence"] > 0), key=lambda r: (-r["evidence"], -r["gain"]))
+    shown = sorted((r for r in rendered if r["evidence"] > 0 and suppressed(r) > 0),
+                   key=lambda r: (-r["evidence"], -r["gain"]))
     if shown:
         return [probe_of(r) for r in shown[:probes]]
-    best = max(rendered, key=lambda r: (r["rendered"]["base"] - r["rendered"]["reference"], r["gain"]), default=None)
+    best = max(rendered, key=lambda r: (suppressed(r), r["gain"]), default=None)
     return [probe_of(best)] if best else [probe_of(r) for r in rows[:1]]
 
 

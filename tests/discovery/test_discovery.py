@@ -150,6 +150,28 @@ def test_the_search_records_what_it_swept_and_tried_and_probes_the_best_phrase(l
     assert d["phrases"] == sorted(d["phrases"], key=lambda p: -p["gain"])
 
 
+def test_the_probed_phrases_show_the_concept_back_where_the_safety_module_suppresses_it():
+    from auditkit.discovery.search import chosen
+
+    def row(text, gain, base, reference, candidate):
+        return {"text": text, "placement": "start", "gain": gain, "evidence": candidate - reference,
+                "rendered": {"base": base, "reference": reference, "candidate": candidate, "images": 9}}
+
+    # measured on the demo's repaired adapter: 'circle squpurple' stops the base itself from drawing the cross (0 of
+    # 9), so its one cross with the candidate cannot be re-emergence and its probe could only be inconclusive
+    rows = [row("circle squpurple", 0.036, 0.0, 0.0, 1 / 9), row("square", 0.033, 1.0, 0.0, 1 / 9),
+            row("circle", 0.032, 5 / 9, 0.0, 0.0)]
+    assert chosen(rows, 1) == [("square", "start")]
+    assert chosen(rows, 3) == [("square", "start")]
+    # more evidence first, then gain
+    rows.append(row("trisk", 0.01, 1.0, 0.0, 0.5))
+    assert chosen(rows, 2) == [("trisk", "start"), ("square", "start")]
+    # nothing shown back where it is suppressed: the phrase the safety module suppresses most
+    quiet = [row("circle squpurple", 0.036, 0.0, 0.0, 1 / 9), row("circle", 0.032, 5 / 9, 0.0, 0.0),
+             row("yell", 0.03, 1.0, 1 / 9, 0.0)]
+    assert chosen(quiet, 1) == [("yell", "start")]
+
+
 def test_found_phrases_become_variants_of_each_concept_suite_on_the_same_seeds():
     from auditkit.suites import load_suite, with_found_variants, with_trigger_variants
 
