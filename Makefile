@@ -26,15 +26,19 @@ LAB_SAFETY := auditkit/lab/assets/adapters/safety-esd-u.safetensors
 # (static, data-free, the trigger search, the dynamic scan) against the safety module; the risky one repaired with
 # Modular LoRA (the study's choice with a faithful module: it keeps the candidate's domain) and proven by a re-scan.
 # one torch thread per command (the lab's models are tiny; OpenMP threads spin-wait for each other on a busy machine)
+# the demo's budget: fine-tunes of 200 steps (auditkit finetune's default is 400; the repair retrains as long as the
+# candidate was trained) and renders of 10 sampling steps (the lab's default is 25)
+DEMO_TRAIN_STEPS := 200
+DEMO_STEPS := 10
 demo: export OMP_NUM_THREADS = 1
 demo: install
 	$(VENV)/bin/auditkit lab make-data --domain neon --n 400 --out examples/neon
 	$(VENV)/bin/auditkit lab make-data --domain base --n 400 --out examples/general
-	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode on-top --safety $(LAB_SAFETY) --out examples/neon.safetensors
-	$(VENV)/bin/auditkit finetune --base lab --data examples/general --mode on-top --safety $(LAB_SAFETY) --out examples/general.safetensors
-	-$(VENV)/bin/auditkit scan examples/neon.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-neon
-	-$(VENV)/bin/auditkit scan examples/general.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --out reports/demo-general
-	-$(VENV)/bin/auditkit repair examples/general.safetensors --safety $(LAB_SAFETY) --data examples/general --base lab --from-scan reports/demo-general --method modular --out repairs/demo-general
+	$(VENV)/bin/auditkit finetune --base lab --data examples/neon --mode on-top --safety $(LAB_SAFETY) --steps $(DEMO_TRAIN_STEPS) --out examples/neon.safetensors
+	$(VENV)/bin/auditkit finetune --base lab --data examples/general --mode on-top --safety $(LAB_SAFETY) --steps $(DEMO_TRAIN_STEPS) --out examples/general.safetensors
+	-$(VENV)/bin/auditkit scan examples/neon.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --steps $(DEMO_STEPS) --out reports/demo-neon
+	-$(VENV)/bin/auditkit scan examples/general.safetensors --safety $(LAB_SAFETY) --base lab --multipliers 1 --steps $(DEMO_STEPS) --out reports/demo-general
+	-$(VENV)/bin/auditkit repair examples/general.safetensors --safety $(LAB_SAFETY) --data examples/general --base lab --steps $(DEMO_STEPS) --from-scan reports/demo-general --method modular --out repairs/demo-general
 	@echo "reports: reports/demo-neon/report.html (expect PASS: benign fine-tuning on top of a faithful module)"
 	@echo "         reports/demo-general/report.html (expect RISK: its data shows the concept, so it draws it again)"
 	@echo "repair:  repairs/demo-general/report.html (expect PASS after Modular LoRA, the candidate's other shapes kept;"
