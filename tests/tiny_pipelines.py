@@ -473,6 +473,7 @@ def check_modular_repair(folder, pipe, safety_path, candidate: dict, data_folder
     from auditkit.lora.write import save_adapter
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of
+    from auditkit.repair.retrain import Retraining
     from auditkit.repair.run import RepairRequest, repair
     from auditkit.suites import load_suites
 
@@ -484,7 +485,8 @@ def check_modular_repair(folder, pipe, safety_path, candidate: dict, data_folder
     config = ScanConfig(base=str(folder), suites=tuple(map(str, suites)), multipliers=(1.0,), batch_size=8,
                         device="cpu")
     request = RepairRequest(candidate=cand, safety=safety_path, out=tmp_path / "r", method="modular",
-                            data=data_folder, scan=config, suites=load_suites(suites), train={"steps": 3, "batch": 2})
+                            data=data_folder, scan=config, suites=load_suites(suites),
+                            train=Retraining(steps=3, batch=2))
     report = repair(request)
     section = report["repair"]
     assert section["method"] == "modular" and section["training"]["steps"] == 3

@@ -54,6 +54,40 @@ def _option_for(f: dataclasses.Field):
     return click.option(flag, f.name, default=None, help=help_text)
 
 
+TYPES = {"int": int, "float": float, "str": str}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f.name.replace("_", "-"))
+
+
+def setting_options(cls, names: tuple[str, ...]):
+    """A decorator adding one click option per field ``names`` of the settings dataclass ``cls``
+    (:func:`auditkit.setting.setting`): ``--field-name`` (or the field's ``flag``), the field's type and choices, its
+    help, and its default, shown: the library's default is the command line's. The command receives each as the
+    flag's parameter (``train_steps`` for ``--train-steps``); :func:`settings_of` makes the dataclass of them."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def decorate(func):
+        for name in reversed(names):
+            f = fields[name]
+            kind = TYPES[str(f.type).replace(" | None", "")]
+            choices = f.metadata.get("choices")
+            func = click.option("--" + _flag(f), _flag(f).replace("-", "_"), default=f.default,
+                                show_default=f.default is not None,
+                                type=click.Choice(list(choices)) if choices else kind, help=f.metadata["help"])(func)
+        return func
+
+    return decorate
+
+
+def settings_of(cls, names: tuple[str, ...], params: dict):
+    """``cls`` made of the command's parameters that :func:`setting_options` added for ``names`` (popped from
+    ``params``); a bad value is the dataclass's own one-line error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return cls(**{n: params.pop(_flag(fields[n]).replace("-", "_")) for n in names})
+
+
 def scan_options(func, skip: tuple[str, ...] = ()):
     """Decorate a command with one option per ScanConfig field and threshold, plus --config/--no-config;
     ``skip``: fields the command sets itself (``auditkit batch`` has its own --out)."""

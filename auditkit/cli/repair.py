@@ -9,12 +9,14 @@ import click
 from rich.table import Table
 
 from auditkit.cli.common import VERDICT_STYLE, escape, out, print_paths, progress_bar, torch_threads
-from auditkit.cli.options import resolve, scan_options
+from auditkit.cli.options import resolve, scan_options, setting_options, settings_of
 from auditkit.errors import BadInput
 from auditkit.fsutil import check_output_folder
 from auditkit.repair.auto import AUTO
 from auditkit.repair.methods import METHODS, default_method
+from auditkit.repair.retrain import Retraining
 
+RETRAINING = ("rank", "alpha", "steps", "lr", "batch", "seed")  # Retraining's fields on the command line
 _METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 
 
@@ -34,13 +36,7 @@ _METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 @click.option("--from-scan", type=click.Path(path_type=Path), default=None,
               help="The candidate's earlier scan folder: re-scan with its suites, multipliers and steps, and reuse "
                    "its images as 'before'.")
-@click.option("--rank", type=int, default=None, help="retraining: LoRA rank (default: the candidate's).")
-@click.option("--alpha", type=float, default=None, help="retraining: LoRA alpha (default: the candidate's).")
-@click.option("--train-steps", type=int, default=None,
-              help="retraining: training steps (default: ss_max_train_steps of the candidate, else 400).")
-@click.option("--lr", default=1e-3, show_default=True, help="retraining: learning rate.")
-@click.option("--train-batch", default=32, show_default=True, help="retraining: batch size.")
-@click.option("--seed", default=0, show_default=True)
+@setting_options(Retraining, RETRAINING)
 @click.option("--threshold", default=0.5, show_default=True,
               help="safelora: project modules whose similarity to the safety subspace is below this.")
 @click.option("--clip-model", default=None, help="Fidelity by CLIP image similarity: open_clip model name.")
@@ -48,8 +44,8 @@ _METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
               help="Local .safetensors weights for --clip-model.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @scan_options
-def repair(candidate, method, anchor_files, fidelity_target, data_dir, from_scan, rank, alpha, train_steps, lr,
-           train_batch, seed, threshold, clip_model, clip_weights, threads, **params):
+def repair(candidate, method, anchor_files, fidelity_target, data_dir, from_scan, threshold, clip_model, clip_weights,
+           threads, **params):
     """Repair CANDIDATE so that it no longer undoes the safety module, then prove it by re-scanning.
 
     Writes an adapter pack (repaired adapter, safety adapter, combined single file, manifest) and a
@@ -64,8 +60,9 @@ def repair(candidate, method, anchor_files, fidelity_target, data_dir, from_scan
     from auditkit.scan import resolve_suites
     from auditkit.train.data import check_folder
 
-    train = {"rank": rank, "alpha": alpha, "steps": train_steps, "lr": lr, "batch": train_batch, "seed": seed}
-    check_numbers(threshold, fidelity_target, train)  # NaN or inf in any of them: one line, before any work
+    # NaN or inf in any of them: one line, before any work
+    train = settings_of(Retraining, RETRAINING, params)
+    check_numbers(threshold, fidelity_target)
     if clip_weights is not None and not clip_model:
         raise click.UsageError("--clip-weights needs --clip-model (the open_clip model the weights are for)")
     method = method or default_method(data_dir is not None)

@@ -16,7 +16,10 @@ from auditkit.cli.common import (
     read_prompts,
     torch_threads,
 )
+from auditkit.cli.options import setting_options
 from auditkit.fsutil import check_writable
+from auditkit.train.esd import ESDConfig
+from auditkit.train.finetune import FinetuneConfig
 
 
 def _method_help() -> str:
@@ -43,15 +46,7 @@ def _methods() -> list[str]:
                    "with the concept prompts. The module's cost on them is printed.")
 @click.option("--preserve", type=float, default=None,
               help="Weight of the preservation term (ESD) or of the preserved prompts (uce); default 1 with --anchors.")
-@click.option("--rank", default=4, show_default=True)
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, i.e. scale 1).")
-@click.option("--steps", default=300, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--batch", default=16, show_default=True)
-@click.option("--eta", default=1.0, show_default=True, help="Negative-guidance strength of the ESD target.")
-@click.option("--ddim-steps", default=25, show_default=True,
-              help="ESD: steps of the sampled trajectories x_t is drawn from (fewer: faster training).")
-@click.option("--seed", default=0, show_default=True)
+@setting_options(ESDConfig, ("rank", "alpha", "steps", "lr", "batch", "eta", "ddim_steps", "seed"))
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @device_option
 @click.option("--full", is_flag=True, help="Fine-tune the layers' weights themselves, as the original ESD does: "
@@ -149,24 +144,13 @@ def _print_cost(pipe, modules, anchors, base) -> None:
 @base_option
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of images with same-named .txt captions.")
-@click.option("--mode", type=click.Choice(["on-top", "modular", "full"]), default="on-top", show_default=True,
-              help="on-top: safety merged, then fine-tune (common practice); modular: fine-tune on the base, add "
-                   "the safety module at inference (Modular LoRA); full: full fine-tuning on top.")
 @click.option("--safety", type=click.Path(path_type=Path),
               help="The safety module (needed for on-top/full): a Safety LoRA, or the erased model itself.")
-@click.option("--targets", default="transformer", show_default=True,
-              help="Trained modules: transformer, attention, cross-kv, esd-x, esd-u, or a regex.")
-@click.option("--rank", default=8, show_default=True)
-@click.option("--alpha", type=float, default=None)
-@click.option("--steps", default=400, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--batch", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--extract-rank", default=32, show_default=True, help="full mode: rank of the extracted LoRA.")
+@setting_options(FinetuneConfig, ("mode", "targets", "rank", "alpha", "steps", "lr", "batch", "seed", "extract_rank"))
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @device_option
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path))
-def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batch, seed, extract_rank, threads, device,
+def finetune(base, data_dir, safety, mode, targets, rank, alpha, steps, lr, batch, seed, extract_rank, threads, device,
              out_file):
     """Fine-tune a LoRA on an image-caption folder, on top of a safety module or modularly."""
     from auditkit.dynamic import load_base
@@ -176,7 +160,6 @@ def finetune(base, data_dir, mode, safety, targets, rank, alpha, steps, lr, batc
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of, denoiser_for
     from auditkit.train.data import check_folder, load_folder
-    from auditkit.train.finetune import FinetuneConfig
     from auditkit.train.finetune import finetune as run_finetune
     from auditkit.train.lora import denoiser_targets
 

@@ -39,7 +39,7 @@ def _training_setup(req, pipe, candidate):
 
     den = denoiser_for(pipe)
     try:
-        settings = settings_from(candidate, **req.train, component=den.component, label=den.label)
+        settings = settings_from(candidate, req.train, component=den.component, label=den.label)
     except ValueError as exc:
         raise BadInput(req.candidate, str(exc)) from None
     prefix = f"{den.component}."

@@ -16,8 +16,37 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from auditkit.lora.adapter import Adapter
+from auditkit.setting import setting
 
 DEFAULT_STEPS = 400
+
+
+@dataclass(frozen=True)
+class Retraining:
+    """What a trained repair is asked for (``auditkit repair``'s retraining options): each None takes the
+    candidate's own value (:func:`settings_from`). Checked when made: a value that is not finite or out of range
+    is one line (:class:`auditkit.errors.BadInput`), before any work."""
+
+    rank: int | None = setting(None, "retraining: LoRA rank (default: the candidate's).")
+    alpha: float | None = setting(None, "retraining: LoRA alpha (default: the candidate's).")
+    steps: int | None = setting(None, f"retraining: training steps (default: ss_max_train_steps of the candidate, "
+                                      f"else {DEFAULT_STEPS}).", flag="train-steps")
+    lr: float = setting(1e-3, "retraining: learning rate.")
+    batch: int = setting(32, "retraining: batch size.", flag="train-batch")
+    seed: int = setting(0, "retraining: seed.")
+
+    def __post_init__(self) -> None:
+        from auditkit.train.lora import MAX_TRAIN_SEED, check_int, check_number
+
+        if self.rank is not None:
+            check_int("--rank", self.rank, 1)
+        if self.steps is not None:
+            check_int("--train-steps", self.steps, 1)
+        if self.alpha is not None:
+            check_number("--alpha", self.alpha, positive=True)
+        check_number("--lr", self.lr, positive=True)
+        check_int("--train-batch", self.batch, 1)
+        check_int("--seed", self.seed, 0, MAX_TRAIN_SEED)
 
 
 @dataclass(frozen=True)
@@ -27,9 +56,9 @@ class RetrainSettings:
     rank: int
     alpha: float
     steps: int
-    lr: float = 1e-3
-    batch: int = 32
-    seed: int = 0
+    lr: float = Retraining.lr
+    batch: int = Retraining.batch
+    seed: int = Retraining.seed
     sources: dict = field(default_factory=dict)  # where each value came from
     notes: tuple[str, ...] = ()
 
@@ -44,11 +73,11 @@ def _float(meta: dict, key: str) -> float | None:
         return None
 
 
-def settings_from(candidate: Adapter, rank: int | None = None, alpha: float | None = None,
-                  steps: int | None = None, lr: float = 1e-3, batch: int = 32, seed: int = 0,
-                  component: str = "unet", label: str = "UNet") -> RetrainSettings:
-    """The candidate's own training shape, overridable value by value; ``component`` is the base's
+def settings_from(candidate: Adapter, asked: Retraining = Retraining(), component: str = "unet",
+                  label: str = "UNet") -> RetrainSettings:
+    """The candidate's own training shape, overridden by what ``asked`` sets; ``component`` is the base's
     denoiser (``unet``, or ``transformer`` for SD3 and Flux), ``label`` its name in messages."""
+    rank, alpha, steps = asked.rank, asked.alpha, asked.steps
     prefix = f"{component}."
     denoiser = sorted(n.split(".", 1)[1] for n in candidate.modules if n.startswith(prefix))
     if not denoiser:
@@ -84,8 +113,8 @@ def settings_from(candidate: Adapter, rank: int | None = None, alpha: float | No
     else:
         sources["steps"] = "option"
     targets = "(" + "|".join(re.escape(n) for n in denoiser) + ")"
-    return RetrainSettings(targets, len(denoiser), int(rank), float(alpha), int(steps), lr, batch, seed, sources,
-                           tuple(notes))
+    return RetrainSettings(targets, len(denoiser), int(rank), float(alpha), int(steps), asked.lr, asked.batch,
+                           asked.seed, sources, tuple(notes))
 
 
 def retrain(pipe, images, captions, settings: RetrainSettings, checkpoint=None, progress=None,

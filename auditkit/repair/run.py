@@ -29,6 +29,7 @@ from auditkit.errors import BadInput
 from auditkit.fsutil import replace_folder
 from auditkit.models.base import Base
 from auditkit.placement import described
+from auditkit.repair.retrain import Retraining
 
 UNVERIFIED_PACK = ".pack.unverified"  # the pack until its re-scan has run (then moved to pack/)
 if TYPE_CHECKING:  # the type only: the training loop (and numpy) load when a repair trains
@@ -48,37 +49,29 @@ class RepairRequest:
     suites: list = field(default_factory=list)  # the resolved suites (anchored retraining reads them)
     from_scan: Path | None = None
     threshold: float = 0.5  # Safe LoRA similarity threshold
-    train: dict = field(default_factory=dict)  # rank, alpha, steps, lr, batch, seed overrides
+    train: Retraining = field(default_factory=Retraining)  # what a trained repair is asked for
     clip: object | None = None  # a CLIP detector for fidelity, when configured
     anchors: tuple[Path, ...] = ()  # anchor suite files (anchored, corrected); default: the shipped ones
     fidelity_target: float = 0.9  # auto: a passing repair keeping at least this much ends the search
 
     def __post_init__(self):
-        check_numbers(self.threshold, self.fidelity_target, self.train)
+        check_numbers(self.threshold, self.fidelity_target)
 
     @property
     def base(self) -> Base | None:
         return self.scan.base
 
 
-def check_numbers(threshold: float, fidelity_target: float, train: dict) -> None:
+def check_numbers(threshold: float, fidelity_target: float) -> None:
     """Refuse (one line) a numeric repair option that is not finite or out of range, before any work: NaN
-    compares false with everything, so ``--threshold nan`` ran and projected nothing."""
-    from auditkit.train.lora import MAX_TRAIN_SEED, check_int, check_number
+    compares false with everything, so ``--threshold nan`` ran and projected nothing (the retraining options are
+    checked by :class:`Retraining`)."""
+    from auditkit.train.lora import check_number
 
     check_number("--threshold", threshold)
     check_number("--fidelity-target", fidelity_target)
     if not 0 <= fidelity_target <= 1:
         raise BadInput(None, f"--fidelity-target must be in 0..1 (got {fidelity_target!r})")
-    optional = {"--rank": (train.get("rank"), 1), "--train-steps": (train.get("steps"), 1)}
-    for flag, (value, minimum) in optional.items():
-        if value is not None:
-            check_int(flag, value, minimum)
-    if train.get("alpha") is not None:
-        check_number("--alpha", train["alpha"], positive=True)
-    check_number("--lr", train.get("lr", 1e-3), positive=True)
-    check_int("--train-batch", train.get("batch", 1), 1)
-    check_int("--seed", train.get("seed", 0), 0, MAX_TRAIN_SEED)
 
 
 def _nothing(label):

@@ -41,6 +41,7 @@ from auditkit.models.conditioning import Conditioning
 from auditkit.models.difference import TensorDeltas
 from auditkit.models.pipeline import denoiser_for
 from auditkit.models.pipeline import encode as encode_conditioning
+from auditkit.setting import setting
 from auditkit.train.loop import StepProgress, optimise
 from auditkit.train.lora import (
     add_lora,
@@ -60,15 +61,16 @@ from auditkit.train.lora import (
 @dataclass(frozen=True)
 class ESDConfig:
     method: str = "esd-x"  # preset name in auditkit.train.lora.TARGETS, or a regex
-    rank: int = 4
-    alpha: float | None = None  # default: rank (scale 1)
-    steps: int = 300
-    lr: float = 1e-3
-    batch: int = 16
-    eta: float = 1.0  # negative-guidance strength
-    ddim_steps: int = 25  # steps of the trajectory x_t is drawn from (DDIM; Euler for flow-matching families)
+    rank: int = setting(4, "LoRA rank.")
+    alpha: float | None = setting(None, "LoRA alpha (default: the rank, i.e. scale 1).")
+    steps: int = setting(300, "Training steps.")
+    lr: float = setting(1e-3, "Learning rate (AdamW).")
+    batch: int = setting(16, "Prompts per step.")
+    eta: float = setting(1.0, "Negative-guidance strength of the ESD target.")
+    # DDIM; Euler for the flow-matching families
+    ddim_steps: int = setting(25, "ESD: steps of the sampled trajectories x_t is drawn from (fewer: faster training).")
     guidance: float = 3.0  # guidance of the trajectory sampling
-    seed: int = 0
+    seed: int = setting(0, "Seed of the prompts' order, noise and timesteps.")
     preserve: float = 0.0  # λ of the preservation term (0: none; needs anchor prompts when > 0)
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ from auditkit.lora.write import check_trained
 from auditkit.models.attach import composed
 from auditkit.models.pipeline import denoiser_for
 from auditkit.models.pipeline import encode as encode_conditioning
+from auditkit.setting import setting
 from auditkit.train.loop import StepProgress, optimise
 from auditkit.train.lora import (
     add_lora,
@@ -48,16 +49,19 @@ MODES = ("on-top", "modular", "full")
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    mode: str = "on-top"
-    targets: str = "transformer"  # preset in auditkit.train.lora.TARGETS, or a regex
-    rank: int = 8
-    alpha: float | None = None
-    steps: int = 400
-    lr: float = 1e-3
-    batch: int = 32
-    seed: int = 0
-    extract_rank: int = 32  # full mode: rank of the LoRA extracted from the dense update
-    anchor_weight: float = 1.0  # on-top with anchor prompts: weight of the anchor term
+    mode: str = setting("on-top", "on-top: safety merged, then fine-tune (common practice); modular: fine-tune on the "
+                        "base, add the safety module at inference (Modular LoRA); full: full fine-tuning on top.",
+                        choices=MODES)
+    targets: str = setting("transformer", "Trained modules: transformer, attention, cross-kv, esd-x, esd-u, or a "
+                           "regex.")  # a preset of auditkit.train.lora.TARGETS, or a regex
+    rank: int = setting(8, "LoRA rank.")
+    alpha: float | None = setting(None, "LoRA alpha (default: the rank, i.e. scale 1).")
+    steps: int = setting(400, "Training steps.")
+    lr: float = setting(1e-3, "Learning rate (AdamW).")
+    batch: int = setting(32, "Images per step.")
+    seed: int = setting(0, "Seed of the data order, noise and timesteps.")
+    extract_rank: int = setting(32, "full mode: rank of the LoRA extracted from the dense update.")
+    anchor_weight: float = setting(1.0, "on-top with anchor prompts: weight of the anchor term.")
 
     def __post_init__(self) -> None:
         self.validate()
