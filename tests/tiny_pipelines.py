@@ -176,6 +176,43 @@ def tiny_flux_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def _tiny_t5(vocab_size: int, width: int, seed: int):
+    """A tiny T5 encoder (2 layers, gated GELU) of ``width``, deterministic from ``seed``."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_ff=32, d_kv=8, num_heads=3, num_layers=2,
+                                   feed_forward_proj="gated-gelu", pad_token_id=1, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+CHROMA_TRANSFORMER = {  # Flux.1's tiny transformer without the pooled projection and guidance inputs
+    "patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": FLUX_TEXT, "axes_dims_rope": (2, 2, 4),
+    "approximator_num_channels": 16, "approximator_hidden_dim": 32, "approximator_layers": 2,
+}
+
+
+def tiny_chroma_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Chroma pipeline (Flux.1's tiny VAE, one T5) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    from auditkit.lab.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()  # an offline stand-in for T5's
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(**CHROMA_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**FLUX_VAE)
+    pipe = ChromaPipeline(transformer=transformer, vae=vae, text_encoder=_tiny_t5(len(tokenizer), FLUX_TEXT, seed + 2),
+                          tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 SD3_WIDTH, SD3_CLIP, SD3_T5 = 16, 8, 32  # transformer width, each CLIP's width, T5 width (≥ the two CLIPs')
 
 SD3_TRANSFORMER = {  # SD3.5-Medium-like: a second attention in block 0, RMS q/k norms; the last block context-pre-only

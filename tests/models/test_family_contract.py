@@ -76,6 +76,8 @@ CASES = {
     "flux": Case(e2e.tiny_flux_pipeline, "flux",
                  {"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
                  ("text_encoder",), "velocity", "transformer", 3.5, MMDIT_TEXT_PROJECTIONS),
+    "chroma": Case(e2e.tiny_chroma_pipeline, "chroma", {"transformer": "lora_transformer_"}, (), "velocity",
+                   "transformer", 4.0, MMDIT_TEXT_PROJECTIONS),
 }
 
 
