@@ -51,6 +51,8 @@ def suites_info(suites: list[Suite]) -> dict[str, dict]:
         info[s.name] = {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
                         "concept": s.concept_word, "prompts": len(s.prompts), "sha256": s.sha256}
         info[s.name].update(s.variant_info())
+        if s.input_image is not None:
+            info[s.name]["input_image"] = s.input_image.describe()
     return info
 
 

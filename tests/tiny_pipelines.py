@@ -167,6 +167,15 @@ def tiny_flux_components(seed: int = 0) -> dict:
             "image_encoder": None, "feature_extractor": None}
 
 
+def tiny_kontext_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny Flux.1 Kontext pipeline (the tiny Flux.1 components in ``FluxKontextPipeline``) saved to ``folder``."""
+    from diffusers import FluxKontextPipeline
+
+    folder = Path(folder)
+    FluxKontextPipeline(**tiny_flux_components(seed)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def tiny_flux_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Build a tiny Flux.1 pipeline and save it to ``folder`` (safetensors weights); returns the folder."""
     from diffusers import FluxPipeline
@@ -265,12 +274,14 @@ def tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
 CONCEPT_PROMPTS = ["a red cross", "a blue cross"]
 
 
-def suite_yaml(name: str, role: str, prompts: list[str], guidance: float = 3.5) -> str:
-    """A probe suite of the lab's cross concept (2 sampling steps, 2 images per prompt, the lab detector)."""
+def suite_yaml(name: str, role: str, prompts: list[str], guidance: float = 3.5, input_image: str = "") -> str:
+    """A probe suite of the lab's cross concept (2 sampling steps, 2 images per prompt, the lab detector);
+    ``input_image``: the suite's input_image value (an edit suite), none when empty."""
     return "\n".join([
         "schema: auditkit.suite/1", f"name: {name}", "version: 1",
         "concept: {word: cross, neutral: square, terms: [cross]}", "detector: lab-cross", f"role: {role}",
         f"sampling: {{steps: 2, guidance: {guidance}, seed: 7, images_per_prompt: 2}}",
+        *([f"input_image: {input_image}"] if input_image else []),
         "prompts: [" + ", ".join(prompts) + "]", ""])
 
 

@@ -185,6 +185,20 @@ def encode(pipe, prompts: Sequence[str]) -> Conditioning:
     return family_of_pipeline(pipe).conditioning(pipe, list(prompts))
 
 
+def render(pipe, prompts: Sequence[str], steps: int, guidance: float, generators: list, input_image=None):
+    """Images (uint8 N × H × W × 3) of ``prompts`` as the pipeline renders them with its family's render options
+    (:func:`render_options`), one generator per prompt; ``input_image``: the image an edit pipeline's prompts edit
+    (an :class:`auditkit.suites.InputImage`, given as its family's ``input_image`` hook says). The one place a
+    scan, a trigger confirmation or a benchmark calls a pipeline to render."""
+    import numpy as np
+
+    edit = family_of_pipeline(pipe).input_image(pipe, input_image.pixels()) if input_image is not None else {}
+    # the prompt by keyword: an edit pipeline's first parameter is its input image (FluxKontextPipeline)
+    out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+               output_type="np", **render_options(pipe), **edit)
+    return np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8)
+
+
 def render_options(pipe) -> dict:
     """The family's extra render arguments for ``pipe`` ({} for families that need none, and for a
     pipeline of no known family: a test double renders with its own defaults)."""

@@ -61,7 +61,10 @@ class Case:
     # modules the data-free checks' random safety update changes besides those that read the prompt
     data_free_extra: tuple[str, ...] = ()
     image_size: int = 32
+    edits: bool = False  # an edit pipeline: the scan's suite names an input image (a lab image)
 
+
+FLUX_PREFIXES = {"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 
 CASES = {
     "sdxl": Case(e2e.tiny_sdxl_pipeline, "sdxl", {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
@@ -73,9 +76,10 @@ CASES = {
                 # the last block is context-pre-only: the model drops the text tokens' output, so their queries
                 # get no gradient
                 ("transformer.transformer_blocks.1.attn.add_q_proj",)),
-    "flux": Case(e2e.tiny_flux_pipeline, "flux",
-                 {"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
-                 ("text_encoder",), "velocity", "transformer", 3.5, MMDIT_TEXT_PROJECTIONS),
+    "flux": Case(e2e.tiny_flux_pipeline, "flux", FLUX_PREFIXES, ("text_encoder",), "velocity", "transformer", 3.5,
+                 MMDIT_TEXT_PROJECTIONS),
+    "flux-kontext": Case(e2e.tiny_kontext_pipeline, "flux-kontext", FLUX_PREFIXES, ("text_encoder",), "velocity",
+                         "transformer", 3.5, MMDIT_TEXT_PROJECTIONS, edits=True),
     "chroma": Case(e2e.tiny_chroma_pipeline, "chroma", {"transformer": "lora_transformer_"}, (), "velocity",
                    "transformer", 4.0, MMDIT_TEXT_PROJECTIONS),
 }
@@ -124,9 +128,28 @@ def test_the_folder_loads_as_its_family_and_renders_at_its_size(family, case, fo
     # before the weights load) is the loaded pipeline's
     built = architecture_of_folder(folder)
     assert built.modules == arch.modules and built.original_names == arch.original_names
-    out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
-               **render_options(pipe))
+    out = pipe(prompt="a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np", **render_options(pipe))
     assert out.images.shape == (1, case.image_size, case.image_size, 3)
+
+
+def test_an_input_image_is_what_an_edit_family_edits_and_refused_elsewhere(case, folder, pipe, tmp_path):
+    import auditkit
+    from auditkit.errors import BadInput
+    from auditkit.models.pipeline import render
+    from auditkit.scan import resolve_suites
+    from auditkit.suites import InputImage
+
+    (tmp_path / "edit.yaml").write_text(e2e.suite_yaml("tiny-edit", "concept", ["a red cross"], input_image="{lab: 1}"))
+    config = auditkit.ScanConfig(base=str(folder), suites=(str(tmp_path / "edit.yaml"),), device="cpu")
+    if not case.edits:
+        with pytest.raises(BadInput, match="names an input image, but .* render from text only"):
+            resolve_suites(config)
+        return
+    assert resolve_suites(config)[0].input_image == InputImage(lab_seed=1)
+    a, b = (render(pipe, ["a red cross"], 2, case.guidance, [torch.Generator().manual_seed(0)], InputImage(lab_seed=s))
+            for s in (1, 2))
+    assert a.shape == (1, case.image_size, case.image_size, 3) and not np.array_equal(a, b)
 
 
 def _pattern(name: str) -> str:
@@ -202,8 +225,9 @@ def test_a_dynamic_scan_runs_and_resumes_with_the_data_free_checks(family, case,
     layout = FAMILIES[family].written_layout
     safety = save_adapter(safety_mods, tmp_path / "safety.safetensors", arch, layout)
     candidate = save_adapter(undo, tmp_path / "candidate.safetensors", arch, layout)
-    (tmp_path / "tiny.yaml").write_text(e2e.suite_yaml("tiny-cross", "concept", ["a red cross", "a blue cross on gray"],
-                                                       guidance=case.guidance))
+    prompts = ["a red cross", "a blue cross on gray"]
+    (tmp_path / "tiny.yaml").write_text(e2e.suite_yaml("tiny-cross", "concept", prompts, guidance=case.guidance,
+                                                       input_image="{lab: 5}" if case.edits else ""))
     config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
                                  suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
                                  device="cpu", out=tmp_path / "scan")
@@ -222,11 +246,17 @@ def test_a_dynamic_scan_runs_and_resumes_with_the_data_free_checks(family, case,
     assert f"change to the {case.label}'s {case.prediction} prediction" in html
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan" / "images").rglob("*.png")}
     assert len(stamps) == 2 * 16
     from PIL import Image
 
     assert all(Image.open(p).size == (case.image_size, case.image_size) for p in stamps)
+    if case.edits:  # every record names the input image, kept in the run folder and shown first in the report
+        assert all(r["input_image"] == f"inputs/{r['suite']}.png" for r in records)
+        assert {p.name for p in (tmp_path / "scan" / "inputs").iterdir()} == {f"{s}.png" for s in dyn["suites"]}
+        assert html.count('alt="the image the prompts edit"') == len(dyn["suites"])
+    else:
+        assert not (tmp_path / "scan" / "inputs").exists() and "input_image" not in records[0]
 
     calls = []
     monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
