@@ -222,6 +222,87 @@ def tiny_chroma_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+QWEN_TEMPLATE_WORDS = (  # QwenImagePipeline.prompt_template_encode, split as Qwen2's tokenizer splits it
+    "system user assistant describe the image by detailing color , shape size texture quantity text spatial "
+    "relationships of objects and background :").split()
+
+
+def chat_tokenizer(words=QWEN_TEMPLATE_WORDS, model_max_length: int = 64):
+    """A word-level tokenizer of the lab words and a chat template's words, with Qwen's chat special tokens
+    (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` as padding) and one token per word, punctuation mark and
+    line break, as Qwen2's tokenizer splits QwenImagePipeline's template (whose system prompt is then the 34 tokens
+    the pipeline drops). Saved as a plain ``tokenizer.json`` (``PreTrainedTokenizerFast``), so it loads as built."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from auditkit.lab.world import VOCABULARY
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = list(dict.fromkeys([*specials, "\n", *words, *(w.lower() for w in VOCABULARY)]))
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" +"), behavior="removed"),
+                                                   pre_tokenizers.Split(Regex(r"\n|[^\s\w]"), behavior="isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   model_max_length=model_max_length)
+
+
+QWEN_TEXT = 16  # Qwen2.5-VL's hidden size (the transformer's joint_attention_dim)
+
+QWEN_TRANSFORMER = {
+    "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": QWEN_TEXT, "guidance_embeds": False, "axes_dims_rope": (2, 2, 4),
+}
+
+QWEN_VAE = {  # one spatial halving (VAE factor 2): 32x32 images, 16x16 latents of 4 channels
+    "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [False],
+    "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4,
+}
+
+
+def tiny_qwen_vl(vocab_size: int, seed: int):
+    """A tiny Qwen2.5-VL (2 text layers of width 16, one vision block), deterministic from ``seed``."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {"vocab_size": vocab_size, "hidden_size": QWEN_TEXT, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "rope_theta": 10000.0,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": QWEN_TEXT,
+              "fullatt_block_indexes": [0], "patch_size": 2, "spatial_merge_size": 1, "temporal_patch_size": 1,
+              "window_size": 4}
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                               vocab_size=vocab_size, hidden_size=QWEN_TEXT,
+                                                               bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def tiny_qwen_image_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Qwen-Image pipeline and save it to ``folder``; returns the folder. Its VAE config declares
+    ``sample_size`` 32 (the published one declares none), the size auditkit renders it at."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(**QWEN_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(**QWEN_VAE)
+    vae.register_to_config(sample_size=32)
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, text_encoder=tiny_qwen_vl(len(tokenizer), seed + 2),
+                             tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 SD3_WIDTH, SD3_CLIP, SD3_T5 = 16, 8, 32  # transformer width, each CLIP's width, T5 width (≥ the two CLIPs')
 
 SD3_TRANSFORMER = {  # SD3.5-Medium-like: a second attention in block 0, RMS q/k norms; the last block context-pre-only

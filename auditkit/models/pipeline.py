@@ -194,9 +194,18 @@ def render(pipe, prompts: Sequence[str], steps: int, guidance: float, generators
 
     edit = family_of_pipeline(pipe).input_image(pipe, input_image.pixels()) if input_image is not None else {}
     # the prompt by keyword: an edit pipeline's first parameter is its input image (FluxKontextPipeline)
-    out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-               output_type="np", **render_options(pipe), **edit)
+    out = pipe(prompt=list(prompts), num_inference_steps=steps, generator=generators, output_type="np",
+               **guidance_options(pipe, guidance, len(prompts)), **render_options(pipe), **edit)
     return np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8)
+
+
+def guidance_options(pipe, guidance: float, n: int) -> dict:
+    """The render call's guidance arguments: ``guidance_scale``, or the family's own (``Family.guidance_options``)."""
+    try:
+        hook = family_of_pipeline(pipe).guidance_options
+    except BadInput:  # a test double
+        hook = None
+    return hook(guidance, n) if hook else {"guidance_scale": guidance}
 
 
 def render_options(pipe) -> dict:
