@@ -303,6 +303,49 @@ def tiny_qwen_image_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+# Qwen3's chat template as ZImagePipeline applies it (one user message, the generation prompt, thinking on)
+QWEN3_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+Z_IMAGE_TEXT = 16  # Qwen3's hidden size (cap_feat_dim)
+
+Z_IMAGE_TRANSFORMER = {  # two refiner layers of each kind (as the published model), two main layers
+    "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 4, "dim": 16, "n_layers": 2,
+    "n_refiner_layers": 2, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": Z_IMAGE_TEXT, "axes_dims": [2, 2, 4],
+    "axes_lens": [64, 16, 16],
+}
+
+
+def tiny_qwen3(vocab_size: int, seed: int, width: int = Z_IMAGE_TEXT):
+    """A tiny Qwen3 text model (2 layers), deterministic from ``seed``."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    return Qwen3Model(Qwen3Config(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def tiny_z_image_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Z-Image pipeline (Flux.1's tiny VAE, a tiny Qwen3, a chat tokenizer padding prompts to 32
+    tokens) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tokenizer = chat_tokenizer(("user", "assistant"), model_max_length=32)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**FLUX_VAE)
+    pipe = ZImagePipeline(transformer=transformer, vae=vae, text_encoder=tiny_qwen3(len(tokenizer), seed + 2),
+                          tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 SD3_WIDTH, SD3_CLIP, SD3_T5 = 16, 8, 32  # transformer width, each CLIP's width, T5 width (≥ the two CLIPs')
 
 SD3_TRANSFORMER = {  # SD3.5-Medium-like: a second attention in block 0, RMS q/k norms; the last block context-pre-only
@@ -568,6 +611,7 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
     import torch
 
     from auditkit.analysis.concept import concept_mask
+    from auditkit.models.denoising import captured_states
     from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
@@ -578,9 +622,22 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
         hidden = cond.hidden.double().numpy().reshape(-1, cond.hidden.shape[-1])
         return {n: hidden for n in names}, mask, den.record.text_kv
     seen = {n: [] for n in names}
+
+    def rows(inputs):
+        """The captured rows at the conditioning's positions. Z-Image pads each caption itself to a multiple of 32
+        (rows the image reads) and the batch to its longest (rows it does not: zeroed), so its rows are cut or
+        zero-padded to the conditioning's length."""
+        if den.record.text_states is captured_states:
+            return inputs.double().numpy().reshape(-1, inputs.shape[-1])
+        width = cond.hidden.shape[1]
+        read = (cond.added["caption_mask"].sum(dim=1) + 31) // 32 * 32
+        kept = torch.zeros(inputs.shape[0], width, inputs.shape[2], dtype=inputs.dtype)
+        kept[:, :min(width, inputs.shape[1])] = inputs[:, :width]
+        kept *= (torch.arange(width)[None, :] < read[:, None])[..., None]
+        return kept.double().numpy().reshape(-1, kept.shape[-1])
+
     hooks = [den.model.get_submodule(n.split(".", 1)[1]).register_forward_hook(
-        lambda _m, args, _o, n=n: seen[n].append(args[0].double().numpy().reshape(-1, args[0].shape[-1])))
-        for n in names]
+        lambda _m, args, _o, n=n: seen[n].append(rows(args[0]))) for n in names]
     try:
         sampler = den.sampler(steps)
         x = den.noise(len(prompts), torch.Generator().manual_seed(seed))

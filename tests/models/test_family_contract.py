@@ -43,6 +43,8 @@ from auditkit.models.pipeline import (  # noqa: E402
 pytestmark = pytest.mark.slow
 
 MMDIT_TEXT_PROJECTIONS = (".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out")
+# a single-stream DiT's attention (Z-Image: ESD-x trains its text-only context refiner's)
+ATTENTION = (".attention.to_q", ".attention.to_k", ".attention.to_v", ".attention.to_out.0")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ CASES = {
                        # the text projections alone move the tiny model's prediction by under 1%: the base judge's
                        # scores of base and safe model would differ by little more than float32 noise
                        data_free_extra=(".attn.to_q", ".img_mlp.net.2")),
+    "z-image": Case(e2e.tiny_z_image_pipeline, "z-image", {"transformer": "lora_transformer_"}, (), "velocity",
+                    "transformer", 4.0, ATTENTION),
 }
 
 
