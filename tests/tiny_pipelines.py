@@ -346,6 +346,58 @@ def tiny_z_image_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+# Qwen3's chat template as Flux2KleinPipeline applies it (thinking off: an empty think block after the prompt)
+QWEN3_NO_THINKING_TEMPLATE = QWEN3_CHAT_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+
+FLUX2_TEXT = 8  # Qwen3's width: the transformer reads 3 of its layers side by side (joint_attention_dim 24)
+
+FLUX2_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": 3 * FLUX2_TEXT, "timestep_guidance_channels": 16,
+    "axes_dims_rope": (2, 2, 2, 2), "guidance_embeds": False,
+}
+
+FLUX2_VAE = {  # Flux.1's tiny VAE with Flux.2's batch-norm statistics of the 2×2-patchified latents
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (8, 16), "latent_channels": 4,
+    "norm_num_groups": 4, "sample_size": 32, "use_quant_conv": False, "use_post_quant_conv": False,
+}
+
+
+def tiny_flux2_klein_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Flux.2 Klein pipeline (a 27-layer Qwen3 of width 8, as the pipeline reads its layers 9, 18 and
+    27; prompts padded to 32 tokens) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = chat_tokenizer(("user", "assistant", "<think>", "</think>"), model_max_length=32)
+    tokenizer.chat_template = QWEN3_NO_THINKING_TEMPLATE
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(**FLUX2_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(**FLUX2_VAE)
+    with torch.no_grad():  # batch-norm statistics other than the identity, so the normalisation is exercised
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=FLUX2_TEXT, intermediate_size=16,
+                                                num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=4, max_position_embeddings=64, bos_token_id=1,
+                                                eos_token_id=2, pad_token_id=0))
+    pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 SD3_WIDTH, SD3_CLIP, SD3_T5 = 16, 8, 32  # transformer width, each CLIP's width, T5 width (≥ the two CLIPs')
 
 SD3_TRANSFORMER = {  # SD3.5-Medium-like: a second attention in block 0, RMS q/k norms; the last block context-pre-only
@@ -563,7 +615,7 @@ def check_first_flow_matching_loss(pipe, data_folder, sample_u, predict) -> None
     assert abs(result.losses[0] - by_hand) <= 1e-5 * by_hand, (result.losses[0], by_hand)
 
 
-def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
+def check_data_free(pipe, safety: dict, prediction: str, label: str, judge_tolerance: float = 1e-3) -> None:
     """The data-free checks on ``pipe`` give numbers: the concept check equals a dense reference on the
     text key/value projections' inputs captured by hand; the exact inverse of the safety adapter reverts
     all of its change to the text keys/values and to the denoiser's prediction (``prediction``: noise or
@@ -598,7 +650,7 @@ def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
 
     neutral = [p.replace("cross", "square") for p in CONCEPT_PROMPTS]
     undone = judge_updates(pipe, CONCEPT_PROMPTS, neutral, inverse, safety, steps=2, seeds=1)
-    assert abs(undone.value - 1.0) < 1e-3 and undone.scores["safe"] != undone.scores["base"]
+    assert abs(undone.value - 1.0) < judge_tolerance and undone.scores["safe"] != undone.scores["base"]
     assert judge_updates(pipe, CONCEPT_PROMPTS, neutral, {}, safety, steps=2, seeds=1).value == 0.0
 
 

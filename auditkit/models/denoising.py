@@ -309,6 +309,7 @@ class Denoising:
     # "hidden", or a key of Conditioning.added), where a closed-form edit (auditkit.train.uce) applies
     text_readers: dict[str, str] = field(default_factory=dict)
     to_latents: Callable = kl_latents  # (vae, images in [-1, 1]) -> latents (the training data's)
+    latent_factor: int = 1  # image pixels per latent pixel beyond the VAE's factor (Flux.2 patchifies its latents)
 
 
 UNET = Denoising(EpsilonProcess, call_unet, classifier_free, configured_size, UNET_TARGETS,
@@ -353,7 +354,7 @@ class Denoiser:
 
     def image_size(self) -> int:
         """The side in pixels of the images the denoiser is trained on (the latent size × the VAE factor)."""
-        return self.latent_shape()[1] * self.pipe.vae_scale_factor
+        return self.latent_shape()[1] * self.pipe.vae_scale_factor * self.record.latent_factor
 
     def noise(self, n: int, generator):
         """Standard normal latents of ``n`` images, on the denoiser's device and dtype."""

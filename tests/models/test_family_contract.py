@@ -64,6 +64,9 @@ class Case:
     # modules the data-free checks' random safety update changes besides those that read the prompt
     data_free_extra: tuple[str, ...] = ()
     image_size: int = 32
+    # how far from 1 the base judge may read the safety adapter's exact inverse: float32 noise of the composed
+    # inverse against the gap between the base's and the safe model's scores
+    judge_tolerance: float = 1e-3
     edits: bool = False  # an edit pipeline: the scan's suite names an input image (a lab image)
 
 
@@ -95,6 +98,12 @@ CASES = {
                        # the text projections alone move the tiny model's prediction by under 1%: the base judge's
                        # scores of base and safe model would differ by little more than float32 noise
                        data_free_extra=(".attn.to_q", ".img_mlp.net.2")),
+    "flux2": Case(e2e.tiny_flux2_klein_pipeline, "flux2-klein-4b", {"transformer": "lora_transformer_"}, (),
+                  "velocity", "transformer", 4.0, MMDIT_TEXT_PROJECTIONS,
+                  # the tiny Flux.2's mean judge scores (0.022) are a difference of per-sample scores of ±0.16 that
+                  # move ~1e-4 per 1e-6 of the final latents: base and safe means ~9e-5 apart, the composed inverse's
+                  # float32 residue ~1.5e-5 from the base (measured: 1.18). Loose: see the report of issue 25 §2
+                  judge_tolerance=0.25),
     "z-image": Case(e2e.tiny_z_image_pipeline, "z-image", {"transformer": "lora_transformer_"}, (), "velocity",
                     "transformer", 4.0, ATTENTION),
 }
@@ -314,7 +323,7 @@ def test_the_data_free_checks_give_numbers(family, case, arch, pipe):
     queries: without them the base judge's two renders of it do not differ)."""
     safety = {n: m for n, m in adapted_modules(arch, family, seed=4).items()
               if n.endswith((*case.text_modules, *case.data_free_extra))}
-    e2e.check_data_free(pipe, safety, case.prediction, case.label)
+    e2e.check_data_free(pipe, safety, case.prediction, case.label, case.judge_tolerance)
 
 
 def test_a_modular_repair_retrains_and_rescans(folder, pipe, trained, tmp_path):
