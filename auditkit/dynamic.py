@@ -196,6 +196,9 @@ def run_dynamic(pipe, base: Base, candidate: Adapter, safety: Adapter | None, su
 
     section = digest(log.records(), suites_info(suites), thresholds)
     section["safety_cost"] = safety_cost(log.records(), suites_info(suites), run_dir, detectors)
+    sampled = sorted({r["frames"] for r in log.records() if "frames" in r})
+    if sampled:  # clips: the detectors scored this many frames of each (a clip is flagged when any frame is)
+        section["frames_sampled"] = sampled[-1]
     cut = truncated_prompts(pipe, suites)
     if cut:
         section["truncated_prompts"] = cut

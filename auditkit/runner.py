@@ -170,9 +170,11 @@ def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict
     from auditkit.models.pipeline import render
 
     source = batch[0].input_image  # a batch is one suite's: one input image or none
+    from auditkit.detectors import score_pixels
+
     images = render(pipe, [j.prompt for j in batch], batch[0].steps, batch[0].guidance,
                     [torch.Generator().manual_seed(j.seed) for j in batch], source)
-    scores = {name: det.score(images) for name, det in detectors.items()}
+    scores = {name: score_pixels(det, images) for name, det in detectors.items()}
     records = []
     for n, job in enumerate(batch):
         rel = Path("images") / config.name.replace("@", "_at_") / job.suite / \
@@ -182,6 +184,8 @@ def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict
                         "flags": {d: bool(s[n] >= detectors[d].threshold) for d, s in scores.items()}})
         if source is not None:
             records[-1]["input_image"] = input_image_path(job.suite)
+        if images.ndim == 5:  # a clip: its sampled frames were scored, its PNG is their strip
+            records[-1]["frames"] = images.shape[1]
     return images, records
 
 
@@ -198,9 +202,10 @@ def _write_input(log: RunLog, job: Job) -> None:
 
 
 def _write(log: RunLog, images: np.ndarray, records: list[dict]) -> None:
-    """Each image saved atomically, then the batch's records appended (a record never precedes its image)."""
+    """Each image (a clip: the strip of its sampled frames, side by side) saved atomically, then the batch's
+    records appended (a record never precedes its image)."""
     for img, rec in zip(images, records, strict=True):
-        _save_png(img, log.dir / rec["image"])
+        _save_png(img if img.ndim == 3 else np.concatenate(list(img), axis=1), log.dir / rec["image"])
     log.append(records)
 
 

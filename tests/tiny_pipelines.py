@@ -398,6 +398,45 @@ def tiny_flux2_klein_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+WAN_TEXT = 16  # UMT5's width (the transformer's text_dim)
+
+WAN_TRANSFORMER = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 4,
+    "text_dim": WAN_TEXT, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32,
+}
+
+WAN_VAE = {  # one spatial and one temporal halving: 32x32 frames, 16x16 latents, 17 frames -> 9 latent frames
+    "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [True],
+    "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_spatial": 2, "scale_factor_temporal": 2,
+}
+
+
+def tiny_wan_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Wan 2.1 T2V pipeline (a tiny UMT5 reading the T5-like lab tokenizer, prompts padded to 16
+    tokens; its VAE config declares ``sample_size`` 32) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = t5_tokenizer()
+    tokenizer.model_max_length = 16
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**WAN_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(**WAN_VAE)
+    vae.register_to_config(sample_size=32)
+    torch.manual_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=WAN_TEXT, d_ff=32, d_kv=8,
+                                               num_heads=2, num_layers=2, feed_forward_proj="gated-gelu",
+                                               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 SD3_WIDTH, SD3_CLIP, SD3_T5 = 16, 8, 32  # transformer width, each CLIP's width, T5 width (≥ the two CLIPs')
 
 SD3_TRANSFORMER = {  # SD3.5-Medium-like: a second attention in block 0, RMS q/k norms; the last block context-pre-only

@@ -30,6 +30,7 @@ def rendered_rates(pipe, suite, phrases: list[tuple[str, str]], prompts: list, c
     import torch
 
     from auditkit import detectors as registry
+    from auditkit.detectors import score_pixels
     from auditkit.models.attach import composed, encoders_composed
     from auditkit.models.pipeline import denoiser_for, render
     from auditkit.placement import place
@@ -50,7 +51,7 @@ def rendered_rates(pipe, suite, phrases: list[tuple[str, str]], prompts: list, c
             for guidance, idx in calls:
                 pixels = render(pipe, [jobs[n][0] for n in idx], suite.steps, guidance,
                                 [torch.Generator().manual_seed(jobs[n][1]) for n in idx], suite.input_image)
-                flags[which, idx] = detector.score(pixels) >= detector.threshold
+                flags[which, idx] = score_pixels(detector, pixels) >= detector.threshold
     per = len(prompts) * images
     rates = [tuple(float(f[i * per: (i + 1) * per].mean()) for f in flags) for i in range(len(phrases))]
     return [r if safety else (r[0], r[0], r[1]) for r in rates]

@@ -253,7 +253,13 @@ def video_vae_latents(vae, x):
     return (z - mean) / std
 
 
-# --- latent geometry ------------------------------------------------------------------------------
+# --- latent geometry -----------------------------------------------------------------------------
+
+def vae_factor(pipe) -> int:
+    """Image pixels per latent pixel of the pipeline's VAE (a video pipeline's spatial factor)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    return factor if factor is not None else pipe.vae_scale_factor_spatial
+
 
 def configured_size(pipe, model) -> tuple[int, int]:
     """(channels, size) of the latents from the denoiser's own config (UNet, SD3 transformer)."""
@@ -354,7 +360,7 @@ class Denoiser:
 
     def image_size(self) -> int:
         """The side in pixels of the images the denoiser is trained on (the latent size × the VAE factor)."""
-        return self.latent_shape()[1] * self.pipe.vae_scale_factor * self.record.latent_factor
+        return self.latent_shape()[1] * vae_factor(self.pipe) * self.record.latent_factor
 
     def noise(self, n: int, generator):
         """Standard normal latents of ``n`` images, on the denoiser's device and dtype."""

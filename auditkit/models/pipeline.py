@@ -185,18 +185,32 @@ def encode(pipe, prompts: Sequence[str]) -> Conditioning:
     return family_of_pipeline(pipe).conditioning(pipe, list(prompts))
 
 
+SAMPLED_FRAMES = 4  # frames of each rendered clip the detectors score (evenly spaced, the first and last among them)
+
+
+def sample_frames(clips, k: int = SAMPLED_FRAMES):
+    """``k`` evenly spaced frames (the first and the last among them) of clips N × F × H × W × 3."""
+    import numpy as np
+
+    idx = np.unique(np.rint(np.linspace(0, clips.shape[1] - 1, min(k, clips.shape[1]))).astype(int))
+    return clips[:, idx]
+
+
 def render(pipe, prompts: Sequence[str], steps: int, guidance: float, generators: list, input_image=None):
     """Images (uint8 N × H × W × 3) of ``prompts`` as the pipeline renders them with its family's render options
-    (:func:`render_options`), one generator per prompt; ``input_image``: the image an edit pipeline's prompts edit
-    (an :class:`auditkit.suites.InputImage`, given as its family's ``input_image`` hook says). The one place a
-    scan, a trigger confirmation or a benchmark calls a pipeline to render."""
+    (:func:`render_options`), one generator per prompt, or for a video family the clips' sampled frames (uint8
+    N × :data:`SAMPLED_FRAMES` × H × W × 3, :func:`sample_frames`); ``input_image``: the image an edit pipeline's
+    prompts edit (an :class:`auditkit.suites.InputImage`, given as its family's ``input_image`` hook says). The
+    one place a scan, a trigger confirmation or a benchmark calls a pipeline to render."""
     import numpy as np
 
     edit = family_of_pipeline(pipe).input_image(pipe, input_image.pixels()) if input_image is not None else {}
     # the prompt by keyword: an edit pipeline's first parameter is its input image (FluxKontextPipeline)
     out = pipe(prompt=list(prompts), num_inference_steps=steps, generator=generators, output_type="np",
                **guidance_options(pipe, guidance, len(prompts)), **render_options(pipe), **edit)
-    return np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8)
+    clips = getattr(out, "frames", None)  # a video pipeline's output (WanPipelineOutput)
+    pixels = np.asarray(out.images if clips is None else sample_frames(np.asarray(clips)))
+    return np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
 
 
 def guidance_options(pipe, guidance: float, n: int) -> dict:

@@ -130,6 +130,7 @@ def image_grids(report: dict) -> dict:
         if len(cell) >= GRID_IMAGES:
             continue
         image = _grid_image(run_dir, rec["image"], rec["prompt"])
+        image["frames"] = rec.get("frames", 1)  # a clip's strip of sampled frames
         if "uri" in image:
             nude = any(rec["flags"].get(d) for d in NUDITY_DETECTORS)
             image.update(flagged=any(rec["flags"].values()), blur=nude and not show)

@@ -67,6 +67,7 @@ class Case:
     # how far from 1 the base judge may read the safety adapter's exact inverse: float32 noise of the composed
     # inverse against the gap between the base's and the safe model's scores
     judge_tolerance: float = 1e-3
+    frames: int = 0  # a video family: the frames of each clip the detectors score (its PNG is their strip)
     edits: bool = False  # an edit pipeline: the scan's suite names an input image (a lab image)
 
 
@@ -104,6 +105,8 @@ CASES = {
                   # move ~1e-4 per 1e-6 of the final latents: base and safe means ~9e-5 apart, the composed inverse's
                   # float32 residue ~1.5e-5 from the base (measured: 1.18). Loose: see the report of issue 25 §2
                   judge_tolerance=0.25),
+    "wan": Case(e2e.tiny_wan_pipeline, "wan21-1.3b", {"transformer": "lora_transformer_"}, (), "velocity",
+                "transformer", 5.0, (".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0"), frames=4),
     "z-image": Case(e2e.tiny_z_image_pipeline, "z-image", {"transformer": "lora_transformer_"}, (), "velocity",
                     "transformer", 4.0, ATTENTION),
 }
@@ -154,7 +157,17 @@ def test_the_folder_loads_as_its_family_and_renders_at_its_size(family, case, fo
     assert built.modules == arch.modules and built.original_names == arch.original_names
     out = pipe(prompt="a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                output_type="np", **render_options(pipe))
-    assert out.images.shape == (1, case.image_size, case.image_size, 3)
+    if case.frames:  # a clip of the family's frame count
+        from auditkit.models.pipeline import render
+
+        assert out.frames.shape[0] == 1 and out.frames.shape[1] > case.frames
+        assert out.frames.shape[2:] == (case.image_size, case.image_size, 3)
+        sampled = render(pipe, ["a red cross"], 2, case.guidance, [torch.Generator().manual_seed(0)])
+        assert sampled.shape == (1, case.frames, case.image_size, case.image_size, 3)
+        last = np.clip(np.rint(out.frames[0, -1] * 255), 0, 255).astype(np.uint8)
+        assert np.array_equal(sampled[0, -1], last)  # the last frame is among those sampled
+    else:
+        assert out.images.shape == (1, case.image_size, case.image_size, 3)
 
 
 def test_an_input_image_is_what_an_edit_family_edits_and_refused_elsewhere(case, folder, pipe, tmp_path):
@@ -274,7 +287,13 @@ def test_a_dynamic_scan_runs_and_resumes_with_the_data_free_checks(family, case,
     assert len(stamps) == 2 * 16
     from PIL import Image
 
-    assert all(Image.open(p).size == (case.image_size, case.image_size) for p in stamps)
+    # a clip's PNG is the strip of its sampled frames, side by side
+    assert all(Image.open(p).size == (case.image_size * max(case.frames, 1), case.image_size) for p in stamps)
+    if case.frames:  # the detectors scored that many frames of each clip; report.json and the report say so
+        assert all(r["frames"] == case.frames for r in records) and dyn["frames_sampled"] == case.frames
+        assert f"{case.frames} frames of each sampled and scored" in html
+    else:
+        assert "frames" not in records[0] and "frames_sampled" not in dyn
     if case.edits:  # every record names the input image, kept in the run folder and shown first in the report
         assert all(r["input_image"] == f"inputs/{r['suite']}.png" for r in records)
         assert {p.name for p in (tmp_path / "scan" / "inputs").iterdir()} == {f"{s}.png" for s in dyn["suites"]}
