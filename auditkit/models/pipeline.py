@@ -1,6 +1,6 @@
-"""Loading pipeline folders: a ``save_pretrained`` folder of a known family (:mod:`auditkit.models.families`:
-SD 1/2, SDXL, Flux.1, SD3), detected from its ``model_index.json``, and the architecture of a folder or a loaded
-pipeline. What ``--base`` names (a lab model or a folder) is resolved once, by :mod:`auditkit.models.base`.
+"""Loading pipeline folders: a ``save_pretrained`` folder of a known family (:mod:`auditkit.models.families`: a
+family with a ``pipeline_class``), detected from its ``model_index.json``, and the architecture of a folder or a
+loaded pipeline. What ``--base`` names (a lab model or a folder) is resolved once, by :mod:`auditkit.models.base`.
 
 Everything is offline: a path must be a ``save_pretrained`` folder on disk; nothing is fetched, and
 only ``.safetensors`` weights are loaded (a pickle ``.bin`` is never unpickled).
@@ -34,7 +34,7 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None, index: dict | None = None):
-    """The pipeline saved in ``folder`` (a folder of a known family: SD 1/2, SDXL, Flux.1, SD3), after
+    """The pipeline saved in ``folder`` (a folder of a family that loads: one with a ``pipeline_class``), after
     :func:`check_pipeline_folder` (``index``: its ``model_index.json`` when already read); a base is loaded with
     :meth:`auditkit.models.base.Base.load`."""
     import torch
@@ -165,7 +165,7 @@ def lora_components(pipe) -> dict:
 
 
 def denoiser_of(pipe):
-    """The denoising model of a pipeline (its UNet for SD 1/2 and SDXL, its transformer for SD3 and Flux);
+    """The denoising model of a pipeline (its UNet for SD 1/2 and SDXL, its transformer for the others);
     :func:`denoiser_for` binds how to call, train and sample it."""
     return getattr(pipe, family_of_pipeline(pipe).denoiser)
 
