@@ -167,11 +167,10 @@ def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Se
 def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict) -> tuple[np.ndarray, list[dict]]:
     import torch
 
+    from auditkit.detectors import score_pixels
     from auditkit.models.pipeline import render
 
     source = batch[0].input_image  # a batch is one suite's: one input image or none
-    from auditkit.detectors import score_pixels
-
     images = render(pipe, [j.prompt for j in batch], batch[0].steps, batch[0].guidance,
                     [torch.Generator().manual_seed(j.seed) for j in batch], source)
     scores = {name: score_pixels(det, images) for name, det in detectors.items()}

@@ -134,9 +134,9 @@ def resolve_suites(config: ScanConfig, base: Base | None = None) -> list:
         registry.check_name(s.detector)
     edits = next((s for s in suites if s.input_image is not None), None)
     if edits is not None and base is not None and base.family.input_image is None:
+        editing = ", ".join(f.label for f in FAMILIES.values() if f.input_image)
         raise BadInput(edits.path, f"names an input image, but {base.family.label} pipelines render from text only "
-                                   "(edit families: " + ", ".join(f.label for f in FAMILIES.values() if f.input_image)
-                       + ")")
+                                   f"(edit families: {editing})")
     return suites
 
 
