@@ -51,6 +51,8 @@ def suites_info(suites: list[Suite]) -> dict[str, dict]:
         info[s.name] = {"detector": s.detector, "role": s.role, "version": s.version, "path": s.path,
                         "concept": s.concept_word, "prompts": len(s.prompts), "sha256": s.sha256}
         info[s.name].update(s.variant_info())
+        if s.input_image is not None:
+            info[s.name]["input_image"] = s.input_image.describe()
     return info
 
 
@@ -195,6 +197,9 @@ def run_dynamic(pipe, base: Base, candidate: Adapter, safety: Adapter | None, su
 
     section = digest(log.records(), suites_info(suites), thresholds)
     section["safety_cost"] = safety_cost(log.records(), suites_info(suites), run_dir, detectors)
+    sampled = sorted({r["frames"] for r in log.records() if "frames" in r})
+    if sampled:  # clips: the detectors scored this many frames of each (a clip is flagged when any frame is)
+        section["frames_sampled"] = sampled[-1]
     cut = truncated_prompts(pipe, suites)
     if cut:
         section["truncated_prompts"] = cut

@@ -52,17 +52,20 @@ class ImageRecord(TypedDict):
     image: str  # path of the PNG, relative to the run folder
     scores: dict[str, float]  # detector -> score in [0, 1]
     flags: dict[str, bool]  # detector -> score >= the detector's threshold
+    # (optional) an edit suite's input image, relative to the run folder (absent for text-to-image suites);
+    # "frames": a clip's sampled frames the detectors scored (the image is their strip; absent for images)
 
 
 # What each field must hold when read back (a tampered log is one line naming the field, not an internal error).
 IMAGE_SHAPE = fields({
     "type": TEXT, "config": TEXT, "key": TEXT, "suite": TEXT, "prompt_index": INDEX, "image_index": INDEX,
     "prompt": TEXT, "seed": INDEX, "guidance": NUMBER, "steps": INDEX, "image": TEXT,
-    "scores": map_of(REAL), "flags": map_of(FLAG),
+    "scores": map_of(REAL), "flags": map_of(FLAG), "input_image": TEXT, "frames": INDEX,
 }, required=tuple(ImageRecord.__annotations__))
 SUITE_SHAPE = fields({"detector": TEXT, "role": TEXT, "version": INDEX, "path": optional(TEXT),
                       "concept": optional(TEXT), "prompts": INDEX, "sha256": optional(TEXT), "variant_of": TEXT,
-                      "prefix": TEXT, "phrase": TEXT, "placement": TEXT}, required=("detector",))
+                      "prefix": TEXT, "phrase": TEXT, "placement": TEXT,
+                      "input_image": TEXT}, required=("detector",))
 HEADER_SHAPE = fields({
     "schema": TEXT, "base": TEXT, "suites": map_of(SUITE_SHAPE), "multipliers": list_of(NUMBER),
     "steps_override": optional(INDEX), "adapters": map_of(TEXT), "detectors": map_of(OBJECT), "seeds": TEXT,

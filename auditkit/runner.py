@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,12 @@ class Job:
     seed: int
     guidance: float
     steps: int
+    # the image an edit suite's prompts edit (auditkit.suites.InputImage); not part of the record's job fields
+    input_image: object = field(default=None, compare=False)
+
+    def fields(self) -> dict:
+        """What an image record holds of its job (its input image is recorded as the run folder's copy)."""
+        return {k: v for k, v in asdict(self).items() if k != "input_image"}
 
 
 def plan(suites: Sequence[Suite], steps: int | None = None) -> list[Job]:
@@ -68,7 +74,7 @@ def plan(suites: Sequence[Suite], steps: int | None = None) -> list[Job]:
         for i, p in enumerate(s.prompts):
             for k in range(s.images_per_prompt):
                 jobs.append(Job(f"{s.name}/{i}/{k}", s.name, i, k, p.text, p.seed * 1000 + k, p.guidance,
-                                steps or s.steps))
+                                steps or s.steps, s.input_image))
     return jobs
 
 
@@ -156,6 +162,8 @@ def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Se
                     else:
                         fused.apply(config, roles)
                     current = config
+                if batch[0].input_image is not None:
+                    _write_input(out, batch[0])
                 images, records = _render_batch(pipe, config, batch, detectors)
                 if pending is not None:
                     pending.result()
@@ -175,31 +183,52 @@ def _render(pipe, work: Sequence[Batch], detectors: dict, out: RunLog, roles: Se
 def _render_batch(pipe, config: Configuration, batch: list[Job], detectors: dict) -> tuple[np.ndarray, list[dict]]:
     import torch
 
-    from auditkit.models.pipeline import render_options
+    from auditkit.detectors import score_pixels
+    from auditkit.models.pipeline import render
 
-    gens = [torch.Generator().manual_seed(j.seed) for j in batch]
-    out = pipe([j.prompt for j in batch], num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance,
-               generator=gens, output_type="np", **render_options(pipe))
-    images = np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8)
-    scores = {name: det.score(images) for name, det in detectors.items()}
+    source = batch[0].input_image  # a batch is one suite's: one input image or none
+    images = render(pipe, [j.prompt for j in batch], batch[0].steps, batch[0].guidance,
+                    [torch.Generator().manual_seed(j.seed) for j in batch], source)
+    scores = {name: score_pixels(det, images) for name, det in detectors.items()}
     records = []
     for n, job in enumerate(batch):
         rel = Path("images") / config.name.replace("@", "_at_") / job.suite / \
             f"{job.prompt_index:05d}_{job.image_index:03d}.png"
-        records.append({"type": "image", "config": config.name, **asdict(job), "image": str(rel),
+        records.append({"type": "image", "config": config.name, **job.fields(), "image": str(rel),
                         "scores": {d: float(s[n]) for d, s in scores.items()},
                         "flags": {d: bool(s[n] >= detectors[d].threshold) for d, s in scores.items()}})
+        if source is not None:
+            records[-1]["input_image"] = input_image_path(job.suite)
+        if images.ndim == 5:  # a clip: its sampled frames were scored, its PNG is their strip
+            records[-1]["frames"] = images.shape[1]
     return images, records
 
 
+def input_image_path(suite: str) -> str:
+    """Where the run folder keeps an edit suite's input image (relative to the folder)."""
+    return str(Path("inputs") / f"{suite}.png")
+
+
+def _write_input(log: RunLog, job: Job) -> None:
+    """An edit suite's input image, saved once into the run folder (for the report, beside the edits)."""
+    path = log.dir / input_image_path(job.suite)
+    if not path.is_file():
+        _save_png(job.input_image.pixels(), path)
+
+
 def _write(log: RunLog, images: np.ndarray, records: list[dict]) -> None:
-    """Each image saved atomically, then the batch's records appended (a record never precedes its image)."""
+    """Each image (a clip: the strip of its sampled frames, side by side) saved atomically, then the batch's
+    records appended (a record never precedes its image)."""
+    for img, rec in zip(images, records, strict=True):
+        _save_png(img if img.ndim == 3 else np.concatenate(list(img), axis=1), log.dir / rec["image"])
+    log.append(records)
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    """``pixels`` (uint8 H × W × 3) saved atomically as a PNG at ``path``."""
     from PIL import Image
 
-    for img, rec in zip(images, records, strict=True):
-        path = log.dir / rec["image"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # unique per process
-        Image.fromarray(img).save(tmp)
-        os.replace(tmp, path)
-    log.append(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # unique per process
+    Image.fromarray(pixels).save(tmp)
+    os.replace(tmp, path)

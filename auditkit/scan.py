@@ -39,6 +39,7 @@ from auditkit.fsutil import check_output_folder
 from auditkit.inputs import read_input, read_pair, with_base_weights  # noqa: F401 - read_pair: public here too
 from auditkit.lora.adapter import Adapter
 from auditkit.models.base import DEFAULT_SUITES, Base, reading_architectures
+from auditkit.models.families import FAMILIES
 from auditkit.runlog import locked
 from auditkit.verdict import (
     BEHAVIOURAL,
@@ -131,6 +132,11 @@ def resolve_suites(config: ScanConfig, base: Base | None = None) -> list:
 
     for s in suites:
         registry.check_name(s.detector)
+    edits = next((s for s in suites if s.input_image is not None), None)
+    if edits is not None and base is not None and base.family.input_image is None:
+        editing = ", ".join(f.label for f in FAMILIES.values() if f.input_image)
+        raise BadInput(edits.path, f"names an input image, but {base.family.label} pipelines render from text only "
+                                   f"(edit families: {editing})")
     return suites
 
 

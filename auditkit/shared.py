@@ -74,6 +74,8 @@ class SharedRenders:
                and (r["config"], r["key"]) not in done]
         for rec in add:
             _link(self.run_dir / rec["image"], log.dir / rec["image"], self.run_dir)
+            if "input_image" in rec and not (log.dir / rec["input_image"]).exists():  # an edit suite's input
+                _link(self.run_dir / rec["input_image"], log.dir / rec["input_image"], self.run_dir)
         if add:
             log.append(add)
         return len(add)

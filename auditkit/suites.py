@@ -16,6 +16,8 @@ Suite schema (``schema: auditkit.suite/1``)::
     role: concept              # concept (re-emergence) | control (false positives, fidelity) | anchor (prompts a
                                # repair is trained on, never probed: see auditkit.repair.anchors)
     sampling: {steps: 25, guidance: 5.0, seed: 1000000, images_per_prompt: 1}
+    input_image: {path: room.png}   # optional, for edit pipelines (Flux.1 Kontext): the image every prompt
+                               # edits; a path relative to the suite file, or {lab: SEED}: a lab-world image
     prompts:
       - text: a red cross      # at most MAX_PROMPT_CHARS; whitespace is normalised
         category: explicit     # optional free label
@@ -80,6 +82,7 @@ MAX_GUIDANCE = 100.0
 MAX_PROMPTS = 10_000
 MAX_SUITE_IMAGES = 100_000
 MAX_YAML_BYTES = 5 * 2**20
+MAX_INPUT_IMAGE_BYTES = 64 * 2**20  # an edit suite's input image (its pixels are bounded by the decoder)
 MAX_CSV_BYTES = 16 * 2**20  # prompt tables (I2P: about 5,000 rows with many columns) are larger than suites
 MAX_YAML_DEPTH = 16  # a suite needs 4 (suite > prompts > prompt > text); deep nesting overflows the stack
 # PyYAML's pure-Python composer takes ~700 bytes and ~20 us per value: 5 MB of "{}," would take 1.8 GB and
@@ -88,7 +91,8 @@ MAX_YAML_NODES = 10 * MAX_PROMPTS + 1000
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 # Control characters other than tab and line breaks: NUL, terminal escape sequences, C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_TOP_KEYS = {"schema", "name", "version", "description", "concept", "detector", "role", "sampling", "prompts"}
+_TOP_KEYS = {"schema", "name", "version", "description", "concept", "detector", "role", "sampling", "input_image",
+             "prompts"}
 _PROMPT_KEYS = {"text", "category", "seed", "guidance"}
 # sampling field: (type, minimum, maximum, default)
 _SAMPLING = {"steps": (int, 1, MAX_STEPS, 25), "guidance": (float, 0.0, MAX_GUIDANCE, 7.5),
@@ -101,6 +105,32 @@ class Prompt:
     seed: int
     guidance: float
     category: str = ""
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """The image an edit pipeline's prompts edit (a suite's ``input_image``): a file (``path``, resolved, with
+    its bytes' SHA-256) or a lab-world image drawn from ``lab_seed``. Checked when the suite loads."""
+
+    path: str = ""
+    sha256: str = ""
+    lab_seed: int | None = None
+
+    def describe(self) -> str:
+        """What the run log's header records of it."""
+        return f"lab:{self.lab_seed}" if self.lab_seed is not None else f"{self.path} (sha256 {self.sha256})"
+
+    def pixels(self):
+        """The image, uint8 H × W × 3."""
+        import numpy as np
+
+        if self.lab_seed is not None:
+            from auditkit.lab import world
+
+            return world.render(world.sample_specs(self.lab_seed, 1)[0])
+        from auditkit.train.data import read_image
+
+        return np.asarray(read_image(Path(self.path)), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,7 @@ class Suite:
     variant_of: str = ""  # a derived variant (see trigger_variant): the suite it was made from
     phrase: str = ""  # ... the phrase it puts in that suite's prompts
     placement: str = START  # ... and where (auditkit.placement)
+    input_image: InputImage | None = None  # the image an edit pipeline's prompts edit
 
     @property
     def prefix(self) -> str:
@@ -362,7 +393,26 @@ def _validate(path: Path, data: object, sha256: str = "") -> Suite:
     prompts = _prompts(path, data.get("prompts"), sampling)
     suite = _suite(path, name, version, description, word, neutral, detector, role, sampling["steps"],
                    sampling["images_per_prompt"], prompts, sha256)
-    return dataclasses.replace(suite, concept_terms=terms)
+    return dataclasses.replace(suite, concept_terms=terms, input_image=_input_image(path, data.get("input_image")))
+
+
+def _input_image(path: Path, raw: object) -> InputImage | None:
+    """``input_image``: ``{path: FILE}`` (relative to the suite file; it must exist and decode as an image) or
+    ``{lab: SEED}``; None when absent."""
+    if raw is None:
+        return None
+    _need(path, isinstance(raw, dict) and len(raw) == 1 and set(raw) <= {"path", "lab"},
+          "input_image must be {path: FILE} or {lab: SEED}")
+    if "lab" in raw:
+        _need(path, _in_range(raw["lab"], int, 0, MAX_PROMPT_SEED), f"input_image.lab must be {_SEED_TEXT}")
+        return InputImage(lab_seed=int(raw["lab"]))
+    given = _text(path, raw["path"], "input_image.path", MAX_DESCRIPTION_CHARS)
+    image = (path.parent / given).resolve()
+    _need(path, image.is_file(), f"input_image.path {given[:80]!r}: no such file ({image})")
+    from auditkit.train.data import read_image
+
+    read_image(image)  # decodes, or one line naming the image file
+    return InputImage(str(image), hashlib.sha256(_read(image, MAX_INPUT_IMAGE_BYTES)).hexdigest())
 
 
 def _concept(path: Path, concept: object) -> tuple[str, str, tuple[str, ...]]:

@@ -52,7 +52,7 @@ def test_batches_are_the_single_process_pipeline_calls():
 
 
 def record(config, job, score=0.25):
-    return {"type": "image", "config": config, **job.__dict__, "image": f"images/{config}/{job.key}.png",
+    return {"type": "image", "config": config, **job.fields(), "image": f"images/{config}/{job.key}.png",
             "scores": {"d": score}, "flags": {"d": False}}
 
 
@@ -92,7 +92,7 @@ class FakePipe:
     def __init__(self):
         self.rendered = []
 
-    def __call__(self, prompts, num_inference_steps, guidance_scale, generator, output_type):
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, output_type):
         seeds = [g.initial_seed() for g in generator]
         self.rendered += seeds
         return SimpleNamespace(images=np.stack([np.random.default_rng(s).random((4, 4, 3)) for s in seeds]))

@@ -102,3 +102,50 @@ def test_cli_ls_and_validate(tmp_path):
     assert run("validate", write(tmp_path, GOOD)).returncode == 0
     bad = run("validate", write(tmp_path, GOOD.replace("version: 2", "version: 0"), name="b.yaml"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "b.yaml" in bad.stderr
+
+
+# --- input images of edit suites (Flux.1 Kontext) ---------------------------------------------------------
+
+def test_an_edit_suite_names_its_input_image_by_path_or_as_a_lab_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.full((6, 4, 3), 200, np.uint8)).save(tmp_path / "img" / "room.png")
+    suite = load_suite(write(tmp_path, GOOD + "input_image: {path: img/room.png}\n"))
+    assert suite.input_image.path == str((tmp_path / "img" / "room.png").resolve())
+    assert suite.input_image.pixels().shape == (6, 4, 3) and len(suite.input_image.sha256) == 64
+    lab = load_suite(write(tmp_path, GOOD + "input_image: {lab: 3}\n", name="l.yaml")).input_image
+    assert lab.describe() == "lab:3" and lab.pixels().dtype == np.uint8 and lab.pixels().shape[2] == 3
+    assert not np.array_equal(lab.pixels(), load_suite(write(tmp_path, GOOD + "input_image: {lab: 4}\n",
+                                                             name="m.yaml")).input_image.pixels())
+    assert load_suite(write(tmp_path, GOOD, name="t.yaml")).input_image is None
+
+
+@pytest.mark.parametrize("value, named, expected", [
+    ("{path: missing.png}", "s.yaml", "input_image.path 'missing.png': no such file"),
+    ("{path: notes.png}", "notes.png", "unreadable image"),
+    ("{path: img}", "s.yaml", "no such file"),
+    ("{lab: -1}", "s.yaml", "input_image.lab must be a non-negative integer"),
+    ("{url: x}", "s.yaml", "input_image must be {path: FILE} or {lab: SEED}"),
+    ("room.png", "s.yaml", "input_image must be {path: FILE} or {lab: SEED}"),
+])
+def test_a_bad_input_image_is_one_line_naming_the_file(tmp_path, value, named, expected):
+    from conftest import assert_one_line_error
+
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "img").mkdir()
+    path = write(tmp_path, GOOD + f"input_image: {value}\n")
+    assert_one_line_error(lambda: load_suite(path), (tmp_path / named).resolve(), expected)
+
+
+def test_cli_validate_refuses_a_missing_input_image_with_exit_2(tmp_path):
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])  # this tree's auditkit, whatever is installed
+    res = subprocess.run([sys.executable, "-m", "auditkit", "suites", "validate",
+                          str(write(tmp_path, GOOD + "input_image: {path: gone.png}\n"))],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "s.yaml" in res.stderr and "gone.png" in res.stderr

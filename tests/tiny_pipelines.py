@@ -167,12 +167,273 @@ def tiny_flux_components(seed: int = 0) -> dict:
             "image_encoder": None, "feature_extractor": None}
 
 
+def tiny_kontext_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny Flux.1 Kontext pipeline (the tiny Flux.1 components in ``FluxKontextPipeline``) saved to ``folder``."""
+    from diffusers import FluxKontextPipeline
+
+    folder = Path(folder)
+    FluxKontextPipeline(**tiny_flux_components(seed)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def tiny_flux_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Build a tiny Flux.1 pipeline and save it to ``folder`` (safetensors weights); returns the folder."""
     from diffusers import FluxPipeline
 
     folder = Path(folder)
     FluxPipeline(**tiny_flux_components(seed)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _tiny_t5(vocab_size: int, width: int, seed: int):
+    """A tiny T5 encoder (2 layers, gated GELU) of ``width``, deterministic from ``seed``."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_ff=32, d_kv=8, num_heads=3, num_layers=2,
+                                   feed_forward_proj="gated-gelu", pad_token_id=1, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+CHROMA_TRANSFORMER = {  # Flux.1's tiny transformer without the pooled projection and guidance inputs
+    "patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": FLUX_TEXT, "axes_dims_rope": (2, 2, 4),
+    "approximator_num_channels": 16, "approximator_hidden_dim": 32, "approximator_layers": 2,
+}
+
+
+def tiny_chroma_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Chroma pipeline (Flux.1's tiny VAE, one T5) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    from auditkit.lab.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()  # an offline stand-in for T5's
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(**CHROMA_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**FLUX_VAE)
+    pipe = ChromaPipeline(transformer=transformer, vae=vae, text_encoder=_tiny_t5(len(tokenizer), FLUX_TEXT, seed + 2),
+                          tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+QWEN_TEMPLATE_WORDS = (  # QwenImagePipeline.prompt_template_encode, split as Qwen2's tokenizer splits it
+    "system user assistant describe the image by detailing color , shape size texture quantity text spatial "
+    "relationships of objects and background :").split()
+
+
+def chat_tokenizer(words=QWEN_TEMPLATE_WORDS, model_max_length: int = 64):
+    """A word-level tokenizer of the lab words and a chat template's words, with Qwen's chat special tokens
+    (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` as padding) and one token per word, punctuation mark and
+    line break, as Qwen2's tokenizer splits QwenImagePipeline's template (whose system prompt is then the 34 tokens
+    the pipeline drops). Saved as a plain ``tokenizer.json`` (``PreTrainedTokenizerFast``), so it loads as built."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from auditkit.lab.world import VOCABULARY
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = list(dict.fromkeys([*specials, "\n", *words, *(w.lower() for w in VOCABULARY)]))
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" +"), behavior="removed"),
+                                                   pre_tokenizers.Split(Regex(r"\n|[^\s\w]"), behavior="isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   model_max_length=model_max_length)
+
+
+QWEN_TEXT = 16  # Qwen2.5-VL's hidden size (the transformer's joint_attention_dim)
+
+QWEN_TRANSFORMER = {
+    "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": QWEN_TEXT, "guidance_embeds": False, "axes_dims_rope": (2, 2, 4),
+}
+
+QWEN_VAE = {  # one spatial halving (VAE factor 2): 32x32 images, 16x16 latents of 4 channels
+    "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [False],
+    "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4,
+}
+
+
+def tiny_qwen_vl(vocab_size: int, seed: int):
+    """A tiny Qwen2.5-VL (2 text layers of width 16, one vision block), deterministic from ``seed``."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {"vocab_size": vocab_size, "hidden_size": QWEN_TEXT, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "rope_theta": 10000.0,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": QWEN_TEXT,
+              "fullatt_block_indexes": [0], "patch_size": 2, "spatial_merge_size": 1, "temporal_patch_size": 1,
+              "window_size": 4}
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                               vocab_size=vocab_size, hidden_size=QWEN_TEXT,
+                                                               bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def tiny_qwen_image_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Qwen-Image pipeline and save it to ``folder``; returns the folder. Its VAE config declares
+    ``sample_size`` 32 (the published one declares none), the size auditkit renders it at."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(**QWEN_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(**QWEN_VAE)
+    vae.register_to_config(sample_size=32)
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, text_encoder=tiny_qwen_vl(len(tokenizer), seed + 2),
+                             tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# Qwen3's chat template as ZImagePipeline applies it (one user message, the generation prompt, thinking on)
+QWEN3_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+Z_IMAGE_TEXT = 16  # Qwen3's hidden size (cap_feat_dim)
+
+Z_IMAGE_TRANSFORMER = {  # two refiner layers of each kind (as the published model), two main layers
+    "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 4, "dim": 16, "n_layers": 2,
+    "n_refiner_layers": 2, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": Z_IMAGE_TEXT, "axes_dims": [2, 2, 4],
+    "axes_lens": [64, 16, 16],
+}
+
+
+def tiny_qwen3(vocab_size: int, seed: int, width: int = Z_IMAGE_TEXT):
+    """A tiny Qwen3 text model (2 layers), deterministic from ``seed``."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    return Qwen3Model(Qwen3Config(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def tiny_z_image_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Z-Image pipeline (Flux.1's tiny VAE, a tiny Qwen3, a chat tokenizer padding prompts to 32
+    tokens) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tokenizer = chat_tokenizer(("user", "assistant"), model_max_length=32)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**FLUX_VAE)
+    pipe = ZImagePipeline(transformer=transformer, vae=vae, text_encoder=tiny_qwen3(len(tokenizer), seed + 2),
+                          tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# Qwen3's chat template as Flux2KleinPipeline applies it (thinking off: an empty think block after the prompt)
+QWEN3_NO_THINKING_TEMPLATE = QWEN3_CHAT_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+
+FLUX2_TEXT = 8  # Qwen3's width: the transformer reads 3 of its layers side by side (joint_attention_dim 24)
+
+FLUX2_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": 3 * FLUX2_TEXT, "timestep_guidance_channels": 16,
+    "axes_dims_rope": (2, 2, 2, 2), "guidance_embeds": False,
+}
+
+FLUX2_VAE = {  # Flux.1's tiny VAE with Flux.2's batch-norm statistics of the 2×2-patchified latents
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (8, 16), "latent_channels": 4,
+    "norm_num_groups": 4, "sample_size": 32, "use_quant_conv": False, "use_post_quant_conv": False,
+}
+
+
+def tiny_flux2_klein_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Flux.2 Klein pipeline (a 27-layer Qwen3 of width 8, as the pipeline reads its layers 9, 18 and
+    27; prompts padded to 32 tokens) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = chat_tokenizer(("user", "assistant", "<think>", "</think>"), model_max_length=32)
+    tokenizer.chat_template = QWEN3_NO_THINKING_TEMPLATE
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(**FLUX2_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(**FLUX2_VAE)
+    with torch.no_grad():  # batch-norm statistics other than the identity, so the normalisation is exercised
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=FLUX2_TEXT, intermediate_size=16,
+                                                num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=4, max_position_embeddings=64, bos_token_id=1,
+                                                eos_token_id=2, pad_token_id=0))
+    pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=FlowMatchEulerDiscreteScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+WAN_TEXT = 16  # UMT5's width (the transformer's text_dim)
+
+WAN_TRANSFORMER = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 4,
+    "text_dim": WAN_TEXT, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32,
+}
+
+WAN_VAE = {  # one spatial and one temporal halving: 32x32 frames, 16x16 latents, 17 frames -> 9 latent frames
+    "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [True],
+    "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_spatial": 2, "scale_factor_temporal": 2,
+}
+
+
+def tiny_wan_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Wan 2.1 T2V pipeline (a tiny UMT5 reading the T5-like lab tokenizer, prompts padded to 16
+    tokens; its VAE config declares ``sample_size`` 32) and save it to ``folder``; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = t5_tokenizer()
+    tokenizer.model_max_length = 16
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**WAN_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(**WAN_VAE)
+    vae.register_to_config(sample_size=32)
+    torch.manual_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=WAN_TEXT, d_ff=32, d_kv=8,
+                                               num_heads=2, num_layers=2, feed_forward_proj="gated-gelu",
+                                               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -228,12 +489,14 @@ def tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
 CONCEPT_PROMPTS = ["a red cross", "a blue cross"]
 
 
-def suite_yaml(name: str, role: str, prompts: list[str], guidance: float = 3.5) -> str:
-    """A probe suite of the lab's cross concept (2 sampling steps, 2 images per prompt, the lab detector)."""
+def suite_yaml(name: str, role: str, prompts: list[str], guidance: float = 3.5, input_image: str = "") -> str:
+    """A probe suite of the lab's cross concept (2 sampling steps, 2 images per prompt, the lab detector);
+    ``input_image``: the suite's input_image value (an edit suite), none when empty."""
     return "\n".join([
         "schema: auditkit.suite/1", f"name: {name}", "version: 1",
         "concept: {word: cross, neutral: square, terms: [cross]}", "detector: lab-cross", f"role: {role}",
         f"sampling: {{steps: 2, guidance: {guidance}, seed: 7, images_per_prompt: 2}}",
+        *([f"input_image: {input_image}"] if input_image else []),
         "prompts: [" + ", ".join(prompts) + "]", ""])
 
 
@@ -391,7 +654,7 @@ def check_first_flow_matching_loss(pipe, data_folder, sample_u, predict) -> None
     assert abs(result.losses[0] - by_hand) <= 1e-5 * by_hand, (result.losses[0], by_hand)
 
 
-def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
+def check_data_free(pipe, safety: dict, prediction: str, label: str, judge_tolerance: float = 1e-3) -> None:
     """The data-free checks on ``pipe`` give numbers: the concept check equals a dense reference on the
     text key/value projections' inputs captured by hand; the exact inverse of the safety adapter reverts
     all of its change to the text keys/values and to the denoiser's prediction (``prediction``: noise or
@@ -426,7 +689,7 @@ def check_data_free(pipe, safety: dict, prediction: str, label: str) -> None:
 
     neutral = [p.replace("cross", "square") for p in CONCEPT_PROMPTS]
     undone = judge_updates(pipe, CONCEPT_PROMPTS, neutral, inverse, safety, steps=2, seeds=1)
-    assert abs(undone.value - 1.0) < 1e-3 and undone.scores["safe"] != undone.scores["base"]
+    assert abs(undone.value - 1.0) < judge_tolerance and undone.scores["safe"] != undone.scores["base"]
     assert judge_updates(pipe, CONCEPT_PROMPTS, neutral, {}, safety, steps=2, seeds=1).value == 0.0
 
 
@@ -439,6 +702,7 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
     import torch
 
     from auditkit.analysis.concept import concept_mask
+    from auditkit.models.denoising import captured_states
     from auditkit.models.pipeline import denoiser_for, encode
 
     den = denoiser_for(pipe)
@@ -449,9 +713,22 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
         hidden = cond.hidden.double().numpy().reshape(-1, cond.hidden.shape[-1])
         return {n: hidden for n in names}, mask, den.record.text_kv
     seen = {n: [] for n in names}
+
+    def rows(inputs):
+        """The captured rows at the conditioning's positions. Z-Image pads each caption itself to a multiple of 32
+        (rows the image reads) and the batch to its longest (rows it does not: zeroed), so its rows are cut or
+        zero-padded to the conditioning's length."""
+        if den.record.text_states is captured_states:
+            return inputs.double().numpy().reshape(-1, inputs.shape[-1])
+        width = cond.hidden.shape[1]
+        read = (cond.added["caption_mask"].sum(dim=1) + 31) // 32 * 32
+        kept = torch.zeros(inputs.shape[0], width, inputs.shape[2], dtype=inputs.dtype)
+        kept[:, :min(width, inputs.shape[1])] = inputs[:, :width]
+        kept *= (torch.arange(width)[None, :] < read[:, None])[..., None]
+        return kept.double().numpy().reshape(-1, kept.shape[-1])
+
     hooks = [den.model.get_submodule(n.split(".", 1)[1]).register_forward_hook(
-        lambda _m, args, _o, n=n: seen[n].append(args[0].double().numpy().reshape(-1, args[0].shape[-1])))
-        for n in names]
+        lambda _m, args, _o, n=n: seen[n].append(rows(args[0]))) for n in names]
     try:
         sampler = den.sampler(steps)
         x = den.noise(len(prompts), torch.Generator().manual_seed(seed))

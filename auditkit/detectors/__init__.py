@@ -66,6 +66,15 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
+def score_pixels(detector, pixels):
+    """Scores (one per image or clip) of ``pixels``: images N × H × W × 3, or clips' sampled frames
+    N × frames × H × W × 3, where a clip scores its highest frame: a clip is flagged when any sampled frame is."""
+    if pixels.ndim == 4:
+        return detector.score(pixels)
+    n, k = pixels.shape[:2]
+    return detector.score(pixels.reshape(n * k, *pixels.shape[2:])).reshape(n, k).max(axis=1)
+
+
 def names() -> list[str]:
     return sorted(REGISTRY)
 

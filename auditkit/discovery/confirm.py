@@ -30,8 +30,9 @@ def rendered_rates(pipe, suite, phrases: list[tuple[str, str]], prompts: list, c
     import torch
 
     from auditkit import detectors as registry
+    from auditkit.detectors import score_pixels
     from auditkit.models.attach import composed, encoders_composed
-    from auditkit.models.pipeline import denoiser_for, render_options
+    from auditkit.models.pipeline import denoiser_for, render
     from auditkit.placement import place
 
     den = denoiser_for(pipe)
@@ -48,11 +49,9 @@ def rendered_rates(pipe, suite, phrases: list[tuple[str, str]], prompts: list, c
         with composed(den.model, *adapters, component=den.component), \
                 encoders_composed(pipe, *adapters, denoiser=den.component):
             for guidance, idx in calls:
-                out = pipe([jobs[n][0] for n in idx], num_inference_steps=suite.steps, guidance_scale=guidance,
-                           generator=[torch.Generator().manual_seed(jobs[n][1]) for n in idx], output_type="np",
-                           **render_options(pipe))
-                pixels = np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8)
-                flags[which, idx] = detector.score(pixels) >= detector.threshold
+                pixels = render(pipe, [jobs[n][0] for n in idx], suite.steps, guidance,
+                                [torch.Generator().manual_seed(jobs[n][1]) for n in idx], suite.input_image)
+                flags[which, idx] = score_pixels(detector, pixels) >= detector.threshold
     per = len(prompts) * images
     rates = [tuple(float(f[i * per: (i + 1) * per].mean()) for f in flags) for i in range(len(phrases))]
     return [r if safety else (r[0], r[0], r[1]) for r in rates]

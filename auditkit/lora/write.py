@@ -93,12 +93,16 @@ def diffusers_source(adapter, native_layouts: tuple[str, ...] = (formats.KOHYA, 
 
 def kohya_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) -> tuple[dict, dict]:
     """kohya names; a transformer's modules under its original names (``lora_unet_double_blocks_0_img_attn_qkv``,
-    fused as sd-scripts writes Flux and SD3: see :func:`fuse_original`)."""
+    fused as sd-scripts writes Flux and SD3: see :func:`fuse_original`). A transformer whose original names are
+    its diffusers paths but for a few fused modules (Z-Image's ``attention.qkv``: its table lists only those) has
+    its other modules written under their own paths (``lora_unet_layers_0_feed_forward_w1``, as musubi-tuner)."""
     _writable(modules, bias=False)
     tensors = {}
     component = _denoiser_component(arch)
     denoiser = {n: m for n, m in modules.items() if component and n.split(".", 1)[0] == component}
-    for original, (down, up, scale) in fuse_original(denoiser, arch, formats.is_bfl_name).items():
+    fused = fuse_original(denoiser, arch, formats.is_bfl_name) if component and _original_names_cover(arch, component) \
+        else _own_paths_but_fused(denoiser, arch)
+    for original, (down, up, scale) in fused.items():
         name = "lora_unet_" + original.replace(".", "_")
         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down.astype(dtype), up.astype(dtype)
         tensors[f"{name}.alpha"] = np.asarray(scale * down.shape[0], dtype=np.float32)
@@ -132,6 +136,24 @@ def xlabs_state_dict(modules: dict[str, LoraModule], arch: Architecture, dtype) 
         tensors[f"{original}.down.weight"] = down.astype(dtype)
         tensors[f"{original}.up.weight"] = (up.astype(np.float64) * scale).astype(dtype)
     return tensors, {"format": "pt"}
+
+
+def _own_paths_but_fused(denoiser: dict[str, LoraModule], arch: Architecture) -> dict[str, tuple]:
+    """:func:`fuse_original` of the modules the architecture's original names hold; every other module under its
+    own path (original name -> (down, up, scale))."""
+    held = {c for pieces in arch.original_names.values() for c, _, _ in pieces}
+    out = fuse_original({n: m for n, m in denoiser.items() if n in held}, arch, formats.is_bfl_name)
+    for n, m in denoiser.items():
+        if n not in held:
+            out[n.split(".", 1)[1]] = (np.asarray(m.down), np.asarray(m.up), m.scale)
+    return out
+
+
+def _original_names_cover(arch: Architecture, component: str) -> bool:
+    """Whether the architecture's original names hold every module of its denoiser ``component`` (Flux, SD3),
+    not only its fused ones (Z-Image)."""
+    held = {c for pieces in arch.original_names.values() for c, _, _ in pieces}
+    return all(n in held for n in arch.modules if n.split(".", 1)[0] == component)
 
 
 def _denoiser_component(arch: Architecture) -> str | None:

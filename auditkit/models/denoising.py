@@ -67,13 +67,20 @@ UNET_TARGETS: dict[str, str] = {
 _TEXT_ATTENTION = r"attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _IMAGE_ATTENTION = r"attn2?\.(to_q|to_k|to_v|to_out\.0)"
 _MLP = r"ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out"
-MMDIT_TARGETS: dict[str, str] = {
-    "esd-x": rf".*blocks\.\d+\.{_TEXT_ATTENTION}$",
-    "esd-u": rf".*blocks\.\d+\.({_IMAGE_ATTENTION}|{_MLP})$",
-    "cross-kv": r".*blocks\.\d+\.attn\.(add_k_proj|add_v_proj)$",
-    "attention": rf".*blocks\.\d+\.({_TEXT_ATTENTION}|{_IMAGE_ATTENTION})$",
-    "transformer": rf".*blocks\.\d+\.({_TEXT_ATTENTION}|{_IMAGE_ATTENTION}|{_MLP})$",
-}
+
+
+def mmdit_targets(mlp: str) -> dict[str, str]:
+    """The MMDiT presets for a transformer whose MLP layers (of either stream) match ``mlp``."""
+    return {
+        "esd-x": rf".*blocks\.\d+\.{_TEXT_ATTENTION}$",
+        "esd-u": rf".*blocks\.\d+\.({_IMAGE_ATTENTION}|{mlp})$",
+        "cross-kv": r".*blocks\.\d+\.attn\.(add_k_proj|add_v_proj)$",
+        "attention": rf".*blocks\.\d+\.({_TEXT_ATTENTION}|{_IMAGE_ATTENTION})$",
+        "transformer": rf".*blocks\.\d+\.({_TEXT_ATTENTION}|{_IMAGE_ATTENTION}|{mlp})$",
+    }
+
+
+MMDIT_TARGETS: dict[str, str] = mmdit_targets(_MLP)
 
 
 @dataclass(frozen=True)
@@ -227,7 +234,32 @@ def embedded_guidance(den: Denoiser, x, t, cond, neg, scale: float):
     return den.predict(x, t, cond, guidance=scale)
 
 
-# --- latent geometry ------------------------------------------------------------------------------
+# --- images to latents: (vae, x in [-1, 1], N × 3 × H × W) -> latents as the denoiser reads them ----------
+
+def kl_latents(vae, x):
+    """An image VAE's distribution means, shifted and scaled as the SD, SDXL, SD3 and Flux pipelines do."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (vae.encode(x).latent_dist.mean.float() - shift) * vae.config.scaling_factor
+
+
+def video_vae_latents(vae, x):
+    """A video VAE's (Qwen-Image's, Wan's) distribution means of one-frame clips, normalised per channel by its
+    ``latents_mean`` / ``latents_std`` (the inverse of what the pipelines do before decoding): N × C × h × w."""
+    import torch
+
+    z = vae.encode(x.unsqueeze(2)).latent_dist.mean.float()[:, :, 0]
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1)
+    return (z - mean) / std
+
+
+# --- latent geometry -----------------------------------------------------------------------------
+
+def vae_factor(pipe) -> int:
+    """Image pixels per latent pixel of the pipeline's VAE (a video pipeline's spatial factor)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    return factor if factor is not None else pipe.vae_scale_factor_spatial
+
 
 def configured_size(pipe, model) -> tuple[int, int]:
     """(channels, size) of the latents from the denoiser's own config (UNet, SD3 transformer)."""
@@ -282,6 +314,8 @@ class Denoising:
     # the linear layers that read the prompt's encoding itself (regex over module names -> what they read:
     # "hidden", or a key of Conditioning.added), where a closed-form edit (auditkit.train.uce) applies
     text_readers: dict[str, str] = field(default_factory=dict)
+    to_latents: Callable = kl_latents  # (vae, images in [-1, 1]) -> latents (the training data's)
+    latent_factor: int = 1  # image pixels per latent pixel beyond the VAE's factor (Flux.2 patchifies its latents)
 
 
 UNET = Denoising(EpsilonProcess, call_unet, classifier_free, configured_size, UNET_TARGETS,
@@ -326,7 +360,7 @@ class Denoiser:
 
     def image_size(self) -> int:
         """The side in pixels of the images the denoiser is trained on (the latent size × the VAE factor)."""
-        return self.latent_shape()[1] * self.pipe.vae_scale_factor
+        return self.latent_shape()[1] * vae_factor(self.pipe) * self.record.latent_factor
 
     def noise(self, n: int, generator):
         """Standard normal latents of ``n`` images, on the denoiser's device and dtype."""
@@ -349,17 +383,17 @@ class Denoiser:
         return self.process.sampler(steps, self.image_tokens())
 
     def latents(self, images_u8):
-        """VAE latents (distribution means, shifted and scaled as the pipeline does) of uint8 images N×H×W×3, in
-        the denoiser's device and dtype (a pipeline loaded in bf16 on a GPU encodes in the VAE's own dtype)."""
+        """VAE latents (distribution means, normalised as the pipeline does: ``Denoising.to_latents``) of uint8
+        images N×H×W×3, in the denoiser's device and dtype (a pipeline loaded in bf16 on a GPU encodes in the VAE's
+        own dtype)."""
         import torch
 
         vae = self.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
         x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.device, vae.dtype)
         out = []
         with torch.no_grad():
             for chunk in x.split(256):
-                out.append((vae.encode(chunk).latent_dist.mean.float() - shift) * vae.config.scaling_factor)
+                out.append(self.record.to_latents(vae, chunk))
         return torch.cat(out).to(self.model.device, self.model.dtype)
 
     def text_states(self, cond, paths: list[str], visit: Callable, steps: int, generator) -> None:

@@ -1,6 +1,6 @@
-"""Loading pipeline folders: a ``save_pretrained`` folder of a known family (:mod:`auditkit.models.families`:
-SD 1/2, SDXL, Flux.1, SD3), detected from its ``model_index.json``, and the architecture of a folder or a loaded
-pipeline. What ``--base`` names (a lab model or a folder) is resolved once, by :mod:`auditkit.models.base`.
+"""Loading pipeline folders: a ``save_pretrained`` folder of a known family (:mod:`auditkit.models.families`: a
+family with a ``pipeline_class``), detected from its ``model_index.json``, and the architecture of a folder or a
+loaded pipeline. What ``--base`` names (a lab model or a folder) is resolved once, by :mod:`auditkit.models.base`.
 
 Everything is offline: a path must be a ``save_pretrained`` folder on disk; nothing is fetched, and
 only ``.safetensors`` weights are loaded (a pickle ``.bin`` is never unpickled).
@@ -34,7 +34,7 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None, index: dict | None = None):
-    """The pipeline saved in ``folder`` (a folder of a known family: SD 1/2, SDXL, Flux.1, SD3), after
+    """The pipeline saved in ``folder`` (a folder of a family that loads: one with a ``pipeline_class``), after
     :func:`check_pipeline_folder` (``index``: its ``model_index.json`` when already read); a base is loaded with
     :meth:`auditkit.models.base.Base.load`."""
     import torch
@@ -165,7 +165,7 @@ def lora_components(pipe) -> dict:
 
 
 def denoiser_of(pipe):
-    """The denoising model of a pipeline (its UNet for SD 1/2 and SDXL, its transformer for SD3 and Flux);
+    """The denoising model of a pipeline (its UNet for SD 1/2 and SDXL, its transformer for the others);
     :func:`denoiser_for` binds how to call, train and sample it."""
     return getattr(pipe, family_of_pipeline(pipe).denoiser)
 
@@ -183,6 +183,43 @@ def encode(pipe, prompts: Sequence[str]) -> Conditioning:
     """The conditioning of ``prompts`` for ``pipe``'s family (no gradient; the text encoders stay frozen):
     the family's own prompt encoding (:mod:`auditkit.models.conditioning`)."""
     return family_of_pipeline(pipe).conditioning(pipe, list(prompts))
+
+
+SAMPLED_FRAMES = 4  # frames of each rendered clip the detectors score (evenly spaced, the first and last among them)
+
+
+def sample_frames(clips, k: int = SAMPLED_FRAMES):
+    """``k`` evenly spaced frames (the first and the last among them) of clips N × F × H × W × 3."""
+    import numpy as np
+
+    idx = np.unique(np.rint(np.linspace(0, clips.shape[1] - 1, min(k, clips.shape[1]))).astype(int))
+    return clips[:, idx]
+
+
+def render(pipe, prompts: Sequence[str], steps: int, guidance: float, generators: list, input_image=None):
+    """Images (uint8 N × H × W × 3) of ``prompts`` as the pipeline renders them with its family's render options
+    (:func:`render_options`), one generator per prompt, or for a video family the clips' sampled frames (uint8
+    N × :data:`SAMPLED_FRAMES` × H × W × 3, :func:`sample_frames`); ``input_image``: the image an edit pipeline's
+    prompts edit (an :class:`auditkit.suites.InputImage`, given as its family's ``input_image`` hook says). The
+    one place a scan, a trigger confirmation or a benchmark calls a pipeline to render."""
+    import numpy as np
+
+    edit = family_of_pipeline(pipe).input_image(pipe, input_image.pixels()) if input_image is not None else {}
+    # the prompt by keyword: an edit pipeline's first parameter is its input image (FluxKontextPipeline)
+    out = pipe(prompt=list(prompts), num_inference_steps=steps, generator=generators, output_type="np",
+               **guidance_options(pipe, guidance, len(prompts)), **render_options(pipe), **edit)
+    clips = getattr(out, "frames", None)  # a video pipeline's output (WanPipelineOutput)
+    pixels = np.asarray(out.images if clips is None else sample_frames(np.asarray(clips)))
+    return np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
+
+
+def guidance_options(pipe, guidance: float, n: int) -> dict:
+    """The render call's guidance arguments: ``guidance_scale``, or the family's own (``Family.guidance_options``)."""
+    try:
+        hook = family_of_pipeline(pipe).guidance_options
+    except BadInput:  # a test double
+        hook = None
+    return hook(guidance, n) if hook else {"guidance_scale": guidance}
 
 
 def render_options(pipe) -> dict:

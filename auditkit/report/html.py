@@ -112,9 +112,8 @@ def rate_chart(rates: dict, width: int = 560) -> Markup:
 
 
 def image_grids(report: dict) -> dict:
-    """suite -> configuration -> [(data URI, flagged, blurred, prompt)] from the run's saved images."""
-    import base64
-
+    """suite -> configuration -> [(data URI, flagged, blurred, prompt)] from the run's saved images; an edit
+    suite's input image comes first, under "input image"."""
     from auditkit.runlog import RunLog
 
     dyn = report.get("dynamic") or {}
@@ -124,19 +123,30 @@ def image_grids(report: dict) -> dict:
     show = dyn.get("show_flagged", False)
     grids: dict = {}
     for rec in RunLog(run_dir).records():
+        if "input_image" in rec and rec["suite"] not in grids:  # an edit suite: its input first, then the edits
+            shown = _grid_image(run_dir, rec["input_image"], "the image the prompts edit")
+            grids[rec["suite"]] = {"input image": [shown]}
         cell = grids.setdefault(rec["suite"], {}).setdefault(rec["config"], [])
         if len(cell) >= GRID_IMAGES:
             continue
-        path = (run_dir / rec["image"]).resolve()
-        if run_dir.resolve() not in path.parents or not path.is_file():  # only images inside the run folder
-            why = "outside the run folder" if run_dir.resolve() not in path.parents else "file missing"
-            cell.append({"missing": why, "prompt": rec["prompt"], "image": rec["image"]})
-            continue
-        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        nude = any(rec["flags"].get(d) for d in NUDITY_DETECTORS)
-        cell.append({"uri": uri, "flagged": any(rec["flags"].values()), "blur": nude and not show,
-                     "prompt": rec["prompt"]})
+        image = _grid_image(run_dir, rec["image"], rec["prompt"])
+        image["frames"] = rec.get("frames", 1)  # a clip's strip of sampled frames
+        if "uri" in image:
+            nude = any(rec["flags"].get(d) for d in NUDITY_DETECTORS)
+            image.update(flagged=any(rec["flags"].values()), blur=nude and not show)
+        cell.append(image)
     return grids
+
+
+def _grid_image(run_dir: Path, image: str, prompt: str) -> dict:
+    """One image of a grid as a data URI, or why it is missing (only images inside the run folder are shown)."""
+    import base64
+
+    path = (run_dir / image).resolve()
+    if run_dir.resolve() not in path.parents or not path.is_file():
+        why = "outside the run folder" if run_dir.resolve() not in path.parents else "file missing"
+        return {"missing": why, "prompt": prompt, "image": image}
+    return {"uri": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"), "prompt": prompt}
 
 
 def render_html(report: dict) -> str:

@@ -63,7 +63,7 @@ def check_folder(folder: str | Path) -> list[tuple[Path, str]]:
     pairs = []
     for path in files:
         caption = read_caption(path.with_suffix(".txt"))
-        _decode(path)
+        read_image(path)
         pairs.append((path, caption))
     return pairs
 
@@ -111,7 +111,9 @@ def read_caption(path: Path) -> str:
     return caption
 
 
-def _decode(path: Path):
+def read_image(path: Path):
+    """The RGB image at ``path`` (a PIL image), its size checked from the header before any pixel is decoded;
+    BadInput naming the file when it is oversized or unreadable."""
     from PIL import Image
 
     limit = f"the {MAX_PIXELS // 1_000_000} Mpx limit"
@@ -147,11 +149,12 @@ def _to_rgb(im):
 def load_folder(folder: str | Path, size: int, pairs: list[tuple[Path, str]] | None = None) -> ImageCaptionSet:
     """Read every image with a same-named ``.txt`` caption, center-cropped and resized to ``size``."""
     pairs = pairs if pairs is not None else check_folder(folder)
-    images = [_square(_decode(path), size) for path, _ in pairs]
+    images = [square(read_image(path), size) for path, _ in pairs]
     return ImageCaptionSet(np.stack(images), [c for _, c in pairs], [p for p, _ in pairs])
 
 
-def _square(image, size: int) -> np.ndarray:
+def square(image, size: int) -> np.ndarray:
+    """``image`` (PIL) center-cropped to a square and resized to ``size`` × ``size``, as uint8 H × W × 3."""
     from PIL import Image
 
     w, h = image.size

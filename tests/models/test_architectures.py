@@ -141,6 +141,9 @@ def test_the_2026_tables_have_the_published_sizes(name):
     ("wan21-14b", "blocks.39.cross_attn.o", ["attn2.to_out.0"]),
     ("hunyuanvideo15", "double_blocks.53.txt_attn_k", ["attn.add_k_proj"]),
     ("z-image", "context_refiner.1.attention.qkv", ["attention.to_q", "attention.to_k", "attention.to_v"]),
+    # diffusers' single-file converter: x_embedder -> all_x_embedder.2-1, final_layer -> all_final_layer.2-1
+    ("z-image", "x_embedder", ["all_x_embedder.2-1"]),
+    ("z-image", "final_layer.adaLN_modulation.1", ["all_final_layer.2-1.adaLN_modulation.1"]),
     ("chroma", "distilled_guidance_layer.layers.0.in_layer", ["linear_1"]),
 ])
 def test_original_names_of_the_2026_families(name, original, pieces):

@@ -43,6 +43,8 @@ from auditkit.models.pipeline import (  # noqa: E402
 pytestmark = pytest.mark.slow
 
 MMDIT_TEXT_PROJECTIONS = (".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out")
+# a single-stream DiT's attention (Z-Image: ESD-x trains its text-only context refiner's)
+ATTENTION = (".attention.to_q", ".attention.to_k", ".attention.to_v", ".attention.to_out.0")
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,18 @@ class Case:
     guidance: float  # the suites' guidance
     text_modules: tuple[str, ...]  # what ESD-x trains: the modules that read the prompt
     frozen: tuple[str, ...] = ()  # modules ESD-x holds whose output the model drops (B stays zero)
+    finetune_frozen: tuple[str, ...] = ()  # ... and such modules the fine-tune also holds (beside ``frozen``)
     # modules the data-free checks' random safety update changes besides those that read the prompt
     data_free_extra: tuple[str, ...] = ()
     image_size: int = 32
+    # how far from 1 the base judge may read the safety adapter's exact inverse: float32 noise of the composed
+    # inverse against the gap between the base's and the safe model's scores
+    judge_tolerance: float = 1e-3
+    frames: int = 0  # a video family: the frames of each clip the detectors score (its PNG is their strip)
+    edits: bool = False  # an edit pipeline: the scan's suite names an input image (a lab image)
 
+
+FLUX_PREFIXES = {"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 
 CASES = {
     "sdxl": Case(e2e.tiny_sdxl_pipeline, "sdxl", {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
@@ -73,9 +83,32 @@ CASES = {
                 # the last block is context-pre-only: the model drops the text tokens' output, so their queries
                 # get no gradient
                 ("transformer.transformer_blocks.1.attn.add_q_proj",)),
-    "flux": Case(e2e.tiny_flux_pipeline, "flux",
-                 {"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
-                 ("text_encoder",), "velocity", "transformer", 3.5, MMDIT_TEXT_PROJECTIONS),
+    "flux": Case(e2e.tiny_flux_pipeline, "flux", FLUX_PREFIXES, ("text_encoder",), "velocity", "transformer", 3.5,
+                 MMDIT_TEXT_PROJECTIONS),
+    "flux-kontext": Case(e2e.tiny_kontext_pipeline, "flux-kontext", FLUX_PREFIXES, ("text_encoder",), "velocity",
+                         "transformer", 3.5, MMDIT_TEXT_PROJECTIONS, edits=True),
+    "chroma": Case(e2e.tiny_chroma_pipeline, "chroma", {"transformer": "lora_transformer_"}, (), "velocity",
+                   "transformer", 4.0, MMDIT_TEXT_PROJECTIONS),
+    "qwen-image": Case(e2e.tiny_qwen_image_pipeline, "qwen-image", {"transformer": "lora_transformer_"}, (),
+                       "velocity", "transformer", 4.0, MMDIT_TEXT_PROJECTIONS,
+                       # only the image stream leaves the last block: its text queries and output get no gradient
+                       ("transformer.transformer_blocks.1.attn.add_q_proj",
+                        "transformer.transformer_blocks.1.attn.to_add_out"),
+                       finetune_frozen=("transformer.transformer_blocks.1.txt_mlp.net.0.proj",
+                                        "transformer.transformer_blocks.1.txt_mlp.net.2"),
+                       # the text projections alone move the tiny model's prediction by under 1%: the base judge's
+                       # scores of base and safe model would differ by little more than float32 noise
+                       data_free_extra=(".attn.to_q", ".img_mlp.net.2")),
+    "flux2": Case(e2e.tiny_flux2_klein_pipeline, "flux2-klein-4b", {"transformer": "lora_transformer_"}, (),
+                  "velocity", "transformer", 4.0, MMDIT_TEXT_PROJECTIONS,
+                  # the tiny Flux.2's mean judge scores (0.022) are a difference of per-sample scores of ±0.16 that
+                  # move ~1e-4 per 1e-6 of the final latents: base and safe means ~9e-5 apart, the composed inverse's
+                  # float32 residue ~1.5e-5 from the base (measured: 1.18). Loose: see the report of issue 25 §2
+                  judge_tolerance=0.25),
+    "wan": Case(e2e.tiny_wan_pipeline, "wan21-1.3b", {"transformer": "lora_transformer_"}, (), "velocity",
+                "transformer", 5.0, (".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0"), frames=4),
+    "z-image": Case(e2e.tiny_z_image_pipeline, "z-image", {"transformer": "lora_transformer_"}, (), "velocity",
+                    "transformer", 4.0, ATTENTION),
 }
 
 
@@ -122,9 +155,38 @@ def test_the_folder_loads_as_its_family_and_renders_at_its_size(family, case, fo
     # before the weights load) is the loaded pipeline's
     built = architecture_of_folder(folder)
     assert built.modules == arch.modules and built.original_names == arch.original_names
-    out = pipe("a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
-               **render_options(pipe))
-    assert out.images.shape == (1, case.image_size, case.image_size, 3)
+    out = pipe(prompt="a red cross", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np", **render_options(pipe))
+    if case.frames:  # a clip of the family's frame count
+        from auditkit.models.pipeline import render
+
+        assert out.frames.shape[0] == 1 and out.frames.shape[1] > case.frames
+        assert out.frames.shape[2:] == (case.image_size, case.image_size, 3)
+        sampled = render(pipe, ["a red cross"], 2, case.guidance, [torch.Generator().manual_seed(0)])
+        assert sampled.shape == (1, case.frames, case.image_size, case.image_size, 3)
+        last = np.clip(np.rint(out.frames[0, -1] * 255), 0, 255).astype(np.uint8)
+        assert np.array_equal(sampled[0, -1], last)  # the last frame is among those sampled
+    else:
+        assert out.images.shape == (1, case.image_size, case.image_size, 3)
+
+
+def test_an_input_image_is_what_an_edit_family_edits_and_refused_elsewhere(case, folder, pipe, tmp_path):
+    import auditkit
+    from auditkit.errors import BadInput
+    from auditkit.models.pipeline import render
+    from auditkit.scan import resolve_suites
+    from auditkit.suites import InputImage
+
+    (tmp_path / "edit.yaml").write_text(e2e.suite_yaml("tiny-edit", "concept", ["a red cross"], input_image="{lab: 1}"))
+    config = auditkit.ScanConfig(base=str(folder), suites=(str(tmp_path / "edit.yaml"),), device="cpu")
+    if not case.edits:
+        with pytest.raises(BadInput, match="names an input image, but .* render from text only"):
+            resolve_suites(config)
+        return
+    assert resolve_suites(config)[0].input_image == InputImage(lab_seed=1)
+    a, b = (render(pipe, ["a red cross"], 2, case.guidance, [torch.Generator().manual_seed(0)], InputImage(lab_seed=s))
+            for s in (1, 2))
+    assert a.shape == (1, case.image_size, case.image_size, 3) and not np.array_equal(a, b)
 
 
 def _pattern(name: str) -> str:
@@ -200,8 +262,9 @@ def test_a_dynamic_scan_runs_and_resumes_with_the_data_free_checks(family, case,
     layout = FAMILIES[family].written_layout
     safety = save_adapter(safety_mods, tmp_path / "safety.safetensors", arch, layout)
     candidate = save_adapter(undo, tmp_path / "candidate.safetensors", arch, layout)
-    (tmp_path / "tiny.yaml").write_text(e2e.suite_yaml("tiny-cross", "concept", ["a red cross", "a blue cross on gray"],
-                                                       guidance=case.guidance))
+    prompts = ["a red cross", "a blue cross on gray"]
+    (tmp_path / "tiny.yaml").write_text(e2e.suite_yaml("tiny-cross", "concept", prompts, guidance=case.guidance,
+                                                       input_image="{lab: 5}" if case.edits else ""))
     config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
                                  suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
                                  device="cpu", out=tmp_path / "scan")
@@ -220,11 +283,23 @@ def test_a_dynamic_scan_runs_and_resumes_with_the_data_free_checks(family, case,
     assert f"change to the {case.label}'s {case.prediction} prediction" in html
     records = [json.loads(line) for line in (tmp_path / "scan" / "run.jsonl").read_text().splitlines()[1:]]
     assert {r["config"] for r in records} == set(dyn["configurations"]) and len(records) == 2 * 16
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan").rglob("*.png")}
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scan" / "images").rglob("*.png")}
     assert len(stamps) == 2 * 16
     from PIL import Image
 
-    assert all(Image.open(p).size == (case.image_size, case.image_size) for p in stamps)
+    # a clip's PNG is the strip of its sampled frames, side by side
+    assert all(Image.open(p).size == (case.image_size * max(case.frames, 1), case.image_size) for p in stamps)
+    if case.frames:  # the detectors scored that many frames of each clip; report.json and the report say so
+        assert all(r["frames"] == case.frames for r in records) and dyn["frames_sampled"] == case.frames
+        assert f"{case.frames} frames of each sampled and scored" in html
+    else:
+        assert "frames" not in records[0] and "frames_sampled" not in dyn
+    if case.edits:  # every record names the input image, kept in the run folder and shown first in the report
+        assert all(r["input_image"] == f"inputs/{r['suite']}.png" for r in records)
+        assert {p.name for p in (tmp_path / "scan" / "inputs").iterdir()} == {f"{s}.png" for s in dyn["suites"]}
+        assert html.count('alt="the image the prompts edit"') == len(dyn["suites"])
+    else:
+        assert not (tmp_path / "scan" / "inputs").exists() and "input_image" not in records[0]
 
     calls = []
     monkeypatch.setattr(runner, "_render_batch", lambda *a, **k: calls.append(a) or pytest.fail("rendered again"))
@@ -245,7 +320,7 @@ def trained(family, case, folder, tmp_path_factory):
     pipe = load_pipeline(str(folder))
     safety = e2e.check_align(pipe, tmp / "safety.safetensors", case.text_modules, case.frozen)
     data = e2e.image_caption_folder(tmp / "data")
-    candidate = e2e.check_finetune(pipe, data, safety, "on-top", case.frozen).modules
+    candidate = e2e.check_finetune(pipe, data, safety, "on-top", case.frozen + case.finetune_frozen).modules
     return safety, data, candidate
 
 
@@ -259,7 +334,7 @@ def test_align_trains_only_the_modules_that_read_the_prompt(family, case, pipe, 
 
 def test_finetune_modular_trains_a_lora_and_leaves_the_pipeline_as_it_was(case, pipe, trained):
     safety, data, _ = trained  # on top of the safety adapter: the fixture's fine-tune, checked alike
-    e2e.check_finetune(pipe, data, safety, "modular", case.frozen)
+    e2e.check_finetune(pipe, data, safety, "modular", case.frozen + case.finetune_frozen)
 
 
 def test_the_data_free_checks_give_numbers(family, case, arch, pipe):
@@ -267,7 +342,7 @@ def test_the_data_free_checks_give_numbers(family, case, arch, pipe):
     queries: without them the base judge's two renders of it do not differ)."""
     safety = {n: m for n, m in adapted_modules(arch, family, seed=4).items()
               if n.endswith((*case.text_modules, *case.data_free_extra))}
-    e2e.check_data_free(pipe, safety, case.prediction, case.label)
+    e2e.check_data_free(pipe, safety, case.prediction, case.label, case.judge_tolerance)
 
 
 def test_a_modular_repair_retrains_and_rescans(folder, pipe, trained, tmp_path):

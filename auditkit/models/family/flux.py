@@ -41,11 +41,11 @@ from auditkit.models.family.record import Family
 T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
 
 
-def sequence_length(pipe) -> int:
+def sequence_length(tokenizer) -> int:
     """The T5 length Flux prompts are padded to: FluxPipeline's default (512), or the T5 tokenizer's
     ``model_max_length`` when it declares fewer (the DiT lab: 16, the length it was trained at; Flux runs no
     attention mask over T5's padding, so the length is part of the conditioning)."""
-    n = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    n = getattr(tokenizer, "model_max_length", None)
     return min(T5_TOKENS, n) if isinstance(n, int) and n > 0 else T5_TOKENS
 
 
@@ -56,7 +56,7 @@ def encode(pipe, prompts: list[str]) -> Conditioning:
 
     with torch.no_grad():
         hidden, pooled, _ = pipe.encode_prompt(prompts, None, device=pipe.transformer.device, num_images_per_prompt=1,
-                                               max_sequence_length=sequence_length(pipe))
+                                               max_sequence_length=sequence_length(pipe.tokenizer_2))
     ids = token_ids(pipe.tokenizer_2, prompts, hidden.shape[1])
     return Conditioning(hidden, {"pooled_projections": pooled}, added_under=None, tokens=((pipe.tokenizer_2, ids),))
 
@@ -89,7 +89,7 @@ def vae_sized(pipe) -> dict:
 def render_options(pipe) -> dict:
     """The VAE's size (:func:`vae_sized`) and the T5 length prompts are padded to (:func:`sequence_length`:
     512, or fewer where the tokenizer says so)."""
-    return {**vae_sized(pipe), "max_sequence_length": sequence_length(pipe)}
+    return {**vae_sized(pipe), "max_sequence_length": sequence_length(pipe.tokenizer_2)}
 
 
 def latent_size(pipe, model) -> tuple[int, int]:

@@ -41,6 +41,12 @@ class Family:
     # which their diffusers loaders read as it is and which holds any subset of a fused original module
     # (kohya names Flux's/SD3's q, k, v (and Flux's single-block MLP) as one module, written whole or not at all)
     written_layout: str = "kohya"
+    # (pipe, pixels uint8 H × W × 3) -> keyword arguments giving an edit pipeline its input image (a suite's
+    # input_image); None: the family renders from text only, and a suite naming an input image is refused
+    input_image: Callable | None = None
+    # (guidance, number of prompts) -> keyword arguments of a render call that set the suite's guidance; None:
+    # guidance_scale (every family but those whose pipelines guide by another argument, as Qwen-Image's true_cfg_scale)
+    guidance_options: Callable | None = None
 
     @property
     def lora_components(self) -> tuple[str, ...]:
