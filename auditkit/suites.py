@@ -17,7 +17,7 @@ Suite schema (``schema: auditkit.suite/1``)::
                                # repair is trained on, never probed: see auditkit.repair.anchors)
     sampling: {steps: 25, guidance: 5.0, seed: 1000000, images_per_prompt: 1}
     input_image: {path: room.png}   # optional, for edit pipelines (Flux.1 Kontext): the image every prompt
-                               # edits; a path relative to the suite file, or {lab: SEED}: a lab-world image
+                               # edits; a path relative to the suite file, or {lab_seed: SEED}: a lab-world image
     prompts:
       - text: a red cross      # at most MAX_PROMPT_CHARS; whitespace is normalised
         category: explicit     # optional free label
@@ -398,14 +398,14 @@ def _validate(path: Path, data: object, sha256: str = "") -> Suite:
 
 def _input_image(path: Path, raw: object) -> InputImage | None:
     """``input_image``: ``{path: FILE}`` (relative to the suite file; it must exist and decode as an image) or
-    ``{lab: SEED}``; None when absent."""
+    ``{lab_seed: SEED}``; None when absent."""
     if raw is None:
         return None
-    _need(path, isinstance(raw, dict) and len(raw) == 1 and set(raw) <= {"path", "lab"},
-          "input_image must be {path: FILE} or {lab: SEED}")
-    if "lab" in raw:
-        _need(path, _in_range(raw["lab"], int, 0, MAX_PROMPT_SEED), f"input_image.lab must be {_SEED_TEXT}")
-        return InputImage(lab_seed=int(raw["lab"]))
+    _need(path, isinstance(raw, dict) and len(raw) == 1 and set(raw) <= {"path", "lab_seed"},
+          "input_image must be {path: FILE} or {lab_seed: SEED}")
+    if "lab_seed" in raw:
+        _need(path, _in_range(raw["lab_seed"], int, 0, MAX_PROMPT_SEED), f"input_image.lab_seed must be {_SEED_TEXT}")
+        return InputImage(lab_seed=int(raw["lab_seed"]))
     given = _text(path, raw["path"], "input_image.path", MAX_DESCRIPTION_CHARS)
     image = (path.parent / given).resolve()
     _need(path, image.is_file(), f"input_image.path {given[:80]!r}: no such file ({image})")

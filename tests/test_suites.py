@@ -115,9 +115,9 @@ def test_an_edit_suite_names_its_input_image_by_path_or_as_a_lab_image(tmp_path)
     suite = load_suite(write(tmp_path, GOOD + "input_image: {path: img/room.png}\n"))
     assert suite.input_image.path == str((tmp_path / "img" / "room.png").resolve())
     assert suite.input_image.pixels().shape == (6, 4, 3) and len(suite.input_image.sha256) == 64
-    lab = load_suite(write(tmp_path, GOOD + "input_image: {lab: 3}\n", name="l.yaml")).input_image
+    lab = load_suite(write(tmp_path, GOOD + "input_image: {lab_seed: 3}\n", name="l.yaml")).input_image
     assert lab.describe() == "lab:3" and lab.pixels().dtype == np.uint8 and lab.pixels().shape[2] == 3
-    assert not np.array_equal(lab.pixels(), load_suite(write(tmp_path, GOOD + "input_image: {lab: 4}\n",
+    assert not np.array_equal(lab.pixels(), load_suite(write(tmp_path, GOOD + "input_image: {lab_seed: 4}\n",
                                                              name="m.yaml")).input_image.pixels())
     assert load_suite(write(tmp_path, GOOD, name="t.yaml")).input_image is None
 
@@ -126,9 +126,9 @@ def test_an_edit_suite_names_its_input_image_by_path_or_as_a_lab_image(tmp_path)
     ("{path: missing.png}", "s.yaml", "input_image.path 'missing.png': no such file"),
     ("{path: notes.png}", "notes.png", "unreadable image"),
     ("{path: img}", "s.yaml", "no such file"),
-    ("{lab: -1}", "s.yaml", "input_image.lab must be a non-negative integer"),
-    ("{url: x}", "s.yaml", "input_image must be {path: FILE} or {lab: SEED}"),
-    ("room.png", "s.yaml", "input_image must be {path: FILE} or {lab: SEED}"),
+    ("{lab_seed: -1}", "s.yaml", "input_image.lab_seed must be a non-negative integer"),
+    ("{url: x}", "s.yaml", "input_image must be {path: FILE} or {lab_seed: SEED}"),
+    ("room.png", "s.yaml", "input_image must be {path: FILE} or {lab_seed: SEED}"),
 ])
 def test_a_bad_input_image_is_one_line_naming_the_file(tmp_path, value, named, expected):
     from conftest import assert_one_line_error

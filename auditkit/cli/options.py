@@ -57,6 +57,12 @@ def _option_for(f: dataclasses.Field):
 TYPES = {"int": int, "float": float, "str": str}
 
 
+def _kind(f: dataclasses.Field) -> type:
+    """int, float or str of a field annotated ``T`` or ``T | None`` (as a string under postponed annotations)."""
+    name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return TYPES[name.replace(" | None", "")]
+
+
 def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", f.name.replace("_", "-"))
 
@@ -71,7 +77,7 @@ def setting_options(cls, names: tuple[str, ...]):
     def decorate(func):
         for name in reversed(names):
             f = fields[name]
-            kind = TYPES[str(f.type).replace(" | None", "")]
+            kind = _kind(f)
             choices = f.metadata.get("choices")
             func = click.option("--" + _flag(f), _flag(f).replace("-", "_"), default=f.default,
                                 show_default=f.default is not None,

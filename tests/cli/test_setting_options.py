@@ -4,9 +4,10 @@ settings dataclasses (auditkit.setting, cli.options.setting_options)."""
 import dataclasses
 
 import click
+import click.testing
 import pytest
 
-from auditkit.cli import main
+from auditkit.cli import cli
 from auditkit.cli.options import setting_options, settings_of
 from auditkit.errors import BadInput
 from auditkit.repair.retrain import Retraining
@@ -16,7 +17,7 @@ from auditkit.train.finetune import FinetuneConfig
 
 
 def _params(command: str) -> dict:
-    return {p.name: p for p in main.commands[command].params}
+    return {p.name: p for p in cli.commands[command].params}
 
 
 @pytest.mark.parametrize("command,cls,renamed", [

@@ -177,7 +177,8 @@ def test_an_input_image_is_what_an_edit_family_edits_and_refused_elsewhere(case,
     from auditkit.scan import resolve_suites
     from auditkit.suites import InputImage
 
-    (tmp_path / "edit.yaml").write_text(e2e.suite_yaml("tiny-edit", "concept", ["a red cross"], input_image="{lab: 1}"))
+    (tmp_path / "edit.yaml").write_text(e2e.suite_yaml("tiny-edit", "concept", ["a red cross"],
+                                                       input_image="{lab_seed: 1}"))
     config = auditkit.ScanConfig(base=str(folder), suites=(str(tmp_path / "edit.yaml"),), device="cpu")
     if not case.edits:
         with pytest.raises(BadInput, match="names an input image, but .* render from text only"):
@@ -264,7 +265,7 @@ def test_a_dynamic_scan_runs_and_resumes_with_the_data_free_checks(family, case,
     candidate = save_adapter(undo, tmp_path / "candidate.safetensors", arch, layout)
     prompts = ["a red cross", "a blue cross on gray"]
     (tmp_path / "tiny.yaml").write_text(e2e.suite_yaml("tiny-cross", "concept", prompts, guidance=case.guidance,
-                                                       input_image="{lab: 5}" if case.edits else ""))
+                                                       input_image="{lab_seed: 5}" if case.edits else ""))
     config = auditkit.ScanConfig(candidate=candidate, safety=safety, base=str(folder),
                                  suites=(str(tmp_path / "tiny.yaml"),), multipliers=(1.0,), batch_size=4,
                                  device="cpu", out=tmp_path / "scan")
