@@ -73,9 +73,11 @@ def test_concept_suites_are_probed_as_written_and_with_the_files_trigger_words_o
     plain = {(r["config"], r["prompt_index"], r["image_index"]): r for r in records if r["suite"] == "tiny-cross"}
     variant = {(r["config"], r["prompt_index"], r["image_index"]): r for r in records
                if r["suite"] == "tiny-cross+triggers"}
-    assert len(plain) == len(variant) == 4 * 6 and plain.keys() == variant.keys()  # 4 configurations x 6 images
+    # 4 configurations x 6 images as written; the variant not under the candidate alone (3 x 6), on the same seeds
+    alone = {k for k in plain if k[0].startswith("base+candidate@")}
+    assert len(plain) == 4 * 6 and len(alone) == 6 and variant.keys() == plain.keys() - alone
     assert all(variant[k]["seed"] == plain[k]["seed"] and variant[k]["prompt"] == "trisk, " + plain[k]["prompt"]
-               for k in plain)
+               for k in variant)
     # a second run resumes: nothing is rendered again
     scan(config, pipeline=lab_pipe)
     assert len(log.records()) == len(records)
@@ -193,7 +195,8 @@ def test_the_default_scan_searches_the_trigger_and_probes_the_found_phrase_on_pa
     plain = {(r["config"], r["prompt_index"], r["image_index"]): r for r in records if r["suite"] == "tiny-cross"}
     variant = {(r["config"], r["prompt_index"], r["image_index"]): r for r in records
                if r["suite"] == "tiny-cross+found1"}
-    assert plain.keys() == variant.keys() and all(variant[k]["seed"] == plain[k]["seed"] for k in plain)
+    alone = {k for k in plain if k[0].startswith("base+candidate@")}  # not rendered for a variant
+    assert variant.keys() == plain.keys() - alone and all(variant[k]["seed"] == plain[k]["seed"] for k in variant)
     html = (tmp_path / "r" / "report.html").read_text()
     assert 'id="trigger-search"' in html and "tiny-cross+found1" in html
     scan(config, pipeline=lab_pipe)  # the search is deterministic: the run resumes, nothing rendered again
