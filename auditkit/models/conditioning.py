@@ -83,6 +83,13 @@ class Conditioning:
         return out
 
 
+def padded_length(tokenizer, limit: int, dropped: int = 0) -> int:
+    """The length a pipeline pads its prompts to: its own ``limit`` (its default ``max_sequence_length``), or fewer
+    where the tokenizer's ``model_max_length`` (less ``dropped`` template tokens the pipeline cuts off) says so."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return min(limit, n - dropped) if isinstance(n, int) and n > dropped else limit
+
+
 def token_ids(tokenizer, prompts: list[str], length: int):
     """Token ids as the pipelines tokenize for their encoders: padded to ``length``, truncated."""
     return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,

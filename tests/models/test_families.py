@@ -105,3 +105,19 @@ def test_a_deep_component_config_is_refused_in_one_line(tmp_path):  # issue 26 M
     (tmp_path / "unet" / "config.json").write_text('{"a":' + "[" * 100_000 + "]" * 100_000 + "}")
     assert_one_line_error(lambda: architecture_of_folder(tmp_path), tmp_path / "unet" / "config.json",
                           "nested deeper than 64 levels")
+
+
+def test_the_padded_prompt_length_is_the_pipelines_limit_or_the_tokenizers_shorter_one():
+    from types import SimpleNamespace
+
+    from auditkit.models.conditioning import padded_length
+
+    def tok(n):
+        return SimpleNamespace(model_max_length=n)
+
+    assert padded_length(tok(77), 512) == 77 and padded_length(tok(10**30), 512) == 512  # transformers' "no limit"
+    assert padded_length(SimpleNamespace(), 512) == 512 and padded_length(tok(None), 512) == 512
+    assert padded_length(tok(0), 512) == 512
+    # Qwen-Image: the template's system-prompt tokens are cut off after encoding
+    assert padded_length(tok(1024 + 34), 1024, 34) == 1024 and padded_length(tok(100), 1024, 34) == 66
+    assert padded_length(tok(34), 1024, 34) == 1024

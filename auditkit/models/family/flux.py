@@ -23,7 +23,7 @@ It loads no T5 (text_encoder_2) LoRA.
 
 from __future__ import annotations
 
-from auditkit.models.conditioning import Conditioning, token_ids
+from auditkit.models.conditioning import Conditioning, padded_length, token_ids
 from auditkit.models.denoising import (
     MMDIT_TARGETS,
     MMDIT_TEXT_KV,
@@ -45,8 +45,7 @@ def sequence_length(tokenizer) -> int:
     """The T5 length Flux prompts are padded to: FluxPipeline's default (512), or the T5 tokenizer's
     ``model_max_length`` when it declares fewer (the DiT lab: 16, the length it was trained at; Flux runs no
     attention mask over T5's padding, so the length is part of the conditioning)."""
-    n = getattr(tokenizer, "model_max_length", None)
-    return min(T5_TOKENS, n) if isinstance(n, int) and n > 0 else T5_TOKENS
+    return padded_length(tokenizer, T5_TOKENS)
 
 
 def encode(pipe, prompts: list[str]) -> Conditioning:

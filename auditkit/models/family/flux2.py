@@ -14,7 +14,7 @@ tokens and step count), guided by classifier-free guidance above 1 (not for step
 
 from __future__ import annotations
 
-from auditkit.models.conditioning import Conditioning
+from auditkit.models.conditioning import Conditioning, padded_length
 from auditkit.models.denoising import (
     MMDIT_TEXT_KV,
     Denoising,
@@ -33,8 +33,7 @@ MAX_TOKENS = 512  # Flux2KleinPipeline's default max_sequence_length
 
 def sequence_length(pipe) -> int:
     """The length prompts are padded to: 512, or the tokenizer's ``model_max_length`` when shorter."""
-    n = getattr(pipe.tokenizer, "model_max_length", None)
-    return min(MAX_TOKENS, n) if isinstance(n, int) and n > 0 else MAX_TOKENS
+    return padded_length(pipe.tokenizer, MAX_TOKENS)
 
 
 def encode(pipe, prompts: list[str]) -> Conditioning:

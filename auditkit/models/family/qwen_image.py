@@ -21,7 +21,7 @@ use its ``sample_size`` when its config declares one (the tiny test pipelines'),
 
 from __future__ import annotations
 
-from auditkit.models.conditioning import Conditioning
+from auditkit.models.conditioning import Conditioning, padded_length
 from auditkit.models.denoising import (
     MMDIT_TEXT_KV,
     Denoising,
@@ -40,9 +40,7 @@ MASK = "encoder_hidden_states_mask"
 def sequence_length(pipe) -> int:
     """The text length prompts are padded to: the pipeline's 1024, or fewer where the tokenizer's
     ``model_max_length`` (less the template's dropped tokens) says so."""
-    n = getattr(pipe.tokenizer, "model_max_length", None)
-    drop = pipe.prompt_template_encode_start_idx
-    return min(MAX_TOKENS, n - drop) if isinstance(n, int) and n > drop else MAX_TOKENS
+    return padded_length(pipe.tokenizer, MAX_TOKENS, pipe.prompt_template_encode_start_idx)
 
 
 def encode(pipe, prompts: list[str]) -> Conditioning:
@@ -101,9 +99,7 @@ def true_cfg(den, x, t, cond, neg, scale: float):
     prediction's norm."""
     import torch
 
-    from auditkit.models.conditioning import Conditioning as C
-
-    e_neg, e_cond = den.predict(torch.cat([x, x]), t, C.cat([neg, cond])).chunk(2)
+    e_neg, e_cond = den.predict(torch.cat([x, x]), t, Conditioning.cat([neg, cond])).chunk(2)
     combined, reference = _pack(e_neg + scale * (e_cond - e_neg)), _pack(e_cond)
     rescaled = combined * (reference.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
     return _unpack(rescaled, x.shape[2], x.shape[3])

@@ -17,7 +17,7 @@ clips (images, as Wan trains on images too), square at the render height.
 
 from __future__ import annotations
 
-from auditkit.models.conditioning import Conditioning, token_ids
+from auditkit.models.conditioning import Conditioning, padded_length, token_ids
 from auditkit.models.denoising import (
     Denoising,
     FlowMatchingProcess,
@@ -48,8 +48,7 @@ TARGETS = {
 
 def sequence_length(pipe) -> int:
     """The UMT5 length prompts are padded to: 512, or the tokenizer's ``model_max_length`` when shorter."""
-    n = getattr(pipe.tokenizer, "model_max_length", None)
-    return min(MAX_TOKENS, n) if isinstance(n, int) and n > 0 else MAX_TOKENS
+    return padded_length(pipe.tokenizer, MAX_TOKENS)
 
 
 def encode(pipe, prompts: list[str]) -> Conditioning:

@@ -21,7 +21,7 @@ them alone. No closed-form (UCE) edit: ``cap_embedder``'s linear layer reads the
 
 from __future__ import annotations
 
-from auditkit.models.conditioning import Conditioning
+from auditkit.models.conditioning import Conditioning, padded_length
 from auditkit.models.denoising import Denoising, batch_timesteps, captured_states, classifier_free
 from auditkit.models.family import flux
 from auditkit.models.family.record import Family
@@ -46,8 +46,7 @@ TEXT_KV = tuple(f"context_refiner.{i}.attention.to_{kv}" for i in range(REFINER_
 def sequence_length(pipe) -> int:
     """The length prompts are padded to: the pipeline's 512, or the tokenizer's ``model_max_length`` when
     shorter."""
-    n = getattr(pipe.tokenizer, "model_max_length", None)
-    return min(MAX_TOKENS, n) if isinstance(n, int) and n > 0 else MAX_TOKENS
+    return padded_length(pipe.tokenizer, MAX_TOKENS)
 
 
 def templated(pipe, prompts: list[str]) -> list[str]:
