@@ -510,6 +510,25 @@ def denoiser_state(pipe) -> dict:
     return {k: v.detach().clone() for k, v in denoiser_of(pipe).state_dict().items()}
 
 
+def sampled_by_hand(pipe, prompts: list[str], steps: int, guidance: float, guided: bool, seed: int = 0):
+    """The latents auditkit's denoiser for ``pipe`` (its call, guide, sampler and noise) reaches when stepped by hand
+    from ``seed``: guided against empty prompts when ``guided`` (where the pipeline applies its guidance), else the
+    conditional prediction alone; to compare with the pipeline's own loop (``output_type="latent"``)."""
+    import torch
+
+    from auditkit.models.pipeline import denoiser_for, encode
+
+    den = denoiser_for(pipe)
+    cond, neg = encode(pipe, prompts), encode(pipe, [""] * len(prompts))
+    x = den.noise(len(prompts), torch.Generator().manual_seed(seed))
+    sampler = den.sampler(steps)
+    with torch.no_grad():
+        for k, t in enumerate(sampler.timesteps):
+            v = den.guided(x, t, cond, neg, guidance) if guided else den.predict(x, t, cond)
+            x = sampler.step(v, k, x)
+    return x
+
+
 def lora_weights(pipe) -> dict:
     """A copy of every linear and conv weight of the components adapters change, by canonical module name (to
     check what loading, fusing and unloading an adapter did to them)."""

@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 
 import tiny_pipelines as e2e  # noqa: E402
 
-from auditkit.models.pipeline import denoiser_for, encode, load_pipeline, render_options  # noqa: E402
+from auditkit.models.pipeline import denoiser_for, load_pipeline, render_options  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +31,10 @@ def _vae_space(pipe, x):
 def test_sampling_by_hand_is_the_pipelines_own(pipe, guidance):
     """auditkit's denoiser (call, guide, sampler with the empirical-μ shift, noise), stepped by hand from the same
     seed, ends where Flux2KleinPipeline's own loop does."""
-    den = denoiser_for(pipe)
     prompts = ["a red cross", "a blue square on gray"]
     latents = pipe(prompt=list(prompts), num_inference_steps=3, guidance_scale=guidance, output_type="latent",
                    generator=torch.Generator().manual_seed(0), **render_options(pipe)).images
-    cond, neg = encode(pipe, prompts), encode(pipe, ["", ""])
-    x = den.noise(2, torch.Generator().manual_seed(0))
-    sampler = den.sampler(3)
-    with torch.no_grad():
-        for k, t in enumerate(sampler.timesteps):
-            v = den.guided(x, t, cond, neg, guidance) if guidance > 1 else den.predict(x, t, cond)
-            x = sampler.step(v, k, x)
+    x = e2e.sampled_by_hand(pipe, prompts, 3, guidance, guided=guidance > 1)
     torch.testing.assert_close(_vae_space(pipe, x), latents, rtol=1e-4, atol=1e-4)
 
 

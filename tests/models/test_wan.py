@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 
 import tiny_pipelines as e2e  # noqa: E402
 
-from auditkit.models.pipeline import denoiser_for, encode, load_pipeline  # noqa: E402
+from auditkit.models.pipeline import load_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +22,11 @@ def pipe(tmp_path_factory):
 def test_sampling_one_frame_clips_by_hand_is_the_pipelines_own(pipe, guidance):
     """auditkit's denoiser (call, guide, the shifted schedule, noise), stepped by hand on one-frame clips, ends where
     WanPipeline's own loop does for num_frames=1."""
-    den = denoiser_for(pipe)
     prompts = ["a red cross", "a blue square on gray"]
     latents = pipe(prompt=list(prompts), num_inference_steps=3, guidance_scale=guidance, output_type="latent",
                    num_frames=1, height=32, width=32, max_sequence_length=16,
                    generator=torch.Generator().manual_seed(0)).frames
-    cond, neg = encode(pipe, prompts), encode(pipe, ["", ""])
-    x = den.noise(2, torch.Generator().manual_seed(0))
-    sampler = den.sampler(3)
-    with torch.no_grad():
-        for k, t in enumerate(sampler.timesteps):
-            v = den.guided(x, t, cond, neg, guidance) if guidance > 1 else den.predict(x, t, cond)
-            x = sampler.step(v, k, x)
+    x = e2e.sampled_by_hand(pipe, prompts, 3, guidance, guided=guidance > 1)
     torch.testing.assert_close(x, latents[:, :, 0], rtol=1e-4, atol=1e-4)
 
 

@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 
 import tiny_pipelines as e2e  # noqa: E402
 
-from auditkit.models.pipeline import denoiser_for, encode, load_pipeline, render_options  # noqa: E402
+from auditkit.models.pipeline import load_pipeline, render_options  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +22,9 @@ def pipe(tmp_path_factory):
 def test_sampling_by_hand_is_the_pipelines_own(pipe, guidance):
     """The denoiser bound by auditkit (its call, guide, sampler and noise), stepped by hand from the same seed,
     ends where ZImagePipeline's own loop does: the velocity's sign, the reversed timestep and the guidance."""
-    den = denoiser_for(pipe)
     prompts = ["a red cross", "a blue square on gray"]
-    options = render_options(pipe)
     # a copy: ZImagePipeline writes the templated prompts into the list it is given
     latents = pipe(prompt=list(prompts), num_inference_steps=3, guidance_scale=guidance, output_type="latent",
-                   generator=torch.Generator().manual_seed(0), **options).images
-    cond, neg = encode(pipe, prompts), encode(pipe, ["", ""])
-    x = den.noise(2, torch.Generator().manual_seed(0))
-    sampler = den.sampler(3)
-    with torch.no_grad():
-        for k, t in enumerate(sampler.timesteps):
-            v = den.guided(x, t, cond, neg, guidance) if guidance else den.predict(x, t, cond)
-            x = sampler.step(v, k, x)
+                   generator=torch.Generator().manual_seed(0), **render_options(pipe)).images
+    x = e2e.sampled_by_hand(pipe, prompts, 3, guidance, guided=guidance > 0)
     torch.testing.assert_close(x, latents, rtol=1e-4, atol=1e-4)
