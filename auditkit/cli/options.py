@@ -67,6 +67,11 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", f.name.replace("_", "-"))
 
 
+def _param(f: dataclasses.Field) -> str:
+    """The command's parameter name of a setting: its flag's (``train_steps`` for ``--train-steps``)."""
+    return _flag(f).replace("-", "_")
+
+
 def setting_options(cls, names: tuple[str, ...]):
     """A decorator adding one click option per field ``names`` of the settings dataclass ``cls``
     (:func:`auditkit.setting.setting`): ``--field-name`` (or the field's ``flag``), the field's type and choices, its
@@ -79,7 +84,7 @@ def setting_options(cls, names: tuple[str, ...]):
             f = fields[name]
             kind = _kind(f)
             choices = f.metadata.get("choices")
-            func = click.option("--" + _flag(f), _flag(f).replace("-", "_"), default=f.default,
+            func = click.option("--" + _flag(f), _param(f), default=f.default,
                                 show_default=f.default is not None,
                                 type=click.Choice(list(choices)) if choices else kind, help=f.metadata["help"])(func)
         return func
@@ -91,7 +96,7 @@ def settings_of(cls, names: tuple[str, ...], params: dict):
     """``cls`` made of the command's parameters that :func:`setting_options` added for ``names`` (popped from
     ``params``); a bad value is the dataclass's own one-line error."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    return cls(**{n: params.pop(_flag(fields[n]).replace("-", "_")) for n in names})
+    return cls(**{n: params.pop(_param(fields[n])) for n in names})
 
 
 def scan_options(func, skip: tuple[str, ...] = ()):
