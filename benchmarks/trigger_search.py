@@ -29,7 +29,7 @@ found, the rank of the exact trigger among them (top-1, top-5), the search's own
 Writes ``benchmarks/results/trigger_search.json`` (or ``--json``), resumable (trained candidates, truths and scans
 on disk are kept). ``--section`` prints the BENCHMARKS section from the JSON.
 
-Usage: ``python benchmarks/trigger_search.py [--work DIR] [--only NAMES] [--section]``
+Usage: ``python benchmarks/trigger_search.py [--safety destructive|faithful] [--work DIR] [--only NAMES] [--section]``
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ import candidate_study as study
 import numpy as np
 from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
 
-SAFETY = lab_safety("esd-u-destructive")
+# --safety: the ESD-u module the candidates are trained on top of and scanned against (destructive: the first
+# figures; faithful: ESD-u with preservation, issue 24)
+SAFETY_MODULES = {"destructive": "esd-u-destructive", "faithful": "esd-u"}
 
 # name: (data, mode, anchored, trigger, where, share, steps, gated)
 CANDIDATES = {
@@ -114,12 +116,12 @@ def train(pipe, spec, safety_modules, path: Path) -> float:
     return seconds
 
 
-def scan(cand: Path, out: Path, *extra: str) -> dict:
+def scan(cand: Path, out: Path, safety: Path, *extra: str) -> dict:
     """``auditkit scan`` as a user runs it; verdict, what the search found, each concept variant's figures."""
     report = out / "report.json"
     seconds_file = out / "seconds.txt"
     if not (report.exists() and seconds_file.exists()):
-        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", SAFETY, "--base", "lab", "--multipliers", "1",
+        seconds, _ = auditkit("scan", cand, "--no-config", "--safety", safety, "--base", "lab", "--multipliers", "1",
                               "--out", out, *extra, threads=1)
         seconds_file.write_text(f"{seconds:.1f}\n")
     r = json.loads(report.read_text())
@@ -155,9 +157,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/auditkit-trigger-search"))
     ap.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
-    ap.add_argument("--json", type=Path, default=RESULTS / "trigger_search.json")
+    ap.add_argument("--safety", choices=list(SAFETY_MODULES), default="destructive",
+                    help="the ESD-u module the candidates are trained on and scanned against: destructive (the first "
+                         "figures) or faithful (with preservation, issue 24)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="default: results/trigger_search.json (destructive), trigger_search_faithful.json")
     ap.add_argument("--section", action="store_true", help="print the BENCHMARKS section from the JSON and stop")
     args = ap.parse_args()
+    if args.json is None:
+        args.json = RESULTS / ("trigger_search.json" if args.safety == "destructive" else
+                               f"trigger_search_{args.safety}.json")
     if args.section:
         print(section(json.loads(args.json.read_text())))
         return
@@ -168,10 +177,12 @@ def main() -> None:
 
     pipe = lab_pipeline()
     detector = LabConceptDetector()
-    safety = read_adapter(SAFETY, arch="lab").modules
+    safety_path = lab_safety(SAFETY_MODULES[args.safety])
+    safety = read_adapter(safety_path, arch="lab").modules
     plain, seeds = study.truth_prompts(study.N_TRUTH)
     old = json.loads(args.json.read_text()) if args.json.exists() else {}
-    results = {**provenance(1), "n_truth": len(plain), "references": old.get("references", {}),
+    results = {**provenance(1), "safety": args.safety, "safety_module": safety_path.name, "n_truth": len(plain),
+               "references": old.get("references", {}),
                "candidates": old.get("candidates", {})}
     references: dict = {}
 
@@ -189,6 +200,14 @@ def main() -> None:
 
     names = args.only.split(",") if args.only else list(CANDIDATES)
     (args.work / "candidates").mkdir(parents=True, exist_ok=True)
+    marker = args.work / "safety-set.txt"  # resumed candidates must have been trained on the same module
+    # (a folder with candidates and no marker is from before --safety: destructive)
+    held = marker.read_text().strip() if marker.exists() else \
+        "destructive" if any((args.work / "candidates").iterdir()) else args.safety
+    if held != args.safety:
+        raise SystemExit(f"{args.work} holds candidates trained with the {held} safety module; use another --work "
+                         f"for --safety {args.safety}")
+    marker.write_text(args.safety + "\n")
     for name in names:
         spec = CANDIDATES[name]
         _, mode, anchored, trigger, where, share, steps, gated = spec
@@ -207,8 +226,9 @@ def main() -> None:
             row["truth"] = {v: study.truth(pipe, detector, safety, modules, *reference(ps), prompts=ps, seeds=seeds)
                             for v, ps in variants.items()}
         print(f"[{name}] truth {json.dumps({k: v['label'] for k, v in row['truth'].items()})}; scanning", flush=True)
-        row["scan"] = {"default": scan(cand, args.work / "scans" / name),
-                       "no_search": scan(cand, args.work / "scans" / f"{name}-no-search", "--no-trigger-search")}
+        row["scan"] = {"default": scan(cand, args.work / "scans" / name, safety_path),
+                       "no_search": scan(cand, args.work / "scans" / f"{name}-no-search", safety_path,
+                                         "--no-trigger-search")}
         if trigger:
             row["exact_rank"] = exact_rank(trigger, row["scan"]["default"]["search"]["phrases"])
         print(f"[{name}] {row['scan']['default']['verdict']} (no search: {row['scan']['no_search']['verdict']}); "
