@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from auditkit.analysis.triggers import check_given
 from auditkit.lab.bases import BASE_HELP
+from auditkit.lora.adapter import MIN_COVERAGE
 from auditkit.models.architectures import BUILTIN as BUILTIN_ARCHS
 from auditkit.models.base import Base, resolve_base
 from auditkit.placement import PLACEMENTS
@@ -48,7 +49,7 @@ class StaticThresholds:
         "a block group (e.g. up-block cross-attention) cancelled this much is a risk ..."))
     group_min_safety_share: float = field(default=0.1, metadata=_help(
         "... if it carries at least this share of the safety update's energy"))
-    min_coverage: float = field(default=0.95, metadata=_help(
+    min_coverage: float = field(default=MIN_COVERAGE, metadata=_help(
         "share of an adapter's weight keys that must map to modules for a pass"))
 
     def __post_init__(self) -> None:

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import TypedDict
 
+import numpy as np
+
 from auditkit.errors import BadInput, Unscannable
 from auditkit.fsutil import append_lines, atomic_write_text
 from auditkit.records import FLAG, INDEX, NUMBER, OBJECT, REAL, TEXT, check, fields, list_of, map_of, optional
@@ -72,6 +74,16 @@ HEADER_SHAPE = fields({
     "triggers": list_of(TEXT), "full_models": map_of(TEXT), "render": OBJECT,
 })
 _CORRUPTED = " (a corrupted run log: remove the folder)"
+
+
+def load_images(run_dir: str | Path, records: list[dict]) -> np.ndarray:
+    """The images of ``records`` (their ``image`` paths, relative to ``run_dir``) as uint8 N × H × W × 3, each read
+    as any untrusted image is (:func:`auditkit.images.read_image`: size-checked, one line naming a bad file)."""
+    from auditkit.images import read_image
+
+    run_dir = Path(run_dir)
+    out = [np.asarray(read_image(run_dir / r["image"]), dtype=np.uint8) for r in records]
+    return np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
 
 def shard_name(rank: int) -> str:

@@ -128,7 +128,7 @@ class InputImage:
             from auditkit.lab import world
 
             return world.render(world.sample_specs(self.lab_seed, 1)[0])
-        from auditkit.train.data import read_image
+        from auditkit.images import read_image
 
         return np.asarray(read_image(Path(self.path)), dtype=np.uint8)
 
@@ -171,6 +171,11 @@ class Suite:
 
 TRIGGER_VARIANT = "+triggers"  # suffix of a trigger variant's name ('+' is never in a suite file's name)
 FOUND_VARIANT = "+found"  # ... of a variant probing a phrase the trigger search found: +found1, +found2, ...
+
+
+def normalised(text: str) -> str:
+    """A prompt as compared for overlap between suites: lower case, punctuation dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def trigger_variant(suite: Suite, phrase: str, suffix: str = TRIGGER_VARIANT, placement: str = START) -> Suite:
@@ -409,7 +414,7 @@ def _input_image(path: Path, raw: object) -> InputImage | None:
     given = _text(path, raw["path"], "input_image.path", MAX_DESCRIPTION_CHARS)
     image = (path.parent / given).resolve()
     _need(path, image.is_file(), f"input_image.path {given[:80]!r}: no such file ({image})")
-    from auditkit.train.data import read_image
+    from auditkit.images import read_image
 
     read_image(image)  # decodes, or one line naming the image file
     return InputImage(str(image), hashlib.sha256(_read(image, MAX_INPUT_IMAGE_BYTES)).hexdigest())

@@ -11,7 +11,7 @@ module.
 Methods, per module, then the static scan's metrics (:func:`auditkit.analysis.factors.pair_metrics`):
 
 * ``dense``: the exact option (``--energy 1``): the dense SVD, every direction kept;
-* ``truncated@E``: :func:`auditkit.analysis.truncation.truncate` keeping a share E of each module's
+* ``truncated@E``: :func:`auditkit.lora.truncation.truncate` keeping a share E of each module's
   energy (randomized range finder, dense fallback).
 
 Measured: time (truncation + metrics), energy kept per module (min, median), ranks, the size of the
@@ -36,7 +36,7 @@ import numpy as np
 from harness import emit, provenance
 
 from auditkit.analysis.factors import low_rank_svd, pair_metrics
-from auditkit.analysis.truncation import truncate
+from auditkit.lora.truncation import truncate
 from auditkit.models import architectures
 
 STRONG_RANK = 8

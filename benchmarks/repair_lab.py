@@ -104,11 +104,12 @@ def main() -> None:
         print(section(json.loads(args.json.read_text())))
         return
     set_threads(args.threads)
+    from auditkit.images import pixel_metrics
     from auditkit.lab.adherence import attribute_accuracy, attribute_checks
     from auditkit.lab.detector import LabConceptDetector
     from auditkit.lora.adapter import read_adapter
     from auditkit.repair.algebra import overall_cancellation
-    from auditkit.repair.fidelity import attribute_agreement, pixel_metrics
+    from auditkit.repair.fidelity import attribute_agreement
     from auditkit.stats import paired_bootstrap_ratio, reemergence_ratio
 
     pipe = lab_pipeline()

@@ -17,11 +17,18 @@ import json
 from pathlib import Path
 
 from auditkit.errors import BadInput
-from auditkit.records import OBJECT, TEXT, check, fields
+from auditkit.records import ANY, INDEX, NUMBER, OBJECT, TEXT, check, fields, list_of, map_of, optional
 
 FILE = "trigger-search.json"
 LIMIT = 16 * 2**20
 SCHEMA = "auditkit.trigger-search/1"
+
+_TEXTS, _FIGURE = list_of(TEXT), optional(NUMBER)
+# what a search holds (suite name -> Discovery.to_dict) where it is read back: this file and report.json
+TRIGGER_SEARCH = map_of(fields({"probed": _TEXTS, "placements": _TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX,
+                                "seconds": NUMBER,
+                                "phrases": list_of(fields({k: _FIGURE for k in ("sweep", "pull", "gain")})),
+                                "notes": list_of(ANY), "sweeps": list_of(OBJECT)}))
 
 
 def settings(candidate, safety, base: str, suites: list, budget) -> dict:
@@ -37,7 +44,6 @@ def load(folder: str | Path, wanted: dict) -> dict | None:
     """The search recorded in ``folder`` for the settings ``wanted`` (suite name -> its record), or None: no file,
     or one made with other settings."""
     from auditkit.fsutil import read_json
-    from auditkit.report.shape import TRIGGER_SEARCH
 
     path = Path(folder) / FILE
     if not path.exists():

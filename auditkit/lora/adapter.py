@@ -24,10 +24,13 @@ from auditkit.lora.io import SafetensorsFile, open_safetensors
 from auditkit.models import architectures
 from auditkit.models.architectures import Architecture, ModuleShape
 
+# Share of an adapter's modules that must be read (and, to render it, loaded) for a scan to test it: the default
+# of StaticThresholds.min_coverage (--min-coverage) and of the dynamic loader's fail-closed check.
+MIN_COVERAGE = 0.95
 # Share of a file's weight keys that must map to an architecture for the file to be named that architecture
-# with certainty (StaticThresholds.min_coverage's default: below it the static verdict is inconclusive too).
+# with certainty (the coverage default: below it the static verdict is inconclusive too).
 # A Qwen-Image LoRA read against Flux.1 alone maps 44% of its keys (blocks 0-18 have Flux.1's names and shapes).
-NAMING_COVERAGE = 0.95
+NAMING_COVERAGE = MIN_COVERAGE
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,9 +23,8 @@ from typing import Protocol
 
 import numpy as np
 
-from auditkit.config import StaticThresholds
 from auditkit.errors import Unscannable
-from auditkit.lora.adapter import LoraModule
+from auditkit.lora.adapter import MIN_COVERAGE, LoraModule
 from auditkit.lora.write import diffusers_source
 from auditkit.models.difference import TensorDeltas
 
@@ -131,7 +130,7 @@ def encoded_by_each(pipe, prompts: list[str], safety, candidate, denoiser: str) 
 # --- diffusers adapters: loading, switching, merging ---------------------------------------------------
 
 def load_adapters(pipe, adapters: dict[str, object],
-                  min_coverage: float = StaticThresholds.min_coverage) -> dict[str, dict]:
+                  min_coverage: float = MIN_COVERAGE) -> dict[str, dict]:
     """Load each adapter (role -> canonical :class:`~auditkit.lora.adapter.Adapter`) with diffusers and
     check how many of its modules really received LoRA layers. Fails closed below ``min_coverage`` (the
     configured ``min_coverage``: :func:`auditkit.dynamic.run_dynamic` passes it on).

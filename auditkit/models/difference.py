@@ -7,7 +7,7 @@ safe model: the base with the safety module applied). Both are held two ways:
 * exactly, per tensor (:class:`TensorDeltas`, every tensor that differs, norms and biases included):
   what the dynamic scan and the data-free checks apply, so they run the model itself;
 * per linear/conv module, as a truncated SVD of ΔW keeping a stated share of its energy (or a stated
-  rank; :func:`auditkit.analysis.truncation.truncate`), recorded with the rank and energy it keeps:
+  rank; :func:`auditkit.lora.truncation.truncate`), recorded with the rank and energy it keeps:
   what the static scan and ``auditkit extract`` work on. Energy 1 keeps every direction (exact).
 
 Modules whose difference is exactly zero are skipped and counted; changed tensors outside the
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from auditkit.analysis.truncation import DEFAULT_ENERGY, truncate
 from auditkit.errors import BadInput
 from auditkit.lora.adapter import Adapter, Coverage, LoraModule
+from auditkit.lora.truncation import DEFAULT_ENERGY, truncate
 from auditkit.models.architectures import Architecture
 from auditkit.models.base import Base
 from auditkit.models.checkpoint import Checkpoint, open_checkpoint

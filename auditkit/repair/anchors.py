@@ -10,18 +10,13 @@ suites, and a repair whose anchors share a prompt with a verification suite is r
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from auditkit.errors import BadInput
-
-
-def normalised(text: str) -> str:
-    """A prompt as compared for overlap: lower case, punctuation dropped, whitespace collapsed."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+from auditkit.suites import normalised
 
 
 @dataclass(frozen=True)

@@ -20,30 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from auditkit.images import pixel_metrics
+from auditkit.runlog import load_images
+
 
 def pairs(before: list[dict], after: list[dict], config: str, suites: set[str]) -> list[tuple[dict, dict]]:
     """Records of the same job (key) in ``config`` in both runs, for the given suites, in key order."""
     a = {r["key"]: r for r in before if r["config"] == config and r["suite"] in suites}
     b = {r["key"]: r for r in after if r["config"] == config and r["suite"] in suites}
     return [(a[k], b[k]) for k in sorted(set(a) & set(b))]
-
-
-def load_images(run_dir: str | Path, records: list[dict]) -> np.ndarray:
-    from PIL import Image
-
-    run_dir = Path(run_dir)
-    out = []
-    for r in records:
-        with Image.open(run_dir / r["image"]) as im:
-            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    return np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
-
-
-def pixel_metrics(a: np.ndarray, b: np.ndarray) -> dict:
-    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    mse = np.mean(diff**2, axis=(1, 2, 3))
-    psnr = np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 100.0)
-    return {"pixel_similarity": float(1 - diff.mean() / 255), "psnr_db": float(np.mean(psnr))}
 
 
 def attribute_agreement(detector, a: np.ndarray, b: np.ndarray) -> dict:

@@ -25,7 +25,8 @@ BASE, SAFE = "base", "base+safety"
 def safety_cost(records: list[dict], suites: dict[str, dict], run_dir: str | Path, detectors: dict) -> dict:
     """The cost section (module docstring). ``suites``: name -> {"role", "detector"} (the run header's);
     ``detectors``: name -> the loaded detector."""
-    from auditkit.repair.fidelity import load_images, pixel_metrics
+    from auditkit.images import pixel_metrics
+    from auditkit.runlog import load_images
 
     control = sorted(n for n, s in suites.items() if s.get("role") == "control")
     if not control:

@@ -8,6 +8,7 @@ null (a non-finite value is written so).
 
 from __future__ import annotations
 
+from auditkit.discovery.record import TRIGGER_SEARCH
 from auditkit.records import ANY, INDEX, NUMBER, OBJECT, TEXT, fields, list_of, map_of, optional
 
 FIGURE = optional(NUMBER)
@@ -43,10 +44,6 @@ STATIC = fields(_figures("cancellation", "cosine", "energy_in_safety_subspace", 
 SEARCHED = fields({"probed": TEXTS, "placed": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX})
 TRIGGERS = fields({"words": list_of(fields({"sources": list_of(OBJECT)})), "unprobed": ITEMS,
                    "left_out": list_of(OBJECT), "notes": ITEMS, "sidecars": ITEMS, "search": optional(SEARCHED)})
-TRIGGER_SEARCH = map_of(fields({"probed": TEXTS, "placements": TEXTS, "tokens_swept": INDEX, "phrases_tried": INDEX,
-                                "seconds": NUMBER,
-                                "phrases": list_of(fields(_figures("sweep", "pull", "gain"))), "notes": ITEMS,
-                                "sweeps": list_of(OBJECT)}))
 METADATA_EVIDENCE = fields({"declared_triggers": ITEMS,
                             "suites": map_of(fields({"terms": ITEMS, "tags": list_of(OBJECT), "triggers": ITEMS}))})
 BASE_JUDGE = fields(_figures("value", "ratio", "threshold", scores=map_of(FIGURE), levels=list_of(FIGURE)))

@@ -36,8 +36,7 @@ class AlignAnchors:
 def read_anchors(files: Sequence[Path], concept_prompts: Sequence[str]) -> AlignAnchors | None:
     """The anchor suites' prompts; BadInput naming the file when one cannot be read or shares a prompt with
     the concept prompts. None without files."""
-    from auditkit.repair.anchors import normalised
-    from auditkit.suites import load_suites
+    from auditkit.suites import load_suites, normalised
 
     if not files:
         return None

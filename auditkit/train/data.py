@@ -8,22 +8,19 @@ the data is ever executed), and only after their header's size has been checked.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from auditkit.errors import BadInput
+from auditkit.images import read_image, square
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_PIXELS = 64_000_000  # refuse decompression bombs: checked from the header, before any pixel is decoded
 # Captions land verbatim in the published adapter (ss_tag_frequency) and CLIP reads only 77 tokens: a longer
 # "caption" is a mistake or someone else's file, not a description of an image.
 MAX_CAPTION_CHARS = 1_000
 _MAX_CAPTION_BYTES = 4 * MAX_CAPTION_CHARS  # UTF-8 needs at most 4 bytes a character
-# Modes Pillow opens 16-bit greyscale PNGs in; convert("RGB") clips them at 255 (white).
-_WIDE_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass
@@ -111,59 +108,11 @@ def read_caption(path: Path) -> str:
     return caption
 
 
-def read_image(path: Path):
-    """The RGB image at ``path`` (a PIL image), its size checked from the header before any pixel is decoded;
-    BadInput naming the file when it is oversized or unreadable."""
-    from PIL import Image
-
-    limit = f"the {MAX_PIXELS // 1_000_000} Mpx limit"
-    try:
-        with warnings.catch_warnings():
-            # Pillow's own warning is several lines; the size check below is ours and says it in one.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only
-                w, h = im.size
-                if w * h > MAX_PIXELS:
-                    raise BadInput(path, f"image is {w}×{h} ({w * h / 1e6:.0f} Mpx), over {limit}")
-                im.load()
-                return _to_rgb(im)
-    except BadInput:
-        raise
-    except Image.DecompressionBombError:  # over twice Pillow's limit: refused by Image.open itself
-        raise BadInput(path, f"image is over {limit} (decompression bomb?)") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
-        raise BadInput(path, f"unreadable image ({type(exc).__name__})") from None
-
-
-def _to_rgb(im):
-    """RGB copy of a decoded image; 16-bit greyscale is scaled 0..65535 → 0..255, not clipped."""
-    from PIL import Image
-
-    if im.mode not in _WIDE_GREY:
-        return im.convert("RGB")
-    grey = np.asarray(im).astype(np.int64).clip(0, 65535)
-    u8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # rounded
-    return Image.fromarray(np.repeat(u8[..., None], 3, axis=-1))
-
-
 def load_folder(folder: str | Path, size: int, pairs: list[tuple[Path, str]] | None = None) -> ImageCaptionSet:
     """Read every image with a same-named ``.txt`` caption, center-cropped and resized to ``size``."""
     pairs = pairs if pairs is not None else check_folder(folder)
     images = [square(read_image(path), size) for path, _ in pairs]
     return ImageCaptionSet(np.stack(images), [c for _, c in pairs], [p for p, _ in pairs])
-
-
-def square(image, size: int) -> np.ndarray:
-    """``image`` (PIL) center-cropped to a square and resized to ``size`` × ``size``, as uint8 H × W × 3."""
-    from PIL import Image
-
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != size:
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def write_folder(folder: str | Path, images: np.ndarray, captions: list[str], prefix: str = "img") -> Path:

@@ -161,7 +161,7 @@ def check_anchor_prompts(concept_prompts: Sequence[str], anchor_prompts: Sequenc
     """The anchors the preservation term pins (the unconditional prompt added), or [] without preservation.
     Raises ValueError without concept prompts, BadInput when λ > 0 has no anchors, anchors come without λ, or
     an anchor is also a concept prompt (it would be pinned and erased at once)."""
-    from auditkit.repair.anchors import normalised
+    from auditkit.suites import normalised
 
     if not concept_prompts:
         raise ValueError("ESD needs at least one concept prompt")

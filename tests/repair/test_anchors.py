@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from auditkit.errors import BadInput
-from auditkit.repair.anchors import normalised, resolve_anchors
-from auditkit.suites import builtin_dir, list_suites, load_suite, load_suites
+from auditkit.repair.anchors import resolve_anchors
+from auditkit.suites import builtin_dir, list_suites, load_suite, load_suites, normalised
 
 SUITE = """schema: auditkit.suite/1
 name: {name}

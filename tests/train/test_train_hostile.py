@@ -115,7 +115,8 @@ def _grey_png(path: Path, width: int, height: int) -> Path:
 def test_huge_image_is_refused_from_its_header_without_a_pillow_warning(tmp_path):
     from PIL import Image
 
-    from auditkit.train.data import MAX_PIXELS, check_folder
+    from auditkit.images import MAX_PIXELS
+    from auditkit.train.data import check_folder
 
     data = tmp_path / "data"
     data.mkdir()
@@ -184,7 +185,7 @@ def test_32_bit_integer_images_are_scaled_like_16_bit():
     """Older Pillows open 16-bit PNGs as mode I (32-bit): the same 65535 -> 255 scale applies."""
     from PIL import Image
 
-    from auditkit.train.data import _to_rgb
+    from auditkit.images import _to_rgb
 
     im = Image.fromarray(np.array([[0, 32768, 65535, 70000, -5]], np.int32))
     assert im.mode == "I"

@@ -31,7 +31,7 @@ def input_image(pipe, pixels) -> dict:
     """The input image (uint8 H × W × 3) center-cropped and resized to the render size."""
     from PIL import Image
 
-    from auditkit.train.data import square
+    from auditkit.images import square
 
     size = flux.vae_sized(pipe).get("height") or 128 * pipe.vae_scale_factor  # the pipeline's default otherwise
     return {"image": Image.fromarray(square(Image.fromarray(pixels), size))}

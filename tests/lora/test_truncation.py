@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from auditkit.analysis.truncation import truncate
+from auditkit.lora.truncation import truncate
 
 
 def low_rank_plus_noise(out, inp, rank, noise, seed=0):
