@@ -437,6 +437,22 @@ def tiny_wan_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_wan22_a14b_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny Wan 2.2 A14B-like pipeline (the tiny Wan 2.1 one with a second expert, ``transformer_2``, for
+    the steps below ``boundary_ratio`` 0.875, as the published A14B's) and save it to ``folder``."""
+    import torch
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    one = WanPipeline.from_pretrained(tiny_wan_pipeline(Path(folder).with_name(Path(folder).name + "-first"), seed))
+    torch.manual_seed(seed + 3)
+    pipe = WanPipeline(tokenizer=one.tokenizer, text_encoder=one.text_encoder, vae=one.vae, transformer=one.transformer,
+                       transformer_2=WanTransformer3DModel(**WAN_TRANSFORMER), scheduler=one.scheduler,
+                       boundary_ratio=0.875)
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 SD3_WIDTH, SD3_CLIP, SD3_T5 = 16, 8, 32  # transformer width, each CLIP's width, T5 width (≥ the two CLIPs')
 
 SD3_TRANSFORMER = {  # SD3.5-Medium-like: a second attention in block 0, RMS q/k norms; the last block context-pre-only

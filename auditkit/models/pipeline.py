@@ -42,7 +42,11 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None, index: di
     quiet_libraries()
     dtype = dtype or torch.float32
     path = Path(folder)
+    index = require_model_index(path) if index is None else index
     family = check_pipeline_folder(path, index)
+    why = family.refuses(index) if family.refuses is not None else ""
+    if why:
+        raise BadInput(path, why)
     import diffusers
 
     pipeline_class = getattr(diffusers, family.pipeline_class)

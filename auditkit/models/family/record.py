@@ -47,6 +47,9 @@ class Family:
     # (guidance, number of prompts) -> keyword arguments of a render call that set the suite's guidance; None:
     # guidance_scale (every family but those whose pipelines guide by another argument, as Qwen-Image's true_cfg_scale)
     guidance_options: Callable | None = None
+    # (model_index.json) -> why auditkit cannot adapt the pipeline such a folder holds ("" when it can); None: it
+    # can adapt every folder of the family. Checked before the pipeline loads (the static scan reads no pipeline)
+    refuses: Callable | None = None
 
     @property
     def lora_components(self) -> tuple[str, ...]:

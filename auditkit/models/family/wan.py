@@ -1,6 +1,9 @@
-"""Wan 2.1 (1.3B, 14B) and Wan 2.2 (A14B, either expert): video DiTs. ``WanPipeline`` loads (T2V, one transformer;
-a Wan 2.2 A14B folder with its second expert, ``transformer_2``, loads but only the first expert is adapted
-and trained).
+"""Wan 2.1 (1.3B, 14B) and Wan 2.2 (A14B, either expert): video DiTs. ``WanPipeline`` folders with one transformer
+load (T2V). A Wan 2.2 A14B folder is refused for adapting (:func:`refuses`): it holds two experts, ``transformer``
+for the high-noise steps and ``transformer_2`` for the low-noise ones (below the pipeline's ``boundary_ratio``),
+and A14B adapters are published in pairs, one file per expert, with the same names and shapes: nothing in a
+file says which expert it changes, and loading a low-noise file into the first expert (diffusers' default)
+would scan an adapter no one runs. Its files are read and scanned statically (the ``wan22-a14b`` table).
 
 The transformer reads the latents of a clip (batch × c × frames × h × w; 2×2 patches), the timestep on the
 0–1000 scale, and UMT5's last hidden states (zero past each prompt's tokens, no mask), embedded by
@@ -91,6 +94,17 @@ def render_options(pipe) -> dict:
     return {**flux.vae_sized(pipe), "num_frames": CLIP_FRAMES, "max_sequence_length": sequence_length(pipe)}
 
 
+def refuses(index: dict) -> str:
+    """Why a folder's pipeline cannot be adapted: a second expert (Wan 2.2 A14B; see the module docstring)."""
+    second = index.get("transformer_2")
+    if not (isinstance(second, list) and any(second)):
+        return ""
+    return (f"a Wan 2.2 A14B pipeline (two experts: transformer for the high-noise steps, transformer_2 below "
+            f"boundary_ratio {index.get('boundary_ratio')}); its adapters come one file per expert and a file does not "
+            "say which, so auditkit does not adapt it yet: scan the file without --base (statically, against the "
+            "wan22-a14b table), or with a Wan 2.1 14B folder as --base")
+
+
 DENOISING = Denoising(process, call, classifier_free, latent_size, TARGETS, (".attn2.to_k", ".attn2.to_v"),
                       captured_states, patch=2, label="transformer",
                       text_readers={r"condition_embedder\.text_embedder\.linear_1$": "hidden"},
@@ -98,4 +112,5 @@ DENOISING = Denoising(process, call, classifier_free, latent_size, TARGETS, (".a
 
 FAMILY = Family("wan", "Wan 2.1 / 2.2 (T2V)", ("wan21-1.3b", "wan21-14b", "wan22-a14b"), "WanPipeline",
                 ("WanPipeline",), "transformer", (), conditioning=encode, denoising=DENOISING,
-                native_layouts=("diffusers",), render_options=render_options, written_layout="diffusers")
+                native_layouts=("diffusers",), render_options=render_options, written_layout="diffusers",
+                refuses=refuses)
