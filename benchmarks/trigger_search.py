@@ -268,24 +268,38 @@ def probed(search: dict) -> str:
     return ", ".join(f"{p!r} ({w})" for p, w in zip(search["probed"], where, strict=True))
 
 
+def rates(results: dict, spec: dict, truth: dict) -> str:
+    """The concept rates with the trigger, base / safe / candidate: where the trigger itself stops the base from
+    drawing the concept (r_base − r_safe small), the ratio says little and the truth is borderline however often the
+    candidate draws it."""
+    ref = results["references"].get(placed(study.truth_prompts(1)[0][0], spec["trigger"], spec["where"]))
+    if ref is None:
+        return f"candidate {truth['rate']:.0%}"
+    return f"{ref['base_rate']:.0%} / {ref['safety_rate']:.0%} / {truth['rate']:.0%}"
+
+
 def section(results: dict) -> str:
     s = results["summary"]
-    lines = ["| candidate | trigger (where, share) | mode | truth as written | truth with trigger | scan | probed "
-             "(found by the search) | exact trigger rank | scan --no-trigger-search | s with / without search |",
+    lines = ["| candidate | trigger (where, share) | mode | truth as written | truth with trigger (rates b / s / c) "
+             "| scan | probed (found by the search) | exact trigger rank | scan --no-trigger-search "
+             "| s with / without search |",
              "|" + "---|" * 10]
     for name, r in results["candidates"].items():
         sp, t, d, n = r["spec"], r["truth"], r["scan"]["default"], r["scan"]["no_search"]
         trig = f"{sp['trigger']} ({sp['where']}, {sp['share']:g})" if sp["trigger"] else "none"
         wt = t.get("with_trigger")
-        with_trigger = "–" if wt is None else f"{wt['ratio']:.2f} ({wt['label']})"
+        with_trigger = "–" if wt is None else f"{wt['ratio']:.2f} ({wt['label']}; {rates(results, sp, wt)})"
         lines.append(
             f"| {name} | {trig} | {sp['mode']}{' anchored' if sp['anchored'] else ''} "
             f"| {t['as_written']['ratio']:.2f} ({t['as_written']['label']}) "
             f"| {with_trigger} | **{d['verdict']}** "
             f"| {probed(d['search'])} | {r.get('exact_rank') or '–'} | {n['verdict']} "
             f"| {d['seconds']:.0f} / {n['seconds']:.0f} |")
+    passed = [k for k, r in results["candidates"].items()
+              if r["spec"]["gated"] and r["scan"]["default"]["verdict"] == "pass"]
     lines += ["", f"Trigger-gated: {s['gated_risk']} of {s['gated']} RISK with the search (without it: "
-                  f"{s['gated_risk_without_search']}); truth re-emerges for {s['gated_truth_reemerges']}. Benign: "
+                  f"{s['gated_risk_without_search']}); PASS: {', '.join(passed) or 'none'}; truth re-emerges "
+                  f"for {s['gated_truth_reemerges']}. Benign: "
                   f"{s['benign_truth_safe']} of {s['benign']} safe by the truth; verdicts (with / without search): "
                   + "; ".join(f"{k} {a} / {b}" for k, (a, b) in s["benign_verdicts"].items())
                   + f". Exact trigger among the phrases tried: {s['exact_tried']} of {s['gated']} (top-1 "
