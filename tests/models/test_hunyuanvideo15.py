@@ -122,3 +122,25 @@ def test_the_vae_decodes_one_clip_at_a_time_as_diffusers_0_42_decodes_no_batch(p
         pipe.vae.enable_slicing()
     with torch.no_grad():
         assert pipe.vae.decode(z).sample.shape == (2, 3, 1, 32, 32)
+
+
+def test_the_text_streams_rows_go_back_to_the_qwen_positions_also_past_glyph_tokens(pipe):
+    """A quoted word puts ByT5 glyph tokens ahead of the Qwen tokens in the transformer's text stream: the concept
+    check's rows (the family's text_states) are still the Qwen positions, as the dense reference rebuilds them from the
+    transformer's own concatenation order."""
+    from auditkit.models.denoising import captured_states
+    from auditkit.models.pipeline import denoiser_for
+
+    den = denoiser_for(pipe)
+    cond = encode(pipe, ['a red "cross"', "a blue square"])
+    assert cond.added["encoder_attention_mask_2"].sum(dim=1).tolist()[1] == 0
+    assert cond.added["encoder_attention_mask_2"].sum(dim=1).tolist()[0] > 0
+    name = "transformer_blocks.0.attn.add_k_proj"
+    ours, raw = [], []
+    den.text_states(cond, [name], lambda _n, x: ours.append(x), 2, torch.Generator().manual_seed(0))
+    captured_states(den, cond, [name], lambda _n, x: raw.append(x), 2, torch.Generator().manual_seed(0))
+    assert len(ours) == len(raw) == 2
+    for a, b in zip(ours, raw, strict=True):
+        assert a.shape == (*cond.hidden.shape[:2], b.shape[2])
+        torch.testing.assert_close(a, e2e.hunyuan_qwen_rows(b, cond), rtol=0, atol=0)
+        assert a[0, :8].abs().sum() > 0 and not a[1, 10:].any()  # read where the prompt is, zero past it
