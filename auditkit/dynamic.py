@@ -10,7 +10,7 @@ from auditkit import __version__
 from auditkit.config import DynamicThresholds, StaticThresholds
 from auditkit.distributed import Ranks
 from auditkit.lora.adapter import Adapter
-from auditkit.models.attach import load_adapters
+from auditkit.models.attach import load_adapters, unload_adapters
 from auditkit.models.base import Base
 from auditkit.report.digest import digest
 from auditkit.runlog import RunLog
@@ -106,7 +106,7 @@ def loaded(pipe, adapters: dict[str, Adapter], min_coverage: float = StaticThres
     finally:
         if overlay is not None:
             overlay.restore()
-        pipe.unload_lora_weights()  # the pipeline is left as it came: a later scan loads its own adapters
+        unload_adapters(pipe)  # the pipeline is left as it came: a later scan loads its own adapters
 
 
 def _header(base: Base, suites: list[Suite], multipliers, steps: int | None, adapters: dict[str, Adapter],

@@ -227,11 +227,22 @@ QWEN_TEMPLATE_WORDS = (  # QwenImagePipeline.prompt_template_encode, split as Qw
     "relationships of objects and background :").split()
 
 
-def chat_tokenizer(words=QWEN_TEMPLATE_WORDS, model_max_length: int = 64):
+# Qwen2's pre-tokenizer (its tokenizer.json's Split pattern): words with their leading space, single digits,
+# punctuation runs, line breaks, and runs of spaces (all but the last space before a word: its own piece)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+
+
+def chat_tokenizer(words=QWEN_TEMPLATE_WORDS, model_max_length: int = 64, qwen2_split: bool = False):
     """A word-level tokenizer of the lab words and a chat template's words, with Qwen's chat special tokens
     (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` as padding) and one token per word, punctuation mark and
     line break, as Qwen2's tokenizer splits QwenImagePipeline's template (whose system prompt is then the 34 tokens
-    the pipeline drops). Saved as a plain ``tokenizer.json`` (``PreTrainedTokenizerFast``), so it loads as built."""
+    the pipeline drops). Saved as a plain ``tokenizer.json`` (``PreTrainedTokenizerFast``), so it loads as built.
+
+    ``qwen2_split``: one token per piece of Qwen2's own pre-tokenizer (:data:`QWEN2_SPLIT`; runs of spaces are pieces
+    too, and a word's leading space is dropped so a word is one token wherever it stands), each a single token of
+    Qwen2's vocabulary for HunyuanVideo15Pipeline's system prompt: its 100 pieces, the 108 tokens with the template
+    the pipeline crops (``words`` then lists the pieces)."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -241,8 +252,13 @@ def chat_tokenizer(words=QWEN_TEMPLATE_WORDS, model_max_length: int = 64):
     vocab = list(dict.fromkeys([*specials, "\n", *words, *(w.lower() for w in VOCABULARY)]))
     model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     model.normalizer = normalizers.Lowercase()
-    model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" +"), behavior="removed"),
-                                                   pre_tokenizers.Split(Regex(r"\n|[^\s\w]"), behavior="isolated")])
+    if qwen2_split:
+        model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                       pre_tokenizers.Split(Regex(r"^ (?=\S)"), behavior="removed")])
+    else:
+        model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" +"), behavior="removed"),
+                                                       pre_tokenizers.Split(Regex(r"\n|[^\s\w]"),
+                                                                            behavior="isolated")])
     return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", pad_token="<|endoftext|>",
                                    eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
                                    model_max_length=model_max_length)
@@ -453,6 +469,71 @@ def tiny_wan22_a14b_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+# HunyuanVideo15Pipeline's system prompt as Qwen2's pre-tokenizer splits it (lowercased, leading spaces dropped,
+# runs of spaces as pieces: chat_tokenizer's qwen2_split), with the chat template's roles
+HUNYUAN_TEMPLATE_WORDS = (*(
+    "system user assistant you are a helpful describe the video by detailing following aspects main content and "
+    "theme of color shape size texture quantity text spatial relationships objects actions events behaviors "
+    "temporal physical movement changes background environment light style atmosphere camera angles movements "
+    "transitions used in 1 2 3 4 5 . : ,").split(), " " * 8, " ")
+
+HUNYUAN_TEXT, HUNYUAN_BYT5 = 16, 32  # Qwen2.5-VL's hidden size (text_embed_dim), ByT5's d_model (text_embed_2_dim)
+
+HUNYUAN_TRANSFORMER = {  # diffusers' own test's tiny config (tests/pipelines/hunyuan_video1_5), two blocks
+    "in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
+    "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": 1, "patch_size_t": 1, "text_embed_dim": HUNYUAN_TEXT,
+    "text_embed_2_dim": HUNYUAN_BYT5, "image_embed_dim": 12, "rope_axes_dim": (2, 2, 4), "target_size": 16,
+    "task_type": "t2v",
+}
+
+HUNYUAN_VAE = {  # 4x spatial, 2x temporal: 32x32 frames, 8x8 latents of 4 channels, 17 frames -> 9 latent frames
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (16, 16), "layers_per_block": 1,
+    "spatial_compression_ratio": 4, "temporal_compression_ratio": 2, "downsample_match_channel": False,
+    "upsample_match_channel": False,
+}
+
+
+def tiny_hunyuanvideo15_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny HunyuanVideo 1.5 T2V pipeline (a tiny Qwen2.5-VL text model reading a chat tokenizer split as
+    Qwen2 splits, so the pipeline's crop of 108 tokens is exactly the system prompt; a tiny ByT5 with its own
+    byte tokenizer; classifier-free guidance at 6.0; the VAE's config declares ``sample_size`` 32) and save it to
+    ``folder``; returns the folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    tokenizer = chat_tokenizer(HUNYUAN_TEMPLATE_WORDS, model_max_length=2048, qwen2_split=True)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE  # Qwen2.5-VL's, for messages of plain text with a system prompt
+    tokenizer_2 = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(**HUNYUAN_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLHunyuanVideo15(**HUNYUAN_VAE)
+    vae.register_to_config(sample_size=32)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=HUNYUAN_TEXT, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, rope_theta=10000.0, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=HUNYUAN_BYT5, d_ff=32, d_kv=8,
+                                             num_heads=2, num_layers=1, feed_forward_proj="gated-gelu",
+                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    pipe = HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
+                                  tokenizer_2=tokenizer_2, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 SD3_WIDTH, SD3_CLIP, SD3_T5 = 16, 8, 32  # transformer width, each CLIP's width, T5 width (≥ the two CLIPs')
 
 SD3_TRANSFORMER = {  # SD3.5-Medium-like: a second attention in block 0, RMS q/k norms; the last block context-pre-only
@@ -607,7 +688,7 @@ def check_align(pipe, out: Path, text_modules: tuple[str, ...], frozen: tuple[st
 
     from auditkit.lora.adapter import read_adapter
     from auditkit.lora.write import save_adapter
-    from auditkit.models.attach import load_adapters
+    from auditkit.models.attach import load_adapters, unload_adapters
     from auditkit.models.families import family_of_pipeline
     from auditkit.models.pipeline import architecture_of
     from auditkit.train.esd import ESDConfig, train_esd
@@ -629,7 +710,7 @@ def check_align(pipe, out: Path, text_modules: tuple[str, ...], frozen: tuple[st
     try:
         assert load_adapters(pipe, {"safety": adapter})["safety"]["fraction"] == 1.0
     finally:
-        pipe.unload_lora_weights()
+        unload_adapters(pipe)
     return path
 
 
@@ -752,10 +833,14 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
     def rows(inputs):
         """The captured rows at the conditioning's positions. Z-Image pads each caption itself to a multiple of 32
         (rows the image reads) and the batch to its longest (rows it does not: zeroed), so its rows are cut or
-        zero-padded to the conditioning's length."""
+        zero-padded to the conditioning's length. HunyuanVideo 1.5 reorders its text stream (the image's, the
+        glyphs' and the Qwen states' valid tokens first, then the padding of each): the Qwen rows back to their
+        positions, zero where the prompt is padded."""
         if den.record.text_states is captured_states:
             return inputs.double().numpy().reshape(-1, inputs.shape[-1])
         width = cond.hidden.shape[1]
+        if "encoder_attention_mask_2" in cond.added:
+            return hunyuan_qwen_rows(inputs, cond).double().numpy().reshape(-1, inputs.shape[-1])
         read = (cond.added["caption_mask"].sum(dim=1) + 31) // 32 * 32
         kept = torch.zeros(inputs.shape[0], width, inputs.shape[2], dtype=inputs.dtype)
         kept[:, :min(width, inputs.shape[1])] = inputs[:, :width]
@@ -774,6 +859,27 @@ def text_kv_inputs_by_hand(pipe, prompts, word, safety, steps=4, seed=0):
         for h in hooks:
             h.remove()
     return {n: np.concatenate(v) for n, v in seen.items()}, np.tile(mask, steps), den.record.text_kv
+
+
+def hunyuan_qwen_rows(stream, cond):
+    """The rows of HunyuanVideo 1.5's text stream (batch × tokens × d, as its double blocks read it) that hold the
+    Qwen positions of ``cond``, each put back at its position (zero where the prompt is padded): the order the
+    transformer's forward concatenates, rebuilt from index tensors (image tokens, all invalid in text-to-video; glyph
+    tokens; Qwen tokens, tagged by their position, the others by -1)."""
+    import torch
+
+    qwen, glyphs = cond.added["encoder_attention_mask"].bool(), cond.added["encoder_attention_mask_2"].bool()
+    n_image = stream.shape[1] - qwen.shape[1] - glyphs.shape[1]
+    out = stream.new_zeros(qwen.shape[0], qwen.shape[1], stream.shape[2])
+    for i in range(qwen.shape[0]):
+        image = torch.full((n_image,), -1)
+        byt5 = torch.full((glyphs.shape[1],), -1)
+        positions = torch.arange(qwen.shape[1])
+        order = torch.cat([byt5[glyphs[i]], positions[qwen[i]], image, byt5[~glyphs[i]], positions[~qwen[i]]])
+        for row, position in enumerate(order.tolist()):
+            if position >= 0 and qwen[i, position]:
+                out[i, position] = stream[i, row]
+    return out
 
 
 def check_modular_repair(folder, pipe, safety_path, candidate: dict, data_folder, tmp_path: Path) -> dict:

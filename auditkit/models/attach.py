@@ -8,7 +8,10 @@ Two ways, for two purposes:
 * **Diffusers adapters** (:func:`load_adapters`, :func:`apply_configuration`, :class:`Fused`): the dynamic scan
   renders through diffusers' own LoRA loading (``load_lora_weights``, ``set_adapters``), as users run adapters,
   with every load checked for key coverage and scale and, on CUDA, merged into the weights while a configuration
-  renders. :mod:`auditkit.runner` renders with them.
+  renders. :mod:`auditkit.runner` renders with them. A pipeline without diffusers' LoRA loader mixin (a family
+  whose record says ``loras_through_denoiser``: diffusers 0.42's ``HunyuanVideo15Pipeline``) takes the same calls
+  on its denoiser's PEFT mixin (:class:`DenoiserLoras`, :func:`lora_api`: the one place that tells them apart), and
+  is coverage-checked the same way.
 
 A configuration here is anything with a ``name`` and ``weights`` ((adapter role, multiplier), …):
 :class:`auditkit.runner.Configuration`.
@@ -23,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from auditkit.errors import Unscannable
+from auditkit.errors import BadInput, Unscannable
 from auditkit.lora.adapter import MIN_COVERAGE, LoraModule
 from auditkit.lora.write import diffusers_source
 from auditkit.models.difference import TensorDeltas
@@ -129,6 +132,67 @@ def encoded_by_each(pipe, prompts: list[str], safety, candidate, denoiser: str) 
 
 # --- diffusers adapters: loading, switching, merging ---------------------------------------------------
 
+class DenoiserLoras:
+    """diffusers' pipeline LoRA calls that auditkit makes (``load_lora_weights``, ``set_adapters``,
+    ``enable_lora``/``disable_lora``, ``delete_adapters``, ``fuse_lora``/``unfuse_lora``, ``get_list_adapters``,
+    ``unload_lora_weights``, ``_lora_loadable_modules``) for a pipeline without a LoRA loader mixin, made on its
+    denoiser's PEFT mixin (diffusers' ``PeftAdapterMixin``) as the loader mixins make them on theirs:
+    ``load_lora_weights`` is the denoiser's ``load_lora_adapter`` of the ``<component>.``-prefixed keys of a
+    safetensors file (read offline; never a pickle) or of auditkit's conversion (a state dict); the others are the
+    denoiser's methods of the same names. No format conversion happens on this path: a file not in diffusers'
+    layout loads nothing, and :func:`load_adapters` then hands over its exact conversion (the family's
+    ``native_layouts`` say which files are handed over as they are)."""
+
+    def __init__(self, pipe, component: str):
+        self.component, self.model = component, getattr(pipe, component)
+        self._lora_loadable_modules = [component]
+
+    def load_lora_weights(self, source, adapter_name: str) -> None:
+        self.model.load_lora_adapter(source, prefix=self.component, adapter_name=adapter_name, use_safetensors=True,
+                                     local_files_only=True)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return {self.component: list(getattr(self.model, "peft_config", {}))}
+
+    def set_adapters(self, adapter_names: list[str], adapter_weights: list[float] | None = None) -> None:
+        self.model.set_adapters(adapter_names, weights=adapter_weights)
+
+    def enable_lora(self) -> None:
+        self.model.enable_lora()
+
+    def disable_lora(self) -> None:
+        self.model.disable_lora()
+
+    def delete_adapters(self, adapter_names: list[str] | str) -> None:
+        self.model.delete_adapters(adapter_names)
+
+    def fuse_lora(self, components=(), adapter_names: list[str] | None = None, lora_scale: float = 1.0) -> None:
+        self.model.fuse_lora(lora_scale=lora_scale, adapter_names=adapter_names)
+
+    def unfuse_lora(self, components=()) -> None:
+        self.model.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        self.model.unload_lora()
+
+
+def lora_api(pipe):
+    """What takes diffusers' pipeline LoRA calls for ``pipe``: the pipeline itself, or for a family whose pipeline has
+    no LoRA loader (``Family.loras_through_denoiser``) its denoiser's PEFT mixin (:class:`DenoiserLoras`)."""
+    from auditkit.models.families import family_of_pipeline
+
+    try:
+        family = family_of_pipeline(pipe)
+    except BadInput:  # a test double: it answers the calls itself
+        return pipe
+    return DenoiserLoras(pipe, family.denoiser) if family.loras_through_denoiser else pipe
+
+
+def unload_adapters(pipe) -> None:
+    """Remove every adapter diffusers loaded into ``pipe`` (its LoRA layers too): the pipeline as it came."""
+    lora_api(pipe).unload_lora_weights()
+
+
 def load_adapters(pipe, adapters: dict[str, object],
                   min_coverage: float = MIN_COVERAGE) -> dict[str, dict]:
     """Load each adapter (role -> canonical :class:`~auditkit.lora.adapter.Adapter`) with diffusers and
@@ -163,7 +227,7 @@ def load_adapters(pipe, adapters: dict[str, object],
             note = (f"diffusers refused the file ({failure})" if failure else
                     f"diffusers applied {len(expected & layers.keys())} of the file's {len(expected)} modules")
             if not failure:
-                pipe.delete_adapters(role)
+                lora_api(pipe).delete_adapters(role)
             source = diffusers_source(adapter, ())
             layers, failure = _load(pipe, role, source)
         if failure:
@@ -192,11 +256,12 @@ def load_adapters(pipe, adapters: dict[str, object],
 def _load(pipe, role: str, source) -> tuple[dict, str]:
     """Load ``source`` as adapter ``role``: (its LoRA layers by canonical name, "" or why diffusers refused).
     A refused load leaves nothing of ``role`` behind, in any component."""
+    loras = lora_api(pipe)
     try:
-        pipe.load_lora_weights(source, adapter_name=role)
+        loras.load_lora_weights(source, adapter_name=role)
     except (ValueError, KeyError, RuntimeError) as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-        if any(role in names for names in getattr(pipe, "get_list_adapters", dict)().values()):
-            pipe.delete_adapters(role)
+        if any(role in names for names in getattr(loras, "get_list_adapters", dict)().values()):
+            loras.delete_adapters(role)
         return {}, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
     return lora_layers(pipe, [role]), ""
 
@@ -225,11 +290,12 @@ def apply_configuration(pipe, config: Weighted, roles: Sequence[str]) -> None:
     if not roles:
         return
     weights = {r: float(w) for r, w in config.weights if w and r in roles}
+    loras = lora_api(pipe)
     if not weights:
-        pipe.disable_lora()
+        loras.disable_lora()
         return
-    pipe.enable_lora()
-    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+    loras.enable_lora()
+    loras.set_adapters(list(weights), adapter_weights=list(weights.values()))
 
 
 class Fused:
@@ -243,7 +309,7 @@ class Fused:
     """
 
     def __init__(self, pipe):
-        self.pipe = pipe
+        self.pipe, self.loras = pipe, lora_api(pipe)
         self.saved: dict = {}  # LoRA layer -> its base weight before the current merge
         self.merged = False
         self.unmerged: set[str] = set()  # configurations rendered unmerged (their adapters update biases)
@@ -263,18 +329,18 @@ class Fused:
             apply_configuration(self.pipe, config, roles)
             return
         weights = dict(config.weights)
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(names, adapter_weights=[float(weights[r]) for r in names])
+        self.loras.enable_lora()
+        self.loras.set_adapters(names, adapter_weights=[float(weights[r]) for r in names])
         for layer in layers:
             if layer not in self.saved:
                 self.saved[layer] = layer.get_base_layer().weight.detach().clone()
-        self.pipe.fuse_lora(components=self.components(), adapter_names=names, lora_scale=1.0)
+        self.loras.fuse_lora(components=self.components(), adapter_names=names, lora_scale=1.0)
         self.merged = True
 
     def components(self) -> list[str]:
         """Every component diffusers loads LoRAs into: fuse_lora's default is the denoiser alone for Flux
         (text-encoder LoRAs would render unmerged), the denoiser and text encoders for SD and SDXL."""
-        return [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
+        return [c for c in self.loras._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
 
     def restore(self) -> None:
         """Unmerge and put the saved base weights back (exactly)."""
@@ -284,7 +350,7 @@ class Fused:
 
         with warnings.catch_warnings():  # peft warns for every layer the configuration did not touch
             warnings.filterwarnings("ignore", message="Already unmerged")
-            self.pipe.unfuse_lora(components=self.components())
+            self.loras.unfuse_lora(components=self.components())
         with torch.no_grad():
             for layer, weight in self.saved.items():
                 layer.get_base_layer().weight.copy_(weight)

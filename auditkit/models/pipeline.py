@@ -8,7 +8,8 @@ only ``.safetensors`` weights are loaded (a pickle ``.bin`` is never unpickled).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from auditkit.errors import BadInput
@@ -57,6 +58,8 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None, index: di
     except (OSError, ValueError, TypeError) as exc:
         raise BadInput(path, f"cannot load the {family.name} pipeline ({' '.join(str(exc).split())[:200]})") from None
     pipe.set_progress_bar_config(disable=True)
+    if family.on_load is not None:
+        family.on_load(pipe)
     return pipe.to(device)
 
 
@@ -210,11 +213,33 @@ def render(pipe, prompts: Sequence[str], steps: int, guidance: float, generators
 
     edit = family_of_pipeline(pipe).input_image(pipe, input_image.pixels()) if input_image is not None else {}
     # the prompt by keyword: an edit pipeline's first parameter is its input image (FluxKontextPipeline)
-    out = pipe(prompt=list(prompts), num_inference_steps=steps, generator=generators, output_type="np",
-               **guidance_options(pipe, guidance, len(prompts)), **render_options(pipe), **edit)
+    with guided(pipe, guidance, len(prompts)) as options:
+        out = pipe(prompt=list(prompts), num_inference_steps=steps, generator=generators, output_type="np",
+                   **options, **render_options(pipe), **edit)
     clips = getattr(out, "frames", None)  # a video pipeline's output (WanPipelineOutput)
     pixels = np.asarray(out.images if clips is None else sample_frames(np.asarray(clips)))
     return np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def guided(pipe, guidance: float, n: int) -> Iterator[dict]:
+    """The suite's ``guidance`` for a render of ``n`` prompts: yields the call's guidance arguments
+    (:func:`guidance_options`), or for a family whose pipeline guides through a component (``Family.guider``:
+    a diffusers guider) nothing, the component replaced for the duration by a copy of it at ``guidance``
+    (``guider.new(guidance_scale=…)``; the pipeline's own is put back, unchanged)."""
+    try:
+        component = family_of_pipeline(pipe).guider
+    except BadInput:  # a test double
+        component = None
+    if component is None:
+        yield guidance_options(pipe, guidance, n)
+        return
+    own = getattr(pipe, component)
+    setattr(pipe, component, own.new(guidance_scale=guidance))
+    try:
+        yield {}
+    finally:
+        setattr(pipe, component, own)
 
 
 def guidance_options(pipe, guidance: float, n: int) -> dict:

@@ -1,6 +1,7 @@
 """The model-family registry: detection from model_index.json and from loaded pipelines, records that name
 real classes and functions, one module per family, and a registry that imports no torch."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -27,6 +28,10 @@ def test_every_record_names_a_real_pipeline_class_conditioning_and_denoising(fam
     assert family.lora_components[0] == family.denoiser
     assert set(family.native_layouts) <= set(formats.LAYOUTS)
     assert set(family.kohya_prefixes) <= set(family.text_encoders)
+    pipeline = getattr(diffusers, family.pipeline_class)
+    # the record says what diffusers has: a pipeline without a LoRA loader mixin loads through its denoiser's PEFT mixin
+    assert family.loras_through_denoiser == (not hasattr(pipeline, "load_lora_weights"))
+    assert family.guider is None or family.guider in inspect.signature(pipeline.__init__).parameters
 
 
 def test_every_family_is_one_module_of_the_family_package_and_its_tables_are_the_builtin_architectures():
@@ -38,8 +43,9 @@ def test_every_family_is_one_module_of_the_family_package_and_its_tables_are_the
     tables = [t for f in FAMILIES.values() for t in f.tables]
     assert len(set(tables)) == len(tables) and architectures.BUILTIN == (*tables, "lab", "lab-dit")
     assert build.CONFIG_NAMES == tuple(tables)
+    # a family known to the static scan only (none since HunyuanVideo 1.5 loads) declares nothing of a pipeline
     static = [f for f in FAMILIES.values() if not f.pipeline_class]
-    assert static and all(not f.class_names and f.conditioning is None and f.denoising is None for f in static)
+    assert all(not f.class_names and f.conditioning is None and f.denoising is None for f in static)
 
 
 def test_the_registry_and_the_architecture_tables_import_no_torch_or_diffusers():

@@ -50,6 +50,15 @@ class Family:
     # (model_index.json) -> why auditkit cannot adapt the pipeline such a folder holds ("" when it can); None: it
     # can adapt every folder of the family. Checked before the pipeline loads (the static scan reads no pipeline)
     refuses: Callable | None = None
+    # the pipeline component that guides (a diffusers guider, HunyuanVideo 1.5's ``guider``): the suite's guidance is
+    # set on a copy of it for each render (auditkit.models.pipeline.guided), no guidance argument is passed
+    guider: str | None = None
+    # the pipeline has no LoRA loader mixin (diffusers 0.42's HunyuanVideo15Pipeline): adapters load, switch and merge
+    # through the denoiser's PEFT mixin (auditkit.models.attach.DenoiserLoras), coverage-checked as any family's
+    loras_through_denoiser: bool = False
+    # (pipe) -> None: what a pipeline of this family needs once loaded (auditkit.models.pipeline.load_pipeline), such as
+    # HunyuanVideo 1.5's VAE slicing; None: nothing
+    on_load: Callable | None = None
 
     @property
     def lora_components(self) -> tuple[str, ...]:
