@@ -125,19 +125,29 @@ def kv_reversion(embeddings, concept_mask: np.ndarray, candidate: dict[str, Lora
     return sums.result()
 
 
+def word_ids(tokenizer, word: str) -> list[list[int]]:
+    """The id sequences ``tokenizer`` may read ``word`` as inside a prompt: alone (the prompt's first word) and
+    after a space. They differ for byte-level BPE tokenizers (GPT-2's, Qwen2's and Qwen3's: "cross" alone is one
+    token, " cross" another, "Ġcross"); CLIP's and T5's give the same ids both ways."""
+    if tokenizer is None:
+        return []
+    seqs = (tokenizer(text, add_special_tokens=False).input_ids for text in (word, " " + word))
+    return [list(s) for s in dict.fromkeys(tuple(s) for s in seqs if s)]
+
+
 def concept_mask(cond, concept_word: str):
     """batch × tokens flags of the concept word's tokens in a conditioning's sequence (each span searched
-    with the ids its own tokenizer gives the word)."""
+    with the ids its own tokenizer gives the word: :func:`word_ids`)."""
     spans = []
     for tokenizer, ids in cond.tokens:
         ids = np.asarray(ids)
         found = np.zeros(ids.shape, dtype=bool)
-        word = tokenizer(concept_word, add_special_tokens=False).input_ids if tokenizer is not None else []
-        n = len(word)
-        for i, row in enumerate(ids):
-            for j in range(len(row) - n + 1):
-                if n and list(row[j: j + n]) == word:
-                    found[i, j: j + n] = True
+        for word in word_ids(tokenizer, concept_word):
+            n = len(word)
+            for i, row in enumerate(ids):
+                for j in range(len(row) - n + 1):
+                    if list(row[j: j + n]) == word:
+                        found[i, j: j + n] = True
         spans.append(found)
     mask = np.concatenate(spans, axis=1)
     if mask.shape != tuple(cond.hidden.shape[:2]):
