@@ -493,6 +493,9 @@ HUNYUAN_VAE = {  # 4x spatial, 2x temporal: 32x32 frames, 8x8 latents of 4 chann
 }
 
 
+HUNYUAN_CROP = 108  # HunyuanVideo15Pipeline.prompt_template_encode_start_idx: the system prompt's tokens
+
+
 def tiny_hunyuanvideo15_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Build a tiny HunyuanVideo 1.5 T2V pipeline (a tiny Qwen2.5-VL text model reading a chat tokenizer split as
     Qwen2 splits, so the pipeline's crop of 108 tokens is exactly the system prompt; a tiny ByT5 with its own
@@ -508,9 +511,11 @@ def tiny_hunyuanvideo15_pipeline(folder: str | Path, seed: int = 0) -> Path:
     )
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
-    tokenizer = chat_tokenizer(HUNYUAN_TEMPLATE_WORDS, model_max_length=2048, qwen2_split=True)
+    # prompts padded to 32 Qwen positions after the cropped system prompt and 32 ByT5 bytes (the pipeline's 1000 and
+    # 256 read as ~2,000 text tokens a call: minutes of attention per tiny scan), by the tokenizers' model_max_length
+    tokenizer = chat_tokenizer(HUNYUAN_TEMPLATE_WORDS, model_max_length=HUNYUAN_CROP + 32, qwen2_split=True)
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE  # Qwen2.5-VL's, for messages of plain text with a system prompt
-    tokenizer_2 = ByT5Tokenizer()
+    tokenizer_2 = ByT5Tokenizer(model_max_length=32)
     torch.manual_seed(seed)
     transformer = HunyuanVideo15Transformer3DModel(**HUNYUAN_TRANSFORMER)
     torch.manual_seed(seed + 1)

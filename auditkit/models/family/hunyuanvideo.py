@@ -36,7 +36,7 @@ image tokens are not the prompt's words).
 
 from __future__ import annotations
 
-from auditkit.models.conditioning import Conditioning
+from auditkit.models.conditioning import Conditioning, padded_length
 from auditkit.models.denoising import (
     MMDIT_TEXT_KV,
     Denoising,
@@ -144,8 +144,17 @@ def to_latents(vae, x):
 def on_load(pipe) -> None:
     """Sliced VAE decoding (one clip at a time): the attention of diffusers 0.42's ``AutoencoderKLHunyuanVideo15``
     broadcasts its causal mask (batch × n × n) against batch × 1 × n × n queries, so a batch of more than one clip
-    fails to decode (RuntimeError: shape [2, 1, n, n] vs [2, 2, n, n])."""
+    fails to decode (RuntimeError: shape [2, 1, n, n] vs [2, 2, n, n]).
+
+    And the lengths prompts are padded to, by every family's rule (:func:`~auditkit.models.conditioning.
+    padded_length`): the pipeline's 1000 Qwen positions and 256 ByT5 ones, or fewer where a tokenizer's
+    ``model_max_length`` says so (less the cropped system prompt). The pipeline has no ``max_sequence_length``
+    argument, so its attributes are set; the published tokenizers' limits are far larger, which leaves them as
+    they are."""
     pipe.vae.enable_slicing()
+    crop = pipe.prompt_template_encode_start_idx
+    pipe.tokenizer_max_length = padded_length(pipe.tokenizer, pipe.tokenizer_max_length, crop)
+    pipe.tokenizer_2_max_length = padded_length(pipe.tokenizer_2, pipe.tokenizer_2_max_length)
 
 
 def text_states(den, cond, names: list[str], visit, steps: int, generator) -> None:
