@@ -82,6 +82,15 @@ def family_of_index(index: dict, folder: str | Path) -> Family:
     return family_of_class(index.get("_class_name"), Path(folder) / "model_index.json")
 
 
+def known_family(pipe) -> Family | None:
+    """The family of a loaded pipeline, or None for a pipeline of no known family (a stand-in, such as the tests'
+    fake pipelines, which renders with its own defaults and answers diffusers' LoRA calls itself)."""
+    try:
+        return family_of_pipeline(pipe)
+    except BadInput:
+        return None
+
+
 def family_of_pipeline(pipe) -> Family:
     """The family of a loaded pipeline, from its class (or a base class: subclasses are the same family)."""
     for cls in type(pipe).__mro__:

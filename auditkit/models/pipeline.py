@@ -19,7 +19,7 @@ from auditkit.lora.io import PICKLE_SUFFIXES
 from auditkit.models.build import META_CLASSES  # a class name in a model_index.json is only looked up there
 from auditkit.models.conditioning import Conditioning
 from auditkit.models.denoising import Denoiser
-from auditkit.models.families import Family, family_of_index, family_of_pipeline, read_model_index
+from auditkit.models.families import Family, family_of_index, family_of_pipeline, known_family, read_model_index
 
 CONFIG_LIMIT = 1 << 20  # a component's config.json is a few KiB
 
@@ -227,10 +227,8 @@ def guided(pipe, guidance: float, n: int) -> Iterator[dict]:
     (:func:`guidance_options`), or for a family whose pipeline guides through a component (``Family.guider``:
     a diffusers guider) nothing, the component replaced for the duration by a copy of it at ``guidance``
     (``guider.new(guidance_scale=…)``; the pipeline's own is put back, unchanged)."""
-    try:
-        component = family_of_pipeline(pipe).guider
-    except BadInput:  # a test double
-        component = None
+    family = known_family(pipe)
+    component = family.guider if family is not None else None
     if component is None:
         yield guidance_options(pipe, guidance, n)
         return
@@ -244,18 +242,14 @@ def guided(pipe, guidance: float, n: int) -> Iterator[dict]:
 
 def guidance_options(pipe, guidance: float, n: int) -> dict:
     """The render call's guidance arguments: ``guidance_scale``, or the family's own (``Family.guidance_options``)."""
-    try:
-        hook = family_of_pipeline(pipe).guidance_options
-    except BadInput:  # a test double
-        hook = None
+    family = known_family(pipe)
+    hook = family.guidance_options if family is not None else None
     return hook(guidance, n) if hook else {"guidance_scale": guidance}
 
 
 def render_options(pipe) -> dict:
     """The family's extra render arguments for ``pipe`` ({} for families that need none, and for a
     pipeline of no known family: a test double renders with its own defaults)."""
-    try:
-        hook = family_of_pipeline(pipe).render_options
-    except BadInput:
-        return {}
+    family = known_family(pipe)
+    hook = family.render_options if family is not None else None
     return hook(pipe) if hook else {}
