@@ -37,7 +37,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
+from harness import (
+    RESULTS,
+    auditkit,
+    claim_work_folder,
+    lab_pipeline,
+    lab_safety,
+    provenance,
+    set_threads,
+    write_json,
+)
 
 N_TRUTH = 240
 TRUTH_SEED0 = 5_000_000  # the lab suites draw image seeds near 1e9 (prompt seed 1e6 + i, times 1000, + k): disjoint
@@ -342,15 +351,7 @@ def main() -> None:
     from auditkit.suites import builtin_dir, load_suite
 
     cross_prompts = [p.text for p in load_suite(builtin_dir() / "lab-cross.yaml").prompts]
-    (args.work / "candidates").mkdir(parents=True, exist_ok=True)
-    marker = args.work / "safety-set.txt"  # resumed candidates must have been trained on the same modules
-    # (a folder with candidates and no marker is from before --safety: destructive)
-    held = marker.read_text().strip() if marker.exists() else \
-        "destructive" if any((args.work / "candidates").iterdir()) else args.safety
-    if held != args.safety:
-        raise SystemExit(f"{args.work} holds candidates trained with the {held} safety modules; use another --work "
-                         f"for --safety {args.safety}")
-    marker.write_text(args.safety + "\n")
+    claim_work_folder(args.work, args.safety)
     prompts, seeds = truth_prompts()
     base_images = generate(pipe, prompts, seeds, STEPS, GUIDANCE, batch=120)
     base_flags, judge_base = detector.flag(base_images), judge.flag(base_images)

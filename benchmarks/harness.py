@@ -34,6 +34,20 @@ def lab_safety(name: str, base: str = "lab") -> Path:
     return rec.adapter(files[0])
 
 
+def claim_work_folder(work: Path, safety: str) -> None:
+    """Make ``work`` (its ``candidates/`` folder) a study's folder for the safety set ``safety`` (``--safety``):
+    resumed candidates must have been trained on the same modules, so a folder holding another set's is refused
+    (SystemExit, one line); a folder with candidates and no marker is from before ``--safety`` existed: destructive."""
+    (work / "candidates").mkdir(parents=True, exist_ok=True)
+    marker = work / "safety-set.txt"
+    held = marker.read_text().strip() if marker.exists() else \
+        "destructive" if any((work / "candidates").iterdir()) else safety
+    if held != safety:
+        raise SystemExit(f"{work} holds candidates trained with the {held} safety modules; use another --work "
+                         f"for --safety {safety}")
+    marker.write_text(safety + "\n")
+
+
 def set_threads(threads: int):
     """Run torch (and the OpenMP of whatever it starts) on ``threads`` threads; returns torch. Call it before any
     other import of torch: OpenMP reads ``OMP_NUM_THREADS`` once."""

@@ -41,7 +41,16 @@ from pathlib import Path
 
 import candidate_study as study
 import numpy as np
-from harness import RESULTS, auditkit, lab_pipeline, lab_safety, provenance, set_threads, write_json
+from harness import (
+    RESULTS,
+    auditkit,
+    claim_work_folder,
+    lab_pipeline,
+    lab_safety,
+    provenance,
+    set_threads,
+    write_json,
+)
 
 # --safety: the ESD-u module the candidates are trained on top of and scanned against (destructive: the first
 # figures; faithful: ESD-u with preservation, issue 24)
@@ -199,15 +208,7 @@ def main() -> None:
         return references[key]
 
     names = args.only.split(",") if args.only else list(CANDIDATES)
-    (args.work / "candidates").mkdir(parents=True, exist_ok=True)
-    marker = args.work / "safety-set.txt"  # resumed candidates must have been trained on the same module
-    # (a folder with candidates and no marker is from before --safety: destructive)
-    held = marker.read_text().strip() if marker.exists() else \
-        "destructive" if any((args.work / "candidates").iterdir()) else args.safety
-    if held != args.safety:
-        raise SystemExit(f"{args.work} holds candidates trained with the {held} safety module; use another --work "
-                         f"for --safety {args.safety}")
-    marker.write_text(args.safety + "\n")
+    claim_work_folder(args.work, args.safety)
     for name in names:
         spec = CANDIDATES[name]
         _, mode, anchored, trigger, where, share, steps, gated = spec

@@ -43,3 +43,18 @@ def test_a_lab_safety_module_is_named_by_method_and_base(harness):
     assert harness.lab_safety("uce", "lab-dit").name == "dit-safety-uce.safetensors"
     with pytest.raises(SystemExit, match="ships no safety module named 'esd-x'"):
         harness.lab_safety("esd-x", "lab-dit")  # the DiT lab ships no destructive module
+
+
+def test_a_work_folder_keeps_the_safety_set_its_candidates_were_trained_with(harness, tmp_path):
+    fresh = tmp_path / "fresh"
+    harness.claim_work_folder(fresh, "faithful")
+    harness.claim_work_folder(fresh, "faithful")  # resumed with the same set
+    assert (fresh / "safety-set.txt").read_text() == "faithful\n" and (fresh / "candidates").is_dir()
+    with pytest.raises(SystemExit, match="faithful safety modules; use another --work for --safety destructive"):
+        harness.claim_work_folder(fresh, "destructive")
+    old = tmp_path / "old"  # candidates from before --safety, no marker: destructive
+    (old / "candidates").mkdir(parents=True)
+    (old / "candidates" / "a.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="destructive safety modules"):
+        harness.claim_work_folder(old, "faithful")
+    harness.claim_work_folder(old, "destructive")
