@@ -33,7 +33,7 @@ from auditkit.models.family import (
 from auditkit.models.family.record import Family
 
 __all__ = ["FAMILIES", "MODULES", "Family", "family_of_class", "family_of_folder", "family_of_index",
-           "family_of_pipeline", "family_tables", "read_model_index", "supported_classes"]
+           "family_of_pipeline", "family_tables", "known_family", "read_model_index", "supported_classes"]
 
 MODEL_INDEX_LIMIT = 1 << 20  # a real model_index.json is under 1 KiB
 
